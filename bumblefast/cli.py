@@ -1,0 +1,143 @@
+"""`bumblefast` command line: one entry, a subcommand per job.
+
+Subcommands import their heavy dependencies (torch, transformers, deepspeed) only when
+they run, so `bumblefast --help` and config errors come back at once.
+Config-driven subcommands (`train`, `prep`, `config`) take any config key as `--key value`;
+precedence is CLI > YAML (`--yaml_config` / `--config`) > defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+
+from bumblefast import config as C
+
+
+def _config_epilog(cls: type) -> str:
+    hints = typing.get_type_hints(cls)
+    lines = ["config keys (give any as --key value; defaults shown):"]
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        lines.append(f"  --{f.name:<34} {C._type_name(hints[f.name]):<28} {default!r}")
+    return "\n".join(lines)
+
+
+def _train_epilog() -> str:
+    parts = [_config_epilog(C.TrainConfig)]
+    extra = [f for f in dataclasses.fields(C.DPOConfig) if f.name not in C.valid_keys(C.TrainConfig)]
+    parts.append("dpo-only keys: " + ", ".join(f"--{f.name}" for f in extra))
+    return "\n\n".join(parts)
+
+
+# ---------------------------------------------------------------- subcommand handlers
+
+
+def cmd_config(args, rest: list[str]) -> int:
+    """Resolve and print a stage's config: the check that runs before anything heavy."""
+    cfg = C.load_train_config(args.stage, args.yaml_config, C.parse_cli_overrides(rest, C.DPOConfig))
+    print(C.to_yaml(cfg), end="")
+    return 0
+
+
+def cmd_model_info(args, rest: list[str]) -> int:
+    from bumblefast.modelinfo import model_info
+
+    print(model_info(args.path, seq_len=args.seq_len))
+    return 0
+
+
+def cmd_tokenizer_train(args, rest: list[str]) -> int:
+    from bumblefast.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(args.input, args.vocab_size, args.output, args.system_prompt, args.min_frequency)
+    print(f"trained a byte-level BPE of {len(tok)} tokens -> {args.output}")
+    return 0
+
+
+def cmd_prep(args, rest: list[str]) -> int:
+    from bumblefast.prep.cli import main as prep_main
+
+    return prep_main(rest)
+
+
+def cmd_demo(args, rest: list[str]) -> int:
+    from bumblefast.demo import run_demo
+
+    return run_demo(args.out, seed=args.seed)
+
+
+# ---------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bumblefast",
+        description="Prep data into MDS shards, then pretrain -> SFT -> DPO on DeepSpeed.",
+        allow_abbrev=False,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    raw = argparse.RawDescriptionHelpFormatter
+
+    p = sub.add_parser(
+        "config",
+        help="resolve a stage's config (defaults < YAML < CLI) and print it",
+        epilog=_train_epilog(),
+        formatter_class=raw,
+        allow_abbrev=False,
+    )
+    p.add_argument("--stage", choices=C.STAGES, default=None)
+    p.add_argument("--yaml_config", "--config", dest="yaml_config", default=None)
+    p.set_defaults(func=cmd_config, free_keys=True)
+
+    p = sub.add_parser("model", help="model presets and checkpoints")
+    msub = p.add_subparsers(dest="model_command", metavar="ACTION", required=True)
+    q = msub.add_parser("info", help="parameter count and training FLOPs per token of a config folder")
+    q.add_argument("path", help="model folder with config.json, e.g. configs/models/bumblebee-1.5b")
+    q.add_argument("--seq_len", type=int, default=2048, help="document length for the attention FLOPs")
+    q.set_defaults(func=cmd_model_info)
+
+    p = sub.add_parser("tokenizer", help="train tokenizers")
+    tsub = p.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)
+    q = tsub.add_parser("train", help="train a byte-level BPE with ChatML specials and chat template")
+    q.add_argument("--input", nargs="+", required=True, help=".json/.jsonl/.txt files")
+    q.add_argument("--vocab_size", type=int, required=True)
+    q.add_argument("--output", required=True, help="folder to write (AutoTokenizer loads it)")
+    q.add_argument("--system_prompt", default="You are a helpful assistant.")
+    q.add_argument("--min_frequency", type=int, default=2)
+    q.set_defaults(func=cmd_tokenizer_train)
+
+    # prep owns its arguments (bumblefast/prep/cli.py): `prep`, `prep merge`, `prep inspect`.
+    p = sub.add_parser("prep", help="tokenize + pack raw data into MDS shards (also: prep merge, prep inspect)", add_help=False)
+    p.set_defaults(func=cmd_prep, free_keys=True)
+
+    p = sub.add_parser("demo", help="run the end-to-end demo on the bundled demo data")
+    p.add_argument("--out", default="demo_out", help="folder for everything the demo writes")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    if rest and not getattr(args, "free_keys", False):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    try:
+        return args.func(args, rest) or 0
+    except C.ConfigError as e:
+        print(f"bumblefast {args.command}: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, C.UserError) as e:
+        print(f"bumblefast {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""`bumblefast model info`: what a model config costs, from the formulas in flops.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bumblefast import flops
+from bumblefast.config import UserError
+
+
+def read_model_config(path: str | Path) -> dict:
+    path = Path(path)
+    file = path / "config.json" if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"no config.json in {path}")
+    try:
+        cfg = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{file}:{e.lineno}: not valid JSON: {e.msg}") from e
+    missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size") if k not in cfg]
+    if missing:
+        raise UserError(f"{file}: missing keys {missing}")
+    return cfg
+
+
+def model_info(path: str | Path, seq_len: int = 2048) -> str:
+    cfg = read_model_config(path)
+    n = flops.param_count(cfg)
+    n_mm = flops.matmul_params(cfg)
+    per_tok = flops.train_flops_per_token(cfg, seq_len)
+    attn = flops.attention_flops(cfg, [seq_len]) / seq_len
+    rows = [
+        ("model", str(path)),
+        ("architecture", f"{cfg.get('model_type', '?')}: {cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}, "
+         f"{cfg['num_attention_heads']} heads / {cfg.get('num_key_value_heads', cfg['num_attention_heads'])} kv, "
+         f"intermediate {cfg['intermediate_size']}, vocab {cfg['vocab_size']}"),
+        ("parameters", f"{n:,} ({n / 1e9:.2f}B)"),
+        ("matmul parameters", f"{n_mm:,} (non-embedding + LM head)"),
+        (f"train FLOPs/token @ {seq_len}", f"{per_tok:.4g} (6N {6 * n_mm:.4g} + causal attention {attn:.4g})"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

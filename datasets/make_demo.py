@@ -1,0 +1,184 @@
+#!/usr/bin/env python3
+"""Write BumbleFast's own demo data: a small addition task a tiny model learns on CPU.
+
+Every fact "a + b = c" for a, b in 0..MAX_OPERAND appears in the pretraining text (English
+and Chinese phrasings, mixed with templated filler). SFT teaches the question -> answer
+format on the training pairs only; DPO prefers the correct sum over a near miss. The
+held-out pairs are never asked in SFT or DPO, so the `*_test.json` files measure whether a
+stage helped the model answer questions it was not fine-tuned on.
+
+Files have the exact input formats of ../shared/data (one JSON array each):
+  pretrain.json / pretrain_test.json   {"text"}
+  sft_alpaca.json / sft_test.json      {"instruction", "input", "output"} (+ "system", "history")
+  sft_sharegpt.json                    {"conversations": [{"from": human|gpt, "value"}]}
+  dpo.json / dpo_test.json             {"conversations", "chosen", "rejected"}
+
+Deterministic: the same --seed gives byte-identical files. Stdlib only.
+Usage: python datasets/make_demo.py [--out datasets/demo] [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+MAX_OPERAND = 12
+HELD_OUT_FRACTION = 0.2
+
+FACT_TEMPLATES = [
+    "{a} + {b} = {c}.",
+    "{a} plus {b} equals {c}.",
+    "The sum of {a} and {b} is {c}.",
+    "Adding {b} to {a} gives {c}.",
+    "{a} 加 {b} 等于 {c}。",
+    "{a} 与 {b} 的和是 {c}。",
+]
+QUESTION_TEMPLATES = [
+    ("What is {a} + {b}?", ""),
+    ("Compute {a} plus {b}.", ""),
+    ("Add the two numbers.", "{a} and {b}"),
+    ("计算 {a} + {b}。", ""),
+    ("{a} 加 {b} 等于多少？", ""),
+]
+FOLLOW_UPS = ["And {a} + {b}?", "Now {a} plus {b}?", "那 {a} + {b} 呢？"]
+SYSTEM_PROMPTS = ["You are a careful calculator.", "你是一个会做加法的助手。"]
+
+COLORS = ["red", "blue", "green", "yellow", "white", "black"]
+THINGS = ["apple", "bird", "car", "cup", "flower", "stone"]
+ZH_THINGS = ["苹果", "小鸟", "汽车", "杯子", "花", "石头"]
+
+
+def answer(a: int, b: int) -> str:
+    return f"{a} + {b} = {a + b}"
+
+
+def split_pairs(rng: random.Random) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    pairs = [(a, b) for a in range(MAX_OPERAND + 1) for b in range(MAX_OPERAND + 1)]
+    rng.shuffle(pairs)
+    n_test = int(len(pairs) * HELD_OUT_FRACTION)
+    return sorted(pairs[n_test:]), sorted(pairs[:n_test])
+
+
+def filler(rng: random.Random) -> str:
+    """Plain templated sentences, so pretraining is not only arithmetic."""
+    kind = rng.randrange(3)
+    if kind == 0:
+        start = rng.randrange(0, 20)
+        return "Counting: " + ", ".join(str(start + i) for i in range(rng.randrange(4, 9))) + "."
+    if kind == 1:
+        i = rng.randrange(len(THINGS))
+        return f"The {THINGS[i]} is {rng.choice(COLORS)}. 这是一个{ZH_THINGS[i]}。"
+    n = rng.randrange(2, 10)
+    return f"There are {n} {rng.choice(THINGS)}s on the table."
+
+
+def pretrain_docs(rng: random.Random, pairs: list[tuple[int, int]], n_docs: int) -> list[dict]:
+    docs = []
+    for _ in range(n_docs):
+        sentences = []
+        for _ in range(rng.randrange(3, 8)):
+            if rng.random() < 0.75:
+                a, b = rng.choice(pairs)
+                sentences.append(rng.choice(FACT_TEMPLATES).format(a=a, b=b, c=a + b))
+            else:
+                sentences.append(filler(rng))
+        docs.append({"text": " ".join(sentences)})
+    return docs
+
+
+def alpaca_records(rng: random.Random, pairs: list[tuple[int, int]], n: int) -> list[dict]:
+    out = []
+    for _ in range(n):
+        a, b = rng.choice(pairs)
+        instruction, inp = rng.choice(QUESTION_TEMPLATES)
+        rec = {"instruction": instruction.format(a=a, b=b), "input": inp.format(a=a, b=b), "output": answer(a, b)}
+        r = rng.random()
+        if r < 0.1:
+            rec["system"] = rng.choice(SYSTEM_PROMPTS)
+        elif r < 0.2:
+            pa, pb = rng.choice(pairs)
+            q, _ = QUESTION_TEMPLATES[0]
+            rec["history"] = [[q.format(a=pa, b=pb), answer(pa, pb)]]
+        out.append(rec)
+    return out
+
+
+def sharegpt_records(rng: random.Random, pairs: list[tuple[int, int]], n: int) -> list[dict]:
+    out = []
+    for _ in range(n):
+        turns = []
+        for t in range(rng.choice([1, 2, 3])):
+            a, b = rng.choice(pairs)
+            q = (rng.choice(QUESTION_TEMPLATES[:2] + QUESTION_TEMPLATES[3:])[0] if t == 0 else rng.choice(FOLLOW_UPS))
+            turns.append({"from": "human", "value": q.format(a=a, b=b)})
+            turns.append({"from": "gpt", "value": answer(a, b)})
+        out.append({"conversations": turns})
+    return out
+
+
+def wrong_sum(rng: random.Random, a: int, b: int) -> int:
+    c = a + b
+    wrong = c + rng.choice([-3, -2, -1, 1, 2, 3, 10])
+    return wrong if wrong >= 0 and wrong != c else c + 1
+
+
+def dpo_records(rng: random.Random, pairs: list[tuple[int, int]], n: int) -> list[dict]:
+    out = []
+    for _ in range(n):
+        a, b = rng.choice(pairs)
+        q, inp = rng.choice(QUESTION_TEMPLATES)
+        prompt = q.format(a=a, b=b) + (("\n" + inp.format(a=a, b=b)) if inp else "")
+        out.append(
+            {
+                "conversations": [{"from": "human", "value": prompt}],
+                "chosen": {"from": "gpt", "value": answer(a, b)},
+                "rejected": {"from": "gpt", "value": f"{a} + {b} = {wrong_sum(rng, a, b)}"},
+            }
+        )
+    return out
+
+
+def build(seed: int = 0) -> dict[str, list[dict]]:
+    """All demo files as {file name: records}; pure function of the seed."""
+    rng = random.Random(seed)
+    train, test = split_pairs(rng)
+    every = sorted(train + test)
+    return {
+        "pretrain.json": pretrain_docs(rng, every, 3000),
+        "pretrain_test.json": pretrain_docs(rng, every, 100),
+        "sft_alpaca.json": alpaca_records(rng, train, 1200),
+        "sft_sharegpt.json": sharegpt_records(rng, train, 300),
+        "sft_test.json": [
+            {"instruction": QUESTION_TEMPLATES[0][0].format(a=a, b=b), "input": "", "output": answer(a, b)}
+            for a, b in test
+        ],
+        "dpo.json": dpo_records(rng, train, 800),
+        "dpo_test.json": dpo_records(rng, test, 120),
+    }
+
+
+def write(out_dir: str | Path, seed: int = 0) -> list[Path]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, records in build(seed).items():
+        path = out_dir / name
+        path.write_text(json.dumps(records, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        written.append(path)
+    return written
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=str(Path(__file__).parent / "demo"))
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    for path in write(args.out, args.seed):
+        n = len(json.loads(path.read_text(encoding="utf-8")))
+        print(f"wrote {path} ({n} records)")
+
+
+if __name__ == "__main__":
+    main()
