@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import sys
 import typing
 
@@ -72,6 +73,11 @@ def cmd_demo(args, rest: list[str]) -> int:
 # ---------------------------------------------------------------- parser
 
 
+def _exists(module: str) -> bool:
+    """List only the subcommands whose module is present in this checkout."""
+    return importlib.util.find_spec(module) is not None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bumblefast",
@@ -109,9 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--min_frequency", type=int, default=2)
     q.set_defaults(func=cmd_tokenizer_train)
 
-    # prep owns its arguments (bumblefast/prep/cli.py): `prep`, `prep merge`, `prep inspect`.
-    p = sub.add_parser("prep", help="tokenize + pack raw data into MDS shards (also: prep merge, prep inspect)", add_help=False)
-    p.set_defaults(func=cmd_prep, free_keys=True)
+    # prep owns its arguments (prep/cli.py): `prep`, `prep merge`, `prep inspect`.
+    if _exists("bumblefast.prep.cli"):
+        p = sub.add_parser(
+            "prep", help="tokenize + pack raw data into MDS shards (also: prep merge, prep inspect)", add_help=False
+        )
+        p.set_defaults(func=cmd_prep, free_keys=True)
 
     p = sub.add_parser("demo", help="run the end-to-end demo on the bundled demo data")
     p.add_argument("--out", default="demo_out", help="folder for everything the demo writes")

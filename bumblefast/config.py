@@ -395,6 +395,7 @@ def load_train_config(
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise ConfigError(f"stage: must be one of {'|'.join(STAGES)}, got '{stage}'{hint}")
     overrides["stage"] = stage
+    yaml_values.pop("stage", None)  # the resolved stage wins over the file's
     return build_config(STAGE_CONFIGS[stage], yaml_values, overrides, source=str(yaml_path))
 
 

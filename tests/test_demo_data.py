@@ -1,0 +1,85 @@
+"""The demo data generator: deterministic, in the exact formats of ../shared/data, and the
+held-out pairs really are held out of SFT and DPO."""
+
+from __future__ import annotations
+
+import json
+import re
+import runpy
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+gen = runpy.run_path(str(ROOT / "datasets" / "make_demo.py"), run_name="make_demo")
+
+PAIR = re.compile(r"(\d+) \+ (\d+) = (\d+)")
+
+
+def test_deterministic_for_a_seed(tmp_path):
+    assert gen["build"](0) == gen["build"](0)
+    assert gen["build"](0) != gen["build"](1)
+    gen["write"](tmp_path / "a", 3)
+    gen["write"](tmp_path / "b", 3)
+    for f in (tmp_path / "a").iterdir():
+        assert f.read_bytes() == (tmp_path / "b" / f.name).read_bytes()
+
+
+def test_shipped_files_are_the_generator_output(tmp_path):
+    gen["write"](tmp_path, 0)
+    for f in tmp_path.iterdir():
+        assert f.read_bytes() == (ROOT / "datasets" / "demo" / f.name).read_bytes(), f.name
+
+
+def keysets(records):
+    return {tuple(sorted(r)) for r in records}
+
+
+def test_formats_match_the_real_samples(shared_data):
+    demo = gen["build"](0)
+    real = {name: json.loads((shared_data / name).read_text()) for name in
+            ("pretrain_zh_demo.json", "alpaca_zh_demo.json", "duolun_train.json", "dpo_zh_demo.json")}
+    assert keysets(demo["pretrain.json"]) == keysets(real["pretrain_zh_demo.json"])
+    assert keysets(demo["sft_alpaca.json"]) >= keysets(real["alpaca_zh_demo.json"])
+    assert keysets(demo["sft_sharegpt.json"]) == keysets(real["duolun_train.json"])
+    assert keysets(demo["dpo.json"]) == keysets(real["dpo_zh_demo.json"])
+    real_roles = {t["from"] for r in real["duolun_train.json"] for t in r["conversations"]}
+    assert {t["from"] for r in demo["sft_sharegpt.json"] for t in r["conversations"]} == real_roles
+    assert {r["chosen"]["from"] for r in demo["dpo.json"]} == {r["chosen"]["from"] for r in real["dpo_zh_demo.json"]}
+
+
+def test_answers_are_correct_and_held_out_pairs_unseen_in_finetuning():
+    demo = gen["build"](0)
+
+    def pairs(texts):
+        found = set()
+        for t in texts:
+            for a, b, c in PAIR.findall(t):
+                found.add((int(a), int(b), int(c)))
+        return found
+
+    sft_train = pairs(r["output"] for r in demo["sft_alpaca.json"]) | pairs(
+        t["value"] for r in demo["sft_sharegpt.json"] for t in r["conversations"] if t["from"] == "gpt"
+    )
+    test = pairs(r["output"] for r in demo["sft_test.json"])
+    dpo_train = pairs(r["chosen"]["value"] for r in demo["dpo.json"])
+    dpo_test = pairs(r["chosen"]["value"] for r in demo["dpo_test.json"])
+    assert all(a + b == c for a, b, c in sft_train | test | dpo_train | dpo_test)
+    held_out = {(a, b) for a, b, _ in test}
+    assert held_out and {(a, b) for a, b, _ in sft_train | dpo_train}.isdisjoint(held_out)
+    assert {(a, b) for a, b, _ in dpo_test} <= held_out
+    # every held-out fact is stated somewhere in pretraining text (the knowledge SFT must surface)
+    pretrain_text = " ".join(r["text"] for r in demo["pretrain.json"])
+    assert all(f"{a} + {b} = {a + b}" in pretrain_text or f"{a} plus {b} equals {a + b}" in pretrain_text
+               or f"{a} 加 {b} 等于 {a + b}" in pretrain_text or f"The sum of {a} and {b} is {a + b}" in pretrain_text
+               or f"Adding {b} to {a} gives {a + b}" in pretrain_text or f"{a} 与 {b} 的和是 {a + b}" in pretrain_text
+               for a, b in held_out)
+    # rejected answers are wrong
+    for r in demo["dpo.json"] + demo["dpo_test.json"]:
+        (a, b, c), = pairs([r["rejected"]["value"]]) or {(0, 0, 0)}
+        assert a + b != c
+
+
+@pytest.mark.parametrize("name", ["sft_test.json", "dpo_test.json"])
+def test_held_out_split_is_not_empty(name):
+    assert len(gen["build"](0)[name]) >= 30

@@ -1,0 +1,76 @@
+"""Trained tokenizer: round trip, AutoTokenizer loading, ChatML specials and template."""
+
+from __future__ import annotations
+
+import unicodedata
+
+import pytest
+
+from bumblefast.tokenizer import DEFAULT_SYSTEM_PROMPT, train_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok(demo_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(demo_tokenizer_dir)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "3 + 4 = 7. The sum of 12 and 9 is 21.",
+        "这是一个苹果。你是一个会做加法的助手！",
+        "Mixed 中文 and English, with   spaces\nand newlines\t and emoji 🐝.",
+        "Unseen words: Zürich, naïve, 東京, ﬁ",
+    ],
+)
+def test_round_trip(tok, text):
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert all(0 <= i < len(tok) for i in ids)
+    assert tok.decode(ids) == unicodedata.normalize("NFC", text)
+
+
+def test_specials_and_digits(tok):
+    assert tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>"]) == [0, 1, 2]
+    assert tok.eos_token == "<|endoftext|>" and tok.pad_token == "<|endoftext|>"
+    # digits are split one by one (Qwen2 convention), so numbers share their digit tokens
+    assert tok.tokenize("1234") == ["1", "2", "3", "4"]
+    # special tokens are atomic inside text
+    ids = tok("<|im_start|>user", add_special_tokens=False)["input_ids"]
+    assert ids[0] == 1
+
+
+def test_chat_template(tok):
+    msgs = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "2 + 2 = 4"}]
+    text = tok.apply_chat_template(msgs, tokenize=False)
+    assert text == (
+        f"<|im_start|>system\n{DEFAULT_SYSTEM_PROMPT}<|im_end|>\n"
+        "<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n"
+        "<|im_start|>assistant\n2 + 2 = 4<|im_end|>\n"
+    )
+    # an explicit system message replaces the default one
+    sys_text = tok.apply_chat_template([{"role": "system", "content": "Be brief."}] + msgs, tokenize=False)
+    assert sys_text.startswith("<|im_start|>system\nBe brief.<|im_end|>\n") and DEFAULT_SYSTEM_PROMPT not in sys_text
+    # prefix-stable: rendering the first turns gives a prefix of the whole rendering
+    prompt = tok.apply_chat_template(msgs[:1], tokenize=False, add_generation_prompt=True)
+    assert text.startswith(prompt) and prompt.endswith("<|im_start|>assistant\n")
+    tools = tok.apply_chat_template(msgs[:1], tools=[{"name": "add", "parameters": {}}], tokenize=False)
+    assert '# Tools' in tools and '{"name": "add", "parameters": {}}' in tools
+
+
+def test_deterministic_and_bad_input(tmp_path):
+    from bumblefast.config import UserError
+
+    src = tmp_path / "a.jsonl"
+    src.write_text('{"text": "hello world 123"}\n{"text": "你好 世界"}\n' * 50)
+    a = train_tokenizer([src], 300, tmp_path / "a")
+    b = train_tokenizer([src], 300, tmp_path / "b")
+    assert (tmp_path / "a" / "tokenizer.json").read_bytes() == (tmp_path / "b" / "tokenizer.json").read_bytes()
+    assert len(a) == len(b) <= 300
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"text": broken\n')
+    with pytest.raises(UserError, match=r"bad.jsonl:2: not valid JSON"):
+        train_tokenizer([bad], 300, tmp_path / "c")
+    with pytest.raises(UserError, match="vocab_size must be at least"):
+        train_tokenizer([src], 100, tmp_path / "d")
