@@ -47,8 +47,8 @@ def step_configs(out: Path, seed: int) -> str:
 
 
 def step_model(out: Path, seed: int) -> str:
-    from bumblefast.modelinfo import read_model_config
     from bumblefast import flops
+    from bumblefast.modelinfo import read_model_config
 
     cfg = read_model_config(TINY_PRESET)
     return f"bumblebee-tiny: {flops.param_count(cfg) / 1e6:.2f}M parameters"
