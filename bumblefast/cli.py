@@ -43,6 +43,13 @@ def cmd_config(args, rest: list[str]) -> int:
     return 0
 
 
+def cmd_train(args, rest: list[str]) -> int:
+    cfg = C.load_train_config(args.stage, args.yaml_config, C.parse_cli_overrides(rest, C.DPOConfig))
+    from bumblefast.train.loop import main as train_main
+
+    return train_main(cfg)
+
+
 def cmd_model_info(args, rest: list[str]) -> int:
     from bumblefast.modelinfo import model_info
 
@@ -97,6 +104,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", choices=C.STAGES, default=None)
     p.add_argument("--yaml_config", "--config", dest="yaml_config", default=None)
     p.set_defaults(func=cmd_config, free_keys=True)
+
+    p = sub.add_parser(
+        "train",
+        help="train a stage (pretrain|continue_pretrain|sft|dpo) under any launcher",
+        description="Train one stage. Runs as one process, or under `deepspeed --num_gpus N --module "
+        "bumblefast train ...` / `torchrun --nproc_per_node N -m bumblefast train ...`.",
+        epilog=_train_epilog(),
+        formatter_class=raw,
+        allow_abbrev=False,
+    )
+    p.add_argument("--stage", choices=C.STAGES, default=None)
+    p.add_argument("--yaml_config", "--config", dest="yaml_config", default=None)
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by `deepspeed`
+    p.set_defaults(func=cmd_train, free_keys=True)
 
     p = sub.add_parser("model", help="model presets and checkpoints")
     msub = p.add_subparsers(dest="model_command", metavar="ACTION", required=True)

@@ -133,6 +133,7 @@ def train_tokenizer(
         chat_template=chatml_template(system_prompt),
         model_max_length=32768,
         clean_up_tokenization_spaces=False,
+        model_input_names=["input_ids", "attention_mask"],  # no token_type_ids (Qwen2 has none)
     )
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,1 @@
+"""The trainer: one loop for every stage (loop.py) over small components."""

@@ -1,0 +1,78 @@
+"""The run's data: a shard folder or URL is streamed as is; raw json/jsonl/parquet is prepped
+once into a cache keyed by the input files, the tokenizer and seq_len, then streamed."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from bumblefast.config import PrepConfig, TrainConfig, UserError
+from bumblefast.shards.schema import MANIFEST_NAME, is_remote
+from bumblefast.train import distributed as D
+
+# `continue_pretrain` reads pretraining shards.
+SHARD_STAGE = {"pretrain": "pretrain", "continue_pretrain": "pretrain", "sft": "sft", "dpo": "dpo"}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("BUMBLEFAST_CACHE", Path.home() / ".cache" / "bumblefast"))
+
+
+def _is_shards(path: str) -> bool:
+    return is_remote(path) or (Path(path) / MANIFEST_NAME).is_file()
+
+
+def prep_cache_dir(cfg: TrainConfig, tokenizer_path: str) -> tuple[Path, list[str]]:
+    from bumblefast.prep.encode import tokenizer_fingerprint
+    from bumblefast.prep.sources import expand_inputs
+
+    files = expand_inputs([cfg.dataset_path])
+    h = hashlib.sha256()
+    for f in files:
+        st = Path(f).stat()
+        h.update(f"{Path(f).resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    h.update(f"{tokenizer_fingerprint(tokenizer_path)}|{cfg.cutoff_len}|{SHARD_STAGE[cfg.stage]}".encode())
+    return cache_root() / "prep" / h.hexdigest()[:16], files
+
+
+def resolve_dataset(cfg: TrainConfig, tokenizer_path: str) -> str:
+    """The shard location of the run; preps raw input once (rank 0) into the cache."""
+    if not cfg.dataset_path:
+        raise UserError("dataset_path: required (a `bumblefast prep` output, a URL, or raw json/jsonl/parquet)")
+    if _is_shards(cfg.dataset_path):
+        return cfg.dataset_path
+    if not Path(cfg.dataset_path).exists() and not any(c in cfg.dataset_path for c in "*?["):
+        raise FileNotFoundError(f"dataset_path: {cfg.dataset_path} does not exist")
+    out, files = prep_cache_dir(cfg, tokenizer_path)
+    if D.is_main() and not (out / MANIFEST_NAME).is_file():
+        from bumblefast.prep.run import run_prep
+
+        print(f"dataset_path {cfg.dataset_path} is raw data: running `bumblefast prep` once into {out}", flush=True)
+        prep_cfg = PrepConfig(stage=SHARD_STAGE[cfg.stage], input=files, tokenizer_name_or_path=tokenizer_path,
+                              seq_len=cfg.cutoff_len, output_dir=str(out), seed=cfg.seed)
+        run_prep(prep_cfg)
+    elif D.is_main():
+        print(f"dataset_path {cfg.dataset_path}: using the prepped cache {out}", flush=True)
+    D.barrier()
+    return str(out)
+
+
+def open_loader(cfg: TrainConfig, tokenizer_path: str):
+    """(resumable loader of packed micro-batches, data facts stored with each checkpoint)."""
+    from bumblefast.shards.reader import build_loader
+    from bumblefast.shards.schema import read_manifest
+
+    path = resolve_dataset(cfg, tokenizer_path)
+    manifest = read_manifest(path)
+    stage = SHARD_STAGE[cfg.stage]
+    if manifest["stage"] != stage:
+        raise UserError(f"dataset_path: {path} holds {manifest['stage']} shards; --stage {cfg.stage} needs {stage} shards")
+    if manifest["seq_len"] > cfg.cutoff_len:
+        raise UserError(f"cutoff_len: {cfg.cutoff_len} is shorter than the shards' rows ({manifest['seq_len']}); "
+                        "re-run prep with --seq_len or raise cutoff_len")
+    loader = build_loader(path, batch_size=cfg.train_micro_batch_size_per_gpu, seed=cfg.seed, shuffle=cfg.shuffle,
+                          num_workers=cfg.num_workers, stage=stage)
+    meta = {"path": path, "fingerprint": manifest.get("fingerprint"), "stage": stage, "seq_len": manifest["seq_len"]}
+    return loader, json.loads(json.dumps(meta))

@@ -1,0 +1,65 @@
+"""The final model at the root of output_dir, in Hugging Face format, so the next stage's
+--model_name_or_path is this run's --output_dir. Full fine-tuning writes config.json +
+safetensors (ZeRO-3 gathers the weights onto rank 0); LoRA writes the PEFT adapter
+(adapter_config.json + adapter_model.safetensors). Both add the tokenizer and
+generation_config.json."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from bumblefast.config import TrainConfig
+from bumblefast.train import distributed as D
+from bumblefast.train.modeling import model_path
+
+
+def _strip(state: dict, prefix: str = "model.") -> dict:
+    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
+
+
+def export_model(engine, objective, tokenizer, cfg: TrainConfig, zero_stage: int, out: Path) -> None:
+    model = objective.model
+    dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
+    if cfg.finetuning_type == "lora":
+        import deepspeed
+
+        params = [p for n, p in model.named_parameters() if "lora_" in n]
+        with deepspeed.zero.GatheredParameters(params, enabled=zero_stage == 3):
+            if D.is_main():
+                model.save_pretrained(str(out))  # PeftModel: adapter only
+    else:
+        if zero_stage == 3:
+            state = engine._zero3_consolidated_16bit_state_dict()  # None on ranks > 0
+        else:
+            state = objective.state_dict()
+        if D.is_main():
+            state = _strip(state)
+            if getattr(model.config, "tie_word_embeddings", False):
+                state.pop("lm_head.weight", None)
+            state = {k: v.to(dtype) for k, v in state.items()}
+            model.save_pretrained(str(out), state_dict=state)
+    if D.is_main():
+        tokenizer.save_pretrained(str(out))
+        src = model_path(cfg) / "generation_config.json"
+        if src.is_file():
+            shutil.copy(src, out / "generation_config.json")
+        _fix_generation_ids(out, tokenizer)
+    D.barrier()
+
+
+def _fix_generation_ids(out: Path, tokenizer) -> None:
+    """Stop on <|im_end|> and <|endoftext|> as this tokenizer numbers them."""
+    import json
+
+    path = out / "generation_config.json"
+    gen = json.loads(path.read_text()) if path.is_file() else {}
+    stops = [t for t in ("<|im_end|>", tokenizer.eos_token) if t and t in tokenizer.get_vocab()]
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in stops]
+    if ids:
+        gen["eos_token_id"] = ids
+        gen["pad_token_id"] = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else ids[-1]
+        gen.setdefault("bos_token_id", tokenizer.bos_token_id if tokenizer.bos_token_id is not None else ids[-1])
+    path.write_text(json.dumps(gen, indent=2) + "\n")

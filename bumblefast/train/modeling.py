@@ -1,0 +1,101 @@
+"""The model a run trains: random init of a preset (pretrain) or a Hugging Face checkpoint
+(every other stage), optionally with LoRA adapters, wrapped in the stage's objective."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from bumblefast.config import TrainConfig, UserError
+from bumblefast.train import distributed as D
+
+PRESETS = Path(__file__).resolve().parent.parent.parent / "configs" / "models"
+
+
+def model_path(cfg: TrainConfig) -> Path:
+    """A folder, or a preset name such as `bumblebee-tiny`."""
+    if not cfg.model_name_or_path:
+        raise UserError("model_name_or_path: required (a preset such as configs/models/bumblebee-1.5b, or a checkpoint)")
+    path = Path(cfg.model_name_or_path)
+    if not path.is_dir() and (PRESETS / cfg.model_name_or_path).is_dir():
+        path = PRESETS / cfg.model_name_or_path
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"model_name_or_path: no config.json in {path}")
+    return path
+
+
+def tokenizer_path(cfg: TrainConfig) -> str:
+    return str(cfg.tokenizer_name_or_path or model_path(cfg))
+
+
+def load_model_config(cfg: TrainConfig, tokenizer):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_path(cfg))
+    if len(tokenizer) > config.vocab_size:
+        raise UserError(f"tokenizer_name_or_path: the tokenizer has {len(tokenizer)} tokens, more than the "
+                        f"model's vocab_size {config.vocab_size}")
+    if cfg.stage == "pretrain":  # a fresh model takes its special ids from the tokenizer
+        config.eos_token_id = tokenizer.eos_token_id
+        config.bos_token_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        config.pad_token_id = tokenizer.pad_token_id
+    return config
+
+
+@torch.no_grad()
+def init_parameters(model: torch.nn.Module, std: float, seed: int, zero3: bool) -> None:
+    """Deterministic init independent of ZeRO sharding: normal(0, std) matrices, ones for
+    norms, zeros for biases, drawn in parameter order from one generator on rank 0's view."""
+    import contextlib
+
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        ctx = contextlib.nullcontext()
+        if zero3:
+            import deepspeed
+
+            ctx = deepspeed.zero.GatheredParameters([p], modifier_rank=0)
+        with ctx:
+            if name.endswith("norm.weight"):
+                value = torch.ones(p.shape)
+            elif name.endswith(".bias"):
+                value = torch.zeros(p.shape)
+            else:
+                value = torch.empty(p.shape).normal_(0.0, std, generator=gen)
+            if not zero3 or D.is_main():
+                p.copy_(value.to(p.dtype))
+
+
+def build_model(cfg: TrainConfig, config, ds_config: dict):
+    """Our Bumblebee, fp32 master weights (DeepSpeed casts for bf16)."""
+    from bumblefast.model import Bumblebee
+
+    zero3 = ds_config["zero_optimization"].get("stage", 0) == 3
+    kw = dict(attn_backend=cfg.attn_backend, kernels=cfg.kernels)
+    if cfg.stage == "pretrain":
+        if zero3:
+            import deepspeed
+
+            with deepspeed.zero.Init(config_dict_or_path=ds_config):
+                model = Bumblebee(config, **kw)
+        else:
+            model = Bumblebee(config, **kw)
+        init_parameters(model, config.initializer_range, cfg.seed, zero3)
+    else:
+        model = Bumblebee.from_pretrained(model_path(cfg), torch_dtype=torch.float32, **kw)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    if cfg.finetuning_type == "lora":
+        from bumblefast.train.engine import apply_lora
+
+        model = apply_lora(model, cfg)
+    return model
+
+
+def build_objective(cfg: TrainConfig, model, zero_stage: int):
+    from bumblefast.train.objectives import LMObjective
+
+    if cfg.stage == "dpo":
+        raise UserError("stage dpo: not available yet in this build")
+    return LMObjective(model, zero_stage)
