@@ -50,6 +50,14 @@ def cmd_train(args, rest: list[str]) -> int:
     return train_main(cfg)
 
 
+def cmd_plot(args, rest: list[str]) -> int:
+    from bumblefast.plot import plot_run
+
+    for path in plot_run(args.output_dir, args.out):
+        print(f"wrote {path}")
+    return 0
+
+
 def cmd_model_info(args, rest: list[str]) -> int:
     from bumblefast.modelinfo import model_info
 
@@ -118,6 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--yaml_config", "--config", dest="yaml_config", default=None)
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by `deepspeed`
     p.set_defaults(func=cmd_train, free_keys=True)
+
+    p = sub.add_parser("plot", help="PNG curves (loss, lr, grad norm, rewards) from a run's TensorBoard logs")
+    p.add_argument("output_dir", help="a training run's --output_dir")
+    p.add_argument("--out", default=None, help="folder for the PNGs (default: OUTPUT_DIR/plots)")
+    p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("model", help="model presets and checkpoints")
     msub = p.add_subparsers(dest="model_command", metavar="ACTION", required=True)

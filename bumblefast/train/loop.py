@@ -9,7 +9,9 @@ export the final model in Hugging Face format at the root of output_dir.
 from __future__ import annotations
 
 import itertools
+import json
 import math
+import os
 import random
 import sys
 from pathlib import Path
@@ -112,6 +114,7 @@ def train(cfg: TrainConfig) -> Path:
     # ZeRO-0 in fp32 keeps plain .grad tensors and DeepSpeed does not report their norm: we
     # measure it ourselves, before the update, so a bad step never reaches the weights.
     plain_grads = zero_stage == 0 and not engine.bfloat16_enabled()
+    trace = os.environ.get("BUMBLEFAST_SAMPLE_TRACE")  # tests: which samples each step trained on
     last_good = None
     while step < total_steps:
         for state_before, micro_batches in step_batches(loader, accumulation):
@@ -146,10 +149,14 @@ def train(cfg: TrainConfig) -> Path:
                 engine.step()
                 loss_sum += loss.item()
             step += 1
+            if trace:
+                with open(trace, "a") as f:
+                    f.write(json.dumps({"step": step, "rank": D.rank(),
+                                        "sample_ids": [i for b in micro_batches for i in b["sample_ids"].tolist()]}) + "\n")
             (global_loss,) = D.all_reduce_sum([loss_sum], device)
             grad_norm = engine.get_global_grad_norm() if own_norm is None else own_norm
-            grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-            if not math.isfinite(grad_norm):
+            grad_norm = float(grad_norm) if grad_norm is not None else None
+            if grad_norm is not None and not math.isfinite(grad_norm):
                 # the update is already applied: the last periodic checkpoint is the last good state
                 raise NonFiniteError(f"non-finite gradient norm at step {step}; batch sample ids "
                                      f"{[b['sample_ids'].tolist() for b in micro_batches]}")

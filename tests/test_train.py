@@ -1,0 +1,263 @@
+"""The trainer end to end on CPU: ZeRO stages on 2 gloo processes, exact resume after
+SIGKILL, loss normalisation across accumulation, SFT loss masking, export, plots."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "datasets" / "demo"
+TINY = ROOT / "configs" / "models" / "bumblebee-tiny"
+
+pytestmark = pytest.mark.slow
+
+
+def env(**extra) -> dict:
+    e = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    e.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
+    e.update({k: str(v) for k, v in extra.items()})
+    return e
+
+
+def train_cmd(out: Path, data: Path, tok: Path, *extra: str, nproc: int = 1, stage: str = "pretrain") -> list[str]:
+    launcher = [sys.executable, "-m", "bumblefast"]
+    if nproc > 1:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                    "--master_port", str(29500 + os.getpid() % 1000), "-m", "bumblefast"]
+    model = str(TINY) if stage == "pretrain" else extra[extra.index("--model_name_or_path") + 1]
+    args = ["train", "--stage", stage, "--model_name_or_path", model, "--tokenizer_name_or_path", str(tok),
+            "--dataset_path", str(data), "--output_dir", str(out), "--cutoff_len", "64",
+            "--train_micro_batch_size_per_gpu", "2", "--gradient_accumulation_steps", "2",
+            "--learning_rate", "3e-3", "--warmup_ratio", "0", "--logging_steps", "1", "--save_steps", "1000",
+            "--gradient_checkpointing", "false", "--kernels", "reference", "--seed", "0",
+            "--deepspeed_config_path", str(ROOT / "configs/deepspeed/ds_z0.json"), "--use_tensorboard", "true"]
+    extra = list(extra)
+    if "--model_name_or_path" in extra:
+        i = extra.index("--model_name_or_path")
+        del extra[i:i + 2]
+    return launcher + args + extra
+
+
+def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    out = subprocess.run(cmd, cwd=ROOT, env=kw.pop("env", env()), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, f"{' '.join(cmd)}\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}"
+    return out
+
+
+def losses(out: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in json.loads((out / "training_metrics.json").read_text())}
+
+
+def metrics(out: Path) -> dict[int, dict]:
+    return {r["step"]: r for r in json.loads((out / "training_metrics.json").read_text())}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, demo_tokenizer_dir):
+    """Small pretrain and sft shard sets prepped from the demo data."""
+    from bumblefast.config import PrepConfig
+    from bumblefast.prep.run import run_prep
+
+    root = tmp_path_factory.mktemp("data")
+    docs = json.loads((DEMO / "pretrain.json").read_text())[:60]
+    raw = root / "pretrain.jsonl"
+    raw.write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs))
+    sft = json.loads((DEMO / "sft_alpaca.json").read_text())[:48]
+    (root / "sft.json").write_text(json.dumps(sft, ensure_ascii=False))
+    for stage, src in (("pretrain", raw), ("sft", root / "sft.json")):
+        run_prep(PrepConfig(stage=stage, input=[str(src)], tokenizer_name_or_path=str(demo_tokenizer_dir),
+                            seq_len=64, output_dir=str(root / stage)), progress=False)
+    return {"root": root, "raw_pretrain": raw, "pretrain": root / "pretrain", "sft": root / "sft",
+            "tok": demo_tokenizer_dir}
+
+
+@pytest.fixture(scope="module")
+def zero_runs(data, tmp_path_factory):
+    """The same 4 steps on 2 processes with ZeRO-0, -2 and -3."""
+    root = tmp_path_factory.mktemp("zero")
+    outs = {}
+    for stage in (0, 2, 3):
+        out = root / f"z{stage}"
+        run(train_cmd(out, data["pretrain"], data["tok"], "--max_steps", "4", "--save_steps", "4",
+                      "--deepspeed_config_path", str(ROOT / f"configs/deepspeed/ds_z{stage}.json"), nproc=2))
+        outs[stage] = out
+    return outs
+
+
+def hf_logits(path: Path, ids: torch.Tensor) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
+    with torch.no_grad():
+        return model(ids, use_cache=False).logits
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_two_processes_loss_falls(zero_runs, stage):
+    loss = losses(zero_runs[stage])
+    assert sorted(loss) == [1, 2, 3, 4]
+    assert loss[4] < loss[1] - 0.5, loss
+
+
+def test_zero3_export_matches_zero0(zero_runs):
+    ids = torch.randint(3, 400, (2, 24), generator=torch.Generator().manual_seed(0))
+    ref = hf_logits(zero_runs[0], ids)
+    for stage in (2, 3):
+        got = hf_logits(zero_runs[stage], ids)
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    # the same losses step by step (fp32; only the reduction order differs, which Adam amplifies)
+    for stage in (2, 3):
+        for step, value in losses(zero_runs[0]).items():
+            assert losses(zero_runs[stage])[step] == pytest.approx(value, rel=1e-4)
+
+
+def test_zero_to_fp32_reads_our_checkpoints(zero_runs):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from safetensors.torch import load_file
+
+    exported = load_file(zero_runs[3] / "model.safetensors")
+    state = get_fp32_state_dict_from_zero_checkpoint(str(zero_runs[3] / "checkpoints"), tag="step-4")
+    state = {k.removeprefix("model."): v for k, v in state.items()}
+    for key, value in exported.items():
+        torch.testing.assert_close(state[key], value)
+
+
+def test_resume_after_sigkill_is_bit_exact(data, tmp_path):
+    """A trains one epoch straight; B is SIGKILLed after its step-4 checkpoint and resumed."""
+    steps = "8"
+    a, b = tmp_path / "a", tmp_path / "b"
+    cache = tmp_path / "cache"
+    out_a = run(train_cmd(a, data["raw_pretrain"], data["tok"], "--max_steps", steps),
+                env=env(BUMBLEFAST_SAMPLE_TRACE=tmp_path / "a.jsonl", BUMBLEFAST_CACHE=cache))
+    assert "is raw data: running `bumblefast prep` once" in out_a.stdout
+
+    cmd_b = train_cmd(b, data["raw_pretrain"], data["tok"], "--max_steps", steps, "--save_steps", "4")
+    proc = subprocess.Popen(cmd_b, cwd=ROOT, env=env(BUMBLEFAST_SAMPLE_TRACE=tmp_path / "b1.jsonl", BUMBLEFAST_CACHE=cache),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while not (b / "checkpoints" / "step-4" / "COMPLETE").exists():
+        assert proc.poll() is None and time.time() < deadline, "run B ended before its checkpoint"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (b / "model.safetensors").exists()  # killed mid-run, before the end
+    out_b = run(cmd_b + ["--resume", "auto"], env=env(BUMBLEFAST_SAMPLE_TRACE=tmp_path / "b2.jsonl", BUMBLEFAST_CACHE=cache))
+    assert "using the prepped cache" in out_b.stdout
+    assert "resumed from" in out_b.stdout and "step-4" in out_b.stdout
+
+    la, lb = losses(a), losses(b)
+    assert sorted(lb) == list(range(1, 9))
+    for step in range(5, 9):
+        assert lb[step] == la[step], (step, lb[step], la[step])  # bit for bit
+
+    def trace(name):
+        return [json.loads(line) for line in (tmp_path / name).read_text().splitlines()]
+
+    seen_a = [i for r in trace("a.jsonl") for i in r["sample_ids"]]
+    seen_b = [i for r in trace("b1.jsonl") if r["step"] <= 4 for i in r["sample_ids"]]
+    seen_b += [i for r in trace("b2.jsonl") for i in r["sample_ids"]]
+    assert seen_b == seen_a  # the same samples in the same order
+    assert len(set(seen_a)) == len(seen_a)  # each sample at most once in the epoch
+
+
+def test_resume_skips_a_damaged_checkpoint(data, tmp_path):
+    out = tmp_path / "run"
+    run(train_cmd(out, data["pretrain"], data["tok"], "--max_steps", "4", "--save_steps", "2",
+                  "--save_total_limit", "0"))
+    (out / "checkpoints" / "step-4" / "trainer.json").write_text("{}")  # size no longer matches
+    res = run(train_cmd(out, data["pretrain"], data["tok"], "--max_steps", "4", "--resume", "auto"))
+    assert "step-4 is damaged" in res.stdout and "resumed from" in res.stdout and "step-2" in res.stdout
+
+
+def test_grad_accumulation_equals_big_micro_batch(data, tmp_path):
+    """4 x micro batch 1 and 1 x micro batch 4 on variable-length packed sft rows: same loss,
+    same gradient norm, same weights after the step."""
+    base = tmp_path / "pre"
+    run(train_cmd(base, data["pretrain"], data["tok"], "--max_steps", "1"))
+    outs = {}
+    for mb, ga in ((1, 4), (4, 1)):
+        out = tmp_path / f"mb{mb}"
+        run(train_cmd(out, data["sft"], data["tok"], "--model_name_or_path", str(base), "--max_steps", "1",
+                      "--train_micro_batch_size_per_gpu", str(mb), "--gradient_accumulation_steps", str(ga),
+                      "--shuffle", "false", stage="sft"))
+        outs[mb] = out
+    m1, m4 = metrics(outs[1])[1], metrics(outs[4])[1]
+    assert m1["loss"] == pytest.approx(m4["loss"], rel=1e-6)
+    assert m1["grad_norm"] == pytest.approx(m4["grad_norm"], rel=1e-5)
+    from safetensors.torch import load_file
+
+    w1, w4 = load_file(outs[1] / "model.safetensors"), load_file(outs[4] / "model.safetensors")
+    for key in w1:
+        torch.testing.assert_close(w1[key], w4[key], rtol=1e-5, atol=1e-6)
+
+
+def test_sft_loss_is_on_assistant_tokens_only(data, tmp_path, demo_tokenizer_dir):
+    """The objective on one hand-built SFT record equals cross-entropy computed by
+    transformers' Qwen2 over exactly the assistant reply and its <|im_end|>."""
+    from transformers import AutoTokenizer, Qwen2ForCausalLM
+
+    from bumblefast.config import PrepConfig
+    from bumblefast.model import Bumblebee
+    from bumblefast.prep.run import run_prep
+    from bumblefast.shards.reader import build_loader
+    from bumblefast.train.objectives import LMObjective
+
+    tok = AutoTokenizer.from_pretrained(demo_tokenizer_dir)
+    rec = {"instruction": "What is 2 + 3?", "input": "", "output": "2 + 3 = 5"}
+    (tmp_path / "one.json").write_text(json.dumps([rec]))
+    run_prep(PrepConfig(stage="sft", input=[str(tmp_path / "one.json")], tokenizer_name_or_path=str(demo_tokenizer_dir),
+                        seq_len=64, output_dir=str(tmp_path / "shards")), progress=False)
+    batch = next(iter(build_loader(str(tmp_path / "shards"), batch_size=1, shuffle=False)))
+
+    prompt = tok.apply_chat_template([{"role": "user", "content": rec["instruction"]}], tokenize=False,
+                                     add_generation_prompt=True)
+    prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    reply_ids = tok(rec["output"] + "<|im_end|>", add_special_tokens=False)["input_ids"]
+    full = prompt_ids + reply_ids + tok("\n", add_special_tokens=False)["input_ids"]
+    assert batch["input_ids"].tolist() == full
+
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(TINY)
+    torch.manual_seed(0)
+    ours = Bumblebee(cfg, attn_backend="sdpa", kernels="reference").init_weights()
+    hf = Qwen2ForCausalLM(cfg)
+    hf.load_state_dict(ours.state_dict(), strict=False)
+    hf.tie_weights()
+    loss_sum, n = LMObjective(ours)(batch)
+
+    logits = hf(torch.tensor([full]), use_cache=False).logits[0]
+    start = len(prompt_ids)  # first target: the first reply token, predicted from position start-1
+    targets = torch.tensor(reply_ids)
+    expected = torch.nn.functional.cross_entropy(logits[start - 1:start - 1 + len(reply_ids)], targets, reduction="sum")
+    assert int(n) == len(reply_ids)
+    torch.testing.assert_close(loss_sum, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_non_finite_loss_stops_with_sample_ids_and_checkpoint(data, tmp_path):
+    out = tmp_path / "nan"
+    cmd = train_cmd(out, data["pretrain"], data["tok"], "--max_steps", "6", "--learning_rate", "1e4",
+                    "--max_grad_norm", "0")
+    res = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 3, res.stderr[-3000:]
+    assert "non-finite" in res.stderr and "sample ids" in res.stderr
+    assert "last good state saved in" in res.stderr
+    assert (out / "checkpoints" / "latest").is_file()
+
+
+def test_plot_writes_pngs_from_tensorboard(zero_runs, tmp_path):
+    from bumblefast.cli import main
+
+    assert main(["plot", str(zero_runs[2]), "--out", str(tmp_path)]) == 0
+    for name in ("loss.png", "learning_rate.png", "grad_norm.png"):
+        png = (tmp_path / name).read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
