@@ -197,7 +197,8 @@ def test_grad_accumulation_equals_big_micro_batch(data, tmp_path):
 
     w1, w4 = load_file(outs[1] / "model.safetensors"), load_file(outs[4] / "model.safetensors")
     for key in w1:
-        torch.testing.assert_close(w1[key], w4[key], rtol=1e-5, atol=1e-6)
+        # Adam divides by sqrt(v): near-zero gradients amplify fp32 reduction-order noise
+        torch.testing.assert_close(w1[key], w4[key], rtol=1e-5, atol=1e-5)
 
 
 def test_sft_loss_is_on_assistant_tokens_only(data, tmp_path, demo_tokenizer_dir):
