@@ -19,7 +19,7 @@ import yaml
 
 STAGES = ("pretrain", "continue_pretrain", "sft", "dpo")
 KERNEL_CHOICES = ("auto", "liger", "triton", "reference")
-ATTN_CHOICES = ("auto", "flash_attn", "varlen", "sdpa", "sdpa_masked")
+ATTN_CHOICES = ("auto", "flash", "varlen", "sdpa", "sdpa_mask")
 
 
 class UserError(ValueError):
@@ -63,7 +63,7 @@ class TrainConfig:
     bf16: bool = True  # on CUDA; CPU always trains in fp32
     gradient_checkpointing: bool = True
     kernels: Literal["auto", "liger", "triton", "reference"] = "auto"
-    attn_backend: Literal["auto", "flash_attn", "varlen", "sdpa", "sdpa_masked"] = "auto"
+    attn_backend: Literal["auto", "flash", "varlen", "sdpa", "sdpa_mask"] = "auto"  # flash-attn, torch varlen_attn, per-document SDPA, masked-row SDPA
     # fine-tuning
     finetuning_type: Literal["full", "lora"] = "full"
     lora_rank: int = 64

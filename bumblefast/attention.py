@@ -1,0 +1,212 @@
+"""Causal attention over a packed token stream that never crosses document boundaries.
+
+Inputs are flat: q ``[T, Hq, D]``, k/v ``[T, Hk, D]`` (GQA: Hq a multiple of Hk), documents
+delimited by ``cu_seqlens`` (int32 ``[n_docs + 1]``). Backends:
+
+- ``flash``: flash-attn ``flash_attn_varlen_func`` (CUDA, optional install).
+- ``varlen``: ``torch.nn.attention.varlen.varlen_attn`` (CUDA, torch >= 2.10).
+- ``sdpa``: CPU and fallback. The stream is split at ``cu_seqlens``, documents are bucketed by
+  length into padded batches, and each bucket runs causal SDPA, so the cost follows the sum
+  of squared document lengths (within the bucket padding factor), not ``T**2``.
+- ``sdpa_mask``: one SDPA over the whole stream with a block-diagonal causal mask. O(T**2),
+  the simple reference the others are tested against.
+
+``auto`` picks flash > varlen on CUDA, sdpa elsewhere; an explicit backend that cannot run
+raises ``RuntimeError``.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("auto", "flash", "varlen", "sdpa", "sdpa_mask")
+
+# A bucket holds documents whose length is within this factor of its longest one, so padding
+# at most doubles a document's attention FLOPs; documents up to SMALL_DOC tokens share one
+# bucket regardless (their padding costs less than extra launches).
+BUCKET_RATIO = 2**0.5
+SMALL_DOC = 64
+
+
+def flash_attn_available() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+@functools.lru_cache(maxsize=1)
+def _varlen_fn():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """The backend to run; ``auto`` uses the varlen kernels only for fp16/bf16 on CUDA
+    (flash kernels have no fp32), else per-document SDPA."""
+    if backend not in BACKENDS:
+        raise ValueError(f"attn_backend must be one of {BACKENDS}, got {backend!r}")
+    cuda = device.type == "cuda" and dtype in (None, torch.float16, torch.bfloat16)
+    if backend == "auto":
+        if cuda and flash_attn_available():
+            return "flash"
+        if cuda and _varlen_fn() is not None:
+            return "varlen"
+        return "sdpa"
+    cuda = device.type == "cuda"
+    if backend == "flash" and not (cuda and flash_attn_available()):
+        raise RuntimeError(
+            "attn_backend='flash' needs CUDA and the flash-attn package "
+            "(pip install bumblefast[flash]); use attn_backend='auto'."
+        )
+    if backend == "varlen" and not (cuda and _varlen_fn() is not None):
+        raise RuntimeError(
+            "attn_backend='varlen' needs CUDA and torch >= 2.10 "
+            "(torch.nn.attention.varlen); use attn_backend='auto'."
+        )
+    return backend
+
+
+@dataclass
+class PackedPlan:
+    """Per-forward description of the packed stream, shared by every layer."""
+
+    cu_seqlens: torch.Tensor  # int32 [n_docs + 1] on the tokens' device
+    max_seqlen: int
+    n_tokens: int
+    backend: str = "sdpa"
+    # sdpa: list of (gather index [B, L] long, valid mask [B, L] bool); inverse permutation
+    buckets: list = field(default_factory=list)
+    inverse: torch.Tensor | None = None
+    _mask: torch.Tensor | None = None
+
+    @classmethod
+    def build(cls, cu_seqlens: torch.Tensor, max_seqlen: int | None, n_tokens: int, backend: str):
+        bounds = (
+            cu_seqlens.tolist() if backend in ("sdpa", "sdpa_mask") or max_seqlen is None else None
+        )
+        if bounds is not None:
+            if (
+                bounds[0] != 0
+                or bounds[-1] != n_tokens
+                or any(b > a for a, b in zip(bounds[1:], bounds))
+            ):
+                raise ValueError(
+                    f"cu_seqlens must rise from 0 to the token count {n_tokens}, got {bounds}"
+                )
+            max_seqlen = max((b - a for a, b in zip(bounds, bounds[1:])), default=0)
+        plan = cls(
+            cu_seqlens=cu_seqlens.to(torch.int32),
+            max_seqlen=int(max_seqlen),
+            n_tokens=n_tokens,
+            backend=backend,
+        )
+        if backend == "sdpa":
+            plan._bucket(bounds, cu_seqlens.device)
+        return plan
+
+    def _bucket(self, bounds, device):
+        docs = sorted(((b - a, a) for a, b in zip(bounds, bounds[1:]) if b > a), reverse=True)
+        groups, cur = [], []
+        for length, start in docs:
+            if cur and not (length * BUCKET_RATIO >= cur[0][0] or cur[0][0] <= SMALL_DOC):
+                groups.append(cur)
+                cur = []
+            cur.append((length, start))
+        if cur:
+            groups.append(cur)
+        order = []
+        for grp in groups:
+            width = grp[0][0]
+            starts = torch.tensor([s for _, s in grp], device=device)
+            lens = torch.tensor([n for n, _ in grp], device=device)
+            ar = torch.arange(width, device=device)
+            valid = ar[None, :] < lens[:, None]
+            # pad by repeating the last token: padding sits after every real query, so the
+            # causal mask already hides it; padded query rows are dropped.
+            idx = starts[:, None] + torch.minimum(ar[None, :], lens[:, None] - 1)
+            self.buckets.append((idx, valid))
+            order.append(idx[valid])
+        self.inverse = torch.argsort(torch.cat(order)) if order else None
+
+    def block_mask(self, device) -> torch.Tensor:
+        """Boolean ``[T, T]`` mask, True where attention is allowed (same doc, causal)."""
+        if self._mask is None:
+            doc = torch.repeat_interleave(
+                torch.arange(len(self.cu_seqlens) - 1, device=device),
+                (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).long().to(device),
+            )
+            pos = torch.arange(self.n_tokens, device=device)
+            self._mask = (doc[:, None] == doc[None, :]) & (pos[:, None] >= pos[None, :])
+        return self._mask
+
+
+def _sdpa(q, k, v, **kw):
+    """SDPA on ``[B, H, L, D]`` with GQA (k/v heads repeated when needed)."""
+    if k.shape[1] != q.shape[1]:
+        rep = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, **kw)
+
+
+def attention_sdpa(q, k, v, plan: PackedPlan):
+    outs = []
+    for idx, valid in plan.buckets:
+        qb, kb, vb = (t[idx].transpose(1, 2) for t in (q, k, v))  # [B, H, L, D]
+        ob = _sdpa(qb, kb, vb, is_causal=True).transpose(1, 2)  # [B, L, H, D]
+        outs.append(ob[valid])
+    if not outs:
+        return torch.empty_like(q)
+    return torch.cat(outs)[plan.inverse]
+
+
+def attention_sdpa_mask(q, k, v, plan: PackedPlan):
+    mask = plan.block_mask(q.device)
+    o = _sdpa(
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], attn_mask=mask
+    )
+    return o[0].transpose(0, 1)
+
+
+def attention_flash(q, k, v, plan: PackedPlan):
+    from flash_attn import flash_attn_varlen_func
+
+    cu = plan.cu_seqlens
+    return flash_attn_varlen_func(q, k, v, cu, cu, plan.max_seqlen, plan.max_seqlen, causal=True)
+
+
+@functools.lru_cache(maxsize=1)
+def _varlen_params() -> frozenset:
+    return frozenset(inspect.signature(_varlen_fn()).parameters)
+
+
+def attention_varlen(q, k, v, plan: PackedPlan):
+    fn, params = _varlen_fn(), _varlen_params()
+    kw = {}
+    if "is_causal" in params:  # torch 2.10 / 2.11
+        kw["is_causal"] = True
+    else:  # newer: causal is a (-1, 0) window
+        kw["window_size"] = (-1, 0)
+    if k.shape[1] != q.shape[1]:
+        if "enable_gqa" in params:
+            kw["enable_gqa"] = True
+        else:
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    cu = plan.cu_seqlens
+    return fn(q, k, v, cu, cu, plan.max_seqlen, plan.max_seqlen, **kw)
+
+
+ATTENTION = {
+    "flash": attention_flash,
+    "varlen": attention_varlen,
+    "sdpa": attention_sdpa,
+    "sdpa_mask": attention_sdpa_mask,
+}

@@ -1,0 +1,220 @@
+"""Pick an implementation per op and device: Liger-Kernel, our Triton kernels, or PyTorch.
+
+``get_ops(mode, device)`` returns a :class:`KernelOps` with one callable per op:
+
+==========================  ==========================  =======================  ==========
+op                          auto / liger on CUDA         triton                   reference
+==========================  ==========================  =======================  ==========
+rms_norm                    Liger                        own Triton               PyTorch
+rope                        Liger                        own Triton               PyTorch
+swiglu                      Liger                        own Triton               PyTorch
+cross_entropy               Liger                        own Triton               PyTorch
+fused_linear_cross_entropy  Liger                        own chunked + Triton     chunked PyTorch
+fused_linear_logprob        own chunked + Triton (*)     own chunked + Triton     chunked PyTorch
+==========================  ==========================  =======================  ==========
+
+(*) Liger has no packed per-segment log-prob, so ``liger`` uses ours for it.
+Liger works in place where it can: its rope rotates q/k in place and its cross_entropy
+writes the gradient into the logits; pass clones if the inputs are needed afterwards.
+
+``reference`` mode is plain PyTorch and runs anywhere; its fused-linear ops are the chunked
+PyTorch implementations (they never hold ``[T, V]`` logits, so CPU training stays lean); the
+materialising baselines live in :mod:`bumblefast.kernels.reference`.
+
+``auto`` falls back (CUDA: Liger -> own Triton -> reference; CPU: reference). An explicitly
+requested ``liger`` or ``triton`` that cannot run on the device raises ``RuntimeError``. On
+CPU, Triton kernels run only in the interpreter (``TRITON_INTERPRET=1``, tests only).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from . import fused_linear, reference
+from ._triton_utils import interpreting, triton_can_run
+
+MODES = ("auto", "liger", "triton", "reference")
+IGNORE_INDEX = -100
+
+
+def liger_available() -> bool:
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+@dataclass(frozen=True)
+class KernelOps:
+    """The op table the model calls; ``backends`` names what each op resolved to."""
+
+    mode: str
+    device: str
+    rms_norm: Callable
+    rope: Callable
+    swiglu: Callable
+    cross_entropy: Callable
+    fused_linear_cross_entropy: Callable
+    fused_linear_logprob: Callable
+    backends: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------- reference
+
+
+def _ref_flce(hidden, weight, labels, reduction="sum", ignore_index=IGNORE_INDEX, chunk_size=None):
+    return fused_linear.fused_linear_cross_entropy(
+        hidden, weight, labels, reduction, ignore_index, chunk_size, impl="torch"
+    )
+
+
+def _ref_logprob(
+    hidden, weight, labels, segment_ids, n_segments, ignore_index=IGNORE_INDEX, chunk_size=None
+):
+    return fused_linear.fused_linear_logprob(
+        hidden, weight, labels, segment_ids, n_segments, ignore_index, chunk_size, impl="torch"
+    )
+
+
+# ---------------------------------------------------------------------------- own Triton
+
+
+def _triton_ops() -> dict:
+    from . import triton_cross_entropy, triton_rms_norm, triton_rope, triton_swiglu
+
+    def flce(hidden, weight, labels, reduction="sum", ignore_index=IGNORE_INDEX, chunk_size=None):
+        return fused_linear.fused_linear_cross_entropy(
+            hidden, weight, labels, reduction, ignore_index, chunk_size, impl="triton"
+        )
+
+    def logprob(
+        hidden, weight, labels, segment_ids, n_segments, ignore_index=IGNORE_INDEX, chunk_size=None
+    ):
+        return fused_linear.fused_linear_logprob(
+            hidden, weight, labels, segment_ids, n_segments, ignore_index, chunk_size, impl="triton"
+        )
+
+    return dict(
+        rms_norm=triton_rms_norm.rms_norm,
+        rope=triton_rope.rope,
+        swiglu=triton_swiglu.swiglu,
+        cross_entropy=triton_cross_entropy.cross_entropy,
+        fused_linear_cross_entropy=flce,
+        fused_linear_logprob=logprob,
+    )
+
+
+# ---------------------------------------------------------------------------- Liger
+
+
+def _liger_ops() -> dict:
+    from liger_kernel.transformers import functional as LF
+
+    def rms_norm(x, weight, eps=1e-6):
+        return LF.liger_rms_norm(x, weight, eps, offset=0.0, casting_mode="llama", in_place=False)
+
+    def rope(q, k, cos, sin):
+        # Liger wants [B, H, S, D]; a [T, H, D] packed stream is batch 1 with S = T.
+        qo, ko = LF.liger_rope(
+            q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos[None], sin[None]
+        )
+        return qo[0].transpose(0, 1), ko[0].transpose(0, 1)
+
+    def swiglu(gate, up):
+        return LF.liger_swiglu(gate, up)
+
+    def cross_entropy(logits, labels, reduction="sum", ignore_index=IGNORE_INDEX):
+        return LF.liger_cross_entropy(
+            logits, labels, ignore_index=ignore_index, reduction=reduction
+        )
+
+    def flce(hidden, weight, labels, reduction="sum", ignore_index=IGNORE_INDEX, chunk_size=None):
+        return LF.liger_fused_linear_cross_entropy(
+            hidden, weight, labels, ignore_index=ignore_index, reduction=reduction
+        )
+
+    return dict(
+        rms_norm=rms_norm,
+        rope=rope,
+        swiglu=swiglu,
+        cross_entropy=cross_entropy,
+        fused_linear_cross_entropy=flce,
+    )
+
+
+_OPS = (
+    "rms_norm",
+    "rope",
+    "swiglu",
+    "cross_entropy",
+    "fused_linear_cross_entropy",
+    "fused_linear_logprob",
+)
+
+
+def _reference_table() -> dict:
+    return dict(
+        rms_norm=reference.rms_norm,
+        rope=reference.rope,
+        swiglu=reference.swiglu,
+        cross_entropy=reference.cross_entropy,
+        fused_linear_cross_entropy=_ref_flce,
+        fused_linear_logprob=_ref_logprob,
+    )
+
+
+@functools.cache
+def _resolve(mode: str, device_type: str, interpret: bool) -> KernelOps:
+    device = torch.device(device_type)
+    table, backends = _reference_table(), dict.fromkeys(_OPS, "reference")
+
+    def use(ops: dict, name: str):
+        for op, fn in ops.items():
+            table[op] = fn
+            backends[op] = name
+
+    if mode == "reference":
+        pass
+    elif mode == "triton":
+        if not triton_can_run(device):
+            raise RuntimeError(
+                f"kernels='triton' cannot run on device {device_type!r}: Triton needs CUDA "
+                "(or TRITON_INTERPRET=1 on CPU, for tests). Use kernels='auto' or 'reference'."
+            )
+        use(_triton_ops(), "triton")
+    elif mode == "liger":
+        if not liger_available():
+            raise RuntimeError(
+                "kernels='liger' but liger-kernel is not installed; "
+                "pip install liger-kernel or use kernels='auto'."
+            )
+        if not triton_can_run(device):
+            raise RuntimeError(
+                f"kernels='liger' cannot run on device {device_type!r}: Liger's Triton kernels "
+                "need CUDA. Use kernels='auto' or 'reference'."
+            )
+        use(_triton_ops(), "triton")  # logprob has no Liger equivalent
+        use(_liger_ops(), "liger")
+    elif mode == "auto":
+        if device.type == "cuda" and triton_can_run(device):
+            try:
+                use(_triton_ops(), "triton")
+            except Exception:  # noqa: BLE001 - auto falls back to the reference
+                pass
+            if liger_available():
+                try:
+                    use(_liger_ops(), "liger")
+                except Exception:  # noqa: BLE001
+                    pass
+    else:
+        raise ValueError(f"kernels must be one of {MODES}, got {mode!r}")
+    return KernelOps(mode=mode, device=device_type, backends=backends, **table)
+
+
+def get_ops(mode: str = "auto", device: torch.device | str = "cpu") -> KernelOps:
+    """The op table for ``mode`` in ``auto|liger|triton|reference`` on ``device``."""
+    if mode not in MODES:
+        raise ValueError(f"kernels must be one of {MODES}, got {mode!r}")
+    return _resolve(mode, torch.device(device).type, interpreting())

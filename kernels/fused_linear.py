@@ -1,0 +1,199 @@
+"""Chunked fused linear + cross-entropy and fused linear per-segment log-prob.
+
+Both ops take the final hidden states ``[T, H]`` and the LM-head weight ``[V, H]`` and never
+hold the full ``[T, V]`` logits: tokens are processed in chunks of ``chunk_size`` rows, each
+chunk's logits are reduced to a per-row loss and (when gradients are needed) overwritten in
+place by their gradient, which is folded into ``grad_hidden`` / ``grad_weight`` right away.
+
+- ``fused_linear_cross_entropy`` (scalar output): gradients are computed during the forward
+  (the Liger trick) and scaled in place by the incoming scalar gradient in backward, so the
+  LM head costs 3 matmuls, as unfused. ``grad_weight`` accumulates in the weight's dtype
+  with in-place ``addmm_`` (as Liger's default), so no ``[V, H]`` temporary is made.
+- ``fused_linear_logprob`` (``[n_segments]`` output, the quantity DPO needs): the per-segment
+  upstream gradient is unknown in forward, so the forward keeps only the inputs and the
+  backward recomputes each chunk's logits (4 matmuls instead of 3, memory still O(chunk*V)).
+
+The inner per-chunk step is either plain PyTorch (``impl="torch"``: runs anywhere, the CPU
+path) or the Triton row kernel of ``triton_cross_entropy`` (``impl="triton"``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._triton_utils import next_pow2
+
+IGNORE_INDEX = -100
+
+
+def default_chunk_size(n_tokens: int, hidden: int, vocab: int) -> int:
+    """Liger's heuristic: the logits chunk is about the size of the hidden states."""
+    inc = max(1, math.ceil(vocab / max(1, hidden)))
+    return max(1, min(next_pow2(math.ceil(max(1, n_tokens) / inc)), next_pow2(max(1, n_tokens))))
+
+
+def ce_rows_torch(logits, labels, grad_out=None, scale=None, ignore_index=IGNORE_INDEX):
+    """PyTorch twin of ``triton_cross_entropy.ce_rows``: per-row loss in fp32 (0 on ignored
+    rows); optionally writes ``scale[row] * (softmax - onehot)`` into ``grad_out``.
+    Works in place on one fp32 ``[rows, V]`` buffer (the logits themselves when they are
+    fp32 and ``grad_out is logits``)."""
+    valid = labels != ignore_index
+    safe = torch.where(valid, labels, torch.zeros_like(labels))
+    target = logits.gather(1, safe[:, None]).squeeze(1).float()
+    write = grad_out is not None
+    x = logits.float()
+    if x is logits and not (write and grad_out is logits):
+        x = x.clone()  # never modify the caller's logits unless they are the grad buffer
+    m = x.amax(dim=-1, keepdim=True)
+    p = x.sub_(m).exp_()
+    denom = p.sum(dim=-1, keepdim=True)
+    loss = (m + denom.log()).squeeze(1) - target
+    loss = torch.where(valid, loss, torch.zeros_like(loss))
+    if write:
+        s = valid.float() if scale is None else scale.float() * valid
+        p.mul_(s[:, None] / denom)  # scale * softmax
+        rows = torch.arange(p.shape[0], device=p.device)
+        p[rows, safe] -= s
+        if p is not grad_out:
+            grad_out.copy_(p)
+    return loss
+
+
+def _step(impl: str):
+    if impl == "torch":
+        return ce_rows_torch
+    if impl == "triton":
+        from .triton_cross_entropy import ce_rows
+
+        return ce_rows
+    raise ValueError(f"impl must be 'torch' or 'triton', got {impl!r}")
+
+
+def _accumulate_grad_weight(grad_w, dlogits, h):
+    # in place, in the weight's dtype (as Liger does): no [V, H] temporary per chunk
+    grad_w.addmm_(dlogits.t(), h)
+
+
+class ChunkedLinearCrossEntropyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, reduction, ignore_index, chunk_size, impl):
+        if reduction not in ("sum", "mean"):
+            raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+        step = _step(impl)
+        n_tok = hidden.shape[0]
+        chunk = chunk_size or default_chunk_size(n_tok, hidden.shape[1], weight.shape[0])
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros_like(weight) if need_w else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for s in range(0, n_tok, chunk):
+            h = hidden[s : s + chunk]
+            y = labels[s : s + chunk]
+            logits = h @ weight.t()
+            write = need_h or need_w
+            total += step(
+                logits, y, grad_out=logits if write else None, ignore_index=ignore_index
+            ).sum()
+            if need_h:
+                grad_h[s : s + chunk] = logits @ weight
+            if need_w:
+                _accumulate_grad_weight(grad_w, logits, h)
+        n_valid = (labels != ignore_index).sum()
+        if reduction == "mean":
+            total = total / n_valid
+        ctx.reduction = reduction
+        ctx.save_for_backward(grad_h, grad_w, n_valid)
+        ctx.done = False
+        return total
+
+    @staticmethod
+    def backward(ctx, g):
+        # The gradients were computed in forward; scale them in place (no [V, H] copy), so
+        # this backward can run once per forward (no retain_graph double backward).
+        if ctx.done:
+            raise RuntimeError("fused_linear_cross_entropy: backward can run only once per forward")
+        ctx.done = True
+        grad_h, grad_w, n_valid = ctx.saved_tensors
+        scale = g.float() / n_valid if ctx.reduction == "mean" else g.float()
+        if grad_h is not None:
+            grad_h.mul_(scale.to(grad_h.dtype))
+        if grad_w is not None:
+            grad_w.mul_(scale.to(grad_w.dtype))
+        return grad_h, grad_w, None, None, None, None, None
+
+
+class ChunkedLinearLogprobFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx, hidden, weight, labels, segment_ids, n_segments, ignore_index, chunk_size, impl
+    ):
+        step = _step(impl)
+        n_tok = hidden.shape[0]
+        chunk = chunk_size or default_chunk_size(n_tok, hidden.shape[1], weight.shape[0])
+        out = torch.zeros(n_segments, dtype=torch.float32, device=hidden.device)
+        for s in range(0, n_tok, chunk):
+            logits = hidden[s : s + chunk] @ weight.t()
+            loss = step(logits, labels[s : s + chunk], ignore_index=ignore_index)
+            out.index_add_(0, segment_ids[s : s + chunk], -loss)
+        ctx.save_for_backward(hidden, weight, labels, segment_ids)
+        ctx.cfg = (ignore_index, chunk, impl)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        hidden, weight, labels, segment_ids = ctx.saved_tensors
+        ignore_index, chunk, impl = ctx.cfg
+        step = _step(impl)
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # d logp / d logits = onehot - softmax = -(softmax - onehot), times the segment's grad
+        row_scale = (-g.float())[segment_ids].contiguous()
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros_like(weight) if need_w else None
+        for s in range(0, hidden.shape[0], chunk):
+            h = hidden[s : s + chunk]
+            logits = h @ weight.t()
+            step(
+                logits,
+                labels[s : s + chunk],
+                grad_out=logits,
+                scale=row_scale[s : s + chunk],
+                ignore_index=ignore_index,
+            )
+            if need_h:
+                grad_h[s : s + chunk] = logits @ weight
+            if need_w:
+                _accumulate_grad_weight(grad_w, logits, h)
+        return grad_h, grad_w, None, None, None, None, None, None
+
+
+def fused_linear_cross_entropy(
+    hidden,
+    weight,
+    labels,
+    reduction="sum",
+    ignore_index=IGNORE_INDEX,
+    chunk_size=None,
+    impl="torch",
+):
+    """``sum``/``mean`` token CE of ``hidden @ weight.T`` without materialising the logits."""
+    return ChunkedLinearCrossEntropyFunction.apply(
+        hidden, weight, labels, reduction, ignore_index, chunk_size, impl
+    )
+
+
+def fused_linear_logprob(
+    hidden,
+    weight,
+    labels,
+    segment_ids,
+    n_segments,
+    ignore_index=IGNORE_INDEX,
+    chunk_size=None,
+    impl="torch",
+):
+    """Summed target log-probs per segment ``[n_segments]`` (fp32) without materialising logits."""
+    return ChunkedLinearLogprobFunction.apply(
+        hidden, weight, labels, segment_ids, int(n_segments), ignore_index, chunk_size, impl
+    )
