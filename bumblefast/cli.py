@@ -58,6 +58,12 @@ def cmd_plot(args, rest: list[str]) -> int:
     return 0
 
 
+def cmd_merge_lora(args, rest: list[str]) -> int:
+    from bumblefast.merge import cli_main
+
+    return cli_main(args)
+
+
 def cmd_model_info(args, rest: list[str]) -> int:
     from bumblefast.modelinfo import model_info
 
@@ -155,6 +161,18 @@ def build_parser() -> argparse.ArgumentParser:
             "prep", help="tokenize + pack raw data into MDS shards (also: prep merge, prep inspect)", add_help=False
         )
         p.set_defaults(func=cmd_prep, free_keys=True)
+
+    p = sub.add_parser(
+        "merge-lora",
+        help="merge a LoRA adapter into its base model and save a plain HF model (safetensors)",
+        allow_abbrev=False,
+    )
+    p.add_argument("--base_model_path", required=True, help="HF model folder the adapter was trained on")
+    p.add_argument("--lora_model_path", required=True, help="PEFT adapter folder (adapter_config.json)")
+    p.add_argument("--save_path", required=True, help="folder to write the merged model to")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                   help="dtype of the saved weights (auto: the base's; the merge itself runs in fp32)")
+    p.set_defaults(func=cmd_merge_lora)
 
     p = sub.add_parser("demo", help="run the end-to-end demo on the bundled demo data")
     p.add_argument("--out", default="demo_out", help="folder for everything the demo writes")
