@@ -1,0 +1,106 @@
+"""usage: bumblefast prep [--key value ...] | prep merge DIR... | prep inspect DIR
+
+The prep command line (bumblefast/cli.py delegates here):
+
+    bumblefast prep --stage sft --input a.json b.jsonl 'more/*.parquet' \\
+        --tokenizer_name_or_path tok/ --seq_len 2048 --output_dir data/sft [--num_workers 8]
+    bumblefast prep merge DIR        # join the node-* parts of a multi-node prep
+    bumblefast prep inspect DIR      # manifest + a few rows decoded, trained spans in [[...]]
+
+Any PrepConfig key is accepted as `--key value` (CLI > YAML via --config/--yaml_config >
+defaults); `--cutoff_len` is an alias of `--seq_len`; `--input` takes several values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from bumblefast.config import PrepConfig, UserError, build_config, load_yaml, parse_cli_overrides
+
+USAGE = __doc__ or ""
+
+
+def _help() -> str:
+    keys = "\n".join(
+        f"  --{f.name:<24} default: {f.default if f.default is not dataclasses.MISSING else f.default_factory()}"  # type: ignore[misc]
+        for f in dataclasses.fields(PrepConfig)
+    )
+    return (
+        USAGE
+        + "\nkeys:\n"
+        + keys
+        + "\n\n  --overlong auto: truncate for pretrain (long documents are split across rows),"
+        " drop for sft/dpo;\n    truncate for sft keeps the first seq_len tokens, for dpo the last"
+        " seq_len//2 of each segment\n  --on_error skip: log bad records to errors.jsonl and count them; fail: stop"
+        " at the first\n"
+    )
+
+
+def join_multi_values(argv: list[str], key: str = "input") -> list[str]:
+    """`--input a b c` -> `--input a,b,c` (parse_cli_overrides takes one value per key)."""
+    out, i = [], 0
+    while i < len(argv):
+        tok = argv[i]
+        if tok == f"--{key}":
+            vals = []
+            i += 1
+            while i < len(argv) and not argv[i].startswith("--"):
+                vals.append(argv[i])
+                i += 1
+            out += [tok, ",".join(vals)] if vals else [tok]
+            continue
+        out.append(tok)
+        i += 1
+    return out
+
+
+def parse_prep_args(argv: list[str]) -> PrepConfig:
+    argv = join_multi_values(argv)
+    values = parse_cli_overrides(argv, PrepConfig)
+    yaml_path = values.pop("config", None) or values.pop("yaml_config", None)
+    yaml_values = load_yaml(yaml_path) if yaml_path else {}
+    return build_config(PrepConfig, yaml_values, values, source=str(yaml_path or "config"))
+
+
+def main(argv: list[str]) -> int:
+    argv = list(argv)
+    try:
+        if argv and argv[0] == "merge":
+            p = argparse.ArgumentParser(prog="bumblefast prep merge", description="join node-* parts into one dataset (streaming merge_index + merged manifest)")
+            p.add_argument("dirs", nargs="+", help="output folders (local or s3://...) holding node-* parts")
+            args = p.parse_args(argv[1:])
+            from bumblefast.prep.merge import merge_parts
+
+            for d in args.dirs:
+                m = merge_parts(d)
+                print(f"merged {len(m['parts'])} parts into {d}: {m['rows']} rows, {m['records']['written']} records")
+            return 0
+        if argv and argv[0] == "inspect":
+            p = argparse.ArgumentParser(prog="bumblefast prep inspect", description="print the manifest and decode a few rows, trained spans in [[...]]")
+            p.add_argument("dir", help="prep output folder or URL")
+            p.add_argument("--rows", type=int, default=2, help="rows to decode (default 2)")
+            p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the one in the manifest)")
+            p.add_argument("--color", choices=["auto", "always", "never"], default="auto")
+            args = p.parse_args(argv[1:])
+            from bumblefast.prep.inspect_shards import inspect_output
+
+            color = None if args.color == "auto" else args.color == "always"
+            print(inspect_output(args.dir, rows=args.rows, tokenizer=args.tokenizer, color=color))
+            return 0
+        if not argv or argv[0] in ("-h", "--help", "help"):
+            print(_help())
+            return 0
+        cfg = parse_prep_args(argv)
+        from bumblefast.prep.run import run_prep
+
+        run_prep(cfg)
+        return 0
+    except (UserError, FileNotFoundError) as e:
+        print(f"bumblefast prep: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

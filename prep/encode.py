@@ -1,0 +1,230 @@
+"""Records -> token arrays (the CPU-bound part of prep; runs inside each worker process).
+
+Chat records are rendered with the tokenizer's own chat template and tokenized once with
+character offsets. The trained span of assistant turn k is located in the text by rendering
+prefixes: it starts after `render(messages[:k], add_generation_prompt=True)` and ends at the
+end of `render(messages[:k+1])` minus trailing whitespace (so the end-of-turn token, e.g.
+`<|im_end|>`, is trained and the newline after it is not). A token is trained when its first
+character lies in such a span. The template must be prefix-stable (rendering a prefix of the
+messages gives a prefix of the full text); prep checks that per record and stops otherwise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from bumblefast.prep.records import (
+    TRAINED_ROLES,
+    RecordError,
+    dpo_pair,
+    pretrain_text,
+    sft_messages,
+)
+from bumblefast.prep.sources import BadRecord, RawJSON
+
+from bumblefast.config import UserError
+
+
+@dataclass
+class EncodeSettings:
+    stage: str
+    tokenizer_path: str
+    seq_len: int
+    text_key: str = "text"
+    overlong: str = "truncate"  # resolved: truncate | drop
+
+
+def tokenizer_fingerprint(path: str) -> str:
+    """sha256 over the tokenizer folder's files (names + contents), first 16 hex digits."""
+    h = hashlib.sha256()
+    root = Path(path)
+    for p in sorted(root.iterdir()):
+        if p.is_file() and (p.suffix in (".json", ".txt", ".model", ".jinja", ".tiktoken")):
+            h.update(p.name.encode())
+            h.update(hashlib.sha256(p.read_bytes()).digest())
+    return h.hexdigest()[:16]
+
+
+def text_hash(text: str | None) -> str | None:
+    return None if text is None else hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class Encoder:
+    """Per-process state: the tokenizer, the compiled chat template, the settings."""
+
+    def __init__(self, settings: EncodeSettings):
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+
+        from bumblefast.tokenizer import load_tokenizer
+
+        self.s = settings
+        self.hf = load_tokenizer(settings.tokenizer_path)
+        self.tok = self.hf.backend_tokenizer
+        self.eos_id = self.hf.eos_token_id
+        if self.eos_id is None:
+            raise UserError(f"{settings.tokenizer_path}: tokenizer has no eos_token")
+        self.template = None
+        if settings.stage in ("sft", "dpo"):
+            if not self.hf.chat_template:
+                raise UserError(
+                    f"{settings.tokenizer_path}: tokenizer has no chat_template; sft/dpo prep "
+                    "renders records with it (train one with `bumblefast tokenizer train`)"
+                )
+            self.template = _compile_jinja_template(self.hf.chat_template)
+        self.special = dict(self.hf.special_tokens_map)
+        self.special.pop("additional_special_tokens", None)
+
+    # ---- chat rendering -------------------------------------------------------------------
+    def render(self, messages, tools, add_generation_prompt=False) -> str:
+        return self.template.render(
+            messages=messages, tools=tools, add_generation_prompt=add_generation_prompt, **self.special
+        )
+
+    def render_with_spans(self, messages, tools) -> tuple[str, list[tuple[int, int]]]:
+        """Full text and the [start, end) character spans of every assistant turn."""
+        full = self.render(messages, tools)
+        spans = []
+        for k, m in enumerate(messages):
+            if m["role"] not in TRAINED_ROLES:
+                continue
+            head = self.render(messages[:k], tools, add_generation_prompt=True)
+            turn = self.render(messages[: k + 1], tools) if k + 1 < len(messages) else full
+            if not (full.startswith(head) and full.startswith(turn) and turn.startswith(head)):
+                raise UserError(
+                    "the chat template is not prefix-stable (rendering a prefix of the messages "
+                    "does not give a prefix of the full text), so assistant turns cannot be "
+                    "masked; use a ChatML-style template"
+                )
+            spans.append((len(head), len(turn.rstrip())))
+        return full, spans
+
+    @staticmethod
+    def _mask(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> np.ndarray:
+        starts = np.fromiter((o[0] for o in offsets), dtype=np.int64, count=len(offsets))
+        mask = np.zeros(len(offsets), dtype=np.uint8)
+        for s, e in spans:
+            lo, hi = np.searchsorted(starts, [s, e], side="left")
+            mask[lo:hi] = 1
+        return mask
+
+    # ---- per stage ------------------------------------------------------------------------
+    def encode_chunk(self, chunk: list[tuple[str, Any]]):
+        """[(where, record)] -> [(where, "ok", payload, truncated) | (where, "err", reason, msg)]
+        (pretrain: a pair (that list, flat token array), see _pretrain_results)."""
+        out: list[tuple | None] = [None] * len(chunk)
+        texts: list[str] = []
+        owners: list[tuple[int, Any]] = []  # (index in chunk, per-record info)
+        for i, (where, rec) in enumerate(chunk):
+            if isinstance(rec, RawJSON):
+                rec = rec.parse()
+            if isinstance(rec, BadRecord):
+                out[i] = (where, "err", rec.reason, rec.message)
+                continue
+            try:
+                if self.s.stage == "pretrain":
+                    texts.append(pretrain_text(rec, self.s.text_key))
+                    owners.append((i, None))
+                elif self.s.stage == "sft":
+                    msgs, tools = sft_messages(rec)
+                    text, spans = self.render_with_spans(msgs, tools)
+                    texts.append(text)
+                    owners.append((i, spans))
+                else:
+                    prompt, chosen, rejected, tools = dpo_pair(rec)
+                    for reply in (chosen, rejected):
+                        text, spans = self.render_with_spans(prompt + [reply], tools)
+                        texts.append(text)
+                        owners.append((i, spans))
+            except RecordError as e:
+                out[i] = (where, "err", e.reason, e.message)
+        if self.s.stage == "pretrain":
+            encs = self.tok.encode_batch_fast(texts, add_special_tokens=False)
+        else:
+            encs = self.tok.encode_batch(texts, add_special_tokens=False)
+        L = self.s.seq_len
+        if self.s.stage == "pretrain":
+            return self._pretrain_results(chunk, out, owners, encs)
+        j = 0
+        while j < len(owners):
+            i, spans = owners[j]
+            where = chunk[i][0]
+            if self.s.stage == "sft":
+                ids = np.asarray(encs[j].ids, dtype=np.uint32)
+                mask = self._mask(encs[j].offsets, spans)
+                j += 1
+                truncated = False
+                if len(ids) > L:
+                    if self.s.overlong == "drop" or not mask[:L].any():
+                        out[i] = (where, "err", "overlong", f"{len(ids)} tokens > seq_len {L}")
+                        continue
+                    ids, mask, truncated = ids[:L], mask[:L], True
+                out[i] = (where, "ok", (ids, mask), truncated)
+            else:
+                segs = []
+                for k in range(2):
+                    segs.append(
+                        (np.asarray(encs[j + k].ids, dtype=np.uint32), self._mask(encs[j + k].offsets, owners[j + k][1]))
+                    )
+                j += 2
+                total = len(segs[0][0]) + len(segs[1][0])
+                truncated = False
+                if total > L:
+                    if self.s.overlong == "drop":
+                        out[i] = (where, "err", "overlong", f"pair of {total} tokens > seq_len {L}")
+                        continue
+                    # keep the end of each segment (the reply and the end of the prompt), at
+                    # most seq_len // 2 tokens each, so the pair still fits one row
+                    half = L // 2
+                    segs = [(a[-half:], m[-half:]) if len(a) > half else (a, m) for a, m in segs]
+                    if sum(len(a) for a, _ in segs) > L:  # pragma: no cover - by construction
+                        raise AssertionError("dpo truncation")
+                    truncated = True
+                out[i] = (where, "ok", segs, truncated)
+        return out  # type: ignore[return-value]
+
+
+    def _pretrain_results(self, chunk, out, owners, encs):
+        """Pretrain: one flat uint32 array per chunk (cheap to pickle); records carry lengths.
+        The chunk result is (results, flat); an ok record's payload is its token count, its
+        tokens are the next that many of `flat`."""
+        L, eos = self.s.seq_len, self.eos_id
+        buf: list[int] = []
+        for (i, _), enc in zip(owners, encs, strict=True):
+            where = chunk[i][0]
+            ids = enc.ids
+            n = len(ids) + 1
+            if n > L and self.s.overlong == "drop":
+                out[i] = (where, "err", "overlong", f"{n} tokens > seq_len {L}")
+                continue
+            buf.extend(ids)
+            buf.append(eos)
+            out[i] = (where, "ok", n, n > L)  # over-long documents are split across rows
+        return out, np.array(buf, dtype=np.uint32)
+
+
+# ---- multiprocessing plumbing (one Encoder per worker process) ---------------------------
+_ENCODER: Encoder | None = None
+
+
+def init_worker(settings: EncodeSettings, inherited: bool = False) -> None:
+    """Pool initializer. With fork the parent's Encoder is inherited (set_inherited_encoder
+    before the pool starts), so workers do not load the tokenizer again."""
+    global _ENCODER
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker; scale with processes
+    if not (inherited and _ENCODER is not None):
+        _ENCODER = Encoder(settings)
+
+
+def set_inherited_encoder(encoder: Encoder | None) -> None:
+    global _ENCODER
+    _ENCODER = encoder
+
+
+def encode_in_worker(chunk):
+    assert _ENCODER is not None
+    return _ENCODER.encode_chunk(chunk)

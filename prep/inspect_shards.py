@@ -1,0 +1,70 @@
+"""`bumblefast prep inspect DIR`: the manifest, then a few rows decoded back to text.
+
+Trained tokens (loss_mask == 1) are wrapped in [[...]] (green when writing to a terminal),
+so a user sees exactly what the model will learn from; segment boundaries are marked with
+`--- segment i (n tokens) ---`. Pretrain rows are fully trained, so only boundaries show.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import numpy as np
+from bumblefast.shards.schema import SEGMENT_COLUMN, is_remote, read_manifest
+
+GREEN, RESET = "\x1b[32m", "\x1b[0m"
+
+
+def _decode_marked(tok, ids: np.ndarray, mask: np.ndarray | None, color: bool) -> str:
+    if mask is None:
+        return tok.decode(ids.tolist(), skip_special_tokens=False)
+    open_, close = (GREEN + "[[", "]]" + RESET) if color else ("[[", "]]")
+    out, start = [], 0
+    for i in range(1, len(ids) + 1):
+        if i == len(ids) or mask[i] != mask[start]:
+            text = tok.decode(ids[start:i].tolist(), skip_special_tokens=False)
+            out.append(open_ + text + close if mask[start] else text)
+            start = i
+    return "".join(out)
+
+
+def inspect_output(path: str, rows: int = 2, tokenizer: str | None = None, color: bool | None = None) -> str:
+    """The text `prep inspect` prints: manifest JSON + `rows` decoded rows."""
+    from streaming import StreamingDataset
+
+    from bumblefast.tokenizer import load_tokenizer
+
+    manifest = read_manifest(path)
+    color = sys.stdout.isatty() if color is None else color
+    lines = [json.dumps(manifest, indent=2, ensure_ascii=False)]
+    tok_path = tokenizer or manifest["tokenizer"]["name_or_path"]
+    try:
+        tok = load_tokenizer(tok_path)
+    except (FileNotFoundError, ValueError) as e:
+        lines.append(f"(cannot decode rows: {e}; pass --tokenizer)")
+        return "\n".join(lines)
+    if is_remote(path):
+        import tempfile
+
+        ds = StreamingDataset(remote=path, local=tempfile.mkdtemp(prefix="bf-inspect-"), batch_size=1)
+    else:
+        ds = StreamingDataset(local=path, batch_size=1)
+    seg_key = SEGMENT_COLUMN[manifest["stage"]]
+    for r in range(min(rows, ds.num_samples)):
+        row: dict[str, Any] = ds[r]
+        ids = np.asarray(row["input_ids"])
+        mask = np.asarray(row["loss_mask"]) if "loss_mask" in row else None
+        lens = np.asarray(row[seg_key])
+        lines.append(f"\n=== row {r}: {len(ids)} tokens, {len(lens)} segments ===")
+        start = 0
+        for s, n in enumerate(lens.tolist()):
+            tag = ""
+            if manifest["stage"] == "dpo":
+                tag = f" (pair {s // 2}, {'chosen' if s % 2 == 0 else 'rejected'})"
+            lines.append(f"--- segment {s}{tag}: {n} tokens ---")
+            seg_mask = mask[start : start + n] if mask is not None else None
+            lines.append(_decode_marked(tok, ids[start : start + n], seg_mask, color))
+            start += n
+    return "\n".join(lines)

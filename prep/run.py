@@ -1,0 +1,314 @@
+"""The prep driver: read -> validate + tokenize (N processes) -> pack -> MDS write -> manifest.
+
+Parallelism: the main process reads records and hands chunks to `num_workers` tokenizer
+processes (`imap`, ordered), then packs and writes their results in input order. So the rows
+do not depend on the worker count, and the single writer is no bottleneck (MDS writes about
+8 M tokens/s; a tokenizer core gives about 0.3-0.4 M). Nodes: node r of K keeps the records
+whose global index i has i % K == r and writes its own part, `output_dir/node-rrrrr`;
+`bumblefast prep merge output_dir` then joins the parts' indexes.
+
+Output is complete or absent: a local output is written into a hidden sibling folder and
+renamed into place after the manifest is written; the manifest (`bumblefast.json`) is the
+last file, so a folder without it is never a finished output. For a remote URL, MDSWriter
+uploads shards as they complete, `index.json` on finish, and the manifest last.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from bumblefast.prep.encode import (
+    Encoder,
+    EncodeSettings,
+    encode_in_worker,
+    init_worker,
+    set_inherited_encoder,
+    text_hash,
+    tokenizer_fingerprint,
+)
+from bumblefast.prep.pack import BFDPacker, PretrainPacker
+from bumblefast.prep.sources import expand_inputs, iter_records
+from bumblefast.shards.schema import (
+    ERRORS_NAME,
+    MANIFEST_NAME,
+    SCHEMA_VERSION,
+    columns,
+    fingerprint_bytes,
+    is_remote,
+    token_dtype,
+)
+
+from bumblefast.config import PrepConfig, UserError
+
+CHUNK_RECORDS = 1024  # records per tokenizer call / IPC message
+HASHES = ["sha1", "xxh64"]
+
+
+def resolve_overlong(cfg: PrepConfig) -> str:
+    if cfg.overlong != "auto":
+        return cfg.overlong
+    return "truncate" if cfg.stage == "pretrain" else "drop"
+
+
+def part_dir(output_dir: str, node_rank: int, num_nodes: int) -> str:
+    if num_nodes <= 1:
+        return output_dir
+    return output_dir.rstrip("/") + f"/node-{node_rank:05d}"
+
+
+def _chunks(it: Iterator, n: int) -> Iterator[list]:
+    while True:
+        chunk = list(islice(it, n))
+        if not chunk:
+            return
+        yield chunk
+
+
+def _node_records(files: list[str], node_rank: int, num_nodes: int) -> Iterator[tuple[str, Any]]:
+    for i, item in enumerate(iter_records(files)):
+        if i % num_nodes == node_rank:
+            yield item
+
+
+class _Stats:
+    def __init__(self):
+        self.read = 0
+        self.written = 0
+        self.skipped: Counter[str] = Counter()
+        self.truncated = 0
+        self.rows = 0
+        self.tokens = 0
+        self.target_tokens = 0
+        self.segments = 0
+
+
+def _write_row(writer, row: dict[str, np.ndarray], dtype: str, stats: _Stats, stage: str) -> None:
+    row = dict(row)
+    row["input_ids"] = np.ascontiguousarray(row["input_ids"], dtype=dtype)
+    writer.write(row)
+    n = len(row["input_ids"])
+    stats.rows += 1
+    stats.tokens += n
+    if stage == "pretrain":
+        stats.segments += len(row["doc_lens"])
+        stats.target_tokens += n - len(row["doc_lens"])  # next-token targets inside documents
+    else:
+        stats.segments += len(row["seq_lens"])
+        stats.target_tokens += int(row["loss_mask"].sum())
+
+
+def run_prep(cfg: PrepConfig, progress: bool | None = None) -> dict[str, Any]:
+    """Run `bumblefast prep` for one node; returns the manifest written."""
+    from streaming import MDSWriter
+    from tqdm import tqdm
+
+    errors = cfg.validate()
+    if errors:
+        raise UserError("invalid prep configuration:\n  " + "\n  ".join(errors))
+    if cfg.tokenizer_name_or_path is None:
+        raise UserError("tokenizer_name_or_path: required (a tokenizer folder)")
+    if cfg.stage not in ("pretrain", "sft", "dpo"):
+        raise UserError(f"stage: must be pretrain|sft|dpo, got '{cfg.stage}'")
+    files = expand_inputs(list(cfg.input))
+    overlong = resolve_overlong(cfg)
+    settings = EncodeSettings(cfg.stage, cfg.tokenizer_name_or_path, cfg.seq_len, cfg.text_key, overlong)
+    main_encoder = Encoder(settings)  # validates the tokenizer/template before any work
+    vocab = len(main_encoder.hf)
+    dtype = token_dtype(vocab)
+    cols = columns(cfg.stage, vocab)
+
+    out = part_dir(cfg.output_dir, cfg.node_rank, cfg.num_nodes)
+    remote = is_remote(out)
+    if remote:
+        staging = tempfile.mkdtemp(prefix="bumblefast-prep-")
+        final_local = None
+    else:
+        final = Path(out).resolve()
+        final.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_staging(final)
+        staging = str(final.parent / f".{final.name}.tmp-{os.getpid()}")
+        if os.path.exists(staging):
+            shutil.rmtree(staging)
+        final_local = final
+    writer_out = (os.path.join(staging, "mds"), out) if remote else staging
+
+    stats = _Stats()
+    packer = PretrainPacker(cfg.seq_len) if cfg.stage == "pretrain" else BFDPacker(cfg.seq_len, cfg.pack_window)
+    err_path = os.path.join(staging, ERRORS_NAME)
+    pool = None
+    t0 = time.perf_counter()
+    try:
+        writer = MDSWriter(  # creates (and empties) the staging folder
+            out=writer_out,
+            columns=cols,
+            compression=cfg.compression or None,
+            hashes=HASHES,
+            size_limit=cfg.shard_size_limit,
+            exist_ok=remote,  # a rerun overwrites the remote part in place
+        )
+        os.makedirs(staging, exist_ok=True)
+        err_file = open(err_path, "w", encoding="utf-8")
+        chunks = _chunks(_node_records(files, cfg.node_rank, max(cfg.num_nodes, 1)), CHUNK_RECORDS)
+        if cfg.num_workers > 1:
+            fork = sys.platform.startswith("linux")
+            ctx = mp.get_context("fork" if fork else "spawn")
+            if fork:  # workers inherit the loaded tokenizer instead of loading it again
+                set_inherited_encoder(main_encoder)
+            pool = ctx.Pool(cfg.num_workers, initializer=init_worker, initargs=(settings, fork))
+            set_inherited_encoder(None)
+            results = pool.imap(encode_in_worker, chunks, chunksize=1)
+        else:
+            results = map(main_encoder.encode_chunk, chunks)
+        bar = tqdm(unit="rec", desc=f"prep {cfg.stage}", disable=(None if progress is None else not progress), file=sys.stderr)
+        for chunk_out in results:
+            flat, ok_lens = None, []
+            if cfg.stage == "pretrain":
+                chunk_out, flat = chunk_out
+            for where, status, a, b in chunk_out:
+                stats.read += 1
+                if status == "err":
+                    reason, message = a, b
+                    if cfg.on_error == "fail":
+                        raise UserError(f"{where}: {reason}: {message} (use --on_error skip to log and skip bad records)")
+                    stats.skipped[reason] += 1
+                    err_file.write(json.dumps({"where": where, "reason": reason, "message": message}, ensure_ascii=False) + "\n")
+                    continue
+                stats.written += 1
+                stats.truncated += bool(b)
+                if flat is not None:  # pretrain: documents are packed per chunk below
+                    ok_lens.append(a)
+                    continue
+                for row in packer.add(a if cfg.stage == "dpo" else [a]):
+                    _write_row(writer, row, dtype, stats, cfg.stage)
+            if flat is not None:
+                for row in packer.add_many(flat, np.asarray(ok_lens, dtype=np.int64)):
+                    _write_row(writer, row, dtype, stats, cfg.stage)
+            bar.update(len(chunk_out))
+            el = max(time.perf_counter() - t0, 1e-9)
+            bar.set_postfix_str(f"{stats.read / el:,.0f} rec/s, {stats.tokens / el:,.0f} tok/s", refresh=False)
+        for row in packer.finish():
+            _write_row(writer, row, dtype, stats, cfg.stage)
+        bar.close()
+        writer.finish()
+        err_file.close()
+        if pool is not None:
+            pool.close()
+            pool.join()
+            pool = None
+
+        index_path = os.path.join(staging, "index.json")
+        if remote:  # shards and index went up and were removed locally (keep_local=False)
+            from streaming.base.storage import CloudDownloader
+
+            CloudDownloader.direct_download(out.rstrip("/") + "/index.json", index_path)
+        index_bytes = Path(index_path).read_bytes()
+        tok_fp = tokenizer_fingerprint(cfg.tokenizer_name_or_path)
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "stage": cfg.stage,
+            "seq_len": cfg.seq_len,
+            "columns": cols,
+            "token_dtype": dtype,
+            "tokenizer": {
+                "name_or_path": cfg.tokenizer_name_or_path,
+                "fingerprint": tok_fp,
+                "vocab_size": vocab,
+                "eos_token_id": main_encoder.eos_id,
+            },
+            "chat_template_hash": text_hash(main_encoder.hf.chat_template),
+            "fingerprint": fingerprint_bytes(index_bytes, tok_fp.encode(), cfg.stage.encode()),
+            "records": {
+                "read": stats.read,
+                "written": stats.written,
+                "skipped": sum(stats.skipped.values()),
+                "skipped_by_reason": dict(sorted(stats.skipped.items())),
+                "truncated": stats.truncated,
+            },
+            "tokens": {
+                "real": stats.tokens,
+                "target": stats.target_tokens,
+                "row_capacity": stats.rows * cfg.seq_len,
+                "tail_tokens_dropped": getattr(packer, "tail_tokens_dropped", 0),
+            },
+            "rows": stats.rows,
+            "segments": stats.segments,
+            "packing_efficiency": round(stats.tokens / max(stats.rows * cfg.seq_len, 1), 6),
+            "prep": {
+                "inputs": files,
+                "overlong": overlong,
+                "pack_window": cfg.pack_window,
+                "compression": cfg.compression,
+                "hashes": HASHES,
+                "node_rank": cfg.node_rank,
+                "num_nodes": cfg.num_nodes,
+                "text_key": cfg.text_key,
+            },
+        }
+        if stats.read != stats.written + sum(stats.skipped.values()):  # the accounting invariant
+            raise RuntimeError(f"prep lost records: read {stats.read} != written {stats.written} + skipped {dict(stats.skipped)}")
+        manifest_text = json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"
+        Path(staging, MANIFEST_NAME).write_text(manifest_text, encoding="utf-8")
+        if remote:
+            from streaming.base.storage import CloudUploader
+
+            up = CloudUploader.get(out=(staging, out), keep_local=True, exist_ok=True)
+            up.upload_file(ERRORS_NAME)
+            up.upload_file(MANIFEST_NAME)  # last: its presence marks a finished output
+            shutil.rmtree(staging, ignore_errors=True)
+        else:
+            _replace_dir(Path(staging), final_local)
+    except BaseException:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    el = time.perf_counter() - t0
+    if progress is not False:
+        print(
+            f"prep {cfg.stage}: {stats.read} records read, {stats.written} written, "
+            f"{sum(stats.skipped.values())} skipped, {stats.rows} rows, {stats.tokens:,} tokens "
+            f"({stats.tokens / max(el, 1e-9):,.0f} tok/s), packing {manifest['packing_efficiency']:.1%} -> {out}",
+            file=sys.stderr,
+        )
+    return manifest
+
+
+def _remove_stale_staging(final: Path) -> None:
+    """Delete staging folders of killed runs for the same output (their process is gone)."""
+    for p in final.parent.glob(f".{final.name}.tmp-*"):
+        try:
+            pid = int(p.name.rsplit("-", 1)[1])
+            os.kill(pid, 0)  # still running (or not ours to judge): leave it
+        except ProcessLookupError:
+            shutil.rmtree(p, ignore_errors=True)
+        except (ValueError, PermissionError):
+            pass
+
+
+def _replace_dir(staging: Path, final: Path) -> None:
+    """Move the finished staging folder to `final`, replacing an older output there."""
+    if final.exists():
+        old = final.parent / f".{final.name}.old-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(staging, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, final)
+
+
+def config_dict(cfg: PrepConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,422 @@
+"""bumblefast prep: shards decode to exactly the tokenizer's tokens, masks cover exactly the
+assistant turns, every record is accounted for, output is complete-or-absent and reproducible."""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from bumblefast.prep.cli import join_multi_values, parse_prep_args
+from bumblefast.prep.cli import main as prep_main
+from bumblefast.prep.records import dpo_pair, sft_messages
+from bumblefast.prep.run import run_prep
+from bumblefast.prep.sources import iter_records
+
+from bumblefast.config import PrepConfig, UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "datasets" / "demo"
+SHARED = ROOT.parent / "shared" / "data"
+needs_shared = pytest.mark.skipif(
+    not SHARED.is_dir(), reason=f"real sample data not present at {SHARED} (only in the dev workspace)"
+)
+
+
+@pytest.fixture(scope="session")
+def tok_dir(tmp_path_factory):
+    from bumblefast.tokenizer import train_tokenizer
+
+    out = tmp_path_factory.mktemp("tok")
+    train_tokenizer(sorted(glob.glob(str(DEMO / "*.json"))), 1024, out)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def tok(tok_dir):
+    from bumblefast.tokenizer import load_tokenizer
+
+    return load_tokenizer(tok_dir)
+
+
+@pytest.fixture(autouse=True)
+def _clean_shm():
+    from streaming.base.util import clean_stale_shared_memory
+
+    clean_stale_shared_memory()
+    yield
+
+
+def prep(tok_dir, out, stage, inputs, seq_len=256, **kw):
+    cfg = PrepConfig(
+        stage=stage, input=[str(p) for p in inputs], tokenizer_name_or_path=tok_dir,
+        seq_len=seq_len, output_dir=str(out), **kw,
+    )
+    return run_prep(cfg, progress=False)
+
+
+def read_rows(out) -> list[dict]:
+    """Every row, in index order, read back with streaming's own StreamingDataset."""
+    from streaming import StreamingDataset
+
+    ds = StreamingDataset(local=str(out), batch_size=1)
+    return [{k: np.array(v) for k, v in ds[i].items()} for i in range(ds.num_samples)]
+
+
+def segments(row, key):
+    out, start = [], 0
+    for n in row[key].tolist():
+        out.append((row["input_ids"][start : start + n], row.get("loss_mask", np.ones(0))[start : start + n]))
+        start += n
+    return out
+
+
+def load_records(paths):
+    return [rec for p in paths for rec in json.loads(Path(p).read_text(encoding="utf-8"))]
+
+
+def expected_ids(tok, messages, tools=None):
+    text = tok.apply_chat_template(messages, tools=tools, tokenize=False)
+    return tuple(tok(text, add_special_tokens=False)["input_ids"])
+
+
+def trained_runs(tok, ids, mask):
+    runs, start = [], None
+    for i, m in enumerate(list(mask) + [0]):
+        if m and start is None:
+            start = i
+        elif not m and start is not None:
+            runs.append(tok.decode(ids[start:i].tolist()))
+            start = None
+    return runs
+
+
+# ---- pretrain ----------------------------------------------------------------------------------
+def check_pretrain(tok, tok_dir, tmp_path, files, seq_len):
+    m = prep(tok_dir, tmp_path / "pt", "pretrain", files, seq_len=seq_len)
+    rows = read_rows(tmp_path / "pt")
+    assert m["rows"] == len(rows) > 0
+    assert all(len(r["input_ids"]) == seq_len and int(r["doc_lens"].sum()) == seq_len for r in rows)
+    assert rows[0]["input_ids"].dtype == np.uint16  # vocab 1024 fits
+    stream = []
+    for rec in load_records(files):
+        stream += tok(rec["text"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    got = np.concatenate([r["input_ids"] for r in rows]).tolist()
+    assert got == stream[: len(got)]
+    assert len(stream) - len(got) == m["tokens"]["tail_tokens_dropped"] < seq_len
+    # doc_lens: every segment ends in EOS unless it is cut at the row end
+    for r in rows:
+        ends = np.cumsum(r["doc_lens"])[:-1] - 1
+        assert (r["input_ids"][ends] == tok.eos_token_id).all()
+    assert m["records"]["read"] == m["records"]["written"] == len(load_records(files))
+
+
+def test_pretrain_demo(tok, tok_dir, tmp_path):
+    check_pretrain(tok, tok_dir, tmp_path, [DEMO / "pretrain_test.json", DEMO / "pretrain.json"], 128)
+
+
+@needs_shared
+def test_pretrain_shared(tok, tok_dir, tmp_path):
+    check_pretrain(tok, tok_dir, tmp_path, [SHARED / "pretrain_zh_demo.json"], 2048)
+
+
+# ---- sft ---------------------------------------------------------------------------------------
+def check_sft(tok, tok_dir, tmp_path, files, seq_len):
+    m = prep(tok_dir, tmp_path / "sft", "sft", files, seq_len=seq_len)
+    rows = read_rows(tmp_path / "sft")
+    assert all(len(r["input_ids"]) <= seq_len for r in rows)
+    expected = {}
+    n_over = 0
+    for rec in load_records(files):
+        msgs, tools = sft_messages(rec)
+        ids = expected_ids(tok, msgs, tools)
+        if len(ids) > seq_len:
+            n_over += 1
+            continue
+        expected.setdefault(ids, []).append([x["content"] + "<|im_end|>" for x in msgs if x["role"] == "assistant"])
+    got = Counter()
+    for r in rows:
+        for ids, mask in segments(r, "seq_lens"):
+            key = tuple(ids.tolist())
+            assert key in expected, "a segment is not the tokenization of any rendered record"
+            got[key] += 1
+            assert trained_runs(tok, ids, mask) in expected[key]
+    assert got == Counter({k: len(v) for k, v in expected.items()})
+    assert m["records"]["skipped_by_reason"].get("overlong", 0) == n_over
+    assert m["records"]["read"] == m["records"]["written"] + m["records"]["skipped"]
+    return m
+
+
+def test_sft_demo(tok, tok_dir, tmp_path):
+    check_sft(tok, tok_dir, tmp_path, [DEMO / "sft_alpaca.json", DEMO / "sft_sharegpt.json"], 256)
+
+
+@needs_shared
+def test_sft_shared(tok, tok_dir, tmp_path):
+    m = check_sft(
+        tok, tok_dir, tmp_path,
+        [SHARED / "alpaca_zh_demo.json", SHARED / "glaive_toolcall_zh_demo.json", SHARED / "duolun_train.json"],
+        2048,
+    )
+    assert m["packing_efficiency"] > 0.95
+
+
+def test_sft_mask_exact_on_handwritten_record(tok, tok_dir, tmp_path):
+    rec = {
+        "system": "Be brief.", "instruction": "Add", "input": "2 and 3",
+        "output": "5", "history": [["hi", "hello"]],
+    }
+    path = tmp_path / "one.jsonl"
+    path.write_text(json.dumps(rec) + "\n")
+    prep(tok_dir, tmp_path / "o", "sft", [path], seq_len=128)
+    (row,) = read_rows(tmp_path / "o")
+    text = tok.decode(row["input_ids"].tolist())
+    assert text == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n"
+        "<|im_start|>assistant\nhello<|im_end|>\n<|im_start|>user\nAdd\n2 and 3<|im_end|>\n"
+        "<|im_start|>assistant\n5<|im_end|>\n"
+    )
+    assert trained_runs(tok, row["input_ids"], row["loss_mask"]) == ["hello<|im_end|>", "5<|im_end|>"]
+
+
+# ---- dpo ---------------------------------------------------------------------------------------
+def check_dpo(tok, tok_dir, tmp_path, files, seq_len):
+    m = prep(tok_dir, tmp_path / "dpo", "dpo", files, seq_len=seq_len)
+    rows = read_rows(tmp_path / "dpo")
+    expected = Counter()
+    for rec in load_records(files):
+        prompt, ch, rj, tools = dpo_pair(rec)
+        pair = (expected_ids(tok, prompt + [ch], tools), expected_ids(tok, prompt + [rj], tools))
+        if len(pair[0]) + len(pair[1]) <= seq_len:
+            expected[pair] += 1
+            replies = {pair[0]: ch["content"], pair[1]: rj["content"]}
+            assert len(replies) >= 1
+    got = Counter()
+    for r in rows:
+        assert len(r["input_ids"]) <= seq_len and len(r["seq_lens"]) % 2 == 0
+        segs = segments(r, "seq_lens")
+        for c, rj in zip(segs[0::2], segs[1::2], strict=True):
+            got[(tuple(c[0].tolist()), tuple(rj[0].tolist()))] += 1
+            for ids, mask in (c, rj):
+                runs = trained_runs(tok, ids, mask)
+                assert len(runs) == 1 and runs[0].endswith("<|im_end|>")
+                # the trained span is the final assistant reply, right at the end of the segment
+                assert tok.decode(ids.tolist()).endswith(runs[0] + "\n")
+    assert got == expected
+    assert m["records"]["read"] == m["records"]["written"] + m["records"]["skipped"]
+    return m
+
+
+def test_dpo_demo(tok, tok_dir, tmp_path):
+    check_dpo(tok, tok_dir, tmp_path, [DEMO / "dpo.json"], 256)
+
+
+@needs_shared
+def test_dpo_shared(tok, tok_dir, tmp_path):
+    # packing efficiency >= 95% is measured in benchmarks/bench_prep.py with a tokenizer trained
+    # on this data; the 1024-vocab demo tokenizer makes these Chinese pairs ~1000+ tokens each
+    check_dpo(tok, tok_dir, tmp_path, [SHARED / "dpo_zh_demo.json"], 2048)
+
+
+# ---- bad input: nothing lost -------------------------------------------------------------------
+BAD_JSONL = [
+    b'{"instruction": "q", "output": "a"}',
+    b'{"instruction": "q", "output": ',  # malformed JSON
+    b'{"instruction": "q"}',  # missing output
+    b'{"instruction": 3, "output": "a"}',  # wrong type
+    b'{"instruction": "  ", "output": "a"}',  # empty text
+    b'{"conversations": [{"from": "alien", "value": "x"}, {"from": "gpt", "value": "y"}]}',
+    b'{"instruction": "caf\xe9", "output": "a"}',  # invalid UTF-8 (latin-1 byte)
+    b'[1, 2]',  # not an object
+    b'{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}',
+]
+BAD_REASONS = {
+    "malformed_json": 1, "missing_field": 1, "wrong_type": 1, "empty_text": 1,
+    "unknown_role": 1, "invalid_utf8": 1, "not_an_object": 1, "empty_file": 1,
+}
+
+
+def write_bad(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl").write_bytes(b"\n".join(BAD_JSONL) + b"\n")
+    (tmp_path / "in" / "empty.jsonl").write_bytes(b"")
+    return tmp_path / "in"
+
+
+def test_bad_records_skipped_and_logged(tok_dir, tmp_path):
+    folder = write_bad(tmp_path)
+    m = prep(tok_dir, tmp_path / "o", "sft", [folder], seq_len=128)
+    assert m["records"]["read"] == len(BAD_JSONL) + 1
+    assert m["records"]["written"] == 2
+    assert m["records"]["skipped_by_reason"] == BAD_REASONS
+    assert m["records"]["read"] == m["records"]["written"] + m["records"]["skipped"]
+    errs = [json.loads(x) for x in (tmp_path / "o" / "errors.jsonl").read_text().splitlines()]
+    assert Counter(e["reason"] for e in errs) == Counter(BAD_REASONS)
+    where = {e["reason"]: e["where"] for e in errs}
+    assert where["malformed_json"].endswith("a.jsonl:2") and where["invalid_utf8"].endswith("a.jsonl:7")
+    assert where["empty_file"].endswith("empty.jsonl:0")
+
+
+def test_on_error_fail_stops_with_message_and_leaves_nothing(tok_dir, tmp_path, capsys):
+    folder = write_bad(tmp_path)
+    with pytest.raises(UserError, match=r"a\.jsonl:2: malformed_json"):
+        prep(tok_dir, tmp_path / "o", "sft", [folder], seq_len=128, on_error="fail")
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.tmp-*"))
+    rc = prep_main(["--stage", "sft", "--input", str(folder), "--tokenizer", tok_dir,
+                    "--output_dir", str(tmp_path / "o"), "--on_error", "fail"])
+    assert rc == 1 and "malformed_json" in capsys.readouterr().err
+
+
+def test_json_array_streaming_errors(tmp_path):
+    p = tmp_path / "a.json"
+    p.write_text('[\n {"text": "a"},\n {"text": "b"},\n {"text": oops}\n]')
+    got = list(iter_records([str(p)]))
+    assert [w for w, _ in got] == [f"{p}:2", f"{p}:3", f"{p}:4"]
+    assert got[0][1] == {"text": "a"} and got[2][1].reason == "malformed_json"
+    e = tmp_path / "e.json"
+    e.write_text("  [ ]  ")
+    assert [r.reason for _, r in iter_records([str(e)])] == ["empty_file"]
+
+
+def test_readers_formats_agree(tok_dir, tmp_path):
+    """json, jsonl, jsonl.gz, jsonl.zst, parquet, a glob and a folder give the same rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    recs = load_records([DEMO / "sft_test.json"])
+    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs).encode()
+    d = tmp_path / "fmt"
+    d.mkdir()
+    (d / "x.jsonl").write_bytes(lines)
+    (d / "x.jsonl.gz").write_bytes(gzip.compress(lines))
+    (d / "x.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines))
+    pq.write_table(pa.Table.from_pylist(recs), d / "x.parquet")
+    ref = read_rows_of(tok_dir, tmp_path, "ref", [DEMO / "sft_test.json"])
+    for name in ["x.jsonl", "x.jsonl.gz", "x.jsonl.zst", "x.parquet"]:
+        assert read_rows_of(tok_dir, tmp_path, name, [d / name]) == ref, name
+    m = prep(tok_dir, tmp_path / "all", "sft", [d], seq_len=256)
+    assert m["records"]["read"] == 4 * len(recs)
+    m = prep(tok_dir, tmp_path / "glob", "sft", [str(d / "*.jsonl*")], seq_len=256)
+    assert m["records"]["read"] == 3 * len(recs)
+
+
+def read_rows_of(tok_dir, tmp_path, name, inputs):
+    prep(tok_dir, tmp_path / f"o_{name}", "sft", inputs, seq_len=256)
+    return [{k: v.tolist() for k, v in r.items()} for r in read_rows(tmp_path / f"o_{name}")]
+
+
+# ---- determinism, workers, atomic output -------------------------------------------------------
+def tree_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_workers_same_rows_and_rerun_byte_identical(tok_dir, tmp_path):
+    files = [DEMO / "sft_alpaca.json", DEMO / "sft_sharegpt.json"]
+    prep(tok_dir, tmp_path / "w1", "sft", files, seq_len=512)
+    first = tree_bytes(tmp_path / "w1")
+    prep(tok_dir, tmp_path / "w1", "sft", files, seq_len=512)  # rerun in place
+    assert tree_bytes(tmp_path / "w1") == first
+    prep(tok_dir, tmp_path / "w2", "sft", files, seq_len=512, num_workers=2)
+    rows1 = [{k: v.tolist() for k, v in r.items()} for r in read_rows(tmp_path / "w1")]
+    rows2 = [{k: v.tolist() for k, v in r.items()} for r in read_rows(tmp_path / "w2")]
+    assert rows1 == rows2
+    shards = [n for n in first if n.startswith("shard.")]
+    assert shards and all(first[n] == tree_bytes(tmp_path / "w2")[n] for n in shards)
+    assert list(tmp_path.glob(".*")) == []  # no staging folders left behind
+
+
+def test_kill_and_rerun(tok_dir, tmp_path):
+    big = tmp_path / "big.jsonl"
+    texts = [r["text"] for r in load_records([DEMO / "pretrain.json"])]
+    with big.open("w") as f:
+        for i in range(60000):
+            f.write(json.dumps({"text": texts[i % len(texts)]}) + "\n")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "bumblefast.prep.cli", "--stage", "pretrain", "--input", str(big),
+           "--tokenizer", tok_dir, "--seq_len", "128", "--output_dir", str(out),
+           "--shard_size_limit", "4kb"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline and not any(tmp_path.glob(".out.tmp-*/shard.*")):
+        time.sleep(0.05)
+    assert proc.poll() is None, "prep finished before it could be killed; make the input bigger"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()  # only the hidden staging folder, which has no manifest
+    assert not any(tmp_path.glob(".out.tmp-*/bumblefast.json"))
+    assert any(tmp_path.glob(".out.tmp-*"))  # the killed run's staging folder, removed by the rerun
+    # rerun over a smaller input to stay quick
+    small = tmp_path / "small.jsonl"
+    small.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[:500]))
+    cmd[cmd.index(str(big))] = str(small)
+    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    m = json.loads((out / "bumblefast.json").read_text())
+    assert m["records"]["read"] == 500 and (out / "index.json").is_file()
+    assert not any(tmp_path.glob(".out.tmp-*"))
+
+
+def test_dpo_alpaca_pairs_and_truncate(tok, tok_dir, tmp_path):
+    recs = [
+        {"instruction": "Add", "input": "2 and 3", "chosen": "5", "rejected": "6"},
+        {"system": "S", "instruction": "Say hi " * 40, "chosen": "hi", "rejected": "no"},
+    ]
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    m = prep(tok_dir, tmp_path / "d", "dpo", [path], seq_len=160)
+    assert m["records"]["skipped_by_reason"] == {"overlong": 1}
+    (row,) = read_rows(tmp_path / "d")
+    (c, cm), (r, rm) = segments(row, "seq_lens")
+    assert tok.decode(c.tolist()).endswith("<|im_start|>user\nAdd\n2 and 3<|im_end|>\n<|im_start|>assistant\n5<|im_end|>\n")
+    assert trained_runs(tok, c, cm) == ["5<|im_end|>"] and trained_runs(tok, r, rm) == ["6<|im_end|>"]
+    m = prep(tok_dir, tmp_path / "t", "dpo", [path], seq_len=160, overlong="truncate")
+    assert m["records"]["truncated"] == 1 and m["records"]["written"] == 2
+    assert all(len(x["input_ids"]) <= 160 for x in read_rows(tmp_path / "t"))
+
+
+# ---- multi-node + merge, inspect, CLI ----------------------------------------------------------
+def test_nodes_merge(tok_dir, tmp_path):
+    from streaming import StreamingDataset
+
+    files = [DEMO / "dpo.json"]
+    whole = prep(tok_dir, tmp_path / "one", "dpo", files, seq_len=256)
+    for r in range(2):
+        prep(tok_dir, tmp_path / "multi", "dpo", files, seq_len=256, node_rank=r, num_nodes=2)
+    rc = prep_main(["merge", str(tmp_path / "multi")])
+    assert rc == 0
+    m = json.loads((tmp_path / "multi" / "bumblefast.json").read_text())
+    assert m["records"]["written"] == whole["records"]["written"] == 800
+    assert m["parts"] == ["node-00000", "node-00001"]
+    ds = StreamingDataset(local=str(tmp_path / "multi"), batch_size=1)
+    assert ds.num_samples == m["rows"]
+    pairs = lambda rows: Counter(  # noqa: E731
+        tuple(s[0].tolist()) for r in rows for s in segments(r, "seq_lens")
+    )
+    merged = [{k: np.array(v) for k, v in ds[i].items()} for i in range(ds.num_samples)]
+    assert pairs(merged) == pairs(read_rows(tmp_path / "one"))
+
+
+def test_inspect_and_cli(tok_dir, tmp_path, capsys):
+    argv = join_multi_values(["--input", "a", "b", "--seq_len", "8"])
+    assert argv == ["--input", "a,b", "--seq_len", "8"]
+    cfg = parse_prep_args(["--stage", "sft", "--input", "a", "b", "--cutoff_len", "64", "--output_dir", "o"])
+    assert cfg.input == ["a", "b"] and cfg.seq_len == 64
+    out = tmp_path / "s"
+    rc = prep_main(["--stage", "sft", "--input", str(DEMO / "sft_test.json"), "--tokenizer_name_or_path",
+                    tok_dir, "--cutoff_len", "256", "--output_dir", str(out)])
+    assert rc == 0
+    capsys.readouterr()
+    assert prep_main(["inspect", str(out), "--rows", "1", "--color", "never"]) == 0
+    text = capsys.readouterr().out
+    assert '"schema_version": 1' in text and "[[" in text and "<|im_end|>]]" in text
+    assert prep_main(["--help"]) == 0 and "--seq_len" in capsys.readouterr().out
