@@ -82,25 +82,34 @@ class ChunkedLinearCrossEntropyFunction(torch.autograd.Function):
         if reduction not in ("sum", "mean"):
             raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
         step = _step(impl)
-        n_tok = hidden.shape[0]
-        chunk = chunk_size or default_chunk_size(n_tok, hidden.shape[1], weight.shape[0])
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_h = torch.empty_like(hidden) if need_h else None
+        # Rows without a target add no loss and no gradient: skip their logits entirely (in
+        # SFT the prompt tokens, often half of the stream, never touch the LM head).
+        keep = (labels != ignore_index).nonzero().squeeze(1)
+        all_rows = keep.numel() == labels.shape[0]
+        h_all = hidden if all_rows else hidden.index_select(0, keep)
+        y_all = labels if all_rows else labels.index_select(0, keep)
+        n_tok = h_all.shape[0]
+        chunk = chunk_size or default_chunk_size(n_tok, hidden.shape[1], weight.shape[0])
+        grad_kept = torch.empty_like(h_all) if need_h else None
         grad_w = torch.zeros_like(weight) if need_w else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for s in range(0, n_tok, chunk):
-            h = hidden[s : s + chunk]
-            y = labels[s : s + chunk]
+            h = h_all[s : s + chunk]
+            y = y_all[s : s + chunk]
             logits = h @ weight.t()
             write = need_h or need_w
             total += step(
                 logits, y, grad_out=logits if write else None, ignore_index=ignore_index
             ).sum()
             if need_h:
-                grad_h[s : s + chunk] = logits @ weight
+                grad_kept[s : s + chunk] = logits @ weight
             if need_w:
                 _accumulate_grad_weight(grad_w, logits, h)
-        n_valid = (labels != ignore_index).sum()
+        grad_h = grad_kept
+        if need_h and not all_rows:
+            grad_h = torch.zeros_like(hidden).index_copy_(0, keep, grad_kept)
+        n_valid = torch.tensor(n_tok, device=hidden.device)
         if reduction == "mean":
             total = total / n_valid
         ctx.reduction = reduction

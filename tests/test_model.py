@@ -148,10 +148,12 @@ def test_bucketed_sdpa_matches_block_mask_fwd_bwd():
         torch.randn(T, 2, 8, generator=g),
     )
     plan = PackedPlan.build(cu, None, T, "sdpa")
-    assert len(plan.buckets) >= 3
-    # padding is bounded: every bucket row is at most sqrt(2)x its doc or a small doc
-    for idx, valid in plan.buckets:
-        assert idx.shape[1] <= max(64, 1.42 * valid.sum(1).min().item())
+    assert len(plan.doc_buckets) >= 3
+    assert sorted(i for b in plan.doc_buckets for i in b) == list(range(len(lens)))  # each doc once
+    # padding is bounded: a bucket's width is at most sqrt(2)x each of its docs, or a small doc
+    for bucket in plan.doc_buckets:
+        width = max(lens[i] for i in bucket)
+        assert width <= max(64, 1.42 * min(lens[i] for i in bucket))
     mplan = PackedPlan.build(cu, None, T, "sdpa_mask")
     outs, grads = [], []
     do = torch.randn(T, 4, 8, generator=g)
