@@ -58,6 +58,12 @@ def cmd_plot(args, rest: list[str]) -> int:
     return 0
 
 
+def cmd_precompute_ref(args, rest: list[str]) -> int:
+    from bumblefast.train.precompute import cli_main
+
+    return cli_main(args)
+
+
 def cmd_merge_lora(args, rest: list[str]) -> int:
     from bumblefast.merge import cli_main
 
@@ -161,6 +167,19 @@ def build_parser() -> argparse.ArgumentParser:
             "prep", help="tokenize + pack raw data into MDS shards (also: prep merge, prep inspect)", add_help=False
         )
         p.set_defaults(func=cmd_prep, free_keys=True)
+
+    p = sub.add_parser(
+        "precompute-ref",
+        help="score dpo shards with the reference model once; writes shards with a ref_logps column",
+        description="Run under torchrun/deepspeed to use several GPUs (each rank scores a share of rows).",
+        allow_abbrev=False,
+    )
+    p.add_argument("--model_name_or_path", required=True, help="the reference (usually the SFT model folder)")
+    p.add_argument("--dataset_path", required=True, help="dpo shards from `bumblefast prep --stage dpo`")
+    p.add_argument("--output_dir", required=True, help="new shard folder (the source stays unchanged)")
+    p.add_argument("--batch_size", type=int, default=8, help="rows per forward")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_precompute_ref)
 
     p = sub.add_parser(
         "merge-lora",

@@ -11,7 +11,7 @@ FIGURES = {
     "learning_rate.png": ["Train/LearningRate"],
     "grad_norm.png": ["Train/GradNorm"],
     "throughput.png": ["Perf/TokensPerSec"],
-    "rewards.png": ["Rewards/chosen", "Rewards/rejected", "Rewards/margins"],
+    "rewards.png": ["Rewards/chosen", "Rewards/rejected", "Metrics/Margin"],
     "accuracy.png": ["Metrics/Accuracy"],
 }
 

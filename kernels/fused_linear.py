@@ -139,20 +139,25 @@ class ChunkedLinearLogprobFunction(torch.autograd.Function):
         ctx, hidden, weight, labels, segment_ids, n_segments, ignore_index, chunk_size, impl
     ):
         step = _step(impl)
-        n_tok = hidden.shape[0]
+        # only rows with a target contribute (DPO repeats each prompt: often most of the row)
+        keep = (labels != ignore_index).nonzero().squeeze(1)
+        hidden_k = hidden.index_select(0, keep)
+        labels_k, segment_k = labels.index_select(0, keep), segment_ids.index_select(0, keep)
+        n_tok = hidden_k.shape[0]
         chunk = chunk_size or default_chunk_size(n_tok, hidden.shape[1], weight.shape[0])
         out = torch.zeros(n_segments, dtype=torch.float32, device=hidden.device)
         for s in range(0, n_tok, chunk):
-            logits = hidden[s : s + chunk] @ weight.t()
-            loss = step(logits, labels[s : s + chunk], ignore_index=ignore_index)
-            out.index_add_(0, segment_ids[s : s + chunk], -loss)
-        ctx.save_for_backward(hidden, weight, labels, segment_ids)
+            logits = hidden_k[s : s + chunk] @ weight.t()
+            loss = step(logits, labels_k[s : s + chunk], ignore_index=ignore_index)
+            out.index_add_(0, segment_k[s : s + chunk], -loss)
+        ctx.save_for_backward(hidden_k, weight, labels_k, segment_k, keep)
+        ctx.n_rows = hidden.shape[0]
         ctx.cfg = (ignore_index, chunk, impl)
         return out
 
     @staticmethod
     def backward(ctx, g):
-        hidden, weight, labels, segment_ids = ctx.saved_tensors
+        hidden, weight, labels, segment_ids, keep = ctx.saved_tensors  # the kept rows only
         ignore_index, chunk, impl = ctx.cfg
         step = _step(impl)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -174,6 +179,9 @@ class ChunkedLinearLogprobFunction(torch.autograd.Function):
                 grad_h[s : s + chunk] = logits @ weight
             if need_w:
                 _accumulate_grad_weight(grad_w, logits, h)
+        if need_h:
+            grad_h = torch.zeros((ctx.n_rows, hidden.shape[1]), dtype=hidden.dtype,
+                                 device=hidden.device).index_copy_(0, keep, grad_h)
         return grad_h, grad_w, None, None, None, None, None, None
 
 
@@ -187,6 +195,8 @@ def fused_linear_cross_entropy(
     impl="torch",
 ):
     """``sum``/``mean`` token CE of ``hidden @ weight.T`` without materialising the logits."""
+    if not torch.is_grad_enabled():  # the forward computes gradients eagerly: skip that work
+        hidden, weight = hidden.detach(), weight.detach()
     return ChunkedLinearCrossEntropyFunction.apply(
         hidden, weight, labels, reduction, ignore_index, chunk_size, impl
     )

@@ -60,7 +60,8 @@ def resolve_dataset(cfg: TrainConfig, tokenizer_path: str) -> str:
 
 
 def open_loader(cfg: TrainConfig, tokenizer_path: str):
-    """(resumable loader of packed micro-batches, data facts stored with each checkpoint)."""
+    """(resumable loader of packed micro-batches, data facts stored with each checkpoint, the
+    shards' manifest)."""
     from bumblefast.shards.reader import build_loader
     from bumblefast.shards.schema import read_manifest
 
@@ -75,4 +76,4 @@ def open_loader(cfg: TrainConfig, tokenizer_path: str):
     loader = build_loader(path, batch_size=cfg.train_micro_batch_size_per_gpu, seed=cfg.seed, shuffle=cfg.shuffle,
                           num_workers=cfg.num_workers, stage=stage)
     meta = {"path": path, "fingerprint": manifest.get("fingerprint"), "stage": stage, "seq_len": manifest["seq_len"]}
-    return loader, json.loads(json.dumps(meta))
+    return loader, json.loads(json.dumps(meta)), manifest

@@ -104,3 +104,21 @@ def initialize(module: torch.nn.Module, cfg: TrainConfig, ds_config: dict, total
         print(f"deepspeed: ZeRO-{stage}, world {D.world_size()}, {n:,} trainable parameters, "
               f"{'bf16' if ds_config['bf16']['enabled'] else 'fp32'}", flush=True)
     return engine
+
+
+def shard_reference(ref: torch.nn.Module, ds_config: dict) -> torch.nn.Module:
+    """Under ZeRO-3 the frozen DPO reference is partitioned like the policy (an engine with no
+    optimizer, as TRL prepares its reference); other stages keep the plain module."""
+    import deepspeed
+
+    if ds_config["zero_optimization"].get("stage", 0) != 3:
+        return ref
+    cfg = {
+        "train_micro_batch_size_per_gpu": ds_config["train_micro_batch_size_per_gpu"],
+        "gradient_accumulation_steps": ds_config["gradient_accumulation_steps"],
+        "zero_optimization": dict(ds_config["zero_optimization"]),
+        "bf16": ds_config["bf16"],
+    }
+    engine, *_ = deepspeed.initialize(model=ref, config=cfg, dist_init_required=False)
+    engine.eval()
+    return engine.module

@@ -24,11 +24,11 @@ from bumblefast.config import TrainConfig, UserError, to_dict
 from bumblefast.train import checkpoint as ckpt
 from bumblefast.train import distributed as D
 from bumblefast.train.data import open_loader
-from bumblefast.train.engine import deepspeed_config, initialize
+from bumblefast.train.engine import deepspeed_config, initialize, shard_reference
 from bumblefast.train.export import export_model
 from bumblefast.train.metrics import MetricLogger, device_peak_tflops
 from bumblefast.tokenizer import load_tokenizer
-from bumblefast.train.modeling import build_model, build_objective, load_model_config, tokenizer_path
+from bumblefast.train.modeling import build_model, build_objective, load_model_config, resolve_reference, tokenizer_path
 
 
 class NonFiniteError(RuntimeError):
@@ -79,9 +79,14 @@ def train(cfg: TrainConfig) -> Path:
     model_config = load_model_config(cfg, tokenizer)
     ds_config = deepspeed_config(cfg, device, model_config.hidden_size)
     zero_stage = ds_config["zero_optimization"].get("stage", 0)
-    loader, data_meta = open_loader(cfg, tokenizer_path(cfg))
-    model = build_model(cfg, model_config, ds_config)
-    objective = build_objective(cfg, model, zero_stage)
+    loader, data_meta, manifest = open_loader(cfg, tokenizer_path(cfg))
+    reference = resolve_reference(cfg, manifest) if cfg.stage == "dpo" else None
+    model, ref_model = build_model(cfg, model_config, ds_config, want_copy=reference == "copy")
+    if ref_model is not None:
+        ref_model = shard_reference(ref_model.to(device), ds_config)
+    objective = build_objective(cfg, model, zero_stage, reference, ref_model)
+    if reference:
+        log(f"dpo: {cfg.pref_loss} loss, beta {cfg.pref_beta}, reference: {reference}")
 
     accumulation = cfg.gradient_accumulation_steps
     steps_per_epoch = len(loader) // accumulation
@@ -119,21 +124,20 @@ def train(cfg: TrainConfig) -> Path:
     while step < total_steps:
         for state_before, micro_batches in step_batches(loader, accumulation):
             micro_batches = [to_device(b, device) for b in micro_batches]
-            count_key = objective.count_key
             local = [0.0, 0.0, 0.0, 0.0]
             for b in micro_batches:
-                doc_lens = torch.diff(b["cu_seqlens"]).tolist()
-                local[0] += float(b[count_key])
+                local[0] += objective.count(b)
                 local[1] += float(b["num_tokens"])
                 local[2] += float(b["row_capacity"])
-                local[3] += flops.train_flops(model_config, doc_lens)
+                local[3] += flops.train_flops(model_config, torch.diff(b["cu_seqlens"]).tolist())
             n_global, tokens, capacity, step_flops = D.all_reduce_sum(local, device)
             # DeepSpeed divides by the accumulation steps and averages over ranks: undo both so
             # the update is (sum of all losses in the step) / (global count).
             scale = accumulation * D.world_size() / max(n_global, 1.0)
-            loss_sum, own_norm = 0.0, None
+            sums: dict[str, float] = {}
+            own_norm = None
             for i, b in enumerate(micro_batches):
-                loss, _ = engine(b)
+                loss, metric_sums = engine(b)
                 if not torch.isfinite(loss):  # weights are still the last good ones: keep them
                     saved = save(state_before)
                     raise NonFiniteError(f"non-finite loss at step {step + 1}; batch sample ids "
@@ -147,13 +151,15 @@ def train(cfg: TrainConfig) -> Path:
                                              f"{[b['sample_ids'].tolist() for b in micro_batches]}; "
                                              f"last good state saved in {saved}")
                 engine.step()
-                loss_sum += loss.item()
+                for key, value in {"loss": loss, **metric_sums}.items():
+                    sums[key] = sums.get(key, 0.0) + float(value.detach())
             step += 1
             if trace:
                 with open(trace, "a") as f:
                     f.write(json.dumps({"step": step, "rank": D.rank(),
                                         "sample_ids": [i for b in micro_batches for i in b["sample_ids"].tolist()]}) + "\n")
-            (global_loss,) = D.all_reduce_sum([loss_sum], device)
+            keys = sorted(sums)
+            averages = dict(zip(keys, (v / max(n_global, 1.0) for v in D.all_reduce_sum([sums[k] for k in keys], device))))
             grad_norm = engine.get_global_grad_norm() if own_norm is None else own_norm
             grad_norm = float(grad_norm) if grad_norm is not None else None
             if grad_norm is not None and not math.isfinite(grad_norm):
@@ -161,8 +167,7 @@ def train(cfg: TrainConfig) -> Path:
                 raise NonFiniteError(f"non-finite gradient norm at step {step}; batch sample ids "
                                      f"{[b['sample_ids'].tolist() for b in micro_batches]}")
             logger.count(tokens, capacity, step_flops)
-            values = {"loss": global_loss / max(n_global, 1.0), "lr": engine.get_lr()[0], "grad_norm": grad_norm,
-                      "epoch": epoch}
+            values = {**averages, "lr": engine.get_lr()[0], "grad_norm": grad_norm, "epoch": epoch}
             logger.step(step, values, log=step % cfg.logging_steps == 0 or step == total_steps)
             if step % cfg.save_steps == 0 or (step == total_steps and cfg.save_last):
                 last_good = save()

@@ -25,6 +25,14 @@ TAGS = {
     "tokens_per_sec": "Perf/TokensPerSec",
     "mfu": "Perf/MFU",
     "padding_fraction": "Perf/PaddingFraction",
+    "rewards/chosen": "Rewards/chosen",
+    "rewards/rejected": "Rewards/rejected",
+    "rewards/margins": "Metrics/Margin",
+    "rewards/accuracies": "Metrics/Accuracy",
+    "logps/chosen": "LogPs/chosen",
+    "logps/rejected": "LogPs/rejected",
+    "logits/chosen": "Logits/chosen",
+    "logits/rejected": "Logits/rejected",
 }
 
 
@@ -88,6 +96,8 @@ class MetricLogger:
             self.tb.flush()
         postfix = {"loss": f"{record.get('loss', float('nan')):.4f}", "lr": f"{record.get('lr', 0):.2e}",
                    "tok/s": f"{record['tokens_per_sec']:.0f}"}
+        if "rewards/accuracies" in record:
+            postfix["acc"] = f"{record['rewards/accuracies']:.2f}"
         if "mfu" in record:
             postfix["mfu"] = f"{100 * record['mfu']:.1f}%"
         self.bar.set_postfix(postfix)

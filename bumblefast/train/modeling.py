@@ -67,8 +67,63 @@ def init_parameters(model: torch.nn.Module, std: float, seed: int, zero3: bool) 
                 p.copy_(value.to(p.dtype))
 
 
-def build_model(cfg: TrainConfig, config, ds_config: dict):
-    """Our Bumblebee, fp32 master weights (DeepSpeed casts for bf16)."""
+def model_fingerprint(path: str | Path) -> str:
+    """Identity of a model folder: its config and the bytes of its weight files."""
+    import hashlib
+
+    path = Path(path)
+    h = hashlib.sha256((path / "config.json").read_bytes())
+    for f in sorted(path.glob("*.safetensors")):
+        with f.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 24), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
+def resolve_reference(cfg, manifest: dict) -> str:
+    """The DPO reference strategy a run uses (config key ref_model, `auto` resolved)."""
+    from bumblefast.train.pref_losses import REFERENCE_FREE
+
+    has_precomputed = "ref_logps" in manifest.get("columns", {})
+    choice = cfg.ref_model
+    if cfg.pref_loss in REFERENCE_FREE:
+        if choice not in ("auto", "none"):
+            raise UserError(f"ref_model: {cfg.pref_loss} is reference-free; use ref_model none or auto")
+        return "none"
+    if choice == "auto":
+        choice = "precomputed" if has_precomputed else ("adapter" if cfg.finetuning_type == "lora" else "copy")
+    if choice == "precomputed":
+        if not has_precomputed:
+            raise UserError(f"ref_model: precomputed, but {cfg.dataset_path} has no ref_logps column; "
+                            "run `bumblefast precompute-ref` on it first")
+        if cfg.ld_alpha is not None:
+            raise UserError("ld_alpha: needs a live reference (ref_model adapter or copy): precomputed "
+                            "log-probs are whole-segment sums")
+        check_precomputed(cfg, manifest)
+    return choice
+
+
+def check_precomputed(cfg, manifest: dict) -> None:
+    """Refuse log-probs made by another model or on other data (bumblefast precompute-ref
+    writes both fingerprints into the manifest)."""
+    from bumblefast.shards.schema import fingerprint_bytes
+
+    info = manifest.get("ref_logps") or {}
+    expected_model = model_fingerprint(model_path(cfg))
+    if info.get("model_fingerprint") != expected_model:
+        raise UserError(f"dataset_path: its ref_logps come from model {info.get('model_name_or_path')} "
+                        f"(fingerprint {info.get('model_fingerprint')}), not from {cfg.model_name_or_path} "
+                        f"({expected_model}); rerun `bumblefast precompute-ref` with this model")
+    derived = fingerprint_bytes(str(info.get("source_fingerprint")).encode(), expected_model.encode())
+    if manifest.get("fingerprint") != derived:
+        raise UserError(f"dataset_path: the ref_logps were computed on another dataset (source fingerprint "
+                        f"{info.get('source_fingerprint')} does not match this shard set); rerun "
+                        "`bumblefast precompute-ref`")
+
+
+def build_model(cfg: TrainConfig, config, ds_config: dict, want_copy: bool = False):
+    """Our Bumblebee, fp32 master weights (DeepSpeed casts for bf16); with want_copy also a
+    frozen copy of the starting weights (the DPO reference of full fine-tuning)."""
     from bumblefast.model import Bumblebee
 
     zero3 = ds_config["zero_optimization"].get("stage", 0) == 3
@@ -84,18 +139,24 @@ def build_model(cfg: TrainConfig, config, ds_config: dict):
         init_parameters(model, config.initializer_range, cfg.seed, zero3)
     else:
         model = Bumblebee.from_pretrained(model_path(cfg), torch_dtype=torch.float32, **kw)
+    ref = None
+    if want_copy:
+        ref = Bumblebee.from_pretrained(model_path(cfg), torch_dtype=torch.float32, **kw)
+        ref.requires_grad_(False).eval()
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if cfg.finetuning_type == "lora":
         from bumblefast.train.engine import apply_lora
 
         model = apply_lora(model, cfg)
-    return model
+        model.peft_config["default"].base_model_name_or_path = str(model_path(cfg))
+    return model, ref
 
 
-def build_objective(cfg: TrainConfig, model, zero_stage: int):
-    from bumblefast.train.objectives import LMObjective
+def build_objective(cfg: TrainConfig, model, zero_stage: int, reference: str | None = None, ref_model=None):
+    from bumblefast.train.objectives import DPOObjective, LMObjective
+    from bumblefast.train.pref_losses import PrefLossConfig
 
     if cfg.stage == "dpo":
-        raise UserError("stage dpo: not available yet in this build")
+        return DPOObjective(model, PrefLossConfig.from_dpo_config(cfg), reference, cfg.ld_alpha, ref_model, zero_stage)
     return LMObjective(model, zero_stage)

@@ -1,14 +1,20 @@
 """What a stage optimises, as a module DeepSpeed wraps: packed micro-batch in,
-(sum of losses, number of loss terms) out. The loop divides by the global count of the
-whole optimizer step, so gradient accumulation and data parallelism give the same update
-as one big batch (not a mean of per-micro-batch means)."""
+(sum of per-term losses, sums of metrics) out. `count(batch)` says how many loss terms the
+micro-batch holds (target tokens for LM, pairs for DPO); the loop divides every sum by the
+global count of the whole optimizer step, so gradient accumulation and data parallelism give
+the same update as one big batch (not a mean of per-micro-batch means), and DPO metrics are
+averages over all pairs of the step."""
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch import nn
 
-MODEL_INPUTS = ("input_ids", "position_ids", "cu_seqlens", "max_seqlen")
+from bumblefast.train.pref_losses import PrefLossConfig, combine_ld, preference_loss, split_segments_for_ld
+
+IGNORE_INDEX = -100
 
 
 def _max_seqlen(batch: dict) -> int:
@@ -16,26 +22,112 @@ def _max_seqlen(batch: dict) -> int:
     return int(m.item()) if torch.is_tensor(m) else int(m)
 
 
+def _register_lm_head(module: nn.Module, model: nn.Module, zero_stage: int) -> None:
+    # The fused losses read lm_head.weight outside lm_head.forward: ZeRO-3 must gather it
+    # whenever `module` runs.
+    if zero_stage == 3:
+        import deepspeed
+
+        deepspeed.zero.register_external_parameter(module, model.lm_head.weight)
+
+
 class LMObjective(nn.Module):
     """Next-token loss on the target tokens of a packed batch (pretrain: every token in its
     document; sft: assistant tokens only, as the collator's labels say)."""
 
-    count_key = "num_target_tokens"
-
     def __init__(self, model: nn.Module, zero_stage: int = 0):
         super().__init__()
         self.model = model
-        if zero_stage == 3:
-            # The fused loss reads lm_head.weight outside lm_head.forward: ZeRO-3 must gather it
-            # whenever this module runs.
-            import deepspeed
+        _register_lm_head(self, model, zero_stage)
 
-            deepspeed.zero.register_external_parameter(self, self.lm_head_weight())
+    @staticmethod
+    def count(batch: dict) -> float:
+        return float(batch["num_target_tokens"])
 
-    def lm_head_weight(self) -> torch.Tensor:
-        return self.model.lm_head.weight
-
-    def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.model.lm_loss(
+    def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        loss, _ = self.model.lm_loss(
             batch["input_ids"], batch["position_ids"], batch["cu_seqlens"], _max_seqlen(batch), batch["labels"]
         )
+        return loss, {}
+
+
+def segment_stats(model: nn.Module, batch: dict, ld_alpha: float | None):
+    """Per-segment (summed target log-probs, target counts, mean logit over target tokens)
+    of a packed dpo batch, without materialising [T, V] logits. The mean logit of a token
+    over the vocabulary is h . mean(W rows), so it costs one matrix-vector product."""
+    h = model.hidden_states(batch["input_ids"], batch["position_ids"], batch["cu_seqlens"], _max_seqlen(batch))
+    weight = model.lm_head.weight
+    labels, seg = batch["labels"], batch["segment_ids"]
+    n = batch["cu_seqlens"].numel() - 1
+    ops = model.ops(h.device)
+    if ld_alpha is None:
+        logps = ops.fused_linear_logprob(h, weight, labels, seg, n)
+    else:
+        seg2, n2 = split_segments_for_ld(labels, seg, n)
+        logps = combine_ld(ops.fused_linear_logprob(h, weight, labels, seg2, n2), n, ld_alpha)
+    target = (labels != IGNORE_INDEX).to(h.dtype)
+    counts = torch.zeros(n, dtype=torch.float32, device=h.device).index_add_(0, seg, target.float())
+    with torch.no_grad():
+        mean_logit = (h @ weight.mean(0)) * target
+        logit_sums = torch.zeros(n, dtype=torch.float32, device=h.device).index_add_(0, seg, mean_logit.float())
+    return logps.float(), counts, logit_sums / counts.clamp(min=1)
+
+
+class DPOObjective(nn.Module):
+    """Preference loss on packed rows of [prompt+chosen][prompt+rejected] segments.
+
+    reference: `adapter` (the same weights with LoRA disabled), `copy` (a frozen copy of the
+    starting model, passed as `ref_model`), `precomputed` (the shards' `ref_logps` column)
+    or `none` (reference-free losses)."""
+
+    def __init__(self, model: nn.Module, loss_cfg: PrefLossConfig, reference: str, ld_alpha: float | None = None,
+                 ref_model: nn.Module | None = None, zero_stage: int = 0):
+        super().__init__()
+        self.model = model
+        self.loss_cfg = loss_cfg
+        self.reference = reference
+        self.ld_alpha = ld_alpha
+        self._ref = [ref_model]  # a list: not a submodule, so neither trained nor checkpointed
+        self._zero3 = zero_stage == 3
+        _register_lm_head(self, model, zero_stage)
+
+    @staticmethod
+    def count(batch: dict) -> float:
+        return float((batch["cu_seqlens"].numel() - 1) // 2)
+
+    @torch.no_grad()
+    def reference_logps(self, batch: dict) -> torch.Tensor | None:
+        if self.reference == "none":
+            return None
+        if self.reference == "precomputed":
+            return batch["ref_logps"].float()
+        if self.reference == "adapter":
+            with self.model.disable_adapter():
+                return segment_stats(self.model, batch, self.ld_alpha)[0]
+        ref = self._ref[0]
+        ctx = contextlib.nullcontext()
+        if self._zero3:
+            import deepspeed
+
+            ctx = deepspeed.zero.GatheredParameters([ref.lm_head.weight])
+        with ctx:
+            return segment_stats(ref, batch, self.ld_alpha)[0]
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        ref = self.reference_logps(batch)
+        logps, counts, mean_logits = segment_stats(self.model, batch, self.ld_alpha)
+        pc, pr, nc, nr = logps[0::2], logps[1::2], counts[0::2], counts[1::2]
+        rc, rr = (ref[0::2], ref[1::2]) if ref is not None else (None, None)
+        out = preference_loss(pc, pr, rc, rr, nc, nr, self.loss_cfg)
+        chosen, rejected = out["chosen_rewards"], out["rejected_rewards"]
+        metrics = {
+            "rewards/chosen": chosen.sum(),
+            "rewards/rejected": rejected.sum(),
+            "rewards/accuracies": (chosen > rejected).float().sum(),
+            "rewards/margins": (chosen - rejected).sum(),
+            "logps/chosen": pc.detach().sum(),
+            "logps/rejected": pr.detach().sum(),
+            "logits/chosen": mean_logits[0::2].sum(),
+            "logits/rejected": mean_logits[1::2].sum(),
+        }
+        return out["losses"].sum(), metrics

@@ -1,0 +1,128 @@
+"""Held-out evaluation of a Hugging Face model folder (ours or any Qwen2-compatible one).
+
+- `heldout_loss`: mean next-token loss and perplexity over the target tokens of shards
+  (pretrain: every token; sft: assistant tokens), computed with the same packed objective
+  the trainer uses.
+- `answer_accuracy`: greedy answers to Alpaca-style questions vs their reference `output`
+  (exact match after stripping), through the chat template.
+- `preference_accuracy`: fraction of preference pairs whose chosen reply gets a higher
+  summed log-prob than the rejected one under the model, and the mean margin.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from bumblefast.config import UserError
+
+
+def load_records(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"evaluation data not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".jsonl":
+            return [json.loads(line) for line in text.splitlines() if line.strip()]
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from e
+    if not isinstance(data, list):
+        raise UserError(f"{path}: expected a JSON array of records")
+    return data
+
+
+def _load(model_path: str | Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_path = Path(model_path)
+    if not (model_path / "config.json").is_file():
+        raise FileNotFoundError(f"no config.json in {model_path}")
+    tok = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    return tok, model
+
+
+def _prompt_messages(rec: dict) -> list[dict]:
+    msgs = []
+    if rec.get("system"):
+        msgs.append({"role": "system", "content": rec["system"]})
+    for q, a in rec.get("history") or []:
+        msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    question = rec["instruction"] + (("\n" + rec["input"]) if rec.get("input") else "")
+    return msgs + [{"role": "user", "content": question}]
+
+
+def _stop_ids(tok) -> list[int]:
+    return [tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", tok.eos_token) if t in tok.get_vocab()]
+
+
+@torch.no_grad()
+def answer_accuracy(model_path: str | Path, records: list[dict], max_new_tokens: int = 32) -> dict:
+    tok, model = _load(model_path)
+    correct, examples = 0, []
+    for rec in records:
+        text = tok.apply_chat_template(_prompt_messages(rec), tokenize=False, add_generation_prompt=True)
+        ids = tok(text, return_tensors="pt", add_special_tokens=False)
+        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=_stop_ids(tok),
+                             pad_token_id=tok.pad_token_id)
+        answer = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        correct += answer == rec["output"].strip()
+        if len(examples) < 3:
+            examples.append({"question": rec["instruction"], "answer": answer, "expected": rec["output"]})
+    return {"accuracy": correct / max(len(records), 1), "n": len(records), "examples": examples}
+
+
+def _reply_logp(model, tok, prompt_msgs: list[dict], reply: str) -> float:
+    prompt = tok.apply_chat_template(prompt_msgs, tokenize=False, add_generation_prompt=True)
+    p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    r_ids = tok(reply + "<|im_end|>", add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([p_ids + r_ids])
+    logits = model(ids, use_cache=False).logits[0, len(p_ids) - 1:-1].float()
+    return float(torch.log_softmax(logits, -1).gather(1, torch.tensor(r_ids)[:, None]).sum())
+
+
+def _pair(rec: dict) -> tuple[list[dict], str, str]:
+    """(prompt messages, chosen text, rejected text) of a ShareGPT or Alpaca-style pair."""
+    def text(x):
+        return x["value"] if isinstance(x, dict) else x
+
+    if "conversations" in rec:
+        role = {"human": "user", "gpt": "assistant", "system": "system"}
+        msgs = [{"role": role.get(t["from"], t["from"]), "content": t["value"]} for t in rec["conversations"]]
+    else:
+        msgs = _prompt_messages({**rec, "input": rec.get("input", "")})
+    return msgs, text(rec["chosen"]), text(rec["rejected"])
+
+
+@torch.no_grad()
+def preference_accuracy(model_path: str | Path, records: list[dict]) -> dict:
+    tok, model = _load(model_path)
+    wins, margins = 0, []
+    for rec in records:
+        msgs, chosen, rejected = _pair(rec)
+        margin = _reply_logp(model, tok, msgs, chosen) - _reply_logp(model, tok, msgs, rejected)
+        wins += margin > 0
+        margins.append(margin)
+    n = max(len(records), 1)
+    return {"preference_accuracy": wins / n, "mean_margin": sum(margins) / n, "n": len(records)}
+
+
+@torch.no_grad()
+def heldout_loss(model_path: str | Path, shards: str | Path, batch_size: int = 8) -> dict:
+    from bumblefast.model import Bumblebee
+    from bumblefast.shards.reader import build_loader
+
+    model = Bumblebee.from_pretrained(model_path, torch_dtype=torch.float32).eval()
+    total, count = 0.0, 0
+    for batch in build_loader(str(shards), batch_size=batch_size, shuffle=False):
+        loss, n = model.lm_loss(batch["input_ids"], batch["position_ids"], batch["cu_seqlens"],
+                                int(batch["max_seqlen"]), batch["labels"])
+        total += float(loss)
+        count += int(n)
+    mean = total / max(count, 1)
+    return {"loss": mean, "perplexity": math.exp(min(mean, 50)), "target_tokens": count}
