@@ -1,13 +1,19 @@
 #!/usr/bin/env python3
-"""Training throughput: BumbleFast's packed path vs the padded loop a user would otherwise run.
+"""Training throughput: BumbleFast's packed path vs the loop a user would otherwise run.
 
-Both sides train on exactly the same samples (the SFT records as prep tokenized them, with
-their loss masks), same model size, same optimizer, in one run:
+Every side trains on exactly the same samples (as prep tokenized them, with their loss
+masks), same model size, same optimizer, in one run. Per stage:
 
-  ours      packed rows from `bumblefast prep` (best-fit-decreasing into seq_len rows), our
-            Bumblebee with per-document attention and the fused linear-CE (no [T, V] logits)
-  baseline  transformers' Qwen2ForCausalLM (SDPA; + Liger kernels on CUDA), micro-batches of
-            `--baseline_batch` samples padded to the longest, as BumbleCore / HF Trainer do
+  sft       ours: packed rows (best-fit-decreasing into seq_len rows), our Bumblebee with
+            per-document attention and the fused linear-CE (no [T, V] logits)
+            baseline: transformers' Qwen2ForCausalLM (SDPA; + Liger kernels on CUDA),
+            micro-batches of `--baseline_batch` samples padded to the longest (BumbleCore / HF)
+  pretrain  ours: the same rows with document-masked attention
+            baseline: transformers on the same [rows, seq_len] blocks (HF's group_texts)
+  dpo       ours with the LoRA adapter as live reference, ours with precomputed reference
+            log-probs (no reference forward), and a TRL-style baseline: transformers + peft
+            LoRA, chosen and rejected padded to the longest of the batch, full logits, live
+            reference forward with the adapter disabled
 
 Reported per side: real tokens/s (tokens of the samples, padding excluded), real-token
 fraction of what the model computed, and on CUDA MFU (bumblefast.flops on the actual document
@@ -34,8 +40,14 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "alpaca_zh_demo.json"
-FALLBACK_DATA = ROOT / "datasets" / "demo" / "sft_alpaca.json"
+SHARED = ROOT.parent / "shared" / "data"
+DEMO = ROOT / "datasets" / "demo"
+# stage -> (real sample file in ../shared/data, the project's own demo file as fallback)
+DATA = {
+    "sft": ("alpaca_zh_demo.json", "sft_alpaca.json"),
+    "pretrain": ("pretrain_zh_demo.json", "pretrain.json"),
+    "dpo": ("dpo_zh_demo.json", "dpo.json"),
+}
 
 
 def sync(device: torch.device) -> None:
@@ -43,16 +55,16 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def prepare(data: Path, seq_len: int, workdir: Path, vocab: int):
-    """Tokenizer trained on the data + sft shards; returns (tokenizer dir, shard dir, samples)."""
+def prepare(data: Path, stage: str, seq_len: int, workdir: Path, vocab: int):
+    """Tokenizer trained on the data + the stage's shards; returns (tokenizer dir, shard dir)."""
     from bumblefast.config import PrepConfig
     from bumblefast.prep.run import run_prep
     from bumblefast.tokenizer import train_tokenizer
 
     tok_dir = workdir / "tokenizer"
     train_tokenizer([data], vocab, tok_dir)
-    shards = workdir / "sft"
-    run_prep(PrepConfig(stage="sft", input=[str(data)], tokenizer_name_or_path=str(tok_dir), seq_len=seq_len,
+    shards = workdir / stage
+    run_prep(PrepConfig(stage=stage, input=[str(data)], tokenizer_name_or_path=str(tok_dir), seq_len=seq_len,
                         output_dir=str(shards)), progress=False)
     return tok_dir, shards
 
@@ -93,25 +105,47 @@ def timed_steps(step_fn, batches, warmup: int, device: torch.device) -> tuple[fl
     return time.perf_counter() - t0, len(batches) - warmup
 
 
-def bench_ours(cfg, shards: Path, rows_per_batch: int, steps: int, warmup: int, device, dtype) -> dict:
-    from bumblefast.model import Bumblebee
+def load_batches(shards: Path, rows_per_batch: int, n: int, device) -> list[dict]:
+    """The first n micro-batches of shuffled rows (a representative sample: best-fit-decreasing
+    puts the longest samples in the first rows)."""
     from bumblefast.shards.reader import build_loader
-    from bumblefast.train.objectives import LMObjective
+
+    batches = []
+    for b in build_loader(str(shards), batch_size=rows_per_batch, shuffle=True, seed=0):
+        batches.append({k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()})
+        if len(batches) == n:
+            break
+    return batches
+
+
+def autocast(device, dtype):
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def bench_ours(cfg, batches: list[dict], warmup: int, device, dtype, stage: str, reference: str | None = None,
+               lora_rank: int = 16) -> dict:
+    """Our model + the stage's objective on packed micro-batches (a plain AdamW step)."""
+    from bumblefast.config import DPOConfig
+    from bumblefast.model import Bumblebee
+    from bumblefast.train.engine import apply_lora
+    from bumblefast.train.objectives import DPOObjective, LMObjective
+    from bumblefast.train.pref_losses import PrefLossConfig
 
     torch.manual_seed(0)
     model = Bumblebee(cfg).init_weights().to(device)
-    obj = LMObjective(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    # shuffled rows: the first rows of best-fit-decreasing hold the longest samples
-    loader = build_loader(str(shards), batch_size=rows_per_batch, shuffle=True, seed=0)
-    batches = []
-    for b in loader:
-        batches.append({k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()})
-        if len(batches) == steps + warmup:
-            break
+    if stage == "dpo":
+        model = apply_lora(model, DPOConfig(finetuning_type="lora", lora_rank=lora_rank, lora_alpha=2 * lora_rank))
+        obj = DPOObjective(model, PrefLossConfig(), "adapter")
+        if reference == "precomputed":  # what `bumblefast precompute-ref` stores, made untimed
+            for b in batches:
+                b["ref_logps"] = obj.reference_logps(b)
+            obj = DPOObjective(model, PrefLossConfig(), "precomputed")
+    else:
+        obj = LMObjective(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     def step(b):
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        with autocast(device, dtype):
             loss, _ = obj(b)
         (loss / obj.count(b)).backward()
         opt.step()
@@ -120,13 +154,29 @@ def bench_ours(cfg, shards: Path, rows_per_batch: int, steps: int, warmup: int, 
     seconds, n_steps = timed_steps(step, batches, warmup, device)
     timed = batches[warmup:]
     tokens = sum(int(b["num_tokens"]) for b in timed)
-    computed = sum(int(b["row_capacity"]) for b in timed)  # what a fixed-shape kernel would see
-    doc_lens = [n for b in timed for n in torch.diff(b["cu_seqlens"]).tolist()]
+    inner = model.get_base_model() if stage == "dpo" else model
     return {"seconds": seconds, "steps": n_steps, "real_tokens": tokens, "computed_tokens": tokens,
-            "row_capacity": computed, "doc_lens": doc_lens, "attn": model.resolved_attn(device),
-            "kernels": dict(model.ops(device).backends),
-            "warm_rows": [i for b in batches[:warmup] for i in b["sample_ids"].tolist()],
-            "timed_rows": [i for b in timed for i in b["sample_ids"].tolist()]}
+            "pairs": sum(DPOObjective.count(b) for b in timed) if stage == "dpo" else None,
+            "doc_lens": [n for b in timed for n in torch.diff(b["cu_seqlens"]).tolist()],
+            "attn": inner.resolved_attn(device), "kernels": dict(inner.ops(device).backends)}
+
+
+def hf_model(cfg, device):
+    from transformers import Qwen2ForCausalLM
+
+    liger = False
+    if device.type == "cuda":
+        try:
+            from liger_kernel.transformers import apply_liger_kernel_to_qwen2
+
+            apply_liger_kernel_to_qwen2()
+            liger = True
+        except ImportError:
+            pass
+    torch.manual_seed(0)
+    cfg = type(cfg).from_dict(cfg.to_dict())
+    cfg._attn_implementation = "sdpa"
+    return Qwen2ForCausalLM(cfg).to(device), liger
 
 
 def padded_batches(samples, batch_size: int, pad_id: int, device) -> list[dict]:
@@ -147,32 +197,13 @@ def padded_batches(samples, batch_size: int, pad_id: int, device) -> list[dict]:
     return batches
 
 
-def bench_baseline(cfg, warm_samples, timed_samples, batch_size: int, device, dtype, pad_id: int) -> dict:
-    """transformers' Qwen2 on padded micro-batches of the same samples, in random order (a
-    shuffled sampler, as HF Trainer / BumbleCore use)."""
-    from transformers import Qwen2ForCausalLM
-
-    liger = False
-    if device.type == "cuda":
-        try:
-            from liger_kernel.transformers import apply_liger_kernel_to_qwen2
-
-            apply_liger_kernel_to_qwen2()
-            liger = True
-        except ImportError:
-            pass
-    torch.manual_seed(0)
-    cfg = type(cfg).from_dict(cfg.to_dict())
-    cfg._attn_implementation = "sdpa"
-    model = Qwen2ForCausalLM(cfg).to(device)
+def bench_hf_lm(cfg, batches: list[dict], warmup: int, device, dtype) -> dict:
+    """transformers' Qwen2 (+ Liger on CUDA) on HF-style batches (input_ids/attention_mask/labels)."""
+    model, liger = hf_model(cfg, device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    order = torch.randperm(len(timed_samples), generator=torch.Generator().manual_seed(0)).tolist()
-    warm = padded_batches(warm_samples, batch_size, pad_id, device)
-    batches = warm + padded_batches([timed_samples[i] for i in order], batch_size, pad_id, device)
-    warmup = len(warm)
 
     def step(b):
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        with autocast(device, dtype):
             out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"], use_cache=False)
         out.loss.backward()
         opt.step()
@@ -185,6 +216,52 @@ def bench_baseline(cfg, warm_samples, timed_samples, batch_size: int, device, dt
             "liger": liger}
 
 
+def bench_trl_dpo(cfg, pair_batches: list[list], warmup: int, device, dtype, pad_id: int, lora_rank: int = 16) -> dict:
+    """TRL-style DPO: [chosen; rejected] padded to the longest, full logits, live reference
+    forward with the LoRA adapter disabled (DPOTrainer's concatenated_forward)."""
+    import torch.nn.functional as F
+    from peft import LoraConfig, get_peft_model
+
+    base, liger = hf_model(cfg, device)
+    model = get_peft_model(base, LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0,
+                                            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    prepared = []
+    for pairs in pair_batches:  # pairs: [(chosen ids, chosen mask), (rejected ids, rejected mask)] * P
+        seqs = [s for pair in pairs for s in pair]
+        b = padded_batches(seqs[0::2] + seqs[1::2], len(seqs), pad_id, device)[0]
+        prepared.append(b)
+
+    def logps(m, b):
+        logits = m(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits[:, :-1].float()
+        labels = b["labels"][:, 1:]
+        mask = labels != -100
+        lp = torch.gather(F.log_softmax(logits, -1), 2, labels.clamp(min=0)[..., None]).squeeze(-1)
+        return (lp * mask).sum(-1)
+
+    def step(b):
+        with autocast(device, dtype):
+            with torch.no_grad(), model.disable_adapter():
+                ref = logps(model, b)
+            pol = logps(model, b)
+        n = pol.shape[0] // 2
+        z = (pol[:n] - pol[n:]) - (ref[:n] - ref[n:])
+        (-F.logsigmoid(0.1 * z).mean()).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    seconds, n_steps = timed_steps(step, prepared, warmup, device)
+    timed = prepared[warmup:]
+    return {"seconds": seconds, "steps": n_steps, "real_tokens": sum(b["real"] for b in timed),
+            "computed_tokens": sum(b["padded"] for b in timed), "doc_lens": [n for b in timed for n in b["lens"]],
+            "pairs": sum(len(b["lens"]) // 2 for b in timed), "liger": liger}
+
+
+def samples_of(shards: Path, batches: list[dict]) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Per micro-batch, the samples inside its rows (as prep tokenized them)."""
+    return [[s for row in unpack_rows(shards, b["sample_ids"].tolist()) for s in row] for b in batches]
+
+
 def summarize(name: str, r: dict, cfg, peak: float | None) -> dict:
     from bumblefast import flops
 
@@ -195,18 +272,81 @@ def summarize(name: str, r: dict, cfg, peak: float | None) -> dict:
         "real_tokens_per_sec": r["real_tokens"] / r["seconds"],
         "real_token_fraction": r["real_tokens"] / r["computed_tokens"],
     }
+    if r.get("pairs"):
+        out["pairs_per_sec"] = r["pairs"] / r["seconds"]
     if peak:
         out["mfu"] = flops.train_flops(cfg, r["doc_lens"]) / r["seconds"] / (peak * 1e12)
     return out
 
 
+def run_stage(stage: str, args, device, dtype, preset: str, peak) -> dict:
+    from transformers import AutoTokenizer
+
+    from bumblefast import flops
+
+    real, fallback = DATA[stage]
+    data = Path(args.data) if args.data and stage == args.stage else (
+        SHARED / real if (SHARED / real).is_file() else DEMO / fallback)
+    seq_len = 256 if args.quick else args.seq_len
+    steps = args.steps or (3 if args.quick else (20 if device.type == "cuda" else 12))
+    warmup = 1 if args.quick else args.warmup
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        tok_dir, shards = prepare(data, stage, seq_len, Path(tmp), args.vocab)
+        tok = AutoTokenizer.from_pretrained(tok_dir)
+        cfg = model_config(preset, len(tok))
+        batches = load_batches(shards, args.rows, warmup + steps, device)
+        warmup = min(warmup, max(len(batches) - 1, 0))
+        print(f"[{stage}] data {data.name}: {len(batches)} micro-batches of {args.rows} row(s) <= {seq_len} tokens; "
+              f"preset {preset} ({flops.param_count(cfg) / 1e6:.1f}M params), {device}, {dtype}; "
+              f"prep {time.perf_counter() - t0:.1f}s", flush=True)
+        results = []
+        if stage == "dpo":
+            for ref in ("adapter", "precomputed"):
+                r = bench_ours(cfg, [dict(b) for b in batches], warmup, device, dtype, "dpo", ref)
+                results.append(summarize(f"bumblefast packed, {ref} reference", r, cfg, peak))
+                print(f"  ours ({ref}) {r['seconds']:.1f}s", flush=True)
+            pairs = [[(s[i], s[i + 1]) for i in range(0, len(s), 2)] for s in samples_of(shards, batches)]
+            base = bench_trl_dpo(cfg, pairs, warmup, device, dtype, tok.pad_token_id)
+            results.append(summarize("TRL-style padded, live reference" + (" + Liger" if base["liger"] else ""),
+                                     base, cfg, peak))
+        else:
+            ours = bench_ours(cfg, batches, warmup, device, dtype, stage)
+            results.append(summarize(f"bumblefast packed ({ours['attn']} attention)", ours, cfg, peak))
+            print(f"  ours {ours['seconds']:.1f}s", flush=True)
+            if stage == "sft":  # the same samples, shuffled, padded per micro-batch of 4
+                samples = [s for group in samples_of(shards, batches) for s in group]
+                n_warm = sum(len(g) for g in samples_of(shards, batches[:warmup]))
+                order = torch.randperm(len(samples) - n_warm, generator=torch.Generator().manual_seed(0)).tolist()
+                timed = [samples[n_warm + i] for i in order]
+                hf_batches = padded_batches(samples[:n_warm], args.baseline_batch, tok.pad_token_id, device)
+                hf_warm = len(hf_batches)
+                hf_batches += padded_batches(timed, args.baseline_batch, tok.pad_token_id, device)
+                label = f"transformers padded x{args.baseline_batch}"
+            else:  # pretrain: HF's group_texts blocks = the same rows, no document masking
+                hf_batches, hf_warm = [], warmup
+                for b in batches:
+                    ids = b["input_ids"].view(-1, seq_len)
+                    hf_batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids,
+                                       "real": ids.numel(), "padded": ids.numel(), "lens": [seq_len] * ids.shape[0]})
+                label = "transformers blocks (cross-document attention)"
+            base = bench_hf_lm(cfg, hf_batches, hf_warm, device, dtype)
+            results.append(summarize(label + (" + Liger" if base["liger"] else ""), base, cfg, peak))
+        print(f"  baseline {base['seconds']:.1f}s", flush=True)
+    key = "pairs_per_sec" if stage == "dpo" else "real_tokens_per_sec"
+    return {"stage": stage, "data": data.name, "seq_len": seq_len, "results": results,
+            "attention": ours["attn"] if stage != "dpo" else None,
+            f"speedup_{key}": results[0][key] / results[-1][key]}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", default=None, help="Alpaca json (default: ../shared/data/alpaca_zh_demo.json)")
+    p.add_argument("--stage", default="sft", choices=("sft", "pretrain", "dpo", "all"))
+    p.add_argument("--data", default=None, help="input file for --stage (default: ../shared/data sample, else demo)")
     p.add_argument("--preset", default=None, help="model preset (default: tiny on CPU, bumblebee-1.5b on CUDA)")
     p.add_argument("--seq_len", type=int, default=2048)
     p.add_argument("--rows", type=int, default=1, help="packed rows per micro-batch (ours)")
-    p.add_argument("--baseline_batch", type=int, default=4, help="samples per padded micro-batch (baseline)")
+    p.add_argument("--baseline_batch", type=int, default=4, help="samples per padded micro-batch (sft baseline)")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--vocab", type=int, default=8192, help="size of the tokenizer trained on the data")
@@ -214,61 +354,36 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="tiny sizes for CI")
     args = p.parse_args()
 
+    from bumblefast import flops
+
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
     preset = args.preset or ("bumblebee-1.5b" if cuda else "bumblebee-tiny")
-    data = Path(args.data) if args.data else (DEFAULT_DATA if DEFAULT_DATA.is_file() else FALLBACK_DATA)
-    if not args.data and data == FALLBACK_DATA:
-        print(f"note: {DEFAULT_DATA} not present; using the demo data {FALLBACK_DATA}")
-    seq_len = 256 if args.quick else args.seq_len
-    steps = args.steps or (3 if args.quick else (20 if cuda else 12))
-    warmup = 1 if args.quick else args.warmup
-
-    from bumblefast import flops
-
     peak = flops.peak_tflops(torch.cuda.get_device_name(device)) if cuda else None
-    with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
-        tok_dir, shards = prepare(data, seq_len, Path(tmp), args.vocab)
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(tok_dir)
-        cfg = model_config(preset, len(tok))
-        print(f"data {data.name}; preset {preset} ({flops.param_count(cfg) / 1e6:.1f}M params), {device}, {dtype}; "
-              f"prep {time.perf_counter() - t0:.1f}s", flush=True)
-        ours = bench_ours(cfg, shards, args.rows, steps, warmup, device, dtype)
-        print(f"  ours done: {ours['seconds']:.1f}s over {len(ours['timed_rows'])} rows", flush=True)
-        # the baseline trains on exactly the samples inside the rows ours trained on
-        warm_samples = [s for r in unpack_rows(shards, ours["warm_rows"]) for s in r]
-        timed_samples = [s for r in unpack_rows(shards, ours["timed_rows"]) for s in r]
-        base = bench_baseline(cfg, warm_samples, timed_samples, args.baseline_batch, device, dtype, tok.pad_token_id)
-        print(f"  baseline done: {base['seconds']:.1f}s", flush=True)
-
-    results = [summarize("bumblefast packed", ours, cfg, peak),
-               summarize(f"transformers padded x{args.baseline_batch}" + (" + Liger" if base["liger"] else ""), base, cfg, peak)]
-    ratio = results[0]["real_tokens_per_sec"] / results[1]["real_tokens_per_sec"]
+    stages = ["pretrain", "sft", "dpo"] if args.stage == "all" else [args.stage]
     report = {
         "benchmark": "train",
-        "stage": "sft",
         "date": date.today().isoformat(),
         "host": platform.node(),
         "device": torch.cuda.get_device_name(device) if cuda else f"cpu ({torch.get_num_threads()} threads)",
         "dtype": str(dtype).removeprefix("torch."),
         "preset": preset,
-        "seq_len": seq_len,
-        "data": data.name,
-        "attention": ours["attn"],
-        "kernels": ours["kernels"],
-        "results": results,
-        "speedup_real_tokens_per_sec": ratio,
+        "peak_tflops": peak,
+        "stages": [run_stage(stage, args, device, dtype, preset, peak) for stage in stages],
     }
-    lines = [f"## bench_train ({report['date']}, {report['device']}, {preset}, sft, seq_len {seq_len})", "",
-             "| configuration | real tokens/s | real-token fraction | MFU |", "|---|---|---|---|"]
-    for r in results:
-        mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "n/a (CPU)"
-        lines.append(f"| {r['name']} | {r['real_tokens_per_sec']:.0f} | {r['real_token_fraction']:.3f} | {mfu} |")
-    lines += ["", f"ours / baseline real tokens/s: **{ratio:.2f}x**"]
+    lines = [f"## bench_train ({report['date']}, {report['device']}, {preset})", "",
+             "| stage | configuration | real tokens/s | pairs/s | real-token fraction | MFU | ratio |",
+             "|---|---|---|---|---|---|---|"]
+    for st in report["stages"]:
+        key = "pairs_per_sec" if st["stage"] == "dpo" else "real_tokens_per_sec"
+        for r in st["results"]:
+            mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "n/a (CPU)"
+            pairs = f"{r['pairs_per_sec']:.1f}" if "pairs_per_sec" in r else "-"
+            ratio = f"{r[key] / st['results'][-1][key]:.2f}x"
+            lines.append(f"| {st['stage']} (seq {st['seq_len']}) | {r['name']} | {r['real_tokens_per_sec']:.0f} | {pairs} "
+                         f"| {r['real_token_fraction']:.3f} | {mfu} | {ratio} |")
+    lines += ["", "ratio: against the last row of the stage (the baseline); dpo compares pairs/s."]
     table = "\n".join(lines)
     print("\n" + table)
     out = Path(args.out)

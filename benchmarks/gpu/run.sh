@@ -3,7 +3,10 @@
 #   1. install the carried wheels (.whl/: deepspeed, mosaicml-streaming, liger-kernel) into /tmp/site
 #   2. make `bumblefast`, `bumblefast.kernels`, ... importable without pip (symlinked package dir)
 #   3. kernel tests on CUDA (fp32 + bf16, ours and Liger), model parity tests on CUDA
-#   4. benchmarks/bench_kernels.py at 8k and 32k tokens
+#   4. benchmarks/bench_kernels.py at 8k tokens
+#   5. benchmarks/bench_train.py on the 1.5B preset, seq_len 4096, bf16: pretrain and SFT (ours vs
+#      transformers + Liger) and DPO (LoRA: adapter vs precomputed reference vs TRL-style padding),
+#      with MFU; a ZeRO-2 smoke run of `bumblefast train` on one GPU
 # Results and logs go to $OUT (default benchmarks/results/). Usage: bash benchmarks/gpu/run.sh
 set -uo pipefail
 
@@ -67,10 +70,23 @@ run() {  # run NAME TIMEOUT CMD...: log each step, keep going, remember failures
 }
 
 PYTEST=("$PY" -P -m pytest --import-mode=importlib -p no:cacheprovider -q -rs)
-run kernel_tests 150 "${PYTEST[@]}" tests/test_kernels_triton.py tests/test_kernels_dispatch.py \
-  --junitxml="$OUT/gpu_kernel_tests.xml"
-run model_tests 150 "${PYTEST[@]}" tests/test_model.py --junitxml="$OUT/gpu_model_tests.xml"
-run bench_kernels 240 "$PY" -P benchmarks/bench_kernels.py --out "$OUT" --tokens 8192,32768 --dtype bfloat16
+# Budget (one call under 8 minutes): 100 + 60 + 80 + 210 + 60 s of timeouts, plus installs.
+# At most 8 files come back from $OUT: env, log, 2 x bench_kernels, 2 x bench_train, smoke metrics.
+run kernel_tests 100 "${PYTEST[@]}" tests/test_kernels_triton.py tests/test_kernels_dispatch.py
+run model_tests 60 "${PYTEST[@]}" tests/test_model.py
+run bench_kernels 80 "$PY" -P benchmarks/bench_kernels.py --out "$OUT" --tokens 8192 --dtype bfloat16
+run bench_train 210 "$PY" -P benchmarks/bench_train.py --stage all --seq_len 4096 --preset bumblebee-1.5b \
+  --steps 8 --warmup 2 --out "$OUT"
+# the real trainer end to end: DeepSpeed ZeRO-2, bf16, fused AdamW, tiny preset on the demo data
+run train_zero2_smoke 60 bash -c '
+  set -e; T=$(mktemp -d)
+  "$0" -P -m bumblefast tokenizer train --input datasets/demo/pretrain.json --vocab_size 1024 --output "$T/tok"
+  "$0" -P -m bumblefast prep --stage pretrain --input datasets/demo/pretrain.json --tokenizer_name_or_path "$T/tok" \
+    --seq_len 256 --output_dir "$T/shards"
+  "$0" -P -m bumblefast train --yaml_config configs/demo/pretrain.yaml --tokenizer_name_or_path "$T/tok" \
+    --dataset_path "$T/shards" --output_dir "$T/run" --max_steps 20 --bf16 true \
+    --deepspeed_config_path configs/deepspeed/ds_z2.json --kernels auto
+  cp "$T/run/training_metrics.json" "'"$OUT"'/train_zero2_smoke_metrics.json"' "$PY"
 
 rm -rf "$PKG"
 echo "== done status=$status; results in $OUT"
