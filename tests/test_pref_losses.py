@@ -274,8 +274,11 @@ def test_matches_trl_dpo_loss(loss):
         loss_weights=None,
         f_alpha_divergence_coef=1.0,
     )
+    import inspect
+
+    kw = {"loss_type": loss} if "loss_type" in inspect.signature(DPOTrainer.dpo_loss).parameters else {}
     try:
-        losses, cr, rj = DPOTrainer.dpo_loss(fake, pc, pr, rc, rr)
+        losses, cr, rj = DPOTrainer.dpo_loss(fake, pc, pr, rc, rr, **kw)
     except Exception as e:  # signature drift across TRL versions
         pytest.skip(f"this TRL version's dpo_loss cannot be called on a stub: {e!r}")
     ours = preference_loss(
