@@ -64,6 +64,12 @@ def cmd_precompute_ref(args, rest: list[str]) -> int:
     return cli_main(args)
 
 
+def cmd_eval(args, rest: list[str]) -> int:
+    from bumblefast.evaluate import cli_main
+
+    return cli_main(args)
+
+
 def cmd_merge_lora(args, rest: list[str]) -> int:
     from bumblefast.merge import cli_main
 
@@ -138,6 +144,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--yaml_config", "--config", dest="yaml_config", default=None)
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by `deepspeed`
     p.set_defaults(func=cmd_train, free_keys=True)
+
+    p = sub.add_parser(
+        "eval",
+        help="held-out loss/perplexity (pretrain/sft shards), answer accuracy (Alpaca questions) or "
+        "preference accuracy and margin (dpo shards or pairs); JSON out",
+        allow_abbrev=False,
+    )
+    p.add_argument("--model_path", required=True, help="a Hugging Face model folder")
+    p.add_argument("--dataset_path", required=True, help="prep shards, or a json/jsonl file of records")
+    p.add_argument("--out", default=None, help="also write the JSON here")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("plot", help="PNG curves (loss, lr, grad norm, rewards) from a run's TensorBoard logs")
     p.add_argument("output_dir", help="a training run's --output_dir")

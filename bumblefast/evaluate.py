@@ -126,3 +126,55 @@ def heldout_loss(model_path: str | Path, shards: str | Path, batch_size: int = 8
         count += int(n)
     mean = total / max(count, 1)
     return {"loss": mean, "perplexity": math.exp(min(mean, 50)), "target_tokens": count}
+
+
+@torch.no_grad()
+def preference_from_shards(model_path: str | Path, shards: str | Path, batch_size: int = 8) -> dict:
+    """Preference accuracy and mean margin over packed dpo shards (chosen = even segments)."""
+    from bumblefast.model import Bumblebee
+    from bumblefast.shards.reader import build_loader
+
+    model = Bumblebee.from_pretrained(model_path, torch_dtype=torch.float32).eval()
+    wins, margins = 0, []
+    for b in build_loader(str(shards), batch_size=batch_size, shuffle=False):
+        n = b["cu_seqlens"].numel() - 1
+        logps = model.segment_logps(b["input_ids"], b["position_ids"], b["cu_seqlens"], int(b["max_seqlen"]),
+                                    b["labels"], b["segment_ids"], n)
+        margin = (logps[0::2] - logps[1::2]).tolist()
+        wins += sum(m > 0 for m in margin)
+        margins += margin
+    n = max(len(margins), 1)
+    return {"preference_accuracy": wins / n, "mean_margin": sum(margins) / n, "n": len(margins)}
+
+
+def evaluate(model_path: str | Path, dataset_path: str | Path) -> dict:
+    """Dispatch on the data: shards by their manifest's stage, raw files by their records."""
+    from bumblefast.shards.schema import MANIFEST_NAME, read_manifest
+
+    dataset_path = Path(dataset_path)
+    if (dataset_path / MANIFEST_NAME).is_file():
+        stage = read_manifest(str(dataset_path))["stage"]
+        result = (preference_from_shards(model_path, dataset_path) if stage == "dpo"
+                  else heldout_loss(model_path, dataset_path))
+        return {"model": str(model_path), "data": str(dataset_path), "stage": stage, **result}
+    records = load_records(dataset_path)
+    if not records:
+        raise UserError(f"{dataset_path}: no records")
+    first = records[0]
+    if "chosen" in first and "rejected" in first:
+        return {"model": str(model_path), "data": str(dataset_path), "stage": "dpo",
+                **preference_accuracy(model_path, records)}
+    if "instruction" in first and "output" in first:
+        return {"model": str(model_path), "data": str(dataset_path), "stage": "sft",
+                **answer_accuracy(model_path, records)}
+    raise UserError(f"{dataset_path}: records need chosen/rejected (preferences) or instruction/output "
+                    "(questions); for loss and perplexity on text or chats, prep the file and pass the shards")
+
+
+def cli_main(args) -> int:
+    result = evaluate(args.model_path, args.dataset_path)
+    text = json.dumps(result, indent=2, ensure_ascii=False)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n", encoding="utf-8")
+    return 0

@@ -1,0 +1,107 @@
+"""`bumblefast eval` numbers against a hand computation with transformers on tiny examples."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "configs" / "models" / "bumblebee-tiny"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, demo_tokenizer_dir):
+    from transformers import AutoConfig, AutoTokenizer
+
+    from bumblefast.model import Bumblebee
+
+    out = tmp_path_factory.mktemp("model")
+    torch.manual_seed(0)
+    Bumblebee(AutoConfig.from_pretrained(TINY), attn_backend="sdpa", kernels="reference").init_weights().save_pretrained(out)
+    AutoTokenizer.from_pretrained(demo_tokenizer_dir).save_pretrained(out)
+    return out
+
+
+def hf(model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(model_dir)
+
+
+def reply_logp(model, tok, question: str, reply: str) -> float:
+    prompt = tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True)
+    p = tok(prompt, add_special_tokens=False)["input_ids"]
+    r = tok(reply + "<|im_end|>", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logits = model(torch.tensor([p + r]), use_cache=False).logits[0]
+    logp = torch.log_softmax(logits, -1)
+    return sum(float(logp[len(p) - 1 + i, t]) for i, t in enumerate(r))
+
+
+def test_heldout_loss_is_mean_ce_over_assistant_tokens(model_dir, tmp_path):
+    from bumblefast.config import PrepConfig
+    from bumblefast.evaluate import evaluate
+    from bumblefast.prep.run import run_prep
+
+    recs = [{"instruction": "What is 2 + 3?", "input": "", "output": "2 + 3 = 5"},
+            {"instruction": "What is 7 + 1?", "input": "", "output": "7 + 1 = 8"}]
+    (tmp_path / "sft.json").write_text(json.dumps(recs))
+    run_prep(PrepConfig(stage="sft", input=[str(tmp_path / "sft.json")], tokenizer_name_or_path=str(model_dir),
+                        seq_len=64, output_dir=str(tmp_path / "shards")), progress=False)
+    got = evaluate(model_dir, tmp_path / "shards")
+
+    model, tok = hf(model_dir)
+    total, count = 0.0, 0
+    for r in recs:
+        total -= reply_logp(model, tok, r["instruction"], r["output"])
+        count += len(tok(r["output"] + "<|im_end|>", add_special_tokens=False)["input_ids"])
+    assert got["stage"] == "sft" and got["target_tokens"] == count
+    assert got["loss"] == pytest.approx(total / count, rel=1e-5)
+    assert got["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-5)
+
+
+def test_preference_accuracy_and_margin(model_dir, tmp_path):
+    from bumblefast.config import PrepConfig
+    from bumblefast.evaluate import evaluate
+    from bumblefast.prep.run import run_prep
+
+    pairs = [{"conversations": [{"from": "human", "value": f"What is {a} + {b}?"}],
+              "chosen": {"from": "gpt", "value": f"{a} + {b} = {a + b}"},
+              "rejected": {"from": "gpt", "value": f"{a} + {b} = {a + b + 1}"}} for a, b in ((1, 2), (3, 4), (5, 6))]
+    (tmp_path / "pairs.json").write_text(json.dumps(pairs))
+    model, tok = hf(model_dir)
+    margins = [reply_logp(model, tok, p["conversations"][0]["value"], p["chosen"]["value"])
+               - reply_logp(model, tok, p["conversations"][0]["value"], p["rejected"]["value"]) for p in pairs]
+    expected_acc = sum(m > 0 for m in margins) / len(margins)
+
+    from_file = evaluate(model_dir, tmp_path / "pairs.json")
+    assert from_file["preference_accuracy"] == expected_acc
+    assert from_file["mean_margin"] == pytest.approx(sum(margins) / len(margins), rel=1e-4, abs=1e-4)
+
+    manifest = run_prep(PrepConfig(stage="dpo", input=[str(tmp_path / "pairs.json")],
+                                   tokenizer_name_or_path=str(model_dir), seq_len=256,
+                                   output_dir=str(tmp_path / "shards")), progress=False)
+    assert manifest["records"]["written"] == 3
+    from_shards = evaluate(model_dir, tmp_path / "shards")
+    assert from_shards["n"] == 3 and from_shards["preference_accuracy"] == expected_acc
+    assert from_shards["mean_margin"] == pytest.approx(sum(margins) / len(margins), rel=1e-4, abs=1e-4)
+
+
+def test_answer_accuracy_and_cli(model_dir, tmp_path, capsys):
+    from bumblefast.cli import main
+
+    recs = [{"instruction": "What is 2 + 3?", "input": "", "output": "2 + 3 = 5"}]
+    (tmp_path / "q.json").write_text(json.dumps(recs))
+    assert main(["eval", "--model_path", str(model_dir), "--dataset_path", str(tmp_path / "q.json"),
+                 "--out", str(tmp_path / "r.json")]) == 0
+    result = json.loads((tmp_path / "r.json").read_text())
+    # a random model does not answer correctly; the example shows what it produced
+    assert result["stage"] == "sft" and result["n"] == 1 and result["accuracy"] == 0.0
+    assert result["examples"][0]["expected"] == "2 + 3 = 5"
+    assert json.loads(capsys.readouterr().out) == result
+    (tmp_path / "bad.json").write_text(json.dumps([{"text": "x"}]))
+    assert main(["eval", "--model_path", str(model_dir), "--dataset_path", str(tmp_path / "bad.json")]) == 1
