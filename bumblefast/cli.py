@@ -64,6 +64,13 @@ def cmd_precompute_ref(args, rest: list[str]) -> int:
     return cli_main(args)
 
 
+def cmd_chat(args, rest: list[str]) -> int:
+    from bumblefast.chat import check, run
+
+    check(args)
+    return run(args)
+
+
 def cmd_eval(args, rest: list[str]) -> int:
     from bumblefast.evaluate import cli_main
 
@@ -144,6 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--yaml_config", "--config", dest="yaml_config", default=None)
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by `deepspeed`
     p.set_defaults(func=cmd_train, free_keys=True)
+
+    p = sub.add_parser("chat", help="chat with a model in the terminal (streamed, multi-turn, /reset, /exit)",
+                       allow_abbrev=False)
+    from bumblefast.chat import add_arguments as chat_arguments
+
+    chat_arguments(p)
+    p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser(
         "eval",

@@ -1,0 +1,130 @@
+"""`bumblefast chat` driven through a pseudo-terminal: streamed replies equal transformers'
+greedy generation, history is used, /reset clears it, /exit quits; --prompt and --no_history."""
+
+from __future__ import annotations
+
+import os
+import pty
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "configs" / "models" / "bumblebee-tiny"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, demo_tokenizer_dir):
+    from transformers import AutoConfig, AutoTokenizer
+
+    from bumblefast.model import Bumblebee
+
+    out = tmp_path_factory.mktemp("chat_model")
+    torch.manual_seed(0)
+    model = Bumblebee(AutoConfig.from_pretrained(TINY), attn_backend="sdpa", kernels="reference").init_weights()
+    with torch.no_grad():  # a random model whose replies depend on the context and never stop early
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.mul_(8.0)
+        model.lm_head.weight[:3] = 0  # (tied) no special tokens: replies are max_new_tokens long
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(demo_tokenizer_dir).save_pretrained(out)
+    return out
+
+
+def greedy(model_dir, messages, n=8) -> str:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    stops = [tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id]
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                         eos_token_id=stops, pad_token_id=tok.pad_token_id)
+    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+class Terminal:
+    """A child process on a pty: type lines, read until a marker appears."""
+
+    def __init__(self, args):
+        self.master, slave = pty.openpty()
+        self.proc = subprocess.Popen(args, stdin=slave, stdout=slave, stderr=slave, cwd=ROOT, close_fds=True,
+                                     env=dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false"))
+        os.close(slave)
+        self.buf = ""
+        self.reads = 0
+
+    def read_until(self, marker: str, timeout: float = 120) -> str:
+        end = time.time() + timeout
+        while marker not in self.buf:
+            assert time.time() < end, f"timed out waiting for {marker!r}; got {self.buf[-2000:]!r}"
+            ready, _, _ = select.select([self.master], [], [], 0.5)
+            if ready:
+                try:
+                    chunk = os.read(self.master, 4096).decode(errors="replace")
+                except OSError:
+                    break
+                self.buf += chunk
+                self.reads += 1
+        i = self.buf.index(marker) + len(marker)
+        out, self.buf = self.buf[:i], self.buf[i:]
+        return out
+
+    def send(self, line: str) -> None:
+        os.write(self.master, (line + "\n").encode())
+
+
+def answer_of(screen: str) -> str:
+    """The reply text between 'assistant> ' and the next prompt."""
+    text = screen.replace("\r", "")
+    return text.split("assistant> ", 1)[1].split("\nuser> ", 1)[0].strip()
+
+
+def test_multi_turn_session_in_a_pty(model_dir):
+    q1, q2 = "What is 2 + 3?", "And 4 + 4?"
+    a1 = greedy(model_dir, [{"role": "user", "content": q1}])
+    a2 = greedy(model_dir, [{"role": "user", "content": q1}, {"role": "assistant", "content": a1},
+                            {"role": "user", "content": q2}])
+    a2_fresh = greedy(model_dir, [{"role": "user", "content": q2}])
+    assert a2 != a2_fresh  # the history changes the answer, so the test can see it is used
+
+    term = Terminal([sys.executable, "-m", "bumblefast", "chat", "--model_path", str(model_dir),
+                     "--temperature", "0", "--max_new_tokens", "8"])
+    term.read_until("user> ")
+    term.send(q1)
+    assert answer_of("assistant> " + term.read_until("user> ").split("assistant> ", 1)[1]) == a1
+    reads_before = term.reads
+    term.send(q2)
+    screen = term.read_until("user> ")
+    assert answer_of("assistant> " + screen.split("assistant> ", 1)[1]) == a2
+    assert term.reads - reads_before >= 2  # the reply arrived in pieces, not as one block
+    term.send("/reset")
+    assert "history cleared" in term.read_until("user> ")
+    term.send(q2)
+    assert answer_of("assistant> " + term.read_until("user> ").split("assistant> ", 1)[1]) == a2_fresh
+    term.send("/exit")
+    assert term.proc.wait(timeout=60) == 0
+
+
+def test_prompt_once_and_no_history(model_dir):
+    q = "What is 2 + 3?"
+    out = subprocess.run([sys.executable, "-m", "bumblefast", "chat", "--model_path", str(model_dir), "--prompt", q,
+                          "--temperature", "0", "--max_new_tokens", "8"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == greedy(model_dir, [{"role": "user", "content": q}])
+
+    from bumblefast.chat import Chat
+
+    chat = Chat(model_dir, temperature=0, max_new_tokens=8)
+    first = chat.reply(q, out=open(os.devnull, "w"), keep_history=False)
+    assert chat.history == [] and chat.reply(q, out=open(os.devnull, "w"), keep_history=False) == first
+    raw = Chat(model_dir, raw=True, temperature=0, max_new_tokens=4)
+    assert raw._input_ids("3 + 4 =").tolist()[0] == raw.tok("3 + 4 =")["input_ids"]  # no template
