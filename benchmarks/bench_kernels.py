@@ -48,6 +48,7 @@ FUSED = ("fused_linear_cross_entropy", "fused_linear_logprob")
 
 def _impl_fn(op: str, impl: str, device: str):
     import torch  # noqa: F401
+
     from bumblefast.kernels import fused_linear, get_ops
     from bumblefast.kernels import reference as R
 

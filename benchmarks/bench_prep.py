@@ -86,9 +86,8 @@ def bench_raw(tok_dir: str, texts: list[str]) -> dict:
 
 
 def bench_prep(tok_dir: str, corpus: Path, out: Path, workers: int, seq_len: int) -> dict:
-    from bumblefast.prep.run import run_prep
-
     from bumblefast.config import PrepConfig
+    from bumblefast.prep.run import run_prep
 
     cfg = PrepConfig(stage="pretrain", input=[str(corpus)], tokenizer_name_or_path=tok_dir,
                      seq_len=seq_len, output_dir=str(out), num_workers=workers)
@@ -142,10 +141,10 @@ def padded_efficiency(lengths: list[list[int]], batch: int = 4) -> float:
 
 def bench_packing(tok_dir: str, stage: str, files: list[Path], out: Path, seq_len: int) -> dict:
     import numpy as np
-    from bumblefast.prep.run import run_prep
     from streaming import StreamingDataset
 
     from bumblefast.config import PrepConfig
+    from bumblefast.prep.run import run_prep
 
     m = run_prep(PrepConfig(stage=stage, input=[str(f) for f in files], tokenizer_name_or_path=tok_dir,
                             seq_len=seq_len, output_dir=str(out)), progress=False)
@@ -170,8 +169,9 @@ def bench_packing(tok_dir: str, stage: str, files: list[Path], out: Path, seq_le
 
 
 def bench_read(shards: Path) -> dict:
-    from bumblefast.shards import build_loader
     from streaming.base.util import clean_stale_shared_memory
+
+    from bumblefast.shards import build_loader
 
     clean_stale_shared_memory()
     loader = build_loader(str(shards), batch_size=8, seed=0)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import sys
 import typing
 
@@ -113,9 +112,6 @@ def cmd_demo(args, rest: list[str]) -> int:
 # ---------------------------------------------------------------- parser
 
 
-def _exists(module: str) -> bool:
-    """List only the subcommands whose module is present in this checkout."""
-    return importlib.util.find_spec(module) is not None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -193,11 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_tokenizer_train)
 
     # prep owns its arguments (prep/cli.py): `prep`, `prep merge`, `prep inspect`.
-    if _exists("bumblefast.prep.cli"):
-        p = sub.add_parser(
-            "prep", help="tokenize + pack raw data into MDS shards (also: prep merge, prep inspect)", add_help=False
-        )
-        p.set_defaults(func=cmd_prep, free_keys=True)
+    p = sub.add_parser(
+        "prep", help="tokenize + pack raw data into MDS shards (also: prep merge, prep inspect)", add_help=False
+    )
+    p.set_defaults(func=cmd_prep, free_keys=True)
 
     p = sub.add_parser(
         "precompute-ref",

@@ -7,8 +7,15 @@ Public API:
     main(argv: list[str]) -> int                              # the CLI (bumblefast.prep.cli)
 """
 
-from bumblefast.prep.inspect_shards import inspect_output
-from bumblefast.prep.merge import merge_parts
-from bumblefast.prep.run import run_prep
-
 __all__ = ["run_prep", "merge_parts", "inspect_output"]
+
+_HOMES = {"run_prep": "run", "merge_parts": "merge", "inspect_output": "inspect_shards"}
+
+
+def __getattr__(name: str):
+    """Lazy: `import streaming` costs seconds, and `bumblefast prep --help` needs none of it."""
+    if name in _HOMES:
+        import importlib
+
+        return getattr(importlib.import_module(f"bumblefast.prep.{_HOMES[name]}"), name)
+    raise AttributeError(f"module 'bumblefast.prep' has no attribute {name!r}")

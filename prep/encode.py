@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from bumblefast.config import UserError
 from bumblefast.prep.records import (
     TRAINED_ROLES,
     RecordError,
@@ -26,8 +28,6 @@ from bumblefast.prep.records import (
     sft_messages,
 )
 from bumblefast.prep.sources import BadRecord, RawJSON
-
-from bumblefast.config import UserError
 
 
 @dataclass

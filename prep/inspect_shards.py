@@ -12,6 +12,7 @@ import sys
 from typing import Any
 
 import numpy as np
+
 from bumblefast.shards.schema import SEGMENT_COLUMN, is_remote, read_manifest
 
 GREEN, RESET = "\x1b[32m", "\x1b[0m"

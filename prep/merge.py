@@ -13,9 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bumblefast.shards.schema import MANIFEST_NAME, fingerprint_bytes, is_remote, read_manifest
-
 from bumblefast.config import UserError
+from bumblefast.shards.schema import MANIFEST_NAME, fingerprint_bytes, is_remote, read_manifest
 
 MUST_AGREE = ("schema_version", "stage", "seq_len", "columns", "token_dtype", "chat_template_hash")
 

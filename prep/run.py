@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from bumblefast.config import PrepConfig, UserError
 from bumblefast.prep.encode import (
     Encoder,
     EncodeSettings,
@@ -50,8 +52,6 @@ from bumblefast.shards.schema import (
     is_remote,
     token_dtype,
 )
-
-from bumblefast.config import PrepConfig, UserError
 
 CHUNK_RECORDS = 1024  # records per tokenizer call / IPC message
 HASHES = ["sha1", "xxh64"]

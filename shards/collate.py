@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from bumblefast.shards.schema import SEGMENT_COLUMN
 
 IGNORE_INDEX = -100

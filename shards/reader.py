@@ -26,9 +26,10 @@ import tempfile
 from typing import Any
 
 import numpy as np
+from streaming import StreamingDataLoader, StreamingDataset
+
 from bumblefast.shards.collate import collate_rows
 from bumblefast.shards.schema import is_remote, read_manifest
-from streaming import StreamingDataLoader, StreamingDataset
 
 STATE_VERSION = 1
 

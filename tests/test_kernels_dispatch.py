@@ -8,10 +8,10 @@ import os
 
 import pytest
 import torch
-from bumblefast.kernels import fused_linear, get_ops
-from bumblefast.kernels import reference as R
 
 from bumblefast import kernels
+from bumblefast.kernels import fused_linear, get_ops
+from bumblefast.kernels import reference as R
 
 INTERP = os.environ.get("TRITON_INTERPRET") == "1"
 TOL = dict(atol=1e-4, rtol=1e-5)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from bumblefast.kernels import get_ops
 from bumblefast.kernels import reference as R
 

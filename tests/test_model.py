@@ -8,10 +8,10 @@ import os
 
 import pytest
 import torch
-from bumblefast.kernels import reference as R
 from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from bumblefast.attention import ATTENTION, PackedPlan
+from bumblefast.kernels import reference as R
 from bumblefast.model import Bumblebee
 
 # Same math, different op order: fp32 noise only.

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from bumblefast.config import PrepConfig, UserError
 from bumblefast.prep.cli import join_multi_values, parse_prep_args
 from bumblefast.prep.cli import main as prep_main
 from bumblefast.prep.records import dpo_pair, sft_messages
 from bumblefast.prep.run import run_prep
 from bumblefast.prep.sources import iter_records
-
-from bumblefast.config import PrepConfig, UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "datasets" / "demo"

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+from bumblefast.config import PrepConfig
 from bumblefast.prep.run import run_prep
 from bumblefast.shards import (
     IGNORE_INDEX,
@@ -24,8 +26,6 @@ from bumblefast.shards import (
     columns,
     token_dtype,
 )
-
-from bumblefast.config import PrepConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "datasets" / "demo"

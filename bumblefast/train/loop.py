@@ -21,14 +21,20 @@ import torch
 
 from bumblefast import flops
 from bumblefast.config import TrainConfig, UserError, to_dict
+from bumblefast.tokenizer import load_tokenizer
 from bumblefast.train import checkpoint as ckpt
 from bumblefast.train import distributed as D
 from bumblefast.train.data import open_loader
 from bumblefast.train.engine import deepspeed_config, initialize, shard_reference
 from bumblefast.train.export import export_model
 from bumblefast.train.metrics import MetricLogger, device_peak_tflops
-from bumblefast.tokenizer import load_tokenizer
-from bumblefast.train.modeling import build_model, build_objective, load_model_config, resolve_reference, tokenizer_path
+from bumblefast.train.modeling import (
+    build_model,
+    build_objective,
+    load_model_config,
+    resolve_reference,
+    tokenizer_path,
+)
 
 
 class NonFiniteError(RuntimeError):

@@ -12,7 +12,12 @@ import contextlib
 import torch
 from torch import nn
 
-from bumblefast.train.pref_losses import PrefLossConfig, combine_ld, preference_loss, split_segments_for_ld
+from bumblefast.train.pref_losses import (
+    PrefLossConfig,
+    combine_ld,
+    preference_loss,
+    split_segments_for_ld,
+)
 
 IGNORE_INDEX = -100
 
