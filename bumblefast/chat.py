@@ -55,16 +55,20 @@ class Chat:
     def reset(self) -> None:
         self.history = []
 
-    def _input_ids(self, text: str):
+    def _input_ids(self, text: str, messages: list[dict] | None = None):
         if self.raw:
             return self.tok(text, return_tensors="pt")["input_ids"]
-        messages = ([{"role": "system", "content": self.system}] if self.system else []) + self.history
-        messages = messages + [{"role": "user", "content": text}]
+        if messages is None:
+            messages = ([{"role": "system", "content": self.system}] if self.system else []) + self.history
+            messages = messages + [{"role": "user", "content": text}]
         prompt = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return self.tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
 
-    def reply(self, text: str, out=sys.stdout, keep_history: bool = True) -> str:
-        """Generate a reply, writing tokens to `out` as they come; Ctrl-C ends it early."""
+    def stream(self, ids, **settings):
+        """Yield the reply's text pieces as they are generated (generation runs in a thread);
+        `stop()` from any thread ends it early. settings override the generation config."""
+        import copy
+
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
@@ -74,25 +78,45 @@ class Chat:
             def __call__(self, input_ids, scores, **kw):
                 return stop.is_set()
 
+        gen = copy.deepcopy(self.gen)
+        for key, value in settings.items():
+            if value is not None:
+                setattr(gen, key, value)
+        if gen.temperature is not None and gen.temperature <= 0:
+            gen.do_sample, gen.temperature, gen.top_p, gen.top_k = False, None, None, None
         stop.clear()
-        ids = self._input_ids(text).to(self.model.device)
+        ids = ids.to(self.model.device)
         streamer = TextIteratorStreamer(self.tok, skip_prompt=True, skip_special_tokens=True)
-        kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=self.gen,
+        kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gen,
                       streamer=streamer, stopping_criteria=StoppingCriteriaList([Interrupted()]))
         worker = threading.Thread(target=self.model.generate, kwargs=kwargs, daemon=True)
         worker.start()
-        pieces = []
+        finished = False
         try:
-            for piece in streamer:
+            yield from streamer
+            finished = True
+        finally:
+            if not finished:  # stopped early: end generation, drain its queue, let it finish
+                stop.set()
+                for _ in streamer:
+                    pass
+            worker.join()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def reply(self, text: str, out=sys.stdout, keep_history: bool = True) -> str:
+        """Generate a reply, writing tokens to `out` as they come; Ctrl-C ends it early."""
+        pieces = []
+        stream = self.stream(self._input_ids(text))
+        try:
+            for piece in stream:
                 pieces.append(piece)
                 out.write(piece)
                 out.flush()
         except KeyboardInterrupt:
-            stop.set()
-            for piece in streamer:  # drain what is left of the stopped generation
-                pieces.append(piece)
+            stream.close()
             out.write(" [stopped]")
-        worker.join()
         out.write("\n")
         out.flush()
         answer = "".join(pieces).strip()
