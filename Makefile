@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test test-fast lint format bench clean
+.PHONY: demo test test-fast lint format bench clean browser
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,16 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(VENV)/bin/bumblefast demo --out demo_out
 
-test: $(VENV)/.installed
+# The web-page test drives Debian's Chromium (no browser download): installed here when missing.
+browser:
+	@if [ ! -x /usr/bin/chromium ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    (apt-get install -y -q chromium >/dev/null 2>&1 || (apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null)) \
+	      && echo "installed /usr/bin/chromium"; \
+	  else echo "note: /usr/bin/chromium is missing; tests/test_serve.py's page test needs it (apt-get install chromium)"; fi; \
+	fi
+
+test: $(VENV)/.installed browser
 	$(PY) -m pytest -q
 
 test-fast: $(VENV)/.installed

@@ -70,6 +70,12 @@ def cmd_chat(args, rest: list[str]) -> int:
     return run(args)
 
 
+def cmd_serve(args, rest: list[str]) -> int:
+    from bumblefast.serve import run
+
+    return run(args)
+
+
 def cmd_eval(args, rest: list[str]) -> int:
     from bumblefast.evaluate import cli_main
 
@@ -154,6 +160,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     chat_arguments(p)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible API (/v1/chat/completions, streaming) and a web chat page",
+                       allow_abbrev=False)
+    from bumblefast.serve import add_arguments as serve_arguments
+
+    serve_arguments(p)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser(
         "eval",
