@@ -37,7 +37,7 @@ def model_dir(tmp_path_factory, demo_tokenizer_dir):
     return out
 
 
-def greedy(model_dir, messages, n=8) -> str:
+def greedy(model_dir, messages, n=24) -> str:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -95,8 +95,9 @@ def test_multi_turn_session_in_a_pty(model_dir):
     a2_fresh = greedy(model_dir, [{"role": "user", "content": q2}])
     assert a2 != a2_fresh  # the history changes the answer, so the test can see it is used
 
+    # 24 tokens: the streamer flushes at word boundaries, so replies this long come in pieces
     term = Terminal([sys.executable, "-m", "bumblefast", "chat", "--model_path", str(model_dir),
-                     "--temperature", "0", "--max_new_tokens", "8"])
+                     "--temperature", "0", "--max_new_tokens", "24"])
     term.read_until("user> ")
     term.send(q1)
     assert answer_of("assistant> " + term.read_until("user> ").split("assistant> ", 1)[1]) == a1
@@ -116,14 +117,14 @@ def test_multi_turn_session_in_a_pty(model_dir):
 def test_prompt_once_and_no_history(model_dir):
     q = "What is 2 + 3?"
     out = subprocess.run([sys.executable, "-m", "bumblefast", "chat", "--model_path", str(model_dir), "--prompt", q,
-                          "--temperature", "0", "--max_new_tokens", "8"], cwd=ROOT, capture_output=True, text=True,
+                          "--temperature", "0", "--max_new_tokens", "24"], cwd=ROOT, capture_output=True, text=True,
                          timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == greedy(model_dir, [{"role": "user", "content": q}])
 
     from bumblefast.chat import Chat
 
-    chat = Chat(model_dir, temperature=0, max_new_tokens=8)
+    chat = Chat(model_dir, temperature=0, max_new_tokens=24)
     first = chat.reply(q, out=open(os.devnull, "w"), keep_history=False)
     assert chat.history == [] and chat.reply(q, out=open(os.devnull, "w"), keep_history=False) == first
     raw = Chat(model_dir, raw=True, temperature=0, max_new_tokens=4)
