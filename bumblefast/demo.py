@@ -7,6 +7,9 @@ smoke test of the user-facing commands.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +21,7 @@ DEMO_DATA = ROOT / "datasets" / "demo"
 DEMO_CONFIGS = ROOT / "configs" / "demo"
 TINY_PRESET = ROOT / "configs" / "models" / "bumblebee-tiny"
 DEMO_VOCAB = 1024
+DEMO_SEQ_LEN = 256
 
 
 def step_data(out: Path, seed: int) -> str:
@@ -46,6 +50,89 @@ def step_configs(out: Path, seed: int) -> str:
     return "resolved " + ", ".join(stages)
 
 
+def step_prep(out: Path, seed: int) -> str:
+    from bumblefast.prep.run import run_prep
+
+    inputs = {"pretrain": ["pretrain.json"], "sft": ["sft_alpaca.json", "sft_sharegpt.json"], "dpo": ["dpo.json"],
+              "pretrain_test": ["pretrain_test.json"]}
+    done = []
+    for name, files in inputs.items():
+        stage = name.removesuffix("_test")
+        cfg = C.PrepConfig(stage=stage, input=[str(DEMO_DATA / f) for f in files],
+                           tokenizer_name_or_path=str(out / "tokenizer"), seq_len=DEMO_SEQ_LEN,
+                           output_dir=str(out / "shards" / name), seed=seed)
+        m = run_prep(cfg, progress=False)
+        done.append(f"{name} {m['rows']} rows")
+    return ", ".join(done)
+
+
+def _train(out: Path, stage: str, extra: list[str]) -> dict:
+    """`bumblefast train` as a user runs it; returns the run's summary numbers."""
+    cmd = [sys.executable, "-m", "bumblefast", "train", "--yaml_config", str(DEMO_CONFIGS / f"{stage}.yaml"),
+           "--output_dir", str(out / stage), "--dataset_path", str(out / "shards" / stage), *extra]
+    subprocess.run(cmd, check=True)
+    history = json.loads((out / stage / "training_metrics.json").read_text())
+    speeds = [r["tokens_per_sec"] for r in history[1:]] or [history[-1]["tokens_per_sec"]]
+    accs = [r["rewards/accuracies"] for r in history[-5:] if "rewards/accuracies" in r]
+    return {"steps": history[-1]["step"], "tokens_per_sec": sum(speeds) / len(speeds), "loss": history[-1]["loss"],
+            "accuracy": sum(accs) / len(accs) if accs else None}  # dpo: rewards/accuracies, last 5 logs
+
+
+def _evaluate(model_dir: Path) -> dict:
+    from bumblefast.evaluate import answer_accuracy, load_records, preference_accuracy
+
+    qa = answer_accuracy(model_dir, load_records(DEMO_DATA / "sft_test.json"))
+    pref = preference_accuracy(model_dir, load_records(DEMO_DATA / "dpo_test.json"))
+    return {"answer_accuracy": qa["accuracy"], "preference_accuracy": pref["preference_accuracy"],
+            "example": qa["examples"][0] if qa["examples"] else None}
+
+
+RESULTS: dict[str, dict] = {}
+
+
+def step_pretrain(out: Path, seed: int) -> str:
+    RESULTS["pretrain"] = {**_train(out, "pretrain", ["--tokenizer_name_or_path", str(out / "tokenizer")]),
+                           **_evaluate(out / "pretrain")}
+    return _row_text(RESULTS["pretrain"])
+
+
+def step_sft(out: Path, seed: int) -> str:
+    RESULTS["sft"] = {**_train(out, "sft", ["--model_name_or_path", str(out / "pretrain")]), **_evaluate(out / "sft")}
+    return _row_text(RESULTS["sft"])
+
+
+def step_dpo(out: Path, seed: int) -> str:
+    from bumblefast.merge import merge_lora
+
+    RESULTS["dpo"] = _train(out, "dpo", ["--model_name_or_path", str(out / "sft")])
+    merge_lora(out / "sft", out / "dpo", out / "dpo_merged")
+    RESULTS["dpo"].update(_evaluate(out / "dpo_merged"))
+    return _row_text(RESULTS["dpo"])
+
+
+def step_chat(out: Path, seed: int) -> str:
+    """One question through `bumblefast chat --prompt`, as a user would ask it."""
+    from bumblefast.evaluate import load_records
+
+    question = load_records(DEMO_DATA / "sft_test.json")[0]
+    cmd = [sys.executable, "-m", "bumblefast", "chat", "--model_path", str(out / "dpo_merged"), "--prompt",
+           question["instruction"], "--temperature", "0", "--max_new_tokens", "16"]
+    reply = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip()
+    return f"Q: {question['instruction']!r} -> A: {reply!r} (expected {question['output']!r}, a held-out pair)"
+
+
+def step_plots(out: Path, seed: int) -> str:
+    from bumblefast.plot import plot_run
+
+    written = [p for stage in ("pretrain", "sft", "dpo") if (out / stage).is_dir() for p in plot_run(out / stage)]
+    return f"{len(written)} PNGs in {out}/*/plots"
+
+
+def _row_text(r: dict) -> str:
+    return (f"{r['steps']} steps, {r['tokens_per_sec']:.0f} tok/s, loss {r['loss']:.3f}, held-out answers "
+            f"{r['answer_accuracy']:.0%}, held-out preferences {r['preference_accuracy']:.0%}")
+
+
 def step_model(out: Path, seed: int) -> str:
     from bumblefast import flops
     from bumblefast.modelinfo import read_model_config
@@ -59,7 +146,24 @@ STEPS: list[tuple[str, Callable[[Path, int], str]]] = [
     ("tokenizer", step_tokenizer),
     ("configs", step_configs),
     ("model", step_model),
+    ("prep", step_prep),
+    ("pretrain", step_pretrain),
+    ("sft", step_sft),
+    ("dpo + merge", step_dpo),
+    ("chat", step_chat),
+    ("plots", step_plots),
 ]
+
+
+def stage_table() -> str:
+    head = ("stage", "steps", "tokens/s", "final loss", "held-out answers", "held-out preferences")
+    rows = [head] + [
+        (name, str(r["steps"]), f"{r['tokens_per_sec']:.0f}", f"{r['loss']:.3f}", f"{r['answer_accuracy']:.0%}",
+         f"{r['preference_accuracy']:.0%}")
+        for name, r in RESULTS.items()
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    return "\n".join("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows)
 
 
 def run_demo(out: str | Path = "demo_out", seed: int = 0) -> int:
@@ -76,5 +180,9 @@ def run_demo(out: str | Path = "demo_out", seed: int = 0) -> int:
     print("\nsummary")
     for row in [("step", "time", "result")] + rows:
         print("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)))
+    if RESULTS:
+        print("\nstages (held-out = questions on pairs never seen in SFT/DPO)")
+        print(stage_table())
+        (out / "summary.json").write_text(json.dumps(RESULTS, indent=2))
     print(f"\noutputs in {out.resolve()}")
     return 0

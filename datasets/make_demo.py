@@ -1,11 +1,15 @@
 #!/usr/bin/env python3
 """Write BumbleFast's own demo data: a small addition task a tiny model learns on CPU.
 
-Every fact "a + b = c" for a, b in 0..MAX_OPERAND appears in the pretraining text (English
-and Chinese phrasings, mixed with templated filler). SFT teaches the question -> answer
-format on the training pairs only; DPO prefers the correct sum over a near miss. The
-held-out pairs are never asked in SFT or DPO, so the `*_test.json` files measure whether a
-stage helped the model answer questions it was not fine-tuned on.
+Every fact "a + b = c" for single digits a, b (0..MAX_OPERAND) appears in the pretraining
+text: short documents, mostly in the exact answer format "a + b = c", some as plain-text
+question + answer (no chat format), some in other English and Chinese phrasings, a little
+templated filler. Questions end with the sum to complete ("... 3 + 4 =") and the reply is
+the number ("7"). SFT teaches that chat format on the training pairs only; DPO prefers the
+correct sum over a near miss (off by 1 or 2). The held-out pairs are
+never asked in SFT or DPO, so the `*_test.json` files (every question template on every
+held-out pair) measure whether a stage helped the model answer questions it was not
+fine-tuned on.
 
 Files have the exact input formats of ../shared/data (one JSON array each):
   pretrain.json / pretrain_test.json   {"text"}
@@ -24,8 +28,11 @@ import json
 import random
 from pathlib import Path
 
-MAX_OPERAND = 12
-HELD_OUT_FRACTION = 0.2
+MAX_OPERAND = 4
+HELD_OUT_FRACTION = 0.3
+FACT_SHARE = 0.6  # pretraining sentences in the exact fact format "a + b = c."
+QA_SHARE = 0.2  # a plain-text question, then the fact ("What is a + b? a + b = c.")
+PHRASED_SHARE = 0.1  # other phrasings of a fact; the rest is filler
 
 FACT_TEMPLATES = [
     "{a} + {b} = {c}.",
@@ -35,14 +42,20 @@ FACT_TEMPLATES = [
     "{a} 加 {b} 等于 {c}。",
     "{a} 与 {b} 的和是 {c}。",
 ]
+# Every question ends with the sum to complete, "a + b =", and the reply is the number alone:
+# the answer is then read off where pretraining put it (after "="), a fixed few tokens back
+# across the chat template, which a tiny model learns for all pairs at once instead of
+# having to copy operands (what it failed to learn in minutes of CPU).
 QUESTION_TEMPLATES = [
-    ("What is {a} + {b}?", ""),
-    ("Compute {a} plus {b}.", ""),
-    ("Add the two numbers.", "{a} and {b}"),
-    ("计算 {a} + {b}。", ""),
-    ("{a} 加 {b} 等于多少？", ""),
+    ("Complete: {a} + {b} =", ""),
+    ("What is the sum? {a} + {b} =", ""),
+    ("Add the two numbers.", "{a} + {b} ="),
+    ("计算：{a} + {b} =", ""),
+    ("请填空：{a} + {b} =", ""),
 ]
-FOLLOW_UPS = ["And {a} + {b}?", "Now {a} plus {b}?", "那 {a} + {b} 呢？"]
+FOLLOW_UPS = ["And {a} + {b} =", "Now {a} + {b} =", "那 {a} + {b} ="]
+# plain-text questions in pretraining (no chat format), each followed by the fact
+PRETRAIN_QUESTIONS = ["What is {a} + {b}?", "Compute {a} plus {b}."]
 SYSTEM_PROMPTS = ["You are a careful calculator.", "你是一个会做加法的助手。"]
 
 COLORS = ["red", "blue", "green", "yellow", "white", "black"]
@@ -51,6 +64,11 @@ ZH_THINGS = ["苹果", "小鸟", "汽车", "杯子", "花", "石头"]
 
 
 def answer(a: int, b: int) -> str:
+    """The reply to a question: the sum alone."""
+    return str(a + b)
+
+
+def fact(a: int, b: int) -> str:
     return f"{a} + {b} = {a + b}"
 
 
@@ -75,16 +93,26 @@ def filler(rng: random.Random) -> str:
 
 
 def pretrain_docs(rng: random.Random, pairs: list[tuple[int, int]], n_docs: int) -> list[dict]:
+    """Short documents (2-4 lines), mostly facts in the exact answer format ("a + b = c"),
+    some as a plain-text question and answer (no chat format), some in other phrasings, a
+    little filler. The tiny model has a few hundred CPU steps to learn the table; short
+    documents keep its attention on the operands of each fact."""
     docs = []
     for _ in range(n_docs):
         sentences = []
-        for _ in range(rng.randrange(3, 8)):
-            if rng.random() < 0.75:
-                a, b = rng.choice(pairs)
-                sentences.append(rng.choice(FACT_TEMPLATES).format(a=a, b=b, c=a + b))
+        for _ in range(rng.randrange(2, 5)):
+            r = rng.random()
+            a, b = rng.choice(pairs)
+            if r < FACT_SHARE:
+                sentences.append(f"{fact(a, b)}.")
+            elif r < FACT_SHARE + QA_SHARE:
+                q = rng.choice(PRETRAIN_QUESTIONS)
+                sentences.append(f"{q.format(a=a, b=b)} {fact(a, b)}.")
+            elif r < FACT_SHARE + QA_SHARE + PHRASED_SHARE:
+                sentences.append(rng.choice(FACT_TEMPLATES[1:]).format(a=a, b=b, c=a + b))
             else:
                 sentences.append(filler(rng))
-        docs.append({"text": " ".join(sentences)})
+        docs.append({"text": "\n".join(sentences)})
     return docs
 
 
@@ -120,7 +148,7 @@ def sharegpt_records(rng: random.Random, pairs: list[tuple[int, int]], n: int) -
 
 def wrong_sum(rng: random.Random, a: int, b: int) -> int:
     c = a + b
-    wrong = c + rng.choice([-3, -2, -1, 1, 2, 3, 10])
+    wrong = c + rng.choice([-2, -1, 1, 2])  # near misses
     return wrong if wrong >= 0 and wrong != c else c + 1
 
 
@@ -134,7 +162,7 @@ def dpo_records(rng: random.Random, pairs: list[tuple[int, int]], n: int) -> lis
             {
                 "conversations": [{"from": "human", "value": prompt}],
                 "chosen": {"from": "gpt", "value": answer(a, b)},
-                "rejected": {"from": "gpt", "value": f"{a} + {b} = {wrong_sum(rng, a, b)}"},
+                "rejected": {"from": "gpt", "value": str(wrong_sum(rng, a, b))},
             }
         )
     return out
@@ -146,13 +174,13 @@ def build(seed: int = 0) -> dict[str, list[dict]]:
     train, test = split_pairs(rng)
     every = sorted(train + test)
     return {
-        "pretrain.json": pretrain_docs(rng, every, 3000),
+        "pretrain.json": pretrain_docs(rng, every, 5000),
         "pretrain_test.json": pretrain_docs(rng, every, 100),
         "sft_alpaca.json": alpaca_records(rng, train, 1200),
         "sft_sharegpt.json": sharegpt_records(rng, train, 300),
         "sft_test.json": [
-            {"instruction": QUESTION_TEMPLATES[0][0].format(a=a, b=b), "input": "", "output": answer(a, b)}
-            for a, b in test
+            {"instruction": q.format(a=a, b=b), "input": inp.format(a=a, b=b), "output": answer(a, b)}
+            for q, inp in QUESTION_TEMPLATES for a, b in test
         ],
         "dpo.json": dpo_records(rng, train, 800),
         "dpo_test.json": dpo_records(rng, test, 120),

@@ -13,7 +13,6 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 gen = runpy.run_path(str(ROOT / "datasets" / "make_demo.py"), run_name="make_demo")
 
-PAIR = re.compile(r"(\d+) \+ (\d+) = (\d+)")
 
 
 def test_deterministic_for_a_seed(tmp_path):
@@ -48,35 +47,39 @@ def test_formats_match_the_real_samples(shared_data):
     assert {r["chosen"]["from"] for r in demo["dpo.json"]} == {r["chosen"]["from"] for r in real["dpo_zh_demo.json"]}
 
 
+QUESTION = re.compile(r"(\d+) \+ (\d+) =$")  # every question ends with the sum to complete
+
+
+def qa(question: str, reply: str) -> tuple[int, int, int]:
+    (a, b), = QUESTION.findall(question.strip())
+    return int(a), int(b), int(reply)
+
+
 def test_answers_are_correct_and_held_out_pairs_unseen_in_finetuning():
     demo = gen["build"](0)
 
-    def pairs(texts):
-        found = set()
-        for t in texts:
-            for a, b, c in PAIR.findall(t):
-                found.add((int(a), int(b), int(c)))
-        return found
+    def alpaca(r):
+        return (r["instruction"] + ("\n" + r["input"] if r["input"] else ""), r["output"])
 
-    sft_train = pairs(r["output"] for r in demo["sft_alpaca.json"]) | pairs(
-        t["value"] for r in demo["sft_sharegpt.json"] for t in r["conversations"] if t["from"] == "gpt"
-    )
-    test = pairs(r["output"] for r in demo["sft_test.json"])
-    dpo_train = pairs(r["chosen"]["value"] for r in demo["dpo.json"])
-    dpo_test = pairs(r["chosen"]["value"] for r in demo["dpo_test.json"])
+    def turns(conv):
+        return [(conv[i]["value"], conv[i + 1]["value"]) for i in range(0, len(conv) - 1, 2)]
+
+    sft_train = {qa(*alpaca(r)) for r in demo["sft_alpaca.json"]}
+    sft_train |= {qa(q, a) for r in demo["sft_alpaca.json"] for q, a in r.get("history", [])}
+    sft_train |= {qa(q, a) for r in demo["sft_sharegpt.json"] for q, a in turns(r["conversations"])}
+    test = {qa(*alpaca(r)) for r in demo["sft_test.json"]}
+    dpo_train = {qa(r["conversations"][-1]["value"], r["chosen"]["value"]) for r in demo["dpo.json"]}
+    dpo_test = {qa(r["conversations"][-1]["value"], r["chosen"]["value"]) for r in demo["dpo_test.json"]}
     assert all(a + b == c for a, b, c in sft_train | test | dpo_train | dpo_test)
     held_out = {(a, b) for a, b, _ in test}
     assert held_out and {(a, b) for a, b, _ in sft_train | dpo_train}.isdisjoint(held_out)
     assert {(a, b) for a, b, _ in dpo_test} <= held_out
-    # every held-out fact is stated somewhere in pretraining text (the knowledge SFT must surface)
+    # every held-out fact is stated in the pretraining text (the knowledge SFT must surface)
     pretrain_text = " ".join(r["text"] for r in demo["pretrain.json"])
-    assert all(f"{a} + {b} = {a + b}" in pretrain_text or f"{a} plus {b} equals {a + b}" in pretrain_text
-               or f"{a} 加 {b} 等于 {a + b}" in pretrain_text or f"The sum of {a} and {b} is {a + b}" in pretrain_text
-               or f"Adding {b} to {a} gives {a + b}" in pretrain_text or f"{a} 与 {b} 的和是 {a + b}" in pretrain_text
-               for a, b in held_out)
+    assert all(f"{a} + {b} = {a + b}." in pretrain_text for a, b in held_out)
     # rejected answers are wrong
     for r in demo["dpo.json"] + demo["dpo_test.json"]:
-        (a, b, c), = pairs([r["rejected"]["value"]]) or {(0, 0, 0)}
+        a, b, c = qa(r["conversations"][-1]["value"], r["rejected"]["value"])
         assert a + b != c
 
 
