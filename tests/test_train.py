@@ -272,3 +272,29 @@ def test_plot_writes_pngs_from_tensorboard(zero_runs, tmp_path):
     for name in ("loss.png", "learning_rate.png", "grad_norm.png"):
         png = (tmp_path / name).read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_continue_pretrain_and_lora_sft_from_a_checkpoint(data, tmp_path):
+    """continue_pretrain starts from a HF checkpoint (not random init); LoRA SFT writes a PEFT
+    adapter that peft loads on transformers' model."""
+    from safetensors.torch import load_file
+
+    base = tmp_path / "pre"
+    run(train_cmd(base, data["pretrain"], data["tok"], "--max_steps", "2"))
+    cont = tmp_path / "cont"
+    run(train_cmd(cont, data["pretrain"], data["tok"], "--model_name_or_path", str(base), "--max_steps", "1",
+                  "--learning_rate", "1e-9", stage="continue_pretrain"))
+    before, after = load_file(base / "model.safetensors"), load_file(cont / "model.safetensors")
+    for key in before:  # a tiny step from the checkpoint, not a fresh random model
+        torch.testing.assert_close(after[key], before[key], rtol=0, atol=1e-6)
+    assert metrics(cont)[1]["loss"] < metrics(base)[1]["loss"]  # starts where the checkpoint left off
+
+    lora = tmp_path / "lora"
+    run(train_cmd(lora, data["sft"], data["tok"], "--model_name_or_path", str(base), "--max_steps", "2",
+                  "--finetuning_type", "lora", "--lora_rank", "4", "--lora_alpha", "8", stage="sft"))
+    assert (lora / "adapter_config.json").is_file() and not (lora / "model.safetensors").exists()
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), lora)
+    assert any("lora_A" in n for n, _ in model.named_parameters())
