@@ -9,32 +9,15 @@ import select
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parent.parent
-TINY = ROOT / "configs" / "models" / "bumblebee-tiny"
+from helpers import ROOT, save_tiny_model, subprocess_env
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, demo_tokenizer_dir):
-    from transformers import AutoConfig, AutoTokenizer
-
-    from bumblefast.model import Bumblebee
-
-    out = tmp_path_factory.mktemp("chat_model")
-    torch.manual_seed(0)
-    model = Bumblebee(AutoConfig.from_pretrained(TINY), attn_backend="sdpa", kernels="reference").init_weights()
-    with torch.no_grad():  # a random model whose replies depend on the context and never stop early
-        for p in model.parameters():
-            if p.ndim == 2:
-                p.mul_(8.0)
-        model.lm_head.weight[:3] = 0  # (tied) no special tokens: replies are max_new_tokens long
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(demo_tokenizer_dir).save_pretrained(out)
-    return out
+    return save_tiny_model(tmp_path_factory.mktemp("chat_model"), demo_tokenizer_dir, chatty=True)
 
 
 def greedy(model_dir, messages, n=24) -> str:
@@ -56,7 +39,7 @@ class Terminal:
     def __init__(self, args):
         self.master, slave = pty.openpty()
         self.proc = subprocess.Popen(args, stdin=slave, stdout=slave, stderr=slave, cwd=ROOT, close_fds=True,
-                                     env=dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false"))
+                                     env=subprocess_env())
         os.close(slave)
         self.buf = ""
         self.reads = 0
@@ -118,7 +101,7 @@ def test_prompt_once_and_no_history(model_dir):
     q = "What is 2 + 3?"
     out = subprocess.run([sys.executable, "-m", "bumblefast", "chat", "--model_path", str(model_dir), "--prompt", q,
                           "--temperature", "0", "--max_new_tokens", "24"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+                         timeout=120, env=subprocess_env())
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == greedy(model_dir, [{"role": "user", "content": q}])
 

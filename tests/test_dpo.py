@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import subprocess_env
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "datasets" / "demo"
@@ -20,11 +21,7 @@ TINY = ROOT / "configs" / "models" / "bumblebee-tiny"
 pytestmark = pytest.mark.slow
 
 
-def env(**extra) -> dict:
-    e = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
-    e.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
-    e.update({k: str(v) for k, v in extra.items()})
-    return e
+env = subprocess_env
 
 
 def run(cmd, ok=True):

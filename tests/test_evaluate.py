@@ -4,26 +4,15 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parent.parent
-TINY = ROOT / "configs" / "models" / "bumblebee-tiny"
+from helpers import save_tiny_model
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, demo_tokenizer_dir):
-    from transformers import AutoConfig, AutoTokenizer
-
-    from bumblefast.model import Bumblebee
-
-    out = tmp_path_factory.mktemp("model")
-    torch.manual_seed(0)
-    Bumblebee(AutoConfig.from_pretrained(TINY), attn_backend="sdpa", kernels="reference").init_weights().save_pretrained(out)
-    AutoTokenizer.from_pretrained(demo_tokenizer_dir).save_pretrained(out)
-    return out
+    return save_tiny_model(tmp_path_factory.mktemp("model"), demo_tokenizer_dir)
 
 
 def hf(model_dir):

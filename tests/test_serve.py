@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -15,10 +14,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import torch
+from helpers import ROOT, save_tiny_model, subprocess_env
 
-ROOT = Path(__file__).resolve().parent.parent
-TINY = ROOT / "configs" / "models" / "bumblebee-tiny"
 CHROMIUM = "/usr/bin/chromium"
 
 pytestmark = pytest.mark.slow
@@ -32,24 +29,11 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, demo_tokenizer_dir):
-    from transformers import AutoConfig, AutoTokenizer
-
-    from bumblefast.model import Bumblebee
-
-    model_dir = tmp_path_factory.mktemp("serve_model")
-    torch.manual_seed(0)
-    model = Bumblebee(AutoConfig.from_pretrained(TINY), attn_backend="sdpa", kernels="reference").init_weights()
-    with torch.no_grad():  # context-dependent replies that never stop early (see test_chat)
-        for p in model.parameters():
-            if p.ndim == 2:
-                p.mul_(8.0)
-        model.lm_head.weight[:3] = 0
-    model.save_pretrained(model_dir)
-    AutoTokenizer.from_pretrained(demo_tokenizer_dir).save_pretrained(model_dir)
+    model_dir = save_tiny_model(tmp_path_factory.mktemp("serve_model"), demo_tokenizer_dir, chatty=True)
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "bumblefast", "serve", "--model_path", str(model_dir), "--port",
                              str(port), "--max_tokens_cap", "64", "--max_body_bytes", "20000"], cwd=ROOT,
-                            env=dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false"),
+                            env=subprocess_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
