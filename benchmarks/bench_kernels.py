@@ -31,18 +31,12 @@ import sys
 import time
 from pathlib import Path
 
+from bumblefast.kernels.dispatch import OPS
+
 ROOT = Path(__file__).resolve().parents[1]
 
 SHAPES = dict(hidden=1536, heads=12, kv_heads=2, head_dim=128, inter=8960, vocab=151936)
 QUICK_SHAPES = dict(hidden=64, heads=4, kv_heads=2, head_dim=16, inter=96, vocab=1000)
-OPS = (
-    "rms_norm",
-    "rope",
-    "swiglu",
-    "cross_entropy",
-    "fused_linear_cross_entropy",
-    "fused_linear_logprob",
-)
 FUSED = ("fused_linear_cross_entropy", "fused_linear_logprob")
 
 

@@ -197,6 +197,15 @@ def padded_batches(samples, batch_size: int, pad_id: int, device) -> list[dict]:
     return batches
 
 
+def padded_result(step, batches: list[dict], warmup: int, device, **extra) -> dict:
+    """Time `step` over padded batches; count real (unpadded) and computed tokens."""
+    seconds, n_steps = timed_steps(step, batches, warmup, device)
+    timed = batches[warmup:]
+    return {"seconds": seconds, "steps": n_steps, "real_tokens": sum(b["real"] for b in timed),
+            "computed_tokens": sum(b["padded"] for b in timed), "doc_lens": [n for b in timed for n in b["lens"]],
+            **extra}
+
+
 def bench_hf_lm(cfg, batches: list[dict], warmup: int, device, dtype) -> dict:
     """transformers' Qwen2 (+ Liger on CUDA) on HF-style batches (input_ids/attention_mask/labels)."""
     model, liger = hf_model(cfg, device)
@@ -209,11 +218,7 @@ def bench_hf_lm(cfg, batches: list[dict], warmup: int, device, dtype) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    seconds, n_steps = timed_steps(step, batches, warmup, device)
-    timed = batches[warmup:]
-    return {"seconds": seconds, "steps": n_steps, "real_tokens": sum(b["real"] for b in timed),
-            "computed_tokens": sum(b["padded"] for b in timed), "doc_lens": [n for b in timed for n in b["lens"]],
-            "liger": liger}
+    return padded_result(step, batches, warmup, device, liger=liger)
 
 
 def bench_trl_dpo(cfg, pair_batches: list[list], warmup: int, device, dtype, pad_id: int, lora_rank: int = 16) -> dict:
@@ -250,11 +255,9 @@ def bench_trl_dpo(cfg, pair_batches: list[list], warmup: int, device, dtype, pad
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    seconds, n_steps = timed_steps(step, prepared, warmup, device)
-    timed = prepared[warmup:]
-    return {"seconds": seconds, "steps": n_steps, "real_tokens": sum(b["real"] for b in timed),
-            "computed_tokens": sum(b["padded"] for b in timed), "doc_lens": [n for b in timed for n in b["lens"]],
-            "pairs": sum(len(b["lens"]) // 2 for b in timed), "liger": liger}
+    result = padded_result(step, prepared, warmup, device, liger=liger)
+    result["pairs"] = sum(len(b["lens"]) // 2 for b in prepared[warmup:])
+    return result
 
 
 def samples_of(shards: Path, batches: list[dict]) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:

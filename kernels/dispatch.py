@@ -144,7 +144,7 @@ def _liger_ops() -> dict:
     )
 
 
-_OPS = (
+OPS = (  # the op table's names, in the order benchmarks report them
     "rms_norm",
     "rope",
     "swiglu",
@@ -168,7 +168,7 @@ def _reference_table() -> dict:
 @functools.cache
 def _resolve(mode: str, device_type: str, interpret: bool) -> KernelOps:
     device = torch.device(device_type)
-    table, backends = _reference_table(), dict.fromkeys(_OPS, "reference")
+    table, backends = _reference_table(), dict.fromkeys(OPS, "reference")
 
     def use(ops: dict, name: str):
         for op, fn in ops.items():
