@@ -115,7 +115,7 @@ class Encoder:
     # ---- per stage ------------------------------------------------------------------------
     def encode_chunk(self, chunk: list[tuple[str, Any]]):
         """[(where, record)] -> [(where, "ok", payload, truncated) | (where, "err", reason, msg)]
-        (pretrain: a pair (that list, flat token array), see _pretrain_results)."""
+        (pretrain: a compact PretrainChunk instead, see _pretrain_results)."""
         out: list[tuple | None] = [None] * len(chunk)
         texts: list[str] = []
         owners: list[tuple[int, Any]] = []  # (index in chunk, per-record info)
@@ -188,23 +188,39 @@ class Encoder:
         return out  # type: ignore[return-value]
 
 
-    def _pretrain_results(self, chunk, out, owners, encs):
-        """Pretrain: one flat uint32 array per chunk (cheap to pickle); records carry lengths.
-        The chunk result is (results, flat); an ok record's payload is its token count, its
-        tokens are the next that many of `flat`."""
+    def _pretrain_results(self, chunk, out, owners, encs) -> PretrainChunk:
+        """Pretrain: the chunk's accepted documents as one flat uint32 array (EOS appended to
+        each) and their lengths, plus the bad records. No per-record tuples travel back to
+        the writer: a 1B-token corpus has hundreds of millions of short documents."""
         L, eos = self.s.seq_len, self.eos_id
+        drop = self.s.overlong == "drop"
         buf: list[int] = []
+        lens: list[int] = []
         for (i, _), enc in zip(owners, encs, strict=True):
-            where = chunk[i][0]
             ids = enc.ids
             n = len(ids) + 1
-            if n > L and self.s.overlong == "drop":
-                out[i] = (where, "err", "overlong", f"{n} tokens > seq_len {L}")
+            if drop and n > L:
+                out[i] = (chunk[i][0], "err", "overlong", f"{n} tokens > seq_len {L}")
                 continue
-            buf.extend(ids)
+            buf += ids
             buf.append(eos)
-            out[i] = (where, "ok", n, n > L)  # over-long documents are split across rows
-        return out, np.array(buf, dtype=np.uint32)
+            lens.append(n)
+        lens_arr = np.array(lens, dtype=np.int64)
+        errors = [r for r in out if r is not None]  # in input order
+        return PretrainChunk(len(chunk), errors, lens_arr, np.array(buf, dtype=np.uint32), int((lens_arr > L).sum()))
+
+
+@dataclass
+class PretrainChunk:
+    """One chunk's pretrain result: `lens[k]` tokens of `flat` per accepted document (over-long
+    ones are split across rows, counted in `truncated`), and (where, "err", reason, message)
+    for each bad record."""
+
+    read: int
+    errors: list[tuple[str, str, str, str]]
+    lens: np.ndarray
+    flat: np.ndarray
+    truncated: int
 
 
 # ---- multiprocessing plumbing (one Encoder per worker process) ---------------------------
