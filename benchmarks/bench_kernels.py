@@ -286,6 +286,78 @@ def to_markdown(meta: dict, records: list[dict], summary: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def measure(device: str, tokens_list, dtype: str, quick: bool, ops=OPS, timeout: int = 600) -> list[dict]:
+    cases = [c for c in plan_cases(device, tokens_list, dtype, quick) if c["op"] in set(ops)]
+    records = []
+    for c in cases:
+        t0 = time.time()
+        r = run_case(c) if device == "cuda" else _run_subprocess(c, timeout)
+        records.append(r)
+        print(
+            f"{r['op']:28s} {r['impl']:10s} {r['pass']:8s} T={r['tokens']:<6d} "
+            f"{r.get('time_ms', float('nan')):10.1f} ms {r.get('peak_mb', float('nan')):10.1f} MB "
+            f"{r['status']} ({time.time() - t0:.0f}s)",
+            file=sys.stderr,
+            flush=True,
+        )
+    return records
+
+
+SIZES = {  # tokens per case, shapes
+    "min": dict(tokens=[256], quick=True, ops=FUSED),
+    "cpu": dict(tokens=[4096], quick=False, ops=OPS),
+    "gpu": dict(tokens=[8192, 32768], quick=False, ops=OPS),
+}
+
+
+def bench(size: str, workdir: Path) -> dict:
+    """`bumblefast bench kernels`: the section described in bumblefast/benchlib.py. Ratios:
+    peak memory of the materialising reference / ours for the fused-linear ops, and time of
+    every other impl vs the reference (and vs Liger on CUDA) where both ran the same pass."""
+    import torch
+
+    from bumblefast import benchlib as BL
+
+    device = "cuda" if size == "gpu" and torch.cuda.is_available() else "cpu"
+    z = SIZES[size]
+    dtype = "bfloat16" if device == "cuda" else "float32"
+    records = measure(device, z["tokens"], dtype, z["quick"], z["ops"])
+    bad = [r for r in records if r["status"] not in ("ok", "oom")]
+    if bad:
+        raise RuntimeError("bench kernels: cases failed: " + "; ".join(f"{r['op']}/{r['impl']}: {r['status']}" for r in bad))
+    ok = [r for r in records if r["status"] == "ok"]
+    ratios, points = [], []
+    for s in summarize(ok):
+        ratios.append(BL.ratio(
+            f"{s['op']} peak memory, T={s['tokens']} (reference {s['reference_pass']})",
+            BL.memory(f"{s['ours']} fwd+bwd", s["ours_peak_mb"]),
+            BL.memory(f"reference {s['reference_pass']}", s["reference_peak_mb"]),
+        ))
+
+    def rate(r: dict) -> dict:
+        return BL.measured(f"{r['impl']} {r['pass']}", r["tokens"], r["time_ms"] / 1e3)
+
+    for r in ok:
+        if r["impl"] in ("reference", "liger"):
+            continue
+        for base in ("reference", "liger"):
+            match = [b for b in ok if b["impl"] == base and b["op"] == r["op"] and b["pass"] == r["pass"]
+                     and b["tokens"] == r["tokens"]]
+            if match:
+                ratios.append(BL.ratio(f"{r['op']} {r['impl']} vs {base}, {r['pass']}, T={r['tokens']}",
+                                       rate(r), rate(match[0])))
+        if r["pass"] == "fwd+bwd":
+            points.append(BL.point(f"{r['op']} {r['impl']} fwd+bwd T={r['tokens']}", r["tokens"] / (r["time_ms"] / 1e3)))
+    meta = dict(device=device, dtype=dtype, shapes=QUICK_SHAPES if z["quick"] else SHAPES, tokens=z["tokens"],
+                threads=torch.get_num_threads())
+    notes = [] if device == "cuda" else [
+        "CPU: Triton and Liger need CUDA, so CPU compares our chunked PyTorch path with the "
+        "materialising reference; the reference of the fused-linear ops runs forward only "
+        "(a lower bound of its peak), and CPU times are single calls"]
+    return {"config": {"size": size, **meta}, "results": {"cases": records, "notes": notes}, "ratios": ratios,
+            "points": points}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
@@ -308,21 +380,7 @@ def main(argv=None):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     default_tokens = "256" if args.quick else ("8192,32768" if device == "cuda" else "8192")
     tokens_list = [int(t) for t in (args.tokens or default_tokens).split(",")]
-    wanted = set(args.ops.split(","))
-    cases = [
-        c for c in plan_cases(device, tokens_list, args.dtype, args.quick) if c["op"] in wanted
-    ]
-    records = []
-    for c in cases:
-        t0 = time.time()
-        r = run_case(c) if device == "cuda" else _run_subprocess(c, args.timeout)
-        records.append(r)
-        print(
-            f"{r['op']:28s} {r['impl']:10s} {r['pass']:8s} T={r['tokens']:<6d} "
-            f"{r.get('time_ms', float('nan')):10.1f} ms {r.get('peak_mb', float('nan')):10.1f} MB "
-            f"{r['status']} ({time.time() - t0:.0f}s)",
-            flush=True,
-        )
+    records = measure(device, tokens_list, args.dtype, args.quick, args.ops.split(","), args.timeout)
     summary = summarize(records)
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     meta = dict(

@@ -122,8 +122,45 @@ def autocast(device, dtype):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
+def profile_steps(step, batches: list[dict], device, top: int = 15) -> dict:
+    """torch.profiler over a few steps: where the time goes (what holds MFU back). Ops by self
+    time on the device (CPU when there is none), with the share of matmuls and attention."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for b in batches:
+            step(b)
+        sync(device)
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, key, 0) > 0]
+    total = sum(getattr(e, key) for e in events) or 1.0
+
+    def share(*needles: str) -> float:
+        return sum(getattr(e, key) for e in events if any(n in e.key.lower() for n in needles)) / total
+
+    events.sort(key=lambda e: getattr(e, key), reverse=True)
+    return {
+        "steps": len(batches),
+        "time_basis": key,
+        "total_ms": total / 1e3,
+        "share_matmul": share("mm", "gemm", "linear", "matmul", "cutlass", "sm90_xmma", "nvjet"),
+        "share_attention": share("flash", "attention", "sdpa", "fmha"),
+        "top_ops": [{"op": e.key, "self_ms": getattr(e, key) / 1e3, "share": getattr(e, key) / total,
+                     "calls": e.count} for e in events[:top]],
+    }
+
+
+def profile_lines(title: str, prof: dict, top: int = 10) -> list[str]:
+    lines = ["", f"### profile of {prof['steps']} steps, {title} ({prof['time_basis']}, {prof['total_ms']:.1f} ms): "
+             f"matmul {prof['share_matmul']:.0%}, attention {prof['share_attention']:.0%}", "",
+             "| op | self ms | share | calls |", "|---|---:|---:|---:|"]
+    lines += [f"| `{o['op'][:60]}` | {o['self_ms']:.1f} | {o['share']:.1%} | {o['calls']} |" for o in prof["top_ops"][:top]]
+    return lines
+
+
 def bench_ours(cfg, batches: list[dict], warmup: int, device, dtype, stage: str, reference: str | None = None,
-               lora_rank: int = 16) -> dict:
+               lora_rank: int = 16, profile: bool = False) -> dict:
     """Our model + the stage's objective on packed micro-batches (a plain AdamW step)."""
     from bumblefast.config import DPOConfig
     from bumblefast.model import Bumblebee
@@ -155,7 +192,8 @@ def bench_ours(cfg, batches: list[dict], warmup: int, device, dtype, stage: str,
     timed = batches[warmup:]
     tokens = sum(int(b["num_tokens"]) for b in timed)
     inner = model.get_base_model() if stage == "dpo" else model
-    return {"seconds": seconds, "steps": n_steps, "real_tokens": tokens, "computed_tokens": tokens,
+    prof = profile_steps(step, batches[-2:], device) if profile else None
+    return {"profile": prof, "seconds": seconds, "steps": n_steps, "real_tokens": tokens, "computed_tokens": tokens,
             "pairs": sum(DPOObjective.count(b) for b in timed) if stage == "dpo" else None,
             "doc_lens": [n for b in timed for n in torch.diff(b["cu_seqlens"]).tolist()],
             "attn": inner.resolved_attn(device), "kernels": dict(inner.ops(device).backends)}
@@ -271,11 +309,14 @@ def summarize(name: str, r: dict, cfg, peak: float | None) -> dict:
     out = {
         "name": name,
         "steps": r["steps"],
-        "seconds": round(r["seconds"], 3),
+        "seconds": r["seconds"],
+        "real_tokens": r["real_tokens"],
+        "computed_tokens": r["computed_tokens"],
         "real_tokens_per_sec": r["real_tokens"] / r["seconds"],
         "real_token_fraction": r["real_tokens"] / r["computed_tokens"],
     }
     if r.get("pairs"):
+        out["pairs"] = r["pairs"]
         out["pairs_per_sec"] = r["pairs"] / r["seconds"]
     if peak:
         out["mfu"] = flops.train_flops(cfg, r["doc_lens"]) / r["seconds"] / (peak * 1e12)
@@ -314,8 +355,10 @@ def run_stage(stage: str, args, device, dtype, preset: str, peak) -> dict:
             results.append(summarize("TRL-style padded, live reference" + (" + Liger" if base["liger"] else ""),
                                      base, cfg, peak))
         else:
-            ours = bench_ours(cfg, batches, warmup, device, dtype, stage)
+            ours = bench_ours(cfg, batches, warmup, device, dtype, stage, profile=getattr(args, "profile", False))
             results.append(summarize(f"bumblefast packed ({ours['attn']} attention)", ours, cfg, peak))
+            if ours["profile"]:
+                results[-1]["profile"] = ours["profile"]
             print(f"  ours {ours['seconds']:.1f}s", flush=True)
             if stage == "sft":  # the same samples, shuffled, padded per micro-batch of 4
                 samples = [s for group in samples_of(shards, batches) for s in group]
@@ -342,6 +385,54 @@ def run_stage(stage: str, args, device, dtype, preset: str, peak) -> dict:
             f"speedup_{key}": results[0][key] / results[-1][key]}
 
 
+SIZES = {  # per size: the arguments of one run_stage call
+    "min": dict(quick=True),
+    "cpu": dict(quick=False, seq_len=1024, steps=8, warmup=1),
+    "gpu": dict(quick=False, seq_len=4096, steps=8, warmup=2, preset="bumblebee-1.5b", profile=True),
+}
+
+
+def device_setup(preset: str | None):
+    from bumblefast import flops
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    preset = preset or ("bumblebee-1.5b" if cuda else "bumblebee-tiny")
+    peak = flops.peak_tflops(torch.cuda.get_device_name(device)) if cuda else None
+    return device, dtype, preset, peak
+
+
+def bench(size: str, workdir: Path) -> dict:
+    """`bumblefast bench train`: the section described in bumblefast/benchlib.py. Per stage, ours
+    vs the baseline in real tokens/s (dpo: pairs/s) and real-token fraction; MFU on CUDA."""
+    from bumblefast import benchlib as BL
+
+    z = dict(SIZES[size])
+    args = argparse.Namespace(stage="all", data=None, preset=z.pop("preset", None), seq_len=z.get("seq_len", 2048),
+                              rows=1, baseline_batch=4, steps=z.get("steps"), warmup=z.get("warmup", 2), vocab=8192,
+                              quick=z["quick"], profile=z.get("profile", False))
+    device, dtype, preset, peak = device_setup(args.preset)
+    stages = [run_stage(st, args, device, dtype, preset, peak) for st in ("pretrain", "sft", "dpo")]
+    ratios, points = [], []
+    for st in stages:
+        rs, base = st["results"], st["results"][-1]
+        unit, key = ("pairs/s", "pairs") if st["stage"] == "dpo" else ("tokens/s", "real_tokens")
+        for r in rs:
+            points.append(BL.point(f"{st['stage']}: {r['name']}", r["real_tokens_per_sec"], r.get("mfu")))
+        for r in rs[:-1]:
+            name = f"{st['stage']} (seq {st['seq_len']}): {r['name']} vs {base['name']}"
+            ratios.append(BL.ratio(name + f" ({unit})", BL.measured(r["name"], r[key], r["seconds"], unit),
+                                   BL.measured(base["name"], base[key], base["seconds"], unit)))
+            ratios.append(BL.ratio(name + " (real-token fraction)",
+                                   BL.fraction(r["name"], r["real_tokens"], r["computed_tokens"]),
+                                   BL.fraction(base["name"], base["real_tokens"], base["computed_tokens"])))
+    config = {"size": size, "preset": preset, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+              "peak_tflops": peak, **{k: v for k, v in vars(args).items() if k != "data"}}
+    notes = [] if peak else ["MFU is reported on CUDA only (no meaningful peak for a CPU)"]
+    return {"config": config, "results": {"stages": stages, "notes": notes}, "ratios": ratios, "points": points}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--stage", default="sft", choices=("sft", "pretrain", "dpo", "all"))
@@ -355,15 +446,11 @@ def main() -> int:
     p.add_argument("--vocab", type=int, default=8192, help="size of the tokenizer trained on the data")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--quick", action="store_true", help="tiny sizes for CI")
+    p.add_argument("--profile", action="store_true", help="torch.profiler summary of 2 steps of ours (pretrain/sft)")
     args = p.parse_args()
 
-    from bumblefast import flops
-
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    dtype = torch.bfloat16 if cuda else torch.float32
-    preset = args.preset or ("bumblebee-1.5b" if cuda else "bumblebee-tiny")
-    peak = flops.peak_tflops(torch.cuda.get_device_name(device)) if cuda else None
+    device, dtype, preset, peak = device_setup(args.preset)
+    cuda = device.type == "cuda"
     stages = ["pretrain", "sft", "dpo"] if args.stage == "all" else [args.stage]
     report = {
         "benchmark": "train",
@@ -387,6 +474,10 @@ def main() -> int:
             lines.append(f"| {st['stage']} (seq {st['seq_len']}) | {r['name']} | {r['real_tokens_per_sec']:.0f} | {pairs} "
                          f"| {r['real_token_fraction']:.3f} | {mfu} | {ratio} |")
     lines += ["", "ratio: against the last row of the stage (the baseline); dpo compares pairs/s."]
+    for st in report["stages"]:
+        for r in st["results"]:
+            if r.get("profile"):
+                lines += profile_lines(f"{st['stage']}: {r['name']}", r["profile"])
     table = "\n".join(lines)
     print("\n" + table)
     out = Path(args.out)

@@ -109,6 +109,12 @@ def cmd_prep(args, rest: list[str]) -> int:
     return prep_main(rest)
 
 
+def cmd_bench(args, rest: list[str]) -> int:
+    from bumblefast.bench import cli_main
+
+    return cli_main(args)
+
+
 def cmd_demo(args, rest: list[str]) -> int:
     from bumblefast.demo import run_demo
 
@@ -231,6 +237,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                    help="dtype of the saved weights (auto: the base's; the merge itself runs in fp32)")
     p.set_defaults(func=cmd_merge_lora)
+
+    p = sub.add_parser(
+        "bench",
+        help="benchmark suite: prep, streaming, kernels, training (+ scaling); table, JSON and PNG",
+        description="Runs benchmarks/*.py of the checkout side by side with their baselines and writes "
+        "OUT/<date>-<host>.json, .md and .png. Sizes: min (seconds, CI smoke), cpu (the 2-core "
+        "machine, under 15 minutes for all), gpu (one CUDA device, the 1.5B preset).",
+        allow_abbrev=False,
+    )
+    p.add_argument("what", nargs="?", default="all", choices=("prep", "stream", "kernels", "train", "scaling", "all"))
+    p.add_argument("--size", choices=("min", "cpu", "gpu"), default=None, help="default: gpu with CUDA, else cpu")
+    p.add_argument("--out", default="benchmarks/results", help="folder for the report (default benchmarks/results)")
+    p.add_argument("--no_progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="run the end-to-end demo on the bundled demo data")
     p.add_argument("--out", default="demo_out", help="folder for everything the demo writes")

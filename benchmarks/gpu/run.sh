@@ -6,7 +6,7 @@
 #   4. benchmarks/bench_kernels.py at 8k tokens
 #   5. benchmarks/bench_train.py on the 1.5B preset, seq_len 4096, bf16: pretrain and SFT (ours vs
 #      transformers + Liger) and DPO (LoRA: adapter vs precomputed reference vs TRL-style padding),
-#      with MFU; a ZeRO-2 smoke run of `bumblefast train` on one GPU
+#      with MFU and a torch.profiler summary of where the step time goes; a ZeRO-2 smoke run of `bumblefast train` on one GPU
 # Results and logs go to $OUT (default benchmarks/results/). Usage: bash benchmarks/gpu/run.sh
 set -uo pipefail
 
@@ -76,7 +76,7 @@ run kernel_tests 100 "${PYTEST[@]}" tests/test_kernels_triton.py tests/test_kern
 run model_tests 60 "${PYTEST[@]}" tests/test_model.py
 run bench_kernels 80 "$PY" -P benchmarks/bench_kernels.py --out "$OUT" --tokens 8192 --dtype bfloat16
 run bench_train 210 "$PY" -P benchmarks/bench_train.py --stage all --seq_len 4096 --preset bumblebee-1.5b \
-  --steps 8 --warmup 2 --out "$OUT"
+  --steps 8 --warmup 2 --profile --out "$OUT"
 # the real trainer end to end: DeepSpeed ZeRO-2, bf16, fused AdamW, tiny preset on the demo data
 run train_zero2_smoke 60 bash -c '
   set -e; T=$(mktemp -d)

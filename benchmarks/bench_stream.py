@@ -1,0 +1,536 @@
+"""Streaming read benchmark: tokens/s of `bumblefast.shards.build_loader` with 1 and 2 ranks.
+
+    .venv/bin/python benchmarks/bench_stream.py [--size min|cpu] [--out benchmarks/results]
+    (or `bumblefast bench stream`, which writes it into the combined report)
+
+What is measured, on pretrain shards built here:
+- data: a byte-level BPE trained on ../shared/data/pretrain_zh_demo.json (else, with a printed
+  note, datasets/demo/pretrain.json); its `{"text"}` documents repeated into a jsonl corpus of
+  a target token count, prepped with `bumblefast prep --stage pretrain` (1 worker, zstd MDS
+  shards). The corpus is cut so that the packed row count is even: streaming pads an epoch
+  that does not split evenly over the ranks by repeating rows, which would defeat the check;
+- every run reads its own fresh copy of prep's output: streaming decompresses a local zstd
+  shard next to itself on first use (and keeps both files), so a reader after the first would
+  skip work the first one paid for. Each run reads 2 epochs: the first over the shards as prep
+  wrote them (what a training run's first epoch costs: the ratio, points and headroom), the
+  second over the decompressed ones (results only);
+- 1 rank: `build_loader(shards, batch_size=8, seed=0)` in this process, every micro-batch
+  collated (the trainer's input); tokens = sum of batch["num_tokens"]. The loader's
+  construction is timed separately and is not in the rate;
+- 2 ranks on one node: two fresh processes (this file with a hidden `--rank`) with the
+  variables streaming reads for its world (RANK, WORLD_SIZE=2, LOCAL_RANK, LOCAL_WORLD_SIZE=2)
+  and a gloo process group on 127.0.0.1 (streaming's dataset constructor would create one
+  itself from MASTER_ADDR/MASTER_PORT for its barriers; here the rank creates it first and also
+  uses it for a barrier before each timed epoch). Each rank times its own epoch share from that
+  barrier; aggregate tokens/s = total tokens / the slower rank's seconds. Start-up (imports,
+  process group) is recorded, not rated. Both ranks' sample ids must be disjoint and cover
+  every row exactly once, in every epoch of every run (else this raises);
+- the ratio 2 ranks vs 1 rank (aggregate tokens/s). On the 2-core CPU machine 2 ranks use
+  both cores, so 2x is the ceiling (less when the machine is shared: the load average is
+  recorded before and after);
+- the trainer's need (computed, not measured): the tokens/s one H200 consumes training the
+  1.5B preset at seq_len 4096 and 50% MFU, from bumblefast.flops, and the read headroom per
+  rank (first-epoch read tokens/s per rank / need).
+
+Sizes: min (CI smoke, ~200k tokens, seq_len 512, seconds), cpu (~4.5M tokens, seq_len 2048,
+about a minute, the best of 3 interleaved rounds); gpu = cpu (reading runs on the host CPU).
+Streaming's leaked shared memory is cleaned (`clean_stale_shared_memory`) before each run.
+Writes `<out>/bench_stream_<host>_<date>.json` and `.md` (`_min` appended for size min).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import gc
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "datasets" / "demo"
+SHARED = ROOT.parent / "shared" / "data"
+PRESET = ROOT / "configs" / "models" / "bumblebee-1.5b"
+WORLD_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+RESULT_TAG = "BENCH_STREAM_RESULT "
+BATCH_SIZE = 8
+SEED = 0
+EPOCHS = 2  # per run: the first reads the shards as prep wrote them, the second warm
+
+SIZES = {  # target tokens, packed row length, BPE vocab, timing rounds (best round kept)
+    "min": dict(tokens=200_000, seq_len=512, vocab=1024, rounds=1),
+    "cpu": dict(tokens=4_500_000, seq_len=2048, vocab=8192, rounds=3),
+}
+SIZES["gpu"] = SIZES["cpu"]  # the loader runs on the host CPU wherever it runs
+
+# the trainer's need: one GPU training the 1.5B preset
+NEED = dict(device="NVIDIA H200", preset="bumblebee-1.5b", seq_len=4096, mfu=0.5)
+
+
+def source_file() -> Path:
+    src = SHARED / "pretrain_zh_demo.json"
+    return src if src.is_file() else DEMO / "pretrain.json"
+
+
+def documents(path: Path) -> list[str]:
+    """The `{"text"}` documents of a json array (or jsonl) file, empty ones left out."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    else:
+        records = json.loads(text)
+    return [r["text"] for r in records if isinstance(r, dict) and str(r.get("text", "")).strip()]
+
+
+def build_corpus(tok_dir: str, docs: list[str], path: Path, tokens: int, seq_len: int) -> dict:
+    """Repeat `docs` into a jsonl file of about `tokens` tokens (EOS included, as prep counts
+    them) whose packed row count (total // seq_len) is even."""
+    from bumblefast.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tok_dir).backend_tokenizer
+    enc = tok.encode_batch_fast(docs, add_special_tokens=False)
+    lens = [len(e.ids) + 1 for e in enc]  # + EOS
+    rows = max(2, round(tokens / seq_len / 2) * 2)
+    chosen, total, i = [], 0, 0
+    while total < rows * seq_len or (total // seq_len) % 2:
+        chosen.append(docs[i % len(docs)])
+        total += lens[i % len(docs)]
+        i += 1
+    with path.open("w", encoding="utf-8") as f:
+        for t in chosen:
+            f.write(json.dumps({"text": t}, ensure_ascii=False) + "\n")
+    return {"documents": len(chosen), "tokens_expected": total, "rows_expected": total // seq_len}
+
+
+def prep(tok_dir: str, corpus: Path, out: Path, seq_len: int) -> dict:
+    from bumblefast.config import PrepConfig
+    from bumblefast.prep.run import run_prep
+
+    cfg = PrepConfig(
+        stage="pretrain",
+        input=[str(corpus)],
+        tokenizer_name_or_path=tok_dir,
+        seq_len=seq_len,
+        output_dir=str(out),
+        num_workers=1,
+    )
+    t = time.perf_counter()
+    m = run_prep(cfg, progress=False)
+    return {
+        "seconds": time.perf_counter() - t,
+        "rows": m["rows"],
+        "tokens": m["tokens"]["real"],
+        "tail_tokens_dropped": m["tokens"]["tail_tokens_dropped"],
+    }
+
+
+@contextlib.contextmanager
+def single_process_world():
+    """This process as a world of one, whatever launched it (restored afterwards)."""
+    saved = {k: os.environ.pop(k) for k in WORLD_VARS if k in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
+def fresh_copy(shards: Path, dst: Path) -> Path:
+    """A copy of prep's output as prep wrote it (zstd shards only): streaming decompresses a
+    local shard next to its .zstd on first read and keeps both, so a second reader of the same
+    folder would skip the decompression the first one paid for."""
+    import shutil
+
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(shards, dst)
+    return dst
+
+
+def read_epochs(shards: str, epochs: int, barrier=None) -> dict:
+    """Build the loader (timed), then read `epochs` full epochs, each timed (after `barrier`,
+    when given); per epoch: tokens, seconds and the sample ids read."""
+    from bumblefast.shards import build_loader
+
+    t = time.perf_counter()
+    loader = build_loader(shards, batch_size=BATCH_SIZE, seed=SEED)
+    construct = time.perf_counter() - t
+    num_samples = int(loader.dataset.num_samples)
+    out = []
+    for _ in range(epochs):
+        if barrier is not None:
+            barrier()
+        t = time.perf_counter()
+        tokens, batches, ids = 0, 0, []
+        for b in loader:
+            tokens += int(b["num_tokens"])
+            ids += b["sample_ids"].tolist()
+            batches += 1
+        seconds = time.perf_counter() - t
+        out.append({"tokens": tokens, "seconds": seconds, "batches": batches, "sample_ids": ids})
+    del loader
+    gc.collect()  # the dataset's shared memory goes with it
+    return {"construct_seconds": construct, "num_samples": num_samples, "epochs": out}
+
+
+def summarize(per_rank: list[dict], epoch: int) -> dict:
+    """One epoch over all ranks: rows checked; tokens / the slowest rank's seconds."""
+    num_samples = per_rank[0]["num_samples"]
+    eps = [r["epochs"][epoch] for r in per_rank]
+    check_rows([e.pop("sample_ids") for e in eps], num_samples, epoch)
+    tokens, seconds = sum(e["tokens"] for e in eps), max(e["seconds"] for e in eps)
+    return {
+        "ranks": len(per_rank),
+        "tokens": tokens,
+        "seconds": seconds,
+        "tokens_per_s": tokens / seconds,
+        "per_rank_tokens_per_s": tokens / seconds / len(per_rank),
+        "rows": num_samples,
+        "batches": sum(e["batches"] for e in eps),
+        "rank_seconds": [e["seconds"] for e in eps],
+        "construct_seconds": max(r["construct_seconds"] for r in per_rank),
+    }
+
+
+def read_1_rank(shards: Path, epochs: int) -> list[dict]:
+    """This process, a world of one; per epoch, its summary."""
+    from streaming.base.util import clean_stale_shared_memory
+
+    with single_process_world():
+        clean_stale_shared_memory()
+        r = read_epochs(str(shards), epochs)
+    return [summarize([r], e) for e in range(epochs)]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_env(rank: int, world: int, port: int) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in WORLD_VARS}
+    env.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p),
+    )
+    return env
+
+
+def read_n_ranks(shards: Path, epochs: int, logs: Path, world: int = 2, timeout: float = 600):
+    """`world` fresh rank processes on this node, started together; per epoch, the summary,
+    and the ranks' start-up figures."""
+    from streaming.base.util import clean_stale_shared_memory
+
+    with single_process_world():
+        clean_stale_shared_memory()
+    port = free_port()
+    logs.mkdir(parents=True, exist_ok=True)
+    me = str(Path(__file__).resolve())
+    procs = []
+    t = time.perf_counter()
+    for r in range(world):
+        out, err = (logs / f"rank{r}.out").open("w"), (logs / f"rank{r}.err").open("w")
+        cmd = [
+            sys.executable,
+            me,
+            "--rank",
+            str(r),
+            "--shards",
+            str(shards),
+            "--epochs",
+            str(epochs),
+        ]
+        proc = subprocess.Popen(cmd, env=rank_env(r, world, port), stdout=out, stderr=err)
+        procs.append((proc, out, err))
+    try:
+        while any(p.poll() is None for p, _, _ in procs):
+            failed = [r for r, (p, _, _) in enumerate(procs) if p.poll() not in (None, 0)]
+            if failed:
+                code = procs[failed[0]][0].returncode
+                raise RuntimeError(
+                    f"stream bench: rank {failed[0]} of {world} exited with {code}\n"
+                    + rank_logs(logs, world)
+                )
+            if time.perf_counter() - t > timeout:
+                raise RuntimeError(
+                    f"stream bench: {world} ranks timed out after {timeout:.0f}s\n"
+                    + rank_logs(logs, world)
+                )
+            time.sleep(0.05)
+    finally:
+        for p, out, err in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+            out.close()
+            err.close()
+    wall = time.perf_counter() - t
+    for r, (p, _, _) in enumerate(procs):
+        if p.returncode != 0:
+            raise RuntimeError(
+                f"stream bench: rank {r} of {world} exited with {p.returncode}\n"
+                + rank_logs(logs, world)
+            )
+    reports = []
+    for r in range(world):
+        text = (logs / f"rank{r}.out").read_text()
+        lines = [ln for ln in text.splitlines() if ln.startswith(RESULT_TAG)]
+        if not lines:
+            raise RuntimeError(
+                f"stream bench: rank {r} printed no result\n{rank_logs(logs, world)}"
+            )
+        reports.append(json.loads(lines[-1][len(RESULT_TAG) :]))
+    startup = {
+        "launch_to_exit_seconds": wall,
+        "init_seconds": [rep["init_seconds"] for rep in reports],  # imports + process group
+    }
+    return [summarize(reports, e) for e in range(epochs)], startup
+
+
+def rank_logs(logs: Path, world: int) -> str:
+    parts = []
+    for r in range(world):
+        err = (logs / f"rank{r}.err").read_text(errors="replace")[-4000:]
+        parts.append(f"--- rank {r} stderr (last 4000 chars) ---\n{err}")
+    return "\n".join(parts)
+
+
+def check_rows(per_rank: list[list[int]], num_samples: int, epoch: int = 0) -> None:
+    """The ranks' sample ids are disjoint and cover 0..num_samples-1 exactly once."""
+    seen = [i for ids in per_rank for i in ids]
+    if sorted(seen) != list(range(num_samples)):
+        sets = [set(ids) for ids in per_rank]
+        overlap = set.intersection(*sets) if len(sets) > 1 else set()
+        missing = set(range(num_samples)) - set(seen)
+        raise RuntimeError(
+            f"stream bench: in epoch {epoch}, {len(per_rank)} rank(s) did not read each of the "
+            f"{num_samples} rows exactly once: {len(seen)} rows read, {len(missing)} missing, "
+            f"{len(overlap)} read by more than one rank, {len(seen) - len(set(seen))} repeats "
+            "(streaming pads an epoch that does not split evenly over the ranks by repeating rows)"
+        )
+
+
+def rank_main(rank: int, shards: str, epochs: int) -> int:
+    """One rank of the multi-rank read: its world comes from the environment."""
+    t_start = time.perf_counter()
+    import torch.distributed as dist
+
+    import bumblefast.shards  # noqa: F401  (timed here with the rest of start-up)
+
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
+    if dist.get_rank() != rank:
+        raise RuntimeError(f"--rank {rank} but the process group says {dist.get_rank()}")
+    ready = time.perf_counter() - t_start  # imports (torch, streaming) + process group
+    r = read_epochs(shards, epochs, barrier=dist.barrier)  # each epoch timed from a barrier
+    dist.barrier()
+    dist.destroy_process_group()
+    r.update(rank=rank, init_seconds=ready)
+    print(RESULT_TAG + json.dumps(r), flush=True)
+    return 0
+
+
+def trainer_need() -> dict:
+    """Tokens/s one GPU consumes training the preset (computed from the FLOP formulas)."""
+    from bumblefast import flops
+    from bumblefast.modelinfo import read_model_config
+
+    cfg = read_model_config(PRESET)
+    peak = flops.peak_tflops(NEED["device"])
+    per_token = flops.train_flops_per_token(cfg, NEED["seq_len"])
+    need = NEED["mfu"] * peak * 1e12 / per_token
+    return {
+        **NEED,
+        "peak_tflops": peak,
+        "train_flops_per_token": per_token,
+        "need_tokens_per_s_per_gpu": need,
+    }
+
+
+def best(rounds: list[dict]) -> dict:
+    """The fastest round (the machine may be shared), with every round's rate kept."""
+    out = dict(max(rounds, key=lambda r: r["tokens_per_s"]))
+    out["rounds_tokens_per_s"] = [round(r["tokens_per_s"]) for r in rounds]
+    return out
+
+
+def bench(size: str, workdir: Path) -> dict:
+    """`bumblefast bench stream`: the section described in bumblefast/benchlib.py."""
+    import shutil
+
+    from bumblefast import benchlib as BL
+    from bumblefast.tokenizer import train_tokenizer
+
+    z = SIZES[size]
+    tmp = Path(workdir)
+    tmp.mkdir(parents=True, exist_ok=True)
+    src = source_file()
+    notes = [] if SHARED.is_dir() else [f"{SHARED} not present: corpus from {src}"]
+    load_start = os.getloadavg()[0]
+
+    t = time.perf_counter()
+    tok_dir = str(tmp / "tok")
+    train_tokenizer([src], z["vocab"], tok_dir)
+    tok_s = time.perf_counter() - t
+    corpus = build_corpus(tok_dir, documents(src), tmp / "corpus.jsonl", z["tokens"], z["seq_len"])
+    shards = tmp / "shards"  # never read: each run reads its own copy
+    prepped = prep(tok_dir, tmp / "corpus.jsonl", shards, z["seq_len"])
+
+    runs: dict[str, list] = {"1": [], "2": [], "startup": []}
+    for k in range(z["rounds"]):  # interleaved: a busy moment hits both sides alike
+        run1 = fresh_copy(shards, tmp / f"run{k}_1rank")
+        runs["1"].append(read_1_rank(run1, EPOCHS))
+        run2 = fresh_copy(shards, tmp / f"run{k}_2ranks")
+        two, startup = read_n_ranks(run2, EPOCHS, tmp / f"rank_logs_{k}", 2)
+        runs["2"].append(two)
+        runs["startup"].append(startup)
+        shutil.rmtree(run1, ignore_errors=True)
+        shutil.rmtree(run2, ignore_errors=True)
+    load_end = os.getloadavg()[0]
+    # epoch 0 reads the shards as prep wrote them (streaming decompresses each on first use):
+    # what a training run's first epoch costs; epoch 1 reads the shards already decompressed
+    r1, r2 = best([r[0] for r in runs["1"]]), best([r[0] for r in runs["2"]])
+    w1, w2 = best([r[1] for r in runs["1"]]), best([r[1] for r in runs["2"]])
+
+    m1 = BL.measured("stream 1 rank", r1["tokens"], r1["seconds"])
+    m2 = BL.measured("stream 2 ranks (aggregate)", r2["tokens"], r2["seconds"])
+    need = trainer_need()
+    n = need["need_tokens_per_s_per_gpu"]
+    headroom = {
+        "1 rank": r1["per_rank_tokens_per_s"] / n,
+        "2 ranks": r2["per_rank_tokens_per_s"] / n,
+    }
+    explanation = (
+        f"one {NEED['device']} training {NEED['preset']} at seq_len {NEED['seq_len']} and "
+        f"{NEED['mfu']:.0%} MFU consumes {n:,.0f} tokens/s; each reading rank (one per GPU) "
+        "reads headroom times that (2 ranks: the aggregate / 2, both ranks on this machine)"
+    )
+    results = {
+        "source": str(src),
+        "notes": notes,
+        "load_average_at_start": load_start,
+        "load_average_at_end": load_end,
+        "tokenizer_seconds": tok_s,
+        "corpus": corpus,
+        "prep": prepped,
+        "read_1_rank": r1,
+        "read_2_ranks": r2,
+        "read_1_rank_second_epoch": w1,
+        "read_2_ranks_second_epoch": w2,
+        "rank_startup": runs["startup"],
+        "rows_read_exactly_once": True,  # check_rows raised otherwise (every epoch, every run)
+        "trainer_need": need,
+        "need_tokens_per_s_per_gpu": n,
+        "headroom_per_rank": headroom,
+        "headroom_explanation": explanation,
+    }
+    config = {
+        "size": size,
+        **z,
+        "batch_size": BATCH_SIZE,
+        "seed": SEED,
+        "epochs_per_run": EPOCHS,
+        "world_sizes": [1, 2],
+    }
+    return {
+        "config": config,
+        "results": results,
+        "ratios": [BL.ratio("stream 2 ranks vs 1 rank (aggregate tokens/s)", m2, m1)],
+        "points": [BL.point("stream 1 rank", m1["value"]), BL.point("stream 2 ranks", m2["value"])],
+    }
+
+
+def to_markdown(section: dict, host: str, day: str) -> str:
+    r, c = section["results"], section["config"]
+    md = [
+        f"# bench_stream ({host}, {os.cpu_count()} CPUs, {day}, size {c['size']})",
+        "",
+        f"{r['prep']['tokens']:,} tokens in {r['prep']['rows']} rows of {c['seq_len']}, "
+        f"batch_size {c['batch_size']}; load average {r['load_average_at_start']:.2f} at start, "
+        f"{r['load_average_at_end']:.2f} at end; best of {c['rounds']} round(s)",
+        "",
+    ]
+    md += [f"note: {n}" for n in r["notes"]]
+    md += ["| ratio | ours | baseline | ratio |", "|---|---:|---:|---:|"]
+    for x in section["ratios"]:
+        o, b = x["ours"], x["baseline"]
+        md.append(
+            f"| {x['name']} | {o['value']:,.0f} {o['unit']} | {b['value']:,.0f} {b['unit']} "
+            f"| {x['value']:.2f}x |"
+        )
+    md += [
+        "",
+        "| configuration | epoch | s | tokens/s | per rank tokens/s | loader build s | headroom |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    n = r["need_tokens_per_s_per_gpu"]
+    for name, key in (("1 rank", "read_1_rank"), ("2 ranks", "read_2_ranks")):
+        for epoch, x in (("first", r[key]), ("second", r[key + "_second_epoch"])):
+            md.append(
+                f"| {name} | {epoch} | {x['seconds']:.3f} | {x['tokens_per_s']:,.0f} | "
+                f"{x['per_rank_tokens_per_s']:,.0f} | {x['construct_seconds']:.3f} | "
+                f"{x['per_rank_tokens_per_s'] / n:.1f}x |"
+            )
+    init = [s for run in r["rank_startup"] for s in run["init_seconds"]]
+    md += [
+        "",
+        "first epoch: the shards as prep wrote them (streaming decompresses each zstd shard on "
+        "first use); second: already decompressed. Ratio, points and headroom: first epoch.",
+        f"every row read exactly once, every epoch: {r['rows_read_exactly_once']}; rank start-up "
+        f"(imports + process group): {min(init):.1f}-{max(init):.1f}s, not in the rates",
+        f"need: {r['headroom_explanation']}",
+    ]
+    return "\n".join(md) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--size", default="cpu", choices=sorted(SIZES))
+    p.add_argument("--rank", type=int, default=None, help=argparse.SUPPRESS)  # a rank process
+    p.add_argument("--shards", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--epochs", type=int, default=EPOCHS, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.rank is not None:
+        return rank_main(args.rank, args.shards, args.epochs)
+    import shutil
+
+    if not SHARED.is_dir():
+        print(f"note: {SHARED} not present, so the corpus is {source_file()}")
+    tmp = Path(tempfile.mkdtemp(prefix="bench-stream-"))
+    t = time.perf_counter()
+    try:
+        section = bench(args.size, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    section["seconds"] = time.perf_counter() - t
+    day, host = datetime.date.today().isoformat(), socket.gethostname()
+    text = to_markdown(section, host, day)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"bench_stream_{host}_{day}{'' if args.size == 'cpu' else '_' + args.size}"
+    meta = {"date": day, "host": host, "python": platform.python_version()}
+    (out / f"{stem}.json").write_text(json.dumps({**meta, **section}, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(text)
+    print(text)
+    print(f"written: {out / stem}.json, .md ({section['seconds']:.1f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""The one home of the benchmark report format (`bumblefast bench` and benchmarks/*.py).
+
+Every figure is a *measurement*: work done and the seconds it took, measured in this run
+(`value` = work / seconds), a peak memory in MB, or a fraction (part / whole). Every claim is a *ratio* of two
+measurements taken side by side in the same run, stored with both, so a reader (and the CI
+smoke test) can recompute it: `value` = ours / baseline for rates, baseline / ours for
+memory (how many times better ours is, either way).
+
+A benchmark script exposes `bench(size, workdir) -> section`, a section being
+    {"config": {...}, "results": <the script's own detail>, "ratios": [ratio, ...],
+     "points": [point, ...]}
+where a point is one configuration for the plot: {"label", "tokens_per_s", "mfu" or None}.
+Sizes: "min" (CI smoke, seconds), "cpu" (the 2-core machine, minutes), "gpu" (one CUDA
+device, the 1.5B preset).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+SCHEMA = "bumblefast.bench/1"
+SIZES = ("min", "cpu", "gpu")
+SECTIONS = ("prep", "stream", "kernels", "train", "scaling")
+
+
+def measured(label: str, work: float, seconds: float, unit: str = "tokens/s", **extra: Any) -> dict:
+    """A rate measured in this run: `work` units of work in `seconds` wall seconds."""
+    if not (seconds > 0 and math.isfinite(seconds)):
+        raise ValueError(f"{label}: seconds must be a positive time, got {seconds}")
+    return {"label": label, "work": work, "seconds": seconds, "value": work / seconds, "unit": unit, **extra}
+
+
+def memory(label: str, mb: float, **extra: Any) -> dict:
+    """A peak memory (MB) measured in this run; lower is better."""
+    return {"label": label, "value": float(mb), "unit": "MB", **extra}
+
+
+def fraction(label: str, part: float, whole: float, **extra: Any) -> dict:
+    """A share measured in this run (e.g. real tokens / row capacity); higher is better."""
+    return {"label": label, "part": part, "whole": whole, "value": part / whole, "unit": "fraction", **extra}
+
+
+def ratio(name: str, ours: dict, baseline: dict) -> dict:
+    """How many times better `ours` is than `baseline` (both measured in this run)."""
+    if ours["unit"] != baseline["unit"]:
+        raise ValueError(f"{name}: units differ ({ours['unit']} vs {baseline['unit']})")
+    lower_better = ours["unit"] == "MB"
+    value = baseline["value"] / ours["value"] if lower_better else ours["value"] / baseline["value"]
+    return {"name": name, "value": value, "ours": ours, "baseline": baseline,
+            "better": "lower" if lower_better else "higher"}
+
+
+def point(label: str, tokens_per_s: float, mfu: float | None = None) -> dict:
+    return {"label": label, "tokens_per_s": tokens_per_s, "mfu": mfu}
+
+
+def check_section(name: str, section: dict) -> list[str]:
+    """Problems with a section (empty when it is well-formed and every ratio recomputes)."""
+    problems = []
+    for key in ("config", "results", "ratios", "points"):
+        if key not in section:
+            problems.append(f"{name}: missing '{key}'")
+    for r in section.get("ratios", []):
+        problems += [f"{name}/{r.get('name')}: {p}" for p in check_ratio(r)]
+    return problems
+
+
+def check_ratio(r: dict) -> list[str]:
+    problems = []
+    for side in ("ours", "baseline"):
+        m = r.get(side) or {}
+        v = m.get("value")
+        if not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)):
+            problems.append(f"{side} value {v!r} is not a positive number")
+            return problems
+        if m.get("unit") == "fraction":
+            if not (m.get("whole", 0) > 0 and math.isclose(v, m.get("part", -1) / m["whole"], rel_tol=1e-9)):
+                problems.append(f"{side}: value {v} != part / whole")
+        elif m.get("unit") != "MB":
+            if not (m.get("seconds", 0) > 0 and m.get("work", 0) > 0):
+                problems.append(f"{side}: a rate needs positive work and seconds")
+            elif not math.isclose(v, m["work"] / m["seconds"], rel_tol=1e-9):
+                problems.append(f"{side}: value {v} != work / seconds")
+    ours, base = r["ours"]["value"], r["baseline"]["value"]
+    expect = base / ours if r.get("better") == "lower" else ours / base
+    if not math.isclose(r.get("value", float("nan")), expect, rel_tol=1e-9):
+        problems.append(f"ratio {r.get('value')} != {expect} recomputed from its measurements")
+    return problems

@@ -1,0 +1,92 @@
+"""`bumblefast bench`: the report format (every ratio recomputes from what was measured) and a
+smoke run of the whole suite at minimum sizes."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+
+import pytest
+from helpers import ROOT, subprocess_env
+
+from bumblefast import benchlib as BL
+
+
+def _section() -> dict:
+    ours = BL.measured("ours", 1000, 2.0)
+    base = BL.measured("baseline", 1000, 4.0)
+    return {
+        "config": {},
+        "results": {},
+        "ratios": [
+            BL.ratio("speed", ours, base),
+            BL.ratio("memory", BL.memory("ours", 100), BL.memory("ref", 1500)),
+            BL.ratio("packing", BL.fraction("packed", 95, 100), BL.fraction("padded", 60, 100)),
+        ],
+        "points": [BL.point("ours", ours["value"])],
+    }
+
+
+def test_ratios_are_how_many_times_better():
+    sec = _section()
+    speed, mem, pack = sec["ratios"]
+    assert speed["value"] == pytest.approx(2.0)  # 500 tokens/s vs 250
+    assert mem["value"] == pytest.approx(15.0)  # 1500 MB / 100 MB
+    assert pack["value"] == pytest.approx(0.95 / 0.60)
+    assert BL.check_section("x", sec) == []
+
+
+@pytest.mark.parametrize(
+    "tamper, problem",
+    [
+        (lambda s: s["ratios"][0].update(value=3.0), "recomputed"),  # a copied-in ratio
+        (lambda s: s["ratios"][0]["ours"].update(value=900.0), "work / seconds"),  # an edited rate
+        (lambda s: s["ratios"][0]["baseline"].update(seconds=0), "positive"),  # nothing timed
+        (lambda s: s["ratios"][2]["ours"].update(value=0.99), "part / whole"),
+        (lambda s: s.pop("points"), "missing 'points'"),
+    ],
+)
+def test_check_section_catches_numbers_not_measured(tamper, problem):
+    sec = copy.deepcopy(_section())
+    tamper(sec)
+    problems = BL.check_section("x", sec)
+    assert any(problem in p for p in problems), problems
+
+
+def test_ratio_refuses_mixed_units():
+    with pytest.raises(ValueError, match="units differ"):
+        BL.ratio("x", BL.measured("a", 1, 1.0), BL.memory("b", 1))
+    with pytest.raises(ValueError, match="positive time"):
+        BL.measured("a", 1, 0.0)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_bench_all_min_writes_a_checked_report(tmp_path):
+    """The whole suite at minimum sizes: every section runs, every ratio was measured in this run
+    (recomputes from its two measurements, each from work and seconds), table + JSON + PNG."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "bumblefast", "bench", "all", "--size", "min", "--out", str(tmp_path), "--no_progress"],
+        cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=880,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (js,) = tmp_path.glob("*-min.json")
+    report = json.loads(js.read_text())
+    assert report["schema"] == BL.SCHEMA and report["size"] == "min"
+    assert set(report["sections"]) == set(BL.SECTIONS)
+    for name, sec in report["sections"].items():
+        assert BL.check_section(name, sec) == [], name
+        assert sec["ratios"], f"{name}: no ratio measured"
+        assert sec["points"], f"{name}: nothing to plot"
+        assert sec["seconds"] > 0
+    md = js.with_suffix(".md").read_text()
+    for sec in report["sections"].values():
+        for r in sec["ratios"]:
+            assert r["name"] in md
+    png = js.with_suffix(".png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    # the ratios differ from each other: no value was filled in from a template
+    values = [r["value"] for sec in report["sections"].values() for r in sec["ratios"]]
+    assert len(set(values)) > len(values) // 2
