@@ -118,7 +118,7 @@ def step_chat(out: Path, seed: int) -> str:
     cmd = [sys.executable, "-m", "bumblefast", "chat", "--model_path", str(out / "dpo_merged"), "--prompt",
            question["instruction"], "--temperature", "0", "--max_new_tokens", "16"]
     reply = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip()
-    return f"Q: {question['instruction']!r} -> A: {reply!r} (expected {question['output']!r}, a held-out pair)"
+    return f"Q: {question['instruction']!r} -> A: {reply!r} (expected {question['output']!r}, a held-out question)"
 
 
 def step_plots(out: Path, seed: int) -> str:
@@ -181,7 +181,7 @@ def run_demo(out: str | Path = "demo_out", seed: int = 0) -> int:
     for row in [("step", "time", "result")] + rows:
         print("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)))
     if RESULTS:
-        print("\nstages (held-out = questions on pairs never seen in SFT/DPO)")
+        print("\nstages (held-out = questions never asked in SFT or DPO)")
         print(stage_table())
         (out / "summary.json").write_text(json.dumps(RESULTS, indent=2))
     print(f"\noutputs in {out.resolve()}")

@@ -3,8 +3,11 @@
 - `heldout_loss`: mean next-token loss and perplexity over the target tokens of shards
   (pretrain: every token; sft: assistant tokens), computed with the same packed objective
   the trainer uses.
-- `answer_accuracy`: greedy answers to Alpaca-style questions vs their reference `output`
-  (exact match after stripping), through the chat template.
+- `answer_accuracy`: greedy answers to Alpaca-style questions vs their reference `output`,
+  through the chat template: correct when equal after stripping or, for a numeric reference,
+  when the answer states that number and no other ("The answer is 7." answers "7", as
+  GSM8K-style scoring reads the number out of a sentence; "3 + 4 = 7" or a list of numbers
+  does not); `exact_match` is also reported.
 - `preference_accuracy`: fraction of preference pairs whose chosen reply gets a higher
   summed log-prob than the rejected one under the model, and the mean margin.
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -57,6 +61,19 @@ def _prompt_messages(rec: dict) -> list[dict]:
     return msgs + [{"role": "user", "content": question}]
 
 
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def is_correct(answer: str, expected: str) -> bool:
+    answer, expected = answer.strip(), expected.strip()
+    if answer == expected:
+        return True
+    if _NUMBER.fullmatch(expected):
+        found = _NUMBER.findall(answer)
+        return len(found) == 1 and float(found[0]) == float(expected)
+    return False
+
+
 def _stop_ids(tok) -> list[int]:
     return [tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", tok.eos_token) if t in tok.get_vocab()]
 
@@ -64,17 +81,19 @@ def _stop_ids(tok) -> list[int]:
 @torch.no_grad()
 def answer_accuracy(model_path: str | Path, records: list[dict], max_new_tokens: int = 32) -> dict:
     tok, model = _load(model_path)
-    correct, examples = 0, []
+    correct, exact, examples = 0, 0, []
     for rec in records:
         text = tok.apply_chat_template(_prompt_messages(rec), tokenize=False, add_generation_prompt=True)
         ids = tok(text, return_tensors="pt", add_special_tokens=False)
         out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=_stop_ids(tok),
                              pad_token_id=tok.pad_token_id)
         answer = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-        correct += answer == rec["output"].strip()
+        correct += is_correct(answer, rec["output"])
+        exact += answer == rec["output"].strip()
         if len(examples) < 3:
             examples.append({"question": rec["instruction"], "answer": answer, "expected": rec["output"]})
-    return {"accuracy": correct / max(len(records), 1), "n": len(records), "examples": examples}
+    n = max(len(records), 1)
+    return {"accuracy": correct / n, "exact_match": exact / n, "n": len(records), "examples": examples}
 
 
 def _reply_logp(model, tok, prompt_msgs: list[dict], reply: str) -> float:

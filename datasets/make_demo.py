@@ -5,11 +5,16 @@ Every fact "a + b = c" for single digits a, b (0..MAX_OPERAND) appears in the pr
 text: short documents, mostly in the exact answer format "a + b = c", some as plain-text
 question + answer (no chat format), some in other English and Chinese phrasings, a little
 templated filler. Questions end with the sum to complete ("... 3 + 4 =") and the reply is
-the number ("7"). SFT teaches that chat format on the training pairs only; DPO prefers the
-correct sum over a near miss (off by 1 or 2). The held-out pairs are
-never asked in SFT or DPO, so the `*_test.json` files (every question template on every
-held-out pair) measure whether a stage helped the model answer questions it was not
-fine-tuned on.
+the number ("7"). SFT teaches that chat format; DPO prefers the correct sum over a near miss
+(off by 1 or 2).
+
+Held out: questions, not facts. Of the 5 question templates x 25 pairs, a random 30% are
+never asked in SFT or DPO (every pair keeps some of its phrasings there); `sft_test.json`
+asks each held-out question once and `dpo_test.json` pairs them with near misses. So they
+measure what each stage adds on questions it was never fine-tuned on, about facts the
+model can know. (Holding out whole facts instead asks a 3M-parameter model to carry a fact
+from pretraining text to chat on its own: it did for 30-40% of them, and the preference
+accuracy on those stayed where pretraining left it; docs/LOG.md.)
 
 Files have the exact input formats of ../shared/data (one JSON array each):
   pretrain.json / pretrain_test.json   {"text"}
@@ -72,11 +77,30 @@ def fact(a: int, b: int) -> str:
     return f"{a} + {b} = {a + b}"
 
 
-def split_pairs(rng: random.Random) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+Prompt = tuple[int, int, int]  # (question template index, a, b)
+
+
+def split_prompts(rng: random.Random) -> tuple[list[Prompt], list[Prompt]]:
+    """(trained, held-out) questions; every pair keeps at least one trained phrasing."""
     pairs = [(a, b) for a in range(MAX_OPERAND + 1) for b in range(MAX_OPERAND + 1)]
-    rng.shuffle(pairs)
-    n_test = int(len(pairs) * HELD_OUT_FRACTION)
-    return sorted(pairs[n_test:]), sorted(pairs[:n_test])
+    prompts = [(t, a, b) for t in range(len(QUESTION_TEMPLATES)) for a, b in pairs]
+    rng.shuffle(prompts)
+    n_test = int(len(prompts) * HELD_OUT_FRACTION)
+    train, test = sorted(prompts[n_test:]), sorted(prompts[:n_test])
+    assert {(a, b) for _, a, b in train} == set(pairs), "a pair lost all its trained phrasings"
+    return train, test
+
+
+def question(p: Prompt) -> tuple[str, str]:
+    """(instruction, input) of a prompt."""
+    t, a, b = p
+    instruction, inp = QUESTION_TEMPLATES[t]
+    return instruction.format(a=a, b=b), inp.format(a=a, b=b)
+
+
+def prompt_text(p: Prompt) -> str:
+    instruction, inp = question(p)
+    return instruction + ("\n" + inp if inp else "")
 
 
 def filler(rng: random.Random) -> str:
@@ -116,31 +140,36 @@ def pretrain_docs(rng: random.Random, pairs: list[tuple[int, int]], n_docs: int)
     return docs
 
 
-def alpaca_records(rng: random.Random, pairs: list[tuple[int, int]], n: int) -> list[dict]:
+def alpaca_records(rng: random.Random, prompts: list[Prompt], n: int) -> list[dict]:
     out = []
     for _ in range(n):
-        a, b = rng.choice(pairs)
-        instruction, inp = rng.choice(QUESTION_TEMPLATES)
-        rec = {"instruction": instruction.format(a=a, b=b), "input": inp.format(a=a, b=b), "output": answer(a, b)}
+        p = rng.choice(prompts)
+        instruction, inp = question(p)
+        rec = {"instruction": instruction, "input": inp, "output": answer(*p[1:])}
         r = rng.random()
         if r < 0.1:
             rec["system"] = rng.choice(SYSTEM_PROMPTS)
         elif r < 0.2:
-            pa, pb = rng.choice(pairs)
-            q, _ = QUESTION_TEMPLATES[0]
-            rec["history"] = [[q.format(a=pa, b=pb), answer(pa, pb)]]
+            h = rng.choice(prompts)
+            rec["history"] = [[prompt_text(h), answer(*h[1:])]]
         out.append(rec)
     return out
 
 
-def sharegpt_records(rng: random.Random, pairs: list[tuple[int, int]], n: int) -> list[dict]:
+def sharegpt_records(rng: random.Random, prompts: list[Prompt], n: int) -> list[dict]:
+    first = [p for p in prompts if not QUESTION_TEMPLATES[p[0]][1]]  # one-line questions
+    pairs = sorted({p[1:] for p in prompts})
     out = []
     for _ in range(n):
         turns = []
         for t in range(rng.choice([1, 2, 3])):
-            a, b = rng.choice(pairs)
-            q = (rng.choice(QUESTION_TEMPLATES[:2] + QUESTION_TEMPLATES[3:])[0] if t == 0 else rng.choice(FOLLOW_UPS))
-            turns.append({"from": "human", "value": q.format(a=a, b=b)})
+            if t == 0:
+                p = rng.choice(first)
+                q, (a, b) = prompt_text(p), p[1:]
+            else:  # follow-ups are never held out
+                a, b = rng.choice(pairs)
+                q = rng.choice(FOLLOW_UPS).format(a=a, b=b)
+            turns.append({"from": "human", "value": q})
             turns.append({"from": "gpt", "value": answer(a, b)})
         out.append({"conversations": turns})
     return out
@@ -152,15 +181,14 @@ def wrong_sum(rng: random.Random, a: int, b: int) -> int:
     return wrong if wrong >= 0 and wrong != c else c + 1
 
 
-def dpo_records(rng: random.Random, pairs: list[tuple[int, int]], n: int) -> list[dict]:
+def dpo_records(rng: random.Random, prompts: list[Prompt], n: int) -> list[dict]:
     out = []
     for _ in range(n):
-        a, b = rng.choice(pairs)
-        q, inp = rng.choice(QUESTION_TEMPLATES)
-        prompt = q.format(a=a, b=b) + (("\n" + inp.format(a=a, b=b)) if inp else "")
+        p = rng.choice(prompts)
+        a, b = p[1:]
         out.append(
             {
-                "conversations": [{"from": "human", "value": prompt}],
+                "conversations": [{"from": "human", "value": prompt_text(p)}],
                 "chosen": {"from": "gpt", "value": answer(a, b)},
                 "rejected": {"from": "gpt", "value": str(wrong_sum(rng, a, b))},
             }
@@ -171,17 +199,14 @@ def dpo_records(rng: random.Random, pairs: list[tuple[int, int]], n: int) -> lis
 def build(seed: int = 0) -> dict[str, list[dict]]:
     """All demo files as {file name: records}; pure function of the seed."""
     rng = random.Random(seed)
-    train, test = split_pairs(rng)
-    every = sorted(train + test)
+    train, test = split_prompts(rng)
+    every = [(a, b) for a in range(MAX_OPERAND + 1) for b in range(MAX_OPERAND + 1)]
     return {
         "pretrain.json": pretrain_docs(rng, every, 5000),
         "pretrain_test.json": pretrain_docs(rng, every, 100),
         "sft_alpaca.json": alpaca_records(rng, train, 1200),
         "sft_sharegpt.json": sharegpt_records(rng, train, 300),
-        "sft_test.json": [
-            {"instruction": q.format(a=a, b=b), "input": inp.format(a=a, b=b), "output": answer(a, b)}
-            for q, inp in QUESTION_TEMPLATES for a, b in test
-        ],
+        "sft_test.json": [dict(zip(("instruction", "input"), question(p)), output=answer(*p[1:])) for p in test],
         "dpo.json": dpo_records(rng, train, 800),
         "dpo_test.json": dpo_records(rng, test, 120),
     }

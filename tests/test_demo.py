@@ -1,6 +1,6 @@
 """The README's first command end to end: `bumblefast demo` on the bundled data, as a user
 runs it (tokenizer, prep, pretrain, SFT, DPO with LoRA, merge, chat, plots), and the
-held-out answers improve from pretraining to SFT and DPO keeps them.
+held-out answer and preference accuracies improve stage over stage.
 
 About 5 minutes on 2 CPU cores: the longest test, marked slow."""
 
@@ -32,8 +32,10 @@ def test_demo_end_to_end(tmp_path):
     pre, sft, dpo = summary["pretrain"], summary["sft"], summary["dpo"]
     # the pretrained model does not answer in the chat format; SFT teaches it on other pairs,
     # and the held-out pairs are answered from what pretraining stored
-    assert pre["answer_accuracy"] == 0.0
-    assert sft["answer_accuracy"] >= 0.1 and dpo["answer_accuracy"] >= 0.1
+    # held-out questions: answers and preferences improve stage over stage (demo on 2 cores:
+    # answers 0% -> ~40% -> ~85%, preferences ~40% -> ~78% -> ~93%)
+    assert pre["answer_accuracy"] + 0.1 < sft["answer_accuracy"] < dpo["answer_accuracy"]
+    assert pre["preference_accuracy"] + 0.1 < sft["preference_accuracy"] < dpo["preference_accuracy"]
     assert dpo["accuracy"] > 0.5  # DPO separated its training pairs (rewards/accuracies, last step)
     assert pre["loss"] < 1.5 and sft["loss"] < pre["loss"]
 

@@ -55,7 +55,7 @@ def qa(question: str, reply: str) -> tuple[int, int, int]:
     return int(a), int(b), int(reply)
 
 
-def test_answers_are_correct_and_held_out_pairs_unseen_in_finetuning():
+def test_answers_are_correct_and_held_out_questions_unseen_in_finetuning():
     demo = gen["build"](0)
 
     def alpaca(r):
@@ -64,19 +64,21 @@ def test_answers_are_correct_and_held_out_pairs_unseen_in_finetuning():
     def turns(conv):
         return [(conv[i]["value"], conv[i + 1]["value"]) for i in range(0, len(conv) - 1, 2)]
 
-    sft_train = {qa(*alpaca(r)) for r in demo["sft_alpaca.json"]}
-    sft_train |= {qa(q, a) for r in demo["sft_alpaca.json"] for q, a in r.get("history", [])}
-    sft_train |= {qa(q, a) for r in demo["sft_sharegpt.json"] for q, a in turns(r["conversations"])}
-    test = {qa(*alpaca(r)) for r in demo["sft_test.json"]}
-    dpo_train = {qa(r["conversations"][-1]["value"], r["chosen"]["value"]) for r in demo["dpo.json"]}
-    dpo_test = {qa(r["conversations"][-1]["value"], r["chosen"]["value"]) for r in demo["dpo_test.json"]}
-    assert all(a + b == c for a, b, c in sft_train | test | dpo_train | dpo_test)
-    held_out = {(a, b) for a, b, _ in test}
-    assert held_out and {(a, b) for a, b, _ in sft_train | dpo_train}.isdisjoint(held_out)
-    assert {(a, b) for a, b, _ in dpo_test} <= held_out
-    # every held-out fact is stated in the pretraining text (the knowledge SFT must surface)
+    trained = {alpaca(r) for r in demo["sft_alpaca.json"]}
+    trained |= {tuple(h) for r in demo["sft_alpaca.json"] for h in r.get("history", [])}
+    trained |= {t for r in demo["sft_sharegpt.json"] for t in turns(r["conversations"])}
+    trained |= {(r["conversations"][-1]["value"], r["chosen"]["value"]) for r in demo["dpo.json"]}
+    test = {alpaca(r) for r in demo["sft_test.json"]}
+    test |= {(r["conversations"][-1]["value"], r["chosen"]["value"]) for r in demo["dpo_test.json"]}
+    assert all(a + b == c for a, b, c in (qa(*x) for x in trained | test))
+    # no held-out question is ever asked in SFT or DPO...
+    assert {q for q, _ in trained}.isdisjoint({q for q, _ in test})
+    # ...but every fact is trained in some phrasing, and stated in the pretraining text
+    pairs = {(a, b) for a in range(5) for b in range(5)}
+    assert {qa(*x)[:2] for x in trained} == pairs
     pretrain_text = " ".join(r["text"] for r in demo["pretrain.json"])
-    assert all(f"{a} + {b} = {a + b}." in pretrain_text for a, b in held_out)
+    assert all(f"{a} + {b} = {a + b}." in pretrain_text for a, b in pairs)
+    assert len({q for q, _ in test}) == len(demo["sft_test.json"])  # each held-out question once
     # rejected answers are wrong
     for r in demo["dpo.json"] + demo["dpo_test.json"]:
         a, b, c = qa(r["conversations"][-1]["value"], r["rejected"]["value"])

@@ -94,3 +94,25 @@ def test_answer_accuracy_and_cli(model_dir, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out) == result
     (tmp_path / "bad.json").write_text(json.dumps([{"text": "x"}]))
     assert main(["eval", "--model_path", str(model_dir), "--dataset_path", str(tmp_path / "bad.json")]) == 1
+
+
+@pytest.mark.parametrize(
+    "answer, expected, ok",
+    [
+        ("7", "7", True),
+        (" 7\n", "7", True),
+        ("The answer is 7.", "7", True),  # the number read out of a sentence
+        ("答案是 7。", "7", True),
+        ("The answer is 8.", "7", False),
+        ("17", "7", False),
+        ("3 + 4 = 7", "7", False),  # one number, and only that one
+        ("7, 8, 9", "7", False),
+        ("", "7", False),
+        ("Paris", "Paris", True),
+        ("Paris, France", "Paris", False),  # non-numeric references: exact match only
+    ],
+)
+def test_is_correct(answer, expected, ok):
+    from bumblefast.evaluate import is_correct
+
+    assert is_correct(answer, expected) is ok
