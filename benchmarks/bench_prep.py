@@ -206,7 +206,7 @@ def bench_read(shards: Path) -> dict:
 
 SIZES = {  # corpus chars (documents, short records), BPE vocab, timing rounds
     "min": dict(doc_chars=300_000, short_chars=150_000, vocab=1024, rounds=1, naive_records=300),
-    "cpu": dict(doc_chars=12_000_000, short_chars=4_000_000, vocab=8192, rounds=3, naive_records=3000),
+    "cpu": dict(doc_chars=6_000_000, short_chars=3_000_000, vocab=8192, rounds=5, naive_records=3000),
 }
 SIZES["gpu"] = SIZES["cpu"]  # prep runs on CPU nodes: the same sizes wherever it runs
 
