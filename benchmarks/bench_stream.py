@@ -14,7 +14,8 @@ What is measured, on pretrain shards built here:
   skip work the first one paid for. Each run reads 2 epochs: the first over the shards as prep
   wrote them (what a training run's first epoch costs: the ratio, points and headroom), the
   second over the decompressed ones (results only);
-- 1 rank: `build_loader(shards, batch_size=8, seed=0)` in this process, every micro-batch
+- 1 rank: `build_loader(shards, batch_size=8, seed=0)` in a fresh process (started as each
+  of the 2 ranks is, so only the world size differs), every micro-batch
   collated (the trainer's input); tokens = sum of batch["num_tokens"]. The loader's
   construction is timed separately and is not in the rate;
 - 2 ranks on one node: two fresh processes (this file with a hidden `--rank`) with the
@@ -198,16 +199,6 @@ def summarize(per_rank: list[dict], epoch: int) -> dict:
         "rank_seconds": [e["seconds"] for e in eps],
         "construct_seconds": max(r["construct_seconds"] for r in per_rank),
     }
-
-
-def read_1_rank(shards: Path, epochs: int) -> list[dict]:
-    """This process, a world of one; per epoch, its summary."""
-    from streaming.base.util import clean_stale_shared_memory
-
-    with single_process_world():
-        clean_stale_shared_memory()
-        r = read_epochs(str(shards), epochs)
-    return [summarize([r], e) for e in range(epochs)]
 
 
 def free_port() -> int:
@@ -394,7 +385,9 @@ def bench(size: str, workdir: Path) -> dict:
     runs: dict[str, list] = {"1": [], "2": [], "startup": []}
     for k in range(z["rounds"]):  # interleaved: a busy moment hits both sides alike
         run1 = fresh_copy(shards, tmp / f"run{k}_1rank")
-        runs["1"].append(read_1_rank(run1, EPOCHS))
+        # a fresh process like each of the 2 ranks (not this one, which prep and earlier
+        # sections have filled): the same start, the same state, only the world size differs
+        runs["1"].append(read_n_ranks(run1, EPOCHS, tmp / f"rank_logs_{k}_1", 1)[0])
         run2 = fresh_copy(shards, tmp / f"run{k}_2ranks")
         two, startup = read_n_ranks(run2, EPOCHS, tmp / f"rank_logs_{k}", 2)
         runs["2"].append(two)

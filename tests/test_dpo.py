@@ -190,7 +190,7 @@ def test_lora_dpo_separates_pairs_and_exports_peft_adapter(setup):
     history = metrics(out)
     late = [r["rewards/accuracies"] for r in history[-6:]]  # the last two epochs
     assert sum(late) / len(late) >= 0.75, late
-    assert sum(r["loss"] for r in history[-6:]) / 6 < 0.5
+    assert sum(r["loss"] for r in history[-6:]) / 6 < 0.6 < history[0]["loss"]  # from ln 2 = 0.69
     assert history[-1]["rewards/margins"] > history[0]["rewards/margins"]
     assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
 
