@@ -30,13 +30,9 @@ Writes `<out>/bench_prep_<host>_<date>.json` and `.md`.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
-import socket
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -346,26 +342,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--size", default="cpu", choices=sorted(SIZES))
     args = p.parse_args(argv)
-    import shutil
+    from bumblefast.benchlib import run_standalone
 
-    if not SHARED.is_dir():
-        print(f"note: {SHARED} not present, so the real-sample measurements are skipped; demo data only")
-    tmp = Path(tempfile.mkdtemp(prefix="bench-prep-"))
-    try:
-        section = bench(args.size, tmp)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    day, host = datetime.date.today().isoformat(), socket.gethostname()
-    text = to_markdown(section, host, day)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"bench_prep_{host}_{day}{'' if args.size == 'cpu' else '_' + args.size}"
-    (out / f"{stem}.json").write_text(json.dumps({"date": day, "host": host, "python": platform.python_version(),
-                                                  **section}, indent=2) + "\n")
-    (out / f"{stem}.md").write_text(text)
-    print(text)
-    print(f"written: {out / stem}.json, .md")
-    return 0
+    return run_standalone("prep", bench, to_markdown, args.size, args.out)
 
 
 if __name__ == "__main__":

@@ -47,17 +47,14 @@ the 2-vs-1 ratios are omitted). Writes `<out>/bench_scaling_<host>_<date>.json` 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -416,26 +413,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--size", default="cpu", choices=sorted(SIZES))
     args = p.parse_args(argv)
-    tmp = Path(tempfile.mkdtemp(prefix="bench-scaling-"))
-    try:
-        section = bench(args.size, tmp)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    day, host = datetime.date.today().isoformat(), socket.gethostname()
-    text = to_markdown(section, host, day)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"bench_scaling_{host}_{day}{'' if args.size == 'cpu' else '_' + args.size}"
-    (out / f"{stem}.json").write_text(
-        json.dumps(
-            {"date": day, "host": host, "python": platform.python_version(), **section}, indent=2
-        )
-        + "\n"
-    )
-    (out / f"{stem}.md").write_text(text)
-    print(text)
-    print(f"written: {out / stem}.json, .md")
-    return 0
+    from bumblefast.benchlib import run_standalone
+
+    return run_standalone("scaling", bench, to_markdown, args.size, args.out)
 
 
 if __name__ == "__main__":

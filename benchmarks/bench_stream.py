@@ -47,11 +47,9 @@ import datetime
 import gc
 import json
 import os
-import platform
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -501,28 +499,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.rank is not None:
         return rank_main(args.rank, args.shards, args.epochs)
-    import shutil
+    from bumblefast.benchlib import run_standalone
 
-    if not SHARED.is_dir():
-        print(f"note: {SHARED} not present, so the corpus is {source_file()}")
-    tmp = Path(tempfile.mkdtemp(prefix="bench-stream-"))
-    t = time.perf_counter()
-    try:
-        section = bench(args.size, tmp)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    section["seconds"] = time.perf_counter() - t
-    day, host = datetime.date.today().isoformat(), socket.gethostname()
-    text = to_markdown(section, host, day)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"bench_stream_{host}_{day}{'' if args.size == 'cpu' else '_' + args.size}"
-    meta = {"date": day, "host": host, "python": platform.python_version()}
-    (out / f"{stem}.json").write_text(json.dumps({**meta, **section}, indent=2) + "\n")
-    (out / f"{stem}.md").write_text(text)
-    print(text)
-    print(f"written: {out / stem}.json, .md ({section['seconds']:.1f}s)")
-    return 0
+    return run_standalone("stream", bench, to_markdown, args.size, args.out)
 
 
 if __name__ == "__main__":

@@ -87,3 +87,35 @@ def check_ratio(r: dict) -> list[str]:
     if not math.isclose(r.get("value", float("nan")), expect, rel_tol=1e-9):
         problems.append(f"ratio {r.get('value')} != {expect} recomputed from its measurements")
     return problems
+
+
+def run_standalone(name: str, bench, to_markdown, size: str, out_dir: str) -> int:
+    """A script run on its own: `bench(size, tmp)`, then `<out>/bench_<name>_<host>_<date>
+    [_<size>].json` and `.md` (the markdown also printed)."""
+    import datetime
+    import json
+    import platform
+    import shutil
+    import socket
+    import tempfile
+    import time
+    from pathlib import Path
+
+    tmp = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
+    t = time.perf_counter()
+    try:
+        section = bench(size, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    section["seconds"] = time.perf_counter() - t
+    day, host = datetime.date.today().isoformat(), socket.gethostname()
+    text = to_markdown(section, host, day)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"bench_{name}_{host}_{day}{'' if size == 'cpu' else '_' + size}"
+    meta = {"date": day, "host": host, "python": platform.python_version()}
+    stem.with_suffix(".json").write_text(json.dumps({**meta, **section}, indent=2, default=str) + "\n")
+    stem.with_suffix(".md").write_text(text)
+    print(text)
+    print(f"written: {stem}.json, .md ({section['seconds']:.1f}s)")
+    return 0
