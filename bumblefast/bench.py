@@ -14,16 +14,14 @@ import importlib.util
 import json
 import os
 import platform
-import shutil
 import socket
 import sys
-import tempfile
 import time
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from bumblefast.benchlib import SCHEMA, SECTIONS, SIZES, check_section
+from bumblefast.benchlib import SCHEMA, SECTIONS, check_section, timed_section
 from bumblefast.config import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,14 +90,7 @@ def run(sections: list[str], size: str, progress: bool = True) -> dict[str, Any]
     bar = tqdm(sections, desc="bench", unit="section", disable=not progress, file=sys.stderr)
     for name in bar:
         bar.set_postfix_str(name)
-        mod = load_script(name)
-        work = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
-        t = time.perf_counter()
-        try:
-            section = mod.bench(size, work)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-        section["seconds"] = time.perf_counter() - t
+        section = timed_section(name, load_script(name).bench, size)
         problems = check_section(name, section)
         if problems:
             raise RuntimeError(f"bench {name}: malformed section:\n  " + "\n  ".join(problems))
@@ -188,9 +179,7 @@ def write(report: dict[str, Any], out_dir: Path) -> dict[str, Path]:
 
 def cli_main(args) -> int:
     which = list(SECTIONS) if args.what == "all" else [args.what]
-    size = args.size or default_size()
-    if size not in SIZES:
-        raise UserError(f"--size: must be one of {', '.join(SIZES)}, got '{size}'")
+    size = args.size or default_size()  # argparse checked --size against benchlib.SIZES
     report = run(which, size, progress=not args.no_progress)
     paths = write(report, Path(args.out))
     print(to_markdown(report))

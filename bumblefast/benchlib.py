@@ -89,25 +89,34 @@ def check_ratio(r: dict) -> list[str]:
     return problems
 
 
-def run_standalone(name: str, bench, to_markdown, size: str, out_dir: str) -> int:
-    """A script run on its own: `bench(size, tmp)`, then `<out>/bench_<name>_<host>_<date>
-    [_<size>].json` and `.md` (the markdown also printed)."""
-    import datetime
-    import json
-    import platform
+def timed_section(name: str, bench, size: str) -> dict:
+    """`bench(size, workdir)` in a fresh temporary folder (removed after), with its wall
+    `seconds` added: how both `bumblefast bench` and a script run alone call a benchmark."""
     import shutil
-    import socket
     import tempfile
     import time
     from pathlib import Path
 
-    tmp = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
+    work = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
     t = time.perf_counter()
     try:
-        section = bench(size, tmp)
+        section = bench(size, work)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
     section["seconds"] = time.perf_counter() - t
+    return section
+
+
+def run_standalone(name: str, bench, to_markdown, size: str, out_dir: str) -> int:
+    """A script run on its own: its section, then `<out>/bench_<name>_<host>_<date>
+    [_<size>].json` and `.md` (the markdown also printed)."""
+    import datetime
+    import json
+    import platform
+    import socket
+    from pathlib import Path
+
+    section = timed_section(name, bench, size)
     day, host = datetime.date.today().isoformat(), socket.gethostname()
     text = to_markdown(section, host, day)
     out = Path(out_dir)

@@ -246,8 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
         "machine, under 15 minutes for all), gpu (one CUDA device, the 1.5B preset).",
         allow_abbrev=False,
     )
-    p.add_argument("what", nargs="?", default="all", choices=("prep", "stream", "kernels", "train", "scaling", "all"))
-    p.add_argument("--size", choices=("min", "cpu", "gpu"), default=None, help="default: gpu with CUDA, else cpu")
+    from bumblefast.benchlib import SECTIONS, SIZES
+
+    p.add_argument("what", nargs="?", default="all", choices=(*SECTIONS, "all"))
+    p.add_argument("--size", choices=SIZES, default=None, help="default: gpu with CUDA, else cpu")
     p.add_argument("--out", default="benchmarks/results", help="folder for the report (default benchmarks/results)")
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_bench)

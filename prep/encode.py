@@ -117,10 +117,10 @@ class Encoder:
         """[(where, record)] -> [(where, "ok", payload, truncated) | (where, "err", reason, msg)]
         (pretrain: a compact PretrainChunk instead, see _pretrain_results)."""
         out: list[tuple | None] = [None] * len(chunk)
-        texts: list[str] = []
-        owners: list[tuple[int, Any]] = []  # (index in chunk, per-record info)
         if self.s.stage == "pretrain":
             return self._encode_pretrain(chunk, out)
+        texts: list[str] = []
+        owners: list[tuple[int, Any]] = []  # (index in chunk, per-record info)
         for i, (where, rec) in enumerate(chunk):
             if isinstance(rec, RawJSON):
                 rec = rec.parse()
@@ -197,7 +197,7 @@ class Encoder:
         prep adds on top of the tokenizer."""
         key = self.s.text_key
         texts: list[str] = []
-        owners: list[tuple[int, None]] = []
+        owners: list[int] = []  # index in chunk of each text
         for i, (where, rec) in enumerate(chunk):
             if type(rec) is RawJSON:
                 rec = rec.parse()
@@ -205,14 +205,14 @@ class Encoder:
                 text = rec.get(key)
                 if type(text) is str and text and not text.isspace():
                     texts.append(text)
-                    owners.append((i, None))
+                    owners.append(i)
                     continue
             if isinstance(rec, BadRecord):
                 out[i] = (where, "err", rec.reason, rec.message)
                 continue
             try:
                 texts.append(pretrain_text(rec, key))
-                owners.append((i, None))
+                owners.append(i)
             except RecordError as e:
                 out[i] = (where, "err", e.reason, e.message)
         encs = self.tok.encode_batch_fast(texts, add_special_tokens=False)
@@ -226,7 +226,7 @@ class Encoder:
         drop = self.s.overlong == "drop"
         buf: list[int] = []
         lens: list[int] = []
-        for (i, _), enc in zip(owners, encs, strict=True):
+        for i, enc in zip(owners, encs, strict=True):
             ids = enc.ids
             n = len(ids) + 1
             if drop and n > L:
