@@ -9,27 +9,22 @@ precedence is CLI > YAML (`--yaml_config` / `--config`) > defaults.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
-import typing
 
 from bumblefast import config as C
 
 
-def _config_epilog(cls: type) -> str:
-    hints = typing.get_type_hints(cls)
-    lines = ["config keys (give any as --key value; defaults shown):"]
-    for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        lines.append(f"  --{f.name:<34} {C._type_name(hints[f.name]):<28} {default!r}")
-    return "\n".join(lines)
+def _config_epilog(cls: type, title: str = "config keys (give any as --key value):") -> str:
+    return title + "\n" + C.describe_keys(cls)
 
 
 def _train_epilog() -> str:
-    parts = [_config_epilog(C.TrainConfig)]
-    extra = [f for f in dataclasses.fields(C.DPOConfig) if f.name not in C.valid_keys(C.TrainConfig)]
-    parts.append("dpo-only keys: " + ", ".join(f"--{f.name}" for f in extra))
-    return "\n\n".join(parts)
+    dpo_only = [k for k in C.valid_keys(C.DPOConfig) if k not in C.valid_keys(C.TrainConfig)]
+    return "\n\n".join([
+        _config_epilog(C.TrainConfig),
+        C.describe_keys(C.DPOConfig, ["learning_rate"]).replace("default", "default (dpo)"),
+        "dpo-only keys:\n" + C.describe_keys(C.DPOConfig, dpo_only),
+    ])
 
 
 # ---------------------------------------------------------------- subcommand handlers

@@ -22,6 +22,32 @@ KERNEL_CHOICES = ("auto", "liger", "triton", "reference")
 ATTN_CHOICES = ("auto", "flash", "varlen", "sdpa", "sdpa_mask")
 
 
+def key(default: Any = None, help: str = "", *, factory: Any = None) -> Any:
+    """A config key: its default and a one-line meaning, the one home of `--help` and the docs."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+def key_help(f: dataclasses.Field) -> str:
+    return f.metadata.get("help", "")
+
+
+def key_default(f: dataclasses.Field) -> Any:
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+
+
+def describe_keys(cls: type, names: list[str] | None = None) -> str:
+    """`--key  type  default` and the key's meaning, one entry per key: --help and docs."""
+    hints = typing.get_type_hints(cls)
+    lines = []
+    for f in dataclasses.fields(cls):
+        if names is None or f.name in names:
+            lines.append(f"  --{f.name:<32} {_type_name(hints[f.name]):<26} default {key_default(f)!r}")
+            lines.append(f"      {key_help(f)}")
+    return "\n".join(lines)
+
+
 class UserError(ValueError):
     """Bad input a user must fix: the CLI prints the message (no traceback) and exits 1."""
 
@@ -34,57 +60,58 @@ class ConfigError(UserError):
 class TrainConfig:
     """Keys shared by every training stage. Defaults follow BumbleCore's recipes."""
 
-    stage: Literal["pretrain", "continue_pretrain", "sft", "dpo"] = "pretrain"
+    stage: Literal["pretrain", "continue_pretrain", "sft", "dpo"] = key("pretrain", "training stage: sets the objective (LM loss or preference loss) and defaults")
     # model / data
-    model_name_or_path: str | None = None  # preset folder or name for pretrain, HF folder otherwise
-    tokenizer_name_or_path: str | None = None  # default: the model folder
-    dataset_path: str | None = None  # shard folder or URL; raw json/jsonl/parquet is prepped once
-    eval_dataset_path: str | None = None
-    output_dir: str = "outputs/run"
-    cutoff_len: int = 2048  # tokens per packed row (prep's --seq_len)
+    model_name_or_path: str | None = key(None, "preset folder or name for pretrain, HF folder otherwise")
+    tokenizer_name_or_path: str | None = key(None, "default: the model folder")
+    dataset_path: str | None = key(None, "shard folder or URL; raw json/jsonl/parquet is prepped once")
+    eval_dataset_path: str | None = key(None, "held-out shards evaluated at the end of training (optional)")
+    output_dir: str = key("outputs/run", "run folder: final HF model at the root, checkpoints/, tensorboard/, training_metrics.json")
+    cutoff_len: int = key(2048, "tokens per packed row (prep's --seq_len)")
     # schedule
-    num_epochs: int = 1
-    max_steps: int = -1  # > 0 overrides num_epochs
-    learning_rate: float = 5e-5
-    lr_scheduler_type: str = "cosine"  # any transformers SchedulerType name
-    warmup_ratio: float = 0.1
-    warmup_steps: int = 0  # > 0 overrides warmup_ratio
-    min_lr_ratio: float = 0.0
-    weight_decay: float = 0.01
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
+    num_epochs: int = key(1, "passes over the dataset")
+    max_steps: int = key(-1, "> 0 overrides num_epochs")
+    learning_rate: float = key(5e-5, "peak learning rate (AdamW)")
+    lr_scheduler_type: str = key("cosine", "any transformers SchedulerType name")
+    warmup_ratio: float = key(0.1, "fraction of the optimizer steps spent in linear warmup")
+    warmup_steps: int = key(0, "> 0 overrides warmup_ratio")
+    min_lr_ratio: float = key(0.0, "floor of the decay, as a fraction of the peak learning rate")
+    weight_decay: float = key(0.01, "AdamW weight decay, applied to matrices only (not norms or biases)")
+    adam_beta1: float = key(0.9, "AdamW beta1")
+    adam_beta2: float = key(0.95, "AdamW beta2")
+    adam_epsilon: float = key(1e-8, "AdamW epsilon")
+    max_grad_norm: float = key(1.0, "clip the global gradient norm to this (0 disables clipping)")
     # batch
-    train_micro_batch_size_per_gpu: int = 4
-    gradient_accumulation_steps: int = 4
+    train_micro_batch_size_per_gpu: int = key(4, "packed rows per forward pass on each rank")
+    gradient_accumulation_steps: int = key(4, "micro-batches per optimizer step; the loss is normalised by the step's global target-token count")
     # engine
-    deepspeed_config_path: str = "configs/deepspeed/ds_z2.json"
-    bf16: bool = True  # on CUDA; CPU always trains in fp32
-    gradient_checkpointing: bool = True
-    kernels: Literal["auto", "liger", "triton", "reference"] = "auto"
-    attn_backend: Literal["auto", "flash", "varlen", "sdpa", "sdpa_mask"] = "auto"  # flash-attn, torch varlen_attn, per-document SDPA, masked-row SDPA
+    deepspeed_config_path: str = key("configs/deepspeed/ds_z2.json", "DeepSpeed JSON (configs/deepspeed/ds_z{0,1,2,3}.json); its 'auto' values are filled from this config")
+    bf16: bool = key(True, "on CUDA; CPU always trains in fp32")
+    gradient_checkpointing: bool = key(True, "recompute each layer's activations in backward (less memory, ~30% more compute)")
+    kernels: Literal["auto", "liger", "triton", "reference"] = key("auto", "fused ops: auto (Liger/own Triton on CUDA, PyTorch on CPU), or force liger|triton|reference")
+    attn_backend: Literal["auto", "flash", "varlen", "sdpa", "sdpa_mask"] = key("auto", "flash-attn, torch varlen_attn, per-document SDPA, masked-row SDPA")
     # fine-tuning
-    finetuning_type: Literal["full", "lora"] = "full"
-    lora_rank: int = 64
-    lora_alpha: int = 128
-    lora_dropout: float = 0.1
-    lora_target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
+    finetuning_type: Literal["full", "lora"] = key("full", "train all weights (full) or LoRA adapters only (lora)")
+    lora_rank: int = key(64, "LoRA rank r")
+    lora_alpha: int = key(128, "LoRA scaling alpha (the update is scaled by alpha / r)")
+    lora_dropout: float = key(0.1, "dropout on the LoRA input")
+    lora_target_modules: list[str] = key(
+        help="module names that get LoRA adapters (comma-separated on the CLI)",
+        factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
     )
     # checkpoints
-    save_steps: int = 500
-    save_total_limit: int = 3
-    save_last: bool = True
-    resume: str | None = None  # "auto" or a checkpoint folder
+    save_steps: int = key(500, "write a checkpoint every N optimizer steps")
+    save_total_limit: int = key(3, "keep the newest N checkpoints (0 keeps all)")
+    save_last: bool = key(True, "also checkpoint at the end of training")
+    resume: str | None = key(None, "'auto' or a checkpoint folder")
     # logging
-    logging_steps: int = 10
-    use_tensorboard: bool = True
-    peak_tflops: float | None = None  # overrides the per-device peak used for MFU
+    logging_steps: int = key(10, "log metrics every N optimizer steps")
+    use_tensorboard: bool = key(True, "write TensorBoard events to output_dir/tensorboard")
+    peak_tflops: float | None = key(None, "overrides the per-device peak used for MFU")
     # data loading
-    seed: int = 42
-    shuffle: bool = True
-    num_workers: int = 0  # DataLoader worker processes per rank
+    seed: int = key(42, "seed of the model init, shuffle and dropout")
+    shuffle: bool = key(True, "shuffle the shards' rows each epoch (streaming's shuffle)")
+    num_workers: int = key(0, "DataLoader worker processes per rank")
 
     def validate(self) -> list[str]:
         """Value checks beyond types; returns problems as 'key: why' strings."""
@@ -120,30 +147,30 @@ class TrainConfig:
 class PretrainConfig(TrainConfig):
     """Pretraining from random init of a preset (or continued pretraining of a checkpoint)."""
 
-    stage: Literal["pretrain", "continue_pretrain"] = "pretrain"
-    model_name_or_path: str | None = "configs/models/bumblebee-1.5b"
+    stage: Literal["pretrain", "continue_pretrain"] = key("pretrain", "pretrain (random init from a preset) or continue_pretrain (from trained weights)")
+    model_name_or_path: str | None = key("configs/models/bumblebee-1.5b", "model preset folder (random init) or a trained HF model folder")
 
 
 @dataclass
 class SFTConfig(TrainConfig):
     """Supervised fine-tuning: loss on assistant tokens only."""
 
-    stage: Literal["sft"] = "sft"
+    stage: Literal["sft"] = key("sft", "supervised fine-tuning: loss on assistant tokens only")
 
 
 @dataclass
 class DPOConfig(TrainConfig):
     """Preference optimisation on packed [prompt+chosen][prompt+rejected] rows."""
 
-    stage: Literal["dpo"] = "dpo"
-    learning_rate: float = 5e-6
-    pref_loss: Literal["sigmoid", "ipo", "hinge", "robust", "simpo", "orpo"] = "sigmoid"
-    pref_beta: float = 0.1
-    dpo_label_smoothing: float = 0.0  # cDPO / robust DPO noise rate
-    simpo_gamma: float = 0.5
-    ld_alpha: float | None = None  # length-desensitised DPO weight of tokens past the shorter reply
-    sft_weight: float = 0.0  # adds the chosen replies' LM loss
-    ref_model: Literal["auto", "adapter", "copy", "precomputed", "none"] = "auto"
+    stage: Literal["dpo"] = key("dpo", "preference optimisation on packed chosen/rejected pairs")
+    learning_rate: float = key(5e-6, "peak learning rate (AdamW); DPO wants a small one")
+    pref_loss: Literal["sigmoid", "ipo", "hinge", "robust", "simpo", "orpo"] = key("sigmoid", "preference loss: sigmoid (DPO), ipo, hinge, robust, simpo, orpo")
+    pref_beta: float = key(0.1, "beta: strength of the KL anchor to the reference")
+    dpo_label_smoothing: float = key(0.0, "cDPO / robust DPO noise rate")
+    simpo_gamma: float = key(0.5, "SimPO target reward margin")
+    ld_alpha: float | None = key(None, "length-desensitised DPO weight of tokens past the shorter reply")
+    sft_weight: float = key(0.0, "adds the chosen replies' LM loss")
+    ref_model: Literal["auto", "adapter", "copy", "precomputed", "none"] = key("auto", "reference log-probs: adapter (LoRA off), copy (frozen copy), precomputed (shard column), none; auto picks")
 
     def validate(self) -> list[str]:
         errors = super().validate()
@@ -162,21 +189,21 @@ class DPOConfig(TrainConfig):
 class PrepConfig:
     """`bumblefast prep`: raw files -> packed MDS shards for one stage."""
 
-    stage: Literal["pretrain", "sft", "dpo"] = "pretrain"
-    input: list[str] = field(default_factory=list)  # files, globs or folders
-    tokenizer_name_or_path: str | None = None
-    seq_len: int = 2048
-    output_dir: str | None = None  # local folder or remote URL (s3://...)
-    text_key: str = "text"
-    overlong: Literal["auto", "truncate", "drop"] = "auto"  # auto: truncate pretrain, drop sft/dpo
-    on_error: Literal["skip", "fail"] = "skip"
-    num_workers: int = 1
-    node_rank: int = 0
-    num_nodes: int = 1
-    pack_window: int = 10000  # samples considered together by best-fit-decreasing
-    compression: str | None = "zstd"
-    shard_size_limit: str = "64mb"
-    seed: int = 42
+    stage: Literal["pretrain", "sft", "dpo"] = key("pretrain", "which shard schema to write: pretrain rows, sft packed rows, dpo packed pairs")
+    input: list[str] = key(help="files, globs or folders", factory=list)
+    tokenizer_name_or_path: str | None = key(None, "HF tokenizer folder (tokenizer.json + chat template)")
+    seq_len: int = key(2048, "tokens per packed row (train's --cutoff_len)")
+    output_dir: str | None = key(None, "local folder or remote URL (s3://...)")
+    text_key: str = key("text", "pretrain: the record key holding the document text")
+    overlong: Literal["auto", "truncate", "drop"] = key("auto", "auto: truncate pretrain, drop sft/dpo")
+    on_error: Literal["skip", "fail"] = key("skip", "skip: log bad records to errors.jsonl (file:line, reason) and count them; fail: stop at the first")
+    num_workers: int = key(1, "tokenizer processes on this node")
+    node_rank: int = key(0, "this node's index in a multi-node prep (writes part node-<rank>)")
+    num_nodes: int = key(1, "nodes sharing the input; join their parts with `bumblefast prep merge`")
+    pack_window: int = key(10000, "samples considered together by best-fit-decreasing")
+    compression: str | None = key("zstd", "MDS shard compression (zstd, or null for none)")
+    shard_size_limit: str = key("64mb", "target size of one MDS shard file (e.g. 64mb)")
+    seed: int = key(42, "seed of the packing order")
 
     def validate(self) -> list[str]:
         errors = []

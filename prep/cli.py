@@ -14,28 +14,15 @@ defaults); `--cutoff_len` is an alias of `--seq_len`; `--input` takes several va
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 
-from bumblefast.config import PrepConfig, UserError, build_config, load_yaml, parse_cli_overrides
+from bumblefast.config import PrepConfig, UserError, build_config, describe_keys, load_yaml, parse_cli_overrides
 
 USAGE = __doc__ or ""
 
 
 def _help() -> str:
-    keys = "\n".join(
-        f"  --{f.name:<24} default: {f.default if f.default is not dataclasses.MISSING else f.default_factory()}"  # type: ignore[misc]
-        for f in dataclasses.fields(PrepConfig)
-    )
-    return (
-        USAGE
-        + "\nkeys:\n"
-        + keys
-        + "\n\n  --overlong auto: truncate for pretrain (long documents are split across rows),"
-        " drop for sft/dpo;\n    truncate for sft keeps the first seq_len tokens, for dpo the last"
-        " seq_len//2 of each segment\n  --on_error skip: log bad records to errors.jsonl and count them; fail: stop"
-        " at the first\n"
-    )
+    return USAGE + "\nkeys (type, default, meaning):\n" + describe_keys(PrepConfig) + "\n"
 
 
 def join_multi_values(argv: list[str], key: str = "input") -> list[str]:

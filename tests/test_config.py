@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -138,3 +139,10 @@ def test_cli_config_command_exit_codes(tmp_path, capsys):
     assert "did you mean 'pref_beta'?" in capsys.readouterr().err
     assert main(["config", "--yaml_config", str(tmp_path / "missing.yaml")]) == 2
     assert "config file not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cls", [C.TrainConfig, C.PretrainConfig, C.SFTConfig, C.DPOConfig, C.PrepConfig])
+def test_every_key_has_a_description(cls):
+    """--help and the docs read each key's meaning from its one home, the field metadata."""
+    missing = [f.name for f in dataclasses.fields(cls) if len(C.key_help(f).split()) < 2]
+    assert not missing, f"{cls.__name__}: keys without a description: {missing}"
