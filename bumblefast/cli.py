@@ -113,7 +113,7 @@ def cmd_bench(args, rest: list[str]) -> int:
 def cmd_demo(args, rest: list[str]) -> int:
     from bumblefast.demo import run_demo
 
-    return run_demo(args.out, seed=args.seed)
+    return run_demo(args.out, seed=args.seed, threads=args.threads)
 
 
 # ---------------------------------------------------------------- parser
@@ -251,7 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="run the end-to-end demo on the bundled demo data")
     p.add_argument("--out", default="demo_out", help="folder for everything the demo writes")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds packing, init and shuffle of every stage")
+    p.add_argument("--threads", type=int, default=1,
+                   help="intra-op threads per training process (default 1: steady when other work shares the cores)")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -8,6 +8,7 @@ smoke test of the user-facing commands.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -22,6 +23,16 @@ DEMO_CONFIGS = ROOT / "configs" / "demo"
 TINY_PRESET = ROOT / "configs" / "models" / "bumblebee-tiny"
 DEMO_VOCAB = 1024
 DEMO_SEQ_LEN = 256
+# One intra-op thread per training process: on 2 cores, 2 threads ran pretraining ~10x slower
+# as soon as another process shared the cores (each op waits on a descheduled sibling);
+# measurements in docs/LOG.md.
+DEFAULT_THREADS = 1
+
+
+def torch_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
 
 
 def step_data(out: Path, seed: int) -> str:
@@ -69,8 +80,9 @@ def step_prep(out: Path, seed: int) -> str:
 def _train(out: Path, stage: str, extra: list[str]) -> dict:
     """`bumblefast train` as a user runs it; returns the run's summary numbers."""
     cmd = [sys.executable, "-m", "bumblefast", "train", "--yaml_config", str(DEMO_CONFIGS / f"{stage}.yaml"),
-           "--output_dir", str(out / stage), "--dataset_path", str(out / "shards" / stage), *extra]
-    subprocess.run(cmd, check=True)
+           "--output_dir", str(out / stage), "--dataset_path", str(out / "shards" / stage),
+           "--seed", str(SETTINGS["seed"]), *extra]
+    subprocess.run(cmd, check=True, env=_child_env())
     history = json.loads((out / stage / "training_metrics.json").read_text())
     speeds = [r["tokens_per_sec"] for r in history[1:]] or [history[-1]["tokens_per_sec"]]
     accs = [r["rewards/accuracies"] for r in history[-5:] if "rewards/accuracies" in r]
@@ -88,6 +100,12 @@ def _evaluate(model_dir: Path) -> dict:
 
 
 RESULTS: dict[str, dict] = {}
+SETTINGS: dict[str, int] = {"seed": 0, "threads": 1}
+
+
+def _child_env() -> dict[str, str]:
+    """Each training/chat process runs with the demo's thread count (see run_demo)."""
+    return dict(os.environ, OMP_NUM_THREADS=str(SETTINGS["threads"]), TOKENIZERS_PARALLELISM="false")
 
 
 def step_pretrain(out: Path, seed: int) -> str:
@@ -117,7 +135,7 @@ def step_chat(out: Path, seed: int) -> str:
     question = load_records(DEMO_DATA / "sft_test.json")[0]
     cmd = [sys.executable, "-m", "bumblefast", "chat", "--model_path", str(out / "dpo_merged"), "--prompt",
            question["instruction"], "--temperature", "0", "--max_new_tokens", "16"]
-    reply = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip()
+    reply = subprocess.run(cmd, check=True, capture_output=True, text=True, env=_child_env()).stdout.strip()
     return f"Q: {question['instruction']!r} -> A: {reply!r} (expected {question['output']!r}, a held-out question)"
 
 
@@ -166,9 +184,13 @@ def stage_table() -> str:
     return "\n".join("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows)
 
 
-def run_demo(out: str | Path = "demo_out", seed: int = 0) -> int:
+def run_demo(out: str | Path = "demo_out", seed: int = 0, threads: int = DEFAULT_THREADS) -> int:
+    """The whole recipe; `seed` seeds prep's packing and each stage's init/shuffle, `threads`
+    is each training process's intra-op thread count (DEFAULT_THREADS says why)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    SETTINGS.update(seed=seed, threads=threads)
+    torch_threads(threads)
     rows = []
     for name, fn in STEPS:
         t0 = time.perf_counter()
