@@ -167,14 +167,18 @@ def read_epochs(shards: str, epochs: int, barrier=None) -> dict:
     for _ in range(epochs):
         if barrier is not None:
             barrier()
-        t = time.perf_counter()
-        tokens, batches, ids = 0, 0, []
+        t, cpu, main_cpu = time.perf_counter(), time.process_time(), time.thread_time()
+        tokens, batches, ids, first = 0, 0, [], None
         for b in loader:
+            if first is None:
+                first = time.perf_counter() - t
             tokens += int(b["num_tokens"])
             ids += b["sample_ids"].tolist()
             batches += 1
         seconds = time.perf_counter() - t
-        out.append({"tokens": tokens, "seconds": seconds, "batches": batches, "sample_ids": ids})
+        out.append({"tokens": tokens, "seconds": seconds, "batches": batches, "sample_ids": ids,
+                    "first_batch_seconds": first, "cpu_seconds": time.process_time() - cpu,
+                    "main_thread_cpu_seconds": time.thread_time() - main_cpu})
     del loader
     gc.collect()  # the dataset's shared memory goes with it
     return {"construct_seconds": construct, "num_samples": num_samples, "epochs": out}
