@@ -178,6 +178,18 @@ def write(report: dict[str, Any], out_dir: Path) -> dict[str, Path]:
 
 
 def cli_main(args) -> int:
+    if args.what == "report":
+        from bumblefast.benchreport import PUBLISHED, publish
+
+        stale = publish(args.results, check=args.check)
+        if args.check and stale:
+            print("stale (regenerate with `bumblefast bench report`): " + ", ".join(stale), file=sys.stderr)
+            return 1
+        print(("differ: " if args.check else "regenerated: ") + (", ".join(stale) or "none") +
+              f" (of {', '.join(PUBLISHED)})")
+        return 0
+    if args.results:
+        raise UserError(f"bench {args.what}: unexpected argument {args.results!r} (only `bench report` takes a file)")
     which = list(SECTIONS) if args.what == "all" else [args.what]
     size = args.size or default_size()  # argparse checked --size against benchlib.SIZES
     report = run(which, size, progress=not args.no_progress)
