@@ -120,11 +120,13 @@ def to_markdown(report: dict[str, Any]) -> str:
         "| section | comparison | ours | baseline | ratio |",
         "|---|---|---:|---:|---:|",
     ]
+    from bumblefast.benchreport import _claim, _spread
+
     for name, sec in report["sections"].items():
         for r in sec["ratios"]:
             lines.append(
-                f"| {name} | {r['name']} | {r['ours']['label']}: {_fmt(r['ours'])} | "
-                f"{r['baseline']['label']}: {_fmt(r['baseline'])} | {r['value']:.2f}x |"
+                f"| {name} | {r['name']} | {r['ours']['label']}: {_fmt(r['ours'])}{_spread(r['ours'])} | "
+                f"{r['baseline']['label']}: {_fmt(r['baseline'])}{_spread(r['baseline'])} | {_claim(r)} |"
             )
     lines += ["", "| section | configuration | tokens/s | MFU |", "|---|---|---:|---:|"]
     for name, sec in report["sections"].items():
