@@ -1,28 +1,32 @@
 #!/usr/bin/env python3
-"""Training throughput: BumbleFast's packed path vs the loop a user would otherwise run.
+"""Training throughput: BumbleFast's packed path vs what a user would pick today.
 
-Every side trains on exactly the same samples (as prep tokenized them, with their loss
-masks), same model size, same optimizer, in one run. Per stage:
+Every side trains on exactly the same samples (as prep tokenized them, with their loss masks),
+the same model size and initial weights, the same dtype and optimizer (AdamW), in one run:
 
-  sft       ours: packed rows (best-fit-decreasing into seq_len rows), our Bumblebee with
-            per-document attention and the fused linear-CE (no [T, V] logits)
-            baseline: transformers' Qwen2ForCausalLM (SDPA; + Liger kernels on CUDA),
-            micro-batches of `--baseline_batch` samples padded to the longest (BumbleCore / HF)
-  pretrain  ours: the same rows with document-masked attention
-            baseline: transformers on the same [rows, seq_len] blocks (HF's group_texts)
-  dpo       ours with the LoRA adapter as live reference, ours with precomputed reference
-            log-probs (no reference forward), and a TRL-style baseline: transformers + peft
-            LoRA, chosen and rejected padded to the longest of the batch, full logits, live
-            reference forward with the adapter disabled
+  pretrain  ours: packed rows, document-masked attention, fused linear-CE
+            transformers Qwen2ForCausalLM on the same rows as blocks (HF group_texts: attention
+            across documents); transformers on the same rows with per-document position_ids
+            (DataCollatorWithFlattening: documents kept apart, no padding)
+  sft       ours: packed rows (best-fit-decreasing), per-document attention, fused loss
+            transformers packed with position_ids (DataCollatorWithFlattening over the samples
+            of each of our rows); TRL SFTTrainer as its docs recommend for speed (packing=True,
+            packing_strategy="bfd", padding_free=True, completion-only loss), its training_step;
+            BumbleCore's micro-batches of 4 padded to the longest (the seed row)
+  dpo       ours with LoRA: precomputed reference log-probs, and the adapter disabled as live
+            reference; TRL DPOTrainer (its collator, fused log-prob LM head and loss; peft LoRA)
+            with a live reference and with precompute_ref_log_probs=True, the same pairs in the
+            same micro-batches. Views: "policy step only" (both precomputed, the reference
+            scoring timed as its own row) and "end to end" (scoring + policy, or live reference)
 
-Reported per side: real tokens/s (tokens of the samples, padding excluded), real-token
-fraction of what the model computed, and on CUDA MFU (bumblefast.flops on the actual document
-lengths, dense bf16 peak). The ratio ours/baseline is the headline. CPU: tiny preset with a
-tokenizer trained on the data; CUDA: the 1.5B preset (same tokenizer; the vocab of the
-preset sets the LM-head cost).
+Timing: one untimed warm-up step per side, then `--rounds` rounds (5), each side running all
+its micro-batches once per round, the sides interleaved in an order rotated each round;
+reported: median round with min-max, "within noise" unless the ranges part. DPO: >= 64 pairs
+per side over the rounds. Liger kernels on the transformers sides on CUDA. CPU: tiny preset
+with a tokenizer trained on the data; CUDA: the 1.5B preset.
 
   python benchmarks/bench_train.py                       # ../shared/data/alpaca_zh_demo.json
-  python benchmarks/bench_train.py --quick               # CI-sized smoke run
+  python benchmarks/bench_train.py --stage all --quick   # CI-sized smoke run
   python benchmarks/bench_train.py --preset bumblebee-1.5b --seq_len 4096   # on a GPU
 """
 
