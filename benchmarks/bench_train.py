@@ -455,6 +455,8 @@ def compare(stage: str, view: str, ours: dict, base: dict, key: str) -> dict:
     lo_b, hi_b = base[key + "_range"]
     ratio = ours[key] / base[key]
     verdict = "faster" if lo_o > hi_b else ("slower" if hi_o < lo_b else "within noise")
+    if min(len(ours["round_seconds"]), len(base["round_seconds"])) < 2:
+        verdict = "single round"
     name = f"{view}{', ' if view else ''}{base['name']}"
     target = next((t for (st, pre), t in TARGETS.items() if st == stage and name.startswith(pre)), None)
     return {"stage": stage, "view": view, "ours": ours["name"], "baseline": base["name"], "key": key,

@@ -49,6 +49,8 @@ def verdict(ours: dict, baseline: dict) -> str:
     "within noise"; "single round" when a side was timed once (no spread known)."""
     if "range" not in ours or "range" not in baseline:
         return "single round"
+    if min(len(ours.get("round_seconds", ())), len(baseline.get("round_seconds", ()))) < 2:
+        return "single round"
     (olo, ohi), (blo, bhi) = ours["range"], baseline["range"]
     if olo > bhi:
         return "faster"
