@@ -385,9 +385,14 @@ def ceiling_note(r1: dict, r2: dict, ratio: float, ceiling: float) -> str:
             f"M tokens (2 ranks / 1 rank = {work:.2f}); CPU busy / wall: 1 rank {busy1:.0%}, 2 ranks {busy2:.0%} each")
     if ratio <= ceiling * 1.05:
         return head + "."
-    return (head + f". Above the ceiling with the same work: the single rank is busy {busy1:.0%} of its wall "
-            "time (it waits in streaming's sample-ready polling) while each of 2 ranks is "
-            f"{busy2:.0%} busy, so the ratio measures the 1-rank reader's idle time, not scaling.")
+    if work < 0.9:
+        why = f"2 ranks did {work:.2f}x the CPU work per token of 1 rank: not the same work"
+    elif busy1 < 0.9 * busy2:
+        why = (f"the same work, but the single rank computed only {busy1:.0%} of its wall time (each of 2 ranks "
+               f"{busy2:.0%}): it waited (descheduled or sleeping), so the ratio measures its idle time, not scaling")
+    else:
+        why = "the same work and CPU use: timing noise (compare the min-max ranges)"
+    return f"{head}. Above the ceiling: {why}."
 
 
 def bench(size: str, workdir: Path) -> dict:
