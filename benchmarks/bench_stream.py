@@ -34,7 +34,11 @@ What is measured, on pretrain shards built here:
   rank (first-epoch read tokens/s per rank / need).
 
 Sizes: min (CI smoke, ~200k tokens, seq_len 512, seconds), cpu (~4.5M tokens, seq_len 2048,
-about a minute, the best of 3 interleaved rounds); gpu = cpu (reading runs on the host CPU).
+about two minutes, 5 rounds alternating 1 rank and 2 ranks; median and min-max); gpu = cpu
+(reading runs on the host CPU). Per run and rank also the CPU time of the process (all its
+threads): CPU-s per M tokens says whether both configurations did the same work, CPU / wall
+("busy") whether a reader computed or waited; the note under the table compares the ratio with
+its ceiling (2x on 2 cores) and the per-rank rate with the 1-rank rate, from these figures.
 Streaming's leaked shared memory is cleaned (`clean_stale_shared_memory`) before each run.
 Writes `<out>/bench_stream_<host>_<date>.json` and `.md` (`_min` appended for size min).
 """
@@ -66,9 +70,9 @@ BATCH_SIZE = 8
 SEED = 0
 EPOCHS = 2  # per run: the first reads the shards as prep wrote them, the second warm
 
-SIZES = {  # target tokens, packed row length, BPE vocab, timing rounds (best round kept)
-    "min": dict(tokens=200_000, seq_len=512, vocab=1024, rounds=1),
-    "cpu": dict(tokens=4_500_000, seq_len=2048, vocab=8192, rounds=3),
+SIZES = {  # target tokens, packed row length, BPE vocab, interleaved timing rounds (median, min-max)
+    "min": dict(tokens=200_000, seq_len=512, vocab=1024, rounds=2),
+    "cpu": dict(tokens=4_500_000, seq_len=2048, vocab=8192, rounds=5),
 }
 SIZES["gpu"] = SIZES["cpu"]  # the loader runs on the host CPU wherever it runs
 
@@ -167,14 +171,18 @@ def read_epochs(shards: str, epochs: int, barrier=None) -> dict:
     for _ in range(epochs):
         if barrier is not None:
             barrier()
-        t = time.perf_counter()
-        tokens, batches, ids = 0, 0, []
+        t, cpu, main_cpu = time.perf_counter(), time.process_time(), time.thread_time()
+        tokens, batches, ids, first = 0, 0, [], None
         for b in loader:
+            if first is None:
+                first = time.perf_counter() - t
             tokens += int(b["num_tokens"])
             ids += b["sample_ids"].tolist()
             batches += 1
         seconds = time.perf_counter() - t
-        out.append({"tokens": tokens, "seconds": seconds, "batches": batches, "sample_ids": ids})
+        out.append({"tokens": tokens, "seconds": seconds, "batches": batches, "sample_ids": ids,
+                    "first_batch_seconds": first, "cpu_seconds": time.process_time() - cpu,
+                    "main_thread_cpu_seconds": time.thread_time() - main_cpu})
     del loader
     gc.collect()  # the dataset's shared memory goes with it
     return {"construct_seconds": construct, "num_samples": num_samples, "epochs": out}
@@ -186,7 +194,13 @@ def summarize(per_rank: list[dict], epoch: int) -> dict:
     eps = [r["epochs"][epoch] for r in per_rank]
     check_rows([e.pop("sample_ids") for e in eps], num_samples, epoch)
     tokens, seconds = sum(e["tokens"] for e in eps), max(e["seconds"] for e in eps)
+    cpu = sum(e["cpu_seconds"] for e in eps)
     return {
+        "cpu_seconds": cpu,  # all threads of all ranks: the work done, whatever the scheduling
+        "cpu_seconds_per_m_tokens": cpu / tokens * 1e6,
+        "busy": [e["cpu_seconds"] / e["seconds"] for e in eps],  # per rank: CPU time / wall time
+        "main_thread_cpu_seconds": sum(e["main_thread_cpu_seconds"] for e in eps),
+        "first_batch_seconds": max(e["first_batch_seconds"] or 0.0 for e in eps),
         "ranks": len(per_rank),
         "tokens": tokens,
         "seconds": seconds,
@@ -351,11 +365,34 @@ def trainer_need() -> dict:
     }
 
 
-def best(rounds: list[dict]) -> dict:
-    """The fastest round (the machine may be shared), with every round's rate kept."""
-    out = dict(max(rounds, key=lambda r: r["tokens_per_s"]))
+def median_round(rounds: list[dict]) -> dict:
+    """The median round by rate, with every round's rate and seconds kept (min-max beside it)."""
+    ordered = sorted(rounds, key=lambda r: r["tokens_per_s"])
+    out = dict(ordered[len(ordered) // 2])
     out["rounds_tokens_per_s"] = [round(r["tokens_per_s"]) for r in rounds]
+    out["round_seconds"] = [r["seconds"] for r in rounds]
+    out["tokens_per_s_range"] = [ordered[0]["tokens_per_s"], ordered[-1]["tokens_per_s"]]
     return out
+
+
+def ceiling_note(r1: dict, r2: dict, ratio: float, ceiling: float) -> str:
+    """What the measurement says about the 2-rank / 1-rank ratio against the core ceiling."""
+    work = r2["cpu_seconds_per_m_tokens"] / r1["cpu_seconds_per_m_tokens"]
+    busy1, busy2 = r1["busy"][0], sum(r2["busy"]) / len(r2["busy"])
+    head = (f"2 ranks vs 1: {ratio:.2f}x, ceiling {ceiling:.0f}x ({ceiling:.0f} cores); per rank "
+            f"{r2['per_rank_tokens_per_s']:,.0f} tokens/s vs the 1-rank rate {r1['tokens_per_s']:,.0f} (the per-rank "
+            f"ceiling). Work: {r2['cpu_seconds_per_m_tokens']:.3f} vs {r1['cpu_seconds_per_m_tokens']:.3f} CPU-s per "
+            f"M tokens (2 ranks / 1 rank = {work:.2f}); CPU busy / wall: 1 rank {busy1:.0%}, 2 ranks {busy2:.0%} each")
+    if ratio <= ceiling * 1.05:
+        return head + "."
+    if work < 0.9:
+        why = f"2 ranks did {work:.2f}x the CPU work per token of 1 rank: not the same work"
+    elif busy1 < 0.9 * busy2:
+        why = (f"the same work, but the single rank computed only {busy1:.0%} of its wall time (each of 2 ranks "
+               f"{busy2:.0%}): it waited (descheduled or sleeping), so the ratio measures its idle time, not scaling")
+    else:
+        why = "the same work and CPU use: timing noise (compare the min-max ranges)"
+    return f"{head}. Above the ceiling: {why}."
 
 
 def bench(size: str, workdir: Path) -> dict:
@@ -381,25 +418,28 @@ def bench(size: str, workdir: Path) -> dict:
     prepped = prep(tok_dir, tmp / "corpus.jsonl", shards, z["seq_len"])
 
     runs: dict[str, list] = {"1": [], "2": [], "startup": []}
-    for k in range(z["rounds"]):  # interleaved: a busy moment hits both sides alike
-        run1 = fresh_copy(shards, tmp / f"run{k}_1rank")
-        # a fresh process like each of the 2 ranks (not this one, which prep and earlier
-        # sections have filled): the same start, the same state, only the world size differs
-        runs["1"].append(read_n_ranks(run1, EPOCHS, tmp / f"rank_logs_{k}_1", 1)[0])
-        run2 = fresh_copy(shards, tmp / f"run{k}_2ranks")
-        two, startup = read_n_ranks(run2, EPOCHS, tmp / f"rank_logs_{k}", 2)
-        runs["2"].append(two)
-        runs["startup"].append(startup)
-        shutil.rmtree(run1, ignore_errors=True)
-        shutil.rmtree(run2, ignore_errors=True)
+    for k in range(z["rounds"]):  # interleaved, order alternating: a busy moment hits both alike
+        for world in (1, 2) if k % 2 == 0 else (2, 1):
+            # each run: a fresh copy of prep's output (same first-read decompression) read by
+            # fresh processes (the 1 rank too: the same start, only the world size differs)
+            run = fresh_copy(shards, tmp / f"run{k}_{world}")
+            epochs, startup = read_n_ranks(run, EPOCHS, tmp / f"rank_logs_{k}_{world}", world)
+            runs[str(world)].append(epochs)
+            if world == 2:
+                runs["startup"].append(startup)
+            shutil.rmtree(run, ignore_errors=True)
     load_end = os.getloadavg()[0]
     # epoch 0 reads the shards as prep wrote them (streaming decompresses each on first use):
     # what a training run's first epoch costs; epoch 1 reads the shards already decompressed
-    r1, r2 = best([r[0] for r in runs["1"]]), best([r[0] for r in runs["2"]])
-    w1, w2 = best([r[1] for r in runs["1"]]), best([r[1] for r in runs["2"]])
+    r1, r2 = median_round([r[0] for r in runs["1"]]), median_round([r[0] for r in runs["2"]])
+    w1, w2 = median_round([r[1] for r in runs["1"]]), median_round([r[1] for r in runs["2"]])
 
-    m1 = BL.measured("stream 1 rank", r1["tokens"], r1["seconds"])
-    m2 = BL.measured("stream 2 ranks (aggregate)", r2["tokens"], r2["seconds"])
+    m1 = BL.rounds("stream 1 rank", r1["tokens"], r1["round_seconds"])
+    m2 = BL.rounds("stream 2 ranks (aggregate)", r2["tokens"], r2["round_seconds"])
+    ceiling = float(min(2, os.cpu_count() or 1))
+    notes.append("first epoch: " + ceiling_note(r1, r2, m2["value"] / m1["value"], ceiling))
+    notes.append("second epoch (decompressed): " + ceiling_note(w1, w2, w2["tokens_per_s"] / w1["tokens_per_s"],
+                                                                ceiling))
     need = trainer_need()
     n = need["need_tokens_per_s_per_gpu"]
     headroom = {
@@ -453,7 +493,7 @@ def to_markdown(section: dict, host: str, day: str) -> str:
         "",
         f"{r['prep']['tokens']:,} tokens in {r['prep']['rows']} rows of {c['seq_len']}, "
         f"batch_size {c['batch_size']}; load average {r['load_average_at_start']:.2f} at start, "
-        f"{r['load_average_at_end']:.2f} at end; best of {c['rounds']} round(s)",
+        f"{r['load_average_at_end']:.2f} at end; median of {c['rounds']} interleaved round(s) (min-max)",
         "",
     ]
     md += [f"note: {n}" for n in r["notes"]]
@@ -466,15 +506,19 @@ def to_markdown(section: dict, host: str, day: str) -> str:
         )
     md += [
         "",
-        "| configuration | epoch | s | tokens/s | per rank tokens/s | loader build s | headroom |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| configuration | epoch | s | tokens/s median (min-max) | per rank tokens/s | per-rank ceiling "
+        "(1-rank rate) | CPU-s per M tokens | busy (CPU/wall) | loader build s | headroom |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     n = r["need_tokens_per_s_per_gpu"]
     for name, key in (("1 rank", "read_1_rank"), ("2 ranks", "read_2_ranks")):
         for epoch, x in (("first", r[key]), ("second", r[key + "_second_epoch"])):
+            lo, hi = x["tokens_per_s_range"]
+            one = r["read_1_rank" + ("" if epoch == "first" else "_second_epoch")]["tokens_per_s"]
             md.append(
-                f"| {name} | {epoch} | {x['seconds']:.3f} | {x['tokens_per_s']:,.0f} | "
-                f"{x['per_rank_tokens_per_s']:,.0f} | {x['construct_seconds']:.3f} | "
+                f"| {name} | {epoch} | {x['seconds']:.3f} | {x['tokens_per_s']:,.0f} ({lo:,.0f}-{hi:,.0f}) | "
+                f"{x['per_rank_tokens_per_s']:,.0f} | {one:,.0f} | {x['cpu_seconds_per_m_tokens']:.3f} | "
+                f"{', '.join(f'{b:.0%}' for b in x['busy'])} | {x['construct_seconds']:.3f} | "
                 f"{x['per_rank_tokens_per_s'] / n:.1f}x |"
             )
     init = [s for run in r["rank_startup"] for s in run["init_seconds"]]

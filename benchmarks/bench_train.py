@@ -1,28 +1,32 @@
 #!/usr/bin/env python3
-"""Training throughput: BumbleFast's packed path vs the loop a user would otherwise run.
+"""Training throughput: BumbleFast's packed path vs what a user would pick today.
 
-Every side trains on exactly the same samples (as prep tokenized them, with their loss
-masks), same model size, same optimizer, in one run. Per stage:
+Every side trains on exactly the same samples (as prep tokenized them, with their loss masks),
+the same model size and initial weights, the same dtype and optimizer (AdamW), in one run:
 
-  sft       ours: packed rows (best-fit-decreasing into seq_len rows), our Bumblebee with
-            per-document attention and the fused linear-CE (no [T, V] logits)
-            baseline: transformers' Qwen2ForCausalLM (SDPA; + Liger kernels on CUDA),
-            micro-batches of `--baseline_batch` samples padded to the longest (BumbleCore / HF)
-  pretrain  ours: the same rows with document-masked attention
-            baseline: transformers on the same [rows, seq_len] blocks (HF's group_texts)
-  dpo       ours with the LoRA adapter as live reference, ours with precomputed reference
-            log-probs (no reference forward), and a TRL-style baseline: transformers + peft
-            LoRA, chosen and rejected padded to the longest of the batch, full logits, live
-            reference forward with the adapter disabled
+  pretrain  ours: packed rows, document-masked attention, fused linear-CE
+            transformers Qwen2ForCausalLM on the same rows as blocks (HF group_texts: attention
+            across documents); transformers on the same rows with per-document position_ids
+            (DataCollatorWithFlattening: documents kept apart, no padding)
+  sft       ours: packed rows (best-fit-decreasing), per-document attention, fused loss
+            transformers packed with position_ids (DataCollatorWithFlattening over the samples
+            of each of our rows); TRL SFTTrainer as its docs recommend for speed (packing=True,
+            packing_strategy="bfd", padding_free=True, completion-only loss), its training_step;
+            BumbleCore's micro-batches of 4 padded to the longest (the seed row)
+  dpo       ours with LoRA: precomputed reference log-probs, and the adapter disabled as live
+            reference; TRL DPOTrainer (its collator, fused log-prob LM head and loss; peft LoRA)
+            with a live reference and with precompute_ref_log_probs=True, the same pairs in the
+            same micro-batches. Views: "policy step only" (both precomputed, the reference
+            scoring timed as its own row) and "end to end" (scoring + policy, or live reference)
 
-Reported per side: real tokens/s (tokens of the samples, padding excluded), real-token
-fraction of what the model computed, and on CUDA MFU (bumblefast.flops on the actual document
-lengths, dense bf16 peak). The ratio ours/baseline is the headline. CPU: tiny preset with a
-tokenizer trained on the data; CUDA: the 1.5B preset (same tokenizer; the vocab of the
-preset sets the LM-head cost).
+Timing: one untimed warm-up step per side, then `--rounds` rounds (5), each side running all
+its micro-batches once per round, the sides interleaved in an order rotated each round;
+reported: median round with min-max, "within noise" unless the ranges part. DPO: >= 64 pairs
+per side over the rounds. Liger kernels on the transformers sides on CUDA. CPU: tiny preset
+with a tokenizer trained on the data; CUDA: the 1.5B preset.
 
   python benchmarks/bench_train.py                       # ../shared/data/alpaca_zh_demo.json
-  python benchmarks/bench_train.py --quick               # CI-sized smoke run
+  python benchmarks/bench_train.py --stage all --quick   # CI-sized smoke run
   python benchmarks/bench_train.py --preset bumblebee-1.5b --seq_len 4096   # on a GPU
 """
 
@@ -93,18 +97,6 @@ def model_config(preset: str, vocab: int):
     return cfg
 
 
-def timed_steps(step_fn, batches, warmup: int, device: torch.device) -> tuple[float, int]:
-    """Run warmup steps untimed, then time the rest; returns (seconds, timed steps)."""
-    for b in batches[:warmup]:
-        step_fn(b)
-    sync(device)
-    t0 = time.perf_counter()
-    for b in batches[warmup:]:
-        step_fn(b)
-    sync(device)
-    return time.perf_counter() - t0, len(batches) - warmup
-
-
 def load_batches(shards: Path, rows_per_batch: int, n: int, device) -> list[dict]:
     """The first n micro-batches of shuffled rows (a representative sample: best-fit-decreasing
     puts the longest samples in the first rows)."""
@@ -159,9 +151,36 @@ def profile_lines(title: str, prof: dict, top: int = 10) -> list[str]:
     return lines
 
 
-def bench_ours(cfg, batches: list[dict], warmup: int, device, dtype, stage: str, reference: str | None = None,
-               lora_rank: int = 16, profile: bool = False) -> dict:
-    """Our model + the stage's objective on packed micro-batches (a plain AdamW step)."""
+def interleave(sides: list[dict], rounds: int, device) -> None:
+    """Each side: one untimed warm-up step, then `rounds` rounds; in each round every side runs
+    all of its batches once, the sides in an order rotated per round (a busy moment or a cache
+    effect hits each side alike). Fills side["round_seconds"]."""
+    for side in sides:
+        side["step"](side["batches"][0])
+        side["round_seconds"] = []
+    sync(device)
+    for r in range(rounds):
+        for side in sides[r % len(sides):] + sides[:r % len(sides)]:
+            t0 = time.perf_counter()
+            for b in side["batches"]:
+                side["step"](b)
+            sync(device)
+            side["round_seconds"].append(time.perf_counter() - t0)
+
+
+def side(name: str, step, batches: list, real: int, computed: int, doc_lens: list[int], pairs: int | None = None,
+         **extra) -> dict:
+    """One configuration to time: its step, its batches (one round = all of them) and the work
+    one round does (real tokens, tokens computed, pairs for DPO, document lengths for MFU)."""
+    return {"name": name, "step": step, "batches": batches, "real_tokens": real, "computed_tokens": computed,
+            "doc_lens": doc_lens, "pairs": pairs, **extra}
+
+
+def ours_side(cfg, batches: list[dict], device, dtype, stage: str, reference: str | None = None,
+              lora_rank: int = 16) -> dict:
+    """Our model + the stage's objective on packed micro-batches (a plain AdamW step). DPO with
+    reference "precomputed": the side also carries `ref_step`, our reference scoring of a batch
+    (what `bumblefast precompute-ref` runs), timed as its own side."""
     from bumblefast.config import DPOConfig
     from bumblefast.model import Bumblebee
     from bumblefast.train.engine import apply_lora
@@ -170,12 +189,21 @@ def bench_ours(cfg, batches: list[dict], warmup: int, device, dtype, stage: str,
 
     torch.manual_seed(0)
     model = Bumblebee(cfg).init_weights().to(device)
+    batches = [dict(b) for b in batches]
+    extra = {}
     if stage == "dpo":
         model = apply_lora(model, DPOConfig(finetuning_type="lora", lora_rank=lora_rank, lora_alpha=2 * lora_rank))
         obj = DPOObjective(model, PrefLossConfig(), "adapter")
-        if reference == "precomputed":  # what `bumblefast precompute-ref` stores, made untimed
+        if reference == "precomputed":
+            scorer = obj
+
+            def ref_step(b):
+                with autocast(device, dtype):
+                    b["ref_logps"] = scorer.reference_logps(b)
+
             for b in batches:
-                b["ref_logps"] = obj.reference_logps(b)
+                ref_step(b)
+            extra["ref_step"] = ref_step
             obj = DPOObjective(model, PrefLossConfig(), "precomputed")
     else:
         obj = LMObjective(model)
@@ -188,15 +216,13 @@ def bench_ours(cfg, batches: list[dict], warmup: int, device, dtype, stage: str,
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    seconds, n_steps = timed_steps(step, batches, warmup, device)
-    timed = batches[warmup:]
-    tokens = sum(int(b["num_tokens"]) for b in timed)
+    tokens = sum(int(b["num_tokens"]) for b in batches)
     inner = model.get_base_model() if stage == "dpo" else model
-    prof = profile_steps(step, batches[-2:], device) if profile else None
-    return {"profile": prof, "seconds": seconds, "steps": n_steps, "real_tokens": tokens, "computed_tokens": tokens,
-            "pairs": sum(DPOObjective.count(b) for b in timed) if stage == "dpo" else None,
-            "doc_lens": [n for b in timed for n in torch.diff(b["cu_seqlens"]).tolist()],
-            "attn": inner.resolved_attn(device), "kernels": dict(inner.ops(device).backends)}
+    name = f"bumblefast packed ({inner.resolved_attn(device)} attention)" if stage != "dpo" else (
+        f"bumblefast packed, {reference} reference")
+    return side(name, step, batches, tokens, tokens, [n for b in batches for n in torch.diff(b["cu_seqlens"]).tolist()],
+                sum(DPOObjective.count(b) for b in batches) if stage == "dpo" else None,
+                attn=inner.resolved_attn(device), kernels=dict(inner.ops(device).backends), **extra)
 
 
 def hf_model(cfg, device):
@@ -235,67 +261,139 @@ def padded_batches(samples, batch_size: int, pad_id: int, device) -> list[dict]:
     return batches
 
 
-def padded_result(step, batches: list[dict], warmup: int, device, **extra) -> dict:
-    """Time `step` over padded batches; count real (unpadded) and computed tokens."""
-    seconds, n_steps = timed_steps(step, batches, warmup, device)
-    timed = batches[warmup:]
-    return {"seconds": seconds, "steps": n_steps, "real_tokens": sum(b["real"] for b in timed),
-            "computed_tokens": sum(b["padded"] for b in timed), "doc_lens": [n for b in timed for n in b["lens"]],
-            **extra}
+def flattened_batches(sample_groups, device) -> list[dict]:
+    """transformers' DataCollatorWithFlattening on each group of samples (the samples of one of
+    our packed rows): one [1, T] row, per-document position_ids, labels -100 on prompts and on
+    each document's first token; transformers separates the documents by their position_ids."""
+    from transformers import DataCollatorWithFlattening
+
+    collate = DataCollatorWithFlattening(return_position_ids=True)
+    out = []
+    for group in sample_groups:
+        feats = [{"input_ids": x.tolist(), "labels": torch.where(m.bool(), x, torch.full_like(x, -100)).tolist()}
+                 for x, m in group]
+        b = collate(feats)
+        n = b["input_ids"].numel()
+        out.append({"input_ids": b["input_ids"].to(device), "position_ids": b["position_ids"].to(device),
+                    "labels": b["labels"].to(device), "real": n, "padded": n, "lens": [len(x) for x, _ in group]})
+    return out
 
 
-def bench_hf_lm(cfg, batches: list[dict], warmup: int, device, dtype) -> dict:
-    """transformers' Qwen2 (+ Liger on CUDA) on HF-style batches (input_ids/attention_mask/labels)."""
+def hf_side(name: str, cfg, batches: list[dict], device, dtype) -> dict:
+    """transformers' Qwen2 (+ Liger on CUDA) on HF-style batches: input_ids, labels and either
+    attention_mask (padded/blocks) or position_ids (packed, document-separated)."""
     model, liger = hf_model(cfg, device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    keys = ("input_ids", "attention_mask", "position_ids", "labels")
 
     def step(b):
         with autocast(device, dtype):
-            out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"], use_cache=False)
+            out = model(**{k: b[k] for k in keys if k in b}, use_cache=False)
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return padded_result(step, batches, warmup, device, liger=liger)
+    return side(name + (" + Liger" if liger else ""), step, batches, sum(b["real"] for b in batches),
+                sum(b["padded"] for b in batches), [n for b in batches for n in b["lens"]], liger=liger)
 
 
-def bench_trl_dpo(cfg, pair_batches: list[list], warmup: int, device, dtype, pad_id: int, lora_rank: int = 16) -> dict:
-    """TRL-style DPO: [chosen; rejected] padded to the longest, full logits, live reference
-    forward with the LoRA adapter disabled (DPOTrainer's concatenated_forward)."""
-    import torch.nn.functional as F
-    from peft import LoraConfig, get_peft_model
+def trl_args(config_cls, device, dtype, out: str, **kw):
+    return config_cls(output_dir=out, per_device_train_batch_size=1, use_cpu=device.type == "cpu",
+                      bf16=dtype == torch.bfloat16, report_to=[], save_strategy="no", logging_steps=10**9,
+                      disable_tqdm=True, dataloader_num_workers=0, **kw)
 
-    base, liger = hf_model(cfg, device)
-    model = get_peft_model(base, LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0,
-                                            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    prepared = []
-    for pairs in pair_batches:  # pairs: [(chosen ids, chosen mask), (rejected ids, rejected mask)] * P
-        seqs = [s for pair in pairs for s in pair]
-        b = padded_batches(seqs[0::2] + seqs[1::2], len(seqs), pad_id, device)[0]
-        prepared.append(b)
 
-    def logps(m, b):
-        logits = m(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits[:, :-1].float()
-        labels = b["labels"][:, 1:]
-        mask = labels != -100
-        lp = torch.gather(F.log_softmax(logits, -1), 2, labels.clamp(min=0)[..., None]).squeeze(-1)
-        return (lp * mask).sum(-1)
+def trl_sft_side(cfg, samples, seq_len: int, device, dtype, tok, workdir: Path) -> dict:
+    """TRL's SFTTrainer as its docs recommend for speed: packing=True with best-fit-decreasing
+    (padding-free rows with per-document position_ids), completion-only loss, on the same
+    tokenized samples (input_ids + completion_mask); timed: its training_step (TRL's loss with
+    its token-accuracy/entropy metrics, backward) + the same AdamW step."""
+    from trl import SFTConfig, SFTTrainer
+
+    from datasets import Dataset
+
+    model, liger = hf_model(cfg, device)
+    ds = Dataset.from_list([{"input_ids": x.tolist(), "completion_mask": m.tolist()} for x, m in samples])
+    args = trl_args(SFTConfig, device, dtype, str(workdir / "trl_sft"), max_length=seq_len, packing=True,
+                    packing_strategy="bfd", padding_free=True, completion_only_loss=True)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
+    trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train(); training_step reads it
+    batches = list(trainer.get_train_dataloader())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step(b):
-        with autocast(device, dtype):
-            with torch.no_grad(), model.disable_adapter():
-                ref = logps(model, b)
-            pol = logps(model, b)
-        n = pol.shape[0] // 2
-        z = (pol[:n] - pol[n:]) - (ref[:n] - ref[n:])
-        (-F.logsigmoid(0.1 * z).mean()).backward()
+        trainer.training_step(trainer.model, b)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    result = padded_result(step, prepared, warmup, device, liger=liger)
-    result["pairs"] = sum(len(b["lens"]) // 2 for b in prepared[warmup:])
-    return result
+    real = sum(int(b["input_ids"].numel()) for b in batches)
+    lens = [n for b in batches for n in torch.diff(b["cu_seq_lens_q"]).tolist()] if "cu_seq_lens_q" in batches[0] \
+        else [int(b["input_ids"].shape[1]) for b in batches]
+    if sum(lens) != real or real != sum(len(x) for x, _ in samples):
+        raise RuntimeError(f"TRL SFT packed {real} tokens, the samples hold {sum(len(x) for x, _ in samples)}")
+    return side("TRL SFTTrainer, packing=bfd + padding_free" + (" + Liger" if liger else ""), step, batches,
+                real, real, lens, liger=liger)
+
+
+def trl_dpo_sides(cfg, pair_batches: list[list], device, dtype, tok, workdir: Path, lora_rank: int = 16) -> list[dict]:
+    """TRL's DPOTrainer (its collator: [chosen; rejected] padded, its fused-LM-head log-probs and
+    loss; peft LoRA, the reference = the adapter disabled) on the same pairs, in the same
+    micro-batches as ours: live reference (precompute_ref_log_probs=False) and precomputed
+    (precompute_ref_log_probs=True; its reference pass, compute_ref_log_probs over the batches,
+    is timed as its own side `ref_step`). Tokenization is skipped: the pairs are already tokens."""
+    from peft import LoraConfig
+    from trl import DPOConfig, DPOTrainer
+
+    from datasets import Dataset
+
+    class PreTokenized(DPOTrainer):
+        def _prepare_dataset(self, dataset, *args, **kwargs):
+            return dataset
+
+    def split(x, m):  # (ids, loss mask) of one segment -> its prompt and completion
+        first = int(m.nonzero()[0]) if m.any() else len(x)
+        return x[:first].tolist(), x[first:].tolist()
+
+    groups = []
+    for pairs in pair_batches:
+        group = []
+        for (c, cm), (r, rm) in pairs:
+            (p, ch), (_, rj) = split(c, cm), split(r, rm)
+            group.append({"prompt_ids": p, "chosen_ids": ch, "rejected_ids": rj})
+        groups.append(group)
+    out = []
+    for pre in (False, True):
+        model, liger = hf_model(cfg, device)
+        args = trl_args(DPOConfig, device, dtype, str(workdir / f"trl_dpo_{pre}"), max_length=None,
+                        precompute_ref_log_probs=pre)
+        ds = Dataset.from_list([e for g in groups for e in g])
+        trainer = PreTokenized(model=model, args=args, train_dataset=ds, processing_class=tok,
+                               peft_config=LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0,
+                                                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+        trainer.current_gradient_accumulation_steps = 1
+        batches = [trainer._prepare_inputs(trainer.data_collator([dict(e) for e in g])) for g in groups]
+        extra = {}
+        if pre:
+            def ref_step(b, trainer=trainer):
+                b["ref_chosen_logps"], b["ref_rejected_logps"] = trainer.compute_ref_log_probs(trainer.model, b)
+
+            for b in batches:
+                ref_step(b)
+            extra["ref_step"] = ref_step
+        opt = torch.optim.AdamW([p for p in trainer.model.parameters() if p.requires_grad], lr=1e-4)
+
+        def step(b, trainer=trainer, opt=opt):
+            trainer.training_step(trainer.model, b)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        real = sum(int(b["attention_mask"].sum()) for b in batches)
+        computed = sum(int(b["input_ids"].numel()) for b in batches)
+        lens = [int(n) for b in batches for n in b["attention_mask"].sum(1).tolist()]
+        name = "TRL DPOTrainer, " + ("precompute_ref_log_probs=True" if pre else "live reference")
+        out.append(side(name + (" + Liger" if liger else ""), step, batches, real, computed, lens,
+                        sum(len(g) for g in groups), liger=liger, **extra))
+    return out
 
 
 def samples_of(shards: Path, batches: list[dict]) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
@@ -303,24 +401,67 @@ def samples_of(shards: Path, batches: list[dict]) -> list[list[tuple[torch.Tenso
     return [[s for row in unpack_rows(shards, b["sample_ids"].tolist()) for s in row] for b in batches]
 
 
-def summarize(name: str, r: dict, cfg, peak: float | None) -> dict:
+def summarize(sd: dict, cfg, peak: float | None) -> dict:
+    """One table row: median of the rounds with the min-max range (real tokens/s; pairs/s for DPO)."""
+    from bumblefast import benchlib as BL
     from bumblefast import flops
 
+    secs = sd["round_seconds"]
+    tok = BL.rounds(sd["name"], sd["real_tokens"], secs)
     out = {
-        "name": name,
-        "steps": r["steps"],
-        "seconds": r["seconds"],
-        "real_tokens": r["real_tokens"],
-        "computed_tokens": r["computed_tokens"],
-        "real_tokens_per_sec": r["real_tokens"] / r["seconds"],
-        "real_token_fraction": r["real_tokens"] / r["computed_tokens"],
+        "name": sd["name"],
+        "rounds": len(secs),
+        "steps_per_round": len(sd["batches"]),
+        "round_seconds": secs,
+        "seconds": tok["seconds"],
+        "real_tokens": sd["real_tokens"],
+        "computed_tokens": sd["computed_tokens"],
+        "real_tokens_per_sec": tok["value"],
+        "real_tokens_per_sec_range": tok["range"],
+        "real_token_fraction": sd["real_tokens"] / sd["computed_tokens"],
     }
-    if r.get("pairs"):
-        out["pairs"] = r["pairs"]
-        out["pairs_per_sec"] = r["pairs"] / r["seconds"]
+    if sd.get("pairs"):
+        pairs = BL.rounds(sd["name"], sd["pairs"], secs, "pairs/s")
+        out.update(pairs=sd["pairs"], pairs_per_sec=pairs["value"], pairs_per_sec_range=pairs["range"])
     if peak:
-        out["mfu"] = flops.train_flops(cfg, r["doc_lens"]) / r["seconds"] / (peak * 1e12)
+        out["mfu"] = flops.train_flops(cfg, sd["doc_lens"]) / tok["seconds"] / (peak * 1e12)
     return out
+
+
+def combined(name: str, first: dict, then: dict) -> dict:
+    """A side whose round is `first`'s round followed by `then`'s (reference scoring + policy
+    steps over the same pairs: the end-to-end view of a precomputed reference)."""
+    return {**then, "name": name, "round_seconds": [a + b for a, b in zip(first["round_seconds"],
+                                                                            then["round_seconds"])]}
+
+
+def ref_side(name: str, policy: dict) -> dict:
+    """The reference scoring of a precomputed-reference side, timed over the same batches."""
+    return {**policy, "name": name, "step": policy["ref_step"]}
+
+
+# (stage, baseline name prefix) -> the ratio ours must reach (issue 13; CPU, tiny preset, 2 cores)
+TARGETS = {
+    ("sft", "transformers packed"): 1.4,
+    ("sft", "TRL SFTTrainer"): 1.4,
+    ("dpo", "policy step only"): 1.5,
+    ("dpo", "end to end, TRL DPOTrainer, live"): 1.5,
+}
+
+
+def compare(stage: str, view: str, ours: dict, base: dict, key: str) -> dict:
+    """Ours vs one baseline: median ratio, both ranges and the verdict (overlap = within noise)."""
+    lo_o, hi_o = ours[key + "_range"]
+    lo_b, hi_b = base[key + "_range"]
+    ratio = ours[key] / base[key]
+    verdict = "faster" if lo_o > hi_b else ("slower" if hi_o < lo_b else "within noise")
+    if min(len(ours["round_seconds"]), len(base["round_seconds"])) < 2:
+        verdict = "single round"
+    name = f"{view}{', ' if view else ''}{base['name']}"
+    target = next((t for (st, pre), t in TARGETS.items() if st == stage and name.startswith(pre)), None)
+    return {"stage": stage, "view": view, "ours": ours["name"], "baseline": base["name"], "key": key,
+            "ratio": ratio, "verdict": verdict, "target": target,
+            "target_met": None if target is None else bool(ratio >= target)}
 
 
 def run_stage(stage: str, args, device, dtype, preset: str, peak) -> dict:
@@ -332,63 +473,126 @@ def run_stage(stage: str, args, device, dtype, preset: str, peak) -> dict:
     data = Path(args.data) if args.data and stage == args.stage else (
         SHARED / real if (SHARED / real).is_file() else DEMO / fallback)
     seq_len = 256 if args.quick else args.seq_len
-    steps = args.steps or (3 if args.quick else (20 if device.type == "cuda" else 12))
-    warmup = 1 if args.quick else args.warmup
+    steps = args.steps or (2 if args.quick else (8 if device.type == "cuda" else 4))
+    rounds = args.rounds
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         tok_dir, shards = prepare(data, stage, seq_len, Path(tmp), args.vocab)
         tok = AutoTokenizer.from_pretrained(tok_dir)
         cfg = model_config(preset, len(tok))
-        batches = load_batches(shards, args.rows, warmup + steps, device)
-        warmup = min(warmup, max(len(batches) - 1, 0))
-        print(f"[{stage}] data {data.name}: {len(batches)} micro-batches of {args.rows} row(s) <= {seq_len} tokens; "
-              f"preset {preset} ({flops.param_count(cfg) / 1e6:.1f}M params), {device}, {dtype}; "
-              f"prep {time.perf_counter() - t0:.1f}s", flush=True)
-        results = []
-        if stage == "dpo":
-            for ref in ("adapter", "precomputed"):
-                r = bench_ours(cfg, [dict(b) for b in batches], warmup, device, dtype, "dpo", ref)
-                results.append(summarize(f"bumblefast packed, {ref} reference", r, cfg, peak))
-                print(f"  ours ({ref}) {r['seconds']:.1f}s", flush=True)
-            pairs = [[(s[i], s[i + 1]) for i in range(0, len(s), 2)] for s in samples_of(shards, batches)]
-            base = bench_trl_dpo(cfg, pairs, warmup, device, dtype, tok.pad_token_id)
-            results.append(summarize("TRL-style padded, live reference" + (" + Liger" if base["liger"] else ""),
-                                     base, cfg, peak))
+        from bumblefast.train.objectives import DPOObjective
+
+        if stage == "dpo":  # enough micro-batches that each side times >= min_pairs pairs over its rounds
+            pool = load_batches(shards, args.rows, 10**6, device)
+            batches, pairs = [], 0
+            for b in pool:
+                if len(batches) >= steps and pairs * rounds >= args.min_pairs:
+                    break
+                batches.append(b)
+                pairs += DPOObjective.count(b)
         else:
-            ours = bench_ours(cfg, batches, warmup, device, dtype, stage, profile=getattr(args, "profile", False))
-            results.append(summarize(f"bumblefast packed ({ours['attn']} attention)", ours, cfg, peak))
-            if ours["profile"]:
-                results[-1]["profile"] = ours["profile"]
-            print(f"  ours {ours['seconds']:.1f}s", flush=True)
-            if stage == "sft":  # the same samples, shuffled, padded per micro-batch of 4
-                samples = [s for group in samples_of(shards, batches) for s in group]
-                n_warm = sum(len(g) for g in samples_of(shards, batches[:warmup]))
-                order = torch.randperm(len(samples) - n_warm, generator=torch.Generator().manual_seed(0)).tolist()
-                timed = [samples[n_warm + i] for i in order]
-                hf_batches = padded_batches(samples[:n_warm], args.baseline_batch, tok.pad_token_id, device)
-                hf_warm = len(hf_batches)
-                hf_batches += padded_batches(timed, args.baseline_batch, tok.pad_token_id, device)
-                label = f"transformers padded x{args.baseline_batch}"
-            else:  # pretrain: HF's group_texts blocks = the same rows, no document masking
-                hf_batches, hf_warm = [], warmup
+            batches = load_batches(shards, args.rows, steps, device)
+        print(f"[{stage}] data {data.name}: {len(batches)} micro-batches of {args.rows} row(s) <= {seq_len} tokens "
+              f"per round, {rounds} rounds; preset {preset} ({flops.param_count(cfg) / 1e6:.1f}M params), {device}, "
+              f"{dtype}; prep {time.perf_counter() - t0:.1f}s", flush=True)
+        groups = samples_of(shards, batches) if stage != "pretrain" else [
+            [(b["input_ids"][a:e], torch.ones(e - a, dtype=torch.long))
+             for a, e in zip(b["cu_seqlens"][:-1].tolist(), b["cu_seqlens"][1:].tolist())] for b in batches]
+        work = Path(tmp)
+        if stage == "dpo":
+            live = ours_side(cfg, batches, device, dtype, "dpo", "adapter")
+            pre = ours_side(cfg, batches, device, dtype, "dpo", "precomputed")
+            pairs = [[(g[i], g[i + 1]) for i in range(0, len(g), 2)] for g in groups]
+            trl_live, trl_pre = trl_dpo_sides(cfg, pairs, device, dtype, tok, work)
+            ours_ref, trl_ref = ref_side("bumblefast reference scoring", pre), ref_side(
+                "TRL DPOTrainer reference scoring (compute_ref_log_probs)", trl_pre)
+            sides = [pre, trl_pre, live, trl_live, ours_ref, trl_ref]
+        else:
+            ours = ours_side(cfg, batches, device, dtype, stage)
+            packed = hf_side("transformers packed, position_ids (DataCollatorWithFlattening)", cfg,
+                             flattened_batches(groups, device), device, dtype)
+            sides = [ours, packed]
+            if stage == "sft":
+                samples = [s for g in groups for s in g]
+                sides.append(trl_sft_side(cfg, samples, seq_len, device, dtype, tok, work))
+                order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(0)).tolist()
+                sides.append(hf_side(f"transformers padded x{args.baseline_batch} (BumbleCore)", cfg,
+                                     padded_batches([samples[i] for i in order], args.baseline_batch,
+                                                    tok.pad_token_id, device), device, dtype))
+            else:  # HF's group_texts blocks = the same rows, no document masking
+                blocks = []
                 for b in batches:
                     ids = b["input_ids"].view(-1, seq_len)
-                    hf_batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids,
-                                       "real": ids.numel(), "padded": ids.numel(), "lens": [seq_len] * ids.shape[0]})
-                label = "transformers blocks (cross-document attention)"
-            base = bench_hf_lm(cfg, hf_batches, hf_warm, device, dtype)
-            results.append(summarize(label + (" + Liger" if base["liger"] else ""), base, cfg, peak))
-        print(f"  baseline {base['seconds']:.1f}s", flush=True)
-    key = "pairs_per_sec" if stage == "dpo" else "real_tokens_per_sec"
-    return {"stage": stage, "data": data.name, "seq_len": seq_len, "results": results,
-            "attention": ours["attn"] if stage != "dpo" else None,
-            f"speedup_{key}": results[0][key] / results[-1][key]}
+                    blocks.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids,
+                                   "real": ids.numel(), "padded": ids.numel(), "lens": [seq_len] * ids.shape[0]})
+                sides.append(hf_side("transformers blocks (cross-document attention)", cfg, blocks, device, dtype))
+        interleave(sides, rounds, device)
+        for sd in sides:
+            print(f"  {sd['name']}: rounds {', '.join(f'{x:.2f}' for x in sd['round_seconds'])} s", flush=True)
+        rows = [summarize(sd, cfg, peak) for sd in sides]
+        comparisons = []
+        if stage == "dpo":
+            by = {r["name"]: r for r in rows}
+            ref_o, ref_t = by[ours_ref["name"]], by[trl_ref["name"]]
+            e2e_o = summarize(combined("bumblefast precomputed reference, scoring + policy", ours_ref, pre), cfg, peak)
+            e2e_t = summarize(combined("TRL DPOTrainer precompute_ref_log_probs=True, scoring + policy", trl_ref,
+                                       trl_pre), cfg, peak)
+            rows = [by[pre["name"]], by[trl_pre["name"]], e2e_o, e2e_t, by[live["name"]], by[trl_live["name"]],
+                    ref_o, ref_t]
+            comparisons = [
+                compare("dpo", "policy step only", by[pre["name"]], by[trl_pre["name"]], "pairs_per_sec"),
+                compare("dpo", "end to end", e2e_o, by[trl_live["name"]], "pairs_per_sec"),
+                compare("dpo", "end to end", e2e_o, e2e_t, "pairs_per_sec"),
+                compare("dpo", "end to end", by[live["name"]], by[trl_live["name"]], "pairs_per_sec"),
+                compare("dpo", "reference scoring", ref_o, ref_t, "pairs_per_sec"),
+            ]
+        else:
+            comparisons = [compare(stage, "", rows[0], r, "real_tokens_per_sec") for r in rows[1:]]
+            if getattr(args, "profile", False):
+                rows[0]["profile"] = profile_steps(sides[0]["step"], batches[-2:], device)
+    return {"stage": stage, "data": data.name, "seq_len": seq_len, "rounds": rounds, "results": rows,
+            "comparisons": comparisons, "attention": sides[0].get("attn") if stage != "dpo" else None}
 
 
-SIZES = {  # per size: the arguments of one run_stage call
-    "min": dict(quick=True),
-    "cpu": dict(quick=False, seq_len=1024, steps=8, warmup=1),
-    "gpu": dict(quick=False, seq_len=4096, steps=8, warmup=2, preset="bumblebee-1.5b", profile=True),
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("torch", "transformers", "trl", "peft", "datasets", "liger-kernel"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def table(stages: list[dict], title: str) -> list[str]:
+    """Markdown: every configuration (median, min-max over rounds) and every comparison."""
+    lines = [title, "", "| stage | configuration | real tokens/s median (min-max) | pairs/s median (min-max) "
+             "| real-token fraction | MFU |", "|---|---|---|---|---|---|"]
+    for st in stages:
+        for r in st["results"]:
+            lo, hi = r["real_tokens_per_sec_range"]
+            pairs = (f"{r['pairs_per_sec']:.2f} ({r['pairs_per_sec_range'][0]:.2f}-{r['pairs_per_sec_range'][1]:.2f})"
+                     if "pairs_per_sec" in r else "-")
+            mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "n/a (CPU)"
+            lines.append(f"| {st['stage']} (seq {st['seq_len']}, {st['rounds']} rounds) | {r['name']} | "
+                         f"{r['real_tokens_per_sec']:,.0f} ({lo:,.0f}-{hi:,.0f}) | {pairs} | "
+                         f"{r['real_token_fraction']:.3f} | {mfu} |")
+    lines += ["", "| stage | view | ours | baseline | ratio (medians) | verdict | target |", "|---|---|---|---|---|---|---|"]
+    for st in stages:
+        for c in st["comparisons"]:
+            tgt = "-" if c["target"] is None else f">= {c['target']}x: {'met' if c['target_met'] else 'MISSED'}"
+            lines.append(f"| {c['stage']} | {c['view'] or c['key'].replace('_per_sec', '/s')} | {c['ours']} | "
+                         f"{c['baseline']} | {c['ratio']:.2f}x | {c['verdict']} | {tgt} |")
+    lines += ["", "verdict: 'faster'/'slower' only when the min-max ranges of the rounds do not overlap."]
+    return lines
+
+
+SIZES = {  # per size: the arguments of one run_stage call (steps = micro-batches per round)
+    "min": dict(quick=True, rounds=2, min_pairs=0),
+    "cpu": dict(quick=False, seq_len=1024, steps=4, rounds=5, min_pairs=64),
+    "gpu": dict(quick=False, seq_len=4096, steps=8, rounds=5, min_pairs=64, preset="bumblebee-1.5b", profile=True),
 }
 
 
@@ -405,32 +609,40 @@ def device_setup(preset: str | None):
 
 def bench(size: str, workdir: Path) -> dict:
     """`bumblefast bench train`: the section described in bumblefast/benchlib.py. Per stage, ours
-    vs the baseline in real tokens/s (dpo: pairs/s) and real-token fraction; MFU on CUDA."""
+    vs each peer in real tokens/s (dpo: pairs/s), median of interleaved rounds with min-max."""
     from bumblefast import benchlib as BL
 
     z = dict(SIZES[size])
     args = argparse.Namespace(stage="all", data=None, preset=z.pop("preset", None), seq_len=z.get("seq_len", 2048),
-                              rows=1, baseline_batch=4, steps=z.get("steps"), warmup=z.get("warmup", 2), vocab=8192,
-                              quick=z["quick"], profile=z.get("profile", False))
+                              rows=1, baseline_batch=4, steps=z.get("steps"), rounds=z["rounds"],
+                              min_pairs=z["min_pairs"], vocab=8192, quick=z["quick"], profile=z.get("profile", False))
     device, dtype, preset, peak = device_setup(args.preset)
     stages = [run_stage(st, args, device, dtype, preset, peak) for st in ("pretrain", "sft", "dpo")]
     ratios, points = [], []
     for st in stages:
-        rs, base = st["results"], st["results"][-1]
-        unit, key = ("pairs/s", "pairs") if st["stage"] == "dpo" else ("tokens/s", "real_tokens")
-        for r in rs:
+        by = {r["name"]: r for r in st["results"]}
+        for r in st["results"]:
             points.append(BL.point(f"{st['stage']}: {r['name']}", r["real_tokens_per_sec"], r.get("mfu")))
-        for r in rs[:-1]:
-            name = f"{st['stage']} (seq {st['seq_len']}): {r['name']} vs {base['name']}"
-            ratios.append(BL.ratio(name + f" ({unit})", BL.measured(r["name"], r[key], r["seconds"], unit),
-                                   BL.measured(base["name"], base[key], base["seconds"], unit)))
-            ratios.append(BL.ratio(name + " (real-token fraction)",
-                                   BL.fraction(r["name"], r["real_tokens"], r["computed_tokens"]),
-                                   BL.fraction(base["name"], base["real_tokens"], base["computed_tokens"])))
+        for c in st["comparisons"]:
+            unit, work = ("pairs/s", "pairs") if c["key"] == "pairs_per_sec" else ("tokens/s", "real_tokens")
+            o, b = by[c["ours"]], by[c["baseline"]]
+            view = f"{c['view']}: " if c["view"] else ""
+            name = f"{st['stage']} (seq {st['seq_len']}) {view}{o['name']} vs {b['name']} ({unit})"
+            ratios.append(BL.ratio(name, BL.rounds(o["name"], o[work], o["round_seconds"], unit),
+                                   BL.rounds(b["name"], b[work], b["round_seconds"], unit)))
+            ratios[-1].update(target=c["target"], stage=st["stage"], view=c["view"])
+            if b["real_token_fraction"] < 0.999 and c["key"] != "pairs_per_sec":
+                ratios.append(BL.ratio(f"{st['stage']} (seq {st['seq_len']}) {o['name']} vs {b['name']} "
+                                       "(real-token fraction)",
+                                       BL.fraction(o["name"], o["real_tokens"], o["computed_tokens"]),
+                                       BL.fraction(b["name"], b["real_tokens"], b["computed_tokens"])))
     config = {"size": size, "preset": preset, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
-              "peak_tflops": peak, **{k: v for k, v in vars(args).items() if k != "data"}}
+              "peak_tflops": peak, "versions": versions(), **{k: v for k, v in vars(args).items() if k != "data"}}
     notes = [] if peak else ["MFU is reported on CUDA only (no meaningful peak for a CPU)"]
-    return {"config": config, "results": {"stages": stages, "notes": notes}, "ratios": ratios, "points": points}
+    if size == "min":
+        notes.append(f"size min: {args.rounds} rounds of {2} micro-batches (a smoke run, not a measurement)")
+    return {"config": config, "results": {"stages": stages, "notes": notes, "versions": config["versions"]},
+            "ratios": ratios, "points": points}
 
 
 def main() -> int:
@@ -440,9 +652,10 @@ def main() -> int:
     p.add_argument("--preset", default=None, help="model preset (default: tiny on CPU, bumblebee-1.5b on CUDA)")
     p.add_argument("--seq_len", type=int, default=2048)
     p.add_argument("--rows", type=int, default=1, help="packed rows per micro-batch (ours)")
-    p.add_argument("--baseline_batch", type=int, default=4, help="samples per padded micro-batch (sft baseline)")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--baseline_batch", type=int, default=4, help="samples per padded micro-batch (sft seed row)")
+    p.add_argument("--steps", type=int, default=None, help="micro-batches per round and side")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (median and min-max reported)")
+    p.add_argument("--min_pairs", type=int, default=64, help="dpo: pairs each side times over all its rounds")
     p.add_argument("--vocab", type=int, default=8192, help="size of the tokenizer trained on the data")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--quick", action="store_true", help="tiny sizes for CI")
@@ -460,31 +673,22 @@ def main() -> int:
         "dtype": str(dtype).removeprefix("torch."),
         "preset": preset,
         "peak_tflops": peak,
+        "versions": versions(),
         "stages": [run_stage(stage, args, device, dtype, preset, peak) for stage in stages],
     }
-    lines = [f"## bench_train ({report['date']}, {report['device']}, {preset})", "",
-             "| stage | configuration | real tokens/s | pairs/s | real-token fraction | MFU | ratio |",
-             "|---|---|---|---|---|---|---|"]
-    for st in report["stages"]:
-        key = "pairs_per_sec" if st["stage"] == "dpo" else "real_tokens_per_sec"
-        for r in st["results"]:
-            mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "n/a (CPU)"
-            pairs = f"{r['pairs_per_sec']:.1f}" if "pairs_per_sec" in r else "-"
-            ratio = f"{r[key] / st['results'][-1][key]:.2f}x"
-            lines.append(f"| {st['stage']} (seq {st['seq_len']}) | {r['name']} | {r['real_tokens_per_sec']:.0f} | {pairs} "
-                         f"| {r['real_token_fraction']:.3f} | {mfu} | {ratio} |")
-    lines += ["", "ratio: against the last row of the stage (the baseline); dpo compares pairs/s."]
+    v = ", ".join(f"{k} {x}" for k, x in report["versions"].items() if x)
+    lines = table(report["stages"], f"## bench_train ({report['date']}, {report['device']}, {preset}; {v})")
     for st in report["stages"]:
         for r in st["results"]:
             if r.get("profile"):
                 lines += profile_lines(f"{st['stage']}: {r['name']}", r["profile"])
-    table = "\n".join(lines)
-    print("\n" + table)
+    text = "\n".join(lines)
+    print("\n" + text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"bench_train_{platform.node()}_{report['date']}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(table + "\n")
+    stem.with_suffix(".md").write_text(text + "\n")
     print(f"wrote {stem}.json and .md")
     return 0
 

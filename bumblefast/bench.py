@@ -120,11 +120,13 @@ def to_markdown(report: dict[str, Any]) -> str:
         "| section | comparison | ours | baseline | ratio |",
         "|---|---|---:|---:|---:|",
     ]
+    from bumblefast.benchreport import _claim, _spread
+
     for name, sec in report["sections"].items():
         for r in sec["ratios"]:
             lines.append(
-                f"| {name} | {r['name']} | {r['ours']['label']}: {_fmt(r['ours'])} | "
-                f"{r['baseline']['label']}: {_fmt(r['baseline'])} | {r['value']:.2f}x |"
+                f"| {name} | {r['name']} | {r['ours']['label']}: {_fmt(r['ours'])}{_spread(r['ours'])} | "
+                f"{r['baseline']['label']}: {_fmt(r['baseline'])}{_spread(r['baseline'])} | {_claim(r)} |"
             )
     lines += ["", "| section | configuration | tokens/s | MFU |", "|---|---|---:|---:|"]
     for name, sec in report["sections"].items():
@@ -178,6 +180,18 @@ def write(report: dict[str, Any], out_dir: Path) -> dict[str, Path]:
 
 
 def cli_main(args) -> int:
+    if args.what == "report":
+        from bumblefast.benchreport import PUBLISHED, publish
+
+        stale = publish(args.results, check=args.check)
+        if args.check and stale:
+            print("stale (regenerate with `bumblefast bench report`): " + ", ".join(stale), file=sys.stderr)
+            return 1
+        print(("differ: " if args.check else "regenerated: ") + (", ".join(stale) or "none") +
+              f" (of {', '.join(PUBLISHED)})")
+        return 0
+    if args.results:
+        raise UserError(f"bench {args.what}: unexpected argument {args.results!r} (only `bench report` takes a file)")
     which = list(SECTIONS) if args.what == "all" else [args.what]
     size = args.size or default_size()  # argparse checked --size against benchlib.SIZES
     report = run(which, size, progress=not args.no_progress)

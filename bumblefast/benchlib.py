@@ -31,6 +31,34 @@ def measured(label: str, work: float, seconds: float, unit: str = "tokens/s", **
     return {"label": label, "work": work, "seconds": seconds, "value": work / seconds, "unit": unit, **extra}
 
 
+def rounds(label: str, work: float, round_seconds: list[float], unit: str = "tokens/s", **extra: Any) -> dict:
+    """A rate timed in several rounds of the same `work` each: `value` is the median round's rate
+    (work / median seconds), `range` the slowest and fastest rounds' rates, so a reader can see
+    the spread and a ratio can say whether it stands out of the noise."""
+    secs = sorted(round_seconds)
+    if not secs:
+        raise ValueError(f"{label}: no rounds timed")
+    mid = len(secs) // 2
+    median = secs[mid] if len(secs) % 2 else (secs[mid - 1] + secs[mid]) / 2
+    return measured(label, work, median, unit, range=[work / secs[-1], work / secs[0]],
+                    round_seconds=list(round_seconds), **extra)
+
+
+def verdict(ours: dict, baseline: dict) -> str:
+    """Says "faster" / "slower" only when the two sides' min-max ranges do not overlap, else
+    "within noise"; "single round" when a side was timed once (no spread known)."""
+    if "range" not in ours or "range" not in baseline:
+        return "single round"
+    if min(len(ours.get("round_seconds", ())), len(baseline.get("round_seconds", ()))) < 2:
+        return "single round"
+    (olo, ohi), (blo, bhi) = ours["range"], baseline["range"]
+    if olo > bhi:
+        return "faster"
+    if ohi < blo:
+        return "slower"
+    return "within noise"
+
+
 def memory(label: str, mb: float, **extra: Any) -> dict:
     """A peak memory (MB) measured in this run; lower is better."""
     return {"label": label, "value": float(mb), "unit": "MB", **extra}
@@ -47,8 +75,11 @@ def ratio(name: str, ours: dict, baseline: dict) -> dict:
         raise ValueError(f"{name}: units differ ({ours['unit']} vs {baseline['unit']})")
     lower_better = ours["unit"] == "MB"
     value = baseline["value"] / ours["value"] if lower_better else ours["value"] / baseline["value"]
-    return {"name": name, "value": value, "ours": ours, "baseline": baseline,
-            "better": "lower" if lower_better else "higher"}
+    out = {"name": name, "value": value, "ours": ours, "baseline": baseline,
+           "better": "lower" if lower_better else "higher"}
+    if "range" in ours and "range" in baseline:
+        out["verdict"] = verdict(ours, baseline)
+    return out
 
 
 def point(label: str, tokens_per_s: float, mfu: float | None = None) -> dict:

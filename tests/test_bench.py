@@ -90,3 +90,59 @@ def test_bench_all_min_writes_a_checked_report(tmp_path):
     # the ratios differ from each other: no value was filled in from a template
     values = [r["value"] for sec in report["sections"].values() for r in sec["ratios"]]
     assert len(set(values)) > len(values) // 2
+
+
+# ---------------------------------------------------------------- published tables
+
+
+def test_published_tables_match_committed_results():
+    """README.md and docs/performance.md hold exactly the table their marker's results JSON
+    generates (`bumblefast bench report` writes them; edit the run, not the table)."""
+    from bumblefast.benchreport import PUBLISHED, publish
+
+    assert publish(None, check=True) == [], (
+        f"stale benchmark tables in {PUBLISHED}: run `bumblefast bench report` and commit the result"
+    )
+
+
+def test_report_check_catches_a_hand_edited_number(tmp_path):
+    """A copy of the checkout's published files: an edited figure in the JSON (or in a table)
+    makes --check report the file; regenerating fixes it and then --check is clean."""
+    import re
+    import shutil
+
+    from bumblefast.benchreport import BLOCK, PUBLISHED, publish
+
+    source = BLOCK.search((ROOT / "README.md").read_text()).group(1)
+    for rel in (*PUBLISHED, source):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / rel, tmp_path / rel)
+    assert publish(None, check=True, root=tmp_path) == []
+    report = json.loads((tmp_path / source).read_text())
+    r = next(r for sec in report["sections"].values() for r in sec["ratios"])
+    r["value"] *= 1.5
+    (tmp_path / source).write_text(json.dumps(report))
+    assert publish(None, check=True, root=tmp_path) == list(PUBLISHED)
+    assert publish(None, root=tmp_path) == list(PUBLISHED)  # regenerated
+    assert f"{r['value']:.2f}x" in (tmp_path / "README.md").read_text()
+    assert publish(None, check=True, root=tmp_path) == []
+    readme = tmp_path / "README.md"
+    readme.write_text(re.sub(r"\| (\d+\.\d\d)x", "| 9.99x", readme.read_text(), count=1))  # a hand edit
+    assert publish(None, check=True, root=tmp_path) == ["README.md"]
+
+
+def test_report_names_verdict_and_target():
+    """Rounds give a verdict (ranges overlap -> within noise) and a target is marked met/MISSED."""
+    from bumblefast.benchreport import _claim
+
+    ours = BL.rounds("ours", 100, [1.0, 1.1, 0.9, 1.2, 1.0])
+    base = BL.rounds("base", 100, [1.05, 1.0, 1.3, 1.1, 0.95])
+    r = BL.ratio("x", ours, base)
+    assert r["verdict"] == "within noise" and ours["value"] == pytest.approx(100.0)
+    assert ours["range"] == pytest.approx([100 / 1.2, 100 / 0.9])
+    fast = BL.ratio("y", BL.rounds("ours", 200, [1.0, 1.05, 0.98]), base)
+    assert fast["verdict"] == "faster"
+    fast["target"] = 1.5
+    assert "faster; target >= 1.5x met" in _claim(fast)
+    fast["target"] = 2.5
+    assert "MISSED" in _claim(fast)

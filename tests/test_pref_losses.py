@@ -245,48 +245,62 @@ def test_from_dpo_config():
     assert not c.needs_reference and PrefLossConfig().needs_reference
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("trl") is None,
-    reason="trl is not installed (optional cross-check "
-    "against TRL's DPOTrainer.dpo_loss; the formulas are checked above)",
-)
-@pytest.mark.parametrize("loss", ["sigmoid", "hinge", "robust", "ipo"])
-def test_matches_trl_dpo_loss(loss):
+def _trl_pair_loss(loss: str, beta: float, eps: float, pc, pr, rc, rr, nc: int, nr: int):
+    """TRL's own DPO loss code (trl >= 1.0: DPOTrainer._compute_loss, the loss inline) on one
+    pair, with the model's per-token log-probs stubbed: their row sums are the sequence log-probs
+    (the fused LM head's log-probs of non-target tokens are 0), the completion mask holds nc / nr
+    tokens (IPO length-averages with it), the reference log-probs are precomputed inputs.
+    Returns (loss, chosen reward, rejected reward) as TRL logs them."""
+    from collections import defaultdict
     from types import SimpleNamespace
 
     from trl import DPOTrainer
 
-    pc, pr, rc, rr, nc, nr = _inputs(seed=5)
-    eps = 0.0 if loss in ("hinge", "ipo") else 0.1
-    if loss == "ipo":  # TRL averages log-probs for IPO before dpo_loss
-        pc, pr, rc, rr = pc / nc, pr / nr, rc / nc, rr / nr
-        nc = nr = torch.ones_like(nc)
+    width = max(nc, nr) + 1
+    mask = torch.zeros(2, width, dtype=torch.long)
+    mask[0, 1 : nc + 1] = 1
+    mask[1, 1 : nr + 1] = 1
+    per_token = torch.zeros(2, width - 1)
+    per_token[:, 0] = torch.stack([pc, pr])  # the row sum is the sequence log-prob
+    zeros = torch.zeros(2, width - 1)
+    outputs = SimpleNamespace(log_probs=per_token, entropy=zeros, mean_logits=zeros, is_top1=zeros.bool())
+    model = SimpleNamespace(training=True)
+    same = SimpleNamespace(gather_for_metrics=lambda t: t, gather=lambda t: t, device=pc.device)
     fake = SimpleNamespace(
-        beta=0.1,
-        label_smoothing=eps,
-        loss_type=loss,
-        reference_free=False,
-        f_divergence_type="reverse_kl",
-        use_weighting=False,
-        args=SimpleNamespace(),
-        accelerator=SimpleNamespace(device=pc.device),
-        device=pc.device,
-        loss_weights=None,
-        f_alpha_divergence_coef=1.0,
+        model=model, accelerator=same, ld_alpha=None, precompute_ref_logps=True, aux_loss_enabled=False,
+        f_divergence_type="reverse_kl", loss_types=[loss], loss_weights=[1.0], beta=beta, label_smoothing=eps,
+        use_weighting=False, _metrics={"train": defaultdict(list)}, _total_train_tokens=0, _tp_size=1,
     )
-    import inspect
+    inputs = {"input_ids": torch.zeros(2, width, dtype=torch.long), "attention_mask": torch.ones(2, width),
+              "completion_mask": mask, "ref_chosen_logps": rc[None], "ref_rejected_logps": rr[None]}
+    out = DPOTrainer._compute_loss(fake, lambda **kw: outputs, inputs, False)
+    m = fake._metrics["train"]
+    return out, m["rewards/chosen"][-1], m["rewards/rejected"][-1]
 
-    kw = {"loss_type": loss} if "loss_type" in inspect.signature(DPOTrainer.dpo_loss).parameters else {}
-    try:
-        losses, cr, rj = DPOTrainer.dpo_loss(fake, pc, pr, rc, rr, **kw)
-    except Exception as e:  # signature drift across TRL versions
-        pytest.skip(f"this TRL version's dpo_loss cannot be called on a stub: {e!r}")
-    ours = preference_loss(
-        pc, pr, rc, rr, nc, nr, PrefLossConfig(loss, beta=0.1, label_smoothing=eps)
-    )
-    torch.testing.assert_close(ours["losses"], losses, **TOL)
-    torch.testing.assert_close(ours["chosen_rewards"], cr, **TOL)
-    torch.testing.assert_close(ours["rejected_rewards"], rj, **TOL)
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("trl") is None,
+    reason="trl is not installed (optional cross-check against TRL's DPO loss; the formulas are checked above)",
+)
+@pytest.mark.parametrize("loss", ["sigmoid", "hinge", "robust", "ipo"])
+def test_matches_trl_dpo_loss(loss):
+    """Ours against TRL's DPOTrainer loss code, pair by pair. TRL >= 1.0 applies label smoothing
+    only in `robust` (sigmoid has no cDPO smoothing any more); its IPO loss averages the
+    log-ratios over the completion tokens, its logged IPO rewards do not (ours: averaged, as in
+    TRL 0.x), so for IPO only the loss is compared."""
+    from trl import DPOTrainer
+
+    if not hasattr(DPOTrainer, "_compute_loss"):
+        pytest.fail("this TRL has no DPOTrainer._compute_loss (the 1.x loss); update the cross-check to its API")
+    pc, pr, rc, rr, nc, nr = _inputs(seed=5)
+    eps = 0.1 if loss == "robust" else 0.0
+    ours = preference_loss(pc, pr, rc, rr, nc, nr, PrefLossConfig(loss, beta=0.1, label_smoothing=eps))
+    for i in range(len(pc)):
+        trl_loss, cr, rj = _trl_pair_loss(loss, 0.1, eps, pc[i], pr[i], rc[i], rr[i], int(nc[i]), int(nr[i]))
+        torch.testing.assert_close(ours["losses"][i], trl_loss, **TOL)
+        if loss != "ipo":
+            assert ours["chosen_rewards"][i].item() == pytest.approx(cr, rel=1e-5, abs=1e-6)
+            assert ours["rejected_rewards"][i].item() == pytest.approx(rj, rel=1e-5, abs=1e-6)
 
 
 # ---------------------------------------------------------------- LD-DPO
