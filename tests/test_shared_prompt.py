@@ -4,7 +4,6 @@ CPU attention backend), and prep writes the layout the trainer reads."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
