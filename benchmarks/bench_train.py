@@ -55,8 +55,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def prepare(data: Path, stage: str, seq_len: int, workdir: Path, vocab: int):
-    """Tokenizer trained on the data + the stage's shards; returns (tokenizer dir, shard dir)."""
+def prepare(data: Path, stage: str, seq_len: int, workdir: Path, vocab: int, share_prompt: bool = False):
+    """Tokenizer trained on the data + the stage's shards; returns (tokenizer dir, shard dir).
+    dpo: the unshared [prompt+chosen][prompt+rejected] layout unless share_prompt."""
     from bumblefast.config import PrepConfig
     from bumblefast.prep.run import run_prep
     from bumblefast.tokenizer import train_tokenizer
@@ -65,7 +66,7 @@ def prepare(data: Path, stage: str, seq_len: int, workdir: Path, vocab: int):
     train_tokenizer([data], vocab, tok_dir)
     shards = workdir / stage
     run_prep(PrepConfig(stage=stage, input=[str(data)], tokenizer_name_or_path=str(tok_dir), seq_len=seq_len,
-                        output_dir=str(shards)), progress=False)
+                        output_dir=str(shards), share_prompt=share_prompt), progress=False)
     return tok_dir, shards
 
 
@@ -462,6 +463,10 @@ def main() -> int:
         "peak_tflops": peak,
         "stages": [run_stage(stage, args, device, dtype, preset, peak) for stage in stages],
     }
+    if "dpo" in stages:
+        from bench_shared_prompt import bench_shared_prompt, shared_prompt_lines
+
+        report["shared_prompt"] = bench_shared_prompt(args, device, dtype, preset)
     lines = [f"## bench_train ({report['date']}, {report['device']}, {preset})", "",
              "| stage | configuration | real tokens/s | pairs/s | real-token fraction | MFU | ratio |",
              "|---|---|---|---|---|---|---|"]
@@ -474,6 +479,8 @@ def main() -> int:
             lines.append(f"| {st['stage']} (seq {st['seq_len']}) | {r['name']} | {r['real_tokens_per_sec']:.0f} | {pairs} "
                          f"| {r['real_token_fraction']:.3f} | {mfu} | {ratio} |")
     lines += ["", "ratio: against the last row of the stage (the baseline); dpo compares pairs/s."]
+    if "shared_prompt" in report:
+        lines += shared_prompt_lines(report["shared_prompt"])
     for st in report["stages"]:
         for r in st["results"]:
             if r.get("profile"):

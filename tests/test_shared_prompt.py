@@ -4,6 +4,7 @@ CPU attention backend), and prep writes the layout the trainer reads."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -195,3 +196,119 @@ def test_kv_prefix_is_checked():
         PackedPlan.build(cu, None, 5, "sdpa", torch.tensor([0, 4]))
     with pytest.raises(ValueError, match="previous document"):
         PackedPlan.build(cu, None, 5, "sdpa", torch.tensor([1, 0]))
+
+
+CUDA = torch.cuda.is_available()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA (flash / varlen attention are CUDA-only)")
+@pytest.mark.parametrize("backend", ["flash", "varlen"])
+def test_cuda_backends_shared_prompt_match_sdpa_mask_bf16(backend):
+    """flash / varlen on shared-prompt rows vs the one-mask reference, bf16, forward and
+    backward, and vs the same pairs unshared on the same backend."""
+    from bumblefast.attention import flash_attn_available
+
+    if backend == "flash" and not flash_attn_available():
+        pytest.skip("flash-attn is not installed (optional extra)")
+    tol = dict(atol=6e-2, rtol=5e-2)  # the kernel tests' bf16 tolerance
+    rows = [_rows(case, seed=i) for i, case in enumerate(ROWS)]
+    shared = collate_rows([r[1] for r in rows], "dpo", seq_len=256)
+    plain = collate_rows([r[0] for r in rows], "dpo", seq_len=256)
+    out = {}
+    for name, b, bk in (("ref", shared, "sdpa_mask"), ("ours", shared, backend), ("plain", plain, backend)):
+        model = _model(bk).cuda().to(torch.bfloat16)
+        b = {k: v.cuda() for k, v in b.items()}
+        n = b["cu_seqlens"].numel() - 1
+        logps = model.segment_logps(b["input_ids"], b["position_ids"], b["cu_seqlens"], int(b["max_seqlen"]),
+                                    b["labels"], b["segment_ids"], n, kv_prefix=b.get("kv_prefix"))
+        (logps.float() / 50).sum().backward()
+        out[name] = (logps.float(), model.model.layers[0].self_attn.q_proj.weight.grad.float())
+    torch.testing.assert_close(out["ours"][0], out["ref"][0], **tol)
+    torch.testing.assert_close(out["ours"][0], out["plain"][0], **tol)
+    torch.testing.assert_close(out["ours"][1], out["ref"][1], **tol)
+
+
+SLOW_PAIRS = 24
+
+
+@pytest.mark.slow
+def test_train_precompute_and_eval_agree_across_layouts(tmp_path, demo_tokenizer_dir):
+    """The same pairs prepped both ways: the same manifest facts, the same precomputed reference
+    log-probs per pair, the same preference accuracy from shards, and `bumblefast train --stage
+    dpo` gives the same first-step loss and metrics (one step over every pair: LoRA with the
+    adapter reference, full fine-tuning with a frozen copy, LoRA with precomputed log-probs)."""
+    import subprocess
+    import sys
+
+    from helpers import save_tiny_model, subprocess_env
+
+    from bumblefast.config import PrepConfig
+    from bumblefast.evaluate import preference_from_shards
+    from bumblefast.prep.run import run_prep
+    from bumblefast.shards.reader import ShardDataset
+    from bumblefast.train.precompute import precompute_ref
+
+    model = save_tiny_model(tmp_path / "sft", demo_tokenizer_dir)
+    pairs = json.loads((ROOT / "datasets" / "demo" / "dpo.json").read_text())[:SLOW_PAIRS]
+    (tmp_path / "pairs.json").write_text(json.dumps(pairs, ensure_ascii=False))
+    manifests, rows = {}, {}
+    for layout, flag in (("pairs", False), ("shared_prompt", True)):
+        manifests[layout] = run_prep(PrepConfig(stage="dpo", input=[str(tmp_path / "pairs.json")], share_prompt=flag,
+                                                tokenizer_name_or_path=str(demo_tokenizer_dir), seq_len=128,
+                                                output_dir=str(tmp_path / layout)), progress=False)
+        precompute_ref(str(model), str(tmp_path / layout), str(tmp_path / f"{layout}_ref"), kernels="reference")
+        ds = ShardDataset(str(tmp_path / f"{layout}_ref"), shuffle=False, batch_size=1)
+        rows[layout] = [ds[i] for i in range(ds.num_samples)]
+    mp, ms = manifests["pairs"], manifests["shared_prompt"]
+    assert (mp["dpo_layout"], ms["dpo_layout"]) == ("pairs", "shared_prompt")
+    assert "prompt_lens" in ms["columns"] and "prompt_lens" not in mp["columns"]
+    assert mp["records"] == ms["records"] and mp["records"]["written"] == SLOW_PAIRS
+    assert mp["dpo"]["prompt_fraction"] == ms["dpo"]["prompt_fraction"] > 0.3
+    assert ms["tokens"]["real"] < mp["tokens"]["real"]  # the prompts are stored once
+    assert ms["tokens"]["target"] == mp["tokens"]["target"]
+
+    def per_pair(layout):
+        """{chosen segment tokens: (chosen ref logp, rejected ref logp)} (the chosen segment is
+        the same tokens in both layouts)."""
+        out = {}
+        for r in rows[layout]:
+            ids, lens, ref = r["input_ids"], r["seq_lens"].tolist(), r["ref_logps"].tolist()
+            starts = np.cumsum([0] + lens)
+            for k in range(0, len(lens), 2):
+                out[ids[starts[k]:starts[k + 1]].tobytes()] = (ref[k], ref[k + 1])
+        return out
+
+    a, b = per_pair("pairs"), per_pair("shared_prompt")
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_allclose(b[key], a[key], rtol=1e-6, atol=1e-5)
+
+    evals = [preference_from_shards(model, tmp_path / layout) for layout in ("pairs", "shared_prompt")]
+    assert evals[0]["n"] == evals[1]["n"] == SLOW_PAIRS
+    assert evals[0]["preference_accuracy"] == evals[1]["preference_accuracy"]
+    assert evals[1]["mean_margin"] == pytest.approx(evals[0]["mean_margin"], rel=1e-5, abs=1e-5)
+
+    def train(layout, out, *extra):
+        cmd = [sys.executable, "-m", "bumblefast", "train", "--stage", "dpo", "--model_name_or_path", str(model),
+               "--dataset_path", str(tmp_path / layout), "--output_dir", str(out), "--cutoff_len", "128",
+               "--train_micro_batch_size_per_gpu", str(max(mp["rows"], ms["rows"])),  # every pair in step 1
+               "--gradient_accumulation_steps", "1", "--max_steps", "1", "--learning_rate", "5e-3",
+               "--warmup_ratio", "0", "--logging_steps", "1", "--gradient_checkpointing", "false",
+               "--kernels", "reference", "--attn_backend", "sdpa", "--seed", "0", "--shuffle", "false",
+               "--deepspeed_config_path", str(ROOT / "configs/deepspeed/ds_z0.json"), *extra]
+        res = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr[-4000:]
+        return json.loads((out / "training_metrics.json").read_text())[0]
+
+    runs = (("lora_adapter", ("--finetuning_type", "lora", "--lora_rank", "8", "--ref_model", "adapter",
+                              "--sft_weight", "0.5")),
+            ("full_copy", ("--finetuning_type", "full", "--ref_model", "copy", "--pref_loss", "ipo")),
+            ("lora_precomputed", ("--finetuning_type", "lora", "--lora_rank", "8", "--ref_model", "precomputed")))
+    for name, extra in runs:
+        suffix = "_ref" if "precomputed" in name else ""
+        first = [train(layout + suffix, tmp_path / f"{name}_{layout}", *extra) for layout in ("pairs", "shared_prompt")]
+        for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                    "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected", "grad_norm"):
+            if key in first[0]:
+                assert first[1][key] == pytest.approx(first[0][key], rel=1e-5, abs=1e-5), (name, key)
