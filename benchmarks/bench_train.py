@@ -463,7 +463,7 @@ def main() -> int:
         "peak_tflops": peak,
         "stages": [run_stage(stage, args, device, dtype, preset, peak) for stage in stages],
     }
-    if "dpo" in stages:
+    if args.stage == "dpo":  # its own epochs and rounds: not part of `--stage all`'s budget
         from bench_shared_prompt import bench_shared_prompt, shared_prompt_lines
 
         report["shared_prompt"] = bench_shared_prompt(args, device, dtype, preset)
