@@ -169,7 +169,7 @@ class PackedPlan:
         prefix = self.kv_prefix or [0] * len(self.doc_lens)
         # plain documents by their length, prefixed ones apart by their key length
         self.doc_buckets = _buckets([(n, i) for i, n in enumerate(self.doc_lens) if n > 0 and not prefix[i]])
-        self.prefix_buckets = _buckets([(n + prefix[i], i) for i, n in enumerate(self.doc_lens) if n > 0 and prefix[i]])
+        self.prefix_buckets = _buckets_2d([(n + prefix[i], n, i) for i, n in enumerate(self.doc_lens) if n > 0 and prefix[i]])
 
     def block_mask(self, device) -> torch.Tensor:
         """Boolean ``[T, T]`` mask, True where attention is allowed (same doc, causal)."""
@@ -205,6 +205,24 @@ def _buckets(docs: list) -> list:
     if cur:
         out.append(cur)
     return out
+
+
+def _buckets_2d(docs: list) -> list:
+    """Prefixed documents (key length, query length, index): a bucket pads both, so a document
+    joins the first bucket whose key and query lengths are both within BUCKET_RATIO of its own
+    (or all up to SMALL_DOC): a prompt of 2000 keys with a 5-token reply never pads to a
+    200-token reply's queries."""
+    buckets: list = []  # [top key length, lowest query length, highest query length, members]
+    for lk, lq, i in sorted(docs, reverse=True):
+        for b in buckets:
+            lo, hi = min(lq, b[1]), max(lq, b[2])
+            if (lk * BUCKET_RATIO >= b[0] or b[0] <= SMALL_DOC) and (hi <= BUCKET_RATIO * lo or hi <= SMALL_DOC):
+                b[1], b[2] = lo, hi
+                b[3].append(i)
+                break
+        else:
+            buckets.append([lk, lq, lq, [i]])
+    return [b[3] for b in buckets]
 
 
 def _sdpa(q, k, v, **kw):
