@@ -60,8 +60,10 @@ def _rows(case: str, seed: int = 0):
         shared["prompt_lens"].append(p)
     out = []
     for row in (plain, shared):
-        row = {k: (np.concatenate(v) if k in ("input_ids", "loss_mask") else np.asarray(v, np.uint32))
-               for k, v in row.items()}
+        row = {
+            k: (np.concatenate(v) if k in ("input_ids", "loss_mask") else np.asarray(v, np.uint32))
+            for k, v in row.items()
+        }
         out.append({**row, "sample_id": 0})
     return out
 
@@ -72,7 +74,9 @@ def _model(backend: str):
     from bumblefast.model import Bumblebee
 
     torch.manual_seed(0)
-    return Bumblebee(AutoConfig.from_pretrained(TINY), attn_backend=backend, kernels="reference").init_weights()
+    return Bumblebee(
+        AutoConfig.from_pretrained(TINY), attn_backend=backend, kernels="reference"
+    ).init_weights()
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -86,20 +90,36 @@ def test_shared_prompt_logps_losses_and_grads_equal_unshared(case, backend):
     plain, shared = (collate_rows([r], "dpo", seq_len=256) for r in (plain_row, shared_row))
     assert "kv_prefix" in shared and "kv_prefix" not in plain
     # the shared row carries the same targets, so the same pair structure and counts
-    assert torch.equal(plain["labels"][plain["labels"] != -100], shared["labels"][shared["labels"] != -100])
+    assert torch.equal(
+        plain["labels"][plain["labels"] != -100], shared["labels"][shared["labels"] != -100]
+    )
 
     results = {}
     for name, batch in (("plain", plain), ("shared", shared)):
         model = _model(backend)  # the same seeded weights each time
         n = batch["cu_seqlens"].numel() - 1
         with torch.no_grad():
-            logps = model.segment_logps(batch["input_ids"], batch["position_ids"], batch["cu_seqlens"],
-                                        int(batch["max_seqlen"]), batch["labels"], batch["segment_ids"], n,
-                                        kv_prefix=batch.get("kv_prefix"))
-            h = model.hidden_states(batch["input_ids"], batch["position_ids"], batch["cu_seqlens"], None,
-                                    batch.get("kv_prefix"))
+            logps = model.segment_logps(
+                batch["input_ids"],
+                batch["position_ids"],
+                batch["cu_seqlens"],
+                int(batch["max_seqlen"]),
+                batch["labels"],
+                batch["segment_ids"],
+                n,
+                kv_prefix=batch.get("kv_prefix"),
+            )
+            h = model.hidden_states(
+                batch["input_ids"],
+                batch["position_ids"],
+                batch["cu_seqlens"],
+                None,
+                batch.get("kv_prefix"),
+            )
             keep = batch["labels"] != -100  # per target token, by the plain formula
-            tokens = torch.log_softmax(h[keep] @ model.lm_head.weight.T, -1).gather(1, batch["labels"][keep, None])
+            tokens = torch.log_softmax(h[keep] @ model.lm_head.weight.T, -1).gather(
+                1, batch["labels"][keep, None]
+            )
         cfg = PrefLossConfig(loss="sigmoid", sft_weight=0.5)
         ref = torch.linspace(-30.0, -10.0, n)  # a fixed reference, so the loss is not log 2
         loss, metrics = DPOObjective(model, cfg, "precomputed")({**batch, "ref_logps": ref})
@@ -122,7 +142,9 @@ def test_every_preference_loss_and_ld_alpha_agree(loss):
     from bumblefast.train.objectives import DPOObjective
     from bumblefast.train.pref_losses import PrefLossConfig
 
-    plain, shared = (collate_rows([r], "dpo", seq_len=256) for r in _rows("very_different_lengths", seed=1))
+    plain, shared = (
+        collate_rows([r], "dpo", seq_len=256) for r in _rows("very_different_lengths", seed=1)
+    )
     cfg = PrefLossConfig(loss=loss, sft_weight=0.3)
     reference = "none" if loss in ("simpo", "orpo") else "copy"
     out = []
@@ -131,14 +153,18 @@ def test_every_preference_loss_and_ld_alpha_agree(loss):
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(torch.randn_like(p) * 0.01)  # the policy differs from its reference
-        obj = DPOObjective(model, cfg, reference, ld_alpha=0.5 if loss == "sigmoid" else None, ref_model=ref)
+        obj = DPOObjective(
+            model, cfg, reference, ld_alpha=0.5 if loss == "sigmoid" else None, ref_model=ref
+        )
         value, metrics = obj(batch)
         value.backward()
         out.append((value.detach(), metrics, model.model.embed_tokens.weight.grad.clone()))
     torch.testing.assert_close(out[1][0], out[0][0], rtol=0, atol=1e-5)
     for key in out[0][1]:
         torch.testing.assert_close(out[1][1][key], out[0][1][key], rtol=1e-6, atol=1e-5, msg=key)
-    torch.testing.assert_close(out[1][2], out[0][2], rtol=1e-5, atol=1e-5)  # ipo's (z - 5)^2 amplifies
+    torch.testing.assert_close(
+        out[1][2], out[0][2], rtol=1e-5, atol=1e-5
+    )  # ipo's (z - 5)^2 amplifies
 
 
 def test_sdpa_shared_equals_sdpa_mask_reference():
@@ -149,8 +175,13 @@ def test_sdpa_shared_equals_sdpa_mask_reference():
     for backend in CPU_BACKENDS:
         model = _model(backend)
         with torch.no_grad():
-            out[backend] = model.hidden_states(batch["input_ids"], batch["position_ids"], batch["cu_seqlens"],
-                                               int(batch["max_seqlen"]), batch["kv_prefix"])
+            out[backend] = model.hidden_states(
+                batch["input_ids"],
+                batch["position_ids"],
+                batch["cu_seqlens"],
+                int(batch["max_seqlen"]),
+                batch["kv_prefix"],
+            )
     torch.testing.assert_close(out["sdpa"], out["sdpa_mask"], rtol=0, atol=1e-5)
 
 
@@ -168,8 +199,11 @@ def test_rejected_never_sees_the_chosen_reply():
         for row in (shared_row, other):
             b = collate_rows([row], "dpo", seq_len=256)
             with torch.no_grad():
-                hs.append(model.hidden_states(b["input_ids"], b["position_ids"], b["cu_seqlens"], None,
-                                              b["kv_prefix"]))
+                hs.append(
+                    model.hidden_states(
+                        b["input_ids"], b["position_ids"], b["cu_seqlens"], None, b["kv_prefix"]
+                    )
+                )
         rejected = slice(c0, c0 + int(shared_row["seq_lens"][1]))
         torch.testing.assert_close(hs[1][rejected], hs[0][rejected], rtol=0, atol=0)
         assert not torch.allclose(hs[1][p0:c0], hs[0][p0:c0])
@@ -216,12 +250,24 @@ def test_cuda_backends_shared_prompt_match_sdpa_mask_bf16(backend):
     shared = collate_rows([r[1] for r in rows], "dpo", seq_len=256)
     plain = collate_rows([r[0] for r in rows], "dpo", seq_len=256)
     out = {}
-    for name, b, bk in (("ref", shared, "sdpa_mask"), ("ours", shared, backend), ("plain", plain, backend)):
+    for name, b, bk in (
+        ("ref", shared, "sdpa_mask"),
+        ("ours", shared, backend),
+        ("plain", plain, backend),
+    ):
         model = _model(bk).cuda().to(torch.bfloat16)
         b = {k: v.cuda() for k, v in b.items()}
         n = b["cu_seqlens"].numel() - 1
-        logps = model.segment_logps(b["input_ids"], b["position_ids"], b["cu_seqlens"], int(b["max_seqlen"]),
-                                    b["labels"], b["segment_ids"], n, kv_prefix=b.get("kv_prefix"))
+        logps = model.segment_logps(
+            b["input_ids"],
+            b["position_ids"],
+            b["cu_seqlens"],
+            int(b["max_seqlen"]),
+            b["labels"],
+            b["segment_ids"],
+            n,
+            kv_prefix=b.get("kv_prefix"),
+        )
         (logps.float() / 50).sum().backward()
         out[name] = (logps.float(), model.model.layers[0].self_attn.q_proj.weight.grad.float())
     torch.testing.assert_close(out["ours"][0], out["ref"][0], **tol)
@@ -254,10 +300,20 @@ def test_train_precompute_and_eval_agree_across_layouts(tmp_path, demo_tokenizer
     (tmp_path / "pairs.json").write_text(json.dumps(pairs, ensure_ascii=False))
     manifests, rows = {}, {}
     for layout, flag in (("pairs", False), ("shared_prompt", True)):
-        manifests[layout] = run_prep(PrepConfig(stage="dpo", input=[str(tmp_path / "pairs.json")], share_prompt=flag,
-                                                tokenizer_name_or_path=str(demo_tokenizer_dir), seq_len=128,
-                                                output_dir=str(tmp_path / layout)), progress=False)
-        precompute_ref(str(model), str(tmp_path / layout), str(tmp_path / f"{layout}_ref"), kernels="reference")
+        manifests[layout] = run_prep(
+            PrepConfig(
+                stage="dpo",
+                input=[str(tmp_path / "pairs.json")],
+                share_prompt=flag,
+                tokenizer_name_or_path=str(demo_tokenizer_dir),
+                seq_len=128,
+                output_dir=str(tmp_path / layout),
+            ),
+            progress=False,
+        )
+        precompute_ref(
+            str(model), str(tmp_path / layout), str(tmp_path / f"{layout}_ref"), kernels="reference"
+        )
         ds = ShardDataset(str(tmp_path / f"{layout}_ref"), shuffle=False, batch_size=1)
         rows[layout] = [ds[i] for i in range(ds.num_samples)]
     mp, ms = manifests["pairs"], manifests["shared_prompt"]
@@ -276,7 +332,7 @@ def test_train_precompute_and_eval_agree_across_layouts(tmp_path, demo_tokenizer
             ids, lens, ref = r["input_ids"], r["seq_lens"].tolist(), r["ref_logps"].tolist()
             starts = np.cumsum([0] + lens)
             for k in range(0, len(lens), 2):
-                out[ids[starts[k]:starts[k + 1]].tobytes()] = (ref[k], ref[k + 1])
+                out[ids[starts[k] : starts[k + 1]].tobytes()] = (ref[k], ref[k + 1])
         return out
 
     a, b = per_pair("pairs"), per_pair("shared_prompt")
@@ -284,31 +340,101 @@ def test_train_precompute_and_eval_agree_across_layouts(tmp_path, demo_tokenizer
     for key in a:
         np.testing.assert_allclose(b[key], a[key], rtol=1e-6, atol=1e-5)
 
-    evals = [preference_from_shards(model, tmp_path / layout) for layout in ("pairs", "shared_prompt")]
+    evals = [
+        preference_from_shards(model, tmp_path / layout) for layout in ("pairs", "shared_prompt")
+    ]
     assert evals[0]["n"] == evals[1]["n"] == SLOW_PAIRS
     assert evals[0]["preference_accuracy"] == evals[1]["preference_accuracy"]
     assert evals[1]["mean_margin"] == pytest.approx(evals[0]["mean_margin"], rel=1e-5, abs=1e-5)
 
     def train(layout, out, *extra):
-        cmd = [sys.executable, "-m", "bumblefast", "train", "--stage", "dpo", "--model_name_or_path", str(model),
-               "--dataset_path", str(tmp_path / layout), "--output_dir", str(out), "--cutoff_len", "128",
-               "--train_micro_batch_size_per_gpu", str(max(mp["rows"], ms["rows"])),  # every pair in step 1
-               "--gradient_accumulation_steps", "1", "--max_steps", "1", "--learning_rate", "5e-3",
-               "--warmup_ratio", "0", "--logging_steps", "1", "--gradient_checkpointing", "false",
-               "--kernels", "reference", "--attn_backend", "sdpa", "--seed", "0", "--shuffle", "false",
-               "--deepspeed_config_path", str(ROOT / "configs/deepspeed/ds_z0.json"), *extra]
-        res = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+        cmd = [
+            sys.executable,
+            "-m",
+            "bumblefast",
+            "train",
+            "--stage",
+            "dpo",
+            "--model_name_or_path",
+            str(model),
+            "--dataset_path",
+            str(tmp_path / layout),
+            "--output_dir",
+            str(out),
+            "--cutoff_len",
+            "128",
+            "--train_micro_batch_size_per_gpu",
+            str(max(mp["rows"], ms["rows"])),  # every pair in step 1
+            "--gradient_accumulation_steps",
+            "1",
+            "--max_steps",
+            "1",
+            "--learning_rate",
+            "5e-3",
+            "--warmup_ratio",
+            "0",
+            "--logging_steps",
+            "1",
+            "--gradient_checkpointing",
+            "false",
+            "--kernels",
+            "reference",
+            "--attn_backend",
+            "sdpa",
+            "--seed",
+            "0",
+            "--shuffle",
+            "false",
+            "--deepspeed_config_path",
+            str(ROOT / "configs/deepspeed/ds_z0.json"),
+            *extra,
+        ]
+        res = subprocess.run(
+            cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600
+        )
         assert res.returncode == 0, res.stderr[-4000:]
         return json.loads((out / "training_metrics.json").read_text())[0]
 
-    runs = (("lora_adapter", ("--finetuning_type", "lora", "--lora_rank", "8", "--ref_model", "adapter",
-                              "--sft_weight", "0.5")),
-            ("full_copy", ("--finetuning_type", "full", "--ref_model", "copy", "--pref_loss", "ipo")),
-            ("lora_precomputed", ("--finetuning_type", "lora", "--lora_rank", "8", "--ref_model", "precomputed")))
+    runs = (
+        (
+            "lora_adapter",
+            (
+                "--finetuning_type",
+                "lora",
+                "--lora_rank",
+                "8",
+                "--ref_model",
+                "adapter",
+                "--sft_weight",
+                "0.5",
+            ),
+        ),
+        ("full_copy", ("--finetuning_type", "full", "--ref_model", "copy", "--pref_loss", "ipo")),
+        (
+            "lora_precomputed",
+            ("--finetuning_type", "lora", "--lora_rank", "8", "--ref_model", "precomputed"),
+        ),
+    )
     for name, extra in runs:
         suffix = "_ref" if "precomputed" in name else ""
-        first = [train(layout + suffix, tmp_path / f"{name}_{layout}", *extra) for layout in ("pairs", "shared_prompt")]
-        for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-                    "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected", "grad_norm"):
+        first = [
+            train(layout + suffix, tmp_path / f"{name}_{layout}", *extra)
+            for layout in ("pairs", "shared_prompt")
+        ]
+        for key in (
+            "loss",
+            "rewards/chosen",
+            "rewards/rejected",
+            "rewards/accuracies",
+            "rewards/margins",
+            "logps/chosen",
+            "logps/rejected",
+            "logits/chosen",
+            "logits/rejected",
+            "grad_norm",
+        ):
             if key in first[0]:
-                assert first[1][key] == pytest.approx(first[0][key], rel=1e-5, abs=1e-5), (name, key)
+                assert first[1][key] == pytest.approx(first[0][key], rel=1e-5, abs=1e-5), (
+                    name,
+                    key,
+                )
