@@ -122,16 +122,34 @@ def bench_data_set(name: str, data: Path, workdir: Path, args, device, dtype, pr
     from bumblefast.prep.run import run_prep
     from bumblefast.shards.schema import read_manifest
 
+    records = json.loads(data.read_text(encoding="utf-8"))
     if args.pairs:  # a fixed subset keeps the CPU run short
-        pairs = json.loads(data.read_text(encoding="utf-8"))[: args.pairs]
-        data = workdir / f"subset_{data.stem}.json"
-        data.write_text(json.dumps(pairs, ensure_ascii=False), encoding="utf-8")
-    tok_dir, plain = prepare(data, "dpo", args.seq_len, workdir, args.vocab, share_prompt=False)
+        records = records[: args.pairs]
+    subset = workdir / f"subset_{data.stem}.jsonl"  # one record a line: errors.jsonl names the line
+    subset.write_text(
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8"
+    )
+    tok_dir, plain = prepare(subset, "dpo", args.seq_len, workdir, args.vocab, share_prompt=False)
+    # the shared layout admits pairs whose two copies would not fit a row: keep the same pairs
+    skipped = {
+        int(json.loads(line)["where"].rsplit(":", 1)[1])
+        for line in (plain / "errors.jsonl").read_text(encoding="utf-8").splitlines()
+        if line.strip()
+    }
+    same = workdir / f"same_pairs_{data.stem}.jsonl"
+    same.write_text(
+        "".join(
+            json.dumps(r, ensure_ascii=False) + "\n"
+            for k, r in enumerate(records, 1)
+            if k not in skipped
+        ),
+        encoding="utf-8",
+    )
     shared = workdir / "dpo_shared"
     run_prep(
         PrepConfig(
             stage="dpo",
-            input=[str(data)],
+            input=[str(same)],
             tokenizer_name_or_path=str(tok_dir),
             seq_len=args.seq_len,
             output_dir=str(shared),
