@@ -59,8 +59,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def prepare(data: Path, stage: str, seq_len: int, workdir: Path, vocab: int):
-    """Tokenizer trained on the data + the stage's shards; returns (tokenizer dir, shard dir)."""
+def prepare(data: Path, stage: str, seq_len: int, workdir: Path, vocab: int, share_prompt: bool = False):
+    """Tokenizer trained on the data + the stage's shards; returns (tokenizer dir, shard dir).
+    dpo: the unshared [prompt+chosen][prompt+rejected] layout unless share_prompt."""
     from bumblefast.config import PrepConfig
     from bumblefast.prep.run import run_prep
     from bumblefast.tokenizer import train_tokenizer
@@ -69,7 +70,7 @@ def prepare(data: Path, stage: str, seq_len: int, workdir: Path, vocab: int):
     train_tokenizer([data], vocab, tok_dir)
     shards = workdir / stage
     run_prep(PrepConfig(stage=stage, input=[str(data)], tokenizer_name_or_path=str(tok_dir), seq_len=seq_len,
-                        output_dir=str(shards)), progress=False)
+                        output_dir=str(shards), share_prompt=share_prompt), progress=False)
     return tok_dir, shards
 
 
@@ -678,6 +679,11 @@ def main() -> int:
     }
     v = ", ".join(f"{k} {x}" for k, x in report["versions"].items() if x)
     lines = table(report["stages"], f"## bench_train ({report['date']}, {report['device']}, {preset}; {v})")
+    if args.stage == "dpo":  # its own epochs and rounds: not part of `--stage all`'s budget
+        from bench_shared_prompt import bench_shared_prompt, shared_prompt_lines
+
+        report["shared_prompt"] = bench_shared_prompt(args, device, dtype, preset)
+        lines += shared_prompt_lines(report["shared_prompt"])
     for st in report["stages"]:
         for r in st["results"]:
             if r.get("profile"):

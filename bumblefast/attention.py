@@ -13,6 +13,17 @@ delimited by ``cu_seqlens`` (int32 ``[n_docs + 1]``). Backends:
 
 ``auto`` picks flash > varlen on CUDA, sdpa elsewhere; an explicit backend that cannot run
 raises ``RuntimeError``.
+
+Shared prefixes (DPO with a shared prompt). ``kv_prefix`` (int ``[n_docs]``, optional) lets a
+document's queries also attend the first ``kv_prefix[d]`` tokens of the document before it,
+ahead of its own: its keys/values are that prefix's then its own (a gathered K/V stream), and
+causality is aligned bottom-right (query ``i`` of a document with prefix ``p`` sees keys
+``0..p+i``). A shared-prompt pair is document A = prompt + chosen and document B = the
+rejected reply with ``kv_prefix = len(prompt) - 1`` (its first token repeats the prompt's last,
+so it predicts the reply's first token): B attends the prompt, never the chosen reply. Every
+backend runs the same formulation: flash/varlen with separate ``cu_seqlens_q`` /
+``cu_seqlens_k`` over the gathered K/V, sdpa per document with a lower-right causal mask,
+sdpa_mask with one ``[T, T]`` mask (the reference).
 """
 
 from __future__ import annotations
@@ -85,12 +96,26 @@ class PackedPlan:
     # sdpa: document lengths, and buckets of document indices (longest first)
     doc_lens: list = field(default_factory=list)
     doc_buckets: list = field(default_factory=list)
+    # shared prefixes (see the module docstring); None when no document has one
+    kv_prefix: list | None = None
+    prefix_buckets: list = field(default_factory=list)  # sdpa: buckets of prefixed documents
+    kv_index: torch.Tensor | None = None  # flash/varlen: gathered K/V stream -> token index
+    cu_seqlens_k: torch.Tensor | None = None
+    max_seqlen_k: int = 0
     _mask: torch.Tensor | None = None
 
     @classmethod
-    def build(cls, cu_seqlens: torch.Tensor, max_seqlen: int | None, n_tokens: int, backend: str):
+    def build(cls, cu_seqlens: torch.Tensor, max_seqlen: int | None, n_tokens: int, backend: str,
+              kv_prefix: torch.Tensor | None = None):
+        prefix = None
+        if kv_prefix is not None:
+            prefix = [int(p) for p in kv_prefix.tolist()]
+            if not any(prefix):
+                prefix = None
         bounds = (
-            cu_seqlens.tolist() if backend in ("sdpa", "sdpa_mask") or max_seqlen is None else None
+            cu_seqlens.tolist()
+            if backend in ("sdpa", "sdpa_mask") or max_seqlen is None or prefix is not None
+            else None
         )
         if bounds is not None:
             if (
@@ -108,23 +133,43 @@ class PackedPlan:
             n_tokens=n_tokens,
             backend=backend,
         )
+        if prefix is not None:
+            plan._prefix(bounds, prefix)
         if backend == "sdpa":
             plan._bucket(bounds)
         return plan
+
+    def _prefix(self, bounds, prefix):
+        """Check the prefixes; flash/varlen: the gathered K/V index and its cu_seqlens."""
+        lens = [b - a for a, b in zip(bounds, bounds[1:])]
+        if len(prefix) != len(lens):
+            raise ValueError(f"kv_prefix has {len(prefix)} entries for {len(lens)} documents")
+        for d, p in enumerate(prefix):
+            if p < 0 or (p and (d == 0 or p > lens[d - 1] or lens[d] == 0)):
+                raise ValueError(f"kv_prefix[{d}] = {p}: a prefix is at most the previous document's length "
+                                 f"({lens[d - 1] if d else 0} tokens) and needs queries of its own")
+        self.kv_prefix = prefix
+        if self.backend not in ("flash", "varlen"):
+            return
+        device = self.cu_seqlens.device
+        parts, cu_k = [], [0]
+        for d, (a, b) in enumerate(zip(bounds, bounds[1:])):
+            if prefix[d]:
+                parts.append(torch.arange(bounds[d - 1], bounds[d - 1] + prefix[d]))
+            parts.append(torch.arange(a, b))
+            cu_k.append(cu_k[-1] + prefix[d] + b - a)
+        self.kv_index = torch.cat(parts).to(device)
+        self.cu_seqlens_k = torch.tensor(cu_k, dtype=torch.int32, device=device)
+        self.max_seqlen_k = max(b - a for a, b in zip(cu_k, cu_k[1:]))
 
     def _bucket(self, bounds):
         """Group documents whose lengths are within BUCKET_RATIO of the bucket's longest (all
         documents up to SMALL_DOC tokens together): padding at most doubles a document's cost."""
         self.doc_lens = [b - a for a, b in zip(bounds, bounds[1:])]
-        docs = sorted(((n, i) for i, n in enumerate(self.doc_lens) if n > 0), reverse=True)
-        cur: list = []
-        for length, i in docs:
-            if cur and not (length * BUCKET_RATIO >= self.doc_lens[cur[0]] or self.doc_lens[cur[0]] <= SMALL_DOC):
-                self.doc_buckets.append(cur)
-                cur = []
-            cur.append(i)
-        if cur:
-            self.doc_buckets.append(cur)
+        prefix = self.kv_prefix or [0] * len(self.doc_lens)
+        # plain documents by their length, prefixed ones apart by their key length
+        self.doc_buckets = _buckets([(n, i) for i, n in enumerate(self.doc_lens) if n > 0 and not prefix[i]])
+        self.prefix_buckets = _buckets_2d([(n + prefix[i], n, i) for i, n in enumerate(self.doc_lens) if n > 0 and prefix[i]])
 
     def block_mask(self, device) -> torch.Tensor:
         """Boolean ``[T, T]`` mask, True where attention is allowed (same doc, causal)."""
@@ -135,7 +180,49 @@ class PackedPlan:
             )
             pos = torch.arange(self.n_tokens, device=device)
             self._mask = (doc[:, None] == doc[None, :]) & (pos[:, None] >= pos[None, :])
+            if self.kv_prefix is not None:  # + the first kv_prefix[d] tokens of document d - 1
+                cu = self.cu_seqlens.long().to(device)
+                p = torch.tensor(self.kv_prefix, device=device)
+                src = torch.cat([cu[:1], cu[:-2]])  # start of the previous document
+                lo, hi = src[doc], src[doc] + p[doc]
+                self._mask |= (pos[None, :] >= lo[:, None]) & (pos[None, :] < hi[:, None])
         return self._mask
+
+
+def _buckets(docs: list) -> list:
+    """Group (length, index) pairs whose lengths are within BUCKET_RATIO of the bucket's longest
+    (all up to SMALL_DOC together), longest first: padding at most doubles a document's cost."""
+    out: list = []
+    cur: list = []
+    top = 0
+    for length, i in sorted(docs, reverse=True):
+        if cur and not (length * BUCKET_RATIO >= top or top <= SMALL_DOC):
+            out.append(cur)
+            cur = []
+        if not cur:
+            top = length
+        cur.append(i)
+    if cur:
+        out.append(cur)
+    return out
+
+
+def _buckets_2d(docs: list) -> list:
+    """Prefixed documents (key length, query length, index): a bucket pads both, so a document
+    joins the first bucket whose key and query lengths are both within BUCKET_RATIO of its own
+    (or all up to SMALL_DOC): a prompt of 2000 keys with a 5-token reply never pads to a
+    200-token reply's queries."""
+    buckets: list = []  # [top key length, lowest query length, highest query length, members]
+    for lk, lq, i in sorted(docs, reverse=True):
+        for b in buckets:
+            lo, hi = min(lq, b[1]), max(lq, b[2])
+            if (lk * BUCKET_RATIO >= b[0] or b[0] <= SMALL_DOC) and (hi <= BUCKET_RATIO * lo or hi <= SMALL_DOC):
+                b[1], b[2] = lo, hi
+                b[3].append(i)
+                break
+        else:
+            buckets.append([lk, lq, lq, [i]])
+    return [b[3] for b in buckets]
 
 
 def _sdpa(q, k, v, **kw):
@@ -160,6 +247,8 @@ def attention_sdpa(q, k, v, plan: PackedPlan):
         return torch.empty_like(q)
     qs, ks, vs = q.split(lens), k.split(lens), v.split(lens)
     outs: list = [None] * len(lens)
+    if plan.prefix_buckets:
+        _sdpa_prefixed(qs, ks, vs, plan, outs)
     for bucket in plan.doc_buckets:
         if len(bucket) == 1:
             i = bucket[0]
@@ -174,6 +263,25 @@ def attention_sdpa(q, k, v, plan: PackedPlan):
     return torch.cat(outs)
 
 
+def _sdpa_prefixed(qs, ks, vs, plan: PackedPlan, outs: list) -> None:
+    """Documents with a shared prefix: keys/values = the previous document's first p tokens
+    then their own, causal aligned bottom-right (query i sees keys 0..p+i), one padded SDPA
+    per bucket of similar key lengths with an explicit mask."""
+    lens, prefix = plan.doc_lens, plan.kv_prefix
+    for bucket in plan.prefix_buckets:
+        kk = [torch.cat([ks[i - 1][: prefix[i]], ks[i]]) for i in bucket]
+        vv = [torch.cat([vs[i - 1][: prefix[i]], vs[i]]) for i in bucket]
+        qb, kb, vb = (pad_sequence(t, batch_first=True).transpose(1, 2) for t in ([qs[i] for i in bucket], kk, vv))
+        lq, lk = qb.shape[2], kb.shape[2]
+        p = torch.tensor([prefix[i] for i in bucket], device=qb.device)
+        # key j is visible to query i when j <= i + p (padded keys lie past every real query's reach)
+        mask = torch.arange(lk, device=qb.device)[None, None, :] <= (
+            torch.arange(lq, device=qb.device)[None, :, None] + p[:, None, None])
+        ob = _sdpa(qb, kb, vb, attn_mask=mask[:, None]).transpose(1, 2)
+        for row, i in zip(ob.unbind(0), bucket):
+            outs[i] = row[: lens[i]]
+
+
 def attention_sdpa_mask(q, k, v, plan: PackedPlan):
     mask = plan.block_mask(q.device)
     o = _sdpa(
@@ -186,6 +294,10 @@ def attention_flash(q, k, v, plan: PackedPlan):
     from flash_attn import flash_attn_varlen_func
 
     cu = plan.cu_seqlens
+    if plan.kv_index is not None:  # shared prefixes: gathered K/V, causal aligned bottom-right
+        k, v = k.index_select(0, plan.kv_index), v.index_select(0, plan.kv_index)
+        return flash_attn_varlen_func(q, k, v, cu, plan.cu_seqlens_k, plan.max_seqlen, plan.max_seqlen_k,
+                                      causal=True)
     return flash_attn_varlen_func(q, k, v, cu, cu, plan.max_seqlen, plan.max_seqlen, causal=True)
 
 
@@ -208,6 +320,9 @@ def attention_varlen(q, k, v, plan: PackedPlan):
             rep = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     cu = plan.cu_seqlens
+    if plan.kv_index is not None:  # shared prefixes: separate q/k lengths, causal bottom-right
+        k, v = k.index_select(0, plan.kv_index), v.index_select(0, plan.kv_index)
+        return fn(q, k, v, cu, plan.cu_seqlens_k, plan.max_seqlen, plan.max_seqlen_k, **kw)
     return fn(q, k, v, cu, cu, plan.max_seqlen, plan.max_seqlen, **kw)
 
 

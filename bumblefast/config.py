@@ -204,6 +204,8 @@ class PrepConfig:
     compression: str | None = key("zstd", "MDS shard compression (zstd, or null for none)")
     shard_size_limit: str = key("64mb", "target size of one MDS shard file (e.g. 64mb)")
     seed: int = key(42, "seed of the packing order")
+    share_prompt: bool = key(True, "dpo: store each pair's prompt once, [prompt+chosen][rejected] attending the prompt "
+                             "(false: [prompt+chosen][prompt+rejected])")
 
     def validate(self) -> list[str]:
         errors = []

@@ -71,7 +71,8 @@ def step_prep(out: Path, seed: int) -> str:
         stage = name.removesuffix("_test")
         cfg = C.PrepConfig(stage=stage, input=[str(DEMO_DATA / f) for f in files],
                            tokenizer_name_or_path=str(out / "tokenizer"), seq_len=DEMO_SEQ_LEN,
-                           output_dir=str(out / "shards" / name), seed=seed)
+                           output_dir=str(out / "shards" / name), seed=seed,
+                           share_prompt=True)  # dpo: each pair's prompt stored and computed once
         m = run_prep(cfg, progress=False)
         done.append(f"{name} {m['rows']} rows")
     return ", ".join(done)

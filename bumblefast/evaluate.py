@@ -158,7 +158,8 @@ def preference_from_shards(model_path: str | Path, shards: str | Path, batch_siz
     for b in build_loader(str(shards), batch_size=batch_size, shuffle=False):
         n = b["cu_seqlens"].numel() - 1
         logps = model.segment_logps(b["input_ids"], b["position_ids"], b["cu_seqlens"], int(b["max_seqlen"]),
-                                    b["labels"], b["segment_ids"], n)
+                                    b["labels"], b["segment_ids"], n,
+                                    kv_prefix=b.get("kv_prefix"))
         margin = (logps[0::2] - logps[1::2]).tolist()
         wins += sum(m > 0 for m in margin)
         margins += margin

@@ -68,17 +68,20 @@ def matmul_params(cfg: Any) -> int:
     return layers * layer_params(cfg) + h + vocab * h
 
 
-def attention_flops(cfg: Any, doc_lens: Iterable[int]) -> float:
-    """Training FLOPs of causal attention over documents of the given lengths."""
+def attention_flops(cfg: Any, doc_lens: Iterable[int], kv_prefix: Iterable[int] | None = None) -> float:
+    """Training FLOPs of causal attention over documents of the given lengths; a document
+    with a shared prefix of p keys (DPO shared prompt) also attends those: s * p more pairs."""
     h, layers, n_heads, _, hd, _, _ = _dims(cfg)
     d_attn = n_heads * hd
-    return float(sum(6 * layers * d_attn * s * (s + 1) for s in doc_lens))
+    doc_lens = list(doc_lens)
+    prefix = list(kv_prefix) if kv_prefix is not None else [0] * len(doc_lens)
+    return float(sum(6 * layers * d_attn * s * (s + 1 + 2 * p) for s, p in zip(doc_lens, prefix, strict=True)))
 
 
-def train_flops(cfg: Any, doc_lens: Iterable[int]) -> float:
+def train_flops(cfg: Any, doc_lens: Iterable[int], kv_prefix: Iterable[int] | None = None) -> float:
     """Training FLOPs (forward + backward) of one pass over these documents."""
     doc_lens = list(doc_lens)
-    return 6.0 * matmul_params(cfg) * sum(doc_lens) + attention_flops(cfg, doc_lens)
+    return 6.0 * matmul_params(cfg) * sum(doc_lens) + attention_flops(cfg, doc_lens, kv_prefix)
 
 
 def train_flops_per_token(cfg: Any, seq_len: int) -> float:

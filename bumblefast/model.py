@@ -193,14 +193,20 @@ class Bumblebee(nn.Module):
         starts = torch.repeat_interleave(cu[:-1], cu[1:] - cu[:-1], output_size=n_tokens)
         return torch.arange(n_tokens, device=cu.device) - starts
 
-    def hidden_states(self, input_ids, position_ids, cu_seqlens, max_seqlen=None) -> torch.Tensor:
-        """Final-norm hidden states ``[T, hidden]`` of a flat packed stream."""
+    def hidden_states(self, input_ids, position_ids, cu_seqlens, max_seqlen=None, kv_prefix=None) -> torch.Tensor:
+        """Final-norm hidden states ``[T, hidden]`` of a flat packed stream. ``kv_prefix``
+        (optional, ``[n_docs]``): document d also attends the first ``kv_prefix[d]`` tokens of
+        document d - 1 and its positions start there (a shared DPO prompt; see attention.py)."""
         device = input_ids.device
         n_tok = input_ids.shape[0]
         if position_ids is None:
             position_ids = self.positions_from_cu_seqlens(cu_seqlens, n_tok)
+            if kv_prefix is not None:
+                cu = cu_seqlens.long()
+                position_ids = position_ids + torch.repeat_interleave(
+                    kv_prefix.long().to(device), cu[1:] - cu[:-1], output_size=n_tok)
         x = self.model.embed_tokens(input_ids)
-        plan = PackedPlan.build(cu_seqlens, max_seqlen, n_tok, self.resolved_attn(device, x.dtype))
+        plan = PackedPlan.build(cu_seqlens, max_seqlen, n_tok, self.resolved_attn(device, x.dtype), kv_prefix)
         head_dim = self.model.layers[0].self_attn.head_dim if len(self.model.layers) else 1
         cos, sin = rope_cos_sin(position_ids, head_dim, rope_theta(self.config), x.dtype)
         for layer in self.model.layers:
@@ -252,14 +258,16 @@ class Bumblebee(nn.Module):
         segment_ids,
         n_segments,
         return_counts: bool = False,
+        kv_prefix=None,
     ):
         """Summed target log-probs per segment, fp32 ``[n_segments]`` (DPO's policy/ref logps).
 
         ``segment_ids[i]`` is the segment of token ``i``; tokens with ``labels == -100`` add 0.
         With ``return_counts=True`` returns ``(logps, counts)``, counts being the number of
         target tokens per segment (int64), e.g. for length-normalised objectives.
+        ``kv_prefix``: shared-prompt rows (see :meth:`hidden_states`).
         """
-        h = self.hidden_states(input_ids, position_ids, cu_seqlens, max_seqlen)
+        h = self.hidden_states(input_ids, position_ids, cu_seqlens, max_seqlen, kv_prefix)
         ops = self.ops(h.device)
         logps = ops.fused_linear_logprob(h, self.lm_head.weight, labels, segment_ids, n_segments)
         if not return_counts:

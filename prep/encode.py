@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from bumblefast.config import UserError
+from bumblefast.prep import share
 from bumblefast.prep.records import (
     TRAINED_ROLES,
     RecordError,
@@ -37,6 +38,7 @@ class EncodeSettings:
     seq_len: int
     text_key: str = "text"
     overlong: str = "truncate"  # resolved: truncate | drop
+    share_prompt: bool = False  # dpo: one group [prompt+chosen][prompt[-1]+rejected] per pair
 
 
 def tokenizer_fingerprint(path: str) -> str:
@@ -175,6 +177,10 @@ class Encoder:
                 j += 2
                 total = len(segs[0][0]) + len(segs[1][0])
                 truncated = False
+                p = share.prompt_len(*segs)
+                if self.s.share_prompt and share.group_len(*segs, p) <= L:
+                    out[i] = (where, "ok", (share.share(*segs, p), p, total, p), False)
+                    continue
                 if total > L:
                     if self.s.overlong == "drop":
                         out[i] = (where, "err", "overlong", f"pair of {total} tokens > seq_len {L}")
@@ -186,7 +192,14 @@ class Encoder:
                     if sum(len(a) for a, _ in segs) > L:  # pragma: no cover - by construction
                         raise AssertionError("dpo truncation")
                     truncated = True
-                out[i] = (where, "ok", segs, truncated)
+                    p = share.prompt_len(*segs)
+                # dpo payload: (segments, prompt_lens value or None for the pairs layout,
+                # tokens of the pair unshared, its prompt tokens)
+                pair_tokens = len(segs[0][0]) + len(segs[1][0])
+                if self.s.share_prompt:
+                    out[i] = (where, "ok", (share.share(*segs, p), p, pair_tokens, p), truncated)
+                else:
+                    out[i] = (where, "ok", (segs, None, pair_tokens, p), truncated)
         return out  # type: ignore[return-value]
 
 

@@ -108,6 +108,13 @@ def merge_parts(root: str) -> dict[str, Any]:
             "prep": {k: v for k, v in first["prep"].items() if k != "node_rank"},
         }
     )
+    if "dpo_layout" in first:  # the columns agree, so the layout does
+        pair, prompt, written = (total("dpo.pair_tokens_unshared"), total("dpo.prompt_tokens_unshared"),
+                                 total("records.written"))
+        manifest["dpo_layout"] = first["dpo_layout"]
+        manifest["dpo"] = {"pair_tokens_unshared": pair, "prompt_tokens_unshared": prompt,
+                           "prompt_fraction": round(prompt / max(pair, 1), 6),
+                           "tokens_per_pair": round(total("tokens.real") / max(written, 1), 3)}
     text = json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"
     if is_remote(root):
         from streaming.base.storage import CloudUploader

@@ -7,7 +7,9 @@
   (longest first, ties in arrival order) each go into the open row with the least room that
   still fits them, else a new row. Rows come out in creation order. A dpo sample is a pair,
   kept whole: [prompt+chosen][prompt+rejected], so a row's segments are ordered
-  [chosen_0, rejected_0, chosen_1, rejected_1, ...].
+  [chosen_0, rejected_0, chosen_1, rejected_1, ...]. With a shared prompt a pair is one group
+  [prompt+chosen][prompt[-1]+rejected] (prep/share.py), sorted by the group's length, and the
+  row gets a `prompt_lens` column (one per pair).
 All of it is deterministic: the same samples in the same order give the same rows.
 """
 
@@ -73,15 +75,22 @@ class PretrainPacker:
 
 
 class BFDPacker:
-    """Best-fit-decreasing over a window. A sample is a list of (ids, loss_mask) segments."""
+    """Best-fit-decreasing over a window. A sample is a list of (ids, loss_mask) segments,
+    plus its prompt length for shared-prompt dpo groups (`shared=True`)."""
 
-    def __init__(self, seq_len: int, window: int):
+    def __init__(self, seq_len: int, window: int, shared: bool = False):
         self.L = seq_len
         self.window = max(1, window)
+        self.shared = shared
         self.items: list[list[tuple[np.ndarray, np.ndarray]]] = []
+        self.prompts: list[int] = []
 
-    def add(self, segments) -> Iterator[Row]:
+    def add(self, segments, prompt_len: int | None = None) -> Iterator[Row]:
+        if self.shared != (prompt_len is not None):
+            raise ValueError("BFDPacker: a prompt length comes with every shared-prompt group and only then")
         self.items.append(segments)
+        if self.shared:
+            self.prompts.append(prompt_len)
         if len(self.items) >= self.window:
             yield from self._flush()
 
@@ -90,6 +99,7 @@ class BFDPacker:
 
     def _flush(self) -> Iterator[Row]:
         items, self.items = self.items, []
+        prompts, self.prompts = self.prompts, []
         if not items:
             return
         sizes = [sum(len(ids) for ids, _ in segs) for segs in items]
@@ -110,8 +120,11 @@ class BFDPacker:
                 bisect.insort(room, (rem, b))
         for members in bins:
             segs = [seg for k in members for seg in items[k]]
-            yield {
+            row = {
                 "input_ids": np.concatenate([ids for ids, _ in segs]),
                 "loss_mask": np.concatenate([m for _, m in segs]).astype(np.uint8),
                 "seq_lens": np.asarray([len(ids) for ids, _ in segs], dtype=np.uint32),
             }
+            if self.shared:
+                row["prompt_lens"] = np.asarray([prompts[k] for k in members], dtype=np.uint32)
+            yield row

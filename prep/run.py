@@ -104,6 +104,8 @@ class _Stats:
         self.tokens = 0
         self.target_tokens = 0
         self.segments = 0
+        self.pair_tokens = 0  # dpo: tokens of the pairs written, as [prompt+chosen][prompt+rejected]
+        self.prompt_tokens = 0  # dpo: of which prompt tokens (counted twice, as that layout has them)
 
 
 def _skip(where: str, reason: str, message: str, on_error: str, stats: _Stats, err_file) -> None:
@@ -143,11 +145,12 @@ def run_prep(cfg: PrepConfig, progress: bool | None = None) -> dict[str, Any]:
         raise UserError(f"stage: must be pretrain|sft|dpo, got '{cfg.stage}'")
     files = expand_inputs(list(cfg.input))
     overlong = resolve_overlong(cfg)
-    settings = EncodeSettings(cfg.stage, cfg.tokenizer_name_or_path, cfg.seq_len, cfg.text_key, overlong)
+    shared = cfg.stage == "dpo" and cfg.share_prompt
+    settings = EncodeSettings(cfg.stage, cfg.tokenizer_name_or_path, cfg.seq_len, cfg.text_key, overlong, shared)
     main_encoder = Encoder(settings)  # validates the tokenizer/template before any work
     vocab = len(main_encoder.hf)
     dtype = token_dtype(vocab)
-    cols = columns(cfg.stage, vocab)
+    cols = columns(cfg.stage, vocab, shared_prompt=shared)
 
     out = part_dir(cfg.output_dir, cfg.node_rank, cfg.num_nodes)
     remote = is_remote(out)
@@ -165,7 +168,7 @@ def run_prep(cfg: PrepConfig, progress: bool | None = None) -> dict[str, Any]:
     writer_out = (os.path.join(staging, "mds"), out) if remote else staging
 
     stats = _Stats()
-    packer = PretrainPacker(cfg.seq_len) if cfg.stage == "pretrain" else BFDPacker(cfg.seq_len, cfg.pack_window)
+    packer = PretrainPacker(cfg.seq_len) if cfg.stage == "pretrain" else BFDPacker(cfg.seq_len, cfg.pack_window, shared)
     err_path = os.path.join(staging, ERRORS_NAME)
     pool = None
     t0 = time.perf_counter()
@@ -210,7 +213,13 @@ def run_prep(cfg: PrepConfig, progress: bool | None = None) -> dict[str, Any]:
                         continue
                     stats.written += 1
                     stats.truncated += bool(b)
-                    for row in packer.add(a if cfg.stage == "dpo" else [a]):
+                    if cfg.stage == "dpo":  # (segments, prompt_lens value, pair tokens, prompt tokens)
+                        stats.pair_tokens += a[2]
+                        stats.prompt_tokens += 2 * a[3]
+                        rows = packer.add(a[0], a[1])
+                    else:
+                        rows = packer.add([a])
+                    for row in rows:
                         _write_row(writer, row, dtype, stats, cfg.stage)
                 n_chunk = len(chunk_out)
             bar.update(n_chunk)
@@ -274,6 +283,15 @@ def run_prep(cfg: PrepConfig, progress: bool | None = None) -> dict[str, Any]:
                 "text_key": cfg.text_key,
             },
         }
+        if cfg.stage == "dpo":
+            manifest["dpo_layout"] = "shared_prompt" if shared else "pairs"
+            manifest["dpo"] = {
+                "pair_tokens_unshared": stats.pair_tokens,
+                "prompt_tokens_unshared": stats.prompt_tokens,
+                "prompt_fraction": round(stats.prompt_tokens / max(stats.pair_tokens, 1), 6),
+                "tokens_per_pair": round(stats.tokens / max(stats.written, 1), 3),
+            }
+            manifest["prep"]["share_prompt"] = shared
         if stats.read != stats.written + sum(stats.skipped.values()):  # the accounting invariant
             raise RuntimeError(f"prep lost records: read {stats.read} != written {stats.written} + skipped {dict(stats.skipped)}")
         manifest_text = json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"

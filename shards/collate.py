@@ -17,6 +17,9 @@ micro-batch (no padding), D = documents/segments, R = rows:
 | `num_tokens`        | int64 0-dim          | T                                                        |
 | `row_capacity`      | int64 0-dim          | R * seq_len (padding fraction = 1 - T / row_capacity)    |
 | `ref_logps`         | float32 [D] (dpo)    | only when every row has it; chosen = 0::2, rejected 1::2 |
+| `kv_prefix`         | int32 [D] (dpo)      | shared-prompt rows only: document d also attends the     |
+|                     |                      | first kv_prefix[d] tokens of document d-1 (the prompt),  |
+|                     |                      | and its position_ids start at kv_prefix[d]               |
 
 Targets: pretrain every next token inside a document; sft/dpo tokens with loss_mask == 1.
 Scalars are 0-dim tensors because a DataLoader collate must return tensors.
@@ -30,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bumblefast.shards.schema import SEGMENT_COLUMN
+from bumblefast.shards.schema import PROMPT_COLUMN, SEGMENT_COLUMN
 
 IGNORE_INDEX = -100
 
@@ -53,6 +56,9 @@ def collate_rows(rows: Sequence[dict[str, Any]], stage: str, seq_len: int) -> di
     np.cumsum(lens, out=cu[1:])
     seg = np.repeat(np.arange(n_docs, dtype=np.int64), lens)
     pos = np.arange(total, dtype=np.int64) - cu[:-1][seg]
+    kv_prefix = _kv_prefix(rows, lens) if stage == "dpo" else None
+    if kv_prefix is not None:
+        pos += kv_prefix[seg]
 
     if stage == "pretrain":
         target = np.ones(total, dtype=bool)
@@ -79,4 +85,28 @@ def collate_rows(rows: Sequence[dict[str, Any]], stage: str, seq_len: int) -> di
     if stage == "dpo" and all(r.get("ref_logps") is not None for r in rows):
         ref = np.concatenate([np.asarray(r["ref_logps"], dtype=np.float32) for r in rows])
         batch["ref_logps"] = torch.from_numpy(ref.copy())
+    if kv_prefix is not None:
+        batch["kv_prefix"] = torch.from_numpy(kv_prefix.astype(np.int32))
     return batch
+
+
+def _kv_prefix(rows, lens: np.ndarray) -> np.ndarray | None:
+    """Shared-prompt rows: per segment, the chosen segment's head tokens the rejected one
+    attends (prompt length - 1, as the rejected segment repeats the prompt's last token);
+    None when no row has a prompt_lens column."""
+    if not any(r.get(PROMPT_COLUMN) is not None for r in rows):
+        return None
+    parts = []
+    for r in rows:
+        n = len(r[SEGMENT_COLUMN["dpo"]])
+        p = np.zeros(n, dtype=np.int64)
+        if r.get(PROMPT_COLUMN) is not None:
+            prompt = np.asarray(r[PROMPT_COLUMN], dtype=np.int64)
+            if 2 * len(prompt) != n:
+                raise ValueError(f"row {r.get('sample_id')}: {len(prompt)} prompt_lens for {n} segments")
+            p[1::2] = np.maximum(prompt - 1, 0)
+        parts.append(p)
+    out = np.concatenate(parts)
+    if (out[1::2] > lens[0::2]).any():
+        raise ValueError(f"rows {[r.get('sample_id') for r in rows]}: a prompt is longer than its chosen segment")
+    return out

@@ -9,6 +9,19 @@ hashes) plus `bumblefast.json`, the manifest. One MDS sample is one training row
 | sft      | `input_ids` (<= seq_len), `loss_mask` (uint8), `seq_lens` (uint32)     |
 | dpo      | `input_ids`, `loss_mask`, `seq_lens`, optional `ref_logps` (float32    |
 |          | per segment); segments ordered [chosen_0, rejected_0, chosen_1, ...]   |
+|          | shared-prompt layout: + `prompt_lens` (uint32, one per pair)           |
+
+DPO layouts (the manifest's `dpo_layout`; a manifest without it holds `pairs`):
+
+- `pairs`: each pair is two segments [prompt + chosen][prompt + rejected].
+- `shared_prompt`: each pair is one group [prompt + chosen][prompt[-1] + rejected]: the
+  prompt (`prompt_lens[k]` = P tokens, the longest common untrained token prefix of the two
+  sequences) is stored once, at the head of the chosen segment; the rejected segment repeats
+  the prompt's last token (which predicts the rejected reply's first token) and then holds the
+  rejected reply. `seq_lens` are the two segments' stored lengths (P + C and 1 + R), so the
+  segment and target structure is that of `pairs`; the trainer lets the rejected segment
+  attend the prompt's first P - 1 tokens and starts its positions at P - 1. With P = 0 (no
+  common prefix) the rejected segment is the whole rejected sequence, standalone.
 
 Token columns are `ndarray:uint16` when every id fits (vocab <= 65536), else `ndarray:uint32`.
 """
@@ -27,6 +40,13 @@ STAGES = ("pretrain", "sft", "dpo")
 
 # name of the per-row segment-length column for each stage
 SEGMENT_COLUMN = {"pretrain": "doc_lens", "sft": "seq_lens", "dpo": "seq_lens"}
+DPO_LAYOUTS = ("pairs", "shared_prompt")
+PROMPT_COLUMN = "prompt_lens"  # shared_prompt layout: prompt tokens per pair
+
+
+def dpo_layout(manifest: dict[str, Any]) -> str:
+    """The DPO layout a shard set holds (`pairs` for shards written before the key existed)."""
+    return manifest.get("dpo_layout", "pairs")
 
 
 def token_dtype(vocab_size: int) -> str:
@@ -34,7 +54,7 @@ def token_dtype(vocab_size: int) -> str:
     return "uint16" if vocab_size <= 1 << 16 else "uint32"
 
 
-def columns(stage: str, vocab_size: int, ref_logps: bool = False) -> dict[str, str]:
+def columns(stage: str, vocab_size: int, ref_logps: bool = False, shared_prompt: bool = False) -> dict[str, str]:
     """MDS `columns=` for a stage: name -> streaming encoding."""
     if stage not in STAGES:
         raise ValueError(f"stage: must be one of {'|'.join(STAGES)}, got '{stage}'")
@@ -42,6 +62,8 @@ def columns(stage: str, vocab_size: int, ref_logps: bool = False) -> dict[str, s
     if stage == "pretrain":
         return {"input_ids": tok, "doc_lens": "ndarray:uint32"}
     cols = {"input_ids": tok, "loss_mask": "ndarray:uint8", "seq_lens": "ndarray:uint32"}
+    if stage == "dpo" and shared_prompt:
+        cols[PROMPT_COLUMN] = "ndarray:uint32"
     if stage == "dpo" and ref_logps:
         cols["ref_logps"] = "ndarray:float32"
     return cols

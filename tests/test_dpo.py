@@ -94,14 +94,18 @@ def test_packed_segment_logps_equal_each_segment_alone(setup):
     ours = Bumblebee.from_pretrained(setup["sft"], attn_backend="sdpa", kernels="reference")
     n = batch["cu_seqlens"].numel() - 1
     assert n >= 4 and n % 2 == 0  # at least two whole pairs packed
+    assert "kv_prefix" in batch  # prep's default layout: the shared prompt
     with torch.no_grad():
         packed = ours.segment_logps(batch["input_ids"], batch["position_ids"], batch["cu_seqlens"],
-                                    int(batch["max_seqlen"]), batch["labels"], batch["segment_ids"], n)
+                                    int(batch["max_seqlen"]), batch["labels"], batch["segment_ids"], n,
+                                    kv_prefix=batch["kv_prefix"])
     hf = AutoModelForCausalLM.from_pretrained(setup["sft"], dtype=torch.float32).eval()
-    cu = batch["cu_seqlens"].tolist()
+    cu, prefix = batch["cu_seqlens"].tolist(), batch["kv_prefix"].tolist()
     for s in range(n):
-        ids = batch["input_ids"][cu[s]:cu[s + 1]]
-        labels = batch["labels"][cu[s]:cu[s + 1]]
+        # a rejected segment alone is the chosen segment's prompt head, then its own tokens
+        head = slice(cu[s - 1], cu[s - 1] + prefix[s]) if prefix[s] else slice(0, 0)
+        ids = torch.cat([batch["input_ids"][head], batch["input_ids"][cu[s]:cu[s + 1]]])
+        labels = torch.cat([torch.full((prefix[s],), -100), batch["labels"][cu[s]:cu[s + 1]]])
         with torch.no_grad():
             logp = torch.log_softmax(hf(ids[None], use_cache=False).logits[0].float(), -1)
         keep = labels != -100

@@ -189,42 +189,53 @@ def test_sft_mask_exact_on_handwritten_record(tok, tok_dir, tmp_path):
 
 
 # ---- dpo ---------------------------------------------------------------------------------------
-def check_dpo(tok, tok_dir, tmp_path, files, seq_len):
-    m = prep(tok_dir, tmp_path / "dpo", "dpo", files, seq_len=seq_len)
+def check_dpo(tok, tok_dir, tmp_path, files, seq_len, share_prompt=False):
+    m = prep(tok_dir, tmp_path / "dpo", "dpo", files, seq_len=seq_len, share_prompt=share_prompt)
+    assert m["dpo_layout"] == ("shared_prompt" if share_prompt else "pairs")
     rows = read_rows(tmp_path / "dpo")
-    expected = Counter()
+    expected, admitted = Counter(), Counter()
     for rec in load_records(files):
         prompt, ch, rj, tools = dpo_pair(rec)
         pair = (expected_ids(tok, prompt + [ch], tools), expected_ids(tok, prompt + [rj], tools))
+        admitted[pair] += 1
         if len(pair[0]) + len(pair[1]) <= seq_len:
             expected[pair] += 1
-            replies = {pair[0]: ch["content"], pair[1]: rj["content"]}
-            assert len(replies) >= 1
     got = Counter()
     for r in rows:
         assert len(r["input_ids"]) <= seq_len and len(r["seq_lens"]) % 2 == 0
         segs = segments(r, "seq_lens")
-        for c, rj in zip(segs[0::2], segs[1::2], strict=True):
+        prompts = r["prompt_lens"].tolist() if share_prompt else [None] * (len(segs) // 2)
+        assert len(prompts) == len(segs) // 2
+        for c, rj, p in zip(segs[0::2], segs[1::2], prompts, strict=True):
+            if p is not None:  # the rejected segment continues from the chosen one's prompt
+                assert p >= 1 and not c[1][:p].any() and not rj[1][:1].any()
+                assert rj[0][0] == c[0][p - 1]  # the prompt's last token, repeated
+                rj = (np.concatenate([c[0][: p - 1], rj[0]]), np.concatenate([c[1][: p - 1], rj[1]]))
             got[(tuple(c[0].tolist()), tuple(rj[0].tolist()))] += 1
             for ids, mask in (c, rj):
                 runs = trained_runs(tok, ids, mask)
                 assert len(runs) == 1 and runs[0].endswith("<|im_end|>")
                 # the trained span is the final assistant reply, right at the end of the segment
                 assert tok.decode(ids.tolist()).endswith(runs[0] + "\n")
-    assert got == expected
+    if share_prompt:  # the shared layout also admits pairs whose group fits, though both copies would not
+        assert not (expected - got) and not (got - admitted)
+    else:
+        assert got == expected
     assert m["records"]["read"] == m["records"]["written"] + m["records"]["skipped"]
     return m
 
 
-def test_dpo_demo(tok, tok_dir, tmp_path):
-    check_dpo(tok, tok_dir, tmp_path, [DEMO / "dpo.json"], 256)
+@pytest.mark.parametrize("share_prompt", [False, True])
+def test_dpo_demo(tok, tok_dir, tmp_path, share_prompt):
+    m = check_dpo(tok, tok_dir, tmp_path, [DEMO / "dpo.json"], 256, share_prompt)
+    assert 0.3 < m["dpo"]["prompt_fraction"] < 1
 
 
 @needs_shared
 def test_dpo_shared(tok, tok_dir, tmp_path):
     # packing efficiency >= 95% is measured in benchmarks/bench_prep.py with a tokenizer trained
     # on this data; the 1024-vocab demo tokenizer makes these Chinese pairs ~1000+ tokens each
-    check_dpo(tok, tok_dir, tmp_path, [SHARED / "dpo_zh_demo.json"], 2048)
+    check_dpo(tok, tok_dir, tmp_path, [SHARED / "dpo_zh_demo.json"], 2048, share_prompt=True)
 
 
 # ---- bad input: nothing lost -------------------------------------------------------------------
@@ -373,13 +384,13 @@ def test_dpo_alpaca_pairs_and_truncate(tok, tok_dir, tmp_path):
     ]
     path = tmp_path / "p.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    m = prep(tok_dir, tmp_path / "d", "dpo", [path], seq_len=160)
+    m = prep(tok_dir, tmp_path / "d", "dpo", [path], seq_len=160, share_prompt=False)
     assert m["records"]["skipped_by_reason"] == {"overlong": 1}
     (row,) = read_rows(tmp_path / "d")
     (c, cm), (r, rm) = segments(row, "seq_lens")
     assert tok.decode(c.tolist()).endswith("<|im_start|>user\nAdd\n2 and 3<|im_end|>\n<|im_start|>assistant\n5<|im_end|>\n")
     assert trained_runs(tok, c, cm) == ["5<|im_end|>"] and trained_runs(tok, r, rm) == ["6<|im_end|>"]
-    m = prep(tok_dir, tmp_path / "t", "dpo", [path], seq_len=160, overlong="truncate")
+    m = prep(tok_dir, tmp_path / "t", "dpo", [path], seq_len=160, overlong="truncate", share_prompt=False)
     assert m["records"]["truncated"] == 1 and m["records"]["written"] == 2
     assert all(len(x["input_ids"]) <= 160 for x in read_rows(tmp_path / "t"))
 

@@ -70,13 +70,17 @@ run() {  # run NAME TIMEOUT CMD...: log each step, keep going, remember failures
 }
 
 PYTEST=("$PY" -P -m pytest --import-mode=importlib -p no:cacheprovider -q -rs)
-# Budget (one call under 8 minutes): 100 + 60 + 80 + 210 + 60 s of timeouts, plus installs.
-# At most 8 files come back from $OUT: env, log, 2 x bench_kernels, 2 x bench_train, smoke metrics.
+# Budget (one call under 8 minutes at most): 100 + 60 + 60 + 80 + 210 + 120 + 60 s of timeouts, plus installs.
+# Files back from $OUT: env, log, 2 x bench_kernels, 2 x bench_train, 2 x bench_shared_prompt, smoke metrics.
 run kernel_tests 100 "${PYTEST[@]}" tests/test_kernels_triton.py tests/test_kernels_dispatch.py
 run model_tests 60 "${PYTEST[@]}" tests/test_model.py
+run shared_prompt_tests 60 "${PYTEST[@]}" tests/test_shared_prompt.py -k cuda
 run bench_kernels 80 "$PY" -P benchmarks/bench_kernels.py --out "$OUT" --tokens 8192 --dtype bfloat16
 run bench_train 210 "$PY" -P benchmarks/bench_train.py --stage all --seq_len 4096 --preset bumblebee-1.5b \
   --steps 8 --warmup 2 --profile --out "$OUT"
+# DPO with a shared prompt vs unshared, 1.5B preset, seq 4096 (pairs/s, same pairs, interleaved epochs)
+run bench_shared_prompt 120 "$PY" -P benchmarks/bench_shared_prompt.py --seq_len 4096 --preset bumblebee-1.5b \
+  --pairs 64 --rounds 3 --out "$OUT"
 # the real trainer end to end: DeepSpeed ZeRO-2, bf16, fused AdamW, tiny preset on the demo data
 run train_zero2_smoke 60 bash -c '
   set -e; T=$(mktemp -d)

@@ -135,7 +135,8 @@ def train(cfg: TrainConfig) -> Path:
                 local[0] += objective.count(b)
                 local[1] += float(b["num_tokens"])
                 local[2] += float(b["row_capacity"])
-                local[3] += flops.train_flops(model_config, torch.diff(b["cu_seqlens"]).tolist())
+                prefix = b["kv_prefix"].tolist() if "kv_prefix" in b else None
+                local[3] += flops.train_flops(model_config, torch.diff(b["cu_seqlens"]).tolist(), prefix)
             n_global, tokens, capacity, step_flops = D.all_reduce_sum(local, device)
             # DeepSpeed divides by the accumulation steps and averages over ranks: undo both so
             # the update is (sum of all losses in the step) / (global count).

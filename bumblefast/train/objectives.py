@@ -60,7 +60,8 @@ def segment_stats(model: nn.Module, batch: dict, ld_alpha: float | None):
     """Per-segment (summed target log-probs, target counts, mean logit over target tokens)
     of a packed dpo batch, without materialising [T, V] logits. The mean logit of a token
     over the vocabulary is h . mean(W rows), so it costs one matrix-vector product."""
-    h = model.hidden_states(batch["input_ids"], batch["position_ids"], batch["cu_seqlens"], _max_seqlen(batch))
+    h = model.hidden_states(batch["input_ids"], batch["position_ids"], batch["cu_seqlens"], _max_seqlen(batch),
+                            batch.get("kv_prefix"))
     weight = model.lm_head.weight
     labels, seg = batch["labels"], batch["segment_ids"]
     n = batch["cu_seqlens"].numel() - 1
@@ -79,7 +80,9 @@ def segment_stats(model: nn.Module, batch: dict, ld_alpha: float | None):
 
 
 class DPOObjective(nn.Module):
-    """Preference loss on packed rows of [prompt+chosen][prompt+rejected] segments.
+    """Preference loss on packed rows of [prompt+chosen][prompt+rejected] segments, or of
+    shared-prompt groups [prompt+chosen][rejected] whose rejected segment attends the prompt
+    (the batch's `kv_prefix`); segments alternate chosen, rejected either way.
 
     reference: `adapter` (the same weights with LoRA disabled), `copy` (a frozen copy of the
     starting model, passed as `ref_model`), `precomputed` (the shards' `ref_logps` column)

@@ -58,7 +58,8 @@ def precompute_ref(model_name_or_path: str, dataset_path: str, output_dir: str, 
             b = {k: v.to(device) for k, v in b.items()}
             n = b["cu_seqlens"].numel() - 1
             logps = model.segment_logps(b["input_ids"], b["position_ids"], b["cu_seqlens"], int(b["max_seqlen"]),
-                                        b["labels"], b["segment_ids"], n).float().cpu().tolist()
+                                        b["labels"], b["segment_ids"], n,
+                                        kv_prefix=b.get("kv_prefix")).float().cpu().tolist()
             for row in rows:
                 k = len(row["seq_lens"])
                 scores[row["sample_id"]], logps = logps[:k], logps[k:]
@@ -79,14 +80,15 @@ def _write(ds, scores, src, dataset_path, output_dir, model_path, model_fp) -> d
     import numpy as np
     from streaming import MDSWriter
 
-    from bumblefast.shards.schema import MANIFEST_NAME, columns, fingerprint_bytes
+    from bumblefast.shards.schema import MANIFEST_NAME, PROMPT_COLUMN, columns, fingerprint_bytes
 
     final = Path(output_dir)
     if final.resolve() == Path(dataset_path).resolve():
         raise UserError("output_dir: must differ from dataset_path (the source shards stay as they are)")
     staging = final.parent / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
-    cols = columns("dpo", src["tokenizer"]["vocab_size"], ref_logps=True)
+    cols = columns("dpo", src["tokenizer"]["vocab_size"], ref_logps=True,
+                   shared_prompt=PROMPT_COLUMN in src.get("columns", {}))
     try:
         with MDSWriter(out=str(staging), columns=cols, compression=src.get("prep", {}).get("compression") or None,
                        hashes=src.get("prep", {}).get("hashes") or ["xxh64"]) as writer:

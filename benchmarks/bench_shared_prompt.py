@@ -1,0 +1,309 @@
+#!/usr/bin/env python3
+"""DPO with a shared prompt vs the unshared packed path: pairs/s on the same pairs.
+
+Per data set, one tokenizer trained on it and the same pairs prepped twice: `pairs` layout
+([prompt+chosen][prompt+rejected] segments) and `shared_prompt` ([prompt+chosen][rejected]
+attending the prompt, see shards/schema.py). Each side is our model + LoRA, the DPO objective
+with precomputed reference log-probs (the policy step; computed untimed) and AdamW, one
+packed row per micro-batch, and runs every row of its shard set per round: a round is one
+epoch over the same pairs, so pairs/s compares whole epochs. Rounds interleave the two sides
+(alternating which goes first); reported: median pairs/s and min-max over rounds, "within
+noise" when the ranges overlap, the fraction of pair tokens that are prompt tokens (as the
+unshared layout counts them) and the tokens computed per pair on each side.
+
+Data sets: dpo_zh_demo.json (../shared/data, else the demo's dpo.json) and a multi-turn set
+with long histories built from ShareGPT duolun_train.json: each conversation of 4+ turns
+becomes a pair whose prompt is every turn before the last reply, chosen = that reply,
+rejected = the last reply of the next such conversation.
+
+  python benchmarks/bench_shared_prompt.py               # CPU, tiny preset
+  python benchmarks/bench_train.py --stage dpo           # also runs this after the dpo rows
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared" / "data"
+DEMO = ROOT / "datasets" / "demo"
+
+
+def multi_turn_pairs(src: Path, out: Path, min_turns: int = 4) -> Path:
+    """Preference pairs with long histories from a ShareGPT conversation file."""
+    convs = [c["conversations"] for c in json.loads(src.read_text(encoding="utf-8"))]
+    convs = [c for c in convs if len(c) >= min_turns and c[-1]["from"] == "gpt"]
+    pairs = [
+        {"conversations": c[:-1], "chosen": c[-1], "rejected": convs[(i + 1) % len(convs)][-1]}
+        for i, c in enumerate(convs)
+    ]
+    out.write_text(json.dumps(pairs, ensure_ascii=False), encoding="utf-8")
+    return out
+
+
+def data_sets(workdir: Path, shared: Path = SHARED) -> list[tuple[str, Path]]:
+    single = (
+        shared / "dpo_zh_demo.json"
+        if (shared / "dpo_zh_demo.json").is_file()
+        else DEMO / "dpo.json"
+    )
+    sets = [(single.name, single)]
+    if (shared / "duolun_train.json").is_file():
+        sets.append(
+            (
+                "duolun_train.json -> multi-turn pairs",
+                multi_turn_pairs(shared / "duolun_train.json", workdir / "multi_turn_pairs.json"),
+            )
+        )
+    return sets
+
+
+def _side(cfg, shards: Path, device, dtype, lora_rank: int = 16):
+    """(step function, micro-batches with ref_logps) for one layout: model, LoRA, optimizer."""
+    from bumblefast.config import DPOConfig
+    from bumblefast.model import Bumblebee
+    from bumblefast.shards.reader import build_loader
+    from bumblefast.train.engine import apply_lora
+    from bumblefast.train.objectives import DPOObjective
+    from bumblefast.train.pref_losses import PrefLossConfig
+
+    torch.manual_seed(0)
+    model = Bumblebee(cfg).init_weights().to(device)
+    model = apply_lora(
+        model, DPOConfig(finetuning_type="lora", lora_rank=lora_rank, lora_alpha=2 * lora_rank)
+    )
+    batches = [
+        {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
+        for b in build_loader(str(shards), batch_size=1, shuffle=False)
+    ]
+    live = DPOObjective(model, PrefLossConfig(), "adapter")
+    for b in batches:  # what `bumblefast precompute-ref` stores, made untimed
+        b["ref_logps"] = live.reference_logps(b)
+    obj = DPOObjective(model, PrefLossConfig(), "precomputed")
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step(b):
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            loss, _ = obj(b)
+        (loss / obj.count(b)).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step, batches
+
+
+def _epoch(step, batches, device) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of one epoch. On a shared CPU machine the
+    CPU seconds (one thread) measure the work; wall time also counts waiting for a core."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0, c0 = time.perf_counter(), time.process_time()
+    for b in batches:
+        step(b)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+def bench_data_set(name: str, data: Path, workdir: Path, args, device, dtype, preset: str) -> dict:
+    from bench_train import model_config, prepare
+    from transformers import AutoTokenizer
+
+    from bumblefast.config import PrepConfig
+    from bumblefast.prep.run import run_prep
+    from bumblefast.shards.schema import read_manifest
+
+    records = json.loads(data.read_text(encoding="utf-8"))
+    if args.pairs:  # a fixed subset keeps the CPU run short
+        records = records[: args.pairs]
+    subset = workdir / f"subset_{data.stem}.jsonl"  # one record a line: errors.jsonl names the line
+    subset.write_text(
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8"
+    )
+    tok_dir, plain = prepare(subset, "dpo", args.seq_len, workdir, args.vocab, share_prompt=False)
+    # the shared layout admits pairs whose two copies would not fit a row: keep the same pairs
+    skipped = {
+        int(json.loads(line)["where"].rsplit(":", 1)[1])
+        for line in (plain / "errors.jsonl").read_text(encoding="utf-8").splitlines()
+        if line.strip()
+    }
+    same = workdir / f"same_pairs_{data.stem}.jsonl"
+    same.write_text(
+        "".join(
+            json.dumps(r, ensure_ascii=False) + "\n"
+            for k, r in enumerate(records, 1)
+            if k not in skipped
+        ),
+        encoding="utf-8",
+    )
+    shared = workdir / "dpo_shared"
+    run_prep(
+        PrepConfig(
+            stage="dpo",
+            input=[str(same)],
+            tokenizer_name_or_path=str(tok_dir),
+            seq_len=args.seq_len,
+            output_dir=str(shared),
+            share_prompt=True,
+        ),
+        progress=False,
+    )
+    manifests = {"unshared": read_manifest(str(plain)), "shared prompt": read_manifest(str(shared))}
+    cfg = model_config(preset, len(AutoTokenizer.from_pretrained(tok_dir)))
+    sides = {
+        "unshared": _side(cfg, plain, device, dtype),
+        "shared prompt": _side(cfg, shared, device, dtype),
+    }
+    for step, batches in sides.values():  # warm-up: one step each, untimed
+        step(batches[0])
+    seconds: dict[str, list[float]] = {k: [] for k in sides}
+    cpu_seconds: dict[str, list[float]] = {k: [] for k in sides}
+    for r in range(args.rounds):
+        order = list(sides) if r % 2 == 0 else list(sides)[::-1]
+        for key in order:
+            wall, cpu = _epoch(*sides[key], device)
+            seconds[key].append(wall)
+            cpu_seconds[key].append(cpu)
+    n_pairs = manifests["unshared"]["records"]["written"]
+    assert n_pairs == manifests["shared prompt"]["records"]["written"], (
+        "the two layouts hold different pairs"
+    )
+    rows = []
+    clock = "cpu" if device.type == "cpu" else "wall"
+    for key, m in manifests.items():
+        rates = [n_pairs / s for s in (cpu_seconds if clock == "cpu" else seconds)[key]]
+        rows.append(
+            {
+                "name": f"ours, {key}",
+                "rows": m["rows"],
+                "tokens_per_pair": m["tokens"]["real"] / n_pairs,
+                "pairs_per_sec_median": statistics.median(rates),
+                "pairs_per_sec_min": min(rates),
+                "pairs_per_sec_max": max(rates),
+                "wall_seconds": seconds[key],
+                "cpu_seconds": cpu_seconds[key],
+                "pairs_per_wall_sec_median": statistics.median(n_pairs / s for s in seconds[key]),
+            }
+        )
+    base, ours = rows
+    overlap = (
+        ours["pairs_per_sec_min"] <= base["pairs_per_sec_max"]
+        and base["pairs_per_sec_min"] <= ours["pairs_per_sec_max"]
+    )
+    return {
+        "data": name,
+        "pairs": n_pairs,
+        "seq_len": args.seq_len,
+        "rounds": args.rounds,
+        "clock": clock,
+        "prompt_fraction": manifests["unshared"]["dpo"]["prompt_fraction"],
+        "skipped": manifests["unshared"]["records"]["skipped_by_reason"],
+        "results": rows,
+        "speedup_median": ours["pairs_per_sec_median"] / base["pairs_per_sec_median"],
+        "within_noise": overlap,
+        "load_average": list(os.getloadavg()),
+    }
+
+
+def bench_shared_prompt(args, device, dtype, preset: str) -> list[dict]:
+    """Every data set; `args` needs seq_len, vocab (and optionally rounds, pairs)."""
+    args = argparse.Namespace(**{"rounds": 5, "pairs": 64, "data_dir": str(SHARED), **vars(args)})
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (name, data) in enumerate(data_sets(Path(tmp), Path(args.data_dir))):
+            work = Path(tmp) / f"set{i}"
+            work.mkdir()
+            t0 = time.perf_counter()
+            out.append(bench_data_set(name, data, work, args, device, dtype, preset))
+            print(f"[dpo shared prompt] {name}: {time.perf_counter() - t0:.0f}s", flush=True)
+            print("\n".join(shared_prompt_lines(out[-1:])[-3:]), flush=True)
+    return out
+
+
+def shared_prompt_lines(results: list[dict]) -> list[str]:
+    clock = results[0]["clock"] if results else "wall"
+    unit = "pairs per CPU-second" if clock == "cpu" else "pairs/s"
+    lines = [
+        "",
+        "### dpo: shared prompt vs unshared (same pairs, one epoch per round, interleaved rounds)",
+        "",
+        f"| data | prompt share of pair tokens | configuration | rows | tokens/pair | {unit} median (min-max) "
+        "| ratio |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for st in results:
+        base = st["results"][0]["pairs_per_sec_median"]
+        for r in st["results"]:
+            ratio = r["pairs_per_sec_median"] / base
+            note = " (within noise)" if st["within_noise"] and r is not st["results"][0] else ""
+            lines.append(
+                f"| {st['data']} ({st['pairs']} pairs, seq {st['seq_len']}) | {st['prompt_fraction']:.0%} "
+                f"| {r['name']} | {r['rows']} | {r['tokens_per_pair']:.0f} | {r['pairs_per_sec_median']:.2f} "
+                f"({r['pairs_per_sec_min']:.2f}-{r['pairs_per_sec_max']:.2f}) | {ratio:.2f}x{note} |"
+            )
+    if clock == "cpu":
+        lines += [
+            "",
+            "CPU: rates per CPU-second of the one-thread process (time.process_time), so a loaded "
+            f"machine (load average {results[0]['load_average'][0]:.1f}) slows the wall clock, not the figure.",
+        ]
+    return lines
+
+
+def main() -> int:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_train import device_setup
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default=None)
+    p.add_argument("--seq_len", type=int, default=1024)
+    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--pairs", type=int, default=64, help="pairs per data set (0: all)")
+    p.add_argument(
+        "--data_dir",
+        default=str(SHARED),
+        help="the shared sample data (dpo_zh_demo.json, duolun_train.json)",
+    )
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = p.parse_args()
+    device, dtype, preset, _ = device_setup(args.preset)
+    if device.type == "cpu":
+        torch.set_num_threads(
+            1
+        )  # CPU-seconds of one thread measure the work (no spin-waiting siblings)
+    results = bench_shared_prompt(args, device, dtype, preset)
+    table = "\n".join(shared_prompt_lines(results))
+    print(table)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"bench_shared_prompt_{time.strftime('%Y-%m-%d')}"
+    stem.with_suffix(".json").write_text(
+        json.dumps(
+            {
+                "device": str(device),
+                "preset": preset,
+                "dtype": str(dtype),
+                "threads": torch.get_num_threads(),
+                "data_sets": results,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    stem.with_suffix(".md").write_text(table + "\n")
+    print(f"wrote {stem}.json and .md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
