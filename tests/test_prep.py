@@ -194,13 +194,13 @@ def check_dpo(tok, tok_dir, tmp_path, files, seq_len):
     m = prep(tok_dir, tmp_path / "dpo", "dpo", files, seq_len=seq_len)
     rows = read_rows(tmp_path / "dpo")
     expected = Counter()
+    reply = {}  # segment tokens -> the reply text the record says is trained there
     for rec in load_records(files):
         prompt, ch, rj, tools = dpo_pair(rec)
         pair = (expected_ids(tok, prompt + [ch], tools), expected_ids(tok, prompt + [rj], tools))
         if len(pair[0]) + len(pair[1]) <= seq_len:
             expected[pair] += 1
-            replies = {pair[0]: ch["content"], pair[1]: rj["content"]}
-            assert len(replies) >= 1
+            reply[pair[0]], reply[pair[1]] = ch["content"], rj["content"]
     got = Counter()
     for r in rows:
         assert len(r["input_ids"]) <= seq_len and len(r["seq_lens"]) % 2 == 0
@@ -209,7 +209,7 @@ def check_dpo(tok, tok_dir, tmp_path, files, seq_len):
             got[(tuple(c[0].tolist()), tuple(rj[0].tolist()))] += 1
             for ids, mask in (c, rj):
                 runs = trained_runs(tok, ids, mask)
-                assert len(runs) == 1 and runs[0].endswith("<|im_end|>")
+                assert runs == [reply[tuple(ids.tolist())] + "<|im_end|>"]  # exactly the record's reply
                 # the trained span is the final assistant reply, right at the end of the segment
                 assert tok.decode(ids.tolist()).endswith(runs[0] + "\n")
     assert got == expected
