@@ -95,7 +95,8 @@ def prep_once(
     """Make sure `out` holds a finished prep (its manifest); returns True if this process ran
     `prep`. `may_prep`: this rank may take the lock (the node's local rank 0); others only wait.
     Waiting says where it stands every `report_s` seconds; `timeout_s` (None: no limit) stops it."""
-    from bumblefast.shards.schema import MANIFEST_NAME  # here: importing bumblefast.shards loads streaming
+    # imported here: importing bumblefast.shards loads streaming, slow for the store-wait test
+    from bumblefast.shards.schema import MANIFEST_NAME
 
     out = Path(out)
     manifest, lock, failed = out / MANIFEST_NAME, out.with_name(out.name + ".lock"), out.with_name(out.name + ".failed")
