@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 
 import torch
 from torch import nn
@@ -300,12 +301,16 @@ class Bumblebee(nn.Module):
         if len(dtypes) == 1:
             cfg.dtype = next(iter(dtypes))  # written as "dtype" (4.57+) / read back by 5.x
         cfg.save_pretrained(path)
-        try:
-            from transformers import GenerationConfig
+        from transformers import GenerationConfig
 
+        try:  # a write error (disk, permissions) propagates: the checkpoint would be incomplete
             GenerationConfig.from_model_config(cfg).save_pretrained(path)
-        except Exception:  # noqa: BLE001 - generation config is a convenience
-            pass
+        except ValueError as e:  # settings transformers refuses to save: the weights are still fine
+            warnings.warn(
+                f"{path}: generation_config.json not written ({str(e).strip().splitlines()[0]}); "
+                "generate() will use transformers' defaults",
+                stacklevel=2,
+            )
         limit = _parse_size(max_shard_size)
         shards, cur, cur_size = [], {}, 0
         for k, v in sd.items():

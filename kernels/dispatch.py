@@ -24,12 +24,20 @@ materialising baselines live in :mod:`bumblefast.kernels.reference`.
 ``auto`` falls back (CUDA: Liger -> own Triton -> reference; CPU: reference). An explicitly
 requested ``liger`` or ``triton`` that cannot run on the device raises ``RuntimeError``. On
 CPU, Triton kernels run only in the interpreter (``TRITON_INTERPRET=1``, tests only).
+
+Nothing falls back silently: ``KernelOps.reasons`` says, per op, why a faster backend was
+not taken (not installed, no CUDA, or the exception its loading raised), and the first
+resolution of a (mode, device) prints one line on rank 0, e.g.
+``kernels auto on cuda: liger for rms_norm, ...; triton for fused_linear_logprob (Liger has
+none)``.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.util
+import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -48,7 +56,8 @@ def liger_available() -> bool:
 
 @dataclass(frozen=True)
 class KernelOps:
-    """The op table the model calls; ``backends`` names what each op resolved to."""
+    """The op table the model calls; ``backends`` names what each op resolved to and
+    ``reasons`` why a faster backend was not taken (absent when none exists)."""
 
     mode: str
     device: str
@@ -59,6 +68,18 @@ class KernelOps:
     fused_linear_cross_entropy: Callable
     fused_linear_logprob: Callable
     backends: dict = field(default_factory=dict)
+    reasons: dict = field(default_factory=dict)
+
+    def describe(self) -> str:
+        """One line: which backend each op uses and why a faster one was not taken."""
+        groups: dict[tuple[str, str], list[str]] = {}
+        for op in OPS:
+            groups.setdefault((self.backends[op], self.reasons.get(op, "")), []).append(op)
+        parts = [
+            f"{backend} for {', '.join(ops)}" + (f" ({why})" if why else "")
+            for (backend, why), ops in groups.items()
+        ]
+        return f"kernels {self.mode} on {self.device}: " + "; ".join(parts)
 
 
 # ---------------------------------------------------------------------------- reference
@@ -165,18 +186,39 @@ def _reference_table() -> dict:
     )
 
 
+LIGER_OPS = OPS[:5]  # Liger has no packed per-segment log-prob
+
+
+def _failed(what: str, e: Exception) -> str:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{what} failed to load: {type(e).__name__}: {first}"[:300]
+
+
 @functools.cache
 def _resolve(mode: str, device_type: str, interpret: bool) -> KernelOps:
+    ops = _build(mode, device_type)
+    if os.environ.get("RANK", "0") == "0":
+        print(ops.describe(), file=sys.stderr, flush=True)
+    return ops
+
+
+def _build(mode: str, device_type: str) -> KernelOps:
     device = torch.device(device_type)
     table, backends = _reference_table(), dict.fromkeys(OPS, "reference")
+    reasons: dict[str, str] = {}
 
     def use(ops: dict, name: str):
         for op, fn in ops.items():
             table[op] = fn
             backends[op] = name
+            reasons.pop(op, None)
+
+    def why(ops, reason: str):
+        for op in ops:
+            reasons[op] = reason
 
     if mode == "reference":
-        pass
+        why(OPS, "kernels='reference' was asked for")
     elif mode == "triton":
         if not triton_can_run(device):
             raise RuntimeError(
@@ -197,20 +239,35 @@ def _resolve(mode: str, device_type: str, interpret: bool) -> KernelOps:
             )
         use(_triton_ops(), "triton")  # logprob has no Liger equivalent
         use(_liger_ops(), "liger")
+        why(OPS[5:], "Liger has none")
     elif mode == "auto":
-        if device.type == "cuda" and triton_can_run(device):
+        if device.type != "cuda":
+            why(OPS, "auto uses Triton and Liger kernels on CUDA only")
+        elif not triton_can_run(device):
+            why(OPS, "triton is not installed")
+        else:
             try:
                 use(_triton_ops(), "triton")
-            except Exception:  # noqa: BLE001 - auto falls back to the reference
-                pass
-            if liger_available():
+            except Exception as e:  # noqa: BLE001 - auto falls back to the reference, and says why
+                why(OPS, _failed("own Triton kernels", e))
+            if not liger_available():
+                why(
+                    [op for op in LIGER_OPS if backends[op] == "triton"],
+                    "liger-kernel is not installed",
+                )
+            else:
                 try:
                     use(_liger_ops(), "liger")
-                except Exception:  # noqa: BLE001
-                    pass
+                except Exception as e:  # noqa: BLE001 - same
+                    for op in LIGER_OPS:  # keep the Triton failure, if any, beside this one
+                        reasons[op] = "; ".join(
+                            filter(None, [reasons.get(op), _failed("Liger", e)])
+                        )
+            if backends[OPS[5]] == "triton":
+                why(OPS[5:], "Liger has none")
     else:
         raise ValueError(f"kernels must be one of {MODES}, got {mode!r}")
-    return KernelOps(mode=mode, device=device_type, backends=backends, **table)
+    return KernelOps(mode=mode, device=device_type, backends=backends, reasons=reasons, **table)
 
 
 def get_ops(mode: str = "auto", device: torch.device | str = "cpu") -> KernelOps:

@@ -28,7 +28,7 @@ from bumblefast.prep.records import (
     pretrain_text,
     sft_messages,
 )
-from bumblefast.prep.sources import BadRecord, RawJSON
+from bumblefast.prep.sources import BadRecord, RawJSON, file_runs
 
 
 @dataclass
@@ -250,20 +250,23 @@ class Encoder:
             lens.append(n)
         lens_arr = np.array(lens, dtype=np.int64)
         errors = [r for r in out if r is not None]  # in input order
-        return PretrainChunk(len(chunk), errors, lens_arr, np.array(buf, dtype=np.uint32), int((lens_arr > L).sum()))
+        return PretrainChunk(
+            len(chunk), errors, lens_arr, np.array(buf, dtype=np.uint32), int((lens_arr > L).sum()), file_runs(chunk)
+        )
 
 
 @dataclass
 class PretrainChunk:
     """One chunk's pretrain result: `lens[k]` tokens of `flat` per accepted document (over-long
     ones are split across rows, counted in `truncated`), and (where, "err", reason, message)
-    for each bad record."""
+    for each bad record; `files` counts the chunk's records per input file."""
 
     read: int
     errors: list[tuple[str, str, str, str]]
     lens: np.ndarray
     flat: np.ndarray
     truncated: int
+    files: list[tuple[str, int]]
 
 
 # ---- multiprocessing plumbing (one Encoder per worker process) ---------------------------

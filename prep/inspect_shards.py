@@ -1,4 +1,5 @@
-"""`bumblefast prep inspect DIR`: the manifest, then a few rows decoded back to text.
+"""`bumblefast prep inspect DIR`: the manifest, records per input file, then a few rows decoded
+back to text.
 
 Trained tokens (loss_mask == 1) are wrapped in [[...]] (green when writing to a terminal),
 so a user sees exactly what the model will learn from; segment boundaries are marked with
@@ -31,6 +32,17 @@ def _decode_marked(tok, ids: np.ndarray, mask: np.ndarray | None, color: bool) -
     return "".join(out)
 
 
+def per_file_table(manifest: dict) -> list[str]:
+    """Records read / written / skipped per input file (the skipped ones are in errors.jsonl)."""
+    by_file = manifest.get("records", {}).get("by_file")
+    if not by_file:
+        return []
+    out = [f"{'read':>10} {'written':>10} {'skipped':>10}  input file"]
+    for path, c in by_file.items():
+        out.append(f"{c['read']:>10,} {c['written']:>10,} {c['skipped']:>10,}  {path}")
+    return out
+
+
 def inspect_output(path: str, rows: int = 2, tokenizer: str | None = None, color: bool | None = None) -> str:
     """The text `prep inspect` prints: manifest JSON + `rows` decoded rows."""
     from streaming import StreamingDataset
@@ -39,7 +51,7 @@ def inspect_output(path: str, rows: int = 2, tokenizer: str | None = None, color
 
     manifest = read_manifest(path)
     color = sys.stdout.isatty() if color is None else color
-    lines = [json.dumps(manifest, indent=2, ensure_ascii=False)]
+    lines = [json.dumps(manifest, indent=2, ensure_ascii=False), "", *per_file_table(manifest)]
     tok_path = tokenizer or manifest["tokenizer"]["name_or_path"]
     try:
         tok = load_tokenizer(tok_path)

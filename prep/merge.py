@@ -82,6 +82,12 @@ def merge_parts(root: str) -> dict[str, Any]:
     for m in parts:
         for reason, n in m["records"]["skipped_by_reason"].items():
             skipped[reason] = skipped.get(reason, 0) + n
+    by_file: dict[str, dict[str, int]] = {}
+    for m in parts:  # each node read every file and kept its share of the records
+        for path, counts in m["records"].get("by_file", {}).items():
+            into = by_file.setdefault(path, {"read": 0, "written": 0, "skipped": 0})
+            for k in into:
+                into[k] += counts[k]
     rows = total("rows")
     manifest = {k: first[k] for k in MUST_AGREE}
     manifest.update(
@@ -94,6 +100,7 @@ def merge_parts(root: str) -> dict[str, Any]:
                 "skipped": total("records.skipped"),
                 "skipped_by_reason": dict(sorted(skipped.items())),
                 "truncated": total("records.truncated"),
+                "by_file": by_file,
             },
             "tokens": {
                 "real": total("tokens.real"),

@@ -43,7 +43,7 @@ from bumblefast.prep.encode import (
     tokenizer_fingerprint,
 )
 from bumblefast.prep.pack import BFDPacker, PretrainPacker
-from bumblefast.prep.sources import expand_inputs, iter_records
+from bumblefast.prep.sources import expand_inputs, file_of, file_runs, iter_records
 from bumblefast.shards.schema import (
     ERRORS_NAME,
     MANIFEST_NAME,
@@ -95,7 +95,8 @@ def _node_records(files: list[str], node_rank: int, num_nodes: int) -> Iterator[
 
 
 class _Stats:
-    def __init__(self):
+    def __init__(self, files: list[str]):
+        self.files = {f: [0, 0] for f in files}  # per input file: [read, skipped]
         self.read = 0
         self.written = 0
         self.skipped: Counter[str] = Counter()
@@ -107,12 +108,20 @@ class _Stats:
         self.pair_tokens = 0  # dpo: tokens of the pairs written, as [prompt+chosen][prompt+rejected]
         self.prompt_tokens = 0  # dpo: of which prompt tokens (counted twice, as that layout has them)
 
+    def read_from(self, runs: list[tuple[str, int]]) -> None:
+        for f, n in runs:
+            self.files[f][0] += n
+
+    def by_file(self) -> dict[str, dict[str, int]]:
+        return {f: {"read": r, "written": r - s, "skipped": s} for f, (r, s) in self.files.items()}
+
 
 def _skip(where: str, reason: str, message: str, on_error: str, stats: _Stats, err_file) -> None:
     """A bad record: stop (--on_error fail) or log it to errors.jsonl and count it by reason."""
     if on_error == "fail":
         raise UserError(f"{where}: {reason}: {message} (use --on_error skip to log and skip bad records)")
     stats.skipped[reason] += 1
+    stats.files[file_of(where)][1] += 1
     err_file.write(json.dumps({"where": where, "reason": reason, "message": message}, ensure_ascii=False) + "\n")
 
 
@@ -167,7 +176,7 @@ def run_prep(cfg: PrepConfig, progress: bool | None = None) -> dict[str, Any]:
         final_local = final
     writer_out = (os.path.join(staging, "mds"), out) if remote else staging
 
-    stats = _Stats()
+    stats = _Stats(files)
     packer = PretrainPacker(cfg.seq_len) if cfg.stage == "pretrain" else BFDPacker(cfg.seq_len, cfg.pack_window, shared)
     err_path = os.path.join(staging, ERRORS_NAME)
     pool = None
@@ -198,6 +207,7 @@ def run_prep(cfg: PrepConfig, progress: bool | None = None) -> dict[str, Any]:
         for chunk_out in results:
             if isinstance(chunk_out, PretrainChunk):  # documents packed per chunk
                 stats.read += chunk_out.read
+                stats.read_from(chunk_out.files)
                 for where, _, reason, message in chunk_out.errors:
                     _skip(where, reason, message, cfg.on_error, stats, err_file)
                 stats.written += len(chunk_out.lens)
@@ -206,6 +216,7 @@ def run_prep(cfg: PrepConfig, progress: bool | None = None) -> dict[str, Any]:
                     _write_row(writer, row, dtype, stats, cfg.stage)
                 n_chunk = chunk_out.read
             else:
+                stats.read_from(file_runs(chunk_out))
                 for where, status, a, b in chunk_out:
                     stats.read += 1
                     if status == "err":
@@ -262,6 +273,7 @@ def run_prep(cfg: PrepConfig, progress: bool | None = None) -> dict[str, Any]:
                 "skipped": sum(stats.skipped.values()),
                 "skipped_by_reason": dict(sorted(stats.skipped.items())),
                 "truncated": stats.truncated,
+                "by_file": stats.by_file(),
             },
             "tokens": {
                 "real": stats.tokens,
@@ -294,6 +306,8 @@ def run_prep(cfg: PrepConfig, progress: bool | None = None) -> dict[str, Any]:
             manifest["prep"]["share_prompt"] = shared
         if stats.read != stats.written + sum(stats.skipped.values()):  # the accounting invariant
             raise RuntimeError(f"prep lost records: read {stats.read} != written {stats.written} + skipped {dict(stats.skipped)}")
+        if stats.read != sum(r for r, _ in stats.files.values()):
+            raise RuntimeError(f"prep lost records: read {stats.read} != the sum per file {stats.by_file()}")
         manifest_text = json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"
         Path(staging, MANIFEST_NAME).write_text(manifest_text, encoding="utf-8")
         if remote:
@@ -319,6 +333,10 @@ def run_prep(cfg: PrepConfig, progress: bool | None = None) -> dict[str, Any]:
             f"({stats.tokens / max(el, 1e-9):,.0f} tok/s), packing {manifest['packing_efficiency']:.1%} -> {out}",
             file=sys.stderr,
         )
+        for path, c in manifest["records"]["by_file"].items():
+            if c["skipped"]:
+                print(f"  {path}: {c['read']} read, {c['written']} written, {c['skipped']} skipped "
+                      f"(see {ERRORS_NAME})", file=sys.stderr)
     return manifest
 
 

@@ -196,3 +196,56 @@ def test_bench_kernels_quick_cases_run_in_process(tmp_path):
     assert all(s["memory_ratio"] == 5.0 for s in summary)
     md = bench.to_markdown(dict(device_name="cpu", date="d", dtype="float32", shapes={}, torch="t"), recs, summary)
     assert "| fused_linear_logprob | chunked |" in md
+
+
+def test_auto_says_why_a_faster_backend_was_not_taken(monkeypatch, capsys):
+    """auto on CUDA whose Triton and Liger loading raise: every op falls back to the reference,
+    and the reasons (with the exceptions) are recorded and printed in one line; an explicit
+    backend that fails to load raises instead."""
+    from bumblefast.kernels import dispatch
+
+    def boom(name):
+        def fail():
+            raise ImportError(f"{name} exploded\ntraceback detail")
+
+        return fail
+
+    monkeypatch.setattr(dispatch, "triton_can_run", lambda device: True)
+    monkeypatch.setattr(dispatch, "liger_available", lambda: True)
+    monkeypatch.setattr(dispatch, "_triton_ops", boom("triton ops"))
+    monkeypatch.setattr(dispatch, "_liger_ops", boom("liger ops"))
+    dispatch._resolve.cache_clear()
+    try:
+        ops = dispatch._resolve("auto", "cuda", False)
+        assert set(ops.backends.values()) == {"reference"}
+        for op in dispatch.OPS:
+            assert "ImportError: triton ops exploded" in ops.reasons[op]
+        for op in dispatch.LIGER_OPS:
+            assert "ImportError: liger ops exploded" in ops.reasons[op]
+        line = capsys.readouterr().err.strip()
+        assert line == ops.describe() and "\n" not in line
+        assert line.startswith("kernels auto on cuda: reference for rms_norm, rope") and "liger ops exploded" in line
+        for mode in ("triton", "liger"):
+            with pytest.raises(ImportError, match="exploded"):
+                dispatch._resolve(mode, "cuda", False)
+    finally:
+        dispatch._resolve.cache_clear()
+
+
+def test_auto_names_the_missing_liger(monkeypatch, capsys):
+    from bumblefast.kernels import dispatch
+
+    monkeypatch.setattr(dispatch, "triton_can_run", lambda device: True)
+    monkeypatch.setattr(dispatch, "liger_available", lambda: False)
+    monkeypatch.setattr(dispatch, "_triton_ops", lambda: {op: (lambda *a: None) for op in dispatch.OPS})
+    dispatch._resolve.cache_clear()
+    try:
+        ops = dispatch._resolve("auto", "cuda", False)
+        assert set(ops.backends.values()) == {"triton"}
+        assert {ops.reasons[op] for op in dispatch.LIGER_OPS} == {"liger-kernel is not installed"}
+        assert ops.reasons["fused_linear_logprob"] == "Liger has none"
+        assert "triton for rms_norm" in capsys.readouterr().err
+        cpu = dispatch._resolve("auto", "cpu", False)
+        assert set(cpu.reasons.values()) == {"auto uses Triton and Liger kernels on CUDA only"}
+    finally:
+        dispatch._resolve.cache_clear()

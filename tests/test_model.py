@@ -321,6 +321,31 @@ def test_sharded_save_loads_in_transformers(tmp_path):
     assert torch.equal(back.lm_head.weight.float(), model.lm_head.weight.bfloat16().float())
 
 
+def test_generation_config_written_or_failure_visible(tmp_path, monkeypatch):
+    """generation_config.json is written with the model's eos; a write error fails the save,
+    settings transformers refuses to save give a visible warning (never silence)."""
+    from transformers import GenerationConfig
+
+    model = make_model(tiny_config(eos_token_id=7))
+    model.save_pretrained(tmp_path / "ok")
+    assert GenerationConfig.from_pretrained(tmp_path / "ok").eos_token_id == 7
+
+    def refuse(self, path, *a, **k):
+        raise ValueError("GenerationConfig is invalid: something\nmore")
+
+    monkeypatch.setattr(GenerationConfig, "save_pretrained", refuse)
+    with pytest.warns(UserWarning, match="generation_config.json not written .*GenerationConfig is invalid"):
+        model.save_pretrained(tmp_path / "warn")
+    assert (tmp_path / "warn" / "model.safetensors").is_file()
+
+    def disk_full(self, path, *a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(GenerationConfig, "save_pretrained", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        model.save_pretrained(tmp_path / "fail")
+
+
 def test_peft_lora_targets_apply():
     peft = pytest.importorskip("peft")
     model = make_model()

@@ -7,6 +7,7 @@ import glob
 import gzip
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from bumblefast.prep.cli import join_multi_values, parse_prep_args
 from bumblefast.prep.cli import main as prep_main
 from bumblefast.prep.records import dpo_pair, sft_messages
 from bumblefast.prep.run import run_prep
-from bumblefast.prep.sources import iter_records
+from bumblefast.prep.sources import UnreadableInput, iter_records
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "datasets" / "demo"
@@ -194,10 +195,12 @@ def check_dpo(tok, tok_dir, tmp_path, files, seq_len, share_prompt=False):
     assert m["dpo_layout"] == ("shared_prompt" if share_prompt else "pairs")
     rows = read_rows(tmp_path / "dpo")
     expected, admitted = Counter(), Counter()
+    reply = {}  # segment tokens -> the reply text the record says is trained there
     for rec in load_records(files):
         prompt, ch, rj, tools = dpo_pair(rec)
         pair = (expected_ids(tok, prompt + [ch], tools), expected_ids(tok, prompt + [rj], tools))
         admitted[pair] += 1
+        reply[pair[0]], reply[pair[1]] = ch["content"], rj["content"]
         if len(pair[0]) + len(pair[1]) <= seq_len:
             expected[pair] += 1
     got = Counter()
@@ -214,7 +217,7 @@ def check_dpo(tok, tok_dir, tmp_path, files, seq_len, share_prompt=False):
             got[(tuple(c[0].tolist()), tuple(rj[0].tolist()))] += 1
             for ids, mask in (c, rj):
                 runs = trained_runs(tok, ids, mask)
-                assert len(runs) == 1 and runs[0].endswith("<|im_end|>")
+                assert runs == [reply[tuple(ids.tolist())] + "<|im_end|>"]  # exactly the record's reply
                 # the trained span is the final assistant reply, right at the end of the segment
                 assert tok.decode(ids.tolist()).endswith(runs[0] + "\n")
     if share_prompt:  # the shared layout also admits pairs whose group fits, though both copies would not
@@ -296,6 +299,105 @@ def test_json_array_streaming_errors(tmp_path):
     e = tmp_path / "e.json"
     e.write_text("  [ ]  ")
     assert [r.reason for _, r in iter_records([str(e)])] == ["empty_file"]
+
+
+def _array_with_bad_elements(n: int, bad: dict[int, str]) -> tuple[str, list[str], dict[int, int]]:
+    """A pretty-printed array of n {"text": ...} elements, element i replaced by the raw text
+    bad[i]; returns (file text, the good texts in order, {bad index: its line})."""
+    parts, good, lines, line = [], [], {}, 2  # line 1 is "["
+    for i in range(n):
+        if i in bad:
+            parts.append(bad[i])
+            lines[i] = line
+        else:
+            text = f"doc {i} " + "word " * (i % 7)
+            parts.append(json.dumps({"text": text}))
+            good.append(text)
+        line += parts[-1].count("\n") + 1
+    return "[\n" + ",\n".join(parts) + "\n]\n", good, lines
+
+
+# malformed elements of several kinds: each is one bad record; the next element is read again
+BAD_ELEMENTS = {
+    0: '{"text": oops}',  # not a value
+    1: '{"text": "unterminated,\n "id": 3}',  # an unclosed string (a raw newline ends it)
+    999: '{"text": "x"} {"text": "missing comma"}',  # two values without ','
+    1000: '{"text": [1, 2}',  # brackets that do not match
+    1998: '{"text": "caf\\ud800"}',  # an escaped lone surrogate: parses, but is not text
+    1999: '{"text": "last", }',  # a trailing ',' inside the object
+}
+
+
+def test_json_array_resynchronises_after_bad_elements(tok, tok_dir, tmp_path):
+    """2,000 elements with bad ones at the start, middle and end: every good element is
+    written (the token stream equals the tokenizer's), each bad one is counted at its line,
+    read = written + skipped, per file too."""
+    text, good, lines = _array_with_bad_elements(2000, BAD_ELEMENTS)
+    path = tmp_path / "big.json"
+    path.write_text(text)
+    other = tmp_path / "small.jsonl"
+    other.write_text('{"text": "fine"}\n')
+    m = prep(tok_dir, tmp_path / "o", "pretrain", [path, other], seq_len=64)
+    assert m["records"]["read"] == 2001 and m["records"]["written"] == len(good) + 1 == 1995
+    assert m["records"]["skipped_by_reason"] == {"malformed_json": 5, "invalid_utf8": 1}
+    assert m["records"]["by_file"] == {
+        str(path): {"read": 2000, "written": 1994, "skipped": 6},
+        str(other): {"read": 1, "written": 1, "skipped": 0},
+    }
+    errs = [json.loads(x) for x in (tmp_path / "o" / "errors.jsonl").read_text().splitlines()]
+    assert [e["where"] for e in errs] == [f"{path}:{lines[i]}" for i in sorted(BAD_ELEMENTS)]
+    stream = []
+    for doc in [*good, "fine"]:
+        stream += tok(doc, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    got = np.concatenate([r["input_ids"] for r in read_rows(tmp_path / "o")]).tolist()
+    assert got == stream[: len(got)] and len(stream) - len(got) == m["tokens"]["tail_tokens_dropped"] < 64
+
+
+def test_json_array_small_buffer_same_records(tmp_path, monkeypatch):
+    """Elements and bad elements cut across buffer refills read the same as in one buffer."""
+    from bumblefast.prep import sources
+
+    text, _, _ = _array_with_bad_elements(60, {0: BAD_ELEMENTS[0], 30: BAD_ELEMENTS[999], 59: BAD_ELEMENTS[1]})
+    path = tmp_path / "a.json"
+    path.write_text(text)
+    whole = [(w, r if isinstance(r, dict) else r.reason) for w, r in iter_records([str(path)])]
+    monkeypatch.setattr(sources, "CHUNK_CHARS", 7)
+    assert [(w, r if isinstance(r, dict) else r.reason) for w, r in iter_records([str(path)])] == whole
+    assert len(whole) == 60 and sum(not isinstance(r, dict) for _, r in whole) == 3
+
+
+@pytest.mark.parametrize(
+    "text, line, why",
+    [
+        ('[\n {"text": "a"},\n {"text": "b"},\n {"text": "cut he', 4, "ends before the element"),  # truncated
+        ('[\n {"text": "a"},\n {"text": "b"}\n', 3, "ends before the element"),  # no closing ']'
+        ('[{"text": "a"}, {"text": "b}, {"text": "c"}]', 1, "ends before the element"),  # string open to EOF
+        ('[\n {"text": "a"}\n]\n[{"text": "b"}]\n', 4, "after the JSON array's closing"),  # two arrays
+        ('{"text": "a"}\n{"text": "b"}\n', 2, "must be named .jsonl"),  # JSON lines in a .json file
+    ],
+)
+def test_unreadable_json_fails_naming_file_line(tok_dir, tmp_path, text, line, why):
+    """A JSON file that cannot be read to its end stops the run, even with --on_error skip,
+    naming file:line and the bytes not read; no output is left behind."""
+    path = tmp_path / "t.json"
+    path.write_text(text)
+    with pytest.raises(UnreadableInput, match=rf"{re.escape(str(path))}:{line}: .*{re.escape(why)}") as e:
+        prep(tok_dir, tmp_path / "o", "pretrain", [path], seq_len=64, on_error="skip")
+    assert "bytes" in str(e.value) and "--on_error" in str(e.value) or ".jsonl" in str(e.value)
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.tmp-*"))
+
+
+def test_truncated_json_array_fails_with_workers_and_cli(tok_dir, tmp_path, capsys):
+    text, _, _ = _array_with_bad_elements(3000, {})
+    lines = text.split("\n")
+    path = tmp_path / "cut.json"
+    path.write_text("\n".join(lines[:1501]) + "\n" + lines[1501][:10])  # element 1500 cut after 10 bytes
+    line, lost = 1502, 10
+    with pytest.raises(UnreadableInput, match=rf"cut\.json:{line}: .*remaining {lost:,} bytes"):
+        prep(tok_dir, tmp_path / "o", "sft", [path], seq_len=64, num_workers=2)
+    rc = prep_main(["--stage", "pretrain", "--input", str(path), "--tokenizer", tok_dir,
+                    "--output_dir", str(tmp_path / "o"), "--on_error", "skip"])
+    assert rc == 1 and f"cut.json:{line}:" in capsys.readouterr().err
 
 
 def test_readers_formats_agree(tok_dir, tmp_path):
@@ -430,4 +532,6 @@ def test_inspect_and_cli(tok_dir, tmp_path, capsys):
     assert prep_main(["inspect", str(out), "--rows", "1", "--color", "never"]) == 0
     text = capsys.readouterr().out
     assert '"schema_version": 1' in text and "[[" in text and "<|im_end|>]]" in text
+    n = len(json.loads((DEMO / "sft_test.json").read_text()))
+    assert re.search(rf"^ +{n} +{n} +0  {re.escape(str(DEMO / 'sft_test.json'))}$", text, re.M)
     assert prep_main(["--help"]) == 0 and "--seq_len" in capsys.readouterr().out

@@ -1,5 +1,5 @@
 """The run's data: a shard folder or URL is streamed as is; raw json/jsonl/parquet is prepped
-once into a cache keyed by the input files, the tokenizer and seq_len, then streamed."""
+once per node into a cache keyed by the input files, the tokenizer and seq_len, then streamed."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 from bumblefast.config import PrepConfig, TrainConfig, UserError
 from bumblefast.shards.schema import MANIFEST_NAME, is_remote
-from bumblefast.train import distributed as D
+from bumblefast.train.prep_once import local_rank, nodes, prep_once, wait_for_ranks
 
 # `continue_pretrain` reads pretraining shards.
 SHARD_STAGE = {"pretrain": "pretrain", "continue_pretrain": "pretrain", "sft": "sft", "dpo": "dpo"}
@@ -38,7 +38,9 @@ def prep_cache_dir(cfg: TrainConfig, tokenizer_path: str) -> tuple[Path, list[st
 
 
 def resolve_dataset(cfg: TrainConfig, tokenizer_path: str) -> str:
-    """The shard location of the run; preps raw input once (rank 0) into the cache."""
+    """The shard location of the run. Raw input is prepped once per node into the node's cache
+    (see prep_once: the node's local rank 0 preps, the other ranks wait on a file marker, and
+    every wait says what it waits for), then every rank waits until all ranks have it."""
     if not cfg.dataset_path:
         raise UserError("dataset_path: required (a `bumblefast prep` output, a URL, or raw json/jsonl/parquet)")
     if _is_shards(cfg.dataset_path):
@@ -46,16 +48,23 @@ def resolve_dataset(cfg: TrainConfig, tokenizer_path: str) -> str:
     if not Path(cfg.dataset_path).exists() and not any(c in cfg.dataset_path for c in "*?["):
         raise FileNotFoundError(f"dataset_path: {cfg.dataset_path} does not exist")
     out, files = prep_cache_dir(cfg, tokenizer_path)
-    if D.is_main() and not (out / MANIFEST_NAME).is_file():
+    stage = SHARD_STAGE[cfg.stage]
+    command = (f"bumblefast prep --stage {stage} --input '{cfg.dataset_path}' --tokenizer_name_or_path "
+               f"'{tokenizer_path}' --seq_len {cfg.cutoff_len} --output_dir SHARDS_DIR")
+
+    def prep() -> None:
         from bumblefast.prep.run import run_prep
 
-        print(f"dataset_path {cfg.dataset_path} is raw data: running `bumblefast prep` once into {out}", flush=True)
-        prep_cfg = PrepConfig(stage=SHARD_STAGE[cfg.stage], input=files, tokenizer_name_or_path=tokenizer_path,
-                              seq_len=cfg.cutoff_len, output_dir=str(out), seed=cfg.seed)
-        run_prep(prep_cfg)
-    elif D.is_main():
+        where = f"this node's cache (one prep per node, {nodes()} nodes)" if nodes() > 1 else "the cache"
+        print(f"dataset_path {cfg.dataset_path} is raw data: running `bumblefast prep` once into {where} {out}; "
+              f"to prep once for all runs and nodes: `{command}`, then --dataset_path SHARDS_DIR", flush=True)
+        run_prep(PrepConfig(stage=stage, input=files, tokenizer_name_or_path=tokenizer_path,
+                            seq_len=cfg.cutoff_len, output_dir=str(out), seed=cfg.seed))
+
+    prepped = prep_once(out, prep, may_prep=local_rank() == 0)
+    if not prepped and local_rank() == 0:
         print(f"dataset_path {cfg.dataset_path}: using the prepped cache {out}", flush=True)
-    D.barrier()
+    wait_for_ranks("their data")
     return str(out)
 
 
