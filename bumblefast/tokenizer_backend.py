@@ -33,16 +33,31 @@ BACKENDS = ("auto", "hf", "fastokens")
 
 # The fixed part of the verification sample: (label, text). Labels name the string in errors.
 HARD_STRINGS: list[tuple[str, str]] = [
-    ("english", "The quick brown fox jumps over the lazy dog. It's 3.14, isn't it? I'd say they've won."),
+    (
+        "english",
+        "The quick brown fox jumps over the lazy dog. It's 3.14, isn't it? I'd say they've won.",
+    ),
     ("chinese", "这是一个苹果。你是一个会做加法的助手！请把“数据优先”的训练框架介绍一下，谢谢。"),
     ("japanese+korean", "東京タワーは333メートルです。서울은 한국의 수도입니다."),
-    ("code", 'def f(x: int) -> int:\n    return {"a": [x ** 2, x // 3]}["a"][0]  # ok\n\tif x != 0: pass\n'),
+    (
+        "code",
+        'def f(x: int) -> int:\n    return {"a": [x ** 2, x // 3]}["a"][0]  # ok\n\tif x != 0: pass\n',
+    ),
     ("emoji", "bees 🐝🐝 and flags 🇨🇳🇺🇸, family 👨‍👩‍👧‍👦, skin 👍🏽 — done ✅"),
-    ("combining", "e\u0301 vs \u00e9, a\u0308o\u0308, Z\u0351\u0354a\u0358l\u035cg\u0361o, \u1100\u1161\u11a8 hangul jamo"),
+    (
+        "combining",
+        "e\u0301 vs \u00e9, a\u0308o\u0308, Z\u0351\u0354a\u0358l\u035cg\u0361o, \u1100\u1161\u11a8 hangul jamo",
+    ),
     ("whitespace runs", "a  b   c\t\t d\n\n\n e \r\n f" + " " * 40 + "g" + "\n" * 7 + "\t \t h   "),
     ("digits+punct", "1234567890 -12.5e+3 ((!!)) ... ??? ,,, ;;; 100%|#### 0x1F"),
-    ("mixed scripts", "Mixed 中文 and English, Zürich, naïve, ﬁ ligature, Ελληνικά, العربية, עברית, हिन्दी"),
-    ("control chars", "tab\tnul-free \x0b\x0c vertical, \u200b zero-width, \ufeff bom, \u00a0 nbsp"),
+    (
+        "mixed scripts",
+        "Mixed 中文 and English, Zürich, naïve, ﬁ ligature, Ελληνικά, العربية, עברית, हिन्दी",
+    ),
+    (
+        "control chars",
+        "tab\tnul-free \x0b\x0c vertical, \u200b zero-width, \ufeff bom, \u00a0 nbsp",
+    ),
 ]
 LONG_LINE_CHARS = 100_000
 FIRST_RECORDS = 64  # of the input, added to the sample by prep
@@ -77,8 +92,11 @@ def verification_sample(hf, extra: list[tuple[str, str]] = ()) -> list[tuple[str
             {"role": "user", "content": "  and  again\t"},
         ]
         tools = [{"type": "function", "function": {"name": "add", "parameters": {"a": "int"}}}]
-        for label, kw in [("chat template", {}), ("chat template + generation prompt", {"add_generation_prompt": True}),
-                          ("chat template + tools", {"tools": tools})]:
+        for label, kw in [
+            ("chat template", {}),
+            ("chat template + generation prompt", {"add_generation_prompt": True}),
+            ("chat template + tools", {"tools": tools}),
+        ]:
             try:
                 sample.append((label, hf.apply_chat_template(msgs, tokenize=False, **kw)))
             except Exception:  # a template that rejects tools or roles: the others still verify
@@ -102,8 +120,13 @@ class BackendInfo:
     notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
-        d = {"requested": self.requested, "name": self.name, "version": self.version,
-             "verified_strings": self.verified_strings, "offsets": self.offsets}
+        d = {
+            "requested": self.requested,
+            "name": self.name,
+            "version": self.version,
+            "verified_strings": self.verified_strings,
+            "offsets": self.offsets,
+        }
         if self.fallback_reason:
             d["fallback_reason"] = self.fallback_reason
         return d
@@ -140,8 +163,12 @@ class HFEncoder:
         out = []
         for e in self.tok.encode_batch(texts, add_special_tokens=False):
             n = len(e.ids)
-            out.append((np.asarray(e.ids, dtype=np.uint32),
-                        np.fromiter((o[0] for o in e.offsets), dtype=np.int64, count=n)))
+            out.append(
+                (
+                    np.asarray(e.ids, dtype=np.uint32),
+                    np.fromiter((o[0] for o in e.offsets), dtype=np.int64, count=n),
+                )
+            )
         return out
 
 
@@ -162,7 +189,9 @@ class FastokensEncoder:
 
     def encode_flat(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         ids, offs = self.ft.encode_batch_flat(texts, add_special_tokens=False)
-        return np.frombuffer(ids, dtype="<u4"), np.diff(np.frombuffer(offs, dtype="<u8").astype(np.int64))
+        return np.frombuffer(ids, dtype="<u4"), np.diff(
+            np.frombuffer(offs, dtype="<u8").astype(np.int64)
+        )
 
     def encode_with_starts(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
         if self.byte_lens is None:
@@ -179,7 +208,9 @@ class FastokensEncoder:
         ok = (cum[tok_ends] - cum[tok_ends - lens]) == nbytes
         allb = np.frombuffer(b"".join(raw), dtype=np.uint8)
         char_of_byte = np.cumsum((allb & 0xC0) != 0x80) - 1  # the character holding each byte
-        char_base = np.concatenate([[0], np.cumsum(np.fromiter((len(t) for t in texts), np.int64, len(texts)))])
+        char_base = np.concatenate(
+            [[0], np.cumsum(np.fromiter((len(t) for t in texts), np.int64, len(texts)))]
+        )
         byte_base = np.concatenate([[0], np.cumsum(nbytes)])
         tok_text = np.repeat(np.arange(len(texts)), lens)
         # a token's byte start in the joined texts: its text's base + its offset inside the text
@@ -190,7 +221,11 @@ class FastokensEncoder:
             starts = np.zeros(len(flat), np.int64)
         out: list = []
         bad = [i for i in range(len(texts)) if not ok[i]]
-        fixed = dict(zip(bad, self.hf.encode_with_starts([texts[i] for i in bad]), strict=True)) if bad else {}
+        fixed = (
+            dict(zip(bad, self.hf.encode_with_starts([texts[i] for i in bad]), strict=True))
+            if bad
+            else {}
+        )
         self.hf_reencoded += len(bad)
         lo = 0
         for i, n in enumerate(lens.tolist()):
@@ -242,14 +277,22 @@ def verify(encoder: FastokensEncoder, sample: list[tuple[str, str]], offsets: bo
         if not np.array_equal(ids, got):
             return f"ids differ on '{label}' ({text[:40]!r}...): {_first_difference(ids, got)}"
     if offsets:
-        for (label, _), (_, starts), (_, got) in zip(sample, ref, encoder.encode_with_starts(texts), strict=True):
+        for (label, _), (_, starts), (_, got) in zip(
+            sample, ref, encoder.encode_with_starts(texts), strict=True
+        ):
             if not np.array_equal(starts, got):
                 return f"token offsets differ on '{label}': {_first_difference(starts, got)}"
     return None
 
 
-def open_encoder(hf, tokenizer_dir: str, backend: str = "auto", offsets: bool = False,
-                 extra_sample: list[tuple[str, str]] = (), log=None) -> tuple[HFEncoder | FastokensEncoder, BackendInfo]:
+def open_encoder(
+    hf,
+    tokenizer_dir: str,
+    backend: str = "auto",
+    offsets: bool = False,
+    extra_sample: list[tuple[str, str]] = (),
+    log=None,
+) -> tuple[HFEncoder | FastokensEncoder, BackendInfo]:
     """The bulk encoder for `backend`; `auto` verifies fastokens on the sample and falls back to
     HF (with a warning on stderr) on any difference or load error; `fastokens` raises instead.
     `offsets`: the caller needs token start offsets (sft/dpo loss masks)."""
@@ -262,7 +305,9 @@ def open_encoder(hf, tokenizer_dir: str, backend: str = "auto", offsets: bool = 
         return hf_enc, hf_info
     if fastokens_version() is None:
         if backend == "fastokens":
-            raise UserError("tokenizer_backend fastokens: the fastokens package is not installed (pip install fastokens)")
+            raise UserError(
+                "tokenizer_backend fastokens: the fastokens package is not installed (pip install fastokens)"
+            )
         hf_info.fallback_reason = "fastokens is not installed"
         return hf_enc, hf_info
     path = os.path.join(tokenizer_dir, "tokenizer.json")
@@ -276,13 +321,21 @@ def open_encoder(hf, tokenizer_dir: str, backend: str = "auto", offsets: bool = 
         problem = f"fastokens could not load or encode this tokenizer: {type(e).__name__}: {e}"
         sample = []
     if problem is None:
-        info = BackendInfo(backend, "fastokens", enc.version, verified_strings=len(sample),
-                           offsets="byte lengths" if (offsets and enc.byte_lens is not None) else "tokenizers")
+        info = BackendInfo(
+            backend,
+            "fastokens",
+            enc.version,
+            verified_strings=len(sample),
+            offsets="byte lengths" if (offsets and enc.byte_lens is not None) else "tokenizers",
+        )
         return enc, info
     if backend == "fastokens":
-        raise UserError(f"tokenizer_backend fastokens: does not match HF tokenizers on {tokenizer_dir}: {problem}")
-    log(f"WARNING: tokenizer_backend auto: fastokens does not match HF tokenizers on {tokenizer_dir}: "
-        f"{problem}; falling back to HF tokenizers (slower, same output)")
+        raise UserError(
+            f"tokenizer_backend fastokens: does not match HF tokenizers on {tokenizer_dir}: {problem}"
+        )
+    log(
+        f"WARNING: tokenizer_backend auto: fastokens does not match HF tokenizers on {tokenizer_dir}: "
+        f"{problem}; falling back to HF tokenizers (slower, same output)"
+    )
     hf_info.fallback_reason = problem
     return hf_enc, hf_info
-

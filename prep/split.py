@@ -25,7 +25,9 @@ def _splittable(path: str) -> bool:
     return path.lower().endswith(SPLITTABLE)
 
 
-def node_share(files: list[str], node_rank: int, num_nodes: int) -> list[tuple[str, int, int | None]]:
+def node_share(
+    files: list[str], node_rank: int, num_nodes: int
+) -> list[tuple[str, int, int | None]]:
     """This node's (path, start byte, end byte) pieces; end None: the whole file."""
     if num_nodes <= 1:
         return [(f, 0, None) for f in files]
@@ -84,7 +86,10 @@ def iter_jsonl_range(path: str, start: int, end: int) -> Iterator[tuple[str, Any
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                yield f"{path}:{lineno}", BadRecord("invalid_utf8", f"text is not valid UTF-8 (byte {e.start})")
+                yield (
+                    f"{path}:{lineno}",
+                    BadRecord("invalid_utf8", f"text is not valid UTF-8 (byte {e.start})"),
+                )
                 continue
             yield f"{path}:{lineno}", RawJSON(line)
 
