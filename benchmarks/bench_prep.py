@@ -310,7 +310,7 @@ def stage_profile(tok_dir: str, corpus: Path, stage: str, backend: str, seq_len:
 
     from bumblefast.prep.encode import Encoder, EncodeSettings, PretrainChunk
     from bumblefast.prep.pack import BFDPacker, PretrainPacker
-    from bumblefast.prep.records import dpo_pair, pretrain_text, sft_messages
+    from bumblefast.prep.records import RecordError, dpo_pair, pretrain_text, sft_messages
     from bumblefast.prep.run import CHUNK_CHARS, CHUNK_RECORDS, _chunks
     from bumblefast.prep.split import iter_share
     from bumblefast.shards.schema import columns, token_dtype
@@ -327,13 +327,16 @@ def stage_profile(tok_dir: str, corpus: Path, stage: str, backend: str, seq_len:
     c = clock()
     recs = [line.parse() for _, line in lines]
     T["parse"] = clock() - c
+    check = {"pretrain": pretrain_text, "sft": sft_messages, "dpo": dpo_pair}[stage]
+
+    def valid(r):
+        try:
+            return check(r)
+        except RecordError:  # skipped by prep too
+            return None
+
     c = clock()
-    if stage == "pretrain":
-        items = [pretrain_text(r) for r in recs]
-    elif stage == "sft":
-        items = [sft_messages(r) for r in recs]
-    else:
-        items = [dpo_pair(r) for r in recs]
+    items = [x for x in map(valid, recs) if x is not None]
     T["validate"] = clock() - c
     c = clock()
     if stage == "pretrain":
@@ -382,7 +385,7 @@ def stage_profile(tok_dir: str, corpus: Path, stage: str, backend: str, seq_len:
 
 
 SIZES = {  # corpus chars per stage, BPE vocab, timing rounds
-    "min": dict(doc_chars=200_000, sft_chars=150_000, dpo_chars=150_000, vocab=1024, rounds=1),
+    "min": dict(doc_chars=100_000, sft_chars=60_000, dpo_chars=60_000, vocab=1024, rounds=1),
     "cpu": dict(doc_chars=3_000_000, sft_chars=2_000_000, dpo_chars=2_000_000, vocab=8192, rounds=3),
 }
 SIZES["gpu"] = SIZES["cpu"]  # prep runs on CPU nodes: the same sizes wherever it runs
