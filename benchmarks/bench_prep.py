@@ -3,23 +3,28 @@
     .venv/bin/python benchmarks/bench_prep.py [--size min|cpu] [--out benchmarks/results]
     (or `bumblefast bench prep`, which writes it into the combined report)
 
-Measures, on the same text with the same tokenizer:
-- raw limit: the tokenizer's own batch encode (`encode_batch_fast`, one core) over the texts;
-- `bumblefast prep --stage pretrain` with 1 and 2 workers, end to end (read, parse, check,
-  tokenize, pack, zstd MDS write, manifest). Ratios are of *time for the same text* (the raw
-  encode's token count over each side's seconds), so the EOS prep appends is not credited;
-  also per CPU-second (all processes), which is what "per worker" means on a shared machine;
-- two corpora: real pretraining documents (../shared/data/pretrain_zh_demo.json, repeated;
-  the acceptance figure) and short records (every string of the sample files, ~60 chars,
-  the worst case for per-record overhead);
-- a naive per-record baseline as BumbleCore does it: `datasets.map` tokenizing one record at a
-  time into rows padded to seq_len;
-- nodes: the corpus split over 2 nodes (run one after the other here) and `prep merge`; with
-  the measured per-node rate and merge cost, the projected wall time of a 1B-token corpus
-  on N nodes;
-- packing efficiency (real tokens / row capacity) of prep's SFT and DPO rows at seq_len 2048
-  against pad-to-longest micro-batches of 4 (DPO: the 8 chosen+rejected sequences of 4 pairs);
-- streaming read: tokens/s of `bumblefast.shards.build_loader` over the pretrain shards.
+Measures, on the same records with the same tokenizer, in interleaved rounds (median and
+min-max of each side; "within noise" when the ranges overlap), wall and CPU-seconds:
+- raw limits: HF `tokenizers`' `encode_batch_fast` and fastokens' `encode_batch_flat`, one
+  core, over the texts alone;
+- `bumblefast prep` end to end (read, parse, check, render, tokenize, pack, zstd MDS write,
+  manifest) with `--tokenizer_backend hf` and `fastokens`, 1 and 2 workers, and the *old
+  pipeline*: prep as it was before the backends (git ref OLD_PIPELINE_REF, extracted and run
+  from its own source tree). Each prep run is a fresh process that times only `run_prep`;
+  ratios are of time for the same text (the raw HF encode's token count over each side's
+  seconds), so the EOS prep appends is not credited;
+- pretrain documents (../shared/data/pretrain_zh_demo.json repeated), sft (alpaca + ShareGPT
+  multi-turn + tool calls) and dpo (dpo_zh_demo) records, as jsonl;
+- naive baselines on the same jsonl: `datasets.load_dataset("json")` + `map` one record at a
+  time into rows padded to seq_len (BumbleCore's way) and `map(batched=True)` (datasets' own
+  advice for speed); their timed region holds only their own loading and mapping;
+- nodes: 2 nodes run as 2 concurrent processes, each reading only its share of the input
+  (prep/split.py), then `prep merge`; wall time and per-node rate are measured; the N-node
+  table for 1B tokens is a *projection* from those measured numbers;
+- a per-stage profile (CPU-seconds of read, parse, validate, render, tokenize, pack, write)
+  of each stage and backend, in one process;
+- packing efficiency of prep's SFT and DPO rows at seq_len 2048 against pad-to-longest
+  micro-batches of 4; streaming read tokens/s over the pretrain shards.
 
 Data: ../shared/data (the real samples) when present, else a printed reason and the demo data
 only. The tokenizer is a byte-level BPE trained here on the same data (8192 ids; size min:
@@ -32,16 +37,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one core per process, fair per-worker numbers
+os.environ.setdefault("RAYON_NUM_THREADS", "1")
+os.environ.setdefault("FASTOKENS_BPE_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "datasets" / "demo"
 SHARED = ROOT.parent / "shared" / "data"
+OLD_PIPELINE_REF = "ca1edf1"  # main just before the tokenizer backends (issue 18): "today's prep"
 
 
 def texts_of(path: Path) -> list[str]:
@@ -51,94 +61,152 @@ def texts_of(path: Path) -> list[str]:
     return list(iter_texts(path))
 
 
-def corpus_texts(kind: str) -> list[str]:
-    """documents: real pretraining documents; short: every string of every sample file."""
-    if kind == "documents":
-        src = SHARED / "pretrain_zh_demo.json"
-        return [t for t in texts_of(src if src.is_file() else DEMO / "pretrain.json") if t.strip()]
-    files = (sorted(SHARED.glob("*.json")) if SHARED.is_dir() else []) + sorted(DEMO.glob("*.json"))
-    return [t for f in files for t in texts_of(f) if t.strip()]
+def _records(names: list[str], demo: list[str]) -> list[dict]:
+    files = [SHARED / n for n in names] if SHARED.is_dir() else [DEMO / n for n in demo]
+    return [r for f in files for r in json.loads(f.read_text(encoding="utf-8"))]
 
 
-def build_corpus(tmp: Path, kind: str, target_chars: int) -> tuple[Path, list[str]]:
-    base = corpus_texts(kind)
-    texts, n = [], 0
-    while n < target_chars:
-        for t in base:
-            texts.append(t)
-            n += len(t)
-            if n >= target_chars:
-                break
-    path = tmp / f"corpus_{kind}.jsonl"
+def stage_records(stage: str) -> list[dict]:
+    if stage == "pretrain":
+        return _records(["pretrain_zh_demo.json"], ["pretrain.json"])
+    if stage == "sft":
+        return _records(["alpaca_zh_demo.json", "duolun_train.json", "glaive_toolcall_zh_demo.json"],
+                        ["sft_alpaca.json", "sft_sharegpt.json"])
+    return _records(["dpo_zh_demo.json"], ["dpo.json"])
+
+
+def build_corpus(tmp: Path, stage: str, target_chars: int) -> Path:
+    """A jsonl of the stage's records, repeated to about `target_chars` characters."""
+    base = stage_records(stage)
+    path = tmp / f"corpus_{stage}.jsonl"
+    n = 0
     with path.open("w", encoding="utf-8") as f:
-        for t in texts:
-            f.write(json.dumps({"text": t}, ensure_ascii=False) + "\n")
-    return path, texts
+        while n < target_chars:
+            for r in base:
+                line = json.dumps(r, ensure_ascii=False)
+                f.write(line + "\n")
+                n += len(line)
+                if n >= target_chars:
+                    break
+    return path
 
 
 def _cpu() -> float:
-    """CPU seconds of this process and its reaped children (pool workers are joined in prep)."""
+    """CPU seconds of this process and its reaped children."""
     import resource
 
     me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def bench_raw(tok_dir: str, texts: list[str]) -> dict:
-    from bumblefast.tokenizer import load_tokenizer
+def bench_raw(tok_dir: str, texts: list[str], backend: str) -> dict:
+    """The tokenizer alone over the texts, in prep-sized batches, one core."""
+    if backend == "hf":
+        from bumblefast.tokenizer import load_tokenizer
 
-    tok = load_tokenizer(tok_dir).backend_tokenizer
-    tok.encode_batch_fast(texts[:256], add_special_tokens=False)  # warm up
+        tok = load_tokenizer(tok_dir).backend_tokenizer
+
+        def enc(batch):
+            return sum(len(e.ids) for e in tok.encode_batch_fast(batch, add_special_tokens=False))
+    else:
+        import fastokens
+
+        ft = fastokens.Tokenizer.from_file(os.path.join(tok_dir, "tokenizer.json"))
+
+        def enc(batch):
+            return len(ft.encode_batch_flat(batch, add_special_tokens=False)[0]) // 4
+
+    enc(texts[:256])  # warm up
     t, c = time.perf_counter(), _cpu()
-    n = 0
-    for i in range(0, len(texts), 256):
-        n += sum(len(e.ids) for e in tok.encode_batch_fast(texts[i : i + 256], add_special_tokens=False))
-    el, cpu = time.perf_counter() - t, _cpu() - c
-    return {"tokens": n, "seconds": el, "cpu_seconds": cpu, "tokens_per_s": n / el, "tokens_per_cpu_s": n / cpu}
+    n = sum(enc(texts[i : i + 1024]) for i in range(0, len(texts), 1024))
+    return {"tokens": n, "seconds": time.perf_counter() - t, "cpu_seconds": _cpu() - c}
 
 
-def bench_prep(tok_dir: str, corpus: Path, out: Path, workers: int, seq_len: int, node: tuple[int, int] = (0, 1)) -> dict:
-    from bumblefast.config import PrepConfig
-    from bumblefast.prep.run import run_prep
-
-    cfg = PrepConfig(stage="pretrain", input=[str(corpus)], tokenizer_name_or_path=tok_dir,
-                     seq_len=seq_len, output_dir=str(out), num_workers=workers,
-                     node_rank=node[0], num_nodes=node[1])
-    t, c = time.perf_counter(), _cpu()
-    m = run_prep(cfg, progress=False)
-    el, cpu = time.perf_counter() - t, _cpu() - c
-    n = m["tokens"]["real"] + m["tokens"]["tail_tokens_dropped"]
-    return {"workers": workers, "tokens": n, "seconds": el, "cpu_seconds": cpu,
-            "tokens_per_s": n / el, "tokens_per_cpu_s": n / cpu}
-
-
-def best_of(rounds: list[dict]) -> dict:
-    """The fastest round by wall time (the machine may be shared), with every round kept."""
-    best = dict(max(rounds, key=lambda r: r["tokens_per_s"]))
-    best["rounds_tokens_per_s"] = [round(r["tokens_per_s"]) for r in rounds]
-    best["tokens_per_cpu_s"] = max(r["tokens_per_cpu_s"] for r in rounds)
-    return best
+RUNNER = """
+import json, os, resource, sys, time
+from bumblefast.config import PrepConfig
+from bumblefast.prep.run import run_prep
+kw = json.loads(sys.argv[1])
+r0, k0 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+t = time.perf_counter()
+m = run_prep(PrepConfig(**kw), progress=False)
+el = time.perf_counter() - t
+r1, k1 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+cpu = sum(getattr(b, f) - getattr(a, f) for a, b in ((r0, r1), (k0, k1)) for f in ("ru_utime", "ru_stime"))
+print(json.dumps({"seconds": el, "cpu_seconds": cpu, "tokens": m["tokens"]["real"] + m["tokens"]["tail_tokens_dropped"],
+                  "records": m["records"]["read"], "rows": m["rows"], "fingerprint": m["fingerprint"],
+                  "backend": m["tokenizer"].get("backend", {}).get("name", "hf (old pipeline)"),
+                  "peak_rss_mb": r1.ru_maxrss / 1024, "peak_rss_worker_mb": k1.ru_maxrss / 1024}))
+"""
 
 
-def bench_naive(tok_dir: str, texts: list[str], seq_len: int) -> dict:
-    """BumbleCore-style: datasets.map, one record at a time, padded to seq_len rows."""
-    from transformers import AutoTokenizer
+def old_pipeline(tmp: Path) -> str | None:
+    """The source tree of prep before the backends (for `PYTHONPATH`), or None if this is not
+    a git checkout holding OLD_PIPELINE_REF."""
+    dest = tmp / "old_pipeline"
+    if (dest / "bumblefast").is_dir():
+        return str(dest)
+    try:
+        tar = subprocess.run(["git", "-C", str(ROOT), "archive", OLD_PIPELINE_REF, "bumblefast", "prep", "shards"],
+                             capture_output=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    dest.mkdir(parents=True)
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=tar, check=True)
+    for sub in ("prep", "shards"):  # the package-dir mapping of pyproject.toml
+        os.replace(dest / sub, dest / "bumblefast" / sub)
+    return str(dest)
 
-    import datasets
 
-    datasets.disable_progress_bars()
-    tok = AutoTokenizer.from_pretrained(tok_dir)
-    ds = datasets.Dataset.from_dict({"text": texts})
+def start_prep(cfg: dict, pythonpath: str | None = None) -> subprocess.Popen:
+    env = dict(os.environ)
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
+    return subprocess.Popen([sys.executable, "-c", RUNNER, json.dumps(cfg)], env=env, cwd=str(ROOT),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
-    def fn(rec):
-        enc = tok(rec["text"] + tok.eos_token, truncation=True, max_length=seq_len, padding="max_length")
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
-    t = time.perf_counter()
-    out = ds.map(fn, remove_columns=["text"], keep_in_memory=True)
-    real = sum(sum(m) for m in out["attention_mask"])
-    el = time.perf_counter() - t
-    return {"tokens": real, "seconds": el, "tokens_per_s": real / el, "padded_fraction": 1 - real / (len(texts) * seq_len)}
+def finish_prep(proc: subprocess.Popen) -> dict:
+    out, err = proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"prep run failed:\n{err[-3000:]}")
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def bench_prep(tok_dir: str, corpus: Path, out: Path, stage: str, workers: int, seq_len: int,
+               backend: str | None, pythonpath: str | None = None, node: tuple[int, int] = (0, 1)) -> dict:
+    """One prep run in a fresh process (backend None: the old pipeline, which has no such key)."""
+    cfg = dict(stage=stage, input=[str(corpus)], tokenizer_name_or_path=tok_dir, seq_len=seq_len,
+               output_dir=str(out), num_workers=workers, node_rank=node[0], num_nodes=node[1])
+    if backend is not None:
+        cfg["tokenizer_backend"] = backend
+    return finish_prep(start_prep(cfg, pythonpath))
+
+
+def summary(rounds: list[dict], key: str = "seconds") -> dict:
+    """Median and min-max of `key` over the rounds (every round kept)."""
+    vals = [r[key] for r in rounds]
+    return {"median": statistics.median(vals), "min": min(vals), "max": max(vals), "rounds": vals}
+
+
+def rate(label: str, work: float, rounds: list[dict], cpu: bool = False) -> dict:
+    """A measurement at the median round, with the min-max range of the rounds."""
+    from bumblefast import benchlib as BL
+
+    s = summary(rounds, "cpu_seconds" if cpu else "seconds")
+    return BL.measured(label, work, s["median"], "tokens/cpu-s" if cpu else "tokens/s",
+                       seconds_min=s["min"], seconds_max=s["max"], rounds=len(rounds))
+
+
+def compare(name: str, ours: dict, base: dict) -> dict:
+    """A ratio, marked within noise when the two sides' min-max ranges overlap."""
+    from bumblefast import benchlib as BL
+
+    r = BL.ratio(name, ours, base)
+    lo = lambda m: m["work"] / m.get("seconds_max", m["seconds"])  # noqa: E731
+    hi = lambda m: m["work"] / m.get("seconds_min", m["seconds"])  # noqa: E731
+    r["within_noise"] = not (lo(ours) > hi(base) or lo(base) > hi(ours))
+    return r
 
 
 def padded_capacity(lengths: list[list[int]], batch: int = 4) -> tuple[int, int]:
@@ -200,46 +268,158 @@ def bench_read(shards: Path) -> dict:
     return {"tokens": n, "seconds": el, "tokens_per_s": n / el}
 
 
-SIZES = {  # corpus chars (documents, short records), BPE vocab, timing rounds
-    "min": dict(doc_chars=300_000, short_chars=150_000, vocab=1024, rounds=1, naive_records=300),
-    "cpu": dict(doc_chars=6_000_000, short_chars=3_000_000, vocab=8192, rounds=5, naive_records=3000),
+def bench_naive(tok_dir: str, corpus: Path, seq_len: int, batched: bool, tmp: Path) -> dict:
+    """datasets: load the jsonl and tokenize into rows padded to seq_len, one record at a time
+    (BumbleCore) or batched (datasets' advice for speed). Timed: load_dataset + map only."""
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    import datasets
+
+    datasets.disable_progress_bars()
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    eos = tok.eos_token
+
+    def one(rec):
+        enc = tok(rec["text"] + eos, truncation=True, max_length=seq_len, padding="max_length")
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    def many(batch):
+        enc = tok([t + eos for t in batch["text"]], truncation=True, max_length=seq_len, padding="max_length")
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    cache = tempfile.mkdtemp(dir=tmp, prefix="hf-cache-")  # a fresh cache: nothing reused between rounds
+    t, c = time.perf_counter(), _cpu()
+    ds = datasets.load_dataset("json", data_files=str(corpus), split="train", cache_dir=cache, keep_in_memory=True)
+    out = ds.map(many if batched else one, batched=batched, remove_columns=ds.column_names, keep_in_memory=True)
+    el, cpu = time.perf_counter() - t, _cpu() - c
+    real = int(sum(map(sum, out["attention_mask"])))  # outside the timed region
+    return {"seconds": el, "cpu_seconds": cpu, "real_tokens": real, "rows": len(out)}
+
+
+def stage_profile(tok_dir: str, corpus: Path, stage: str, backend: str, seq_len: int, tmp: Path) -> dict:
+    """CPU-seconds of each stage of prep, run one after the other in this process: start-up
+    (tokenizer load, backend verification), read (jsonl lines), parse (JSON), validate
+    (record checks), render (chat template), tokenize (the backend's batch encode, with token
+    offsets for chat stages), glue (the rest of the worker's per-chunk work: EOS, masks,
+    truncation, result tuples), pack, write (MDSWriter with zstd)."""
+    from itertools import islice
+
+    from streaming import MDSWriter
+
+    from bumblefast.prep.encode import Encoder, EncodeSettings, PretrainChunk
+    from bumblefast.prep.pack import BFDPacker, PretrainPacker
+    from bumblefast.prep.records import RecordError, dpo_pair, pretrain_text, sft_messages
+    from bumblefast.prep.run import CHUNK_CHARS, CHUNK_RECORDS, _chunks
+    from bumblefast.prep.split import iter_share
+    from bumblefast.shards.schema import columns, token_dtype
+
+    clock, T = time.process_time, {}
+    share = [(str(corpus), 0, None)]
+    c = clock()
+    settings = EncodeSettings(stage, tok_dir, seq_len, "text", "truncate" if stage == "pretrain" else "drop", backend)
+    enc = Encoder(settings, list(islice(iter_share(share), 64)))
+    T["start-up"] = clock() - c
+    c = clock()
+    lines = list(iter_share(share))
+    T["read"] = clock() - c
+    c = clock()
+    recs = [line.parse() for _, line in lines]
+    T["parse"] = clock() - c
+    check = {"pretrain": pretrain_text, "sft": sft_messages, "dpo": dpo_pair}[stage]
+
+    def valid(r):
+        try:
+            return check(r)
+        except RecordError:  # skipped by prep too
+            return None
+
+    c = clock()
+    items = [x for x in map(valid, recs) if x is not None]
+    T["validate"] = clock() - c
+    c = clock()
+    if stage == "pretrain":
+        texts = items
+    elif stage == "sft":
+        texts = [enc.render_with_spans(m, tools)[0] for m, tools in items]
+    else:
+        texts = [enc.render_with_spans(p + [x], tools)[0] for p, ch, rj, tools in items for x in (ch, rj)]
+    T["render"] = clock() - c
+    per = 1 if stage != "dpo" else 2
+    c = clock()
+    for i in range(0, len(texts), CHUNK_RECORDS * per):
+        batch = texts[i : i + CHUNK_RECORDS * per]
+        enc.bulk.encode_flat(batch) if stage == "pretrain" else enc.bulk.encode_with_starts(batch)
+    T["tokenize"] = clock() - c
+    c = clock()
+    results = [enc.encode_chunk(ch) for ch in _chunks(iter(lines), CHUNK_RECORDS, CHUNK_CHARS)]
+    worker_total = clock() - c
+    T["glue"] = max(worker_total - sum(T[k] for k in ("parse", "validate", "render", "tokenize")), 0.0)
+    c = clock()
+    packer = PretrainPacker(seq_len) if stage == "pretrain" else BFDPacker(seq_len, 10000)
+    rows = []
+    for res in results:
+        if isinstance(res, PretrainChunk):
+            rows += packer.add_many(res.flat, res.lens)
+        else:
+            for _, status, a, _ in res:
+                if status == "ok":
+                    rows += packer.add(a if stage == "dpo" else [a])
+    rows += packer.finish()
+    T["pack"] = clock() - c
+    vocab = len(enc.hf)
+    dtype = token_dtype(vocab)
+    c = clock()
+    w = MDSWriter(out=str(tmp / f"profile_{stage}_{backend}"), columns=columns(stage, vocab), compression="zstd",
+                  hashes=["sha1", "xxh64"], size_limit="64mb", exist_ok=True)
+    for row in rows:
+        row = dict(row)
+        row["input_ids"] = row["input_ids"].astype(dtype)
+        w.write(row)
+    w.finish()
+    T["write"] = clock() - c
+    tokens = sum(len(r["input_ids"]) for r in rows)
+    return {"stage": stage, "backend": enc.backend.name, "records": len(lines), "tokens": tokens,
+            "cpu_seconds": {k: round(v, 4) for k, v in T.items()}, "total": round(sum(T.values()), 4)}
+
+
+SIZES = {  # corpus chars per stage, BPE vocab, timing rounds
+    "min": dict(doc_chars=100_000, sft_chars=60_000, dpo_chars=60_000, vocab=1024, rounds=1),
+    "cpu": dict(doc_chars=3_000_000, sft_chars=2_000_000, dpo_chars=2_000_000, vocab=8192, rounds=3),
 }
 SIZES["gpu"] = SIZES["cpu"]  # prep runs on CPU nodes: the same sizes wherever it runs
+VARIANTS = {  # name -> (workers, backend; None = the old pipeline)
+    "old": (1, None), "hf": (1, "hf"), "fastokens": (1, "fastokens"), "fastokens_2w": (2, "fastokens"),
+}
 
 
-def raw_vs_prep(tok_dir: str, tmp: Path, kind: str, chars: int, rounds: int, workers: tuple[int, ...], seq_len: int) -> dict:
-    """Interleaved rounds (a busy moment hits all sides alike); the best round of each."""
-    corpus, texts = build_corpus(tmp, kind, chars)
-    runs: dict[str, list] = {"raw": [], **{f"p{w}": [] for w in workers}}
-    for _ in range(rounds):
-        runs["raw"].append(bench_raw(tok_dir, texts))
-        for w in workers:
-            runs[f"p{w}"].append(bench_prep(tok_dir, corpus, tmp / f"{kind}_p{w}", w, seq_len))
-    out = {"corpus": kind, "records": len(texts), "chars": sum(map(len, texts)), "corpus_path": corpus,
-           "raw": best_of(runs["raw"])}
-    for w in workers:
-        out[f"prep_{w}"] = best_of(runs[f"p{w}"])
-    return out
-
-
-def bench_nodes(tok_dir: str, corpus: Path, tmp: Path, seq_len: int, nodes: int = 2) -> dict:
-    """Each node's part (run one after the other here, 1 worker each) and the merge."""
+def bench_nodes(tok_dir: str, corpus: Path, root: Path, seq_len: int, nodes: int = 2) -> dict:
+    """`nodes` nodes as concurrent processes (1 worker each, fastokens), each reading only its
+    share of the input; then the merge."""
     from bumblefast.prep.merge import merge_parts
 
-    root = tmp / "nodes"
-    parts = [bench_prep(tok_dir, corpus, root, 1, seq_len, node=(r, nodes)) for r in range(nodes)]
+    t = time.perf_counter()
+    procs = []
+    for r in range(nodes):
+        cfg = dict(stage="pretrain", input=[str(corpus)], tokenizer_name_or_path=tok_dir, seq_len=seq_len,
+                   output_dir=str(root), num_workers=1, node_rank=r, num_nodes=nodes, tokenizer_backend="fastokens")
+        procs.append(start_prep(cfg))
+    parts = [finish_prep(p) for p in procs]
+    wall = time.perf_counter() - t  # includes each process's start-up (imports): an upper bound
     t = time.perf_counter()
     merged = merge_parts(str(root))
     merge_s = time.perf_counter() - t
     shards = len(json.loads((root / "index.json").read_text())["shards"])
-    return {"nodes": nodes, "parts": parts, "merge_seconds": merge_s, "merged_shards": shards,
-            "merged_rows": merged["rows"], "merged_tokens": merged["tokens"]["real"]}
+    return {"nodes": nodes, "parts": parts, "wall_seconds_incl_process_start": wall,
+            "slowest_part_seconds": max(p["seconds"] for p in parts), "merge_seconds": merge_s,
+            "merged_shards": shards, "merged_rows": merged["rows"], "merged_tokens": merged["tokens"]["real"]}
 
 
 def project_nodes(rate_per_node: float, merge_s_per_shard: float, shard_tokens: float,
                   corpus_tokens: float = 1e9, nodes=(1, 2, 4, 8, 16, 32)) -> list[dict]:
-    """Wall time of a corpus on N nodes: tokenize (N nodes in parallel at the measured per-node
-    rate) + merge (index-only; its cost grows with the number of shards, measured per shard)."""
+    """PROJECTION (not measured): wall time of a corpus on N nodes = tokenize at the measured
+    per-node rate, N nodes in parallel, + merge (index-only; measured cost per shard)."""
     shards = corpus_tokens / shard_tokens
     out = []
     for n in nodes:
@@ -262,77 +442,137 @@ def bench(size: str, workdir: Path) -> dict:
     tok_dir = str(tmp / "tok")
     train_tokenizer(tok_files, z["vocab"], tok_dir)
     seq_len = 2048
-    load = os.getloadavg()[0]
-    docs = raw_vs_prep(tok_dir, tmp, "documents", z["doc_chars"], z["rounds"], (1, 2), seq_len)
-    short = raw_vs_prep(tok_dir, tmp, "short", z["short_chars"], z["rounds"], (1,), seq_len)
-    doc_texts = corpus_texts("documents")
-    naive_texts = (doc_texts * (z["naive_records"] // max(len(doc_texts), 1) + 1))[: z["naive_records"]]
-    naive = bench_naive(tok_dir, naive_texts, seq_len)
-    nodes = bench_nodes(tok_dir, docs["corpus_path"], tmp, seq_len)
+    load = os.getloadavg()
+    old_src = old_pipeline(tmp)
+    variants = {k: v for k, v in VARIANTS.items() if k != "old" or old_src}
+    if not old_src:
+        notes.append(f"old pipeline ({OLD_PIPELINE_REF}) not available (not a git checkout with that commit): not measured")
+    corpora = {st: build_corpus(tmp, st, z[f"{k}_chars"]) for st, k in (("pretrain", "doc"), ("sft", "sft"), ("dpo", "dpo"))}
+    doc_texts = [json.loads(line)["text"] for line in corpora["pretrain"].open(encoding="utf-8")]
+
+    runs: dict[str, list] = {}
+    for _ in range(z["rounds"]):  # interleaved: a busy moment hits every side alike
+        for b in ("hf", "fastokens"):
+            runs.setdefault(f"raw_{b}", []).append(bench_raw(tok_dir, doc_texts, b))
+        for st, corpus in corpora.items():
+            for name, (w, backend) in variants.items():
+                if st != "pretrain" and w > 1:
+                    continue
+                runs.setdefault(f"{st}_{name}", []).append(
+                    bench_prep(tok_dir, corpus, tmp / f"{st}_{name}", st, w, seq_len, backend,
+                               old_src if backend is None else None))
+        for batched in (False, True):
+            runs.setdefault(f"naive_{'batched' if batched else 'per_record'}", []).append(
+                bench_naive(tok_dir, corpora["pretrain"], seq_len, batched, tmp))
+        runs.setdefault("nodes", []).append(bench_nodes(tok_dir, corpora["pretrain"], tmp / "nodes", seq_len))
+    for st in corpora:  # same ids -> same shards, whatever the backend or pipeline
+        fps = {r["fingerprint"] for k, v in runs.items() if k.startswith(st + "_") for r in v}
+        if len(fps) != 1:
+            raise RuntimeError(f"{st}: prep variants wrote different shards: {fps}")
+    profiles = [stage_profile(tok_dir, corpora[st], st, b, seq_len, tmp)
+                for st in corpora for b in ("hf", "fastokens")]
+
+    ntok = runs["raw_hf"][0]["tokens"]  # the text's tokens (HF raw encode): the work for every side
+    label = {"old": "old prep (before backends)", "hf": "prep, hf backend", "fastokens": "prep, fastokens",
+             "fastokens_2w": "prep, fastokens, 2 workers"}
+    m = {"raw_hf": rate("HF tokenizers encode_batch_fast, 1 core", ntok, runs["raw_hf"]),
+         "raw_fastokens": rate("fastokens encode_batch_flat, 1 core", ntok, runs["raw_fastokens"]),
+         "naive_per_record": rate("datasets.map per record, padded (BumbleCore)", ntok, runs["naive_per_record"]),
+         "naive_batched": rate("datasets.map batched=True, padded", ntok, runs["naive_batched"])}
+    mc = {"raw_hf": rate("HF tokenizers encode_batch_fast, 1 core", ntok, runs["raw_hf"], cpu=True)}
+    for st in corpora:
+        work = runs[f"{st}_hf"][0]["tokens"]  # chat stages: prep's own token count (same for all variants)
+        for name in variants:
+            if f"{st}_{name}" in runs:
+                w = ntok if st == "pretrain" else work
+                m[f"{st}_{name}"] = rate(f"{st}: {label[name]}", w, runs[f"{st}_{name}"])
+                mc[f"{st}_{name}"] = rate(f"{st}: {label[name]}", w, runs[f"{st}_{name}"], cpu=True)
+    ratios = []
+    for st in corpora:
+        if "old" in variants:
+            ratios.append(compare(f"{st}: prep fastokens vs old prep (1 worker, CPU-s)", mc[f"{st}_fastokens"], mc[f"{st}_old"]))
+            ratios.append(compare(f"{st}: prep fastokens vs old prep (1 worker, wall)", m[f"{st}_fastokens"], m[f"{st}_old"]))
+            ratios.append(compare(f"{st}: prep hf backend vs old prep (1 worker, CPU-s)", mc[f"{st}_hf"], mc[f"{st}_old"]))
+    ratios += [
+        compare("pretrain: prep fastokens vs HF raw encode (1 core, CPU-s)", mc["pretrain_fastokens"], mc["raw_hf"]),
+        compare("pretrain: prep fastokens vs HF raw encode (1 core, wall)", m["pretrain_fastokens"], m["raw_hf"]),
+        compare("pretrain: prep fastokens 2 workers vs 1 (wall)", m["pretrain_fastokens_2w"], m["pretrain_fastokens"]),
+        compare("pretrain: prep fastokens vs datasets.map per record (wall)", m["pretrain_fastokens"], m["naive_per_record"]),
+        compare("pretrain: prep fastokens vs datasets.map batched (wall)", m["pretrain_fastokens"], m["naive_batched"]),
+        compare("pretrain: prep hf backend vs datasets.map batched (wall)", m["pretrain_hf"], m["naive_batched"]),
+    ]
     packing = []
     if SHARED.is_dir():
         packing.append(bench_packing(tok_dir, "sft", [SHARED / "alpaca_zh_demo.json"], tmp / "sft_a", seq_len))
         packing.append(bench_packing(tok_dir, "dpo", [SHARED / "dpo_zh_demo.json"], tmp / "dpo_a", seq_len))
     packing.append(bench_packing(tok_dir, "sft", [DEMO / "sft_alpaca.json", DEMO / "sft_sharegpt.json"], tmp / "sft_d", seq_len))
     packing.append(bench_packing(tok_dir, "dpo", [DEMO / "dpo.json"], tmp / "dpo_d", seq_len))
-    read = bench_read(tmp / "documents_p1")
-
-    def same_text(label: str, raw: dict, run: dict, cpu: bool = False) -> dict:
-        """`run` timed on the text `raw` encoded: raw's tokens over run's (CPU) seconds."""
-        secs = run["cpu_seconds"] if cpu else run["seconds"]
-        return BL.measured(label, raw["tokens"], secs, "tokens/cpu-s" if cpu else "tokens/s")
-
-    raw_d, raw_s = docs["raw"], short["raw"]
-    m_raw = BL.measured("raw encode_batch_fast, 1 core", raw_d["tokens"], raw_d["seconds"])
-    m_raw_cpu = BL.measured("raw encode_batch_fast, 1 core", raw_d["tokens"], raw_d["cpu_seconds"], "tokens/cpu-s")
-    m_p1 = same_text("prep 1 worker", raw_d, docs["prep_1"])
-    m_p2 = same_text("prep 2 workers", raw_d, docs["prep_2"])
-    ratios = [
-        BL.ratio("prep 1 worker vs raw tokenizer (documents, wall)", m_p1, m_raw),
-        BL.ratio("prep 1 worker vs raw tokenizer (documents, per CPU-second)", same_text("prep 1 worker", raw_d, docs["prep_1"], True), m_raw_cpu),
-        BL.ratio("prep 2 workers vs raw tokenizer (documents, per CPU-second)", same_text("prep 2 workers", raw_d, docs["prep_2"], True), m_raw_cpu),
-        BL.ratio("prep 2 workers vs 1 worker (wall)", m_p2, m_p1),
-        BL.ratio("prep 1 worker vs raw tokenizer (short records, per CPU-second)",
-                 same_text("prep 1 worker", raw_s, short["prep_1"], True),
-                 BL.measured("raw encode_batch_fast, 1 core", raw_s["tokens"], raw_s["cpu_seconds"], "tokens/cpu-s")),
-        BL.ratio("prep 1 worker vs naive datasets.map padded rows",
-                 BL.measured("prep 1 worker", docs["prep_1"]["tokens"], docs["prep_1"]["seconds"]),
-                 BL.measured("naive datasets.map, padded", naive["tokens"], naive["seconds"])),
-    ]
     for p in packing:
         ratios.append(BL.ratio(f"packing {p['stage']} ({', '.join(p['files'])}) vs pad-to-longest x4",
                                BL.fraction("packed rows", p["real_tokens"], p["packed_capacity"]),
                                BL.fraction("pad to longest, batch 4", p["real_tokens"], p["padded_capacity"])))
-    node_rate = min(r["tokens"] / r["seconds"] for r in nodes["parts"])  # the slower node sets the pace
-    shard_tokens = nodes["merged_tokens"] / max(nodes["merged_shards"], 1)
-    # a production node runs one worker per core: its rate is the measured 2-worker rate scaled
-    # by cores/2 at best; the projection keeps the measured per-worker rate (1 worker per node)
-    projection = project_nodes(node_rate, nodes["merge_seconds"] / max(nodes["merged_shards"], 1), shard_tokens)
-    docs.pop("corpus_path"), short.pop("corpus_path")
-    results = {"seq_len": seq_len, "vocab": z["vocab"], "load_average_at_start": load, "notes": notes,
-               "documents": docs, "short_records": short, "naive_datasets_map_padded": naive,
-               "nodes": {**nodes, "projection_1b_tokens_1_worker_per_node": projection}, "packing": packing,
-               "streaming_read": read}
-    points = [BL.point("raw tokenizer (1 core)", m_raw["value"]), BL.point("prep 1 worker", m_p1["value"]),
-              BL.point("prep 2 workers", m_p2["value"]), BL.point("naive datasets.map", naive["tokens_per_s"])]
+    read = bench_read(tmp / "pretrain_fastokens")
+
+    nodes = runs["nodes"]
+    node_rates = [p["tokens"] / p["seconds"] for n in nodes for p in n["parts"]]
+    node_rate = statistics.median(min(p["tokens"] / p["seconds"] for p in n["parts"]) for n in nodes)  # slowest node
+    last = nodes[-1]
+    shard_tokens = last["merged_tokens"] / max(last["merged_shards"], 1)
+    projection = project_nodes(node_rate, statistics.median(n["merge_seconds"] for n in nodes) / max(last["merged_shards"], 1), shard_tokens)
+    results = {
+        "seq_len": seq_len, "vocab": z["vocab"], "load_average_at_start": load, "cpu_count": os.cpu_count(),
+        "load_average_at_end": os.getloadavg(), "notes": notes, "old_pipeline_ref": OLD_PIPELINE_REF,
+        "text_tokens": ntok, "rounds": runs, "measured": m, "measured_cpu": mc, "stage_profile": profiles,
+        "nodes": {"measured": nodes, "per_node_tokens_per_s": node_rates,
+                  "projection_1b_tokens_from_measured_rate": projection},
+        "packing": packing, "streaming_read": read,
+    }
+    points = [BL.point(v["label"], v["value"]) for k, v in m.items() if k.startswith(("raw", "pretrain", "naive"))]
     return {"config": {"size": size, **z, "seq_len": seq_len}, "results": results, "ratios": ratios, "points": points}
 
 
 def to_markdown(section: dict, host: str, day: str) -> str:
     r = section["results"]
-    md = [f"# bench_prep ({host}, {os.cpu_count()} CPUs, {day}, size {section['config']['size']})", "",
-          f"load average at start: {r['load_average_at_start']:.2f}; wall numbers are the best of the rounds", ""]
+    la, le = r["load_average_at_start"], r["load_average_at_end"]
+    md = [f"# bench_prep ({host}, {r['cpu_count']} CPUs, {day}, size {section['config']['size']})", "",
+          f"load average (1/5/15 min) at start {la[0]:.1f}/{la[1]:.1f}/{la[2]:.1f}, at end "
+          f"{le[0]:.1f}/{le[1]:.1f}/{le[2]:.1f}; median of {section['config']['rounds']} interleaved rounds, "
+          "[min-max]; CPU-s rates count every process of a run", ""]
     md += [f"note: {n}" for n in r["notes"]]
-    md += ["| ratio | ours | baseline | ratio |", "|---|---:|---:|---:|"]
+
+    def rng(x):
+        if "seconds_min" not in x:
+            return ""
+        return f" [{x['work'] / x['seconds_max']:,.0f}-{x['work'] / x['seconds_min']:,.0f}]"
+
+    md += ["| measurement | tokens/s (wall) | tokens/CPU-s |", "|---|---:|---:|"]
+    for k, x in r["measured"].items():
+        c = r["measured_cpu"].get(k)
+        cpu = "" if c is None else f"{c['value']:,.0f}{rng(c)}"
+        md.append(f"| {x['label']} | {x['value']:,.0f}{rng(x)} | {cpu} |")
+    md += ["", "| ratio | ours | baseline | ratio |", "|---|---:|---:|---:|"]
     for x in section["ratios"]:
         o, b = x["ours"], x["baseline"]
-        md.append(f"| {x['name']} | {o['value']:,.3f} {o['unit']} | {b['value']:,.3f} {b['unit']} | {x['value']:.2f}x |")
+        noise = " (within noise)" if x.get("within_noise") else ""
+        md.append(f"| {x['name']} | {o['value']:,.3f} {o['unit']} | {b['value']:,.3f} {b['unit']} | {x['value']:.2f}x{noise} |")
+    md += ["", "per-stage profile (CPU-seconds, one process):", ""]
+    keys = list(r["stage_profile"][0]["cpu_seconds"])
+    md += ["| stage | backend | tokens | " + " | ".join(keys) + " | total |", "|---|---|---:|" + "---:|" * (len(keys) + 1)]
+    for p in r["stage_profile"]:
+        md.append(f"| {p['stage']} | {p['backend']} | {p['tokens']:,} | " + " | ".join(f"{p['cpu_seconds'][k]:.3f}" for k in keys)
+                  + f" | {p['total']:.3f} |")
     n = r["nodes"]
-    md += ["", f"nodes: {n['nodes']} parts merged in {n['merge_seconds']:.2f}s ({n['merged_shards']} shards); "
-           "projection for a 1B-token corpus at the measured per-node rate (1 worker per node):", "",
+    md += ["", "nodes, measured (2 concurrent processes on this machine, 1 worker each, each reading its share):", ""]
+    for i, run in enumerate(n["measured"]):
+        parts = ", ".join(f"node {k}: {p['tokens']:,} tokens in {p['seconds']:.2f}s ({p['tokens'] / p['seconds']:,.0f} tok/s)"
+                          for k, p in enumerate(run["parts"]))
+        md.append(f"- round {i + 1}: wall {run['wall_seconds_incl_process_start']:.2f}s incl. process start; {parts}; "
+                  f"merge {run['merge_seconds']:.2f}s ({run['merged_shards']} shards)")
+    md += ["", "PROJECTION from the measured per-node rate (slowest node, median round) and merge cost, "
+           "1B tokens, 1 worker per node (not measured):", "",
            "| nodes | tokenize h | merge s | total h |", "|---:|---:|---:|---:|"]
     md += [f"| {p['nodes']} | {p['tokenize_seconds'] / 3600:.2f} | {p['merge_seconds']:.1f} | {p['total_hours']:.2f} |"
-           for p in n["projection_1b_tokens_1_worker_per_node"]]
+           for p in n["projection_1b_tokens_from_measured_rate"]]
     md += ["", f"streaming read + collate (build_loader, 1 rank): {r['streaming_read']['tokens_per_s']:,.0f} tokens/s"]
     return "\n".join(md) + "\n"
 

@@ -198,6 +198,9 @@ class PrepConfig:
     overlong: Literal["auto", "truncate", "drop"] = key("auto", "auto: truncate pretrain, drop sft/dpo")
     on_error: Literal["skip", "fail"] = key("skip", "skip: log bad records to errors.jsonl (file:line, reason) and count them; fail: stop at the first")
     num_workers: int = key(1, "tokenizer processes on this node")
+    tokenizer_backend: Literal["auto", "hf", "fastokens"] = key(
+        "auto", "auto: fastokens if installed and verified identical to HF on a hard sample + the first records, "
+        "else HF (with a warning); hf; fastokens (fail if it differs)")
     node_rank: int = key(0, "this node's index in a multi-node prep (writes part node-<rank>)")
     num_nodes: int = key(1, "nodes sharing the input; join their parts with `bumblefast prep merge`")
     pack_window: int = key(10000, "samples considered together by best-fit-decreasing")

@@ -39,6 +39,7 @@ class EncodeSettings:
     text_key: str = "text"
     overlong: str = "truncate"  # resolved: truncate | drop
     share_prompt: bool = False  # dpo: one group [prompt+chosen][prompt[-1]+rejected] per pair
+    tokenizer_backend: str = "hf"  # auto | hf | fastokens; workers get the one the main process verified
 
 
 def tokenizer_fingerprint(path: str) -> str:
@@ -57,16 +58,16 @@ def text_hash(text: str | None) -> str | None:
 
 
 class Encoder:
-    """Per-process state: the tokenizer, the compiled chat template, the settings."""
+    """Per-process state: the tokenizer, its bulk backend, the compiled chat template, the settings.
+    `first_records` (main process only) join the backend's verification sample."""
 
-    def __init__(self, settings: EncodeSettings):
+    def __init__(self, settings: EncodeSettings, first_records: list[tuple[str, Any]] = ()):
         from transformers.utils.chat_template_utils import _compile_jinja_template
 
         from bumblefast.tokenizer import load_tokenizer
 
         self.s = settings
         self.hf = load_tokenizer(settings.tokenizer_path)
-        self.tok = self.hf.backend_tokenizer
         self.eos_id = self.hf.eos_token_id
         if self.eos_id is None:
             raise UserError(f"{settings.tokenizer_path}: tokenizer has no eos_token")
@@ -80,6 +81,35 @@ class Encoder:
             self.template = _compile_jinja_template(self.hf.chat_template)
         self.special = dict(self.hf.special_tokens_map)
         self.special.pop("additional_special_tokens", None)
+        self.bulk, self.backend = self._open_backend(first_records)
+
+    def _open_backend(self, first_records):
+        """The bulk tokenizer; `auto` verifies fastokens against HF on a fixed sample plus the
+        input's first records (rendered as prep will tokenize them) and falls back to HF."""
+        from bumblefast.tokenizer_backend import open_encoder
+
+        sample = []
+        for where, rec in first_records if self.s.tokenizer_backend != "hf" else ():
+            try:
+                sample += [(f"input record {where}", t) for t in self.texts_of(rec)]
+            except (RecordError, UserError):
+                continue
+        return open_encoder(self.hf, self.s.tokenizer_path, self.s.tokenizer_backend,
+                            offsets=self.s.stage != "pretrain", extra_sample=sample)
+
+    def texts_of(self, rec) -> list[str]:
+        """The texts a record is tokenized as (pretrain: its text; sft: the rendered chat;
+        dpo: the chosen and rejected renderings)."""
+        if isinstance(rec, RawJSON):
+            rec = rec.parse()
+        if isinstance(rec, BadRecord):
+            return []
+        if self.s.stage == "pretrain":
+            return [pretrain_text(rec, self.s.text_key)]
+        if self.s.stage == "sft":
+            return [self.render_with_spans(*sft_messages(rec))[0]]
+        prompt, chosen, rejected, tools = dpo_pair(rec)
+        return [self.render_with_spans(prompt + [r], tools)[0] for r in (chosen, rejected)]
 
     # ---- chat rendering -------------------------------------------------------------------
     def render(self, messages, tools, add_generation_prompt=False) -> str:
@@ -106,9 +136,9 @@ class Encoder:
         return full, spans
 
     @staticmethod
-    def _mask(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> np.ndarray:
-        starts = np.fromiter((o[0] for o in offsets), dtype=np.int64, count=len(offsets))
-        mask = np.zeros(len(offsets), dtype=np.uint8)
+    def _mask(starts: np.ndarray, spans: list[tuple[int, int]]) -> np.ndarray:
+        """1 for the tokens whose first character lies in a trained span."""
+        mask = np.zeros(len(starts), dtype=np.uint8)
         for s, e in spans:
             lo, hi = np.searchsorted(starts, [s, e], side="left")
             mask[lo:hi] = 1
@@ -130,10 +160,7 @@ class Encoder:
                 out[i] = (where, "err", rec.reason, rec.message)
                 continue
             try:
-                if self.s.stage == "pretrain":
-                    texts.append(pretrain_text(rec, self.s.text_key))
-                    owners.append((i, None))
-                elif self.s.stage == "sft":
+                if self.s.stage == "sft":
                     msgs, tools = sft_messages(rec)
                     text, spans = self.render_with_spans(msgs, tools)
                     texts.append(text)
@@ -146,20 +173,15 @@ class Encoder:
                         owners.append((i, spans))
             except RecordError as e:
                 out[i] = (where, "err", e.reason, e.message)
-        if self.s.stage == "pretrain":
-            encs = self.tok.encode_batch_fast(texts, add_special_tokens=False)
-        else:
-            encs = self.tok.encode_batch(texts, add_special_tokens=False)
+        encs = self.bulk.encode_with_starts(texts)
         L = self.s.seq_len
-        if self.s.stage == "pretrain":
-            return self._pretrain_results(chunk, out, owners, encs)
         j = 0
         while j < len(owners):
             i, spans = owners[j]
             where = chunk[i][0]
             if self.s.stage == "sft":
-                ids = np.asarray(encs[j].ids, dtype=np.uint32)
-                mask = self._mask(encs[j].offsets, spans)
+                ids, starts = encs[j]
+                mask = self._mask(starts, spans)
                 j += 1
                 truncated = False
                 if len(ids) > L:
@@ -171,9 +193,8 @@ class Encoder:
             else:
                 segs = []
                 for k in range(2):
-                    segs.append(
-                        (np.asarray(encs[j + k].ids, dtype=np.uint32), self._mask(encs[j + k].offsets, owners[j + k][1]))
-                    )
+                    ids, starts = encs[j + k]
+                    segs.append((ids, self._mask(starts, owners[j + k][1])))
                 j += 2
                 total = len(segs[0][0]) + len(segs[1][0])
                 truncated = False
@@ -228,31 +249,25 @@ class Encoder:
                 owners.append(i)
             except RecordError as e:
                 out[i] = (where, "err", e.reason, e.message)
-        encs = self.tok.encode_batch_fast(texts, add_special_tokens=False)
-        return self._pretrain_results(chunk, out, owners, encs)
+        flat, lens = self.bulk.encode_flat(texts)
+        return self._pretrain_results(chunk, out, owners, flat, lens)
 
-    def _pretrain_results(self, chunk, out, owners, encs) -> PretrainChunk:
+    def _pretrain_results(self, chunk, out, owners, flat: np.ndarray, lens: np.ndarray) -> PretrainChunk:
         """Pretrain: the chunk's accepted documents as one flat uint32 array (EOS appended to
         each) and their lengths, plus the bad records. No per-record tuples travel back to
         the writer: a 1B-token corpus has hundreds of millions of short documents."""
         L, eos = self.s.seq_len, self.eos_id
-        drop = self.s.overlong == "drop"
-        buf: list[int] = []
-        lens: list[int] = []
-        for i, enc in zip(owners, encs, strict=True):
-            ids = enc.ids
-            n = len(ids) + 1
-            if drop and n > L:
-                out[i] = (chunk[i][0], "err", "overlong", f"{n} tokens > seq_len {L}")
-                continue
-            buf += ids
-            buf.append(eos)
-            lens.append(n)
-        lens_arr = np.array(lens, dtype=np.int64)
+        n = lens + 1  # with EOS
+        if self.s.overlong == "drop" and (n > L).any():
+            keep = n <= L
+            for k in np.flatnonzero(~keep).tolist():
+                i = owners[k]
+                out[i] = (chunk[i][0], "err", "overlong", f"{int(n[k])} tokens > seq_len {L}")
+            flat = flat[np.repeat(keep, lens)]
+            lens, n = lens[keep], n[keep]
+        docs = np.insert(flat.astype(np.uint32, copy=False), np.cumsum(lens), eos)
         errors = [r for r in out if r is not None]  # in input order
-        return PretrainChunk(
-            len(chunk), errors, lens_arr, np.array(buf, dtype=np.uint32), int((lens_arr > L).sum()), file_runs(chunk)
-        )
+        return PretrainChunk(len(chunk), errors, n.astype(np.int64), docs, int((n > L).sum()), file_runs(chunk))
 
 
 @dataclass

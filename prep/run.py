@@ -3,9 +3,14 @@
 Parallelism: the main process reads records and hands chunks to `num_workers` tokenizer
 processes (`imap`, ordered), then packs and writes their results in input order. So the rows
 do not depend on the worker count, and the single writer is no bottleneck (MDS writes about
-8 M tokens/s; a tokenizer core gives about 0.3-0.4 M). Nodes: node r of K keeps the records
-whose global index i has i % K == r and writes its own part, `output_dir/node-rrrrr`;
-`bumblefast prep merge output_dir` then joins the parts' indexes.
+8 M tokens/s). Nodes: node r of K reads only its share of the input (prep/split.py: whole
+files, and plain jsonl files cut into byte ranges at line boundaries) and writes its own part,
+`output_dir/node-rrrrr`; `bumblefast prep merge output_dir` then joins the parts' indexes.
+
+Tokenizer backend (`--tokenizer_backend`): the main process opens and verifies it once
+(bumblefast/tokenizer_backend.py, with the input's first records in the sample); workers use
+the backend it settled on. The manifest records it; the shard fingerprint does not depend on
+it (the backends must give the same ids, so the same shards).
 
 Output is complete or absent: a local output is written into a hidden sibling folder and
 renamed into place after the manifest is written; the manifest (`bumblefast.json`) is the
@@ -43,7 +48,8 @@ from bumblefast.prep.encode import (
     tokenizer_fingerprint,
 )
 from bumblefast.prep.pack import BFDPacker, PretrainPacker
-from bumblefast.prep.sources import expand_inputs, file_of, file_runs, iter_records
+from bumblefast.prep.sources import expand_inputs, file_of, file_runs
+from bumblefast.prep.split import iter_share, node_share
 from bumblefast.shards.schema import (
     ERRORS_NAME,
     MANIFEST_NAME,
@@ -86,12 +92,6 @@ def _chunks(it: Iterator[tuple[str, Any]], max_records: int, max_chars: int) -> 
             chunk, chars = [], 0
     if chunk:
         yield chunk
-
-
-def _node_records(files: list[str], node_rank: int, num_nodes: int) -> Iterator[tuple[str, Any]]:
-    """Node r of K keeps records r, r+K, r+2K, ... (islice: no per-record Python here)."""
-    records = iter_records(files)
-    return islice(records, node_rank, None, num_nodes) if num_nodes > 1 else records
 
 
 class _Stats:
@@ -155,8 +155,19 @@ def run_prep(cfg: PrepConfig, progress: bool | None = None) -> dict[str, Any]:
     files = expand_inputs(list(cfg.input))
     overlong = resolve_overlong(cfg)
     shared = cfg.stage == "dpo" and cfg.share_prompt
-    settings = EncodeSettings(cfg.stage, cfg.tokenizer_name_or_path, cfg.seq_len, cfg.text_key, overlong, shared)
-    main_encoder = Encoder(settings)  # validates the tokenizer/template before any work
+    share = node_share(files, cfg.node_rank, max(cfg.num_nodes, 1))
+    settings = EncodeSettings(cfg.stage, cfg.tokenizer_name_or_path, cfg.seq_len, cfg.text_key, overlong, shared,
+                              cfg.tokenizer_backend)
+    from bumblefast.tokenizer_backend import FIRST_RECORDS
+
+    # validates the tokenizer/template and picks (verifies) the tokenizer backend before any work
+    main_encoder = Encoder(settings, list(islice(iter_share(share), FIRST_RECORDS)))
+    settings = dataclasses.replace(settings, tokenizer_backend=main_encoder.backend.name)
+    if progress is not False:
+        b = main_encoder.backend
+        print(f"prep {cfg.stage}: tokenizer backend {b.name} {b.version}"
+              + (f" (verified identical to HF on {b.verified_strings} strings)" if b.name != "hf" else ""),
+              file=sys.stderr)
     vocab = len(main_encoder.hf)
     dtype = token_dtype(vocab)
     cols = columns(cfg.stage, vocab, shared_prompt=shared)
@@ -192,7 +203,7 @@ def run_prep(cfg: PrepConfig, progress: bool | None = None) -> dict[str, Any]:
         )
         os.makedirs(staging, exist_ok=True)
         err_file = open(err_path, "w", encoding="utf-8")
-        chunks = _chunks(_node_records(files, cfg.node_rank, max(cfg.num_nodes, 1)), CHUNK_RECORDS, CHUNK_CHARS)
+        chunks = _chunks(iter_share(share), CHUNK_RECORDS, CHUNK_CHARS)
         if cfg.num_workers > 1:
             fork = sys.platform.startswith("linux")
             ctx = mp.get_context("fork" if fork else "spawn")
@@ -264,6 +275,7 @@ def run_prep(cfg: PrepConfig, progress: bool | None = None) -> dict[str, Any]:
                 "fingerprint": tok_fp,
                 "vocab_size": vocab,
                 "eos_token_id": main_encoder.eos_id,
+                "backend": main_encoder.backend.as_dict(),  # not in the fingerprint: same ids, same shards
             },
             "chat_template_hash": text_hash(main_encoder.hf.chat_template),
             "fingerprint": fingerprint_bytes(index_bytes, tok_fp.encode(), cfg.stage.encode()),
@@ -292,6 +304,7 @@ def run_prep(cfg: PrepConfig, progress: bool | None = None) -> dict[str, Any]:
                 "hashes": HASHES,
                 "node_rank": cfg.node_rank,
                 "num_nodes": cfg.num_nodes,
+                "node_share": [[f, a, b] for f, a, b in share],
                 "text_key": cfg.text_key,
             },
         }
