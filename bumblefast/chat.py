@@ -248,8 +248,11 @@ class Batcher:
     max_batch=1 is the old one-request-at-a-time server (the benchmark's baseline)."""
 
     def __init__(self, chat: Chat, max_batch: int = 8, max_queue: int = 16):
+        import copy
+
         self.chat, self.max_batch, self.max_queue = chat, max_batch, max_queue
         self.model = chat.model
+        self.tok = copy.deepcopy(chat.tok)  # its own: a Rust tokenizer used from two threads can raise
         eos = chat.gen.eos_token_id
         self.eos = set(eos if isinstance(eos, list) else [eos]) - {None}
         self.pad = chat.gen.pad_token_id if chat.gen.pad_token_id is not None else 0
@@ -391,7 +394,7 @@ class Batcher:
         if token in self.eos:
             return self._flush(job, "stop")
         job.tokens.append(token)
-        text = self.chat.tok.decode(job.tokens, skip_special_tokens=True)
+        text = self.tok.decode(job.tokens, skip_special_tokens=True)
         stops = job.sampling.stop
         cut = min((text.find(s) for s in stops if s in text), default=-1)
         if cut >= 0:
