@@ -219,7 +219,7 @@ class Sampling:
 @dataclass
 class Job:
     """One request in the batcher. `emit(kind, value)` is called from the generation thread:
-    ("delta", text) as the reply grows, then once ("done", finish_reason) with finish_reason
+    ("start", "") when it gets a slot, ("delta", text) as the reply grows, then once ("done", finish_reason) with finish_reason
     "stop" (an end token or a stop string), "length" (max_new_tokens), "cancelled" or "error"
     (value then "error: <message>"). `cancel()` from any thread drops it at the next step."""
 
@@ -320,6 +320,8 @@ class Batcher:
 
         dev = self.model.device
         if new:
+            for job in new:
+                job.emit("start", "")
             fresh = self._prefill(new)
             state = fresh if state is None else _merge(state, fresh)
             with self.cond:

@@ -222,7 +222,7 @@ def create_app(model_path: str | Path, max_tokens_cap: int = 1024, max_body_byte
             pieces = []
             while True:
                 kind, value = await next_event()
-                if kind == "delta":
+                if kind in ("start", "delta"):
                     pieces.append(value)
                     continue
                 job.cancel()  # a no-op once done; else the next step drops it
@@ -248,19 +248,22 @@ def create_app(model_path: str | Path, max_tokens_cap: int = 1024, max_body_byte
                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
             return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
-        # the first event before the 200: a request that times out while queued still gets a 504
+        # wait for a slot before the 200: a request that times out while queued still gets a 504
         first = await next_event()
         if first[0] in ("timeout", "gone"):
             job.cancel()
             done(rid, 504 if first[0] == "timeout" else 499, first[0], t0, len(ids))
             return timeout_error() if first[0] == "timeout" else error(499, "client disconnected")
+        if first[0] == "done":  # failed or shut down before it started
+            done(rid, 503, first[1], t0, len(ids))
+            return error(503, f"the request could not be served: {first[1]}", kind="server_error")
 
         async def stream():
-            outcome, event = "disconnected", first
+            outcome = "disconnected"
             try:
                 yield chunk({"role": "assistant", "content": ""})
                 while True:
-                    kind, value = event
+                    kind, value = await next_event(watch=False)
                     if kind == "delta":
                         yield chunk({"content": value})
                     elif kind == "timeout":
@@ -278,7 +281,6 @@ def create_app(model_path: str | Path, max_tokens_cap: int = 1024, max_body_byte
                         yield chunk({}, value)
                         yield "data: [DONE]\n\n"
                         break
-                    event = await next_event(watch=False)
             finally:  # also when the client disconnected (the response task is cancelled)
                 job.cancel()
                 if getter is not None:
