@@ -16,7 +16,9 @@ import torch
 from helpers import save_tiny_model
 
 KEY = "test-key-batching"
-MARGIN = 1e-3  # smallest top-1 / top-2 logit gap that float reduction order (~1e-6 here) cannot flip
+MARGIN = (
+    1e-3  # smallest top-1 / top-2 logit gap that float reduction order (~1e-6 here) cannot flip
+)
 
 
 @pytest.fixture(scope="module")
@@ -31,9 +33,18 @@ def chat(model_dir):
     return Chat(model_dir, temperature=0)
 
 
-CANDIDATES = ["What is 2 + 3?", "Name a bird.", "Write one long sentence about rivers, stones and the sea at night.",
-              "hi", "Count from one to five, please.", "你好", "And 4 + 4?", "Tell me about stones.", "What is 7 + 1?",
-              "Say something kind."]
+CANDIDATES = [
+    "What is 2 + 3?",
+    "Name a bird.",
+    "Write one long sentence about rivers, stones and the sea at night.",
+    "hi",
+    "Count from one to five, please.",
+    "你好",
+    "And 4 + 4?",
+    "Tell me about stones.",
+    "What is 7 + 1?",
+    "Say something kind.",
+]
 
 
 def prompt_ids(chat, text: str) -> list[int]:
@@ -43,14 +54,23 @@ def prompt_ids(chat, text: str) -> list[int]:
 def hf_greedy(chat, ids: list[int], n: int) -> tuple[str, float]:
     """transformers' own greedy generate, alone: the reply and its smallest top-2 logit gap."""
     x = torch.tensor([ids])
-    out = chat.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False,
-                              eos_token_id=chat.gen.eos_token_id, pad_token_id=chat.gen.pad_token_id,
-                              output_scores=True, return_dict_in_generate=True)
+    out = chat.model.generate(
+        x,
+        attention_mask=torch.ones_like(x),
+        max_new_tokens=n,
+        do_sample=False,
+        eos_token_id=chat.gen.eos_token_id,
+        pad_token_id=chat.gen.pad_token_id,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
     gaps = [float(s[0].topk(2).values[0] - s[0].topk(2).values[1]) for s in out.scores]
-    return chat.tok.decode(out.sequences[0, len(ids):], skip_special_tokens=True), min(gaps)
+    return chat.tok.decode(out.sequences[0, len(ids) :], skip_special_tokens=True), min(gaps)
 
 
-def run_jobs(batcher, chat, asks: list[tuple[str, dict]], stagger: float = 0.0) -> list[tuple[str, str, int]]:
+def run_jobs(
+    batcher, chat, asks: list[tuple[str, dict]], stagger: float = 0.0
+) -> list[tuple[str, str, int]]:
     """Submit (prompt, sampling kwargs) jobs; (text, finish_reason, tokens) of each."""
     from bumblefast.chat import Job
 
@@ -109,7 +129,11 @@ def test_each_request_keeps_its_own_settings_in_a_batch(chat):
 
     prompt = next(p for p in CANDIDATES if hf_greedy(chat, prompt_ids(chat, p), 32)[1] > MARGIN)
     ref = hf_greedy(chat, prompt_ids(chat, prompt), 32)[0]
-    stop = next(ref[i:i + 2] for i in range(3, len(ref) - 2) if "\ufffd" not in ref[i:i + 2] and ref[i:i + 2].strip())
+    stop = next(
+        ref[i : i + 2]
+        for i in range(3, len(ref) - 2)
+        if "\ufffd" not in ref[i : i + 2] and ref[i : i + 2].strip()
+    )
     asks = [
         (prompt, dict(max_new_tokens=32, temperature=0)),
         (prompt, dict(max_new_tokens=5, temperature=0)),
@@ -125,7 +149,9 @@ def test_each_request_keeps_its_own_settings_in_a_batch(chat):
     assert full == (ref, "length", 32)
     assert short[1:] == ("length", 5) and ref.startswith(short[0])
     assert stopped[0] == ref[: ref.find(stop)] and stopped[1] == "stop" and stop not in stopped[0]
-    assert s1[2] == 32 and s1[0] != ref  # sampled, not greedy (a 32-token tie with greedy is not plausible)
+    assert (
+        s1[2] == 32 and s1[0] != ref
+    )  # sampled, not greedy (a 32-token tie with greedy is not plausible)
     assert s2[2] == 32
 
 
@@ -208,7 +234,9 @@ def live(model_dir):
 
     from bumblefast.serve import create_app
 
-    app = create_app(model_dir, max_tokens_cap=64, api_key=KEY, max_batch=1, max_queue=1, request_timeout=3.0)
+    app = create_app(
+        model_dir, max_tokens_cap=64, api_key=KEY, max_batch=1, max_queue=1, request_timeout=3.0
+    )
     batcher = app.state.batcher
     gate = Gate()
     batcher._step = gate.wrap(batcher._step)
@@ -239,8 +267,9 @@ def client(live, key=KEY):
 
 
 def ask(live, **kw):
-    return client(live).chat.completions.create(model="x", messages=[{"role": "user", "content": "hi"}],
-                                                temperature=0, **kw)
+    return client(live).chat.completions.create(
+        model="x", messages=[{"role": "user", "content": "hi"}], temperature=0, **kw
+    )
 
 
 def test_full_queue_gets_429_with_retry_after(live, gate):
@@ -261,7 +290,9 @@ def test_full_queue_gets_429_with_retry_after(live, gate):
     gate.allow(None)
     first.join(60)
     second.join(60)
-    assert results["first"].choices[0].message.content == results["second"].choices[0].message.content
+    assert (
+        results["first"].choices[0].message.content == results["second"].choices[0].message.content
+    )
     assert results["first"].usage.completion_tokens == 4
 
 
@@ -269,7 +300,10 @@ def test_deadline_gives_504_and_drops_the_generation(live, gate, caplog):
     import openai
 
     gate.hold()
-    with caplog.at_level("INFO", logger="bumblefast.serve"), pytest.raises(openai.APIStatusError) as e:
+    with (
+        caplog.at_level("INFO", logger="bumblefast.serve"),
+        pytest.raises(openai.APIStatusError) as e,
+    ):
         ask(live, max_tokens=4)  # request_timeout is 3 s; the gate holds the first step
     assert e.value.status_code == 504 and e.value.body["type"] == "timeout_error"
     assert "request_timeout of 3 s" in e.value.body["message"]
@@ -281,10 +315,20 @@ def test_deadline_gives_504_and_drops_the_generation(live, gate, caplog):
 def test_stream_disconnect_drops_the_generation_within_one_step(live, gate, caplog):
     n0 = gate.entered
     gate.allow(3)  # three steps (the first with the prefill), then held at the fourth
-    body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 64, "stream": True,
-                       "temperature": 0}).encode()
-    req = urllib.request.Request(live["base"] + "/v1/chat/completions", data=body, method="POST",
-                                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+    body = json.dumps(
+        {
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 64,
+            "stream": True,
+            "temperature": 0,
+        }
+    ).encode()
+    req = urllib.request.Request(
+        live["base"] + "/v1/chat/completions",
+        data=body,
+        method="POST",
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"},
+    )
     with caplog.at_level("INFO", logger="bumblefast.serve"):
         resp = urllib.request.urlopen(req, timeout=30)
         assert resp.readline().startswith(b"data: ")  # the stream started
