@@ -123,7 +123,7 @@ class Server:
             stderr=subprocess.STDOUT,
         )
 
-    def wait_ready(self, timeout: float = 600) -> None:
+    def wait_ready(self, timeout: float = 1800) -> None:
         end = time.time() + timeout
         while True:
             try:
@@ -134,7 +134,9 @@ class Server:
             except OSError:
                 pass
             if self.proc.poll() is not None or time.time() > end:
-                raise RuntimeError(f"bench serve: the server did not come up; see {self.log.name}")
+                self.log.flush()
+                tail = Path(self.log.name).read_text()[-2000:]
+                raise RuntimeError(f"bench serve: the server did not come up within {timeout:.0f} s: {tail}")
             time.sleep(0.3)
 
     def close(self) -> None:
