@@ -12,7 +12,8 @@ What is measured:
   before the first round and idle while another is measured:
   baseline `--max_batch 1` (the old server: one generation at a time, the others wait),
   ours with the default `--max_batch 8` and (more than 8 clients) `--max_batch` = the clients;
-  `--max_queue` large enough that nothing is refused (a 429 raises here);
+  `--max_queue` and `--request_timeout` large enough that nothing is refused (a 429 or 504
+  raises here);
 - the load: `clients` threads, each sending `per_client` greedy chat completions of
   `max_tokens` tokens one after the other (a closed loop, like chat users), keep-alive
   connections; requests/s = all requests / wall seconds from the first send to the last reply;
@@ -116,6 +117,8 @@ class Server:
                 str(max_queue),
                 "--max_tokens_cap",
                 "256",
+                "--request_timeout",  # a throughput run: the baseline's queue may be long; no 504s
+                "36000",
             ],
             cwd=ROOT,
             env=env,
