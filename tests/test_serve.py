@@ -284,7 +284,7 @@ def load_round(server, refs) -> tuple[dict, float]:
     import openai
 
     prompts = list(refs)
-    barrier = threading.Barrier(50, timeout=60)
+    barrier = threading.Barrier(50, timeout=600)
     finished: list[float] = []
 
     def one(i: int) -> str:
@@ -338,7 +338,7 @@ def load_round(server, refs) -> tuple[dict, float]:
     return counts, time.monotonic() - last
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(1800)  # 3 rounds of 50 clients; on the shared 2-core machine 600 s was not enough
 def test_load_fifty_clients_two_identical_rounds(server, load_refs):
     """Every well-formed request gets its correct reply or a 429; disconnected streams free their slots
     (idle within a second of the last reply); the server's memory does not grow from round to round."""
