@@ -31,6 +31,7 @@ SCRIPTS = {
     "kernels": "bench_kernels.py",
     "train": "bench_train.py",
     "scaling": "bench_scaling.py",
+    "serve": "bench_serve.py",
 }
 assert tuple(SCRIPTS) == SECTIONS
 

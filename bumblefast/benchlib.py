@@ -21,7 +21,7 @@ from typing import Any
 
 SCHEMA = "bumblefast.bench/1"
 SIZES = ("min", "cpu", "gpu")
-SECTIONS = ("prep", "stream", "kernels", "train", "scaling")
+SECTIONS = ("prep", "stream", "kernels", "train", "scaling", "serve")
 
 
 def measured(label: str, work: float, seconds: float, unit: str = "tokens/s", **extra: Any) -> dict:

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import sys
 import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from bumblefast.config import UserError
 
@@ -105,6 +108,19 @@ class Chat:
     def stop(self) -> None:
         self._stop.set()
 
+    def sampling(self, max_new_tokens: int | None = None, temperature: float | None = None,
+                 top_p: float | None = None, stop: tuple[str, ...] = (), seed: int | None = None) -> Sampling:
+        """A request's settings for the Batcher: what it asks, else the model's generation config
+        (as `stream` does: no temperature asked and do_sample off = greedy)."""
+        g = self.gen
+        if temperature is None:
+            temperature = (g.temperature if g.temperature is not None else 1.0) if g.do_sample else 0.0
+        sampled = temperature > 0
+        return Sampling(max_new_tokens=max_new_tokens or g.max_new_tokens or 256, temperature=temperature,
+                        top_p=(top_p if top_p is not None else g.top_p or 1.0) if sampled else 1.0,
+                        top_k=(g.top_k or 0) if sampled else 0, repetition_penalty=g.repetition_penalty or 1.0,
+                        stop=tuple(stop), seed=seed)
+
     def reply(self, text: str, out=sys.stdout, keep_history: bool = True) -> str:
         """Generate a reply, writing tokens to `out` as they come; Ctrl-C ends it early."""
         pieces = []
@@ -176,3 +192,272 @@ def add_arguments(p) -> None:
 def check(args) -> None:
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise UserError("--max_new_tokens must be >= 1")
+
+
+# ---------------------------------------------------------------------------------------------
+# Batched generation for `bumblefast serve`: many requests share one forward pass per token.
+
+
+class QueueFull(Exception):
+    """The wait queue is at its bound; the caller should answer 429."""
+
+
+@dataclass
+class Sampling:
+    """One request's generation settings. temperature 0 = greedy; stop: strings that end the
+    reply (not included in it); seed: a private RNG, so a sampled reply can be reproduced."""
+
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass
+class Job:
+    """One request in the batcher. `emit(kind, value)` is called from the generation thread:
+    ("start", "") when it gets a slot, ("delta", text) as the reply grows, then once ("done", finish_reason) with finish_reason
+    "stop" (an end token or a stop string), "length" (max_new_tokens), "cancelled" or "error"
+    (value then "error: <message>"). `cancel()` from any thread drops it at the next step."""
+
+    ids: list[int]
+    sampling: Sampling
+    emit: Callable[[str, str], None]
+    tokens: list[int] = field(default_factory=list)
+    sent: str = ""
+    cancelled: bool = False
+    rng: Any = None
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class Batcher:
+    """Continuous batching over one model: a generation thread keeps up to `max_batch`
+    sequences in a left-padded batch with one KV cache, admits waiting jobs at every token
+    step (their prompts prefilled together, then left-padded to the running length and
+    concatenated) and drops finished or cancelled rows at every step, so a disconnected
+    client costs at most one more step. At most `max_queue` jobs wait for a slot; `submit`
+    raises QueueFull beyond that. Greedy rows give the same tokens as generating alone:
+    padding is masked out and every row has its own positions (up to float reduction order
+    of the differently shaped matmuls, which the tests check cannot flip an argmax).
+
+    max_batch=1 is the old one-request-at-a-time server (the benchmark's baseline)."""
+
+    def __init__(self, chat: Chat, max_batch: int = 8, max_queue: int = 16):
+        import copy
+
+        self.chat, self.max_batch, self.max_queue = chat, max_batch, max_queue
+        self.model = chat.model
+        self.tok = copy.deepcopy(chat.tok)  # its own: a Rust tokenizer used from two threads can raise
+        eos = chat.gen.eos_token_id
+        self.eos = set(eos if isinstance(eos, list) else [eos]) - {None}
+        self.pad = chat.gen.pad_token_id if chat.gen.pad_token_id is not None else 0
+        self.waiting: list[Job] = []
+        self.rows: list[Job] = []  # the running batch, in cache order
+        self.cond = threading.Condition()
+        self.closed = False
+        self.thread = threading.Thread(target=self._loop, name="bumblefast-batcher", daemon=True)
+        self.thread.start()
+
+    # -- called from request handlers ---------------------------------------------------------
+    def submit(self, job: Job) -> None:
+        with self.cond:
+            if self.closed:
+                raise RuntimeError("the batcher is closed")
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self.waiting)} requests are already waiting (max_queue {self.max_queue})")
+            self.waiting.append(job)
+            self.cond.notify()
+
+    def load(self) -> dict:
+        with self.cond:
+            return {"running": len(self.rows), "waiting": len(self.waiting)}
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.cond.notify()
+        self.thread.join(timeout=30)
+
+    # -- the generation thread ----------------------------------------------------------------
+    def _loop(self) -> None:
+        import torch
+
+        state = None  # (cache, mask, next tokens) of the running rows
+        while True:
+            with self.cond:
+                while not self.closed and not self.waiting and not self.rows:
+                    self.cond.wait()
+                if self.closed:
+                    for job in self.waiting + self.rows:
+                        job.emit("done", "cancelled")
+                    self.waiting, self.rows = [], []
+                    return
+                for job in self.waiting:
+                    if job.cancelled:  # gave up (disconnect, deadline) before it got a slot
+                        job.emit("done", "cancelled")
+                self.waiting = [j for j in self.waiting if not j.cancelled]
+                new = self.waiting[: self.max_batch - len(self.rows)]
+                self.waiting = self.waiting[len(new):]
+            try:
+                with torch.inference_mode():
+                    state = self._step(state, new)
+            except Exception as e:  # noqa: BLE001 - the jobs in the batch get the error, the server lives on
+                failed = {id(j): j for j in self.rows + new}
+                for job in failed.values():
+                    job.emit("done", f"error: {type(e).__name__}: {e}")
+                with self.cond:
+                    self.rows = []
+                state = None
+
+    def _step(self, state, new: list[Job]):
+        """Admit `new`, run one decode step for every row, retire finished rows."""
+        import torch
+
+        dev = self.model.device
+        if new:
+            for job in new:
+                job.emit("start", "")
+            fresh = self._prefill(new)
+            state = fresh if state is None else _merge(state, fresh)
+            with self.cond:
+                self.rows = self.rows + new
+        cache, mask, last = state
+        keep = [i for i, job in enumerate(self.rows) if not self._finished(job, int(last[i]))]
+        if keep and len(keep) < len(self.rows):
+            cache, mask, last = _select(cache, mask, last, keep)
+        with self.cond:
+            self.rows = [self.rows[i] for i in keep]
+        if not keep:
+            return None
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        pos = mask.sum(dim=1, keepdim=True) - 1
+        out = self.model(input_ids=last[:, None].to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
+                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        last = self._sample(out.logits[:, -1, :].float(), self.rows)
+        return out.past_key_values, mask, last
+
+    def _prefill(self, jobs: list[Job]):
+        import torch
+        from transformers import DynamicCache
+
+        dev = self.model.device
+        width = max(len(j.ids) for j in jobs)
+        ids = torch.full((len(jobs), width), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(jobs), width), dtype=torch.long)
+        for i, job in enumerate(jobs):
+            ids[i, width - len(job.ids):] = torch.tensor(job.ids)
+            mask[i, width - len(job.ids):] = 1
+            if job.sampling.seed is not None:
+                job.rng = torch.Generator(device=dev).manual_seed(job.sampling.seed)
+        pos = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        out = self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
+                         past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
+        return out.past_key_values, mask, self._sample(out.logits[:, -1, :].float(), jobs)
+
+    def _sample(self, logits, jobs: list[Job]):
+        """The next token of every row, each with its own settings (HF's order: repetition
+        penalty, temperature, top-k, top-p); greedy rows take the argmax."""
+        import torch
+
+        nxt = logits.argmax(dim=-1)
+        for i, job in enumerate(jobs):
+            s = job.sampling
+            row = logits[i]
+            if s.repetition_penalty != 1.0:
+                seen = torch.tensor(sorted(set(job.ids) | set(job.tokens)), device=row.device)
+                score = row[seen]
+                row = row.clone()
+                row[seen] = torch.where(score < 0, score * s.repetition_penalty, score / s.repetition_penalty)
+                nxt[i] = row.argmax()
+            if s.temperature <= 0:
+                continue
+            row = row / s.temperature
+            if 0 < s.top_k < row.numel():
+                row = row.masked_fill(row < torch.topk(row, s.top_k).values[-1], float("-inf"))
+            if s.top_p < 1.0:
+                srt, order = torch.sort(row, descending=True)
+                probs = torch.softmax(srt, dim=-1)
+                drop = probs.cumsum(-1) - probs > s.top_p  # keep the smallest head with mass >= top_p
+                row = row.clone()
+                row[order[drop]] = float("-inf")
+            nxt[i] = torch.multinomial(torch.softmax(row, dim=-1), 1, generator=job.rng)[0]
+        return nxt.cpu()
+
+    def _finished(self, job: Job, token: int) -> bool:
+        """Take `token` into `job`, send its new text; True when the job is done."""
+        if job.cancelled:
+            job.emit("done", "cancelled")
+            return True
+        if token in self.eos:
+            return self._flush(job, "stop")
+        job.tokens.append(token)
+        text = self.tok.decode(job.tokens, skip_special_tokens=True)
+        stops = job.sampling.stop
+        cut = min((text.find(s) for s in stops if s in text), default=-1)
+        if cut >= 0:
+            return self._flush(job, "stop", text[:cut])
+        if len(job.tokens) >= job.sampling.max_new_tokens:
+            return self._flush(job, "length", text)
+        hold = 1 if text.endswith("\ufffd") else 0  # an incomplete UTF-8 character: wait for the rest
+        hold = max([hold] + [k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])])
+        self._send(job, text[: len(text) - hold])
+        return False
+
+    def _flush(self, job: Job, reason: str, text: str | None = None) -> bool:
+        if text is not None:
+            self._send(job, text)
+        job.emit("done", reason)
+        return True
+
+    @staticmethod
+    def _send(job: Job, text: str) -> None:
+        if len(text) > len(job.sent) and text.startswith(job.sent):
+            job.emit("delta", text[len(job.sent):])
+            job.sent = text
+
+
+def _layers(cache) -> list:
+    """The cache's per-layer objects with .keys/.values [batch, heads, seq, dim] (transformers 4.57)."""
+    return cache.layers
+
+
+def _merge(a, b):
+    """Two (cache, mask, last) batches as one: the shorter left-padded to the longer's length."""
+    import torch
+
+    (ca, ma, la), (cb, mb, lb) = a, b
+    width = max(ma.shape[1], mb.shape[1])
+    for x, y in zip(_layers(ca), _layers(cb)):
+        x.keys = torch.cat([_pad_left(x.keys, width), _pad_left(y.keys, width)], dim=0)
+        x.values = torch.cat([_pad_left(x.values, width), _pad_left(y.values, width)], dim=0)
+    mask = torch.cat([_pad_left(ma, width), _pad_left(mb, width)], dim=0)
+    return ca, mask, torch.cat([la, lb])
+
+
+def _pad_left(t, width: int):
+    """Zeros on the left of the sequence axis (dim 2 of a cache tensor, 1 of a mask) up to width."""
+    import torch.nn.functional as F
+
+    axis = 2 if t.ndim == 4 else 1
+    short = width - t.shape[axis]
+    if short == 0:
+        return t
+    return F.pad(t, (0, 0, short, 0) if axis == 2 else (short, 0))
+
+
+def _select(cache, mask, last, keep: list[int]):
+    """Keep only rows `keep`, and cut the columns that are padding in every remaining row."""
+    import torch
+
+    idx = torch.tensor(keep)
+    mask, last = mask[idx], last[idx]
+    start = int(mask.any(dim=0).int().argmax())
+    for layer in _layers(cache):
+        layer.keys = layer.keys[idx.to(layer.keys.device), :, start:]
+        layer.values = layer.values[idx.to(layer.values.device), :, start:]
+    return cache, mask[:, start:], last

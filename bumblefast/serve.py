@@ -1,22 +1,35 @@
 """`bumblefast serve`: an OpenAI-compatible HTTP API and a small web chat page.
 
-  GET  /                      the chat page (streams replies)
-  GET  /health                {"status": "ok"}
+  GET  /                      the chat page (streams replies; asks for the API key once per tab)
+  GET  /health                {"status": "ok", "model", "running", "waiting"} (open: no key needed)
   GET  /v1/models             the one model served
   POST /v1/chat/completions   OpenAI chat completions, `stream: true` as server-sent events
 
-Binds 127.0.0.1 unless told otherwise. One model, one generation at a time: concurrent
-requests wait their turn (a lock), they are not refused. Bad requests get a 4xx JSON error
-in OpenAI's shape: malformed JSON (400), wrong types or values (400), empty messages (400),
-max_tokens above the cap (400), a body over the size limit (413).
+Safe to expose: binds 127.0.0.1 unless told otherwise and refuses any other address without
+an API key (`--api_key` or BUMBLEFAST_API_KEY; `--allow_unauthenticated` to mean it). With a
+key every /v1/* request needs `Authorization: Bearer KEY` (compared in constant time), else 401.
+
+Steady under load: requests are generated together by chat.Batcher (continuous batching, up to
+--max_batch sequences); at most --max_queue wait for a slot, beyond that 429 with Retry-After;
+a request not finished within --request_timeout seconds gets 504 (its generation is dropped);
+a client that disconnects has its generation dropped at the next token step. One log line per
+request: id, status, outcome, prompt and completion tokens, seconds.
+
+Errors are JSON in OpenAI's shape {"error": {"message", "type", "code"}}: malformed JSON,
+wrong types or values, empty messages, max_tokens above the cap (400), a body over the size
+limit (413), a missing or wrong key (401), a full queue (429), the deadline (504).
 
 No `from __future__ import annotations` here: FastAPI reads the endpoints' annotations at
 definition time, and `Request` is imported inside create_app.
 """
 
 import asyncio
+import hmac
+import ipaddress
 import json
-import threading
+import logging
+import math
+import os
 import time
 import uuid
 from pathlib import Path
@@ -24,7 +37,11 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, ValidationError
 
+from bumblefast.config import UserError
+
 PAGE = Path(__file__).with_name("chat_page.html")
+KEY_ENV = "BUMBLEFAST_API_KEY"
+log = logging.getLogger("bumblefast.serve")
 
 
 class Message(BaseModel):
@@ -39,29 +56,74 @@ class ChatRequest(BaseModel):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
     stream: bool = False
 
+    def stops(self) -> tuple[str, ...]:
+        stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        return tuple(s for s in stops if s)
 
-def error(status: int, message: str, kind: str = "invalid_request_error"):
+
+def error(status: int, message: str, kind: str = "invalid_request_error", code=None, headers=None):
     from fastapi.responses import JSONResponse
 
-    return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind, "code": status}})
+    return JSONResponse(status_code=status, headers=headers,
+                        content={"error": {"message": message, "type": kind, "param": None,
+                                           "code": code if code is not None else status}})
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
 
 
 def create_app(model_path: str | Path, max_tokens_cap: int = 1024, max_body_bytes: int = 1 << 20,
-               model_name: str | None = None):
+               model_name: str | None = None, api_key: str | None = None, max_batch: int = 8,
+               max_queue: int = 16, request_timeout: float = 300.0):
+    from contextlib import asynccontextmanager
+
     from fastapi import FastAPI, Request
     from fastapi.responses import HTMLResponse, StreamingResponse
 
-    from bumblefast.chat import Chat
+    from bumblefast.chat import Batcher, Chat, Job, QueueFull
 
     chat = Chat(model_path)
+    batcher = Batcher(chat, max_batch=max_batch, max_queue=max_queue)
     name = model_name or Path(model_path).resolve().name
-    turn = threading.Lock()  # one generation at a time; others queue here
-    app = FastAPI(title="bumblefast serve")
+    key = api_key.encode() if api_key else None
+    recent: list[float] = []  # seconds of the last completed requests, for Retry-After
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        batcher.close()
+
+    app = FastAPI(title="bumblefast serve", lifespan=lifespan)
+    app.state.batcher = batcher
+
+    def done(rid: str, status: int, outcome: str, t0: float, prompt: int = 0, completion: int = 0) -> None:
+        seconds = time.perf_counter() - t0
+        if status == 200 and outcome in ("stop", "length"):
+            recent.append(seconds)
+            del recent[:-32]
+        log.info("%s status=%d outcome=%s prompt_tokens=%d completion_tokens=%d seconds=%.3f",
+                 rid, status, outcome, prompt, completion, seconds)
 
     @app.middleware("http")
-    async def limit_body(request: Request, call_next):
+    async def guard(request: Request, call_next):
+        if request.url.path.startswith("/v1/") and key is not None:
+            given = request.headers.get("authorization", "")
+            scheme, _, token = given.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key):
+                done(f"req-{uuid.uuid4().hex[:12]}", 401, "unauthorized", time.perf_counter())
+                message = ("Incorrect API key provided." if given else
+                           "You didn't provide an API key: send the header 'Authorization: Bearer KEY'.")
+                return error(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
         size = request.headers.get("content-length")
         if size is not None and size.isdigit() and int(size) > max_body_bytes:
             return error(413, f"request body of {size} bytes is over the limit of {max_body_bytes}")
@@ -69,7 +131,7 @@ def create_app(model_path: str | Path, max_tokens_cap: int = 1024, max_body_byte
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": name}
+        return {"status": "ok", "model": name, **batcher.load()}
 
     @app.get("/v1/models")
     async def models():
@@ -79,16 +141,8 @@ def create_app(model_path: str | Path, max_tokens_cap: int = 1024, max_body_byte
     async def page():
         return PAGE.read_text(encoding="utf-8").replace("{{MODEL}}", name)
 
-    def pieces(req: ChatRequest):
-        """Hold the model for one request; yield its reply's text pieces."""
-        max_new = req.max_completion_tokens or req.max_tokens or min(256, max_tokens_cap)
-        ids = chat._input_ids("", [m.model_dump() for m in req.messages])
-        with turn:
-            yield from chat.stream(ids, max_new_tokens=max_new, temperature=req.temperature, top_p=req.top_p)
-
-    @app.post("/v1/chat/completions")
-    async def completions(request: Request):
-        body = await request.body()
+    def parse(body: bytes):
+        """The request, or the 4xx error response for it."""
         if len(body) > max_body_bytes:
             return error(413, f"request body of {len(body)} bytes is over the limit of {max_body_bytes}")
         try:
@@ -105,45 +159,186 @@ def create_app(model_path: str | Path, max_tokens_cap: int = 1024, max_body_byte
         asked = req.max_completion_tokens or req.max_tokens
         if asked is not None and asked > max_tokens_cap:
             return error(400, f"max_tokens {asked} is above this server's cap of {max_tokens_cap}")
+        if len(req.stops()) > 4:
+            return error(400, "stop: at most 4 sequences")
+        return req
+
+    @app.post("/v1/chat/completions")
+    async def completions(request: Request):
+        t0 = time.perf_counter()
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        req = parse(await request.body())
+        if not isinstance(req, ChatRequest):
+            done(rid, req.status_code, "bad_request", t0)
+            return req
+        ids = chat._input_ids("", [m.model_dump() for m in req.messages])[0].tolist()
+        sampling = chat.sampling(min(req.max_completion_tokens or req.max_tokens or 256, max_tokens_cap),
+                                 req.temperature, req.top_p, req.stops(), req.seed)
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+
+        def emit(kind: str, value: str) -> None:  # from the generation thread
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, (kind, value))
+            except RuntimeError:  # the event loop is gone (shutdown)
+                pass
+
+        job = Job(ids, sampling, emit)
+        try:
+            batcher.submit(job)
+        except QueueFull as e:
+            wait = max(1, math.ceil(sum(recent) / len(recent))) if recent else 1
+            done(rid, 429, "queue_full", t0, len(ids))
+            return error(429, f"server busy: {e}; retry after {wait} s", kind="rate_limit_error",
+                         code="queue_full", headers={"Retry-After": str(wait)})
+        deadline = t0 + request_timeout
+
+        getter = None  # one pending get at a time: asyncio.wait never drops an event it timed out on
+
+        async def next_event(watch: bool = True):
+            """The job's next event; ("timeout", "") past the deadline, ("gone", "") when the client
+            left (checked while `watch`; in a streamed body Starlette watches and cancels us)."""
+            nonlocal getter
+            while True:
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    return "timeout", ""
+                getter = getter or asyncio.ensure_future(events.get())
+                ready, _ = await asyncio.wait({getter}, timeout=min(left, 0.25))
+                if ready:
+                    event, getter = getter.result(), None
+                    return event
+                if watch and await request.is_disconnected():
+                    return "gone", ""
+
+        def usage() -> dict:
+            return {"prompt_tokens": len(ids), "completion_tokens": len(job.tokens),
+                    "total_tokens": len(ids) + len(job.tokens)}
+
+        def timeout_error():
+            return error(504, f"the request did not finish within the server's request_timeout of {request_timeout:g} s",
+                         kind="timeout_error", code="timeout")
 
         if not req.stream:
-            text = await asyncio.to_thread(lambda: "".join(pieces(req)))
-            return {"id": rid, "object": "chat.completion", "created": created, "model": name,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text.strip()},
-                                 "finish_reason": "stop"}],
-                    "usage": None}
+            pieces = []
+            while True:
+                kind, value = await next_event()
+                if kind in ("start", "delta"):
+                    pieces.append(value)
+                    continue
+                job.cancel()  # a no-op once done; else the next step drops it
+                if getter is not None:
+                    getter.cancel()
+                if kind == "timeout":
+                    done(rid, 504, "timeout", t0, len(ids), len(job.tokens))
+                    return timeout_error()
+                if kind == "gone":
+                    done(rid, 499, "disconnected", t0, len(ids), len(job.tokens))
+                    return error(499, "client disconnected")
+                if value.startswith("error"):
+                    done(rid, 500, value, t0, len(ids), len(job.tokens))
+                    return error(500, value, kind="server_error")
+                done(rid, 200, value, t0, len(ids), len(job.tokens))
+                return {"id": rid, "object": "chat.completion", "created": created, "model": name,
+                        "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(pieces).strip()},
+                                     "finish_reason": value}],
+                        "usage": usage()}
 
         def chunk(delta: dict, finish: str | None = None) -> str:
             data = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": name,
                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
             return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
-        def events():
-            yield chunk({"role": "assistant", "content": ""})
-            for piece in pieces(req):
-                if piece:
-                    yield chunk({"content": piece})
-            yield chunk({}, "stop")
-            yield "data: [DONE]\n\n"
+        # wait for a slot before the 200: a request that times out while queued still gets a 504
+        first = await next_event()
+        if first[0] in ("timeout", "gone"):
+            job.cancel()
+            done(rid, 504 if first[0] == "timeout" else 499, first[0], t0, len(ids))
+            return timeout_error() if first[0] == "timeout" else error(499, "client disconnected")
+        if first[0] == "done":  # failed or shut down before it started
+            done(rid, 503, first[1], t0, len(ids))
+            return error(503, f"the request could not be served: {first[1]}", kind="server_error")
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        async def stream():
+            outcome = "disconnected"
+            try:
+                yield chunk({"role": "assistant", "content": ""})
+                while True:
+                    kind, value = await next_event(watch=False)
+                    if kind == "delta":
+                        yield chunk({"content": value})
+                    elif kind == "timeout":
+                        outcome = "timeout"
+                        err = {"message": f"the request did not finish within {request_timeout:g} s",
+                               "type": "timeout_error", "code": "timeout"}
+                        yield f"data: {json.dumps({'error': err})}\n\n"
+                        break
+                    elif value.startswith("error"):
+                        outcome = value
+                        yield f"data: {json.dumps({'error': {'message': value, 'type': 'server_error'}})}\n\n"
+                        break
+                    else:
+                        outcome = value
+                        yield chunk({}, value)
+                        yield "data: [DONE]\n\n"
+                        break
+            finally:  # also when the client disconnected (the response task is cancelled)
+                job.cancel()
+                if getter is not None:
+                    getter.cancel()
+                done(rid, 200, outcome, t0, len(ids), len(job.tokens))
+
+        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     return app
+
+
+def check(args) -> str | None:
+    """The API key to require (None: none), after refusing unsafe or impossible settings."""
+    key = args.api_key if args.api_key is not None else os.environ.get(KEY_ENV)
+    if key is not None and not key.strip():
+        raise UserError(f"--api_key / {KEY_ENV} is empty; give a real key or leave both unset")
+    if key is None and not is_loopback(args.host) and not args.allow_unauthenticated:
+        raise UserError(f"--host {args.host} would expose the model to the network without authentication: "
+                        f"set --api_key KEY (or the {KEY_ENV} environment variable), or pass "
+                        "--allow_unauthenticated if you really mean an open server")
+    for flag in ("max_batch", "max_queue", "max_tokens_cap", "max_body_bytes"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if not args.request_timeout > 0:
+        raise UserError(f"--request_timeout must be > 0 seconds, got {args.request_timeout}")
+    return key
 
 
 def run(args) -> int:
     import uvicorn
 
-    app = create_app(args.model_path, max_tokens_cap=args.max_tokens_cap, max_body_bytes=args.max_body_bytes)
-    print(f"bumblefast serve: http://{args.host}:{args.port}/ (OpenAI API at /v1)", flush=True)
+    key = check(args)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s bumblefast.serve %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    app = create_app(args.model_path, max_tokens_cap=args.max_tokens_cap, max_body_bytes=args.max_body_bytes,
+                     api_key=key, max_batch=args.max_batch, max_queue=args.max_queue,
+                     request_timeout=args.request_timeout)
+    auth = "API key required" if key else "no API key"
+    print(f"bumblefast serve: http://{args.host}:{args.port}/ (OpenAI API at /v1; {auth}; "
+          f"max_batch {args.max_batch}, max_queue {args.max_queue})", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 
 
 def add_arguments(p) -> None:
     p.add_argument("--model_path", required=True, help="a Hugging Face model folder")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default: loopback only; any other needs --api_key or --allow_unauthenticated)")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api_key", default=None,
+                   help=f"require 'Authorization: Bearer KEY' on /v1/* (default: the {KEY_ENV} environment variable)")
+    p.add_argument("--allow_unauthenticated", action="store_true",
+                   help="allow a non-loopback --host without an API key")
+    p.add_argument("--max_batch", type=int, default=8, help="sequences generated together (1 = one at a time)")
+    p.add_argument("--max_queue", type=int, default=16, help="requests that may wait for a slot; more get 429")
+    p.add_argument("--request_timeout", type=float, default=300.0,
+                   help="seconds a request may take, queue included; past it 504")
     p.add_argument("--max_tokens_cap", type=int, default=1024, help="largest max_tokens a request may ask")
     p.add_argument("--max_body_bytes", type=int, default=1 << 20, help="largest request body accepted")
