@@ -195,7 +195,11 @@ class PrepConfig:
     seq_len: int = key(2048, "tokens per packed row (train's --cutoff_len)")
     output_dir: str | None = key(None, "local folder or remote URL (s3://...)")
     text_key: str = key("text", "pretrain: the record key holding the document text")
-    overlong: Literal["auto", "truncate", "drop"] = key("auto", "auto: truncate pretrain, drop sft/dpo")
+    overlong: Literal["truncate", "drop"] = key(
+        "truncate",
+        "a record longer than seq_len: truncate (pretrain: split across rows; sft/dpo: replies cut "
+        "first, a long prompt keeps its end, as LLaMA-Factory's cutoff) or drop (skip, counted as 'overlong')",
+    )
     on_error: Literal["skip", "fail"] = key("skip", "skip: log bad records to errors.jsonl (file:line, reason) and count them; fail: stop at the first")
     num_workers: int = key(1, "tokenizer processes on this node")
     node_rank: int = key(0, "this node's index in a multi-node prep (writes part node-<rank>)")

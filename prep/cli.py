@@ -16,7 +16,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bumblefast.config import PrepConfig, UserError, build_config, describe_keys, load_yaml, parse_cli_overrides
+from bumblefast.config import (
+    PrepConfig,
+    UserError,
+    build_config,
+    describe_keys,
+    load_yaml,
+    parse_cli_overrides,
+)
 
 USAGE = __doc__ or ""
 

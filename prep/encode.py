@@ -161,10 +161,12 @@ class Encoder:
                 j += 1
                 truncated = False
                 if len(ids) > L:
-                    if self.s.overlong == "drop" or not mask[:L].any():
+                    first = int(mask.argmax()) if mask.any() else -1
+                    if self.s.overlong == "drop" or first < 0:
                         out[i] = (where, "err", "overlong", f"{len(ids)} tokens > seq_len {L}")
                         continue
-                    ids, mask, truncated = ids[:L], mask[:L], True
+                    lo, hi = truncation_window(first, len(ids) - first, L)
+                    ids, mask, truncated = ids[first - lo : first + hi], mask[first - lo : first + hi], True
                 out[i] = (where, "ok", (ids, mask), truncated)
             else:
                 segs = []
@@ -179,12 +181,15 @@ class Encoder:
                     if self.s.overlong == "drop":
                         out[i] = (where, "err", "overlong", f"pair of {total} tokens > seq_len {L}")
                         continue
-                    # keep the end of each segment (the reply and the end of the prompt), at
-                    # most seq_len // 2 tokens each, so the pair still fits one row
-                    half = L // 2
-                    segs = [(a[-half:], m[-half:]) if len(a) > half else (a, m) for a, m in segs]
-                    if sum(len(a) for a, _ in segs) > L:  # pragma: no cover - by construction
-                        raise AssertionError("dpo truncation")
+                    # each segment gets half the row; the prompt (the same in both) keeps its end,
+                    # the replies are cut first (truncation_window)
+                    starts = [int(m.argmax()) for _, m in segs]  # first reply token
+                    reply = max(len(a) - p for (a, _), p in zip(segs, starts, strict=True))
+                    cut = []
+                    for (a, m), p in zip(segs, starts, strict=True):
+                        lo, hi = truncation_window(p, reply, L // 2)
+                        cut.append((a[p - lo : p + hi], m[p - lo : p + hi]))
+                    segs = cut
                     truncated = True
                 out[i] = (where, "ok", segs, truncated)
         return out  # type: ignore[return-value]
@@ -238,6 +243,15 @@ class Encoder:
         lens_arr = np.array(lens, dtype=np.int64)
         errors = [r for r in out if r is not None]  # in input order
         return PretrainChunk(len(chunk), errors, lens_arr, np.array(buf, dtype=np.uint32), int((lens_arr > L).sum()))
+
+
+def truncation_window(prompt: int, reply: int, budget: int) -> tuple[int, int]:
+    """(prompt tokens kept, reply tokens kept) of a `prompt + reply` sequence longer than
+    `budget`, the rule of LLaMA-Factory's and BumbleCore's cutoff: the reply is cut first (it
+    keeps its start); a prompt longer than half the budget is cut too and keeps its end (the
+    question nearest the reply), so the reply still gets at least half the budget."""
+    keep_reply = min(reply, max(budget - prompt, budget // 2))
+    return min(prompt, budget - keep_reply), keep_reply
 
 
 @dataclass

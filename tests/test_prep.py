@@ -131,7 +131,7 @@ def test_pretrain_shared(tok, tok_dir, tmp_path):
 
 # ---- sft ---------------------------------------------------------------------------------------
 def check_sft(tok, tok_dir, tmp_path, files, seq_len):
-    m = prep(tok_dir, tmp_path / "sft", "sft", files, seq_len=seq_len)
+    m = prep(tok_dir, tmp_path / "sft", "sft", files, seq_len=seq_len, overlong="drop")
     rows = read_rows(tmp_path / "sft")
     assert all(len(r["input_ids"]) <= seq_len for r in rows)
     expected = {}
@@ -190,7 +190,7 @@ def test_sft_mask_exact_on_handwritten_record(tok, tok_dir, tmp_path):
 
 # ---- dpo ---------------------------------------------------------------------------------------
 def check_dpo(tok, tok_dir, tmp_path, files, seq_len):
-    m = prep(tok_dir, tmp_path / "dpo", "dpo", files, seq_len=seq_len)
+    m = prep(tok_dir, tmp_path / "dpo", "dpo", files, seq_len=seq_len, overlong="drop")
     rows = read_rows(tmp_path / "dpo")
     expected = Counter()
     for rec in load_records(files):
@@ -373,13 +373,13 @@ def test_dpo_alpaca_pairs_and_truncate(tok, tok_dir, tmp_path):
     ]
     path = tmp_path / "p.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    m = prep(tok_dir, tmp_path / "d", "dpo", [path], seq_len=160)
+    m = prep(tok_dir, tmp_path / "d", "dpo", [path], seq_len=160, overlong="drop")
     assert m["records"]["skipped_by_reason"] == {"overlong": 1}
     (row,) = read_rows(tmp_path / "d")
     (c, cm), (r, rm) = segments(row, "seq_lens")
     assert tok.decode(c.tolist()).endswith("<|im_start|>user\nAdd\n2 and 3<|im_end|>\n<|im_start|>assistant\n5<|im_end|>\n")
     assert trained_runs(tok, c, cm) == ["5<|im_end|>"] and trained_runs(tok, r, rm) == ["6<|im_end|>"]
-    m = prep(tok_dir, tmp_path / "t", "dpo", [path], seq_len=160, overlong="truncate")
+    m = prep(tok_dir, tmp_path / "t", "dpo", [path], seq_len=160)  # truncate: the default
     assert m["records"]["truncated"] == 1 and m["records"]["written"] == 2
     assert all(len(x["input_ids"]) <= 160 for x in read_rows(tmp_path / "t"))
 
