@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from bumblefast.config import UserError
+from bumblefast.prep.dataset_info import DatasetSpec, canonical_record
 from bumblefast.prep.records import (
     TRAINED_ROLES,
     RecordError,
@@ -27,7 +28,7 @@ from bumblefast.prep.records import (
     pretrain_text,
     sft_messages,
 )
-from bumblefast.prep.sources import BadRecord, RawJSON
+from bumblefast.prep.sources import BadRecord, RawJSON, TextLine
 
 
 @dataclass
@@ -36,7 +37,8 @@ class EncodeSettings:
     tokenizer_path: str
     seq_len: int
     text_key: str = "text"
-    overlong: str = "truncate"  # resolved: truncate | drop
+    overlong: str = "truncate"  # truncate | drop
+    datasets: dict[str, DatasetSpec] = field(default_factory=dict)  # file -> its dataset_info entry
 
 
 def tokenizer_fingerprint(path: str) -> str:
@@ -112,6 +114,11 @@ class Encoder:
             mask[lo:hi] = 1
         return mask
 
+    def _canonical(self, rec: Any, where: str) -> Any:
+        """A record of a --dataset file in the canonical shape (its dataset_info mapping)."""
+        spec = self.s.datasets.get(where.rsplit(":", 1)[0])
+        return rec if spec is None else canonical_record(rec, spec, self.s.stage)
+
     # ---- per stage ------------------------------------------------------------------------
     def encode_chunk(self, chunk: list[tuple[str, Any]]):
         """[(where, record)] -> [(where, "ok", payload, truncated) | (where, "err", reason, msg)]
@@ -128,10 +135,9 @@ class Encoder:
                 out[i] = (where, "err", rec.reason, rec.message)
                 continue
             try:
-                if self.s.stage == "pretrain":
-                    texts.append(pretrain_text(rec, self.s.text_key))
-                    owners.append((i, None))
-                elif self.s.stage == "sft":
+                if self.s.datasets:
+                    rec = self._canonical(rec, where)
+                if self.s.stage == "sft":
                     msgs, tools = sft_messages(rec)
                     text, spans = self.render_with_spans(msgs, tools)
                     texts.append(text)
@@ -144,13 +150,8 @@ class Encoder:
                         owners.append((i, spans))
             except RecordError as e:
                 out[i] = (where, "err", e.reason, e.message)
-        if self.s.stage == "pretrain":
-            encs = self.tok.encode_batch_fast(texts, add_special_tokens=False)
-        else:
-            encs = self.tok.encode_batch(texts, add_special_tokens=False)
+        encs = self.tok.encode_batch(texts, add_special_tokens=False)
         L = self.s.seq_len
-        if self.s.stage == "pretrain":
-            return self._pretrain_results(chunk, out, owners, encs)
         j = 0
         while j < len(owners):
             i, spans = owners[j]
@@ -206,12 +207,22 @@ class Encoder:
         for i, (where, rec) in enumerate(chunk):
             if type(rec) is RawJSON:
                 rec = rec.parse()
+            if self.s.datasets:
+                try:
+                    rec = self._canonical(rec, where)
+                except RecordError as e:
+                    out[i] = (where, "err", e.reason, e.message)
+                    continue
             if type(rec) is dict:
                 text = rec.get(key)
                 if type(text) is str and text and not text.isspace():
                     texts.append(text)
                     owners.append(i)
                     continue
+            elif type(rec) is TextLine:  # a .txt line or dataset_info text (never blank: checked there)
+                texts.append(rec)
+                owners.append(i)
+                continue
             if isinstance(rec, BadRecord):
                 out[i] = (where, "err", rec.reason, rec.message)
                 continue

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from bumblefast.config import PrepConfig, UserError
+from bumblefast.prep.dataset_info import DatasetSpec, load_dataset_info
 from bumblefast.prep.encode import (
     Encoder,
     EncodeSettings,
@@ -80,6 +81,21 @@ def _chunks(it: Iterator[tuple[str, Any]], max_records: int, max_chars: int) -> 
             chunk, chars = [], 0
     if chunk:
         yield chunk
+
+
+def input_files(cfg: PrepConfig) -> tuple[list[str], list[DatasetSpec]]:
+    """Every input file in reading order (--input, then each --dataset's files) and the
+    dataset_info entries that map the records of their files."""
+    files = expand_inputs(list(cfg.input)) if cfg.input else []
+    specs = load_dataset_info(cfg.dataset_info, list(cfg.dataset), cfg.stage) if cfg.dataset_info else []
+    seen = set(files)
+    for spec in specs:
+        for f in spec.files:
+            if f in seen:
+                raise UserError(f"dataset: {f} is read twice (by --input or another --dataset); give it once")
+            seen.add(f)
+        files += spec.files
+    return files, specs
 
 
 def _node_records(files: list[str], node_rank: int, num_nodes: int) -> Iterator[tuple[str, Any]]:
@@ -135,9 +151,10 @@ def run_prep(cfg: PrepConfig, progress: bool | None = None) -> dict[str, Any]:
         raise UserError("tokenizer_name_or_path: required (a tokenizer folder)")
     if cfg.stage not in ("pretrain", "sft", "dpo"):
         raise UserError(f"stage: must be pretrain|sft|dpo, got '{cfg.stage}'")
-    files = expand_inputs(list(cfg.input))
+    files, specs = input_files(cfg)
     overlong = cfg.overlong
-    settings = EncodeSettings(cfg.stage, cfg.tokenizer_name_or_path, cfg.seq_len, cfg.text_key, overlong)
+    settings = EncodeSettings(cfg.stage, cfg.tokenizer_name_or_path, cfg.seq_len, cfg.text_key, overlong,
+                              {f: spec for spec in specs for f in spec.files})
     main_encoder = Encoder(settings)  # validates the tokenizer/template before any work
     vocab = len(main_encoder.hf)
     dtype = token_dtype(vocab)
@@ -266,6 +283,8 @@ def run_prep(cfg: PrepConfig, progress: bool | None = None) -> dict[str, Any]:
                 "node_rank": cfg.node_rank,
                 "num_nodes": cfg.num_nodes,
                 "text_key": cfg.text_key,
+                "dataset_info": cfg.dataset_info,
+                "datasets": {spec.name: spec.files for spec in specs},
             },
         }
         if stats.read != stats.written + sum(stats.skipped.values()):  # the accounting invariant
