@@ -42,8 +42,11 @@ def model_info(path: str | Path, seq_len: int = 2048, tokenizer: str | None = No
         cfg = dict(cfg, vocab_size=fresh_vocab_size(n_tok or 0, vocab_size))
         source = f"tokenizer {tokenizer}: {n_tok:,} tokens" if n_tok is not None else "--vocab_size"
         how = "rounded up to a multiple of 128" if vocab_size is None else "as given"
-        vocab_note.append(("vocab", f"{cfg['vocab_size']:,} rows ({source}, {how}); the preset's {preset:,} is "
-                                    "used only with its own tokenizer's size"))
+        unused = preset - cfg["vocab_size"]
+        note = f"{cfg['vocab_size']:,} rows ({source}, {how}); the preset's config says {preset:,}"
+        if unused > 0:
+            note += f", whose {unused:,} extra rows ({unused * cfg['hidden_size']:,} parameters) no token would use"
+        vocab_note.append(("vocab", note))
     n = flops.param_count(cfg)
     n_mm = flops.matmul_params(cfg)
     per_tok = flops.train_flops_per_token(cfg, seq_len)

@@ -420,3 +420,54 @@ def test_inspect_and_cli(tok_dir, tmp_path, capsys):
     text = capsys.readouterr().out
     assert '"schema_version": 1' in text and "[[" in text and "<|im_end|>]]" in text
     assert prep_main(["--help"]) == 0 and "--seq_len" in capsys.readouterr().out
+
+
+# ---- overlong: truncate by default (replies cut first, the prompt keeps its end) ---------------
+def encode_one(tok_dir, stage, rec, seq_len, overlong="truncate"):
+    from bumblefast.prep.encode import Encoder, EncodeSettings
+
+    return Encoder(EncodeSettings(stage, tok_dir, seq_len, overlong=overlong)).encode_chunk([("f:1", rec)])[0]
+
+
+def test_overlong_truncate_cuts_the_reply_first_and_keeps_the_prompt_end(tok_dir):
+    L = 64
+    cases = {  # record -> the window of the full tokenization it must keep
+        "long reply": {"instruction": "Say hi", "output": "word " * 200},
+        "long prompt": {"instruction": "q " * 200, "output": "short answer"},
+        "both long": {"instruction": "q " * 200, "output": "word " * 200},
+    }
+    for name, rec in cases.items():
+        _, status, (full, full_mask), truncated = encode_one(tok_dir, "sft", rec, 100_000)
+        assert status == "ok" and not truncated and len(full) > L
+        p, n = int(np.flatnonzero(full_mask)[0]), len(full)  # prompt tokens, all tokens
+        reply = max(L - p, L // 2)  # the rule, written out: the reply keeps at least half the row
+        lo = max(p - (L - min(reply, n - p)), 0)
+        _, status, (ids, mask), truncated = encode_one(tok_dir, "sft", rec, L)
+        assert status == "ok" and truncated and len(ids) == L, name
+        assert ids.tolist() == full[lo : lo + L].tolist() and mask.tolist() == full_mask[lo : lo + L].tolist(), name
+    assert lo == p - L // 2  # both long: half prompt end, half reply start
+    assert encode_one(tok_dir, "sft", cases["long reply"], L, "drop")[1:3] == ("err", "overlong")
+    # dpo: each segment gets half the row, the same prompt end in both
+    pair = {"instruction": "q " * 200, "chosen": "yes " * 100, "rejected": "no"}
+    _, _, full_segs, _ = encode_one(tok_dir, "dpo", pair, 100_000)
+    _, status, segs, truncated = encode_one(tok_dir, "dpo", pair, L)
+    assert status == "ok" and truncated and all(len(a) <= L // 2 for a, _ in segs)
+    p = int(np.flatnonzero(full_segs[0][1])[0])
+    assert segs[0][0].tolist() == full_segs[0][0][p - L // 4 : p + L // 4].tolist()  # a quarter row each
+    assert segs[1][0].tolist() == full_segs[1][0][p - L // 4 :].tolist()  # same prompt end, whole short reply
+
+
+def test_summary_warns_past_one_percent_with_the_flag(tok_dir, tmp_path):
+    from bumblefast.prep.run import summary
+
+    recs = [{"instruction": "Say hi", "output": "word " * 200}] + [{"instruction": "Add", "output": "5"}] * 9
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    m = prep(tok_dir, tmp_path / "t", "sft", [path], seq_len=64)
+    assert m["records"]["truncated"] == 1 and m["records"]["written"] == 10
+    text = summary(m, "OUT", 1.0)
+    assert "10 records read, 10 written, 0 skipped (none), 1 truncated" in text
+    assert "warning: 1 records (10.0%) were truncated" in text and "--overlong drop" in text
+    m = prep(tok_dir, tmp_path / "d", "sft", [path], seq_len=64, overlong="drop")
+    text = summary(m, "OUT", 1.0)
+    assert "1 skipped (1 overlong)" in text and "dropped; --overlong truncate keeps them" in text

@@ -148,6 +148,41 @@ def test_model_info_shows_the_tokenizers_vocab(tmp_path):
     assert n < hf_param_count(preset) - 180_000_000  # ~185M parameters of unused rows gone
 
 
+def test_tiny_preset_builds_and_steps_with_a_2000_token_bpe(bpe2000):
+    """The model build path of `train --stage pretrain` (no DeepSpeed): ids past the preset's
+    1,024 rows embed, train and move the weights."""
+    from transformers import AutoTokenizer
+
+    from bumblefast.model import Bumblebee
+    from bumblefast.train.modeling import build_model, load_model_config
+
+    tok = AutoTokenizer.from_pretrained(bpe2000 / "tok")
+    cfg = build_config(PretrainConfig, {}, {"model_name_or_path": str(TINY), "tokenizer_name_or_path": str(bpe2000 / "tok"),
+                                            "gradient_checkpointing": "false", "kernels": "reference",
+                                            "attn_backend": "sdpa"})
+    config = load_model_config(cfg, tok)
+    model, _ = build_model(cfg, config, {"zero_optimization": {"stage": 0}})
+    assert model.model.embed_tokens.weight.shape == (2048, 256)
+    text = (bpe2000 / "corpus.txt").read_text().splitlines()[0]
+    ids = torch.tensor(tok(text)["input_ids"][:48])
+    assert int(ids.max()) >= 1024  # the ids the preset's 1,024 rows could not hold
+    cu = torch.tensor([0, len(ids)], dtype=torch.int32)
+    pos = Bumblebee.positions_from_cu_seqlens(cu, len(ids))
+    labels = torch.cat([ids[1:], torch.tensor([-100])])
+    before = model.model.embed_tokens.weight[ids].detach().clone()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    losses = []
+    for _ in range(2):
+        loss_sum, n = model.lm_loss(ids, pos, cu, len(ids), labels)
+        loss = loss_sum / n
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[1] < losses[0] and losses[0] == pytest.approx(torch.log(torch.tensor(2048.0)).item(), rel=0.05)
+    assert not torch.equal(model.model.embed_tokens.weight[ids], before)
+
+
 @pytest.mark.slow
 def test_tiny_preset_pretrains_with_a_2000_token_bpe(bpe2000, tmp_path):
     """The issue's failing case end to end: prep + `bumblefast train` + the exported HF model."""
