@@ -33,15 +33,50 @@ from bumblefast.config import UserError
 from bumblefast.prep.records import RecordError
 from bumblefast.prep.sources import TextLine, expand_inputs
 
-ALPACA_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output", "history": None, "system": None,
-                  "tools": None, "chosen": "chosen", "rejected": "rejected"}
-SHAREGPT_COLUMNS = {"messages": "conversations", "system": None, "tools": None, "chosen": "chosen",
-                    "rejected": "rejected"}
-TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
-        "observation_tag": "observation", "function_tag": "function_call", "system_tag": "system"}
-TAG_ROLES = {"user_tag": "user", "assistant_tag": "assistant", "observation_tag": "tool",
-             "function_tag": "assistant", "system_tag": "system"}  # function calls are trained replies
-ENTRY_KEYS = {"file_name", "formatting", "ranking", "columns", "tags", "file_sha1", "subset", "split", "folder"}
+ALPACA_COLUMNS = {
+    "prompt": "instruction",
+    "query": "input",
+    "response": "output",
+    "history": None,
+    "system": None,
+    "tools": None,
+    "chosen": "chosen",
+    "rejected": "rejected",
+}
+SHAREGPT_COLUMNS = {
+    "messages": "conversations",
+    "system": None,
+    "tools": None,
+    "chosen": "chosen",
+    "rejected": "rejected",
+}
+TAGS = {
+    "role_tag": "from",
+    "content_tag": "value",
+    "user_tag": "human",
+    "assistant_tag": "gpt",
+    "observation_tag": "observation",
+    "function_tag": "function_call",
+    "system_tag": "system",
+}
+TAG_ROLES = {
+    "user_tag": "user",
+    "assistant_tag": "assistant",
+    "observation_tag": "tool",
+    "function_tag": "assistant",
+    "system_tag": "system",
+}  # function calls are trained replies
+ENTRY_KEYS = {
+    "file_name",
+    "formatting",
+    "ranking",
+    "columns",
+    "tags",
+    "file_sha1",
+    "subset",
+    "split",
+    "folder",
+}
 REMOTE_KEYS = ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name")
 UNSUPPORTED_COLUMNS = ("images", "videos", "audios", "kto_tag")
 
@@ -99,11 +134,15 @@ def _spec(name: str, entry: Any, root: Path, stage: str) -> DatasetSpec:
     if "file_name" not in entry:
         remote = [k for k in REMOTE_KEYS if k in entry]
         if remote:
-            raise UserError(f"{where}: '{remote[0]}' is not fetched by prep; download the data and set 'file_name'")
+            raise UserError(
+                f"{where}: '{remote[0]}' is not fetched by prep; download the data and set 'file_name'"
+            )
         raise UserError(f"{where}: missing key 'file_name'")
     unknown = sorted(set(entry) - ENTRY_KEYS - set(REMOTE_KEYS))
     if unknown:
-        raise UserError(f"{where}: unknown key '{unknown[0]}' (known: {', '.join(sorted(ENTRY_KEYS))})")
+        raise UserError(
+            f"{where}: unknown key '{unknown[0]}' (known: {', '.join(sorted(ENTRY_KEYS))})"
+        )
     formatting = entry.get("formatting", "alpaca")
     if formatting not in ("alpaca", "sharegpt"):
         raise UserError(f"{where}: 'formatting' must be alpaca or sharegpt, got {formatting!r}")
@@ -111,11 +150,15 @@ def _spec(name: str, entry: Any, root: Path, stage: str) -> DatasetSpec:
     if not isinstance(ranking, bool):
         raise UserError(f"{where}: 'ranking' must be true or false, got {ranking!r}")
     if stage == "dpo" and not ranking:
-        raise UserError(f"{where}: --stage dpo needs a preference set (\"ranking\": true with chosen/rejected)")
+        raise UserError(
+            f'{where}: --stage dpo needs a preference set ("ranking": true with chosen/rejected)'
+        )
     if stage != "dpo" and ranking:
         raise UserError(f"{where}: 'ranking' is true (a preference set); use it with --stage dpo")
     if stage == "pretrain" and formatting != "alpaca":
-        raise UserError(f"{where}: pretrain reads plain text (formatting alpaca, columns.prompt = the text column)")
+        raise UserError(
+            f"{where}: pretrain reads plain text (formatting alpaca, columns.prompt = the text column)"
+        )
     defaults = dict(ALPACA_COLUMNS if formatting == "alpaca" else SHAREGPT_COLUMNS)
     if stage == "pretrain":
         defaults = {"prompt": "text"}
@@ -140,7 +183,9 @@ def _mapping(entry: dict, key: str, valid: dict, where: str) -> dict[str, str]:
         raise UserError(f"{where}: '{key}' must be a JSON object")
     for k, v in value.items():
         if k in UNSUPPORTED_COLUMNS:
-            raise UserError(f"{where}: {key}.{k}: multimodal/KTO columns are not supported (text-only trainer)")
+            raise UserError(
+                f"{where}: {key}.{k}: multimodal/KTO columns are not supported (text-only trainer)"
+            )
         if k not in valid:
             raise UserError(f"{where}: unknown key {key}.{k} (valid here: {', '.join(valid)})")
         if not isinstance(v, str) or not v:
@@ -154,11 +199,16 @@ def _get(rec: dict, spec: DatasetSpec, role: str, typ: type | tuple, required: b
     val = rec.get(col) if col else None
     if val is None:
         if required:
-            raise RecordError("missing_field", f"missing field '{col}' (columns.{role} of dataset '{spec.name}')")
+            raise RecordError(
+                "missing_field", f"missing field '{col}' (columns.{role} of dataset '{spec.name}')"
+            )
         return None
     if not isinstance(val, typ):
         names = typ.__name__ if isinstance(typ, type) else "/".join(t.__name__ for t in typ)
-        raise RecordError("wrong_type", f"field '{col}' (columns.{role}) must be {names}, got {type(val).__name__}")
+        raise RecordError(
+            "wrong_type",
+            f"field '{col}' (columns.{role}) must be {names}, got {type(val).__name__}",
+        )
     return val
 
 
@@ -168,14 +218,20 @@ def _message(msg: Any, spec: DatasetSpec, key: str, i: int) -> dict[str, str]:
         raise RecordError("wrong_type", f"{key}[{i}] must be an object, got {type(msg).__name__}")
     role, content = msg.get(tags["role_tag"]), msg.get(tags["content_tag"])
     if role is None:
-        raise RecordError("missing_field", f"{key}[{i}] has no '{tags['role_tag']}' (tags.role_tag)")
+        raise RecordError(
+            "missing_field", f"{key}[{i}] has no '{tags['role_tag']}' (tags.role_tag)"
+        )
     if content is None:
-        raise RecordError("missing_field", f"{key}[{i}] has no '{tags['content_tag']}' (tags.content_tag)")
+        raise RecordError(
+            "missing_field", f"{key}[{i}] has no '{tags['content_tag']}' (tags.content_tag)"
+        )
     for tag, canonical in TAG_ROLES.items():
         if role == tags[tag]:
             return {"role": canonical, "content": content}
     known = ", ".join(f"{t}={tags[t]!r}" for t in TAG_ROLES)
-    raise RecordError("unknown_role", f"{key}[{i}] has role {role!r}, not one of the dataset's tags ({known})")
+    raise RecordError(
+        "unknown_role", f"{key}[{i}] has role {role!r}, not one of the dataset's tags ({known})"
+    )
 
 
 def canonical_record(rec: Any, spec: DatasetSpec, stage: str) -> Any:
@@ -194,7 +250,11 @@ def canonical_record(rec: Any, spec: DatasetSpec, stage: str) -> Any:
         out["tools"] = tools
     if spec.formatting == "alpaca":
         out["instruction"] = _get(rec, spec, "prompt", str, True)
-        for role, key, typ in (("query", "input", str), ("system", "system", str), ("history", "history", list)):
+        for role, key, typ in (
+            ("query", "input", str),
+            ("system", "system", str),
+            ("history", "history", list),
+        ):
             val = _get(rec, spec, role, typ, False)
             if val is not None:
                 out[key] = val
