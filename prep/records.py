@@ -12,6 +12,11 @@ Accepted shapes:
   optional `tools` (JSON string or list). OpenAI-style `messages: [{"role", "content"}]` too.
 - dpo, ShareGPT: `conversations` (the prompt) + `chosen` / `rejected` ({from, value} or str).
 - dpo, Alpaca: `instruction` (+ `input`, `system`, `history`) + `chosen` / `rejected` strings.
+- TRL: sft `prompt` + `completion` (strings: one user turn and the reply; or message lists);
+  dpo `prompt` (string or messages) + `chosen` / `rejected`, or `chosen` / `rejected` whole
+  conversations that repeat the prompt (UltraFeedback-binarized: the common prefix is the prompt).
+- `.txt` lines (sources.TextLine) are pretrain documents; LLaMA-Factory dataset_info mappings
+  are applied before these checks (prep/dataset_info.py).
 """
 
 from __future__ import annotations
