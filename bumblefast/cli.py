@@ -86,7 +86,7 @@ def cmd_merge_lora(args, rest: list[str]) -> int:
 def cmd_model_info(args, rest: list[str]) -> int:
     from bumblefast.modelinfo import model_info
 
-    print(model_info(args.path, seq_len=args.seq_len))
+    print(model_info(args.path, seq_len=args.seq_len, tokenizer=args.tokenizer, vocab_size=args.vocab_size))
     return 0
 
 
@@ -190,6 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
     q = msub.add_parser("info", help="parameter count and training FLOPs per token of a config folder")
     q.add_argument("path", help="model folder with config.json, e.g. configs/models/bumblebee-1.5b")
     q.add_argument("--seq_len", type=int, default=2048, help="document length for the attention FLOPs")
+    q.add_argument("--tokenizer", default=None,
+                   help="size the vocabulary as pretraining from this preset would: the tokenizer's size "
+                        "rounded up to a multiple of 128")
+    q.add_argument("--vocab_size", type=int, default=None, help="embedding rows, as train's --vocab_size")
     q.set_defaults(func=cmd_model_info)
 
     p = sub.add_parser("tokenizer", help="train tokenizers")

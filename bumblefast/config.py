@@ -68,6 +68,10 @@ class TrainConfig:
     eval_dataset_path: str | None = key(None, "held-out shards evaluated at the end of training (optional)")
     output_dir: str = key("outputs/run", "run folder: final HF model at the root, checkpoints/, tensorboard/, training_metrics.json")
     cutoff_len: int = key(2048, "tokens per packed row (prep's --seq_len)")
+    vocab_size: int | None = key(None, "pretrain from a preset: embedding rows (default: the tokenizer's size rounded up "
+                                 "to a multiple of 128, tile-aligned for tensor cores; the preset's own size is ignored)")
+    resize_vocab: bool = key(False, "fine-tuning trained weights with a larger (extended) tokenizer: grow the embedding "
+                             "and an untied lm_head to it, new rows = the mean of the trained rows")
     # schedule
     num_epochs: int = key(1, "passes over the dataset")
     max_steps: int = key(-1, "> 0 overrides num_epochs")
@@ -138,6 +142,11 @@ class TrainConfig:
             errors.append(f"min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
         if self.save_total_limit < 0:
             errors.append(f"save_total_limit: must be >= 0, got {self.save_total_limit}")
+        if self.vocab_size is not None and self.vocab_size < 1:
+            errors.append(f"vocab_size: must be >= 1, got {self.vocab_size}")
+        if self.resize_vocab and self.finetuning_type == "lora":
+            errors.append("resize_vocab: needs finetuning_type full (LoRA would leave the new rows untrained, and "
+                          "the adapter would not load onto the original base model)")
         if self.finetuning_type == "lora" and not self.lora_target_modules:
             errors.append("lora_target_modules: must name at least one module for LoRA")
         return errors
@@ -190,12 +199,21 @@ class PrepConfig:
     """`bumblefast prep`: raw files -> packed MDS shards for one stage."""
 
     stage: Literal["pretrain", "sft", "dpo"] = key("pretrain", "which shard schema to write: pretrain rows, sft packed rows, dpo packed pairs")
-    input: list[str] = key(help="files, globs or folders", factory=list)
+    input: list[str] = key(help="files, globs or folders (.json, .jsonl[.gz|.zst], .parquet, .txt: a line per document); "
+                           "the format of each record is detected (Alpaca, ShareGPT, OpenAI messages, TRL)", factory=list)
+    dataset_info: str | None = key(None, "LLaMA-Factory dataset_info.json (or its folder): read the --dataset entries "
+                                   "with their file_name, formatting, columns, tags and ranking")
+    dataset: list[str] = key(help="entries of --dataset_info to read (comma-separated), besides any --input",
+                             factory=list)
     tokenizer_name_or_path: str | None = key(None, "HF tokenizer folder (tokenizer.json + chat template)")
     seq_len: int = key(2048, "tokens per packed row (train's --cutoff_len)")
     output_dir: str | None = key(None, "local folder or remote URL (s3://...)")
     text_key: str = key("text", "pretrain: the record key holding the document text")
-    overlong: Literal["auto", "truncate", "drop"] = key("auto", "auto: truncate pretrain, drop sft/dpo")
+    overlong: Literal["truncate", "drop"] = key(
+        "truncate",
+        "a record longer than seq_len: truncate (pretrain: split across rows; sft/dpo: replies cut "
+        "first, a long prompt keeps its end, as LLaMA-Factory's cutoff) or drop (skip, counted as 'overlong')",
+    )
     on_error: Literal["skip", "fail"] = key("skip", "skip: log bad records to errors.jsonl (file:line, reason) and count them; fail: stop at the first")
     num_workers: int = key(1, "tokenizer processes on this node")
     tokenizer_backend: Literal["auto", "hf", "fastokens"] = key(
@@ -212,8 +230,12 @@ class PrepConfig:
 
     def validate(self) -> list[str]:
         errors = []
-        if not self.input:
-            errors.append("input: give at least one file, glob or folder")
+        if not self.input and not self.dataset:
+            errors.append("input: give at least one file, glob or folder (or --dataset_info with --dataset)")
+        if self.dataset and not self.dataset_info:
+            errors.append("dataset: needs --dataset_info (the dataset_info.json that names it)")
+        if self.dataset_info and not self.dataset:
+            errors.append("dataset_info: name the entries to read with --dataset NAME[,NAME...]")
         if self.output_dir is None:
             errors.append("output_dir: required")
         if self.seq_len < 2:

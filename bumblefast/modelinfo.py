@@ -24,8 +24,29 @@ def read_model_config(path: str | Path) -> dict:
     return cfg
 
 
-def model_info(path: str | Path, seq_len: int = 2048) -> str:
+def model_info(path: str | Path, seq_len: int = 2048, tokenizer: str | None = None,
+               vocab_size: int | None = None) -> str:
+    """The numbers of `path`'s config; with `tokenizer` (or `vocab_size`) the vocabulary a
+    fresh model gets when pretrained from this preset with it (bumblefast/vocab.py)."""
+    from bumblefast.vocab import fresh_vocab_size
+
     cfg = read_model_config(path)
+    vocab_note = []
+    if tokenizer is not None or vocab_size is not None:
+        preset = cfg["vocab_size"]
+        n_tok = None
+        if tokenizer is not None:
+            from bumblefast.tokenizer import load_tokenizer
+
+            n_tok = len(load_tokenizer(tokenizer))
+        cfg = dict(cfg, vocab_size=fresh_vocab_size(n_tok or 0, vocab_size))
+        source = f"tokenizer {tokenizer}: {n_tok:,} tokens" if n_tok is not None else "--vocab_size"
+        how = "rounded up to a multiple of 128" if vocab_size is None else "as given"
+        unused = preset - cfg["vocab_size"]
+        note = f"{cfg['vocab_size']:,} rows ({source}, {how}); the preset's config says {preset:,}"
+        if unused > 0:
+            note += f", whose {unused:,} extra rows ({unused * cfg['hidden_size']:,} parameters) no token would use"
+        vocab_note.append(("vocab", note))
     n = flops.param_count(cfg)
     n_mm = flops.matmul_params(cfg)
     per_tok = flops.train_flops_per_token(cfg, seq_len)
@@ -35,6 +56,7 @@ def model_info(path: str | Path, seq_len: int = 2048) -> str:
         ("architecture", f"{cfg.get('model_type', '?')}: {cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}, "
          f"{cfg['num_attention_heads']} heads / {cfg.get('num_key_value_heads', cfg['num_attention_heads'])} kv, "
          f"intermediate {cfg['intermediate_size']}, vocab {cfg['vocab_size']}"),
+        *vocab_note,
         ("parameters", f"{n:,} ({n / 1e9:.2f}B)"),
         ("matmul parameters", f"{n_mm:,} (non-embedding + LM head)"),
         (f"train FLOPs/token @ {seq_len}", f"{per_tok:.4g} (6N {6 * n_mm:.4g} + causal attention {attn:.4g})"),

@@ -4,11 +4,16 @@ The prep command line (bumblefast/cli.py delegates here):
 
     bumblefast prep --stage sft --input a.json b.jsonl 'more/*.parquet' \\
         --tokenizer_name_or_path tok/ --seq_len 2048 --output_dir data/sft [--num_workers 8]
+    bumblefast prep --stage dpo --dataset_info data/dataset_info.json --dataset dpo_en_demo \\
+        --tokenizer_name_or_path tok/ --output_dir data/dpo      # LLaMA-Factory's data sets
     bumblefast prep merge DIR        # join the node-* parts of a multi-node prep
     bumblefast prep inspect DIR      # manifest + a few rows decoded, trained spans in [[...]]
 
 Any PrepConfig key is accepted as `--key value` (CLI > YAML via --config/--yaml_config >
-defaults); `--cutoff_len` is an alias of `--seq_len`; `--input` takes several values.
+defaults); `--cutoff_len` is an alias of `--seq_len`; `--input` and `--dataset` take several
+values. Record formats are detected per record: Alpaca, ShareGPT, OpenAI `messages`, TRL
+`prompt`/`completion` and `prompt`/`chosen`/`rejected` (standard or conversational, including
+chosen/rejected conversations that repeat the prompt); `.txt` is a document per line.
 """
 
 from __future__ import annotations
@@ -51,7 +56,7 @@ def join_multi_values(argv: list[str], key: str = "input") -> list[str]:
 
 
 def parse_prep_args(argv: list[str]) -> PrepConfig:
-    argv = join_multi_values(argv)
+    argv = join_multi_values(join_multi_values(argv), "dataset")
     values = parse_cli_overrides(argv, PrepConfig)
     yaml_path = values.pop("config", None) or values.pop("yaml_config", None)
     yaml_values = load_yaml(yaml_path) if yaml_path else {}

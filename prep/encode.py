@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ import numpy as np
 
 from bumblefast.config import UserError
 from bumblefast.prep import share
+from bumblefast.prep.dataset_info import DatasetSpec, canonical_record
 from bumblefast.prep.records import (
     TRAINED_ROLES,
     RecordError,
@@ -28,7 +29,7 @@ from bumblefast.prep.records import (
     pretrain_text,
     sft_messages,
 )
-from bumblefast.prep.sources import BadRecord, RawJSON, file_runs
+from bumblefast.prep.sources import BadRecord, RawJSON, TextLine, file_runs
 
 
 @dataclass
@@ -37,9 +38,10 @@ class EncodeSettings:
     tokenizer_path: str
     seq_len: int
     text_key: str = "text"
-    overlong: str = "truncate"  # resolved: truncate | drop
+    overlong: str = "truncate"  # truncate | drop
     share_prompt: bool = False  # dpo: one group [prompt+chosen][prompt[-1]+rejected] per pair
     tokenizer_backend: str = "hf"  # auto | hf | fastokens; workers get the one the main process verified
+    datasets: dict[str, DatasetSpec] = field(default_factory=dict)  # file -> its dataset_info entry
 
 
 def tokenizer_fingerprint(path: str) -> str:
@@ -144,6 +146,11 @@ class Encoder:
             mask[lo:hi] = 1
         return mask
 
+    def _canonical(self, rec: Any, where: str) -> Any:
+        """A record of a --dataset file in the canonical shape (its dataset_info mapping)."""
+        spec = self.s.datasets.get(where.rsplit(":", 1)[0])
+        return rec if spec is None else canonical_record(rec, spec, self.s.stage)
+
     # ---- per stage ------------------------------------------------------------------------
     def encode_chunk(self, chunk: list[tuple[str, Any]]):
         """[(where, record)] -> [(where, "ok", payload, truncated) | (where, "err", reason, msg)]
@@ -160,6 +167,8 @@ class Encoder:
                 out[i] = (where, "err", rec.reason, rec.message)
                 continue
             try:
+                if self.s.datasets:
+                    rec = self._canonical(rec, where)
                 if self.s.stage == "sft":
                     msgs, tools = sft_messages(rec)
                     text, spans = self.render_with_spans(msgs, tools)
@@ -185,10 +194,12 @@ class Encoder:
                 j += 1
                 truncated = False
                 if len(ids) > L:
-                    if self.s.overlong == "drop" or not mask[:L].any():
+                    first = int(mask.argmax()) if mask.any() else -1
+                    if self.s.overlong == "drop" or first < 0:
                         out[i] = (where, "err", "overlong", f"{len(ids)} tokens > seq_len {L}")
                         continue
-                    ids, mask, truncated = ids[:L], mask[:L], True
+                    lo, hi = truncation_window(first, len(ids) - first, L)
+                    ids, mask, truncated = ids[first - lo : first + hi], mask[first - lo : first + hi], True
                 out[i] = (where, "ok", (ids, mask), truncated)
             else:
                 segs = []
@@ -206,12 +217,15 @@ class Encoder:
                     if self.s.overlong == "drop":
                         out[i] = (where, "err", "overlong", f"pair of {total} tokens > seq_len {L}")
                         continue
-                    # keep the end of each segment (the reply and the end of the prompt), at
-                    # most seq_len // 2 tokens each, so the pair still fits one row
-                    half = L // 2
-                    segs = [(a[-half:], m[-half:]) if len(a) > half else (a, m) for a, m in segs]
-                    if sum(len(a) for a, _ in segs) > L:  # pragma: no cover - by construction
-                        raise AssertionError("dpo truncation")
+                    # each segment gets half the row; the prompt (the same in both) keeps its end,
+                    # the replies are cut first (truncation_window)
+                    starts = [int(m.argmax()) for _, m in segs]  # first reply token
+                    reply = max(len(a) - p for (a, _), p in zip(segs, starts, strict=True))
+                    cut = []
+                    for (a, m), p in zip(segs, starts, strict=True):
+                        lo, hi = truncation_window(p, reply, L // 2)
+                        cut.append((a[p - lo : p + hi], m[p - lo : p + hi]))
+                    segs = cut
                     truncated = True
                     p = share.prompt_len(*segs)
                 # dpo payload: (segments, prompt_lens value or None for the pairs layout,
@@ -235,12 +249,22 @@ class Encoder:
         for i, (where, rec) in enumerate(chunk):
             if type(rec) is RawJSON:
                 rec = rec.parse()
+            if self.s.datasets:
+                try:
+                    rec = self._canonical(rec, where)
+                except RecordError as e:
+                    out[i] = (where, "err", e.reason, e.message)
+                    continue
             if type(rec) is dict:
                 text = rec.get(key)
                 if type(text) is str and text and not text.isspace():
                     texts.append(text)
                     owners.append(i)
                     continue
+            elif type(rec) is TextLine:  # a .txt line or dataset_info text (never blank: checked there)
+                texts.append(rec)
+                owners.append(i)
+                continue
             if isinstance(rec, BadRecord):
                 out[i] = (where, "err", rec.reason, rec.message)
                 continue
@@ -268,6 +292,15 @@ class Encoder:
         docs = np.insert(flat.astype(np.uint32, copy=False), np.cumsum(lens), eos)
         errors = [r for r in out if r is not None]  # in input order
         return PretrainChunk(len(chunk), errors, n.astype(np.int64), docs, int((n > L).sum()), file_runs(chunk))
+
+
+def truncation_window(prompt: int, reply: int, budget: int) -> tuple[int, int]:
+    """(prompt tokens kept, reply tokens kept) of a `prompt + reply` sequence longer than
+    `budget`, the rule of LLaMA-Factory's and BumbleCore's cutoff: the reply is cut first (it
+    keeps its start); a prompt longer than half the budget is cut too and keeps its end (the
+    question nearest the reply), so the reply still gets at least half the budget."""
+    keep_reply = min(reply, max(budget - prompt, budget // 2))
+    return min(prompt, budget - keep_reply), keep_reply
 
 
 @dataclass

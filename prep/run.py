@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from bumblefast.config import PrepConfig, UserError
+from bumblefast.prep.dataset_info import DatasetSpec, load_dataset_info
 from bumblefast.prep.encode import (
     Encoder,
     EncodeSettings,
@@ -65,12 +66,6 @@ CHUNK_CHARS = 64_000  # about, per chunk
 HASHES = ["sha1", "xxh64"]
 
 
-def resolve_overlong(cfg: PrepConfig) -> str:
-    if cfg.overlong != "auto":
-        return cfg.overlong
-    return "truncate" if cfg.stage == "pretrain" else "drop"
-
-
 def part_dir(output_dir: str, node_rank: int, num_nodes: int) -> str:
     if num_nodes <= 1:
         return output_dir
@@ -92,6 +87,21 @@ def _chunks(it: Iterator[tuple[str, Any]], max_records: int, max_chars: int) -> 
             chunk, chars = [], 0
     if chunk:
         yield chunk
+
+
+def input_files(cfg: PrepConfig) -> tuple[list[str], list[DatasetSpec]]:
+    """Every input file in reading order (--input, then each --dataset's files) and the
+    dataset_info entries that map the records of their files."""
+    files = expand_inputs(list(cfg.input)) if cfg.input else []
+    specs = load_dataset_info(cfg.dataset_info, list(cfg.dataset), cfg.stage) if cfg.dataset_info else []
+    seen = set(files)
+    for spec in specs:
+        for f in spec.files:
+            if f in seen:
+                raise UserError(f"dataset: {f} is read twice (by --input or another --dataset); give it once")
+            seen.add(f)
+        files += spec.files
+    return files, specs
 
 
 class _Stats:
@@ -152,12 +162,13 @@ def run_prep(cfg: PrepConfig, progress: bool | None = None) -> dict[str, Any]:
         raise UserError("tokenizer_name_or_path: required (a tokenizer folder)")
     if cfg.stage not in ("pretrain", "sft", "dpo"):
         raise UserError(f"stage: must be pretrain|sft|dpo, got '{cfg.stage}'")
-    files = expand_inputs(list(cfg.input))
-    overlong = resolve_overlong(cfg)
+    files, specs = input_files(cfg)
+    overlong = cfg.overlong
     shared = cfg.stage == "dpo" and cfg.share_prompt
     share = node_share(files, cfg.node_rank, max(cfg.num_nodes, 1))
-    settings = EncodeSettings(cfg.stage, cfg.tokenizer_name_or_path, cfg.seq_len, cfg.text_key, overlong, shared,
-                              cfg.tokenizer_backend)
+    settings = EncodeSettings(cfg.stage, cfg.tokenizer_name_or_path, cfg.seq_len, cfg.text_key, overlong,
+                              share_prompt=shared, tokenizer_backend=cfg.tokenizer_backend,
+                              datasets={f: spec for spec in specs for f in spec.files})
     from bumblefast.tokenizer_backend import FIRST_RECORDS
 
     # validates the tokenizer/template and picks (verifies) the tokenizer backend before any work
@@ -306,6 +317,8 @@ def run_prep(cfg: PrepConfig, progress: bool | None = None) -> dict[str, Any]:
                 "num_nodes": cfg.num_nodes,
                 "node_share": [[f, a, b] for f, a, b in share],
                 "text_key": cfg.text_key,
+                "dataset_info": cfg.dataset_info,
+                "datasets": {spec.name: spec.files for spec in specs},
             },
         }
         if cfg.stage == "dpo":
@@ -340,17 +353,41 @@ def run_prep(cfg: PrepConfig, progress: bool | None = None) -> dict[str, Any]:
         raise
     el = time.perf_counter() - t0
     if progress is not False:
-        print(
-            f"prep {cfg.stage}: {stats.read} records read, {stats.written} written, "
-            f"{sum(stats.skipped.values())} skipped, {stats.rows} rows, {stats.tokens:,} tokens "
-            f"({stats.tokens / max(el, 1e-9):,.0f} tok/s), packing {manifest['packing_efficiency']:.1%} -> {out}",
-            file=sys.stderr,
-        )
+        print(summary(manifest, out, stats.tokens / max(el, 1e-9)), file=sys.stderr)
         for path, c in manifest["records"]["by_file"].items():
             if c["skipped"]:
                 print(f"  {path}: {c['read']} read, {c['written']} written, {c['skipped']} skipped "
                       f"(see {ERRORS_NAME})", file=sys.stderr)
     return manifest
+
+
+WARN_FRACTION = 0.01  # more than this share of records dropped or truncated prints a warning
+
+
+def summary(manifest: dict[str, Any], out: str, tok_per_s: float) -> str:
+    """The console lines after prep: what was read, written, skipped (by reason) and
+    truncated, and a warning naming the flag to change when the loss is more than 1%."""
+    rec, stage, seq_len = manifest["records"], manifest["stage"], manifest["seq_len"]
+    skipped = ", ".join(f"{n} {reason}" for reason, n in rec["skipped_by_reason"].items()) or "none"
+    lines = [
+        f"prep {stage}: {rec['read']} records read, {rec['written']} written, {rec['skipped']} skipped ({skipped}), "
+        f"{rec['truncated']} truncated",
+        f"prep {stage}: {manifest['rows']} rows, {manifest['tokens']['real']:,} tokens ({tok_per_s:,.0f} tok/s), "
+        f"packing {manifest['packing_efficiency']:.1%} -> {out}",
+    ]
+    read = max(rec["read"], 1)
+    dropped = rec["skipped_by_reason"].get("overlong", 0)
+    if dropped > WARN_FRACTION * read:
+        lines.append(f"warning: {dropped} records ({dropped / read:.1%}) were longer than seq_len {seq_len} and "
+                     "dropped; --overlong truncate keeps them (cut to fit), or raise --seq_len")
+    if stage != "pretrain" and rec["truncated"] > WARN_FRACTION * read:  # pretrain only splits
+        lines.append(f"warning: {rec['truncated']} records ({rec['truncated'] / read:.1%}) were truncated to seq_len "
+                     f"{seq_len} (replies cut first); raise --seq_len, or --overlong drop to skip them instead")
+    bad = rec["skipped"] - dropped
+    if bad > WARN_FRACTION * read:
+        lines.append(f"warning: {bad} records ({bad / read:.1%}) were skipped as malformed; "
+                     f"see {ERRORS_NAME} in the output folder")
+    return "\n".join(lines)
 
 
 def _remove_stale_staging(final: Path) -> None:

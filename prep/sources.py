@@ -29,7 +29,7 @@ from typing import Any
 
 from bumblefast.config import UserError
 
-SUFFIXES = (".json", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".json.gz", ".json.zst", ".parquet")
+SUFFIXES = (".json", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".json.gz", ".json.zst", ".parquet", ".txt")
 CHUNK_CHARS = 1 << 20
 MAX_ELEMENT_CHARS = 256 << 20  # one JSON array element larger than this is reported as malformed
 
@@ -433,9 +433,36 @@ def iter_parquet(path: str) -> Iterator[tuple[str, Any]]:
         yield f"{path}:0", BadRecord("empty_file", "file has no records")
 
 
+class TextLine(str):
+    """One line of a plain .txt file: a pretraining document (no JSON to parse)."""
+
+    __slots__ = ()
+
+
+def iter_txt(path: str) -> Iterator[tuple[str, Any]]:
+    """A document per line, as the Hugging Face `text` loader and LLaMA-Factory read .txt files
+    (line ending removed). Blank lines separate nothing and are not records, as in jsonl."""
+    n = 0
+    with _open_binary(path) as f:
+        for lineno, raw in enumerate(f, 1):
+            if raw.isspace() or not raw:
+                continue
+            n += 1
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield f"{path}:{lineno}", BadRecord("invalid_utf8", f"text is not valid UTF-8 (byte {e.start})")
+                continue
+            yield f"{path}:{lineno}", TextLine(line.rstrip("\r\n"))
+    if n == 0:
+        yield f"{path}:0", BadRecord("empty_file", "file has no records")
+
+
 def iter_file(path: str) -> Iterator[tuple[str, Any]]:
     kind = _kind(path)
-    if kind == ".parquet":
+    if kind == ".txt":
+        yield from iter_txt(path)
+    elif kind == ".parquet":
         yield from iter_parquet(path)
     elif kind in (".json", ".json.gz", ".json.zst"):
         yield from iter_json_array(path)

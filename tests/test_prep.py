@@ -132,7 +132,7 @@ def test_pretrain_shared(tok, tok_dir, tmp_path):
 
 # ---- sft ---------------------------------------------------------------------------------------
 def check_sft(tok, tok_dir, tmp_path, files, seq_len):
-    m = prep(tok_dir, tmp_path / "sft", "sft", files, seq_len=seq_len)
+    m = prep(tok_dir, tmp_path / "sft", "sft", files, seq_len=seq_len, overlong="drop")
     rows = read_rows(tmp_path / "sft")
     assert all(len(r["input_ids"]) <= seq_len for r in rows)
     expected = {}
@@ -191,7 +191,7 @@ def test_sft_mask_exact_on_handwritten_record(tok, tok_dir, tmp_path):
 
 # ---- dpo ---------------------------------------------------------------------------------------
 def check_dpo(tok, tok_dir, tmp_path, files, seq_len, share_prompt=False):
-    m = prep(tok_dir, tmp_path / "dpo", "dpo", files, seq_len=seq_len, share_prompt=share_prompt)
+    m = prep(tok_dir, tmp_path / "dpo", "dpo", files, seq_len=seq_len, share_prompt=share_prompt, overlong="drop")
     assert m["dpo_layout"] == ("shared_prompt" if share_prompt else "pairs")
     rows = read_rows(tmp_path / "dpo")
     expected, admitted = Counter(), Counter()
@@ -486,13 +486,13 @@ def test_dpo_alpaca_pairs_and_truncate(tok, tok_dir, tmp_path):
     ]
     path = tmp_path / "p.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    m = prep(tok_dir, tmp_path / "d", "dpo", [path], seq_len=160, share_prompt=False)
+    m = prep(tok_dir, tmp_path / "d", "dpo", [path], seq_len=160, share_prompt=False, overlong="drop")
     assert m["records"]["skipped_by_reason"] == {"overlong": 1}
     (row,) = read_rows(tmp_path / "d")
     (c, cm), (r, rm) = segments(row, "seq_lens")
     assert tok.decode(c.tolist()).endswith("<|im_start|>user\nAdd\n2 and 3<|im_end|>\n<|im_start|>assistant\n5<|im_end|>\n")
     assert trained_runs(tok, c, cm) == ["5<|im_end|>"] and trained_runs(tok, r, rm) == ["6<|im_end|>"]
-    m = prep(tok_dir, tmp_path / "t", "dpo", [path], seq_len=160, overlong="truncate", share_prompt=False)
+    m = prep(tok_dir, tmp_path / "t", "dpo", [path], seq_len=160, share_prompt=False)  # truncate: the default
     assert m["records"]["truncated"] == 1 and m["records"]["written"] == 2
     assert all(len(x["input_ids"]) <= 160 for x in read_rows(tmp_path / "t"))
 
@@ -535,3 +535,54 @@ def test_inspect_and_cli(tok_dir, tmp_path, capsys):
     n = len(json.loads((DEMO / "sft_test.json").read_text()))
     assert re.search(rf"^ +{n} +{n} +0  {re.escape(str(DEMO / 'sft_test.json'))}$", text, re.M)
     assert prep_main(["--help"]) == 0 and "--seq_len" in capsys.readouterr().out
+
+
+# ---- overlong: truncate by default (replies cut first, the prompt keeps its end) ---------------
+def encode_one(tok_dir, stage, rec, seq_len, overlong="truncate"):
+    from bumblefast.prep.encode import Encoder, EncodeSettings
+
+    return Encoder(EncodeSettings(stage, tok_dir, seq_len, overlong=overlong)).encode_chunk([("f:1", rec)])[0]
+
+
+def test_overlong_truncate_cuts_the_reply_first_and_keeps_the_prompt_end(tok_dir):
+    L = 64
+    cases = {  # record -> the window of the full tokenization it must keep
+        "long reply": {"instruction": "Say hi", "output": "word " * 200},
+        "long prompt": {"instruction": "q " * 200, "output": "short answer"},
+        "both long": {"instruction": "q " * 200, "output": "word " * 200},
+    }
+    for name, rec in cases.items():
+        _, status, (full, full_mask), truncated = encode_one(tok_dir, "sft", rec, 100_000)
+        assert status == "ok" and not truncated and len(full) > L
+        p, n = int(np.flatnonzero(full_mask)[0]), len(full)  # prompt tokens, all tokens
+        reply = max(L - p, L // 2)  # the rule, written out: the reply keeps at least half the row
+        lo = max(p - (L - min(reply, n - p)), 0)
+        _, status, (ids, mask), truncated = encode_one(tok_dir, "sft", rec, L)
+        assert status == "ok" and truncated and len(ids) == L, name
+        assert ids.tolist() == full[lo : lo + L].tolist() and mask.tolist() == full_mask[lo : lo + L].tolist(), name
+    assert lo == p - L // 2  # both long: half prompt end, half reply start
+    assert encode_one(tok_dir, "sft", cases["long reply"], L, "drop")[1:3] == ("err", "overlong")
+    # dpo: each segment gets half the row, the same prompt end in both
+    pair = {"instruction": "q " * 200, "chosen": "yes " * 100, "rejected": "no"}
+    _, _, full_segs, _ = encode_one(tok_dir, "dpo", pair, 100_000)
+    _, status, segs, truncated = encode_one(tok_dir, "dpo", pair, L)
+    assert status == "ok" and truncated and all(len(a) <= L // 2 for a, _ in segs)
+    p = int(np.flatnonzero(full_segs[0][1])[0])
+    assert segs[0][0].tolist() == full_segs[0][0][p - L // 4 : p + L // 4].tolist()  # a quarter row each
+    assert segs[1][0].tolist() == full_segs[1][0][p - L // 4 :].tolist()  # same prompt end, whole short reply
+
+
+def test_summary_warns_past_one_percent_with_the_flag(tok_dir, tmp_path):
+    from bumblefast.prep.run import summary
+
+    recs = [{"instruction": "Say hi", "output": "word " * 200}] + [{"instruction": "Add", "output": "5"}] * 9
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    m = prep(tok_dir, tmp_path / "t", "sft", [path], seq_len=64)
+    assert m["records"]["truncated"] == 1 and m["records"]["written"] == 10
+    text = summary(m, "OUT", 1.0)
+    assert "10 records read, 10 written, 0 skipped (none), 1 truncated" in text
+    assert "warning: 1 records (10.0%) were truncated" in text and "--overlong drop" in text
+    m = prep(tok_dir, tmp_path / "d", "sft", [path], seq_len=64, overlong="drop")
+    text = summary(m, "OUT", 1.0)
+    assert "1 skipped (1 overlong)" in text and "dropped; --overlong truncate keeps them" in text

@@ -21,6 +21,7 @@ import torch
 
 from bumblefast import flops
 from bumblefast.config import TrainConfig, UserError, to_dict
+from bumblefast.modelinfo import read_model_config
 from bumblefast.tokenizer import load_tokenizer
 from bumblefast.train import checkpoint as ckpt
 from bumblefast.train import distributed as D
@@ -32,6 +33,7 @@ from bumblefast.train.modeling import (
     build_model,
     build_objective,
     load_model_config,
+    model_path,
     resolve_reference,
     tokenizer_path,
 )
@@ -82,7 +84,12 @@ def train(cfg: TrainConfig) -> Path:
     ckpt_root = out / "checkpoints"
 
     tokenizer = load_tokenizer(tokenizer_path(cfg))
+    preset_vocab = read_model_config(model_path(cfg))["vocab_size"]
     model_config = load_model_config(cfg, tokenizer)
+    if model_config.vocab_size != preset_vocab:
+        how = "fresh model sized to" if cfg.stage == "pretrain" else "resize_vocab: mean-initialised rows added for"
+        log(f"vocab: {preset_vocab} -> {model_config.vocab_size} embedding rows ({how} the tokenizer's "
+            f"{len(tokenizer)} tokens)")
     ds_config = deepspeed_config(cfg, device, model_config.hidden_size)
     zero_stage = ds_config["zero_optimization"].get("stage", 0)
     loader, data_meta, manifest = open_loader(cfg, tokenizer_path(cfg))

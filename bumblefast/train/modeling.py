@@ -30,16 +30,32 @@ def tokenizer_path(cfg: TrainConfig) -> str:
 
 
 def load_model_config(cfg: TrainConfig, tokenizer):
+    """The config of the model a run builds. A fresh model (stage pretrain: random init of a
+    preset) gets the tokenizer's vocabulary (bumblefast/vocab.py); trained weights keep theirs
+    unless --resize_vocab grows it to a larger tokenizer."""
     from transformers import AutoConfig
 
+    from bumblefast.vocab import fresh_vocab_size, padded_vocab_size
+
     config = AutoConfig.from_pretrained(model_path(cfg))
-    if len(tokenizer) > config.vocab_size:
-        raise UserError(f"tokenizer_name_or_path: the tokenizer has {len(tokenizer)} tokens, more than the "
-                        f"model's vocab_size {config.vocab_size}")
-    if cfg.stage == "pretrain":  # a fresh model takes its special ids from the tokenizer
+    n_tok = len(tokenizer)
+    if cfg.stage == "pretrain":  # a fresh model takes its vocabulary and special ids from the tokenizer
+        config.vocab_size = fresh_vocab_size(n_tok, cfg.vocab_size)
         config.eos_token_id = tokenizer.eos_token_id
         config.bos_token_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         config.pad_token_id = tokenizer.pad_token_id
+        return config
+    if cfg.vocab_size is not None:
+        raise UserError(f"vocab_size: only sizes a fresh model (stage pretrain); {cfg.model_name_or_path} has trained "
+                        "weights (use --resize_vocab to grow them to a larger tokenizer)")
+    if n_tok > config.vocab_size:
+        if not cfg.resize_vocab:
+            raise UserError(
+                f"tokenizer_name_or_path: the tokenizer has {n_tok} tokens, more than the {config.vocab_size} "
+                f"embedding rows of {cfg.model_name_or_path}; add --resize_vocab to grow the embedding (and an "
+                "untied lm_head) with mean-initialised rows (an extended tokenizer), or use the model's own tokenizer"
+            )
+        config.vocab_size = padded_vocab_size(n_tok)
     return config
 
 
@@ -138,10 +154,10 @@ def build_model(cfg: TrainConfig, config, ds_config: dict, want_copy: bool = Fal
             model = Bumblebee(config, **kw)
         init_parameters(model, config.initializer_range, cfg.seed, zero3)
     else:
-        model = Bumblebee.from_pretrained(model_path(cfg), torch_dtype=torch.float32, **kw)
+        model = load_trained(cfg, config, kw)
     ref = None
     if want_copy:
-        ref = Bumblebee.from_pretrained(model_path(cfg), torch_dtype=torch.float32, **kw)
+        ref = load_trained(cfg, config, kw)
         ref.requires_grad_(False).eval()
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -151,6 +167,18 @@ def build_model(cfg: TrainConfig, config, ds_config: dict, want_copy: bool = Fal
         model = apply_lora(model, cfg)
         model.peft_config["default"].base_model_name_or_path = str(model_path(cfg))
     return model, ref
+
+
+def load_trained(cfg: TrainConfig, config, kw: dict):
+    """A trained HF model folder as our Bumblebee (fp32), grown to `config.vocab_size` rows
+    when load_model_config decided on --resize_vocab."""
+    from bumblefast.model import Bumblebee
+    from bumblefast.vocab import grow_embeddings
+
+    model = Bumblebee.from_pretrained(model_path(cfg), torch_dtype=torch.float32, **kw)
+    if model.config.vocab_size < config.vocab_size:
+        grow_embeddings(model, config.vocab_size)
+    return model
 
 
 def build_objective(cfg: TrainConfig, model, zero_stage: int, reference: str | None = None, ref_model=None):
