@@ -564,8 +564,8 @@ def test_overlong_truncate_cuts_the_reply_first_and_keeps_the_prompt_end(tok_dir
     assert encode_one(tok_dir, "sft", cases["long reply"], L, "drop")[1:3] == ("err", "overlong")
     # dpo: each segment gets half the row, the same prompt end in both
     pair = {"instruction": "q " * 200, "chosen": "yes " * 100, "rejected": "no"}
-    _, _, full_segs, _ = encode_one(tok_dir, "dpo", pair, 100_000)
-    _, status, segs, truncated = encode_one(tok_dir, "dpo", pair, L)
+    _, _, (full_segs, *_), _ = encode_one(tok_dir, "dpo", pair, 100_000)  # payload: segments first
+    _, status, (segs, *_), truncated = encode_one(tok_dir, "dpo", pair, L)
     assert status == "ok" and truncated and all(len(a) <= L // 2 for a, _ in segs)
     p = int(np.flatnonzero(full_segs[0][1])[0])
     assert segs[0][0].tolist() == full_segs[0][0][p - L // 4 : p + L // 4].tolist()  # a quarter row each
