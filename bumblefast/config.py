@@ -81,6 +81,7 @@ class TrainConfig:
     adam_beta2: float = key(0.95, "AdamW beta2")
     adam_epsilon: float = key(1e-8, "AdamW epsilon")
     max_grad_norm: float = key(1.0, "clip the global gradient norm to this (0 disables clipping)")
+    max_skipped_steps: int = key(3, "optimizer steps with a non-finite loss or gradient norm skipped (no update) before the run stops with the samples and the last good checkpoint; 0 stops at the first")
     # batch
     train_micro_batch_size_per_gpu: int = key(4, "packed rows per forward pass on each rank")
     gradient_accumulation_steps: int = key(4, "micro-batches per optimizer step; the loss is normalised by the step's global target-token count")
@@ -138,6 +139,8 @@ class TrainConfig:
             errors.append(f"min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
         if self.save_total_limit < 0:
             errors.append(f"save_total_limit: must be >= 0, got {self.save_total_limit}")
+        if self.max_skipped_steps < 0:
+            errors.append(f"max_skipped_steps: must be >= 0, got {self.max_skipped_steps}")
         if self.finetuning_type == "lora" and not self.lora_target_modules:
             errors.append("lora_target_modules: must name at least one module for LoRA")
         return errors

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -121,13 +122,63 @@ def check_precomputed(cfg, manifest: dict) -> None:
                         "`bumblefast precompute-ref`")
 
 
+def checkpoint_files(path: Path) -> list[Path]:
+    """The safetensors files of a Hugging Face model folder (one file, or the index's shards)."""
+    from bumblefast.model import SAFE_INDEX, SAFE_NAME
+
+    if (path / SAFE_INDEX).is_file():
+        return [path / f for f in sorted(set(json.loads((path / SAFE_INDEX).read_text())["weight_map"].values()))]
+    if (path / SAFE_NAME).is_file():
+        return [path / SAFE_NAME]
+    raise FileNotFoundError(f"model_name_or_path: no {SAFE_NAME} or {SAFE_INDEX} in {path}")
+
+
+@torch.no_grad()
+def load_partitioned(path: Path, config, ds_config: dict, **kw):
+    """ZeRO-3: build under `deepspeed.zero.Init`, so each rank allocates only its partition, then
+    copy the checkpoint in one tensor at a time: rank 0 reads it from the memory-mapped
+    safetensors file and `GatheredParameters` hands each rank its part. Host memory per rank:
+    its partition plus the largest tensor, never a whole model (transformers' way under ZeRO-3)."""
+    import deepspeed
+    from safetensors import safe_open
+
+    from bumblefast.model import Bumblebee
+
+    with deepspeed.zero.Init(config_dict_or_path=ds_config):
+        model = Bumblebee(config, **kw)
+    params = dict(model.named_parameters())  # a tied lm_head is embed_tokens, listed once
+    loaded = set()
+    for file in checkpoint_files(path):
+        with safe_open(str(file), framework="pt") as f:
+            for key in sorted(f.keys()):  # the same order on every rank: each gather is collective
+                if key.endswith("rotary_emb.inv_freq") or (key not in params and key == "lm_head.weight"):
+                    continue
+                if key not in params:
+                    raise ValueError(f"checkpoint {file}: {key} is not a parameter of the model")
+                with deepspeed.zero.GatheredParameters([params[key]], modifier_rank=0):
+                    if D.is_main():
+                        params[key].copy_(f.get_tensor(key))
+                loaded.add(key)
+    missing = sorted(set(params) - loaded)
+    if missing:
+        raise ValueError(f"checkpoint {path} does not match the config: missing {missing}")
+    return model
+
+
 def build_model(cfg: TrainConfig, config, ds_config: dict, want_copy: bool = False):
     """Our Bumblebee, fp32 master weights (DeepSpeed casts for bf16); with want_copy also a
-    frozen copy of the starting weights (the DPO reference of full fine-tuning)."""
+    frozen copy of the starting weights (the DPO reference of full fine-tuning). Under ZeRO-3
+    every model is partitioned as it is built, never whole on a rank."""
     from bumblefast.model import Bumblebee
 
     zero3 = ds_config["zero_optimization"].get("stage", 0) == 3
     kw = dict(attn_backend=cfg.attn_backend, kernels=cfg.kernels)
+
+    def load():
+        if zero3:
+            return load_partitioned(model_path(cfg), config, ds_config, **kw)
+        return Bumblebee.from_pretrained(model_path(cfg), torch_dtype=torch.float32, **kw)
+
     if cfg.stage == "pretrain":
         if zero3:
             import deepspeed
@@ -138,10 +189,10 @@ def build_model(cfg: TrainConfig, config, ds_config: dict, want_copy: bool = Fal
             model = Bumblebee(config, **kw)
         init_parameters(model, config.initializer_range, cfg.seed, zero3)
     else:
-        model = Bumblebee.from_pretrained(model_path(cfg), torch_dtype=torch.float32, **kw)
+        model = load()
     ref = None
     if want_copy:
-        ref = Bumblebee.from_pretrained(model_path(cfg), torch_dtype=torch.float32, **kw)
+        ref = load()
         ref.requires_grad_(False).eval()
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
