@@ -175,6 +175,8 @@ def setup(cfg: TrainConfig) -> Run:
         )
     total_steps = cfg.max_steps if cfg.max_steps > 0 else steps_per_epoch * cfg.num_epochs
     engine = initialize(objective, cfg, ds_config, total_steps, device)
+    if plain_gradients(ds_config) and not hasattr(engine.optimizer, "skip_next"):
+        raise RuntimeError(f"ZeRO-0 fp32 expects the trainer's SkippableAdamW, got {type(engine.optimizer)}")
     trace, inject_nan = _test_hooks()
     run = Run(
         cfg,
