@@ -3,6 +3,7 @@ gradient checkpointing through the trainer against the same step without it."""
 
 from __future__ import annotations
 
+import collections
 import gc
 import json
 import os
@@ -116,6 +117,8 @@ class SyncCounter(TorchFunctionMode):
             and id(args[0]) not in self.host
         ):
             frame = sys._getframe(1)
+            if frame.f_code.co_name == "_get_value" and frame.f_code.co_filename.endswith("optimizer.py"):
+                return func(*args, **(kwargs or {}))  # AdamW's step count: on the host unless fused (CUDA)
             while frame is not None and f"{os.sep}torch{os.sep}" in frame.f_code.co_filename:
                 frame = frame.f_back
             self.sites.append(f"{Path(frame.f_code.co_filename).name}:{frame.f_code.co_name}")
@@ -149,7 +152,7 @@ def test_train_step_reads_the_device_once_per_optimizer_step(
     assert len(per_step) == 3
     for sites in per_step:
         ours = [s for s in sites if s != "attention.py:build"]
-        assert ours == ["loop.py:read_stats"], sites
+        assert ours == ["loop.py:read_stats"], collections.Counter(sites)
         assert sites.count("attention.py:build") == 2  # one plan per micro-batch forward
     del run
     gc.collect()
