@@ -163,7 +163,8 @@ def test_gradient_checkpointing_equals_off_through_the_trainer(
 ):
     """The shipped configs train with gradient checkpointing: the trainer's first step with it on
     gives the loss and every gradient of the step with it off (fp32 tolerance), and the
-    decoder layers really run twice (forward, then recomputed in backward)."""
+    decoder layers really start twice (forward, then recomputed in backward: a pre-hook, since the
+    recomputation stops early, before a forward hook would fire)."""
     from bumblefast.train import loop
 
     results = {}
@@ -174,7 +175,7 @@ def test_gradient_checkpointing_equals_off_through_the_trainer(
         model = run.objective.model
         assert model.is_gradient_checkpointing == on
         calls = []
-        hook = model.model.layers[0].register_forward_hook(lambda *_, c=calls: c.append(1))
+        hook = model.model.layers[0].register_forward_pre_hook(lambda *_, c=calls: c.append(1))
         micro_batches = next(loop.epochs(run))
         facts, _ = loop.host_facts(run, micro_batches)
         scale = torch.tensor(len(micro_batches) / facts[0], dtype=torch.float64)
