@@ -85,6 +85,7 @@ class TrainConfig:
     adam_beta2: float = key(0.95, "AdamW beta2")
     adam_epsilon: float = key(1e-8, "AdamW epsilon")
     max_grad_norm: float = key(1.0, "clip the global gradient norm to this (0 disables clipping)")
+    max_skipped_steps: int = key(3, "optimizer steps with a non-finite loss or gradient norm skipped (no update) before the run stops with the samples and the last good checkpoint; 0 stops at the first")
     # batch
     train_micro_batch_size_per_gpu: int = key(4, "packed rows per forward pass on each rank")
     gradient_accumulation_steps: int = key(4, "micro-batches per optimizer step; the loss is normalised by the step's global target-token count")
@@ -147,6 +148,8 @@ class TrainConfig:
         if self.resize_vocab and self.finetuning_type == "lora":
             errors.append("resize_vocab: needs finetuning_type full (LoRA would leave the new rows untrained, and "
                           "the adapter would not load onto the original base model)")
+        if self.max_skipped_steps < 0:
+            errors.append(f"max_skipped_steps: must be >= 0, got {self.max_skipped_steps}")
         if self.finetuning_type == "lora" and not self.lora_target_modules:
             errors.append("lora_target_modules: must name at least one module for LoRA")
         return errors

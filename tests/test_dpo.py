@@ -231,3 +231,22 @@ def test_full_dpo_with_copy_reference_and_zero2_lora_on_two_processes(setup):
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert history[-1]["rewards/margins"] != 0.0  # the updates moved the policy off its reference
     assert (out2 / "adapter_model.safetensors").is_file()
+
+
+def test_full_dpo_copy_reference_zero3_equals_zero0_on_two_processes(setup):
+    """ZeRO-3 partitions the policy and its frozen copy reference as they load (never a whole
+    model on a rank): two steps on 2 processes give ZeRO-0's loss, log-probs and rewards. Step 1
+    starts from policy == reference (loss ln 2); step 2 follows an update, so the reference counts."""
+    history = {}
+    for stage in (0, 3):
+        out = setup["root"] / f"copy_z{stage}"
+        run(dpo_cmd(setup["sft"], setup["shards"], out, "--finetuning_type", "full", "--ref_model", "copy",
+                    "--learning_rate", "1e-3", "--max_steps", "2", "--shuffle", "false",
+                    "--deepspeed_config_path", str(ROOT / f"configs/deepspeed/ds_z{stage}.json"), nproc=2))
+        history[stage] = metrics(out)
+    assert [r["step"] for r in history[3]] == [1, 2]
+    assert history[0][0]["loss"] == pytest.approx(math.log(2), rel=1e-6)
+    assert abs(history[0][1]["rewards/margins"]) > 1e-4  # the policy has left its reference
+    for z0, z3 in zip(history[0], history[3]):
+        for key in ("loss", "logps/chosen", "logps/rejected", "rewards/chosen", "rewards/margins"):
+            assert z3[key] == pytest.approx(z0[key], rel=1e-4, abs=1e-6), (z0["step"], key)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -79,12 +80,13 @@ def data(tmp_path_factory, demo_tokenizer_dir):
 
 @pytest.fixture(scope="module")
 def zero_runs(data, tmp_path_factory):
-    """The same 4 steps on 2 processes with ZeRO-0, -2 and -3."""
+    """The same 4 steps on 2 processes with ZeRO-0, -1, -2 and -3 (a checkpoint after each step)."""
     root = tmp_path_factory.mktemp("zero")
     outs = {}
-    for stage in (0, 2, 3):
+    for stage in (0, 1, 2, 3):
         out = root / f"z{stage}"
-        run(train_cmd(out, data["pretrain"], data["tok"], "--max_steps", "4", "--save_steps", "4",
+        run(train_cmd(out, data["pretrain"], data["tok"], "--max_steps", "4", "--save_steps", "1",
+                      "--save_total_limit", "0",
                       "--deepspeed_config_path", str(ROOT / f"configs/deepspeed/ds_z{stage}.json"), nproc=2))
         outs[stage] = out
     return outs
@@ -98,7 +100,7 @@ def hf_logits(path: Path, ids: torch.Tensor) -> torch.Tensor:
         return model(ids, use_cache=False).logits
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [1, 2, 3])
 def test_zero_two_processes_loss_falls(zero_runs, stage):
     loss = losses(zero_runs[stage])
     assert sorted(loss) == [1, 2, 3, 4]
@@ -108,7 +110,7 @@ def test_zero_two_processes_loss_falls(zero_runs, stage):
 def test_zero3_export_matches_zero0(zero_runs):
     ids = torch.randint(3, 400, (2, 24), generator=torch.Generator().manual_seed(0))
     ref = hf_logits(zero_runs[0], ids)
-    for stage in (2, 3):
+    for stage in (1, 2, 3):
         got = hf_logits(zero_runs[stage], ids)
         # Adam turns fp32 reduction-order noise (sharded vs whole gradients) on weights whose
         # gradient is ~0 into updates of up to +-lr, so after 4 steps single logits move by a
@@ -118,7 +120,7 @@ def test_zero3_export_matches_zero0(zero_runs):
         assert (diff > 5e-4).float().mean() < 0.05
         torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-2)
     # the same losses step by step (fp32; only the reduction order differs, which Adam amplifies)
-    for stage in (2, 3):
+    for stage in (1, 2, 3):
         for step, value in losses(zero_runs[0]).items():
             assert losses(zero_runs[stage])[step] == pytest.approx(value, rel=1e-4)
 
@@ -260,12 +262,83 @@ def test_sft_loss_is_on_assistant_tokens_only(data, tmp_path, demo_tokenizer_dir
 def test_non_finite_loss_stops_with_sample_ids_and_checkpoint(data, tmp_path):
     out = tmp_path / "nan"
     cmd = train_cmd(out, data["pretrain"], data["tok"], "--max_steps", "6", "--learning_rate", "1e4",
-                    "--max_grad_norm", "0")
+                    "--max_grad_norm", "0", "--max_skipped_steps", "0")
     res = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
     assert res.returncode == 3, res.stderr[-3000:]
     assert "non-finite" in res.stderr and "sample ids" in res.stderr
     assert "last good state saved in" in res.stderr
     assert (out / "checkpoints" / "latest").is_file()
+
+
+def checkpoint_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The fp32 weights in a checkpoint: zero_to_fp32 for ZeRO >= 1, the module state for ZeRO-0."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    if any(folder.glob("zero_pp_rank_*")):
+        return get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
+    return torch.load(folder / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    assert a.keys() == b.keys()
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def traced(path: Path, step: int, rank: int) -> list[int]:
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return next(r["sample_ids"] for r in rows if r["step"] == step and r["rank"] == rank)
+
+
+def named_samples(line: str) -> dict[int, list[int]]:
+    """{rank: sample ids} as a non-finite message names them."""
+    return {int(r): [int(i) for i in ids.split(",")] for ids, r in re.findall(r"sample ids \[([\d, ]+)\] on rank (\d)", line)}
+
+
+def line_with(text: str, needle: str) -> str:
+    return next(line for line in text.splitlines() if needle in line)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_nan_on_one_rank_is_skipped_then_stops_without_hang(data, zero_runs, tmp_path, stage):
+    """Only rank 1's batches give NaN losses, at steps 2 and 3, with max_skipped_steps 1: step 2
+    is skipped, step 3 stops the run. Both processes exit (no rank is left inside a collective),
+    the saved state holds bit for bit the weights after step 1 of the same run without NaN, and
+    the messages name exactly rank 1's samples of those steps (as the sample trace saw them)."""
+    out, trace = tmp_path / "nan", tmp_path / "trace.jsonl"
+    cmd = train_cmd(out, data["pretrain"], data["tok"], "--max_steps", "4", "--max_skipped_steps", "1",
+                    "--deepspeed_config_path", str(ROOT / f"configs/deepspeed/ds_z{stage}.json"), nproc=2)
+    res = subprocess.run(cmd, cwd=ROOT, env=env(BUMBLEFAST_INJECT_NAN="2:1,3:1", BUMBLEFAST_SAMPLE_TRACE=trace),
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode != 0, res.stderr[-3000:]
+    skipped = line_with(res.stderr, "non-finite loss at step 2")
+    assert "update skipped (1 of max_skipped_steps=1)" in skipped
+    assert named_samples(skipped) == {1: traced(trace, 2, 1)}
+    stop = line_with(res.stderr, "non-finite loss at step 3")
+    assert named_samples(stop) == {1: traced(trace, 3, 1)}
+    assert "last good state saved in" in stop and str(out / "checkpoints" / "step-2") in stop
+    saved = out / "checkpoints" / "step-2"
+    state = json.loads((saved / "trainer.json").read_text())
+    assert state["step"] == 2 and state["skipped_steps"] == 1
+    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-2"]
+    clean = zero_runs[stage] / "checkpoints"
+    assert same_weights(checkpoint_weights(saved), checkpoint_weights(clean / "step-1"))
+    assert not same_weights(checkpoint_weights(clean / "step-1"), checkpoint_weights(clean / "step-2"))
+    assert losses(out)[1] == losses(zero_runs[stage])[1]
+
+
+def test_nan_step_is_skipped_and_training_goes_on(data, tmp_path):
+    """ZeRO-0 fp32 (the trainer's own gradient check): a NaN step changes no weight and does
+    not advance the learning-rate schedule; the next step trains; the run succeeds."""
+    out = tmp_path / "skip"
+    res = run(train_cmd(out, data["pretrain"], data["tok"], "--max_steps", "3", "--save_steps", "1",
+                        "--save_total_limit", "0", "--lr_scheduler_type", "linear"),
+              env=env(BUMBLEFAST_INJECT_NAN="2:0"))
+    assert "non-finite loss at step 2" in res.stderr and "update skipped (1 of max_skipped_steps=3)" in res.stderr
+    w1, w2, w3 = (checkpoint_weights(out / "checkpoints" / f"step-{i}") for i in (1, 2, 3))
+    assert same_weights(w1, w2) and not same_weights(w2, w3)
+    m = metrics(out)
+    assert m[2]["lr"] == m[1]["lr"] > m[3]["lr"] and m[3]["skipped_steps"] == 1
+    assert m[1]["loss"] > 0 and m[3]["loss"] > 0
 
 
 def test_plot_writes_pngs_from_tensorboard(zero_runs, tmp_path):

@@ -52,12 +52,25 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    """Sum floats over ranks in one collective (float64, so token counts stay exact)."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
+    """Sum a device tensor over ranks in place; no host read (the result stays on the device)."""
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.tolist()
+    return t
+
+
+def to_device_f64(values: list[float], device: torch.device) -> torch.Tensor:
+    """Host floats as a float64 device tensor (exact token counts), copied without waiting on the device."""
+    return torch.tensor(values, dtype=torch.float64).to(device, non_blocking=True)
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's `obj`, in rank order (collective: every rank must call it)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def broadcast_object(obj, src: int = 0):

@@ -31,7 +31,8 @@ def deepspeed_config(cfg: TrainConfig, device: torch.device, hidden_size: int) -
             raise UserError(f"{path}: '{key}' is {ds[key]} but the run's config says {value}; set it to \"auto\"")
     ds.pop("train_batch_size", None)
     bf16 = cfg.bf16 and device.type == "cuda"
-    ds["bf16"] = {"enabled": bf16}
+    # check_grad_overflow: DeepSpeed's bf16 optimizers skip a step whose gradient norm is not finite
+    ds["bf16"] = {"enabled": bf16, "check_grad_overflow": True} if bf16 else {"enabled": False}
     ds.pop("fp16", None)
     zero = ds.setdefault("zero_optimization", {"stage": 0})
     autos = {
@@ -54,11 +55,35 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def optimizer(cfg: TrainConfig, groups: list[dict], device: torch.device):
+class SkippableAdamW(torch.optim.AdamW):
+    """AdamW whose next update the trainer can veto. Used where DeepSpeed hands the step straight
+    to the optimizer (ZeRO-0 in fp32) and has no overflow check of its own; `overflow` is the
+    attribute DeepSpeed's engine reads after `step()`, so a vetoed step is counted in its
+    `skipped_steps` and does not advance the learning-rate schedule, as DeepSpeed's own
+    ZeRO and bf16 optimizers do when they skip a non-finite step."""
+
+    overflow = False
+    skip_next = False
+
+    def step(self, closure=None):
+        self.overflow, self.skip_next = self.skip_next, False
+        if self.overflow:
+            return None
+        return super().step(closure)
+
+
+def plain_gradients(ds_config: dict) -> bool:
+    """ZeRO-0 in fp32: DeepSpeed keeps plain `.grad` tensors and neither reports their norm nor
+    checks them, so the trainer does both."""
+    return ds_config["zero_optimization"].get("stage", 0) == 0 and not ds_config["bf16"]["enabled"]
+
+
+def optimizer(cfg: TrainConfig, groups: list[dict], device: torch.device, skippable: bool = False):
     """AdamW; on CUDA torch's fused multi-tensor kernel (one launch per step, like DeepSpeed's
-    FusedAdam, but with no JIT build that an offline node may not manage)."""
+    FusedAdam, but with no JIT build that an offline node may not manage). ZeRO accepts only the
+    exact AdamW class, so the skippable subclass is for ZeRO-0 fp32 alone."""
     kw = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
-    return torch.optim.AdamW(groups, fused=device.type == "cuda", **kw)
+    return (SkippableAdamW if skippable else torch.optim.AdamW)(groups, fused=device.type == "cuda", **kw)
 
 
 def scheduler(cfg: TrainConfig, opt, total_steps: int):
@@ -91,7 +116,7 @@ def apply_lora(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
 def initialize(module: torch.nn.Module, cfg: TrainConfig, ds_config: dict, total_steps: int, device: torch.device):
     import deepspeed
 
-    opt = optimizer(cfg, param_groups(module, cfg.weight_decay), device)
+    opt = optimizer(cfg, param_groups(module, cfg.weight_decay), device, skippable=plain_gradients(ds_config))
     scheduler(cfg, opt, 1)  # reject a bad scheduler name before DeepSpeed starts
     # A factory, so the scheduler drives the optimizer DeepSpeed wraps (ZeRO rebuilds its groups).
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, config=ds_config, dist_init_required=False,

@@ -1,9 +1,21 @@
 """`bumblefast train`: the one loop every stage runs. Read it top to bottom.
 
-setup (process group, tokenizer, shards, model, engine, resume) -> for each optimizer step:
-fetch the step's micro-batches, count the step's loss terms over all ranks, forward/backward
-each micro-batch with its loss divided by that global count, step, log, checkpoint ->
-export the final model in Hugging Face format at the root of output_dir.
+`setup(cfg) -> Run` (process group, tokenizer, shards, model, engine, resume); `epochs(run)`
+yields each optimizer step's micro-batches; `train_step(run, micro_batches)` runs one step and
+returns its metrics; `finish(run)` checkpoints and exports the model in Hugging Face format at
+the root of output_dir.
+
+One optimizer step runs the same collectives in the same order on every rank, whatever its
+data, and reads the device once:
+1. the step's host facts (loss terms, tokens, FLOPs from the collator's host lengths) are
+   summed over ranks on the device; each loss is divided by that global count;
+2. forward/backward of each micro-batch; a non-finite loss turns its backward scale into NaN,
+   so the gradients are non-finite too and no optimizer below can miss it;
+3. one read of the step's device values (metric sums, finite flags, gradient norm): before
+   DeepSpeed's step for ZeRO-0 fp32, where our own gradient check vetoes the update, after it
+   otherwise, where DeepSpeed's ZeRO and bf16 optimizers skip a step whose norm is not finite;
+4. a skipped step changes no weight and is counted; one more than `max_skipped_steps` stops
+   the run with the step, the sample ids and a checkpoint of the last good weights.
 """
 
 from __future__ import annotations
@@ -14,7 +26,10 @@ import math
 import os
 import random
 import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,7 +41,7 @@ from bumblefast.tokenizer import load_tokenizer
 from bumblefast.train import checkpoint as ckpt
 from bumblefast.train import distributed as D
 from bumblefast.train.data import open_loader
-from bumblefast.train.engine import deepspeed_config, initialize, shard_reference
+from bumblefast.train.engine import deepspeed_config, initialize, plain_gradients, shard_reference
 from bumblefast.train.export import export_model
 from bumblefast.train.metrics import MetricLogger, device_peak_tflops
 from bumblefast.train.modeling import (
@@ -38,9 +53,65 @@ from bumblefast.train.modeling import (
     tokenizer_path,
 )
 
+# Collator keys that stay on the host: facts the loop counts, never inputs of a kernel.
+HOST_KEYS = frozenset(
+    {"max_seqlen", "num_target_tokens", "num_tokens", "row_capacity", "sample_ids"}
+)
+
 
 class NonFiniteError(RuntimeError):
     pass
+
+
+@dataclass
+class Run:
+    """Everything a training run holds between steps."""
+
+    cfg: TrainConfig
+    device: torch.device
+    out: Path
+    tokenizer: Any
+    model_config: Any
+    loader: Any
+    data_meta: dict
+    objective: Any
+    engine: Any
+    zero_stage: int
+    total_steps: int
+    steps_per_epoch: int
+    own_grad_check: bool  # ZeRO-0 fp32: the loop checks the gradients and vetoes the update
+    logger: MetricLogger | None = None
+    step: int = 0  # optimizer steps done, skipped ones included
+    epoch: int = 0
+    skipped: int = 0
+    step_start: dict | None = None  # loader state before the current step
+    last_saved: Path | None = None
+    trace: str | None = None  # tests: a JSON line per step with each rank's sample ids
+    inject_nan: frozenset = field(
+        default_factory=frozenset
+    )  # tests: {(step, rank)} whose losses are NaN
+
+    @property
+    def ckpt_root(self) -> Path:
+        return self.out / "checkpoints"
+
+
+@dataclass
+class StepStats:
+    """The step's values after its one device read; all but `local_bad` are global."""
+
+    n_global: float
+    tokens: float
+    capacity: float
+    flops: float
+    averages: dict[str, float]
+    n_bad: int  # micro-batches with a non-finite loss, all ranks
+    local_bad: list[bool]  # this rank's micro-batches with a non-finite loss
+    grad_norm: float | None
+
+    @property
+    def finite(self) -> bool:
+        return self.n_bad == 0 and (self.grad_norm is None or math.isfinite(self.grad_norm))
 
 
 def log(msg: str) -> None:
@@ -55,34 +126,34 @@ def seed_everything(seed: int) -> None:
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    """The tensors the model reads, on the device; the host facts stay behind (max_seqlen as an
+    int, so attention never reads it back from the device)."""
+    out = {
+        k: v.to(device, non_blocking=True)
+        for k, v in batch.items()
+        if k not in HOST_KEYS and torch.is_tensor(v)
+    }
+    out["max_seqlen"] = int(batch["max_seqlen"])
+    return out
 
 
-def step_batches(loader, accumulation: int):
-    """Yield (loader state before the step, the step's micro-batches); a short tail is dropped."""
-    it = iter(loader)
-    while True:
-        state = loader.state_dict()
-        group = list(itertools.islice(it, accumulation))
-        if len(group) < accumulation:
-            return
-        yield state, group
+# ---------------------------------------------------------------------------------- setup
 
 
-@torch.no_grad()
-def grad_norm_of(module: torch.nn.Module) -> float:
-    grads = [p.grad for p in module.parameters() if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
+def _test_hooks() -> tuple[str | None, frozenset]:
+    """BUMBLEFAST_SAMPLE_TRACE: file of each step's sample ids; BUMBLEFAST_INJECT_NAN:
+    'step:rank,...' whose losses are made NaN (the non-finite tests)."""
+    pairs = [p.split(":") for p in os.environ.get("BUMBLEFAST_INJECT_NAN", "").split(",") if p]
+    return os.environ.get("BUMBLEFAST_SAMPLE_TRACE"), frozenset((int(s), int(r)) for s, r in pairs)
 
 
-def train(cfg: TrainConfig) -> Path:
+def setup(cfg: TrainConfig) -> Run:
+    """Process group, tokenizer, shards, model, DeepSpeed engine, then resume if asked."""
     device = D.init()
     seed_everything(cfg.seed)
     out = Path(cfg.output_dir)
     if D.is_main():
         out.mkdir(parents=True, exist_ok=True)
-    ckpt_root = out / "checkpoints"
-
     tokenizer = load_tokenizer(tokenizer_path(cfg))
     preset_vocab = read_model_config(model_path(cfg))["vocab_size"]
     model_config = load_model_config(cfg, tokenizer)
@@ -96,114 +167,274 @@ def train(cfg: TrainConfig) -> Path:
     reference = resolve_reference(cfg, manifest) if cfg.stage == "dpo" else None
     model, ref_model = build_model(cfg, model_config, ds_config, want_copy=reference == "copy")
     if ref_model is not None:
-        ref_model = shard_reference(ref_model.to(device), ds_config)
+        ref_model = shard_reference(
+            ref_model if zero_stage == 3 else ref_model.to(device), ds_config
+        )
     objective = build_objective(cfg, model, zero_stage, reference, ref_model)
     if reference:
         log(f"dpo: {cfg.pref_loss} loss, beta {cfg.pref_beta}, reference: {reference}")
 
-    accumulation = cfg.gradient_accumulation_steps
-    steps_per_epoch = len(loader) // accumulation
+    steps_per_epoch = len(loader) // cfg.gradient_accumulation_steps
     if steps_per_epoch == 0:
         raise UserError(
             f"dataset_path: {cfg.dataset_path} has {len(loader)} micro-batches per rank, fewer than "
-            f"gradient_accumulation_steps={accumulation}; lower it or the micro batch size"
+            f"gradient_accumulation_steps={cfg.gradient_accumulation_steps}; lower it or the micro batch size"
         )
     total_steps = cfg.max_steps if cfg.max_steps > 0 else steps_per_epoch * cfg.num_epochs
     engine = initialize(objective, cfg, ds_config, total_steps, device)
+    if plain_gradients(ds_config) and not hasattr(engine.optimizer, "skip_next"):
+        raise RuntimeError(f"ZeRO-0 fp32 expects the trainer's SkippableAdamW, got {type(engine.optimizer)}")
+    trace, inject_nan = _test_hooks()
+    run = Run(
+        cfg,
+        device,
+        out,
+        tokenizer,
+        model_config,
+        loader,
+        data_meta,
+        objective,
+        engine,
+        zero_stage,
+        total_steps,
+        steps_per_epoch,
+        own_grad_check=plain_gradients(ds_config),
+        trace=trace,
+        inject_nan=inject_nan,
+    )
+    _resume(run)
+    run.logger = MetricLogger(
+        out,
+        total_steps,
+        run.step,
+        model_config,
+        D.world_size(),
+        device_peak_tflops(device, cfg.peak_tflops),
+        cfg.use_tensorboard,
+        D.is_main(),
+    )
+    log(
+        f"training {cfg.stage}: {total_steps} optimizer steps ({steps_per_epoch}/epoch), micro batch "
+        f"{cfg.train_micro_batch_size_per_gpu} x accumulation {cfg.gradient_accumulation_steps} x world {D.world_size()}"
+    )
+    return run
 
-    step, epoch = 0, 0
-    resume_from = ckpt.find_resume(ckpt_root, cfg.resume, log=log)
-    if resume_from is not None:
-        state = ckpt.load(engine, resume_from)
-        loader.load_state_dict(state["loader"])
-        step, epoch = state["step"], state["epoch"]
-        log(f"resumed from {resume_from} at step {step} (epoch {epoch})")
 
-    logger = MetricLogger(out, total_steps, step, model_config, D.world_size(),
-                          device_peak_tflops(device, cfg.peak_tflops), cfg.use_tensorboard, D.is_main())
-    log(f"training {cfg.stage}: {total_steps} optimizer steps ({steps_per_epoch}/epoch), "
-        f"micro batch {cfg.train_micro_batch_size_per_gpu} x accumulation {accumulation} x world {D.world_size()}")
+def _resume(run: Run) -> None:
+    resume_from = ckpt.find_resume(run.ckpt_root, run.cfg.resume, log=log)
+    if resume_from is None:
+        return
+    state = ckpt.load(run.engine, resume_from)
+    run.loader.load_state_dict(state["loader"])
+    run.step, run.epoch, run.skipped = state["step"], state["epoch"], state.get("skipped_steps", 0)
+    log(f"resumed from {resume_from} at step {run.step} (epoch {run.epoch})")
 
-    def save(loader_state: dict | None = None) -> Path:
-        state = {"step": step, "epoch": epoch, "loader": loader_state or loader.state_dict(), "data": data_meta,
-                 "config": to_dict(cfg)}
-        return ckpt.save(engine, ckpt_root, step, state, cfg.save_total_limit)
 
-    # ZeRO-0 in fp32 keeps plain .grad tensors and DeepSpeed does not report their norm: we
-    # measure it ourselves, before the update, so a bad step never reaches the weights.
-    plain_grads = zero_stage == 0 and not engine.bfloat16_enabled()
-    trace = os.environ.get("BUMBLEFAST_SAMPLE_TRACE")  # tests: which samples each step trained on
-    last_good = None
-    while step < total_steps:
-        for state_before, micro_batches in step_batches(loader, accumulation):
-            micro_batches = [to_device(b, device) for b in micro_batches]
-            local = [0.0, 0.0, 0.0, 0.0]
-            for b in micro_batches:
-                local[0] += objective.count(b)
-                local[1] += float(b["num_tokens"])
-                local[2] += float(b["row_capacity"])
-                prefix = b["kv_prefix"].tolist() if "kv_prefix" in b else None
-                local[3] += flops.train_flops(model_config, torch.diff(b["cu_seqlens"]).tolist(), prefix)
-            n_global, tokens, capacity, step_flops = D.all_reduce_sum(local, device)
-            # DeepSpeed divides by the accumulation steps and averages over ranks: undo both so
-            # the update is (sum of all losses in the step) / (global count).
-            scale = accumulation * D.world_size() / max(n_global, 1.0)
-            sums: dict[str, float] = {}
-            own_norm = None
-            for i, b in enumerate(micro_batches):
-                loss, metric_sums = engine(b)
-                if not torch.isfinite(loss):  # weights are still the last good ones: keep them
-                    saved = save(state_before)
-                    raise NonFiniteError(f"non-finite loss at step {step + 1}; batch sample ids "
-                                         f"{b['sample_ids'].tolist()}; last good state saved in {saved}")
-                engine.backward(loss * scale)
-                if i == accumulation - 1 and plain_grads:
-                    own_norm = grad_norm_of(engine.module)
-                    if not math.isfinite(own_norm):
-                        saved = save(state_before)
-                        raise NonFiniteError(f"non-finite gradient norm at step {step + 1}; batch sample ids "
-                                             f"{[b['sample_ids'].tolist() for b in micro_batches]}; "
-                                             f"last good state saved in {saved}")
-                engine.step()
-                for key, value in {"loss": loss, **metric_sums}.items():
-                    sums[key] = sums.get(key, 0.0) + float(value.detach())
-            step += 1
-            if trace:
-                with open(trace, "a") as f:
-                    f.write(json.dumps({"step": step, "rank": D.rank(),
-                                        "sample_ids": [i for b in micro_batches for i in b["sample_ids"].tolist()]}) + "\n")
-            keys = sorted(sums)
-            averages = dict(zip(keys, (v / max(n_global, 1.0) for v in D.all_reduce_sum([sums[k] for k in keys], device))))
-            grad_norm = engine.get_global_grad_norm() if own_norm is None else own_norm
-            grad_norm = float(grad_norm) if grad_norm is not None else None
-            if grad_norm is not None and not math.isfinite(grad_norm):
-                # the update is already applied: the last periodic checkpoint is the last good state
-                raise NonFiniteError(f"non-finite gradient norm at step {step}; batch sample ids "
-                                     f"{[b['sample_ids'].tolist() for b in micro_batches]}")
-            logger.count(tokens, capacity, step_flops)
-            values = {**averages, "lr": engine.get_lr()[0], "grad_norm": grad_norm, "epoch": epoch}
-            logger.step(step, values, log=step % cfg.logging_steps == 0 or step == total_steps)
-            if step % cfg.save_steps == 0 or (step == total_steps and cfg.save_last):
-                last_good = save()
-            if step >= total_steps:
+def save(run: Run, loader_state: dict | None = None) -> Path:
+    """Collective: checkpoint the engine, the loader position and the run's counters."""
+    state = {
+        "step": run.step,
+        "epoch": run.epoch,
+        "skipped_steps": run.skipped,
+        "loader": loader_state or run.loader.state_dict(),
+        "data": run.data_meta,
+        "config": to_dict(run.cfg),
+    }
+    run.last_saved = ckpt.save(run.engine, run.ckpt_root, run.step, state, run.cfg.save_total_limit)
+    return run.last_saved
+
+
+# ---------------------------------------------------------------------------------- steps
+
+
+def epochs(run: Run) -> Iterator[list[dict]]:
+    """Each optimizer step's micro-batches (host tensors) until total_steps, epoch after epoch;
+    an epoch's short tail is dropped. Sets run.step_start, the loader state before the step."""
+    accumulation = run.cfg.gradient_accumulation_steps
+    while run.step < run.total_steps:
+        it = iter(run.loader)
+        while True:
+            state = run.loader.state_dict()
+            group = list(itertools.islice(it, accumulation))
+            if len(group) < accumulation:
                 break
-        else:
-            epoch += 1
-            continue
-        break
-    logger.close()
-    if last_good is None and cfg.save_last:
-        save()
-    export_model(engine, objective, tokenizer, cfg, zero_stage, out)
-    log(f"done: {step} steps; model in {out}")
-    return out
+            run.step_start = state
+            yield group
+            if run.step >= run.total_steps:
+                return
+        run.epoch += 1
+
+
+def host_facts(run: Run, micro_batches: list[dict]) -> tuple[list[float], list[list[int]]]:
+    """From the collator's host tensors, never the device: the step's loss terms, tokens, row
+    capacity and training FLOPs (from document lengths), and each micro-batch's sample ids."""
+    count = tokens = capacity = step_flops = 0.0
+    for b in micro_batches:
+        count += run.objective.count(b)
+        tokens += float(b["num_tokens"])
+        capacity += float(b["row_capacity"])
+        prefix = b["kv_prefix"].tolist() if "kv_prefix" in b else None
+        step_flops += flops.train_flops(run.model_config, np.diff(b["cu_seqlens"].numpy()).tolist(), prefix)
+    return [count, tokens, capacity, step_flops], [b["sample_ids"].tolist() for b in micro_batches]
+
+
+def forward_backward(run: Run, micro_batches: list[dict], scale: torch.Tensor):
+    """Forward and backward of each micro-batch, DeepSpeed's micro-step after all but the last.
+    Returns the metric keys, their sums (float64) and each loss's finite flag, on the device."""
+    engine, keys, sums, finite = run.engine, None, None, []
+    for i, batch in enumerate(micro_batches):
+        loss, metric_sums = engine(to_device(batch, run.device))
+        if (run.step + 1, D.rank()) in run.inject_nan:
+            loss = loss * float("nan")
+        ok = torch.isfinite(loss)
+        engine.backward(loss * torch.where(ok, scale.to(loss.dtype), torch.nan))
+        if i < len(micro_batches) - 1:
+            engine.step()
+        keys = keys or ["loss", *sorted(metric_sums)]
+        values = torch.stack(
+            [loss.detach().double(), *(metric_sums[k].detach().double() for k in keys[1:])]
+        )
+        sums = values if sums is None else sums + values
+        finite.append(ok)
+    return keys, sums, torch.stack(finite)
+
+
+@torch.no_grad()
+def grad_norm_of(module: torch.nn.Module) -> torch.Tensor | None:
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    return (
+        torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        if grads
+        else None
+    )
+
+
+def read_stats(
+    counts: torch.Tensor, keys: list[str], sums: torch.Tensor, finite: torch.Tensor, grad_norm
+) -> StepStats:
+    """Sum the metric sums and non-finite counts over ranks, then the step's one host read."""
+    bad = (~finite).double()
+    reduced = D.all_reduce_sum_(torch.cat([sums, bad.sum()[None]]))
+    parts = [counts, reduced, bad]
+    if torch.is_tensor(grad_norm):
+        parts.append(grad_norm.detach().double().reshape(1).to(counts.device))
+    values = torch.cat(parts).tolist()  # the host sync of the step
+    n_global, tokens, capacity, step_flops = values[:4]
+    k = len(keys)
+    averages = {key: v / max(n_global, 1.0) for key, v in zip(keys, values[4 : 4 + k])}
+    local_bad = [v > 0 for v in values[5 + k : 5 + k + len(finite)]]
+    norm = (
+        values[-1]
+        if torch.is_tensor(grad_norm)
+        else (None if grad_norm is None else float(grad_norm))
+    )
+    return StepStats(
+        n_global, tokens, capacity, step_flops, averages, int(values[4 + k]), local_bad, norm
+    )
+
+
+def train_step(run: Run, micro_batches: list[dict]) -> dict:
+    """One optimizer step over this rank's micro-batches; returns the step's metrics (host
+    floats). One host synchronisation: `read_stats`."""
+    engine = run.engine
+    facts, sample_ids = host_facts(run, micro_batches)
+    counts = D.all_reduce_sum_(D.to_device_f64(facts, run.device))
+    # DeepSpeed divides by the accumulation steps and averages over ranks: undo both so the
+    # update is (sum of all losses in the step) / (global count).
+    scale = len(micro_batches) * D.world_size() / counts[0].clamp(min=1.0)
+    keys, sums, finite = forward_backward(run, micro_batches, scale)
+    if run.own_grad_check:
+        stats = read_stats(counts, keys, sums, finite, grad_norm_of(engine.module))
+        engine.optimizer.skip_next = not stats.finite
+        engine.step()
+    else:
+        engine.step()
+        stats = read_stats(counts, keys, sums, finite, engine.get_global_grad_norm())
+        if not stats.finite and engine.was_step_applied():
+            raise NonFiniteError(
+                f"non-finite loss at step {run.step + 1} and DeepSpeed applied the update "
+                "(is bf16.check_grad_overflow off?); the last periodic checkpoint is the last good state"
+            )
+    if run.trace:
+        with open(run.trace, "a") as f:
+            f.write(
+                json.dumps(
+                    {"step": run.step + 1, "rank": D.rank(), "sample_ids": sum(sample_ids, [])}
+                )
+                + "\n"
+            )
+    if not stats.finite:
+        skip_step(run, stats, sample_ids)
+    run.step += 1
+    run.logger.count(stats.tokens, stats.capacity, stats.flops)
+    values = {
+        **stats.averages,
+        "lr": engine.get_lr()[0],
+        "grad_norm": stats.grad_norm,
+        "epoch": run.epoch,
+    }
+    if run.skipped:
+        values["skipped_steps"] = run.skipped
+    run.logger.step(
+        run.step, values, log=run.step % run.cfg.logging_steps == 0 or run.step == run.total_steps
+    )
+    return values
+
+
+def skip_step(run: Run, stats: StepStats, sample_ids: list[list[int]]) -> None:
+    """The step's update was not applied (every rank knows it: the flags are global). Name the
+    samples, count the step, and stop once more than max_skipped_steps were skipped."""
+    mine = [i for ids, bad in zip(sample_ids, stats.local_bad) if bad for i in ids]
+    if stats.n_bad == 0:  # the losses were finite, the gradients were not: the whole step
+        mine = sum(sample_ids, [])
+    per_rank = D.all_gather_object(mine)
+    what = "loss" if stats.n_bad else "gradient norm"
+    where = "; ".join(f"sample ids {ids} on rank {r}" for r, ids in enumerate(per_rank) if ids)
+    msg = f"non-finite {what} at step {run.step + 1}; batch {where}"
+    limit = run.cfg.max_skipped_steps
+    if run.skipped + 1 > limit:
+        # Weights and optimizer are those before this step; the loader resumes at this step.
+        done = run.ckpt_root / f"step-{run.step}"
+        saved = done if run.last_saved == done else save(run, run.step_start)
+        raise NonFiniteError(
+            f"{msg}; the update was skipped, and {run.skipped + 1} non-finite steps exceed "
+            f"max_skipped_steps={limit}; last good state saved in {saved}"
+        )
+    run.skipped += 1
+    if D.is_main():
+        print(
+            f"warning: {msg}: update skipped ({run.skipped} of max_skipped_steps={limit})",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+# ---------------------------------------------------------------------------------- run
+
+
+def finish(run: Run) -> Path:
+    run.logger.close()
+    if run.last_saved is None and run.cfg.save_last:
+        save(run)
+    export_model(run.engine, run.objective, run.tokenizer, run.cfg, run.zero_stage, run.out)
+    log(f"done: {run.step} steps; model in {run.out}")
+    return run.out
+
+
+def train(cfg: TrainConfig) -> Path:
+    run = setup(cfg)
+    for micro_batches in epochs(run):
+        train_step(run, micro_batches)
+        if run.step % cfg.save_steps == 0 or (run.step == run.total_steps and cfg.save_last):
+            save(run)
+    return finish(run)
 
 
 def main(cfg: TrainConfig) -> int:
     try:
         train(cfg)
     except NonFiniteError as e:
-        print(f"bumblefast train: {e}; the last checkpoint in {Path(cfg.output_dir) / 'checkpoints'} holds "
-              "the last good state", file=sys.stderr)
+        if D.is_main():
+            print(f"bumblefast train: {e}", file=sys.stderr, flush=True)
         return 3
     return 0

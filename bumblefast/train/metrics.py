@@ -22,6 +22,7 @@ TAGS = {
     "loss": "Train/Loss",
     "lr": "Train/LearningRate",
     "grad_norm": "Train/GradNorm",
+    "skipped_steps": "Train/SkippedSteps",
     "tokens_per_sec": "Perf/TokensPerSec",
     "mfu": "Perf/MFU",
     "padding_fraction": "Perf/PaddingFraction",

@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
 from bumblefast.config import TrainConfig, UserError
+from bumblefast.modelinfo import read_model_config
 from bumblefast.train import distributed as D
 
 PRESETS = Path(__file__).resolve().parent.parent.parent / "configs" / "models"
@@ -137,13 +139,58 @@ def check_precomputed(cfg, manifest: dict) -> None:
                         "`bumblefast precompute-ref`")
 
 
+def checkpoint_files(path: Path) -> list[Path]:
+    """The safetensors files of a Hugging Face model folder (one file, or the index's shards)."""
+    from bumblefast.model import SAFE_INDEX, SAFE_NAME
+
+    if (path / SAFE_INDEX).is_file():
+        return [path / f for f in sorted(set(json.loads((path / SAFE_INDEX).read_text())["weight_map"].values()))]
+    if (path / SAFE_NAME).is_file():
+        return [path / SAFE_NAME]
+    raise FileNotFoundError(f"model_name_or_path: no {SAFE_NAME} or {SAFE_INDEX} in {path}")
+
+
+@torch.no_grad()
+def load_partitioned(path: Path, config, ds_config: dict, **kw):
+    """ZeRO-3: build under `deepspeed.zero.Init`, so each rank allocates only its partition, then
+    copy the checkpoint in one tensor at a time: rank 0 reads it from the memory-mapped
+    safetensors file and `GatheredParameters` hands each rank its part. Host memory per rank:
+    its partition plus the largest tensor, never a whole model (transformers' way under ZeRO-3)."""
+    import deepspeed
+    from safetensors import safe_open
+
+    from bumblefast.model import Bumblebee
+
+    with deepspeed.zero.Init(config_dict_or_path=ds_config):
+        model = Bumblebee(config, **kw)
+    params = dict(model.named_parameters())  # a tied lm_head is embed_tokens, listed once
+    loaded = set()
+    for file in checkpoint_files(path):
+        with safe_open(str(file), framework="pt") as f:
+            for key in sorted(f.keys()):  # the same order on every rank: each gather is collective
+                if key.endswith("rotary_emb.inv_freq") or (key not in params and key == "lm_head.weight"):
+                    continue
+                if key not in params:
+                    raise ValueError(f"checkpoint {file}: {key} is not a parameter of the model")
+                with deepspeed.zero.GatheredParameters([params[key]], modifier_rank=0):
+                    if D.is_main():
+                        params[key].copy_(f.get_tensor(key))
+                loaded.add(key)
+    missing = sorted(set(params) - loaded)
+    if missing:
+        raise ValueError(f"checkpoint {path} does not match the config: missing {missing}")
+    return model
+
+
 def build_model(cfg: TrainConfig, config, ds_config: dict, want_copy: bool = False):
     """Our Bumblebee, fp32 master weights (DeepSpeed casts for bf16); with want_copy also a
-    frozen copy of the starting weights (the DPO reference of full fine-tuning)."""
+    frozen copy of the starting weights (the DPO reference of full fine-tuning). Under ZeRO-3
+    every model is partitioned as it is built, never whole on a rank."""
     from bumblefast.model import Bumblebee
 
     zero3 = ds_config["zero_optimization"].get("stage", 0) == 3
     kw = dict(attn_backend=cfg.attn_backend, kernels=cfg.kernels)
+
     if cfg.stage == "pretrain":
         if zero3:
             import deepspeed
@@ -154,10 +201,10 @@ def build_model(cfg: TrainConfig, config, ds_config: dict, want_copy: bool = Fal
             model = Bumblebee(config, **kw)
         init_parameters(model, config.initializer_range, cfg.seed, zero3)
     else:
-        model = load_trained(cfg, config, kw)
+        model = load_trained(cfg, config, kw, ds_config)
     ref = None
     if want_copy:
-        ref = load_trained(cfg, config, kw)
+        ref = load_trained(cfg, config, kw, ds_config)
         ref.requires_grad_(False).eval()
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -169,12 +216,17 @@ def build_model(cfg: TrainConfig, config, ds_config: dict, want_copy: bool = Fal
     return model, ref
 
 
-def load_trained(cfg: TrainConfig, config, kw: dict):
+def load_trained(cfg: TrainConfig, config, kw: dict, ds_config: dict):
     """A trained HF model folder as our Bumblebee (fp32), grown to `config.vocab_size` rows
-    when load_model_config decided on --resize_vocab."""
+    when load_model_config decided on --resize_vocab; under ZeRO-3 partitioned as it loads."""
     from bumblefast.model import Bumblebee
     from bumblefast.vocab import grow_embeddings
 
+    if ds_config["zero_optimization"].get("stage", 0) == 3:
+        if read_model_config(model_path(cfg))["vocab_size"] != config.vocab_size:
+            raise UserError("resize_vocab: not under ZeRO-3 (the weights load partitioned); resize with ZeRO 0-2 "
+                            "(e.g. one short run or `--deepspeed_config_path configs/deepspeed/ds_z2.json`) first")
+        return load_partitioned(model_path(cfg), config, ds_config, **kw)
     model = Bumblebee.from_pretrained(model_path(cfg), torch_dtype=torch.float32, **kw)
     if model.config.vocab_size < config.vocab_size:
         grow_embeddings(model, config.vocab_size)
