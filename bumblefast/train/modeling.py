@@ -216,13 +216,13 @@ def build_model(cfg: TrainConfig, config, ds_config: dict, want_copy: bool = Fal
     return model, ref
 
 
-def load_trained(cfg: TrainConfig, config, kw: dict, ds_config: dict):
+def load_trained(cfg: TrainConfig, config, kw: dict, ds_config: dict | None = None):
     """A trained HF model folder as our Bumblebee (fp32), grown to `config.vocab_size` rows
     when load_model_config decided on --resize_vocab; under ZeRO-3 partitioned as it loads."""
     from bumblefast.model import Bumblebee
     from bumblefast.vocab import grow_embeddings
 
-    if ds_config["zero_optimization"].get("stage", 0) == 3:
+    if ds_config and ds_config["zero_optimization"].get("stage", 0) == 3:
         if read_model_config(model_path(cfg))["vocab_size"] != config.vocab_size:
             raise UserError("resize_vocab: not under ZeRO-3 (the weights load partitioned); resize with ZeRO 0-2 "
                             "(e.g. one short run or `--deepspeed_config_path configs/deepspeed/ds_z2.json`) first")
