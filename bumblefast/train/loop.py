@@ -25,7 +25,7 @@ from bumblefast.tokenizer import load_tokenizer
 from bumblefast.train import checkpoint as ckpt
 from bumblefast.train import distributed as D
 from bumblefast.train.data import open_loader
-from bumblefast.train.engine import deepspeed_config, initialize, shard_reference
+from bumblefast.train.engine import compute_dtype, deepspeed_config, initialize, shard_reference
 from bumblefast.train.export import export_model
 from bumblefast.train.metrics import MetricLogger, device_peak_tflops
 from bumblefast.train.modeling import (
@@ -88,8 +88,8 @@ def train(cfg: TrainConfig) -> Path:
     loader, data_meta, manifest = open_loader(cfg, tokenizer_path(cfg))
     reference = resolve_reference(cfg, manifest) if cfg.stage == "dpo" else None
     model, ref_model = build_model(cfg, model_config, ds_config, want_copy=reference == "copy")
-    if ref_model is not None:
-        ref_model = shard_reference(ref_model.to(device), ds_config)
+    if ref_model is not None:  # in the policy's compute dtype: same precision and attention kernel, half the memory
+        ref_model = shard_reference(ref_model.to(device=device, dtype=compute_dtype(ds_config)), ds_config)
     objective = build_objective(cfg, model, zero_stage, reference, ref_model)
     if reference:
         log(f"dpo: {cfg.pref_loss} loss, beta {cfg.pref_beta}, reference: {reference}")
