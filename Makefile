@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test test-fast lint format bench clean browser
+.PHONY: demo test test-fast lint format bench clean browser gpu-wheels gpu-rehearsal
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,3 +44,15 @@ format: $(VENV)/.installed
 
 clean:
 	rm -rf demo_out .pytest_cache .cache
+
+# The GPU check (docs/performance.md, "How to run the GPU check"). gpu-wheels: the wheels the GPU
+# machine lacks + the project's own wheel into .whl/, and the bench data into .benchdata/ (both
+# travel with the run); gpu-rehearsal: benchmarks/gpu/run.sh --rehearsal on a CPU copy of the
+# GPU machine's stack (its venv built once into .cache/gpu-rehearsal-venv).
+PYTHON312 ?= $(shell command -v python3.12 || echo /root/.pyenv/versions/3.12.1/bin/python)
+
+gpu-wheels:
+	PYTHON=$(PYTHON312) bash benchmarks/gpu/wheels.sh
+
+gpu-rehearsal:
+	PYTHON312=$(PYTHON312) bash benchmarks/gpu/rehearsal.sh

@@ -41,6 +41,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data"
+# the same files copied into the checkout (`make gpu-wheels`), so a GPU run, which gets the
+# checkout alone, benches the same data as the CPU runs
+BENCHDATA = ROOT / ".benchdata"
 DEMO = ROOT / "datasets" / "demo"
 # stage -> (real sample file in ../shared/data, the project's own demo file as fallback)
 DATA = {
@@ -159,19 +162,28 @@ def profile_lines(title: str, prof: dict, top: int = 10) -> list[str]:
     return lines
 
 
+def build_ours(cfg, device):
+    """Our model built on the device (meta init, then to_empty + init there): a 1.5B fp32 random
+    fill takes ~30 s single-threaded on a CPU and well under a second on a GPU."""
+    from bumblefast.model import Bumblebee
+
+    torch.manual_seed(0)
+    model = Bumblebee.from_config(cfg, device="meta").to_empty(device=device)
+    return model.init_weights()
+
+
 def bench_ours(cfg, batches: list[dict], warmup: int, device, dtype, stage: str, reference: str | None = None,
                lora_rank: int = 16, profile: bool = False) -> dict:
     """Our model + the stage's objective on packed micro-batches (a plain AdamW step)."""
     from bumblefast.config import DPOConfig
-    from bumblefast.model import Bumblebee
     from bumblefast.train.engine import apply_lora
     from bumblefast.train.objectives import DPOObjective, LMObjective
     from bumblefast.train.pref_losses import PrefLossConfig
 
-    torch.manual_seed(0)
-    model = Bumblebee(cfg).init_weights().to(device)
+    model = build_ours(cfg, device)
     if stage == "dpo":
-        model = apply_lora(model, DPOConfig(finetuning_type="lora", lora_rank=lora_rank, lora_alpha=2 * lora_rank))
+        model = apply_lora(model, DPOConfig(finetuning_type="lora", lora_rank=lora_rank, lora_alpha=2 * lora_rank,
+                                                  lora_target_modules=list(LORA_TARGETS)))
         obj = DPOObjective(model, PrefLossConfig(), "adapter")
         if reference == "precomputed":  # what `bumblefast precompute-ref` stores, made untimed
             for b in batches:
@@ -196,7 +208,8 @@ def bench_ours(cfg, batches: list[dict], warmup: int, device, dtype, stage: str,
     return {"profile": prof, "seconds": seconds, "steps": n_steps, "real_tokens": tokens, "computed_tokens": tokens,
             "pairs": sum(DPOObjective.count(b) for b in timed) if stage == "dpo" else None,
             "doc_lens": [n for b in timed for n in torch.diff(b["cu_seqlens"]).tolist()],
-            "attn": inner.resolved_attn(device), "kernels": dict(inner.ops(device).backends)}
+            "attn": inner.last_attn_backend, "kernels": dict(inner.ops(device).backends),
+            "lora_rank": lora_rank if stage == "dpo" else 0, "reference": reference}
 
 
 def hf_model(cfg, device):
@@ -214,7 +227,8 @@ def hf_model(cfg, device):
     torch.manual_seed(0)
     cfg = type(cfg).from_dict(cfg.to_dict())
     cfg._attn_implementation = "sdpa"
-    return Qwen2ForCausalLM(cfg).to(device), liger
+    with torch.device(device):  # initialised where it runs (see build_ours)
+        return Qwen2ForCausalLM(cfg), liger
 
 
 def padded_batches(samples, batch_size: int, pad_id: int, device) -> list[dict]:
@@ -267,7 +281,7 @@ def bench_trl_dpo(cfg, pair_batches: list[list], warmup: int, device, dtype, pad
 
     base, liger = hf_model(cfg, device)
     model = get_peft_model(base, LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0,
-                                            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+                                            target_modules=list(LORA_TARGETS)))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     prepared = []
     for pairs in pair_batches:  # pairs: [(chosen ids, chosen mask), (rejected ids, rejected mask)] * P
@@ -293,7 +307,7 @@ def bench_trl_dpo(cfg, pair_batches: list[list], warmup: int, device, dtype, pad
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    result = padded_result(step, prepared, warmup, device, liger=liger)
+    result = padded_result(step, prepared, warmup, device, liger=liger, lora_rank=lora_rank, reference="adapter")
     result["pairs"] = sum(len(b["lens"]) // 2 for b in prepared[warmup:])
     return result
 
@@ -301,6 +315,9 @@ def bench_trl_dpo(cfg, pair_batches: list[list], warmup: int, device, dtype, pad
 def samples_of(shards: Path, batches: list[dict]) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
     """Per micro-batch, the samples inside its rows (as prep tokenized them)."""
     return [[s for row in unpack_rows(shards, b["sample_ids"].tolist()) for s in row] for b in batches]
+
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")  # ours (DPOConfig's default) and the TRL-style peer
 
 
 def summarize(name: str, r: dict, cfg, peak: float | None) -> dict:
@@ -318,8 +335,11 @@ def summarize(name: str, r: dict, cfg, peak: float | None) -> dict:
     if r.get("pairs"):
         out["pairs"] = r["pairs"]
         out["pairs_per_sec"] = r["pairs"] / r["seconds"]
-    if peak:
-        out["mfu"] = flops.train_flops(cfg, r["doc_lens"]) / r["seconds"] / (peak * 1e12)
+    if peak:  # by what is computed: LoRA trains the adapters only; a precomputed reference costs 0
+        lora = r.get("lora_rank") or 0
+        work = flops.step_flops(cfg, r["doc_lens"], lora_rank=lora, lora_targets=LORA_TARGETS if lora else (),
+                                reference=r.get("reference"))
+        out["mfu"] = work / r["seconds"] / (peak * 1e12)
     return out
 
 
@@ -329,8 +349,8 @@ def run_stage(stage: str, args, device, dtype, preset: str, peak) -> dict:
     from bumblefast import flops
 
     real, fallback = DATA[stage]
-    data = Path(args.data) if args.data and stage == args.stage else (
-        SHARED / real if (SHARED / real).is_file() else DEMO / fallback)
+    data = Path(args.data) if args.data and stage == args.stage else next(
+        (d / real for d in (BENCHDATA, SHARED) if (d / real).is_file()), DEMO / fallback)
     seq_len = 256 if args.quick else args.seq_len
     steps = args.steps or (3 if args.quick else (20 if device.type == "cuda" else 12))
     warmup = 1 if args.quick else args.warmup
@@ -433,6 +453,31 @@ def bench(size: str, workdir: Path) -> dict:
     return {"config": config, "results": {"stages": stages, "notes": notes}, "ratios": ratios, "points": points}
 
 
+def write_report(report: dict, stem: Path) -> str:
+    """Write the JSON and the markdown table of the stages done so far; returns the table."""
+    lines = [f"## bench_train ({report['date']}, {report['device']}, {report['preset']})", "",
+             "| stage | configuration | real tokens/s | pairs/s | real-token fraction | MFU | ratio |",
+             "|---|---|---|---|---|---|---|"]
+    for st in report["stages"]:
+        key = "pairs_per_sec" if st["stage"] == "dpo" else "real_tokens_per_sec"
+        for r in st["results"]:
+            mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "n/a (CPU)"
+            pairs = f"{r['pairs_per_sec']:.1f}" if "pairs_per_sec" in r else "-"
+            ratio = f"{r[key] / st['results'][-1][key]:.2f}x"
+            lines.append(f"| {st['stage']} (seq {st['seq_len']}) | {r['name']} | {r['real_tokens_per_sec']:.0f} | {pairs} "
+                         f"| {r['real_token_fraction']:.3f} | {mfu} | {ratio} |")
+    lines += ["", "ratio: against the last row of the stage (the baseline); dpo compares pairs/s.",
+              "MFU: FLOPs by what is computed (bumblefast/flops.py step_flops) over the dense bf16 peak."]
+    for st in report["stages"]:
+        for r in st["results"]:
+            if r.get("profile"):
+                lines += profile_lines(f"{st['stage']}: {r['name']}", r["profile"])
+    table = "\n".join(lines)
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(table + "\n")
+    return table
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--stage", default="sft", choices=("sft", "pretrain", "dpo", "all"))
@@ -460,32 +505,16 @@ def main() -> int:
         "dtype": str(dtype).removeprefix("torch."),
         "preset": preset,
         "peak_tflops": peak,
-        "stages": [run_stage(stage, args, device, dtype, preset, peak) for stage in stages],
+        "stages": [],
     }
-    lines = [f"## bench_train ({report['date']}, {report['device']}, {preset})", "",
-             "| stage | configuration | real tokens/s | pairs/s | real-token fraction | MFU | ratio |",
-             "|---|---|---|---|---|---|---|"]
-    for st in report["stages"]:
-        key = "pairs_per_sec" if st["stage"] == "dpo" else "real_tokens_per_sec"
-        for r in st["results"]:
-            mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "n/a (CPU)"
-            pairs = f"{r['pairs_per_sec']:.1f}" if "pairs_per_sec" in r else "-"
-            ratio = f"{r[key] / st['results'][-1][key]:.2f}x"
-            lines.append(f"| {st['stage']} (seq {st['seq_len']}) | {r['name']} | {r['real_tokens_per_sec']:.0f} | {pairs} "
-                         f"| {r['real_token_fraction']:.3f} | {mfu} | {ratio} |")
-    lines += ["", "ratio: against the last row of the stage (the baseline); dpo compares pairs/s."]
-    for st in report["stages"]:
-        for r in st["results"]:
-            if r.get("profile"):
-                lines += profile_lines(f"{st['stage']}: {r['name']}", r["profile"])
-    table = "\n".join(lines)
-    print("\n" + table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"bench_train_{platform.node()}_{report['date']}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(table + "\n")
-    print(f"wrote {stem}.json and .md")
+    for stage in stages:  # each stage's results on disk as soon as it ends (a timeout keeps them)
+        report["stages"].append(run_stage(stage, args, device, dtype, preset, peak))
+        table = write_report(report, stem)
+        print(f"wrote {stem}.json and .md ({len(report['stages'])}/{len(stages)} stages)", flush=True)
+    print("\n" + table)
     return 0
 
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_model import make_model, tiny_config
 
 from bumblefast import attention as A
 from bumblefast import model as M
-from tests.test_model import make_model, tiny_config
 
 HALF = (torch.bfloat16, torch.float16)
 

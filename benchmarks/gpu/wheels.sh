@@ -30,9 +30,22 @@ for spec in "${PKGS[@]}"; do
   fi
   cp "$dir"/*.whl "$DEST/"
 done
-# the project itself, installed there like anywhere else (no symlinked package folder)
-"$PY" -m pip wheel -q --no-deps -w "$BUILD/own" "$ROOT" 2> >(quiet)
+# the project itself, installed there like anywhere else (no symlinked package folder), built
+# from a copy of the working tree's files (tracked and new, not ignored): no stale build/ parts
+mkdir -p "$BUILD/src"
+(cd "$ROOT" && git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t "$BUILD/src" 2>/dev/null) \
+  || cp -r "$ROOT"/{pyproject.toml,README.md,bumblefast,prep,shards,kernels} "$BUILD/src/"
+"$PY" -m pip wheel -q --no-deps -w "$BUILD/own" "$BUILD/src" 2> >(quiet)
 mv "$BUILD"/own/bumblefast-*.whl "$DEST/"
+
+# the data sets bench_train reads on CPU (../shared/data, beside the checkout, does not travel)
+BENCHDATA="$ROOT/.benchdata"
+SHARED="${SHARED_DATA:-$ROOT/../shared/data}"
+mkdir -p "$BENCHDATA"
+for f in alpaca_zh_demo.json pretrain_zh_demo.json dpo_zh_demo.json; do
+  if [ -f "$SHARED/$f" ]; then cp "$SHARED/$f" "$BENCHDATA/"; else echo "gpu-wheels: note: no $SHARED/$f (bench_train falls back to the demo data)"; fi
+done
+echo "gpu-wheels: bench data $(du -sh "$BENCHDATA" | cut -f1) in $BENCHDATA"
 
 n=$(ls "$DEST"/*.whl | wc -l)
 want=$(( ${#PKGS[@]} + 1 ))
