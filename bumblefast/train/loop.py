@@ -127,6 +127,9 @@ def train(cfg: TrainConfig) -> Path:
     plain_grads = zero_stage == 0 and not engine.bfloat16_enabled()
     trace = os.environ.get("BUMBLEFAST_SAMPLE_TRACE")  # tests: which samples each step trained on
     last_good = None
+    lora = getattr(cfg, "finetuning_type", "full") == "lora"  # MFU by what is computed (flops.py)
+    flop_kw = dict(lora_rank=cfg.lora_rank if lora else 0, lora_targets=cfg.lora_target_modules if lora else (),
+                   reference=reference)
     while step < total_steps:
         for state_before, micro_batches in step_batches(loader, accumulation):
             micro_batches = [to_device(b, device) for b in micro_batches]
@@ -135,7 +138,7 @@ def train(cfg: TrainConfig) -> Path:
                 local[0] += objective.count(b)
                 local[1] += float(b["num_tokens"])
                 local[2] += float(b["row_capacity"])
-                local[3] += flops.train_flops(model_config, torch.diff(b["cu_seqlens"]).tolist())
+                local[3] += flops.step_flops(model_config, torch.diff(b["cu_seqlens"]).tolist(), **flop_kw)
             n_global, tokens, capacity, step_flops = D.all_reduce_sum(local, device)
             # DeepSpeed divides by the accumulation steps and averages over ranks: undo both so
             # the update is (sum of all losses in the step) / (global count).
