@@ -40,10 +40,13 @@ mv "$BUILD"/own/bumblefast-*.whl "$DEST/"
 
 # the data sets bench_train reads on CPU (../shared/data, beside the checkout, does not travel)
 BENCHDATA="$ROOT/.benchdata"
-SHARED="${SHARED_DATA:-$ROOT/../shared/data}"
+SHARED="${SHARED_DATA:-}"
+for d in "$ROOT/../shared/data" "$ROOT/../../shared/data"; do  # beside the checkout, or a worktree's
+  [ -z "$SHARED" ] && [ -d "$d" ] && SHARED="$d"
+done
 mkdir -p "$BENCHDATA"
 for f in alpaca_zh_demo.json pretrain_zh_demo.json dpo_zh_demo.json; do
-  if [ -f "$SHARED/$f" ]; then cp "$SHARED/$f" "$BENCHDATA/"; else echo "gpu-wheels: note: no $SHARED/$f (bench_train falls back to the demo data)"; fi
+  if [ -n "$SHARED" ] && [ -f "$SHARED/$f" ]; then cp "$SHARED/$f" "$BENCHDATA/"; else echo "gpu-wheels: note: no $SHARED/$f (bench_train falls back to the demo data)"; fi
 done
 echo "gpu-wheels: bench data $(du -sh "$BENCHDATA" | cut -f1) in $BENCHDATA"
 
