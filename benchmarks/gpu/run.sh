@@ -53,7 +53,7 @@ else
   echo "FATAL: no wheels in $WHEELS: run \`make gpu-wheels\` and carry .whl"; exit 1
 fi
 export PYTHONDONTWRITEBYTECODE=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-export TORCH_EXTENSIONS_DIR="$WORK/torch_extensions" MODE EXPECT_SITE
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$WORK/torch_extensions}" MODE EXPECT_SITE
 unset TRITON_INTERPRET
 cd "$WORK"  # not the checkout: its bumblefast/ lacks the mapped subpackages
 
@@ -80,8 +80,10 @@ rc=$?
 cat "$OUT/gpu_env.json"
 [ $rc -eq 0 ] || { echo "FATAL: environment check failed"; exit 1; }
 
+# The timeouts are the GPU run's; a CPU rehearsal stretches them (2 shared cores are slower).
+SCALE="${TIMEOUT_SCALE:-$([ "$MODE" = gpu ] && echo 1 || echo 20)}"
 run() {  # run NAME TIMEOUT CMD...: log each step, keep going, remember failures
-  local name=$1 t=$2; shift 2
+  local name=$1 t=$(( $2 * SCALE )); shift 2
   echo "== $name (timeout ${t}s)"
   local t0=$SECONDS
   timeout "$t" "$@"
