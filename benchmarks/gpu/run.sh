@@ -52,7 +52,7 @@ elif [ "$MODE" = rehearsal ]; then
 else
   echo "FATAL: no wheels in $WHEELS: run \`make gpu-wheels\` and carry .whl"; exit 1
 fi
-export PYTHONDONTWRITEBYTECODE=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$WORK/torch_extensions}" MODE EXPECT_SITE
 unset TRITON_INTERPRET
 cd "$WORK"  # not the checkout: its bumblefast/ lacks the mapped subpackages
