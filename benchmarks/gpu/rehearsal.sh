@@ -12,6 +12,9 @@ if [ ! -f "$stamp" ]; then  # built once per stack.txt (about 5 GB: torch's CUDA
   rm -rf "$VENV"
   "$PY312" -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q -r "$STACK"
+  # the machine has none of these (typer's newer releases pull pydantic in): deepspeed's come
+  # from .whl/, as there
+  "$VENV/bin/python" -m pip uninstall -q -y pydantic pydantic-core annotated-types typing-inspection
   if "$VENV/bin/python" -c "import pydantic" 2>/dev/null; then
     echo "gpu-rehearsal: pydantic got into the copy of the GPU stack; it must come from .whl/" >&2; exit 1
   fi
