@@ -138,7 +138,10 @@ def step_flops(cfg: Any, doc_lens: Iterable[int], lora_rank: int = 0, lora_targe
                 no_input_grad += _mm(shapes, "down_proj", adapter, lora_rank)
         if not adapter:
             raise ValueError("lora_targets: name at least one decoder-layer linear for LoRA")
-        attn_layers = layers - (0 if attn_grad else 1)  # layers whose attention backward runs
+        # layer 0's attention backward: per score/value matmul (half its forward), dQ if q needs a
+        # gradient, dK if k, dP if either, dV if v; later layers run all four (twice the forward)
+        q, k, v = ("q_proj" in adapter), ("k_proj" in adapter), ("v_proj" in adapter)
+        attn_layers = layers - 1 + (q + k + (q or k) + v) / 4
         total = (2.0 * (base + adapters) * tokens + attn_fwd  # forward
                  + 2.0 * (base + adapters - no_input_grad) * tokens + 2 * attn_fwd * attn_layers / layers
                  + 2.0 * adapters * tokens)  # weight gradients: the adapters only
