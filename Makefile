@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test test-fast lint format bench clean browser
+.PHONY: demo test test-fast lint format bench clean browser gpu-wheels gpu-rehearsal
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,3 +44,18 @@ format: $(VENV)/.installed
 
 clean:
 	rm -rf demo_out .pytest_cache .cache
+
+# The GPU check (docs/performance.md, "How to run the GPU check"). gpu-wheels: the wheels the GPU
+# machine lacks + the project's own wheel into .whl/, and the bench data into .benchdata/ (both
+# travel with the run); gpu-rehearsal: benchmarks/gpu/run.sh --rehearsal on a CPU copy of the
+# GPU machine's stack (its venv built once into .cache/gpu-rehearsal-venv).
+# A Python 3.12 that runs (a pyenv shim may exist and refuse to): the GPU machine's version.
+PYTHON312 ?= $(shell for p in python3.12 /root/.pyenv/versions/3.12.1/bin/python; do \
+  $$p -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null && { echo $$p; break; }; done)
+
+gpu-wheels:  # any Python with pip: the wheels are chosen for 3.12 by pip's --python-version
+	PYTHON=$(PYTHON) bash benchmarks/gpu/wheels.sh
+
+gpu-rehearsal:
+	@test -n "$(PYTHON312)" || { echo "gpu-rehearsal: needs Python 3.12 (set PYTHON312=...)"; exit 1; }
+	PYTHON312=$(PYTHON312) bash benchmarks/gpu/rehearsal.sh

@@ -45,6 +45,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data"
+# the same files copied into the checkout (`make gpu-wheels`), so a GPU run, which gets the
+# checkout alone, benches the same data as the CPU runs
+BENCHDATA = ROOT / ".benchdata"
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")  # ours (DPOConfig's default) and the TRL peer
 DEMO = ROOT / "datasets" / "demo"
 # stage -> (real sample file in ../shared/data, the project's own demo file as fallback)
 DATA = {
@@ -177,23 +181,33 @@ def side(name: str, step, batches: list, real: int, computed: int, doc_lens: lis
             "doc_lens": doc_lens, "pairs": pairs, **extra}
 
 
+def build_ours(cfg, device):
+    """Our model built on the device (meta init, then to_empty + init there): a 1.5B fp32 random
+    fill takes ~30 s single-threaded on a CPU and well under a second on a GPU."""
+    from bumblefast.model import Bumblebee
+
+    torch.manual_seed(0)
+    model = Bumblebee.from_config(cfg, device="meta").to_empty(device=device)
+    return model.init_weights()
+
+
 def ours_side(cfg, batches: list[dict], device, dtype, stage: str, reference: str | None = None,
               lora_rank: int = 16) -> dict:
     """Our model + the stage's objective on packed micro-batches (a plain AdamW step). DPO with
     reference "precomputed": the side also carries `ref_step`, our reference scoring of a batch
     (what `bumblefast precompute-ref` runs), timed as its own side."""
     from bumblefast.config import DPOConfig
-    from bumblefast.model import Bumblebee
     from bumblefast.train.engine import apply_lora
     from bumblefast.train.objectives import DPOObjective, LMObjective
     from bumblefast.train.pref_losses import PrefLossConfig
 
     torch.manual_seed(0)
-    model = Bumblebee(cfg).init_weights().to(device)
+    model = build_ours(cfg, device)
     batches = [dict(b) for b in batches]
     extra = {}
     if stage == "dpo":
-        model = apply_lora(model, DPOConfig(finetuning_type="lora", lora_rank=lora_rank, lora_alpha=2 * lora_rank))
+        model = apply_lora(model, DPOConfig(finetuning_type="lora", lora_rank=lora_rank, lora_alpha=2 * lora_rank,
+                                                  lora_target_modules=list(LORA_TARGETS)))
         obj = DPOObjective(model, PrefLossConfig(), "adapter")
         if reference == "precomputed":
             scorer = obj
@@ -219,11 +233,13 @@ def ours_side(cfg, batches: list[dict], device, dtype, stage: str, reference: st
 
     tokens = sum(int(b["num_tokens"]) for b in batches)
     inner = model.get_base_model() if stage == "dpo" else model
-    name = f"bumblefast packed ({inner.resolved_attn(device)} attention)" if stage != "dpo" else (
+    attn = inner.resolved_attn(device, dtype)  # the backend a forward in this compute dtype runs
+    name = f"bumblefast packed ({attn} attention)" if stage != "dpo" else (
         f"bumblefast packed, {reference} reference")
     return side(name, step, batches, tokens, tokens, [n for b in batches for n in torch.diff(b["cu_seqlens"]).tolist()],
                 sum(DPOObjective.count(b) for b in batches) if stage == "dpo" else None,
-                attn=inner.resolved_attn(device), kernels=dict(inner.ops(device).backends), **extra)
+                attn=attn, kernels=dict(inner.ops(device).backends), lora_rank=lora_rank if stage == "dpo" else 0,
+                reference=reference, **extra)
 
 
 def hf_model(cfg, device):
@@ -241,7 +257,8 @@ def hf_model(cfg, device):
     torch.manual_seed(0)
     cfg = type(cfg).from_dict(cfg.to_dict())
     cfg._attn_implementation = "sdpa"
-    return Qwen2ForCausalLM(cfg).to(device), liger
+    with torch.device(device):  # initialised where it runs (see build_ours)
+        return Qwen2ForCausalLM(cfg), liger
 
 
 def padded_batches(samples, batch_size: int, pad_id: int, device) -> list[dict]:
@@ -425,7 +442,10 @@ def summarize(sd: dict, cfg, peak: float | None) -> dict:
         pairs = BL.rounds(sd["name"], sd["pairs"], secs, "pairs/s")
         out.update(pairs=sd["pairs"], pairs_per_sec=pairs["value"], pairs_per_sec_range=pairs["range"])
     if peak:
-        out["mfu"] = flops.train_flops(cfg, sd["doc_lens"]) / tok["seconds"] / (peak * 1e12)
+        lora = sd.get("lora_rank") or 0  # by what is computed: LoRA trains the adapters; precomputed ref costs 0
+        work = flops.step_flops(cfg, sd["doc_lens"], lora_rank=lora, lora_targets=LORA_TARGETS if lora else (),
+                                reference=sd.get("reference"))
+        out["mfu"] = work / tok["seconds"] / (peak * 1e12)
     return out
 
 
@@ -471,8 +491,8 @@ def run_stage(stage: str, args, device, dtype, preset: str, peak) -> dict:
     from bumblefast import flops
 
     real, fallback = DATA[stage]
-    data = Path(args.data) if args.data and stage == args.stage else (
-        SHARED / real if (SHARED / real).is_file() else DEMO / fallback)
+    data = Path(args.data) if args.data and stage == args.stage else next(
+        (d / real for d in (BENCHDATA, SHARED) if (d / real).is_file()), DEMO / fallback)
     seq_len = 256 if args.quick else args.seq_len
     steps = args.steps or (2 if args.quick else (8 if device.type == "cuda" else 4))
     rounds = args.rounds
@@ -646,6 +666,24 @@ def bench(size: str, workdir: Path) -> dict:
             "ratios": ratios, "points": points}
 
 
+def write_report(report: dict, stem: Path) -> str:
+    """Write the JSON and the markdown table of the stages done so far; returns the table."""
+    v = ", ".join(f"{k} {x}" for k, x in report["versions"].items() if x)
+    lines = table(report["stages"], f"## bench_train ({report['date']}, {report['device']}, {report['preset']}; {v})")
+    if "shared_prompt" in report:
+        from bench_shared_prompt import shared_prompt_lines
+
+        lines += shared_prompt_lines(report["shared_prompt"])
+    for st in report["stages"]:
+        for r in st["results"]:
+            if r.get("profile"):
+                lines += profile_lines(f"{st['stage']}: {r['name']}", r["profile"])
+    text = "\n".join(lines)
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(text + "\n")
+    return text
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--stage", default="sft", choices=("sft", "pretrain", "dpo", "all"))
@@ -675,26 +713,19 @@ def main() -> int:
         "preset": preset,
         "peak_tflops": peak,
         "versions": versions(),
-        "stages": [run_stage(stage, args, device, dtype, preset, peak) for stage in stages],
+        "stages": [],
     }
-    v = ", ".join(f"{k} {x}" for k, x in report["versions"].items() if x)
-    lines = table(report["stages"], f"## bench_train ({report['date']}, {report['device']}, {preset}; {v})")
-    if args.stage == "dpo":  # its own epochs and rounds: not part of `--stage all`'s budget
-        from bench_shared_prompt import bench_shared_prompt, shared_prompt_lines
-
-        report["shared_prompt"] = bench_shared_prompt(args, device, dtype, preset)
-        lines += shared_prompt_lines(report["shared_prompt"])
-    for st in report["stages"]:
-        for r in st["results"]:
-            if r.get("profile"):
-                lines += profile_lines(f"{st['stage']}: {r['name']}", r["profile"])
-    text = "\n".join(lines)
-    print("\n" + text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"bench_train_{platform.node()}_{report['date']}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(text + "\n")
+    for stage in stages:  # each stage's results on disk as soon as it ends (a timeout keeps them)
+        report["stages"].append(run_stage(stage, args, device, dtype, preset, peak))
+        write_report(report, stem)
+    if args.stage == "dpo":  # its own epochs and rounds: not part of `--stage all`'s budget
+        from bench_shared_prompt import bench_shared_prompt
+
+        report["shared_prompt"] = bench_shared_prompt(args, device, dtype, preset)
+    print("\n" + write_report(report, stem))
     print(f"wrote {stem}.json and .md")
     return 0
 

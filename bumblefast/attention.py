@@ -59,30 +59,46 @@ def _varlen_fn():
     return varlen_attn
 
 
-def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
-    """The backend to run; ``auto`` uses the varlen kernels only for fp16/bf16 on CUDA
-    (flash kernels have no fp32), else per-document SDPA."""
+def compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The dtype the attention inputs will have: autocast's for ``device`` when it is on
+    (weights may stay fp32 under bf16 autocast), else ``dtype`` (the weights' / activations')."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return dtype
+
+
+def choose_backend(backend: str, device_type: str, dtype: torch.dtype | None, flash: bool, varlen: bool) -> str:
+    """Pure resolution rule (testable without a GPU): ``auto`` takes the varlen kernels only on
+    CUDA for fp16/bf16 compute (flash kernels have no fp32), else per-document SDPA; an
+    explicit backend that cannot run raises ``RuntimeError``."""
     if backend not in BACKENDS:
         raise ValueError(f"attn_backend must be one of {BACKENDS}, got {backend!r}")
-    cuda = device.type == "cuda" and dtype in (None, torch.float16, torch.bfloat16)
+    cuda = device_type == "cuda"
     if backend == "auto":
-        if cuda and flash_attn_available():
+        half = dtype in (None, torch.float16, torch.bfloat16)
+        if cuda and half and flash:
             return "flash"
-        if cuda and _varlen_fn() is not None:
+        if cuda and half and varlen:
             return "varlen"
         return "sdpa"
-    cuda = device.type == "cuda"
-    if backend == "flash" and not (cuda and flash_attn_available()):
+    if backend == "flash" and not (cuda and flash):
         raise RuntimeError(
             "attn_backend='flash' needs CUDA and the flash-attn package "
             "(pip install bumblefast[flash]); use attn_backend='auto'."
         )
-    if backend == "varlen" and not (cuda and _varlen_fn() is not None):
+    if backend == "varlen" and not (cuda and varlen):
         raise RuntimeError(
             "attn_backend='varlen' needs CUDA and torch >= 2.10 "
             "(torch.nn.attention.varlen); use attn_backend='auto'."
         )
     return backend
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """The backend to run on ``device`` for compute dtype ``dtype`` (see :func:`compute_dtype`;
+    None: assume half precision). The model records what it ran as ``last_attn_backend``."""
+    cuda = device.type == "cuda"
+    return choose_backend(backend, device.type, dtype, cuda and flash_attn_available(), cuda and _varlen_fn() is not None)
 
 
 @dataclass

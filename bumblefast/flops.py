@@ -1,10 +1,19 @@
 """Parameter and FLOP counts: the one home of the formulas behind `model info` and MFU.
 
-Convention (docs/performance.md): training FLOPs = 6 * N_matmul per token, where N_matmul
-counts every weight a token is multiplied by (all non-embedding weights plus the LM head,
-once even when tied), plus causal attention from the actual document lengths: a document
-of s tokens costs 6 * L * d_attn * s * (s + 1) (QK^T and AV, forward 2 * 2 * d_attn per
-visited key, backward twice the forward, each query visiting (s + 1) / 2 keys on average).
+Convention (docs/performance.md): FLOPs are counted by what a step computes. Per token and
+matmul weight (N_matmul: every weight a token is multiplied by, all non-embedding weights
+plus the LM head, once even when tied; LoRA adapters are matmul weights too):
+
+- forward: 2;
+- activation gradients: 2, for every matmul whose input needs a gradient (with a frozen
+  embedding, as in LoRA, the first layer's q/k/v inputs do not);
+- weight gradients: 2, only for trained weights (LoRA: the adapters alone);
+- a live DPO reference (adapter disabled, or a frozen copy): one more forward of the base
+  model; a precomputed reference: 0.
+
+So full training is 6 * N_matmul per token. Causal attention from the actual document lengths:
+a document of s tokens costs 2 * L * d_attn * s * (s + 1) forward (QK^T and AV, 2 * 2 * d_attn
+per visited key, each query visiting (s + 1) / 2 keys on average) and twice that backward.
 Cross-document pairs are never counted because they are never computed.
 """
 
@@ -63,9 +72,10 @@ def param_count(cfg: Any) -> int:
 
 
 def matmul_params(cfg: Any) -> int:
-    """Weights each token is multiplied by: all but the embedding lookup, plus the LM head."""
+    """Weights each token is multiplied by: every layer's weight matrices and the LM head (not
+    the embedding lookup, biases or norms, which add or scale)."""
     h, layers, *_, vocab = _dims(cfg)
-    return layers * layer_params(cfg) + h + vocab * h
+    return layers * sum(i * o for i, o in _linear_shapes(cfg).values()) + vocab * h
 
 
 def attention_flops(cfg: Any, doc_lens: Iterable[int], kv_prefix: Iterable[int] | None = None) -> float:
@@ -82,6 +92,74 @@ def train_flops(cfg: Any, doc_lens: Iterable[int], kv_prefix: Iterable[int] | No
     """Training FLOPs (forward + backward) of one pass over these documents."""
     doc_lens = list(doc_lens)
     return 6.0 * matmul_params(cfg) * sum(doc_lens) + attention_flops(cfg, doc_lens, kv_prefix)
+
+
+LIVE_REFERENCES = ("adapter", "copy")
+
+
+def _linear_shapes(cfg: Any) -> dict[str, tuple[int, int]]:
+    """(in, out) features of each decoder-layer linear, by its module name."""
+    h, _, n_heads, kv, hd, inter, _ = _dims(cfg)
+    return {"q_proj": (h, n_heads * hd), "k_proj": (h, kv * hd), "v_proj": (h, kv * hd),
+            "o_proj": (n_heads * hd, h), "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
+
+
+def step_flops(cfg: Any, doc_lens: Iterable[int], lora_rank: int = 0, lora_targets: Iterable[str] = (),
+               reference: str | None = None, kv_prefix: Iterable[int] | None = None) -> float:
+    """FLOPs of one training pass over these documents, counted by what is computed (module
+    docstring): full training (``lora_rank=0``) or LoRA on ``lora_targets``; ``reference`` is
+    the DPO reference (``adapter``/``copy``: a live forward, ``precomputed``/None: none);
+    ``kv_prefix``: shared-prompt keys each document also attends (attention_flops)."""
+    doc_lens = list(doc_lens)
+    tokens = sum(doc_lens)
+    h, layers, *_, vocab = _dims(cfg)
+    attn_fwd = attention_flops(cfg, doc_lens, kv_prefix) / 3
+    base = matmul_params(cfg)
+    if not lora_rank:
+        total = 6.0 * base * tokens + 3 * attn_fwd
+    else:
+        shapes = _linear_shapes(cfg)
+        targets = set(lora_targets)
+        unknown = targets - set(shapes)
+        if unknown:
+            raise ValueError(f"lora_targets: {sorted(unknown)} are not decoder-layer linears {sorted(shapes)}")
+        adapter = {m: lora_rank * (i + o) for m, (i, o) in shapes.items() if m in targets}
+        adapters = layers * sum(adapter.values())
+        # Walk layer 0 (frozen embedding and norms): nothing needs a gradient before the first
+        # adapter; later layers read a residual stream that does (when any adapter exists).
+        no_input_grad = 0
+        for name in ("q_proj", "k_proj", "v_proj"):  # read the first layer's normed input
+            no_input_grad += shapes[name][0] * shapes[name][1] + (lora_rank * shapes[name][0] if name in adapter else 0)
+        attn_grad = any(m in adapter for m in ("q_proj", "k_proj", "v_proj"))
+        needs = attn_grad
+        if not needs:  # o_proj reads the attention output, gate/up the residual: no gradient yet
+            no_input_grad += _mm(shapes, "o_proj", adapter, lora_rank)
+            needs = "o_proj" in adapter
+        if not needs:
+            no_input_grad += _mm(shapes, "gate_proj", adapter, lora_rank) + _mm(shapes, "up_proj", adapter, lora_rank)
+            needs = "gate_proj" in adapter or "up_proj" in adapter
+            if not needs:
+                no_input_grad += _mm(shapes, "down_proj", adapter, lora_rank)
+        if not adapter:
+            raise ValueError("lora_targets: name at least one decoder-layer linear for LoRA")
+        # layer 0's attention backward: per score/value matmul (half its forward), dQ if q needs a
+        # gradient, dK if k, dP if either, dV if v; later layers run all four (twice the forward)
+        q, k, v = ("q_proj" in adapter), ("k_proj" in adapter), ("v_proj" in adapter)
+        attn_layers = layers - 1 + (q + k + (q or k) + v) / 4
+        total = (2.0 * (base + adapters) * tokens + attn_fwd  # forward
+                 + 2.0 * (base + adapters - no_input_grad) * tokens + 2 * attn_fwd * attn_layers / layers
+                 + 2.0 * adapters * tokens)  # weight gradients: the adapters only
+    if reference in LIVE_REFERENCES:
+        total += 2.0 * base * tokens + attn_fwd
+    elif reference not in (None, "none", "precomputed"):
+        raise ValueError(f"reference must be one of {LIVE_REFERENCES}, 'precomputed' or None, got {reference!r}")
+    return total
+
+
+def _mm(shapes: dict, name: str, adapter: dict, rank: int) -> int:
+    """Matmul weights of one linear with its adapter's first (input-reading) matrix."""
+    i, o = shapes[name]
+    return i * o + (rank * i if name in adapter else 0)
 
 
 def train_flops_per_token(cfg: Any, seq_len: int) -> float:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from bumblefast.attention import ATTENTION, BACKENDS, PackedPlan, resolve_backend
+from bumblefast.attention import ATTENTION, BACKENDS, PackedPlan, compute_dtype, resolve_backend
 from bumblefast.kernels import get_ops
 from bumblefast.kernels.dispatch import MODES
 from bumblefast.kernels.modules import RMSNorm
@@ -121,6 +121,7 @@ class Bumblebee(nn.Module):
         self.kernels = kernels
         self.gradient_checkpointing = False
         self._ckpt_kwargs: dict = {}
+        self.last_attn_backend: str | None = None  # what the last forward ran (benchmark labels)
         self.model = BumblebeeModel(config, self)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
@@ -166,6 +167,7 @@ class Bumblebee(nn.Module):
         return get_ops(self.kernels, device)
 
     def resolved_attn(self, device, dtype=None) -> str:
+        """The attention backend a forward on ``device`` with compute dtype ``dtype`` runs."""
         return resolve_backend(self.attn_backend, torch.device(device), dtype)
 
     def get_input_embeddings(self):
@@ -207,7 +209,10 @@ class Bumblebee(nn.Module):
                 position_ids = position_ids + torch.repeat_interleave(
                     kv_prefix.long().to(device), cu[1:] - cu[:-1], output_size=n_tok)
         x = self.model.embed_tokens(input_ids)
-        plan = PackedPlan.build(cu_seqlens, max_seqlen, n_tok, self.resolved_attn(device, x.dtype), kv_prefix)
+        # the dtype q/k/v will have: autocast's when on (the embedding output stays fp32 there)
+        backend = self.resolved_attn(device, compute_dtype(device, x.dtype))
+        plan = PackedPlan.build(cu_seqlens, max_seqlen, n_tok, backend, kv_prefix)
+        self.last_attn_backend = backend
         head_dim = self.model.layers[0].self_attn.head_dim if len(self.model.layers) else 1
         cos, sin = rope_cos_sin(position_ids, head_dim, rope_theta(self.config), x.dtype)
         for layer in self.model.layers:

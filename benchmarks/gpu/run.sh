@@ -1,66 +1,89 @@
 #!/usr/bin/env bash
-# One prepared check for a one-GPU CUDA machine with no internet (< 8 minutes):
-#   1. install the carried wheels (.whl/: deepspeed, mosaicml-streaming, liger-kernel) into /tmp/site
-#   2. make `bumblefast`, `bumblefast.kernels`, ... importable without pip (symlinked package dir)
-#   3. kernel tests on CUDA (fp32 + bf16, ours and Liger), model parity tests on CUDA
+# The one prepared check for a one-GPU CUDA machine with no internet (docs/performance.md, "How
+# to run the GPU check"): give it a 540 s limit; its step timeouts add up to 450 s.
+#   1. install .whl/ (the packages the machine lacks + the project's own wheel; `make gpu-wheels`)
+#      into $SITE and put it on PYTHONPATH: every step imports that installed bumblefast
+#   2. environment check: versions, imports (streaming, deepspeed, liger), attention/kernels
+#   3. kernel and attention-dtype tests on CUDA, model parity tests
 #   4. benchmarks/bench_kernels.py at 8k tokens
-#   5. benchmarks/bench_train.py on the 1.5B preset, seq_len 4096, bf16: pretrain and SFT (ours vs
-#      transformers + Liger) and DPO (LoRA: adapter vs precomputed reference vs TRL-style padding),
-#      with MFU and a torch.profiler summary of where the step time goes; a ZeRO-2 smoke run of `bumblefast train` on one GPU
-# Results and logs go to $OUT (default benchmarks/results/). Usage: bash benchmarks/gpu/run.sh
+#   5. benchmarks/bench_train.py on the 1.5B preset, seq_len 4096, bf16 (pretrain, SFT, DPO),
+#      each stage's results written as soon as the stage ends
+#   6. `bumblefast train` end to end: DeepSpeed ZeRO-2, bf16, on the demo data
+# Every step runs from a scratch folder, so the checkout's bumblefast/ never shadows the
+# installed package. Results go to $OUT (default benchmarks/results/gpu), at most 8 files:
+# gpu_env.json, gpu_run.log, bench_kernels_*.{json,md}, bench_train_*.{json,md},
+# train_zero2_smoke_metrics.json.
+#
+#   bash benchmarks/gpu/run.sh               # on the GPU machine
+#   bash benchmarks/gpu/run.sh --rehearsal   # the same steps on CPU at the smallest sizes
+#                                            # (`make gpu-rehearsal`: on a copy of its stack)
 set -uo pipefail
 
+MODE=gpu
+case "${1:-}" in
+  --rehearsal) MODE=rehearsal ;;
+  "") ;;
+  *) echo "usage: $0 [--rehearsal]" >&2; exit 2 ;;
+esac
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-OUT="${OUT:-$ROOT/benchmarks/results}"
+OUT="${OUT:-$ROOT/benchmarks/results/gpu}"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 LOG="$OUT/gpu_run.log"
 PY="${PYTHON:-python3}"
-SITE=/tmp/site
-PKG="$(mktemp -d /tmp/bumblefast_pkg.XXXXXX)"
+WHEELS="${WHEELS:-$ROOT/.whl}"
+WORK="$(mktemp -d /tmp/bumblefast_gpu.XXXXXX)"
+SITE="${SITE:-$WORK/site}"
 status=0
 exec > >(tee -a "$LOG") 2>&1
-echo "== bumblefast gpu run $(date -u +%FT%TZ) root=$ROOT out=$OUT"
+echo "== bumblefast gpu run ($MODE) $(date -u +%FT%TZ) root=$ROOT out=$OUT python=$PY"
 
-# 1. wheels carried beside the checkout (offline, no deps, no compile)
-WHL_DIR=""
-for d in "$ROOT/.whl" "$ROOT/../.whl"; do [ -d "$d" ] && WHL_DIR="$d" && break; done
-if [ -n "$WHL_DIR" ] && ls "$WHL_DIR"/*.whl >/dev/null 2>&1; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$SITE" "$WHL_DIR"/*.whl \
-    || echo "WARN: wheel install failed"
+# 1. the carried wheels, offline, no dependency resolution (the machine's stack is kept)
+if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+  t0=$SECONDS
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+    "$WHEELS"/*.whl || { echo "FATAL: installing $WHEELS/*.whl failed"; exit 1; }
+  export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+  echo "== installed $(ls "$WHEELS"/*.whl | wc -l) wheels into $SITE in $((SECONDS - t0))s"
+  EXPECT_SITE="$SITE"
+elif [ "$MODE" = rehearsal ]; then
+  echo "== no wheels in $WHEELS: using the packages of $PY (rehearsal of the script's logic only)"
+  EXPECT_SITE=""
 else
-  echo "WARN: no .whl/ folder found; using preinstalled packages only"
+  echo "FATAL: no wheels in $WHEELS: run \`make gpu-wheels\` and carry .whl"; exit 1
 fi
-
-# 2. importable package without installing: $PKG/bumblefast/{*.py from bumblefast/, kernels, prep, shards}
-mkdir -p "$PKG/bumblefast"
-for f in "$ROOT"/bumblefast/*; do ln -s "$f" "$PKG/bumblefast/$(basename "$f")"; done
-for sub in kernels prep shards; do
-  [ -d "$ROOT/$sub" ] && [ ! -e "$PKG/bumblefast/$sub" ] && ln -s "$ROOT/$sub" "$PKG/bumblefast/$sub"
-done
-# $PKG must win over $ROOT/bumblefast (which lacks the mapped subpackages): python -P keeps the
-# cwd/script dir off sys.path and pytest's importlib mode does not insert rootdirs.
-export PYTHONPATH="$PKG:$SITE${PYTHONPATH:+:$PYTHONPATH}"
-export PYTHONDONTWRITEBYTECODE=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$WORK/torch_extensions}" MODE EXPECT_SITE
 unset TRITON_INTERPRET
+cd "$WORK"  # not the checkout: its bumblefast/ lacks the mapped subpackages
 
-cd "$ROOT"
-"$PY" -P - <<'PYEOF' | tee "$OUT/gpu_env.json"
-import json, torch, triton, transformers
-import bumblefast.kernels as K
+# 2. environment: fail fast on anything the later steps import
+"$PY" - >"$OUT/gpu_env.json" <<'PYEOF'
+import json, os, sys
+import torch, triton, transformers, numpy
+import deepspeed, streaming
+import bumblefast, bumblefast.kernels as K
 from bumblefast.attention import resolve_backend
-d = dict(torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__version__,
-         transformers=transformers.__version__, gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-         liger=K.liger_available(), kernels_auto=K.get_ops("auto", "cuda").backends if torch.cuda.is_available() else None,
-         attn_auto=resolve_backend("auto", torch.device("cuda")) if torch.cuda.is_available() else None,
-         bumblefast_kernels=K.__file__)
+cuda = torch.cuda.is_available()
+dev = torch.device("cuda" if cuda else "cpu")
+d = dict(python=sys.version.split()[0], torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__version__,
+         transformers=transformers.__version__, numpy=numpy.__version__, deepspeed=deepspeed.__version__,
+         streaming=streaming.__version__, gpu=torch.cuda.get_device_name(0) if cuda else None,
+         liger=K.liger_available(), kernels_auto=K.get_ops("auto", dev).backends,
+         attn_auto_bf16=resolve_backend("auto", dev, torch.bfloat16), bumblefast=bumblefast.__file__)
 print(json.dumps(d, indent=1))
-assert torch.cuda.is_available(), "no CUDA device visible"
+site = os.environ["EXPECT_SITE"]
+assert not site or bumblefast.__file__.startswith(site), f"bumblefast imported from {bumblefast.__file__}, not {site}"
+assert cuda or os.environ["MODE"] == "rehearsal", "no CUDA device visible"
 PYEOF
-[ "${PIPESTATUS[0]}" -eq 0 ] || { echo "FATAL: environment check failed"; exit 1; }
+rc=$?
+cat "$OUT/gpu_env.json"
+[ $rc -eq 0 ] || { echo "FATAL: environment check failed"; exit 1; }
 
+# The timeouts are the GPU run's; a CPU rehearsal stretches them (2 shared cores are slower).
+SCALE="${TIMEOUT_SCALE:-$([ "$MODE" = gpu ] && echo 1 || echo 20)}"
 run() {  # run NAME TIMEOUT CMD...: log each step, keep going, remember failures
-  local name=$1 t=$2; shift 2
+  local name=$1 t=$(( $2 * SCALE )); shift 2
   echo "== $name (timeout ${t}s)"
   local t0=$SECONDS
   timeout "$t" "$@"
@@ -69,29 +92,42 @@ run() {  # run NAME TIMEOUT CMD...: log each step, keep going, remember failures
   [ $rc -eq 0 ] || status=1
 }
 
-PYTEST=("$PY" -P -m pytest --import-mode=importlib -p no:cacheprovider -q -rs)
-# Budget (one call under 8 minutes at most): 100 + 60 + 60 + 80 + 210 + 120 + 60 s of timeouts, plus installs.
-# Files back from $OUT: env, log, 2 x bench_kernels, 2 x bench_train, 2 x bench_shared_prompt, smoke metrics.
-run kernel_tests 100 "${PYTEST[@]}" tests/test_kernels_triton.py tests/test_kernels_dispatch.py
-run model_tests 60 "${PYTEST[@]}" tests/test_model.py
-run shared_prompt_tests 60 "${PYTEST[@]}" tests/test_shared_prompt.py -k cuda
-run bench_kernels 80 "$PY" -P benchmarks/bench_kernels.py --out "$OUT" --tokens 8192 --dtype bfloat16
-run bench_train 210 "$PY" -P benchmarks/bench_train.py --stage all --seq_len 4096 --preset bumblebee-1.5b \
-  --steps 8 --warmup 2 --profile --out "$OUT"
-# DPO with a shared prompt vs unshared, 1.5B preset, seq 4096 (pairs/s, same pairs, interleaved epochs)
-run bench_shared_prompt 120 "$PY" -P benchmarks/bench_shared_prompt.py --seq_len 4096 --preset bumblebee-1.5b \
-  --pairs 64 --rounds 3 --out "$OUT"
-# the real trainer end to end: DeepSpeed ZeRO-2, bf16, fused AdamW, tiny preset on the demo data
-run train_zero2_smoke 60 bash -c '
-  set -e; T=$(mktemp -d)
-  "$0" -P -m bumblefast tokenizer train --input datasets/demo/pretrain.json --vocab_size 1024 --output "$T/tok"
-  "$0" -P -m bumblefast prep --stage pretrain --input datasets/demo/pretrain.json --tokenizer_name_or_path "$T/tok" \
-    --seq_len 256 --output_dir "$T/shards"
-  "$0" -P -m bumblefast train --yaml_config configs/demo/pretrain.yaml --tokenizer_name_or_path "$T/tok" \
-    --dataset_path "$T/shards" --output_dir "$T/run" --max_steps 20 --bf16 true \
-    --deepspeed_config_path configs/deepspeed/ds_z2.json --kernels auto
-  cp "$T/run/training_metrics.json" "'"$OUT"'/train_zero2_smoke_metrics.json"' "$PY"
+# Sizes: the GPU run, or the smallest that exercise the same code on CPU.
+if [ "$MODE" = gpu ]; then
+  KERNEL_ARGS=(--tokens 8192 --dtype bfloat16)
+  TRAIN_ARGS=(--stage all --seq_len 4096 --preset bumblebee-1.5b --steps 4 --rounds 3 --min_pairs 8 --profile)
+  SMOKE=(--max_steps 20 --bf16 true)
+else
+  KERNEL_ARGS=(--quick --dtype float32 --ops rms_norm)
+  TRAIN_ARGS=(--stage all --quick --preset bumblebee-tiny --steps 2 --rounds 2 --min_pairs 2 --profile)
+  SMOKE=(--max_steps 2 --bf16 false)
+fi
+PYTEST=("$PY" -m pytest -p no:cacheprovider -q -rs --rootdir "$ROOT" -c "$ROOT/pyproject.toml")
+KERNEL_TESTS=("$ROOT/tests/test_kernels_dispatch.py" "$ROOT/tests/test_attention_dtype.py")
+# on CPU the Triton suite runs in the interpreter (minutes on 2 cores): the GPU run compiles it
+[ "$MODE" = gpu ] && KERNEL_TESTS+=("$ROOT/tests/test_kernels_triton.py")
 
-rm -rf "$PKG"
+# Timeouts: 75 + 30 + 45 + 60 + 195 + 45 = 450 s, plus install and environment check (< 60 s).
+run kernel_tests 75 "${PYTEST[@]}" "${KERNEL_TESTS[@]}"
+# DPO shared prompt: flash / varlen against the sdpa_mask reference in bf16 (CUDA-only tests)
+run shared_prompt_cuda 30 "${PYTEST[@]}" "$ROOT/tests/test_shared_prompt.py" -k cuda
+run model_tests 45 "${PYTEST[@]}" "$ROOT/tests/test_model.py"
+run bench_kernels 60 "$PY" "$ROOT/benchmarks/bench_kernels.py" --out "$OUT" "${KERNEL_ARGS[@]}"
+run bench_train 195 "$PY" "$ROOT/benchmarks/bench_train.py" --out "$OUT" "${TRAIN_ARGS[@]}"
+run train_zero2_smoke 45 bash -c '
+  set -e; PY=$1 ROOT=$2 OUT=$3; shift 3; T=$(mktemp -d)
+  "$PY" -m bumblefast tokenizer train --input "$ROOT/datasets/demo/pretrain.json" --vocab_size 1024 --output "$T/tok"
+  "$PY" -m bumblefast prep --stage pretrain --input "$ROOT/datasets/demo/pretrain.json" \
+    --tokenizer_name_or_path "$T/tok" --seq_len 256 --output_dir "$T/shards"
+  "$PY" -m bumblefast train --yaml_config "$ROOT/configs/demo/pretrain.yaml" --tokenizer_name_or_path "$T/tok" \
+    --model_name_or_path "$ROOT/configs/models/bumblebee-tiny" --dataset_path "$T/shards" --output_dir "$T/run" \
+    --deepspeed_config_path "$ROOT/configs/deepspeed/ds_z2.json" \
+    --kernels auto "$@"
+  cp "$T/run/training_metrics.json" "$OUT/train_zero2_smoke_metrics.json"' _ "$PY" "$ROOT" "$OUT" "${SMOKE[@]}"
+
+cd "$ROOT" && rm -rf "$WORK"
+n=$(find "$OUT" -type f | wc -l)
+echo "== $n files in $OUT"
+[ "$n" -le 8 ] || { echo "ERROR: more than 8 files in $OUT: the device returns 8 at most"; status=1; }
 echo "== done status=$status; results in $OUT"
 exit $status

@@ -129,6 +129,11 @@ def initialize(module: torch.nn.Module, cfg: TrainConfig, ds_config: dict, total
     return engine
 
 
+def compute_dtype(ds_config: dict) -> torch.dtype:
+    """The dtype DeepSpeed runs the policy's forward in (its module weights): bf16 or fp32."""
+    return torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float32
+
+
 def shard_reference(ref: torch.nn.Module, ds_config: dict) -> torch.nn.Module:
     """Under ZeRO-3 the frozen DPO reference is partitioned like the policy (an engine with no
     optimizer, as TRL prepares its reference); other stages keep the plain module."""

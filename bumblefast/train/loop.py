@@ -41,7 +41,13 @@ from bumblefast.tokenizer import load_tokenizer
 from bumblefast.train import checkpoint as ckpt
 from bumblefast.train import distributed as D
 from bumblefast.train.data import open_loader
-from bumblefast.train.engine import deepspeed_config, initialize, plain_gradients, shard_reference
+from bumblefast.train.engine import (
+    compute_dtype,
+    deepspeed_config,
+    initialize,
+    plain_gradients,
+    shard_reference,
+)
 from bumblefast.train.export import export_model
 from bumblefast.train.metrics import MetricLogger, device_peak_tflops
 from bumblefast.train.modeling import (
@@ -166,9 +172,9 @@ def setup(cfg: TrainConfig) -> Run:
     loader, data_meta, manifest = open_loader(cfg, tokenizer_path(cfg))
     reference = resolve_reference(cfg, manifest) if cfg.stage == "dpo" else None
     model, ref_model = build_model(cfg, model_config, ds_config, want_copy=reference == "copy")
-    if ref_model is not None:
+    if ref_model is not None:  # in the policy's compute dtype: same precision and attention kernel, half the memory
         ref_model = shard_reference(
-            ref_model if zero_stage == 3 else ref_model.to(device), ds_config
+            ref_model if zero_stage == 3 else ref_model.to(device=device, dtype=compute_dtype(ds_config)), ds_config
         )
     objective = build_objective(cfg, model, zero_stage, reference, ref_model)
     if reference:
@@ -268,13 +274,18 @@ def epochs(run: Run) -> Iterator[list[dict]]:
 def host_facts(run: Run, micro_batches: list[dict]) -> tuple[list[float], list[list[int]]]:
     """From the collator's host tensors, never the device: the step's loss terms, tokens, row
     capacity and training FLOPs (from document lengths), and each micro-batch's sample ids."""
+    cfg = run.cfg
+    lora = cfg.finetuning_type == "lora"  # MFU by what is computed (flops.step_flops)
+    flop_kw = dict(lora_rank=cfg.lora_rank if lora else 0, lora_targets=cfg.lora_target_modules if lora else (),
+                   reference=getattr(run.objective, "reference", None))
     count = tokens = capacity = step_flops = 0.0
     for b in micro_batches:
         count += run.objective.count(b)
         tokens += float(b["num_tokens"])
         capacity += float(b["row_capacity"])
         prefix = b["kv_prefix"].tolist() if "kv_prefix" in b else None
-        step_flops += flops.train_flops(run.model_config, np.diff(b["cu_seqlens"].numpy()).tolist(), prefix)
+        lens = np.diff(b["cu_seqlens"].numpy()).tolist()
+        step_flops += flops.step_flops(run.model_config, lens, kv_prefix=prefix, **flop_kw)
     return [count, tokens, capacity, step_flops], [b["sample_ids"].tolist() for b in micro_batches]
 
 

@@ -1,0 +1,144 @@
+"""bumblefast.flops.step_flops (the MFU numerator) against torch's own FLOP counter.
+
+FlopCounterMode counts every matmul a step runs (forward, activation and weight gradients,
+the reference forward). Its CPU SDPA has no formula, so attention runs here as explicit
+per-document matmuls that it does count; they compute full s x s scores, which equal the
+causal s(s+1)/2 convention of flops.py for one-token documents: those are used where the
+attention term matters, so the comparison is exact."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from test_model import make_model, tiny_config
+from torch.utils.flop_counter import FlopCounterMode
+
+from bumblefast import attention as A
+from bumblefast import flops
+from bumblefast.config import DPOConfig
+from bumblefast.train.engine import apply_lora
+from bumblefast.train.objectives import DPOObjective, LMObjective
+from bumblefast.train.pref_losses import PrefLossConfig
+
+
+def matmul_attention(q, k, v, plan):
+    """Per-document causal attention as bmm (counted by FlopCounterMode), GQA by repetition."""
+    rep = q.shape[1] // k.shape[1]
+    bounds = plan.cu_seqlens.tolist()
+    outs = []
+    for a, b in zip(bounds, bounds[1:]):
+        qd = q[a:b].transpose(0, 1)
+        kd = k[a:b].repeat_interleave(rep, dim=1).transpose(0, 1)
+        vd = v[a:b].repeat_interleave(rep, dim=1).transpose(0, 1)
+        scores = qd @ kd.transpose(1, 2) / math.sqrt(q.shape[-1])
+        causal = torch.ones(b - a, b - a, dtype=torch.bool).tril()
+        probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+        outs.append((probs @ vd).transpose(0, 1))
+    return torch.cat(outs)
+
+
+@pytest.fixture
+def counted_attention(monkeypatch):
+    monkeypatch.setitem(A.ATTENTION, "sdpa", matmul_attention)
+
+
+def batch_of(doc_lens, vocab, dpo=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n = sum(doc_lens)
+    cu = torch.tensor([0, *torch.tensor(doc_lens).cumsum(0).tolist()], dtype=torch.int32)
+    pos = torch.cat([torch.arange(s) for s in doc_lens])
+    b = {"input_ids": torch.randint(0, vocab, (n,), generator=g), "position_ids": pos, "cu_seqlens": cu,
+         "max_seqlen": max(doc_lens), "labels": torch.randint(0, vocab, (n,), generator=g),
+         "num_target_tokens": n}
+    if dpo:
+        b["segment_ids"] = torch.repeat_interleave(torch.arange(len(doc_lens)), torch.tensor(doc_lens))
+        b["ref_logps"] = -torch.rand(len(doc_lens), generator=g)
+    return b
+
+
+def addmm_inplace_flops(self_shape, a_shape, b_shape, out_shape=None, **_) -> int:
+    """FLOPs of ``c.addmm_(a, b)``: the matmul, 2 * m * k * n (as the counter's addmm)."""
+    (m, k), (_, n) = a_shape, b_shape
+    return 2 * m * k * n
+
+
+def counted(objective, batch) -> int:
+    # the fused LM-head loss accumulates its weight gradient with in-place addmm_, which the
+    # counter has no formula for: count it like addmm
+    with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: addmm_inplace_flops}) as fc:
+        loss, _ = objective(batch)
+        loss.backward()
+    return fc.get_total_flops()
+
+
+def lora_model(cfg, targets, rank=4):
+    dpo = DPOConfig(finetuning_type="lora", lora_rank=rank, lora_alpha=2 * rank, lora_dropout=0.0,
+                    lora_target_modules=list(targets))
+    return apply_lora(make_model(cfg), dpo)
+
+
+def test_full_training_step_is_6n_plus_attention(counted_attention):
+    cfg = tiny_config()
+    docs = [1] * 24
+    got = counted(LMObjective(make_model(cfg)), batch_of(docs, cfg.vocab_size))
+    assert got == flops.step_flops(cfg, docs) == flops.train_flops(cfg, docs)
+
+
+@pytest.mark.parametrize("targets", [("q_proj", "k_proj", "v_proj", "o_proj"), ("q_proj", "v_proj", "down_proj"),
+                                     ("gate_proj", "up_proj", "down_proj"), ("o_proj",)])
+def test_lora_step_counts_adapter_weight_gradients_only(counted_attention, targets):
+    cfg = tiny_config()
+    docs = [1] * 24
+    model = lora_model(cfg, targets)
+    got = counted(LMObjective(model), batch_of(docs, cfg.vocab_size))
+    want = flops.step_flops(cfg, docs, lora_rank=4, lora_targets=targets)
+    assert got == want
+    assert want < flops.train_flops(cfg, docs)  # the old 6N overstated LoRA
+
+
+@pytest.mark.parametrize("reference", ["adapter", "precomputed"])
+def test_dpo_step_counts_the_reference_forward_only_when_live(counted_attention, reference):
+    cfg = tiny_config()
+    docs = [1] * 20  # 10 pairs of one-token segments
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj")
+    model = lora_model(cfg, targets)
+    obj = DPOObjective(model, PrefLossConfig(), reference)
+    got = counted(obj, batch_of(docs, cfg.vocab_size, dpo=True))
+    want = flops.step_flops(cfg, docs, lora_rank=4, lora_targets=targets, reference=reference)
+    # the per-segment log-prob kernel recomputes the policy's logits in backward (memory for
+    # compute, like activation checkpointing): hardware FLOPs that MFU does not count
+    recompute = 2 * cfg.vocab_size * cfg.hidden_size * sum(docs)
+    assert got == want + recompute
+    live = flops.step_flops(cfg, docs, lora_rank=4, lora_targets=targets, reference="adapter")
+    pre = flops.step_flops(cfg, docs, lora_rank=4, lora_targets=targets, reference="precomputed")
+    assert live - pre == 2 * flops.matmul_params(cfg) * sum(docs) + flops.attention_flops(cfg, docs) / 3
+
+
+def test_matmul_part_with_long_documents():
+    """Longer documents: the attention term is the only difference from FlopCounterMode,
+    whose full s x s count is 2s/(s+1) times the causal one (checked on the formula)."""
+    cfg = tiny_config()
+    docs = [7, 5, 12]
+    a_causal = flops.attention_flops(cfg, docs)
+    layers, d_attn = cfg.num_hidden_layers, cfg.num_attention_heads * (cfg.hidden_size // cfg.num_attention_heads)
+    full_square = sum(3 * 4 * layers * d_attn * s * s for s in docs)
+    assert flops.step_flops(cfg, docs) - a_causal + full_square == _count_full(cfg, docs)
+
+
+def _count_full(cfg, docs):
+    mp = pytest.MonkeyPatch()
+    mp.setitem(A.ATTENTION, "sdpa", matmul_attention)
+    try:
+        return counted(LMObjective(make_model(cfg)), batch_of(docs, cfg.vocab_size))
+    finally:
+        mp.undo()
+
+
+def test_bad_arguments_are_named():
+    cfg = tiny_config()
+    with pytest.raises(ValueError, match="lora_targets"):
+        flops.step_flops(cfg, [4], lora_rank=4, lora_targets=["qkv"])
+    with pytest.raises(ValueError, match="reference"):
+        flops.step_flops(cfg, [4], reference="live")
