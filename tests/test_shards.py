@@ -148,9 +148,14 @@ def test_resume_in_new_process_and_other_world_size(sft_dir, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    # one process (world size 1) and two ranks (world size 2) resume the same state, concurrently
+    # one process (world size 1), then two ranks (world size 2) resume the same state. Not all
+    # three at once: two local leaders of the same shard folder race for one shared-memory
+    # prefix in streaming (FileExistsError '/000NNN_locals', seen 2026-12-01)
     procs = []
     for tag, world in (("w1", 1), ("0", 2), ("1", 2)):
+        if tag == "0":
+            _, err = procs[0].communicate(timeout=180)
+            assert procs[0].returncode == 0, err.decode()[-3000:]
         rank = 0 if tag == "w1" else int(tag)
         env = dict(os.environ, OMP_NUM_THREADS="1")
         if world == 2:
