@@ -318,7 +318,8 @@ def stage_profile(tok_dir: str, corpus: Path, stage: str, backend: str, seq_len:
     clock, T = time.process_time, {}
     share = [(str(corpus), 0, None)]
     c = clock()
-    settings = EncodeSettings(stage, tok_dir, seq_len, "text", "truncate" if stage == "pretrain" else "drop", backend)
+    settings = EncodeSettings(stage, tok_dir, seq_len, "text", "truncate" if stage == "pretrain" else "drop",
+                              tokenizer_backend=backend)
     enc = Encoder(settings, list(islice(iter_share(share), 64)))
     T["start-up"] = clock() - c
     c = clock()
@@ -357,7 +358,8 @@ def stage_profile(tok_dir: str, corpus: Path, stage: str, backend: str, seq_len:
     worker_total = clock() - c
     T["glue"] = max(worker_total - sum(T[k] for k in ("parse", "validate", "render", "tokenize")), 0.0)
     c = clock()
-    packer = PretrainPacker(seq_len) if stage == "pretrain" else BFDPacker(seq_len, 10000)
+    shared = stage == "dpo" and enc.s.share_prompt  # the layout prep writes by default
+    packer = PretrainPacker(seq_len) if stage == "pretrain" else BFDPacker(seq_len, 10000, shared)
     rows = []
     for res in results:
         if isinstance(res, PretrainChunk):
@@ -365,13 +367,15 @@ def stage_profile(tok_dir: str, corpus: Path, stage: str, backend: str, seq_len:
         else:
             for _, status, a, _ in res:
                 if status == "ok":
-                    rows += packer.add(a if stage == "dpo" else [a])
+                    # dpo payload: (segments, prompt_lens value, pair tokens, prompt tokens)
+                    rows += packer.add(a[0], a[1]) if stage == "dpo" else packer.add([a])
     rows += packer.finish()
     T["pack"] = clock() - c
     vocab = len(enc.hf)
     dtype = token_dtype(vocab)
     c = clock()
-    w = MDSWriter(out=str(tmp / f"profile_{stage}_{backend}"), columns=columns(stage, vocab), compression="zstd",
+    w = MDSWriter(out=str(tmp / f"profile_{stage}_{backend}"), columns=columns(stage, vocab, shared_prompt=shared),
+                  compression="zstd",
                   hashes=["sha1", "xxh64"], size_limit="64mb", exist_ok=True)
     for row in rows:
         row = dict(row)

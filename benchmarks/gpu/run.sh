@@ -58,7 +58,7 @@ unset TRITON_INTERPRET
 cd "$WORK"  # not the checkout: its bumblefast/ lacks the mapped subpackages
 
 # 2. environment: fail fast on anything the later steps import
-"$PY" - >"$OUT/gpu_env.json" <<'PYEOF'
+ENV_JSON="$OUT/gpu_env.json" "$PY" - <<'PYEOF'
 import json, os, sys
 import torch, triton, transformers, numpy
 import deepspeed, streaming
@@ -71,7 +71,8 @@ d = dict(python=sys.version.split()[0], torch=torch.__version__, cuda=torch.vers
          streaming=streaming.__version__, gpu=torch.cuda.get_device_name(0) if cuda else None,
          liger=K.liger_available(), kernels_auto=K.get_ops("auto", dev).backends,
          attn_auto_bf16=resolve_backend("auto", dev, torch.bfloat16), bumblefast=bumblefast.__file__)
-print(json.dumps(d, indent=1))
+# written by Python, not stdout: deepspeed prints its accelerator warning there
+open(os.environ["ENV_JSON"], "w").write(json.dumps(d, indent=1) + "\n")
 site = os.environ["EXPECT_SITE"]
 assert not site or bumblefast.__file__.startswith(site), f"bumblefast imported from {bumblefast.__file__}, not {site}"
 assert cuda or os.environ["MODE"] == "rehearsal", "no CUDA device visible"
