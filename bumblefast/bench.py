@@ -101,15 +101,6 @@ def run(sections: list[str], size: str, progress: bool = True) -> dict[str, Any]
     return report
 
 
-def _fmt(m: dict) -> str:
-    v, unit = m["value"], m["unit"]
-    if unit == "fraction":
-        return f"{v:.1%}"
-    if unit == "MB":
-        return f"{v:,.1f} MB"
-    return f"{v:,.0f} {unit}" if v >= 100 else f"{v:,.3g} {unit}"
-
-
 def to_markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# bumblefast bench: {report['device']} on {report['host']} ({report['date']}, size {report['size']})",
@@ -121,14 +112,10 @@ def to_markdown(report: dict[str, Any]) -> str:
         "| section | comparison | ours | baseline | ratio |",
         "|---|---|---:|---:|---:|",
     ]
-    from bumblefast.benchreport import _claim, _spread
+    from bumblefast.benchreport import ratio_row
 
     for name, sec in report["sections"].items():
-        for r in sec["ratios"]:
-            lines.append(
-                f"| {name} | {r['name']} | {r['ours']['label']}: {_fmt(r['ours'])}{_spread(r['ours'])} | "
-                f"{r['baseline']['label']}: {_fmt(r['baseline'])}{_spread(r['baseline'])} | {_claim(r)} |"
-            )
+        lines += [ratio_row(name, r, mb_decimals=1) for r in sec["ratios"]]
     lines += ["", "| section | configuration | tokens/s | MFU |", "|---|---|---:|---:|"]
     for name, sec in report["sections"].items():
         for p in sec["points"]:

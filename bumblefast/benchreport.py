@@ -27,12 +27,12 @@ END = "<!-- bench-report: end -->"
 BLOCK = re.compile(r"<!-- bench-report: begin (\S+) .*?-->\n.*?<!-- bench-report: end -->", re.S)
 
 
-def _fmt(m: dict) -> str:
+def _fmt(m: dict, mb_decimals: int = 0) -> str:
     v, unit = m["value"], m["unit"]
     if unit == "fraction":
         return f"{v:.1%}"
     if unit == "MB":
-        return f"{v:,.0f} MB"
+        return f"{v:,.{mb_decimals}f} MB"
     return f"{v:,.0f} {unit}" if v >= 100 else f"{v:,.3g} {unit}"
 
 
@@ -54,6 +54,14 @@ def _claim(r: dict) -> str:
     if r.get("target"):
         parts.append(f"target >= {r['target']}x {'met' if r['value'] >= r['target'] else 'MISSED'}")
     return text + (f" ({'; '.join(parts)})" if parts else "")
+
+
+def ratio_row(section: str, r: dict, mb_decimals: int = 0) -> str:
+    """One ratio as a table row: ours and the named baseline (median, min-max) and the claim;
+    the published tables and `bumblefast bench`'s report share it."""
+    o, b = r["ours"], r["baseline"]
+    return (f"| {section} | {r['name']} | {o['label']}: {_fmt(o, mb_decimals)}{_spread(o)} | "
+            f"{b['label']}: {_fmt(b, mb_decimals)}{_spread(b)} | {_claim(r)} |")
 
 
 def table(report: dict[str, Any], source: str) -> str:
@@ -83,12 +91,7 @@ def table(report: dict[str, Any], source: str) -> str:
         "|---|---|---|---|---|",
     ]
     for name, sec in report["sections"].items():
-        for r in sec["ratios"]:
-            o, b = r["ours"], r["baseline"]
-            lines.append(
-                f"| {name} | {r['name']} | {o['label']}: {_fmt(o)}{_spread(o)} | "
-                f"{b['label']}: {_fmt(b)}{_spread(b)} | {_claim(r)} |"
-            )
+        lines += [ratio_row(name, r) for r in sec["ratios"]]
     return "\n".join(lines)
 
 

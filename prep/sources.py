@@ -152,7 +152,9 @@ def _open_binary(path: str) -> io.BufferedIOBase:
     return open(path, "rb", buffering=1 << 20)
 
 
-def iter_jsonl(path: str) -> Iterator[tuple[str, Any]]:
+def _iter_lines(path: str, wrap) -> Iterator[tuple[str, Any]]:
+    """Non-blank lines of a (possibly compressed) text file as `wrap(line)`, each at file:line;
+    bytes that are not UTF-8 become a BadRecord, an empty file one `empty_file` record."""
     n = 0
     with _open_binary(path) as f:
         for lineno, raw in enumerate(f, 1):
@@ -164,9 +166,13 @@ def iter_jsonl(path: str) -> Iterator[tuple[str, Any]]:
             except UnicodeDecodeError as e:
                 yield f"{path}:{lineno}", BadRecord("invalid_utf8", f"text is not valid UTF-8 (byte {e.start})")
                 continue
-            yield f"{path}:{lineno}", RawJSON(line)
+            yield f"{path}:{lineno}", wrap(line)
     if n == 0:
         yield f"{path}:0", BadRecord("empty_file", "file has no records")
+
+
+def iter_jsonl(path: str) -> Iterator[tuple[str, Any]]:
+    return _iter_lines(path, RawJSON)
 
 
 _WS = " \t\r\n"
@@ -442,20 +448,7 @@ class TextLine(str):
 def iter_txt(path: str) -> Iterator[tuple[str, Any]]:
     """A document per line, as the Hugging Face `text` loader and LLaMA-Factory read .txt files
     (line ending removed). Blank lines separate nothing and are not records, as in jsonl."""
-    n = 0
-    with _open_binary(path) as f:
-        for lineno, raw in enumerate(f, 1):
-            if raw.isspace() or not raw:
-                continue
-            n += 1
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield f"{path}:{lineno}", BadRecord("invalid_utf8", f"text is not valid UTF-8 (byte {e.start})")
-                continue
-            yield f"{path}:{lineno}", TextLine(line.rstrip("\r\n"))
-    if n == 0:
-        yield f"{path}:0", BadRecord("empty_file", "file has no records")
+    return _iter_lines(path, lambda line: TextLine(line.rstrip("\r\n")))
 
 
 def iter_file(path: str) -> Iterator[tuple[str, Any]]:
