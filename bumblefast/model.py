@@ -29,8 +29,8 @@ from bumblefast.kernels import get_ops
 from bumblefast.kernels.dispatch import MODES
 from bumblefast.kernels.modules import RMSNorm
 from bumblefast.kernels.reference import rope_cos_sin
+from bumblefast.labels import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 SAFE_NAME = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 

@@ -43,11 +43,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from bumblefast.labels import IGNORE_INDEX
+
 from . import fused_linear, reference
 from ._triton_utils import interpreting, triton_can_run
 
 MODES = ("auto", "liger", "triton", "reference")
-IGNORE_INDEX = -100
 
 
 def liger_available() -> bool:

@@ -23,9 +23,9 @@ import math
 
 import torch
 
-from ._triton_utils import next_pow2
+from bumblefast.labels import IGNORE_INDEX
 
-IGNORE_INDEX = -100
+from ._triton_utils import next_pow2
 
 
 def default_chunk_size(n_tokens: int, hidden: int, vocab: int) -> int:

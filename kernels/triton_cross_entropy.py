@@ -12,9 +12,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_utils import next_pow2
+from bumblefast.labels import IGNORE_INDEX
 
-IGNORE_INDEX = -100
+from ._triton_utils import next_pow2
 
 
 @triton.jit

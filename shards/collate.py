@@ -33,9 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from bumblefast.labels import IGNORE_INDEX
 from bumblefast.shards.schema import PROMPT_COLUMN, SEGMENT_COLUMN
-
-IGNORE_INDEX = -100
 
 
 def collate_rows(rows: Sequence[dict[str, Any]], stage: str, seq_len: int) -> dict[str, torch.Tensor]:
