@@ -29,7 +29,7 @@ browser:
 	fi
 
 test: $(VENV)/.installed browser
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest -q -m "not slow"

@@ -233,9 +233,6 @@ def test_full_dpo_with_copy_reference_and_zero2_lora_on_two_processes(setup):
     assert (out2 / "adapter_model.safetensors").is_file()
 
 
-@pytest.mark.xfail(strict=True, reason="known bug, open in issue 12: under ZeRO-3 the frozen copy reference's "
-                   "forward fails ('size mismatch ... vec (0)': a partitioned parameter not gathered); strict: "
-                   "the fix turns this into a pass that CI reports")
 def test_full_dpo_copy_reference_zero3_equals_zero0_on_two_processes(setup):
     """ZeRO-3 partitions the policy and its frozen copy reference as they load (never a whole
     model on a rank): two steps on 2 processes give ZeRO-0's loss, log-probs and rewards. Step 1

@@ -58,6 +58,7 @@ from bumblefast.train.modeling import (
     resolve_reference,
     tokenizer_path,
 )
+from bumblefast.train.objectives import FrozenReference
 
 # Collator keys that stay on the host: facts the loop counts, never inputs of a kernel.
 HOST_KEYS = frozenset(
@@ -173,6 +174,7 @@ def setup(cfg: TrainConfig) -> Run:
     reference = resolve_reference(cfg, manifest) if cfg.stage == "dpo" else None
     model, ref_model = build_model(cfg, model_config, ds_config, want_copy=reference == "copy")
     if ref_model is not None:  # in the policy's compute dtype: same precision and attention kernel, half the memory
+        ref_model = FrozenReference(ref_model, cfg.ld_alpha, zero_stage)
         ref_model = shard_reference(
             ref_model if zero_stage == 3 else ref_model.to(device=device, dtype=compute_dtype(ds_config)), ds_config
         )

@@ -7,19 +7,16 @@ averages over all pairs of the step."""
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import nn
 
+from bumblefast.labels import IGNORE_INDEX
 from bumblefast.train.pref_losses import (
     PrefLossConfig,
     combine_ld,
     preference_loss,
     split_segments_for_ld,
 )
-
-IGNORE_INDEX = -100
 
 
 def _max_seqlen(batch: dict) -> int:
@@ -79,14 +76,32 @@ def segment_stats(model: nn.Module, batch: dict, ld_alpha: float | None):
     return logps.float(), counts, logit_sums / counts.clamp(min=1)
 
 
+class FrozenReference(nn.Module):
+    """The `copy` reference's per-segment target log-probs as a module's forward. Under ZeRO-3
+    its own engine (engine.shard_reference) gathers each layer as it runs, and the lm_head
+    weight, read outside lm_head.forward, is an external parameter held for the whole forward:
+    tied to embed_tokens, a GatheredParameters block around the call was re-partitioned by
+    embed_tokens' own post-forward hook before the log-probs read it."""
+
+    def __init__(self, model: nn.Module, ld_alpha: float | None = None, zero_stage: int = 0):
+        super().__init__()
+        self.model = model.requires_grad_(False).eval()
+        self.ld_alpha = ld_alpha
+        _register_lm_head(self, model, zero_stage)
+
+    @torch.no_grad()
+    def forward(self, batch: dict) -> torch.Tensor:
+        return segment_stats(self.model, batch, self.ld_alpha)[0]
+
+
 class DPOObjective(nn.Module):
     """Preference loss on packed rows of [prompt+chosen][prompt+rejected] segments, or of
     shared-prompt groups [prompt+chosen][rejected] whose rejected segment attends the prompt
     (the batch's `kv_prefix`); segments alternate chosen, rejected either way.
 
     reference: `adapter` (the same weights with LoRA disabled), `copy` (a frozen copy of the
-    starting model, passed as `ref_model`), `precomputed` (the shards' `ref_logps` column)
-    or `none` (reference-free losses)."""
+    starting model, passed as `ref_model`: a FrozenReference, or a model it wraps),
+    `precomputed` (the shards' `ref_logps` column) or `none` (reference-free losses)."""
 
     def __init__(self, model: nn.Module, loss_cfg: PrefLossConfig, reference: str, ld_alpha: float | None = None,
                  ref_model: nn.Module | None = None, zero_stage: int = 0):
@@ -95,8 +110,9 @@ class DPOObjective(nn.Module):
         self.loss_cfg = loss_cfg
         self.reference = reference
         self.ld_alpha = ld_alpha
+        if ref_model is not None and not isinstance(ref_model, FrozenReference):
+            ref_model = FrozenReference(ref_model, ld_alpha)
         self._ref = [ref_model]  # a list: not a submodule, so neither trained nor checkpointed
-        self._zero3 = zero_stage == 3
         _register_lm_head(self, model, zero_stage)
 
     @staticmethod
@@ -112,14 +128,7 @@ class DPOObjective(nn.Module):
         if self.reference == "adapter":
             with self.model.disable_adapter():
                 return segment_stats(self.model, batch, self.ld_alpha)[0]
-        ref = self._ref[0]
-        ctx = contextlib.nullcontext()
-        if self._zero3:
-            import deepspeed
-
-            ctx = deepspeed.zero.GatheredParameters([ref.lm_head.weight])
-        with ctx:
-            return segment_stats(ref, batch, self.ld_alpha)[0]
+        return self._ref[0](batch)
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
         ref = self.reference_logps(batch)
