@@ -65,9 +65,12 @@ def merge_parts(root: str) -> dict[str, Any]:
         local = tempfile.mkdtemp(prefix="bf-merge-")
         merge_index(index_urls, (local, root), keep_local=True)
         index_bytes = Path(local, "index.json").read_bytes()
-    else:
-        merge_index(index_urls, root, keep_local=True)
-        index_bytes = Path(root, "index.json").read_bytes()
+    else:  # merged beside root, then renamed over it: a re-merge replaces index.json atomically
+        local = tempfile.mkdtemp(prefix=".merge-", dir=root)  # (streaming's own move refuses to)
+        merge_index(index_urls, local, keep_local=True)
+        index_bytes = Path(local, "index.json").read_bytes()
+        os.replace(Path(local, "index.json"), Path(root, "index.json"))
+        os.rmdir(local)
 
     def total(path: str) -> int:
         out = 0

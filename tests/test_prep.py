@@ -507,6 +507,12 @@ def test_nodes_merge(tok_dir, tmp_path):
         prep(tok_dir, tmp_path / "multi", "dpo", files, seq_len=256, node_rank=r, num_nodes=2)
     rc = prep_main(["merge", str(tmp_path / "multi")])
     assert rc == 0
+    index = (tmp_path / "multi" / "index.json").read_bytes()
+    # merging again (a node re-ran) replaces the index; streaming's own move refused to
+    assert prep_main(["merge", str(tmp_path / "multi")]) == 0
+    assert (tmp_path / "multi" / "index.json").read_bytes() == index
+    assert sorted(p.name for p in (tmp_path / "multi").iterdir() if not p.name.startswith("node-")) == [
+        "bumblefast.json", "index.json"]
     m = json.loads((tmp_path / "multi" / "bumblefast.json").read_text())
     assert m["records"]["written"] == whole["records"]["written"] == 800
     assert m["parts"] == ["node-00000", "node-00001"]
