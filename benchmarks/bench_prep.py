@@ -122,6 +122,7 @@ def bench_raw(tok_dir: str, texts: list[str], backend: str) -> dict:
     return {"tokens": n, "seconds": time.perf_counter() - t, "cpu_seconds": _cpu() - c}
 
 
+OLD_BACKEND = "hf (old pipeline)"  # what the old pipeline's manifest says: no backend key
 RUNNER = """
 import json, os, resource, sys, time
 from bumblefast.config import PrepConfig
@@ -138,6 +139,7 @@ print(json.dumps({"seconds": el, "cpu_seconds": cpu, "tokens": m["tokens"]["real
                   "backend": m["tokenizer"].get("backend", {}).get("name", "hf (old pipeline)"),
                   "peak_rss_mb": r1.ru_maxrss / 1024, "peak_rss_worker_mb": k1.ru_maxrss / 1024}))
 """
+assert repr(OLD_BACKEND).replace("'", '"') in RUNNER
 
 
 def old_pipeline(tmp: Path) -> str | None:
@@ -162,7 +164,9 @@ def start_prep(cfg: dict, pythonpath: str | None = None) -> subprocess.Popen:
     env = dict(os.environ)
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
-    return subprocess.Popen([sys.executable, "-c", RUNNER, json.dumps(cfg)], env=env, cwd=str(ROOT),
+    # `python -c` puts its working folder first on sys.path, ahead of PYTHONPATH: the old tree's
+    # runs start there, or they import the checkout's bumblefast (they did until 2026-12-01)
+    return subprocess.Popen([sys.executable, "-c", RUNNER, json.dumps(cfg)], env=env, cwd=pythonpath or str(ROOT),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -180,7 +184,10 @@ def bench_prep(tok_dir: str, corpus: Path, out: Path, stage: str, workers: int, 
                output_dir=str(out), num_workers=workers, node_rank=node[0], num_nodes=node[1])
     if backend is not None:
         cfg["tokenizer_backend"] = backend
-    return finish_prep(start_prep(cfg, pythonpath))
+    result = finish_prep(start_prep(cfg, pythonpath))
+    if backend is None and result["backend"] != OLD_BACKEND:
+        raise RuntimeError(f"the old pipeline's run used backend {result['backend']!r}: it imported today's prep")
+    return result
 
 
 def summary(rounds: list[dict], key: str = "seconds") -> dict:

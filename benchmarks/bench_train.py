@@ -569,8 +569,9 @@ def run_stage(stage: str, args, device, dtype, preset: str, peak) -> dict:
             ]
         else:
             comparisons = [compare(stage, "", rows[0], r, "real_tokens_per_sec") for r in rows[1:]]
-            if getattr(args, "profile", False):
-                rows[0]["profile"] = profile_steps(sides[0]["step"], batches[-2:], device)
+            if getattr(args, "profile", False):  # every side: a missed target needs the peer's profile too
+                for row, sd in zip(rows, sides, strict=True):
+                    row["profile"] = profile_steps(sd["step"], sd["batches"][-2:], device)
     return {"stage": stage, "data": data.name, "seq_len": seq_len, "rounds": rounds, "results": rows,
             "comparisons": comparisons, "attention": sides[0].get("attn") if stage != "dpo" else None}
 
@@ -698,7 +699,7 @@ def main() -> int:
     p.add_argument("--vocab", type=int, default=8192, help="size of the tokenizer trained on the data")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--quick", action="store_true", help="tiny sizes for CI")
-    p.add_argument("--profile", action="store_true", help="torch.profiler summary of 2 steps of ours (pretrain/sft)")
+    p.add_argument("--profile", action="store_true", help="torch.profiler summary of 2 steps of each side (pretrain/sft)")
     args = p.parse_args()
 
     device, dtype, preset, peak = device_setup(args.preset)
