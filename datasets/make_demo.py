@@ -4,7 +4,7 @@
 Every fact "a + b = c" for single digits a, b (0..MAX_OPERAND) appears in the pretraining
 text: short documents, mostly in the exact answer format "a + b = c", some as plain-text
 question + answer (no chat format), some in other English and Chinese phrasings, a little
-templated filler. Questions end with the sum to complete ("... 3 + 4 =") and the reply is
+templated filler. Questions end with the sum to complete ("... 3 + 4 = ") and the reply is
 the number ("7"). SFT teaches that chat format; DPO prefers the correct sum over a near miss
 (off by 1 or 2).
 
@@ -35,8 +35,12 @@ from pathlib import Path
 
 MAX_OPERAND = 4
 HELD_OUT_FRACTION = 0.3
-FACT_SHARE = 0.6  # pretraining sentences in the exact fact format "a + b = c."
+FACT_SHARE = 0.5  # pretraining sentences in the exact fact format "a + b = c."
 QA_SHARE = 0.2  # a plain-text question, then the fact ("What is a + b? a + b = c.")
+# A plain-text exchange whose answer comes on the next line, a few tokens after "=" ("Q: a + b
+# =\nA: c"): the carry of the sum past the end of a question that the chat template asks for.
+# Without it SFT had to invent that step and stalled on a plateau on some seeds (docs/LOG.md).
+DIALOGUE_SHARE = 0.1
 PHRASED_SHARE = 0.1  # other phrasings of a fact; the rest is filler
 
 FACT_TEMPLATES = [
@@ -61,6 +65,8 @@ QUESTION_TEMPLATES = [
 FOLLOW_UPS = ["And {a} + {b} =", "Now {a} + {b} =", "那 {a} + {b} ="]
 # plain-text questions in pretraining (no chat format), each followed by the fact
 PRETRAIN_QUESTIONS = ["What is {a} + {b}?", "Compute {a} plus {b}."]
+# plain-text exchanges in pretraining: none of QUESTION_TEMPLATES' phrasings, no chat tokens
+DIALOGUES = ["Q: {a} + {b} =\nA: {c}", "User: {a} + {b} =\nBot: {c}", "问：{a} + {b} =\n答：{c}"]
 SYSTEM_PROMPTS = ["You are a careful calculator.", "你是一个会做加法的助手。"]
 
 COLORS = ["red", "blue", "green", "yellow", "white", "black"]
@@ -92,10 +98,13 @@ def split_prompts(rng: random.Random) -> tuple[list[Prompt], list[Prompt]]:
 
 
 def question(p: Prompt) -> tuple[str, str]:
-    """(instruction, input) of a prompt."""
+    """(instruction, input) of a prompt. The question ends "= ": its last token is the space
+    after "=", where pretraining text predicts the sum, so SFT only carries that prediction
+    to the reply (ending at "=", SFT stalled on some seeds; docs/LOG.md)."""
     t, a, b = p
     instruction, inp = QUESTION_TEMPLATES[t]
-    return instruction.format(a=a, b=b), inp.format(a=a, b=b)
+    instruction, inp = instruction.format(a=a, b=b), inp.format(a=a, b=b)
+    return (instruction, inp + " ") if inp else (instruction + " ", inp)
 
 
 def prompt_text(p: Prompt) -> str:
@@ -118,7 +127,7 @@ def filler(rng: random.Random) -> str:
 
 def pretrain_docs(rng: random.Random, pairs: list[tuple[int, int]], n_docs: int) -> list[dict]:
     """Short documents (2-4 lines), mostly facts in the exact answer format ("a + b = c"),
-    some as a plain-text question and answer (no chat format), some in other phrasings, a
+    some as a plain-text question and answer or exchange (no chat format), some in other phrasings, a
     little filler. The tiny model has a few hundred CPU steps to learn the table; short
     documents keep its attention on the operands of each fact."""
     docs = []
@@ -132,7 +141,9 @@ def pretrain_docs(rng: random.Random, pairs: list[tuple[int, int]], n_docs: int)
             elif r < FACT_SHARE + QA_SHARE:
                 q = rng.choice(PRETRAIN_QUESTIONS)
                 sentences.append(f"{q.format(a=a, b=b)} {fact(a, b)}.")
-            elif r < FACT_SHARE + QA_SHARE + PHRASED_SHARE:
+            elif r < FACT_SHARE + QA_SHARE + DIALOGUE_SHARE:
+                sentences.append(rng.choice(DIALOGUES).format(a=a, b=b, c=a + b))
+            elif r < FACT_SHARE + QA_SHARE + DIALOGUE_SHARE + PHRASED_SHARE:
                 sentences.append(rng.choice(FACT_TEMPLATES[1:]).format(a=a, b=b, c=a + b))
             else:
                 sentences.append(filler(rng))

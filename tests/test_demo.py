@@ -31,15 +31,14 @@ def test_demo_end_to_end(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     pre, sft, dpo = summary["pretrain"], summary["sft"], summary["dpo"]
     # Held-out questions (never asked in SFT or DPO). What every observed run supports (docs/LOG.md,
-    # 2026-12-01, AMD EPYC, seeds 0-2, 1-2 threads, before and after that day's merges): a run
-    # either learns the task (answers 0% -> 35-43% -> 49-59%, preferences 47-62% -> 77% -> 84-88%)
-    # or stalls on SFT's ~1.0-loss plateau (answers 0% -> 8% -> 3-8%, preferences 46-50% ->
-    # 56-57% -> 56%); which one happens depends on float reduction order. So the test asserts
-    # what both kinds of run show, not the improvements only the lucky kind does (open: issue 12).
-    assert sft["answer_accuracy"] > pre["answer_accuracy"]  # SFT teaches the chat format
-    assert sft["preference_accuracy"] > pre["preference_accuracy"]
-    assert dpo["preference_accuracy"] >= sft["preference_accuracy"] - 0.05  # 6 of 120 pairs
-    assert dpo["answer_accuracy"] >= sft["answer_accuracy"] - 0.1  # 4 of 37 questions
+    # 2026-12-01, AMD EPYC, the data since then, seeds 0-2, 1 thread): answers 0% -> 19-95% ->
+    # 38-95%, preferences 62-65% -> 64-99% -> 67-99%. SFT always lifts the answers (the plateau
+    # it sat on before is gone); preferences end above pretraining's after DPO, but a seed's SFT
+    # or DPO step alone can leave them flat or 10 points lower (seeds 1 and 0), so neither step's
+    # preference change is asserted: which way it goes depends on float reduction order.
+    assert sft["answer_accuracy"] >= pre["answer_accuracy"] + 0.1  # 4 of 37 questions
+    assert dpo["preference_accuracy"] >= pre["preference_accuracy"] + 0.025  # 3 of 120 pairs
+    assert dpo["answer_accuracy"] >= sft["answer_accuracy"] - 0.1
     assert dpo["accuracy"] > 0.5  # DPO separated its training pairs (rewards/accuracies, last logs)
     assert pre["loss"] < 1.5
 

@@ -28,11 +28,13 @@ STAGE_FILES = {
 # sha256 of the uncompressed shard files written by main's prep (commit 82cfe2e, before the
 # backends) for the demo inputs at seq_len 256 with the 1024-id demo tokenizer trained below;
 # valid only for that tokenizer (its tokenizer.json hash), which BPE training reproduces.
+# Regenerated 2026-12-01 when the demo data changed: 82cfe2e's prep/ shards/ bumblefast/ from
+# `git archive`, run with PYTHONPATH (and working folder) on that tree, compression=None.
 MAIN_SHARDS = {
-    "tokenizer_json_sha256": "a191d29fe107c520fde816a7bb679167e6d04b6b725e1d714ab2603ea5862808",
-    "pretrain": "5cca0e7ee484c43a36ac7b91b8247fb0ac6895bcad32d9f1fd90c8e01ec5e361",
-    "sft": "82e10114a00106642799d990f22936de0fc9f8aa2cd1b3eb5f80dbca0f2426bc",
-    "dpo": "513bb6b45796322e17d87a1b05ff5602583c9a63dd69aed530a306f13885a5e7",
+    "tokenizer_json_sha256": "f2bd1caf33d0f36875049bcc3cc2c390f80b6a20d4c8ce211e6c2495a57f738f",
+    "pretrain": "0d3feddd8ac9a3736527aa4de17a7a3a95d438a80e51b457b1645765f70c5114",
+    "sft": "12771fb28873bc9b0c79921b0f4dea0506b74eeaf677dab33ea299d33582ace4",
+    "dpo": "a65c059a9bbd56337988d03b267021fbf8f2da98b168444f8f43132383755113",
 }
 
 fastokens = pytest.importorskip(
@@ -241,16 +243,14 @@ def test_backends_write_byte_identical_shards_equal_to_main(tok_dir, tmp_path, s
         un = prep(tok_dir, tmp_path / f"{backend}-raw", stage, backend, compression=None, **old_layout)
         if not old_layout:
             assert un["records"]["written"] == m["records"]["written"]
-        if (
-            hashlib.sha256(Path(tok_dir, "tokenizer.json").read_bytes()).hexdigest()
-            == MAIN_SHARDS["tokenizer_json_sha256"]
-        ):
-            h = hashlib.sha256()
-            for b in shard_bytes(tmp_path / f"{backend}-raw").values():
-                h.update(b)
-            assert h.hexdigest() == MAIN_SHARDS[stage], (
-                f"{backend} shards differ from main's pipeline"
-            )
+        tok_hash = hashlib.sha256(Path(tok_dir, "tokenizer.json").read_bytes()).hexdigest()
+        assert tok_hash == MAIN_SHARDS["tokenizer_json_sha256"], (
+            "the demo tokenizer changed (demo data or tokenizers' BPE training): regenerate MAIN_SHARDS"
+        )
+        h = hashlib.sha256()
+        for b in shard_bytes(tmp_path / f"{backend}-raw").values():
+            h.update(b)
+        assert h.hexdigest() == MAIN_SHARDS[stage], f"{backend} shards differ from main's pipeline"
     assert got["hf"][0] and got["hf"] == got["fastokens"]  # same bytes, same fingerprint
 
 
