@@ -184,6 +184,10 @@ def bench_prep(tok_dir: str, corpus: Path, out: Path, stage: str, workers: int, 
                output_dir=str(out), num_workers=workers, node_rank=node[0], num_nodes=node[1])
     if backend is not None:
         cfg["tokenizer_backend"] = backend
+        if stage != "pretrain":  # the old pipeline's behaviour, so every variant writes the same shards:
+            cfg["overlong"] = "drop"  # it dropped overlong sft/dpo records (today's default truncates)
+        if stage == "dpo":
+            cfg["share_prompt"] = False  # and stored both sequences of a pair whole
     result = finish_prep(start_prep(cfg, pythonpath))
     if backend is None and result["backend"] != OLD_BACKEND:
         raise RuntimeError(f"the old pipeline's run used backend {result['backend']!r}: it imported today's prep")
