@@ -24,9 +24,7 @@ import dataclasses
 import json
 import multiprocessing as mp
 import os
-import shutil
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -51,15 +49,16 @@ from bumblefast.prep.encode import (
 from bumblefast.prep.pack import BFDPacker, PretrainPacker
 from bumblefast.prep.sources import expand_inputs, file_of, file_runs
 from bumblefast.prep.split import iter_share, node_share
-from bumblefast.shards.schema import (
-    ERRORS_NAME,
-    MANIFEST_NAME,
-    SCHEMA_VERSION,
-    columns,
-    fingerprint_bytes,
-    is_remote,
-    token_dtype,
+from bumblefast.shards.manifest import (
+    DpoStats,
+    Manifest,
+    Records,
+    TokenizerInfo,
+    Tokens,
+    shards_fingerprint,
+    staged_output,
 )
+from bumblefast.shards.schema import ERRORS_NAME, columns, is_remote, token_dtype
 
 CHUNK_RECORDS = 1024  # at most, per tokenizer call / IPC message
 CHUNK_CHARS = 64_000  # about, per chunk
@@ -185,180 +184,149 @@ def run_prep(cfg: PrepConfig, progress: bool | None = None) -> dict[str, Any]:
 
     out = part_dir(cfg.output_dir, cfg.node_rank, cfg.num_nodes)
     remote = is_remote(out)
-    if remote:
-        staging = tempfile.mkdtemp(prefix="bumblefast-prep-")
-        final_local = None
-    else:
-        final = Path(out).resolve()
-        final.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_staging(final)
-        staging = str(final.parent / f".{final.name}.tmp-{os.getpid()}")
-        if os.path.exists(staging):
-            shutil.rmtree(staging)
-        final_local = final
-    writer_out = (os.path.join(staging, "mds"), out) if remote else staging
-
     stats = _Stats(files)
     packer = PretrainPacker(cfg.seq_len) if cfg.stage == "pretrain" else BFDPacker(cfg.seq_len, cfg.pack_window, shared)
-    err_path = os.path.join(staging, ERRORS_NAME)
     pool = None
     t0 = time.perf_counter()
     try:
-        writer = MDSWriter(  # creates (and empties) the staging folder
-            out=writer_out,
-            columns=cols,
-            compression=cfg.compression or None,
-            hashes=HASHES,
-            size_limit=cfg.shard_size_limit,
-            exist_ok=remote,  # a rerun overwrites the remote part in place
-        )
-        os.makedirs(staging, exist_ok=True)
-        err_file = open(err_path, "w", encoding="utf-8")
-        chunks = _chunks(iter_share(share), CHUNK_RECORDS, CHUNK_CHARS)
-        if cfg.num_workers > 1:
-            fork = sys.platform.startswith("linux")
-            ctx = mp.get_context("fork" if fork else "spawn")
-            if fork:  # workers inherit the loaded tokenizer instead of loading it again
-                set_inherited_encoder(main_encoder)
-            pool = ctx.Pool(cfg.num_workers, initializer=init_worker, initargs=(settings, fork))
-            set_inherited_encoder(None)
-            results = pool.imap(encode_in_worker, chunks, chunksize=1)
-        else:
-            results = map(main_encoder.encode_chunk, chunks)
-        bar = tqdm(unit="rec", desc=f"prep {cfg.stage}", disable=(None if progress is None else not progress), file=sys.stderr)
-        for chunk_out in results:
-            if isinstance(chunk_out, PretrainChunk):  # documents packed per chunk
-                stats.read += chunk_out.read
-                stats.read_from(chunk_out.files)
-                for where, _, reason, message in chunk_out.errors:
-                    _skip(where, reason, message, cfg.on_error, stats, err_file)
-                stats.written += len(chunk_out.lens)
-                stats.truncated += chunk_out.truncated
-                for row in packer.add_many(chunk_out.flat, chunk_out.lens):
-                    _write_row(writer, row, dtype, stats, cfg.stage)
-                n_chunk = chunk_out.read
+        with staged_output(out, upload=[ERRORS_NAME]) as staging:
+            writer = MDSWriter(
+                out=(os.path.join(staging, "mds"), out) if remote else str(staging),
+                columns=cols,
+                compression=cfg.compression or None,
+                hashes=HASHES,
+                size_limit=cfg.shard_size_limit,
+                exist_ok=remote,  # a rerun overwrites the remote part in place
+            )
+            err_file = open(os.path.join(staging, ERRORS_NAME), "w", encoding="utf-8")
+            chunks = _chunks(iter_share(share), CHUNK_RECORDS, CHUNK_CHARS)
+            if cfg.num_workers > 1:
+                fork = sys.platform.startswith("linux")
+                ctx = mp.get_context("fork" if fork else "spawn")
+                if fork:  # workers inherit the loaded tokenizer instead of loading it again
+                    set_inherited_encoder(main_encoder)
+                pool = ctx.Pool(cfg.num_workers, initializer=init_worker, initargs=(settings, fork))
+                set_inherited_encoder(None)
+                results = pool.imap(encode_in_worker, chunks, chunksize=1)
             else:
-                stats.read_from(file_runs(chunk_out))
-                for where, status, a, b in chunk_out:
-                    stats.read += 1
-                    if status == "err":
-                        _skip(where, a, b, cfg.on_error, stats, err_file)
-                        continue
-                    stats.written += 1
-                    stats.truncated += bool(b)
-                    if cfg.stage == "dpo":  # (segments, prompt_lens value, pair tokens, prompt tokens)
-                        stats.pair_tokens += a[2]
-                        stats.prompt_tokens += 2 * a[3]
-                        rows = packer.add(a[0], a[1])
-                    else:
-                        rows = packer.add([a])
-                    for row in rows:
+                results = map(main_encoder.encode_chunk, chunks)
+            bar = tqdm(unit="rec", desc=f"prep {cfg.stage}", disable=(None if progress is None else not progress), file=sys.stderr)
+            for chunk_out in results:
+                if isinstance(chunk_out, PretrainChunk):  # documents packed per chunk
+                    stats.read += chunk_out.read
+                    stats.read_from(chunk_out.files)
+                    for where, _, reason, message in chunk_out.errors:
+                        _skip(where, reason, message, cfg.on_error, stats, err_file)
+                    stats.written += len(chunk_out.lens)
+                    stats.truncated += chunk_out.truncated
+                    for row in packer.add_many(chunk_out.flat, chunk_out.lens):
                         _write_row(writer, row, dtype, stats, cfg.stage)
-                n_chunk = len(chunk_out)
-            bar.update(n_chunk)
-            el = max(time.perf_counter() - t0, 1e-9)
-            bar.set_postfix_str(f"{stats.read / el:,.0f} rec/s, {stats.tokens / el:,.0f} tok/s", refresh=False)
-        for row in packer.finish():
-            _write_row(writer, row, dtype, stats, cfg.stage)
-        bar.close()
-        writer.finish()
-        err_file.close()
-        if pool is not None:
-            pool.close()
-            pool.join()
-            pool = None
+                    n_chunk = chunk_out.read
+                else:
+                    stats.read_from(file_runs(chunk_out))
+                    for where, status, a, b in chunk_out:
+                        stats.read += 1
+                        if status == "err":
+                            _skip(where, a, b, cfg.on_error, stats, err_file)
+                            continue
+                        stats.written += 1
+                        stats.truncated += bool(b)
+                        if cfg.stage == "dpo":  # (segments, prompt_lens value, pair tokens, prompt tokens)
+                            stats.pair_tokens += a[2]
+                            stats.prompt_tokens += 2 * a[3]
+                            rows = packer.add(a[0], a[1])
+                        else:
+                            rows = packer.add([a])
+                        for row in rows:
+                            _write_row(writer, row, dtype, stats, cfg.stage)
+                    n_chunk = len(chunk_out)
+                bar.update(n_chunk)
+                el = max(time.perf_counter() - t0, 1e-9)
+                bar.set_postfix_str(f"{stats.read / el:,.0f} rec/s, {stats.tokens / el:,.0f} tok/s", refresh=False)
+            for row in packer.finish():
+                _write_row(writer, row, dtype, stats, cfg.stage)
+            bar.close()
+            writer.finish()
+            err_file.close()
+            if pool is not None:
+                pool.close()
+                pool.join()
+                pool = None
 
-        index_path = os.path.join(staging, "index.json")
-        if remote:  # shards and index went up and were removed locally (keep_local=False)
-            from streaming.base.storage import CloudDownloader
+            index_path = os.path.join(staging, "index.json")
+            if remote:  # shards and index went up and were removed locally (keep_local=False)
+                from streaming.base.storage import CloudDownloader
 
-            CloudDownloader.direct_download(out.rstrip("/") + "/index.json", index_path)
-        index_bytes = Path(index_path).read_bytes()
-        tok_fp = tokenizer_fingerprint(cfg.tokenizer_name_or_path)
-        manifest = {
-            "schema_version": SCHEMA_VERSION,
-            "stage": cfg.stage,
-            "seq_len": cfg.seq_len,
-            "columns": cols,
-            "token_dtype": dtype,
-            "tokenizer": {
-                "name_or_path": cfg.tokenizer_name_or_path,
-                "fingerprint": tok_fp,
-                "vocab_size": vocab,
-                "eos_token_id": main_encoder.eos_id,
-                "backend": main_encoder.backend.as_dict(),  # not in the fingerprint: same ids, same shards
-            },
-            "chat_template_hash": text_hash(main_encoder.hf.chat_template),
-            "fingerprint": fingerprint_bytes(index_bytes, tok_fp.encode(), cfg.stage.encode()),
-            "records": {
-                "read": stats.read,
-                "written": stats.written,
-                "skipped": sum(stats.skipped.values()),
-                "skipped_by_reason": dict(sorted(stats.skipped.items())),
-                "truncated": stats.truncated,
-                "by_file": stats.by_file(),
-            },
-            "tokens": {
-                "real": stats.tokens,
-                "target": stats.target_tokens,
-                "row_capacity": stats.rows * cfg.seq_len,
-                "tail_tokens_dropped": getattr(packer, "tail_tokens_dropped", 0),
-            },
-            "rows": stats.rows,
-            "segments": stats.segments,
-            "packing_efficiency": round(stats.tokens / max(stats.rows * cfg.seq_len, 1), 6),
-            "prep": {
-                "inputs": files,
-                "overlong": overlong,
-                "pack_window": cfg.pack_window,
-                "compression": cfg.compression,
-                "hashes": HASHES,
-                "node_rank": cfg.node_rank,
-                "num_nodes": cfg.num_nodes,
-                "node_share": [[f, a, b] for f, a, b in share],
-                "text_key": cfg.text_key,
-                "dataset_info": cfg.dataset_info,
-                "datasets": {spec.name: spec.files for spec in specs},
-            },
-        }
-        if cfg.stage == "dpo":
-            manifest["dpo_layout"] = "shared_prompt" if shared else "pairs"
-            manifest["dpo"] = {
-                "pair_tokens_unshared": stats.pair_tokens,
-                "prompt_tokens_unshared": stats.prompt_tokens,
-                "prompt_fraction": round(stats.prompt_tokens / max(stats.pair_tokens, 1), 6),
-                "tokens_per_pair": round(stats.tokens / max(stats.written, 1), 3),
-            }
-            manifest["prep"]["share_prompt"] = shared
-        if stats.read != stats.written + sum(stats.skipped.values()):  # the accounting invariant
-            raise RuntimeError(f"prep lost records: read {stats.read} != written {stats.written} + skipped {dict(stats.skipped)}")
-        if stats.read != sum(r for r, _ in stats.files.values()):
-            raise RuntimeError(f"prep lost records: read {stats.read} != the sum per file {stats.by_file()}")
-        manifest_text = json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"
-        Path(staging, MANIFEST_NAME).write_text(manifest_text, encoding="utf-8")
-        if remote:
-            from streaming.base.storage import CloudUploader
-
-            up = CloudUploader.get(out=(staging, out), keep_local=True, exist_ok=True)
-            up.upload_file(ERRORS_NAME)
-            up.upload_file(MANIFEST_NAME)  # last: its presence marks a finished output
-            shutil.rmtree(staging, ignore_errors=True)
-        else:
-            _replace_dir(Path(staging), final_local)
+                CloudDownloader.direct_download(out.rstrip("/") + "/index.json", index_path)
+            index_bytes = Path(index_path).read_bytes()
+            tok_fp = tokenizer_fingerprint(cfg.tokenizer_name_or_path)
+            manifest = Manifest(
+                stage=cfg.stage,
+                seq_len=cfg.seq_len,
+                columns=cols,
+                token_dtype=dtype,
+                tokenizer=TokenizerInfo(
+                    name_or_path=cfg.tokenizer_name_or_path,
+                    fingerprint=tok_fp,
+                    vocab_size=vocab,
+                    eos_token_id=main_encoder.eos_id,
+                    backend=main_encoder.backend.as_dict(),  # not in the fingerprint: same ids, same shards
+                ),
+                chat_template_hash=text_hash(main_encoder.hf.chat_template),
+                fingerprint=shards_fingerprint(index_bytes, tok_fp, cfg.stage),
+                records=Records(
+                    read=stats.read,
+                    written=stats.written,
+                    skipped=sum(stats.skipped.values()),
+                    skipped_by_reason=dict(sorted(stats.skipped.items())),
+                    truncated=stats.truncated,
+                    by_file=stats.by_file(),
+                ),
+                tokens=(tokens := Tokens(
+                    real=stats.tokens,
+                    target=stats.target_tokens,
+                    row_capacity=stats.rows * cfg.seq_len,
+                    tail_tokens_dropped=getattr(packer, "tail_tokens_dropped", 0),
+                )),
+                rows=stats.rows,
+                segments=stats.segments,
+                packing_efficiency=tokens.packing_efficiency,
+                prep={
+                    "inputs": files,
+                    "overlong": overlong,
+                    "pack_window": cfg.pack_window,
+                    "compression": cfg.compression,
+                    "hashes": HASHES,
+                    "node_rank": cfg.node_rank,
+                    "num_nodes": cfg.num_nodes,
+                    "node_share": [[f, a, b] for f, a, b in share],
+                    "text_key": cfg.text_key,
+                    "dataset_info": cfg.dataset_info,
+                    "datasets": {spec.name: spec.files for spec in specs},
+                },
+            )
+            if cfg.stage == "dpo":
+                manifest.dpo_layout = "shared_prompt" if shared else "pairs"
+                manifest.dpo = DpoStats.of(stats.pair_tokens, stats.prompt_tokens, stats.tokens, stats.written)
+                manifest.prep["share_prompt"] = shared
+            if stats.read != stats.written + sum(stats.skipped.values()):  # the accounting invariant
+                raise RuntimeError(f"prep lost records: read {stats.read} != written {stats.written} + skipped {dict(stats.skipped)}")
+            if stats.read != sum(r for r, _ in stats.files.values()):
+                raise RuntimeError(f"prep lost records: read {stats.read} != the sum per file {stats.by_file()}")
+            manifest.write(staging)
     except BaseException:
         if pool is not None:
             pool.terminate()
             pool.join()
-        shutil.rmtree(staging, ignore_errors=True)
         raise
     el = time.perf_counter() - t0
     if progress is not False:
-        print(summary(manifest, out, stats.tokens / max(el, 1e-9)), file=sys.stderr)
-        for path, c in manifest["records"]["by_file"].items():
+        print(summary(manifest.to_dict(), out, stats.tokens / max(el, 1e-9)), file=sys.stderr)
+        for path, c in manifest.records.by_file.items():
             if c["skipped"]:
                 print(f"  {path}: {c['read']} read, {c['written']} written, {c['skipped']} skipped "
                       f"(see {ERRORS_NAME})", file=sys.stderr)
-    return manifest
+    return manifest.to_dict()
 
 
 WARN_FRACTION = 0.01  # more than this share of records dropped or truncated prints a warning
@@ -388,29 +356,6 @@ def summary(manifest: dict[str, Any], out: str, tok_per_s: float) -> str:
         lines.append(f"warning: {bad} records ({bad / read:.1%}) were skipped as malformed; "
                      f"see {ERRORS_NAME} in the output folder")
     return "\n".join(lines)
-
-
-def _remove_stale_staging(final: Path) -> None:
-    """Delete staging folders of killed runs for the same output (their process is gone)."""
-    for p in final.parent.glob(f".{final.name}.tmp-*"):
-        try:
-            pid = int(p.name.rsplit("-", 1)[1])
-            os.kill(pid, 0)  # still running (or not ours to judge): leave it
-        except ProcessLookupError:
-            shutil.rmtree(p, ignore_errors=True)
-        except (ValueError, PermissionError):
-            pass
-
-
-def _replace_dir(staging: Path, final: Path) -> None:
-    """Move the finished staging folder to `final`, replacing an older output there."""
-    if final.exists():
-        old = final.parent / f".{final.name}.old-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(staging, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, final)
 
 
 def config_dict(cfg: PrepConfig) -> dict[str, Any]:

@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from bumblefast.config import TrainConfig, UserError
 from bumblefast.modelinfo import read_model_config
 from bumblefast.train import distributed as D
+
+if TYPE_CHECKING:
+    from bumblefast.shards.manifest import Manifest
 
 PRESETS = Path(__file__).resolve().parent.parent.parent / "configs" / "models"
 
@@ -98,11 +102,11 @@ def model_fingerprint(path: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
-def resolve_reference(cfg, manifest: dict) -> str:
+def resolve_reference(cfg, manifest: Manifest) -> str:
     """The DPO reference strategy a run uses (config key ref_model, `auto` resolved)."""
     from bumblefast.train.pref_losses import REFERENCE_FREE
 
-    has_precomputed = "ref_logps" in manifest.get("columns", {})
+    has_precomputed = manifest.has_ref_logps
     choice = cfg.ref_model
     if cfg.pref_loss in REFERENCE_FREE:
         if choice not in ("auto", "none"):
@@ -121,21 +125,20 @@ def resolve_reference(cfg, manifest: dict) -> str:
     return choice
 
 
-def check_precomputed(cfg, manifest: dict) -> None:
+def check_precomputed(cfg, manifest: Manifest) -> None:
     """Refuse log-probs made by another model or on other data (bumblefast precompute-ref
     writes both fingerprints into the manifest)."""
-    from bumblefast.shards.schema import fingerprint_bytes
+    from bumblefast.shards.manifest import ref_fingerprint
 
-    info = manifest.get("ref_logps") or {}
+    info = manifest.ref_logps
     expected_model = model_fingerprint(model_path(cfg))
-    if info.get("model_fingerprint") != expected_model:
-        raise UserError(f"dataset_path: its ref_logps come from model {info.get('model_name_or_path')} "
-                        f"(fingerprint {info.get('model_fingerprint')}), not from {cfg.model_name_or_path} "
+    if info is None or info.model_fingerprint != expected_model:
+        raise UserError(f"dataset_path: its ref_logps come from model {info and info.model_name_or_path} "
+                        f"(fingerprint {info and info.model_fingerprint}), not from {cfg.model_name_or_path} "
                         f"({expected_model}); rerun `bumblefast precompute-ref` with this model")
-    derived = fingerprint_bytes(str(info.get("source_fingerprint")).encode(), expected_model.encode())
-    if manifest.get("fingerprint") != derived:
+    if manifest.fingerprint != ref_fingerprint(info.source_fingerprint, expected_model):
         raise UserError(f"dataset_path: the ref_logps were computed on another dataset (source fingerprint "
-                        f"{info.get('source_fingerprint')} does not match this shard set); rerun "
+                        f"{info.source_fingerprint} does not match this shard set); rerun "
                         "`bumblefast precompute-ref`")
 
 
