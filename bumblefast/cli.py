@@ -78,7 +78,7 @@ def cmd_eval(args, rest: list[str]) -> int:
 
 
 def cmd_merge_lora(args, rest: list[str]) -> int:
-    from bumblefast.merge import cli_main
+    from bumblefast.merge_lora import cli_main
 
     return cli_main(args)
 

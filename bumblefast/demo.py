@@ -121,7 +121,7 @@ def step_sft(out: Path, seed: int) -> str:
 
 
 def step_dpo(out: Path, seed: int) -> str:
-    from bumblefast.merge import merge_lora
+    from bumblefast.merge_lora import merge_lora
 
     RESULTS["dpo"] = _train(out, "dpo", ["--model_name_or_path", str(out / "sft")])
     merge_lora(out / "sft", out / "dpo", out / "dpo_merged")

@@ -50,7 +50,7 @@ from bumblefast.train.engine import (
 )
 from bumblefast.train.export import export_model
 from bumblefast.train.metrics import MetricLogger, device_peak_tflops
-from bumblefast.train.modeling import (
+from bumblefast.train.build import (
     build_model,
     build_objective,
     load_model_config,

@@ -33,7 +33,7 @@ def precompute_ref(model_name_or_path: str, dataset_path: str, output_dir: str, 
     from bumblefast.shards.collate import collate_rows
     from bumblefast.shards.reader import ShardDataset
     from bumblefast.train import distributed as D
-    from bumblefast.train.modeling import model_fingerprint
+    from bumblefast.train.build import model_fingerprint
 
     src = Manifest.read(dataset_path)
     if src.stage != "dpo":
