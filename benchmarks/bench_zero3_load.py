@@ -73,8 +73,8 @@ def worker(mode: str, model_dir: str, result: str) -> None:
     from bumblefast.config import TrainConfig
     from bumblefast.model import Bumblebee
     from bumblefast.train import distributed as D
-    from bumblefast.train.engine import deepspeed_config
     from bumblefast.train.build import load_partitioned
+    from bumblefast.train.engine import deepspeed_config
 
     torch.set_num_threads(1)
     device = D.init()
