@@ -10,8 +10,14 @@ Public API:
     ShardDataset, ShardLoader, ResumeError
 """
 
-from bumblefast.shards.collate import IGNORE_INDEX, collate_rows
-from bumblefast.shards.manifest import (
+if __name__ != "bumblefast.shards":  # this folder imported by its own name, e.g. from the checkout root
+    raise ImportError(
+        f"{__file__}: this folder is the package bumblefast.shards; import it by that name "
+        "(as a top-level `shards` it would load a second copy of every module in it)"
+    )
+
+from bumblefast.shards.collate import IGNORE_INDEX, collate_rows  # noqa: E402
+from bumblefast.shards.manifest import (  # noqa: E402
     MANIFEST_NAME,
     SCHEMA_VERSION,
     Manifest,
@@ -19,8 +25,8 @@ from bumblefast.shards.manifest import (
     read_manifest,
     staged_output,
 )
-from bumblefast.shards.reader import ResumeError, ShardDataset, ShardLoader, build_loader
-from bumblefast.shards.schema import SEGMENT_COLUMN, columns, token_dtype
+from bumblefast.shards.reader import ResumeError, ShardDataset, ShardLoader, build_loader  # noqa: E402
+from bumblefast.shards.schema import SEGMENT_COLUMN, columns, token_dtype  # noqa: E402
 
 __all__ = [
     "IGNORE_INDEX",
