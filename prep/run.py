@@ -148,12 +148,10 @@ class _Stats:
         self.tokens = 0
         self.target_tokens = 0
         self.segments = 0
-        self.pair_tokens = (
-            0  # dpo: tokens of the pairs written, as [prompt+chosen][prompt+rejected]
-        )
-        self.prompt_tokens = (
-            0  # dpo: of which prompt tokens (counted twice, as that layout has them)
-        )
+        # dpo: tokens of the pairs written, as [prompt+chosen][prompt+rejected], and of which
+        # prompt tokens (counted twice, as that layout has them)
+        self.pair_tokens = 0
+        self.prompt_tokens = 0
 
     def read_from(self, runs: list[tuple[str, int]]) -> None:
         for f, n in runs:
@@ -212,9 +210,8 @@ class _Sink:
             stats.tokens += n
             if self.stage == "pretrain":
                 stats.segments += len(row["doc_lens"])
-                stats.target_tokens += n - len(
-                    row["doc_lens"]
-                )  # next-token targets inside documents
+                # next-token targets inside documents
+                stats.target_tokens += n - len(row["doc_lens"])
             else:
                 stats.segments += len(row["seq_lens"])
                 stats.target_tokens += int(row["loss_mask"].sum())

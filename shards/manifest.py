@@ -234,7 +234,7 @@ class Manifest:
     def read(cls, path: str, cache_dir: str | None = None) -> Manifest:
         """The manifest of a shard folder (local path or remote URL)."""
         return cls.from_dict(
-            json.loads(_read_text(path, cache_dir)), where=f"{path}/{MANIFEST_NAME}"
+            json.loads(_read_text(path, cache_dir)), where=f"{str(path).rstrip('/')}/{MANIFEST_NAME}"
         )
 
     def write(self, folder: str | Path) -> Path:
