@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -65,28 +64,19 @@ def load_model_config(cfg: TrainConfig, tokenizer):
     return config
 
 
-@torch.no_grad()
 def init_parameters(model: torch.nn.Module, std: float, seed: int, zero3: bool) -> None:
-    """Deterministic init independent of ZeRO sharding: normal(0, std) matrices, ones for
-    norms, zeros for biases, drawn in parameter order from one generator on rank 0's view."""
-    import contextlib
+    """A fresh model's weights: model.py `init_parameters` (the init tests use too) from one
+    generator seeded with `seed`; under ZeRO-3 each parameter is gathered and rank 0 writes it."""
+    from bumblefast.model import init_parameters as init
 
-    gen = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        ctx = contextlib.nullcontext()
-        if zero3:
-            import deepspeed
+    gather = None
+    if zero3:
+        import deepspeed
 
-            ctx = deepspeed.zero.GatheredParameters([p], modifier_rank=0)
-        with ctx:
-            if name.endswith("norm.weight"):
-                value = torch.ones(p.shape)
-            elif name.endswith(".bias"):
-                value = torch.zeros(p.shape)
-            else:
-                value = torch.empty(p.shape).normal_(0.0, std, generator=gen)
-            if not zero3 or D.is_main():
-                p.copy_(value.to(p.dtype))
+        def gather(p):
+            return deepspeed.zero.GatheredParameters([p], modifier_rank=0)
+
+    init(model, std, torch.Generator().manual_seed(seed), gather, write=not zero3 or D.is_main())
 
 
 def model_fingerprint(path: str | Path) -> str:
@@ -143,14 +133,13 @@ def check_precomputed(cfg, manifest: Manifest) -> None:
 
 
 def checkpoint_files(path: Path) -> list[Path]:
-    """The safetensors files of a Hugging Face model folder (one file, or the index's shards)."""
-    from bumblefast.model import SAFE_INDEX, SAFE_NAME
+    """The safetensors files of a Hugging Face model folder (model_io.py), the error naming the key."""
+    from bumblefast.model_io import checkpoint_files as files
 
-    if (path / SAFE_INDEX).is_file():
-        return [path / f for f in sorted(set(json.loads((path / SAFE_INDEX).read_text())["weight_map"].values()))]
-    if (path / SAFE_NAME).is_file():
-        return [path / SAFE_NAME]
-    raise FileNotFoundError(f"model_name_or_path: no {SAFE_NAME} or {SAFE_INDEX} in {path}")
+    try:
+        return files(path)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"model_name_or_path: {e}") from None
 
 
 @torch.no_grad()
