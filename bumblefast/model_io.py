@@ -48,9 +48,15 @@ def save_pretrained(
 
     os.makedirs(path, exist_ok=True)
     sd = state_dict if state_dict is not None else hf_state_dict(model)
-    sd = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
+    sd = {k: _own_storage(v.detach().cpu().contiguous()) for k, v in sd.items()}
     _save_configs(model.config, path, {v.dtype for v in sd.values()})
     save_torch_state_dict(sd, path, max_shard_size=max_shard_size)
+
+
+def _own_storage(t: torch.Tensor) -> torch.Tensor:
+    """`t`, copied when it is a view into a larger buffer (DeepSpeed ZeRO-1/2 flatten the
+    parameters into one): save_torch_state_dict refuses tensors that do not cover their storage."""
+    return t if t.untyped_storage().nbytes() == t.numel() * t.element_size() else t.clone()
 
 
 def _save_configs(cfg, path, dtypes: set[torch.dtype]) -> None:

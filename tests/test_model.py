@@ -358,6 +358,21 @@ def test_sharded_save_loads_in_transformers(tmp_path):
     assert torch.equal(back.lm_head.weight.float(), model.lm_head.weight.bfloat16().float())
 
 
+def test_save_state_dict_of_views_into_one_flat_buffer(tmp_path):
+    """ZeRO-1/2 hold the weights as views of one flat buffer; the export writes them all the same."""
+    model = make_model()
+    sd = {k: v.detach() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    flat = torch.cat([v.reshape(-1) for v in sd.values()])
+    views, at = {}, 0
+    for k, v in sd.items():
+        views[k] = flat[at : at + v.numel()].view(v.shape)
+        at += v.numel()
+    model.save_pretrained(tmp_path, state_dict=views)
+    back = Bumblebee.from_pretrained(tmp_path)
+    for k, v in sd.items():
+        assert torch.equal(back.state_dict()[k], v), k
+
+
 def test_generation_config_written_or_failure_visible(tmp_path, monkeypatch):
     """generation_config.json is written with the model's eos; a write error fails the save,
     settings transformers refuses to save give a visible warning (never silence)."""
