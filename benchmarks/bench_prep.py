@@ -319,7 +319,7 @@ def stage_profile(tok_dir: str, corpus: Path, stage: str, backend: str, seq_len:
 
     from streaming import MDSWriter
 
-    from bumblefast.prep.encode import Encoder, EncodeSettings, PretrainChunk
+    from bumblefast.prep.encode import Encoded, Encoder, EncodeSettings, PretrainChunk
     from bumblefast.prep.pack import BFDPacker, PretrainPacker
     from bumblefast.prep.records import RecordError, dpo_pair, pretrain_text, sft_messages
     from bumblefast.prep.run import CHUNK_CHARS, CHUNK_RECORDS, _chunks
@@ -376,10 +376,9 @@ def stage_profile(tok_dir: str, corpus: Path, stage: str, backend: str, seq_len:
         if isinstance(res, PretrainChunk):
             rows += packer.add_many(res.flat, res.lens)
         else:
-            for _, status, a, _ in res:
-                if status == "ok":
-                    # dpo payload: (segments, prompt_lens value, pair tokens, prompt tokens)
-                    rows += packer.add(a[0], a[1]) if stage == "dpo" else packer.add([a])
+            for r in res:
+                if isinstance(r, Encoded):
+                    rows += packer.add(r.segments, r.prompt_len)
     rows += packer.finish()
     T["pack"] = clock() - c
     vocab = len(enc.hf)

@@ -120,7 +120,7 @@ def bench_data_set(name: str, data: Path, workdir: Path, args, device, dtype, pr
 
     from bumblefast.config import PrepConfig
     from bumblefast.prep.run import run_prep
-    from bumblefast.shards.schema import read_manifest
+    from bumblefast.shards.manifest import read_manifest
 
     records = json.loads(data.read_text(encoding="utf-8"))
     if args.pairs:  # a fixed subset keeps the CPU run short

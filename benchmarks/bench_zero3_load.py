@@ -8,7 +8,7 @@ rank loads it and builds the ZeRO-3 engine (configs/deepspeed/ds_z3.json, torch 
 of two ways:
   full         the former path: `Bumblebee.from_pretrained` (the whole fp32 model on every
                rank), then `deepspeed.initialize` partitions it;
-  partitioned  the trainer's path now (bumblefast.train.modeling.load_partitioned): the model
+  partitioned  the trainer's path now (bumblefast.train.build.load_partitioned): the model
                is built under `deepspeed.zero.Init` (each rank allocates its partition only) and
                the checkpoint is copied in one tensor at a time (rank 0 reads it memory-mapped,
                GatheredParameters hands each rank its part), transformers' way under ZeRO-3.
@@ -73,8 +73,8 @@ def worker(mode: str, model_dir: str, result: str) -> None:
     from bumblefast.config import TrainConfig
     from bumblefast.model import Bumblebee
     from bumblefast.train import distributed as D
+    from bumblefast.train.build import load_partitioned
     from bumblefast.train.engine import deepspeed_config
-    from bumblefast.train.modeling import load_partitioned
 
     torch.set_num_threads(1)
     device = D.init()

@@ -187,3 +187,17 @@ def cli_main(args) -> int:
     print(to_markdown(report))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
+
+
+def add_arguments(p) -> None:
+    """`bumblefast bench`'s arguments."""
+    from bumblefast.benchlib import SIZES
+
+    p.add_argument("what", nargs="?", default="all", choices=(*SECTIONS, "all", "report"),
+                   help="a section, all, or report (regenerate the README/docs tables from RESULTS)")
+    p.add_argument("results", nargs="?", default=None,
+                   help="report: the results JSON to publish (default: the one the tables already name)")
+    p.add_argument("--check", action="store_true", help="report: write nothing; fail if a table is stale")
+    p.add_argument("--size", choices=SIZES, default=None, help="default: gpu with CUDA, else cpu")
+    p.add_argument("--out", default="benchmarks/results", help="folder for the report (default benchmarks/results)")
+    p.add_argument("--no_progress", action="store_true", help="no progress bars")

@@ -78,7 +78,7 @@ def cmd_eval(args, rest: list[str]) -> int:
 
 
 def cmd_merge_lora(args, rest: list[str]) -> int:
-    from bumblefast.merge import cli_main
+    from bumblefast.merge_lora import cli_main
 
     return cli_main(args)
 
@@ -116,9 +116,94 @@ def cmd_demo(args, rest: list[str]) -> int:
     return run_demo(args.out, seed=args.seed, threads=args.threads)
 
 
-# ---------------------------------------------------------------- parser
+# ---------------------------------------------------------------- arguments
+# Each subcommand's arguments live with the module that implements it (`add_arguments(p)`);
+# those of the modules that import torch when loaded (train, eval, precompute-ref) are here, so
+# building the parser (`bumblefast --help`) imports no torch.
 
 
+def _stage_arguments(p: argparse.ArgumentParser) -> None:
+    """`config` and `train`: the stage and a YAML file; any config key follows as --key value."""
+    p.add_argument("--stage", choices=C.STAGES, default=None)
+    p.add_argument("--yaml_config", "--config", dest="yaml_config", default=None)
+    p.set_defaults(free_keys=True)
+
+
+def _train_arguments(p: argparse.ArgumentParser) -> None:
+    _stage_arguments(p)
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by `deepspeed`
+
+
+def _eval_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model_path", required=True, help="a Hugging Face model folder")
+    p.add_argument("--dataset_path", required=True, help="prep shards, or a json/jsonl file of records")
+    p.add_argument("--out", default=None, help="also write the JSON here")
+
+
+def _precompute_ref_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model_name_or_path", required=True, help="the reference (usually the SFT model folder)")
+    p.add_argument("--dataset_path", required=True, help="dpo shards from `bumblefast prep --stage dpo`")
+    p.add_argument("--output_dir", required=True, help="new shard folder (the source stays unchanged)")
+    p.add_argument("--batch_size", type=int, default=8, help="rows per forward")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def _prep_arguments(p: argparse.ArgumentParser) -> None:
+    """prep parses its own arguments (prep/cli.py): `prep`, `prep merge`, `prep inspect`."""
+    p.set_defaults(free_keys=True)
+
+
+def _module_arguments(module: str):
+    """The `add_arguments` of a module that is light to import."""
+
+    def add(p: argparse.ArgumentParser) -> None:
+        import importlib
+
+        importlib.import_module(module).add_arguments(p)
+
+    return add
+
+
+RAW = {"formatter_class": argparse.RawDescriptionHelpFormatter}
+STRICT = {"allow_abbrev": False}
+
+# name -> (handler, arguments, add_parser keywords); in `bumblefast --help` order
+COMMANDS = {
+    "config": (cmd_config, _stage_arguments,
+               {"help": "resolve a stage's config (defaults < YAML < CLI) and print it", **RAW, **STRICT}),
+    "train": (cmd_train, _train_arguments,
+              {"help": "train a stage (pretrain|continue_pretrain|sft|dpo) under any launcher",
+               "description": "Train one stage. Runs as one process, or under `deepspeed --num_gpus N --module "
+               "bumblefast train ...` / `torchrun --nproc_per_node N -m bumblefast train ...`.", **RAW, **STRICT}),
+    "chat": (cmd_chat, _module_arguments("bumblefast.chat"),
+             {"help": "chat with a model in the terminal (streamed, multi-turn, /reset, /exit)", **STRICT}),
+    "serve": (cmd_serve, _module_arguments("bumblefast.serve"),
+              {"help": "OpenAI-compatible API (/v1/chat/completions, streaming) and a web chat page", **STRICT}),
+    "eval": (cmd_eval, _eval_arguments,
+             {"help": "held-out loss/perplexity (pretrain/sft shards), answer accuracy (Alpaca questions) or "
+              "preference accuracy and margin (dpo shards or pairs); JSON out", **STRICT}),
+    "plot": (cmd_plot, _module_arguments("bumblefast.plot"),
+             {"help": "PNG curves (loss, lr, grad norm, rewards) from a run's TensorBoard logs"}),
+    "model": (cmd_model_info, _module_arguments("bumblefast.modelinfo"), {"help": "model presets and checkpoints"}),
+    "tokenizer": (cmd_tokenizer_train, _module_arguments("bumblefast.tokenizer"), {"help": "train tokenizers"}),
+    "prep": (cmd_prep, _prep_arguments,
+             {"help": "tokenize + pack raw data into MDS shards (also: prep merge, prep inspect)", "add_help": False}),
+    "precompute-ref": (cmd_precompute_ref, _precompute_ref_arguments,
+                       {"help": "score dpo shards with the reference model once; writes shards with a ref_logps "
+                        "column", "description": "Run under torchrun/deepspeed to use several GPUs (each rank "
+                        "scores a share of rows).", **STRICT}),
+    "merge-lora": (cmd_merge_lora, _module_arguments("bumblefast.merge_lora"),
+                   {"help": "merge a LoRA adapter into its base model and save a plain HF model (safetensors)",
+                    **STRICT}),
+    "bench": (cmd_bench, _module_arguments("bumblefast.bench"),
+              {"help": "benchmark suite: prep, streaming, kernels, training (+ scaling); table, JSON and PNG",
+               "description": "Runs benchmarks/*.py of the checkout side by side with their baselines and writes "
+               "OUT/<date>-<host>.json, .md and .png. Sizes: min (seconds, CI smoke), cpu (the 2-core "
+               "machine, under 15 minutes for all), gpu (one CUDA device, the 1.5B preset).", **STRICT}),
+    "demo": (cmd_demo, _module_arguments("bumblefast.demo"),
+             {"help": "run the end-to-end demo on the bundled demo data"}),
+}
+EPILOGS = {"config": _train_epilog, "train": _train_epilog}  # built when the parser is
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,141 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    raw = argparse.RawDescriptionHelpFormatter
-
-    p = sub.add_parser(
-        "config",
-        help="resolve a stage's config (defaults < YAML < CLI) and print it",
-        epilog=_train_epilog(),
-        formatter_class=raw,
-        allow_abbrev=False,
-    )
-    p.add_argument("--stage", choices=C.STAGES, default=None)
-    p.add_argument("--yaml_config", "--config", dest="yaml_config", default=None)
-    p.set_defaults(func=cmd_config, free_keys=True)
-
-    p = sub.add_parser(
-        "train",
-        help="train a stage (pretrain|continue_pretrain|sft|dpo) under any launcher",
-        description="Train one stage. Runs as one process, or under `deepspeed --num_gpus N --module "
-        "bumblefast train ...` / `torchrun --nproc_per_node N -m bumblefast train ...`.",
-        epilog=_train_epilog(),
-        formatter_class=raw,
-        allow_abbrev=False,
-    )
-    p.add_argument("--stage", choices=C.STAGES, default=None)
-    p.add_argument("--yaml_config", "--config", dest="yaml_config", default=None)
-    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by `deepspeed`
-    p.set_defaults(func=cmd_train, free_keys=True)
-
-    p = sub.add_parser("chat", help="chat with a model in the terminal (streamed, multi-turn, /reset, /exit)",
-                       allow_abbrev=False)
-    from bumblefast.chat import add_arguments as chat_arguments
-
-    chat_arguments(p)
-    p.set_defaults(func=cmd_chat)
-
-    p = sub.add_parser("serve", help="OpenAI-compatible API (/v1/chat/completions, streaming) and a web chat page",
-                       allow_abbrev=False)
-    from bumblefast.serve import add_arguments as serve_arguments
-
-    serve_arguments(p)
-    p.set_defaults(func=cmd_serve)
-
-    p = sub.add_parser(
-        "eval",
-        help="held-out loss/perplexity (pretrain/sft shards), answer accuracy (Alpaca questions) or "
-        "preference accuracy and margin (dpo shards or pairs); JSON out",
-        allow_abbrev=False,
-    )
-    p.add_argument("--model_path", required=True, help="a Hugging Face model folder")
-    p.add_argument("--dataset_path", required=True, help="prep shards, or a json/jsonl file of records")
-    p.add_argument("--out", default=None, help="also write the JSON here")
-    p.set_defaults(func=cmd_eval)
-
-    p = sub.add_parser("plot", help="PNG curves (loss, lr, grad norm, rewards) from a run's TensorBoard logs")
-    p.add_argument("output_dir", help="a training run's --output_dir")
-    p.add_argument("--out", default=None, help="folder for the PNGs (default: OUTPUT_DIR/plots)")
-    p.set_defaults(func=cmd_plot)
-
-    p = sub.add_parser("model", help="model presets and checkpoints")
-    msub = p.add_subparsers(dest="model_command", metavar="ACTION", required=True)
-    q = msub.add_parser("info", help="parameter count and training FLOPs per token of a config folder")
-    q.add_argument("path", help="model folder with config.json, e.g. configs/models/bumblebee-1.5b")
-    q.add_argument("--seq_len", type=int, default=2048, help="document length for the attention FLOPs")
-    q.add_argument("--tokenizer", default=None,
-                   help="size the vocabulary as pretraining from this preset would: the tokenizer's size "
-                        "rounded up to a multiple of 128")
-    q.add_argument("--vocab_size", type=int, default=None, help="embedding rows, as train's --vocab_size")
-    q.set_defaults(func=cmd_model_info)
-
-    p = sub.add_parser("tokenizer", help="train tokenizers")
-    tsub = p.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)
-    q = tsub.add_parser("train", help="train a byte-level BPE with ChatML specials and chat template")
-    q.add_argument("--input", nargs="+", required=True, help=".json/.jsonl/.txt files")
-    q.add_argument("--vocab_size", type=int, required=True)
-    q.add_argument("--output", required=True, help="folder to write (AutoTokenizer loads it)")
-    q.add_argument("--system_prompt", default="You are a helpful assistant.")
-    q.add_argument("--min_frequency", type=int, default=2)
-    q.set_defaults(func=cmd_tokenizer_train)
-
-    # prep owns its arguments (prep/cli.py): `prep`, `prep merge`, `prep inspect`.
-    p = sub.add_parser(
-        "prep", help="tokenize + pack raw data into MDS shards (also: prep merge, prep inspect)", add_help=False
-    )
-    p.set_defaults(func=cmd_prep, free_keys=True)
-
-    p = sub.add_parser(
-        "precompute-ref",
-        help="score dpo shards with the reference model once; writes shards with a ref_logps column",
-        description="Run under torchrun/deepspeed to use several GPUs (each rank scores a share of rows).",
-        allow_abbrev=False,
-    )
-    p.add_argument("--model_name_or_path", required=True, help="the reference (usually the SFT model folder)")
-    p.add_argument("--dataset_path", required=True, help="dpo shards from `bumblefast prep --stage dpo`")
-    p.add_argument("--output_dir", required=True, help="new shard folder (the source stays unchanged)")
-    p.add_argument("--batch_size", type=int, default=8, help="rows per forward")
-    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
-    p.set_defaults(func=cmd_precompute_ref)
-
-    p = sub.add_parser(
-        "merge-lora",
-        help="merge a LoRA adapter into its base model and save a plain HF model (safetensors)",
-        allow_abbrev=False,
-    )
-    p.add_argument("--base_model_path", required=True, help="HF model folder the adapter was trained on")
-    p.add_argument("--lora_model_path", required=True, help="PEFT adapter folder (adapter_config.json)")
-    p.add_argument("--save_path", required=True, help="folder to write the merged model to")
-    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
-                   help="dtype of the saved weights (auto: the base's; the merge itself runs in fp32)")
-    p.set_defaults(func=cmd_merge_lora)
-
-    p = sub.add_parser(
-        "bench",
-        help="benchmark suite: prep, streaming, kernels, training (+ scaling); table, JSON and PNG",
-        description="Runs benchmarks/*.py of the checkout side by side with their baselines and writes "
-        "OUT/<date>-<host>.json, .md and .png. Sizes: min (seconds, CI smoke), cpu (the 2-core "
-        "machine, under 15 minutes for all), gpu (one CUDA device, the 1.5B preset).",
-        allow_abbrev=False,
-    )
-    from bumblefast.benchlib import SECTIONS, SIZES
-
-    p.add_argument("what", nargs="?", default="all", choices=(*SECTIONS, "all", "report"),
-                   help="a section, all, or report (regenerate the README/docs tables from RESULTS)")
-    p.add_argument("results", nargs="?", default=None,
-                   help="report: the results JSON to publish (default: the one the tables already name)")
-    p.add_argument("--check", action="store_true", help="report: write nothing; fail if a table is stale")
-    p.add_argument("--size", choices=SIZES, default=None, help="default: gpu with CUDA, else cpu")
-    p.add_argument("--out", default="benchmarks/results", help="folder for the report (default benchmarks/results)")
-    p.add_argument("--no_progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_bench)
-
-    p = sub.add_parser("demo", help="run the end-to-end demo on the bundled demo data")
-    p.add_argument("--out", default="demo_out", help="folder for everything the demo writes")
-    p.add_argument("--seed", type=int, default=0, help="seeds packing, init and shuffle of every stage")
-    p.add_argument("--threads", type=int, default=1,
-                   help="intra-op threads per training process (default 1: steady when other work shares the cores)")
-    p.set_defaults(func=cmd_demo)
+    for name, (handler, add_arguments, keywords) in COMMANDS.items():
+        epilog = EPILOGS.get(name)
+        p = sub.add_parser(name, **keywords, **({"epilog": epilog()} if epilog else {}))
+        add_arguments(p)
+        p.set_defaults(func=handler)
     return parser
 
 

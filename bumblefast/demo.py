@@ -121,7 +121,7 @@ def step_sft(out: Path, seed: int) -> str:
 
 
 def step_dpo(out: Path, seed: int) -> str:
-    from bumblefast.merge import merge_lora
+    from bumblefast.merge_lora import merge_lora
 
     RESULTS["dpo"] = _train(out, "dpo", ["--model_name_or_path", str(out / "sft")])
     merge_lora(out / "sft", out / "dpo", out / "dpo_merged")
@@ -209,3 +209,11 @@ def run_demo(out: str | Path = "demo_out", seed: int = 0, threads: int = DEFAULT
         (out / "summary.json").write_text(json.dumps(RESULTS, indent=2))
     print(f"\noutputs in {out.resolve()}")
     return 0
+
+
+def add_arguments(p) -> None:
+    """`bumblefast demo`'s arguments."""
+    p.add_argument("--out", default="demo_out", help="folder for everything the demo writes")
+    p.add_argument("--seed", type=int, default=0, help="seeds packing, init and shuffle of every stage")
+    p.add_argument("--threads", type=int, default=1,
+                   help="intra-op threads per training process (default 1: steady when other work shares the cores)")

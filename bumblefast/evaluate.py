@@ -169,11 +169,11 @@ def preference_from_shards(model_path: str | Path, shards: str | Path, batch_siz
 
 def evaluate(model_path: str | Path, dataset_path: str | Path) -> dict:
     """Dispatch on the data: shards by their manifest's stage, raw files by their records."""
-    from bumblefast.shards.schema import MANIFEST_NAME, read_manifest
+    from bumblefast.shards.manifest import MANIFEST_NAME, Manifest
 
     dataset_path = Path(dataset_path)
     if (dataset_path / MANIFEST_NAME).is_file():
-        stage = read_manifest(str(dataset_path))["stage"]
+        stage = Manifest.read(str(dataset_path)).stage
         result = (preference_from_shards(model_path, dataset_path) if stage == "dpo"
                   else heldout_loss(model_path, dataset_path))
         return {"model": str(model_path), "data": str(dataset_path), "stage": stage, **result}

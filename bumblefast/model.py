@@ -15,10 +15,7 @@ Deferred init (ZeRO-3 / big models)::
 
 from __future__ import annotations
 
-import json
-import os
-import re
-import warnings
+import contextlib
 
 import torch
 from torch import nn
@@ -31,12 +28,11 @@ from bumblefast.kernels.modules import RMSNorm
 from bumblefast.kernels.reference import rope_cos_sin
 from bumblefast.labels import IGNORE_INDEX
 
-SAFE_NAME = "model.safetensors"
-SAFE_INDEX = "model.safetensors.index.json"
-
 
 class Attention(nn.Module):
-    def __init__(self, config, owner: Bumblebee):
+    """q/k/v/o projections, RoPE from the `kernels` dispatch, attention per document."""
+
+    def __init__(self, config, kernels: str = "auto"):
         super().__init__()
         h = config.hidden_size
         self.n_heads = config.num_attention_heads
@@ -46,42 +42,41 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=True)
         self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=False)
-        self._owner = [owner]  # list: not a submodule
+        self.kernels = kernels
 
     def forward(self, x, cos, sin, plan):
-        owner = self._owner[0]
         t = x.shape[0]
         q = self.q_proj(x).view(t, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(t, self.n_kv, self.head_dim)
         v = self.v_proj(x).view(t, self.n_kv, self.head_dim)
-        q, k = owner.ops(x.device).rope(q, k, cos, sin)
+        q, k = get_ops(self.kernels, x.device).rope(q, k, cos, sin)
         o = ATTENTION[plan.backend](q, k, v, plan)
         return self.o_proj(o.reshape(t, self.n_heads * self.head_dim))
 
 
 class MLP(nn.Module):
-    def __init__(self, config, owner: Bumblebee):
+    """SwiGLU from the `kernels` dispatch."""
+
+    def __init__(self, config, kernels: str = "auto"):
         super().__init__()
         h, i = config.hidden_size, config.intermediate_size
         self.gate_proj = nn.Linear(h, i, bias=False)
         self.up_proj = nn.Linear(h, i, bias=False)
         self.down_proj = nn.Linear(i, h, bias=False)
-        self._owner = [owner]
+        self.kernels = kernels
 
     def forward(self, x):
-        act = self._owner[0].ops(x.device).swiglu(self.gate_proj(x), self.up_proj(x))
+        act = get_ops(self.kernels, x.device).swiglu(self.gate_proj(x), self.up_proj(x))
         return self.down_proj(act)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config, owner: Bumblebee):
+    def __init__(self, config, kernels: str = "auto"):
         super().__init__()
-        self.self_attn = Attention(config, owner)
-        self.mlp = MLP(config, owner)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, owner.kernels)
-        self.post_attention_layernorm = RMSNorm(
-            config.hidden_size, config.rms_norm_eps, owner.kernels
-        )
+        self.self_attn = Attention(config, kernels)
+        self.mlp = MLP(config, kernels)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, kernels)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, kernels)
 
     def forward(self, x, cos, sin, plan):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, plan)
@@ -91,13 +86,39 @@ class DecoderLayer(nn.Module):
 class BumblebeeModel(nn.Module):
     """The decoder body, named ``model`` inside :class:`Bumblebee` as in HF."""
 
-    def __init__(self, config, owner: Bumblebee):
+    def __init__(self, config, kernels: str = "auto"):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, owner) for _ in range(config.num_hidden_layers)
+            DecoderLayer(config, kernels) for _ in range(config.num_hidden_layers)
         )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, owner.kernels)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, kernels)
+
+
+@torch.no_grad()
+def init_parameters(
+    model: nn.Module,
+    std: float,
+    generator: torch.Generator | None = None,
+    gather=None,
+    write: bool = True,
+) -> None:
+    """The one weight init, of training (bumblefast/train/build.py) and tests alike: in
+    ``named_parameters()`` order (a tied lm_head is the embedding, listed once), ones for norms,
+    zeros for biases, normal(0, std) for the rest, drawn in fp32 on the CPU from ``generator``
+    (default: torch's global one), so the values depend on the seed only, not on the dtype,
+    the device or ZeRO-3 partitioning. ``gather(p)``: a context in which ``p`` is whole
+    (ZeRO-3's GatheredParameters); ``write``: whether this rank writes (ZeRO-3: rank 0)."""
+    for name, p in model.named_parameters():
+        with gather(p) if gather is not None else contextlib.nullcontext():
+            if name.endswith("norm.weight"):
+                value = torch.ones(p.shape)
+            elif name.endswith(".bias"):
+                value = torch.zeros(p.shape)
+            else:
+                value = torch.empty(p.shape).normal_(0.0, std, generator=generator)
+            if write:
+                p.copy_(value.to(p.dtype))
 
 
 class Bumblebee(nn.Module):
@@ -122,7 +143,7 @@ class Bumblebee(nn.Module):
         self.gradient_checkpointing = False
         self._ckpt_kwargs: dict = {}
         self.last_attn_backend: str | None = None  # what the last forward ran (benchmark labels)
-        self.model = BumblebeeModel(config, self)
+        self.model = BumblebeeModel(config, kernels)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
 
@@ -145,21 +166,10 @@ class Bumblebee(nn.Module):
         self.tie_weights()  # materialising gives each module a fresh Parameter
         return self
 
-    @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None):
-        """normal(0, initializer_range) for linears and embeddings, zero biases, ones for norms.
-        Deterministic for a given torch seed (or ``generator``)."""
-        std = self.config.initializer_range
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                if not (m is self.lm_head and getattr(self.config, "tie_word_embeddings", False)):
-                    m.weight.normal_(0.0, std, generator=generator)
-                if m.bias is not None:
-                    m.bias.zero_()
-            elif isinstance(m, nn.Embedding):
-                m.weight.normal_(0.0, std, generator=generator)
-            elif isinstance(m, RMSNorm):
-                m.weight.fill_(1.0)
+        """Random init (``init_parameters``, normal(0, initializer_range)); deterministic for a
+        given torch seed (or ``generator``). Returns the model."""
+        init_parameters(self, self.config.initializer_range, generator)
         return self
 
     # ------------------------------------------------------------------ dispatch
@@ -196,7 +206,9 @@ class Bumblebee(nn.Module):
         starts = torch.repeat_interleave(cu[:-1], cu[1:] - cu[:-1], output_size=n_tokens)
         return torch.arange(n_tokens, device=cu.device) - starts
 
-    def hidden_states(self, input_ids, position_ids, cu_seqlens, max_seqlen=None, kv_prefix=None) -> torch.Tensor:
+    def hidden_states(
+        self, input_ids, position_ids, cu_seqlens, max_seqlen=None, kv_prefix=None
+    ) -> torch.Tensor:
         """Final-norm hidden states ``[T, hidden]`` of a flat packed stream. ``kv_prefix``
         (optional, ``[n_docs]``): document d also attends the first ``kv_prefix[d]`` tokens of
         document d - 1 and its positions start there (a shared DPO prompt; see attention.py)."""
@@ -207,7 +219,8 @@ class Bumblebee(nn.Module):
             if kv_prefix is not None:
                 cu = cu_seqlens.long()
                 position_ids = position_ids + torch.repeat_interleave(
-                    kv_prefix.long().to(device), cu[1:] - cu[:-1], output_size=n_tok)
+                    kv_prefix.long().to(device), cu[1:] - cu[:-1], output_size=n_tok
+                )
         x = self.model.embed_tokens(input_ids)
         # the dtype q/k/v will have: autocast's when on (the embedding output stays fp32 there)
         backend = self.resolved_attn(device, compute_dtype(device, x.dtype))
@@ -286,62 +299,11 @@ class Bumblebee(nn.Module):
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
 
     # ------------------------------------------------------------------ HF checkpoints
-    def _hf_state_dict(self) -> dict:
-        sd = self.state_dict()
-        if getattr(self.config, "tie_word_embeddings", False):
-            sd.pop("lm_head.weight", None)
-        return {k: v.detach().contiguous() for k, v in sd.items()}
-
     def save_pretrained(self, path, max_shard_size="5GB", state_dict: dict | None = None):
-        """Write ``config.json`` + ``model.safetensors`` (or shards + index) loadable by
-        ``transformers.AutoModelForCausalLM.from_pretrained``."""
-        from safetensors.torch import save_file
+        """Write a folder ``transformers.AutoModelForCausalLM.from_pretrained`` loads (model_io.py)."""
+        from bumblefast.model_io import save_pretrained
 
-        os.makedirs(path, exist_ok=True)
-        sd = state_dict if state_dict is not None else self._hf_state_dict()
-        sd = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
-        cfg = self.config
-        cfg.architectures = ["Qwen2ForCausalLM"]
-        dtypes = {v.dtype for v in sd.values()}
-        if len(dtypes) == 1:
-            cfg.dtype = next(iter(dtypes))  # written as "dtype" (4.57+) / read back by 5.x
-        cfg.save_pretrained(path)
-        from transformers import GenerationConfig
-
-        try:  # a write error (disk, permissions) propagates: the checkpoint would be incomplete
-            GenerationConfig.from_model_config(cfg).save_pretrained(path)
-        except ValueError as e:  # settings transformers refuses to save: the weights are still fine
-            warnings.warn(
-                f"{path}: generation_config.json not written ({str(e).strip().splitlines()[0]}); "
-                "generate() will use transformers' defaults",
-                stacklevel=2,
-            )
-        limit = _parse_size(max_shard_size)
-        shards, cur, cur_size = [], {}, 0
-        for k, v in sd.items():
-            n = v.numel() * v.element_size()
-            if cur and cur_size + n > limit:
-                shards.append(cur)
-                cur, cur_size = {}, 0
-            cur[k] = v
-            cur_size += n
-        shards.append(cur)
-        for stale in os.listdir(path):
-            if re.fullmatch(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?", stale):
-                os.remove(os.path.join(path, stale))
-        meta = {"format": "pt"}
-        if len(shards) == 1:
-            save_file(shards[0], os.path.join(path, SAFE_NAME), metadata=meta)
-            return
-        weight_map, total = {}, 0
-        for i, shard in enumerate(shards):
-            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, os.path.join(path, name), metadata=meta)
-            for k, v in shard.items():
-                weight_map[k] = name
-                total += v.numel() * v.element_size()
-        with open(os.path.join(path, SAFE_INDEX), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        save_pretrained(self, path, max_shard_size=max_shard_size, state_dict=state_dict)
 
     @classmethod
     def from_pretrained(
@@ -353,49 +315,20 @@ class Bumblebee(nn.Module):
         kernels="auto",
         config=None,
         dtype=None,
-    ):
-        """Load an HF Qwen2 checkpoint folder (ours or transformers'). ``torch_dtype``: a dtype,
-        ``"auto"`` (config's), or None (fp32, as transformers)."""
-        from safetensors.torch import load_file
-        from transformers import AutoConfig
+    ) -> Bumblebee:
+        """Load an HF Qwen2 checkpoint folder (ours or transformers'). ``torch_dtype`` (or its new
+        name ``dtype``): a dtype, ``"auto"`` (config's), or None (fp32, as transformers)."""
+        from bumblefast.model_io import load_pretrained
 
-        config = config or AutoConfig.from_pretrained(path)
-        torch_dtype = torch_dtype if torch_dtype is not None else dtype  # transformers' new name
-        if torch_dtype == "auto":
-            torch_dtype = (
-                getattr(config, "dtype", None)
-                or getattr(config, "torch_dtype", None)
-                or torch.float32
-            )
-            if isinstance(torch_dtype, str):
-                torch_dtype = getattr(torch, torch_dtype)
-        dtype = torch_dtype or torch.float32
-        model = cls.from_config(config, device="meta", attn_backend=attn_backend, kernels=kernels)
-        model.to_empty(device=device or "cpu")
-        model.to(dtype)
-        index = os.path.join(path, SAFE_INDEX)
-        if os.path.exists(index):
-            with open(index) as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
-        elif os.path.exists(os.path.join(path, SAFE_NAME)):
-            files = [SAFE_NAME]
-        else:
-            raise FileNotFoundError(f"no {SAFE_NAME} or {SAFE_INDEX} in {path}")
-        sd = {}
-        for name in files:
-            sd.update(load_file(os.path.join(path, name)))
-        sd = {k: v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}
-        if getattr(config, "tie_word_embeddings", False):
-            sd.pop("lm_head.weight", None)
-        missing, unexpected = model.load_state_dict(sd, strict=False)
-        missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
-        if missing or unexpected:
-            raise ValueError(
-                f"checkpoint {path} does not match the config: missing={missing} "
-                f"unexpected={unexpected}"
-            )
-        model.tie_weights()
-        return model
+        return load_pretrained(
+            cls,
+            path,
+            torch_dtype if torch_dtype is not None else dtype,
+            device,
+            config,
+            attn_backend=attn_backend,
+            kernels=kernels,
+        )
 
 
 def rope_theta(config) -> float:
@@ -404,15 +337,3 @@ def rope_theta(config) -> float:
     if theta is None:
         theta = (getattr(config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
     return float(theta)
-
-
-def _parse_size(size) -> int:
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?I?B)\s*", str(size).upper())
-    if not m:
-        raise ValueError(f"max_shard_size must be like '5GB' or an int, got {size!r}")
-    num, unit = float(m.group(1)), m.group(2)
-    base = 1024 if "I" in unit else 1000
-    power = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit[0]]
-    return int(num * base**power)

@@ -63,3 +63,15 @@ def model_info(path: str | Path, seq_len: int = 2048, tokenizer: str | None = No
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def add_arguments(p) -> None:
+    """`bumblefast model ACTION`'s arguments (one action: info)."""
+    actions = p.add_subparsers(dest="model_command", metavar="ACTION", required=True)
+    q = actions.add_parser("info", help="parameter count and training FLOPs per token of a config folder")
+    q.add_argument("path", help="model folder with config.json, e.g. configs/models/bumblebee-1.5b")
+    q.add_argument("--seq_len", type=int, default=2048, help="document length for the attention FLOPs")
+    q.add_argument("--tokenizer", default=None,
+                   help="size the vocabulary as pretraining from this preset would: the tokenizer's size "
+                        "rounded up to a multiple of 128")
+    q.add_argument("--vocab_size", type=int, default=None, help="embedding rows, as train's --vocab_size")

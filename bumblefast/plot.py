@@ -62,3 +62,9 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
     if not written:
         raise FileNotFoundError(f"{run_dir}: the TensorBoard logs hold none of {sorted({t for ts in FIGURES.values() for t in ts})}")
     return written
+
+
+def add_arguments(p) -> None:
+    """`bumblefast plot`'s arguments."""
+    p.add_argument("output_dir", help="a training run's --output_dir")
+    p.add_argument("--out", default=None, help="folder for the PNGs (default: OUTPUT_DIR/plots)")

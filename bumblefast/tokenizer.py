@@ -155,3 +155,14 @@ def load_tokenizer(name_or_path: str | Path):
         return AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: not a loadable tokenizer folder: {e}") from e
+
+
+def add_arguments(p) -> None:
+    """`bumblefast tokenizer ACTION`'s arguments (one action: train)."""
+    actions = p.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)
+    q = actions.add_parser("train", help="train a byte-level BPE with ChatML specials and chat template")
+    q.add_argument("--input", nargs="+", required=True, help=".json/.jsonl/.txt files")
+    q.add_argument("--vocab_size", type=int, required=True)
+    q.add_argument("--output", required=True, help="folder to write (AutoTokenizer loads it)")
+    q.add_argument("--system_prompt", default="You are a helpful assistant.")
+    q.add_argument("--min_frequency", type=int, default=2)

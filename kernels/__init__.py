@@ -6,9 +6,15 @@ fused-linear ops. Triton modules (``triton_*``) are imported lazily, only when a
 is selected, so importing this package never imports triton.
 """
 
-from . import fused_linear, reference
-from .dispatch import MODES, KernelOps, get_ops, liger_available
-from .modules import (
+if __name__ != "bumblefast.kernels":  # this folder imported by its own name, e.g. from the checkout root
+    raise ImportError(
+        f"{__file__}: this folder is the package bumblefast.kernels; import it by that name "
+        "(as a top-level `kernels` it would load a second copy of every module in it)"
+    )
+
+from . import fused_linear, reference  # noqa: E402
+from .dispatch import MODES, KernelOps, get_ops, liger_available  # noqa: E402
+from .modules import (  # noqa: E402
     FusedLinearCrossEntropy,
     FusedLinearLogprob,
     RMSNorm,

@@ -7,6 +7,12 @@ Public API:
     main(argv: list[str]) -> int                              # the CLI (bumblefast.prep.cli)
 """
 
+if __name__ != "bumblefast.prep":  # this folder imported by its own name, e.g. from the checkout root
+    raise ImportError(
+        f"{__file__}: this folder is the package bumblefast.prep; import it by that name "
+        "(as a top-level `prep` it would load a second copy of every module in it)"
+    )
+
 __all__ = ["run_prep", "merge_parts", "inspect_output"]
 
 _HOMES = {"run_prep": "run", "merge_parts": "merge", "inspect_output": "inspect_shards"}

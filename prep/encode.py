@@ -15,7 +15,7 @@ import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -29,6 +29,7 @@ from bumblefast.prep.records import (
     pretrain_text,
     sft_messages,
 )
+from bumblefast.prep.share import Segment
 from bumblefast.prep.sources import BadRecord, RawJSON, TextLine, file_runs
 
 
@@ -152,91 +153,79 @@ class Encoder:
         return rec if spec is None else canonical_record(rec, spec, self.s.stage)
 
     # ---- per stage ------------------------------------------------------------------------
-    def encode_chunk(self, chunk: list[tuple[str, Any]]):
-        """[(where, record)] -> [(where, "ok", payload, truncated) | (where, "err", reason, msg)]
-        (pretrain: a compact PretrainChunk instead, see _pretrain_results)."""
-        out: list[tuple | None] = [None] * len(chunk)
+    def encode_chunk(self, chunk: list[tuple[str, Any]]) -> list[Result] | PretrainChunk:
+        """[(where, record)] -> one Encoded or Skipped per record, in input order (pretrain: a
+        compact PretrainChunk instead, see _pretrain_results)."""
+        out: list[Result | None] = [None] * len(chunk)
         if self.s.stage == "pretrain":
             return self._encode_pretrain(chunk, out)
+        texts, owners = self._render_chunk(chunk, out)
+        encs = self.bulk.encode_with_starts(texts)
+        per_record, result = (1, self._sft_result) if self.s.stage == "sft" else (2, self._dpo_result)
+        for j in range(0, len(owners), per_record):
+            i = owners[j][0]
+            segs = [(encs[k][0], self._mask(encs[k][1], owners[k][1])) for k in range(j, j + per_record)]
+            out[i] = result(chunk[i][0], segs)
+        return out  # type: ignore[return-value]
+
+    def _render_chunk(self, chunk, out) -> tuple[list[str], list[tuple[int, list[tuple[int, int]]]]]:
+        """The texts to tokenize (sft: one per record; dpo: chosen then rejected) and, for each,
+        (index in chunk, trained character spans); bad records go to `out` as Skipped."""
         texts: list[str] = []
-        owners: list[tuple[int, Any]] = []  # (index in chunk, per-record info)
+        owners: list[tuple[int, list[tuple[int, int]]]] = []
         for i, (where, rec) in enumerate(chunk):
             if isinstance(rec, RawJSON):
                 rec = rec.parse()
             if isinstance(rec, BadRecord):
-                out[i] = (where, "err", rec.reason, rec.message)
+                out[i] = Skipped(where, rec.reason, rec.message)
                 continue
             try:
                 if self.s.datasets:
                     rec = self._canonical(rec, where)
                 if self.s.stage == "sft":
-                    msgs, tools = sft_messages(rec)
-                    text, spans = self.render_with_spans(msgs, tools)
-                    texts.append(text)
-                    owners.append((i, spans))
+                    conversations = [sft_messages(rec)]
                 else:
                     prompt, chosen, rejected, tools = dpo_pair(rec)
-                    for reply in (chosen, rejected):
-                        text, spans = self.render_with_spans(prompt + [reply], tools)
-                        texts.append(text)
-                        owners.append((i, spans))
+                    conversations = [(prompt + [reply], tools) for reply in (chosen, rejected)]
+                rendered = [self.render_with_spans(msgs, tools) for msgs, tools in conversations]
             except RecordError as e:
-                out[i] = (where, "err", e.reason, e.message)
-        encs = self.bulk.encode_with_starts(texts)
-        L = self.s.seq_len
-        j = 0
-        while j < len(owners):
-            i, spans = owners[j]
-            where = chunk[i][0]
-            if self.s.stage == "sft":
-                ids, starts = encs[j]
-                mask = self._mask(starts, spans)
-                j += 1
-                truncated = False
-                if len(ids) > L:
-                    first = int(mask.argmax()) if mask.any() else -1
-                    if self.s.overlong == "drop" or first < 0:
-                        out[i] = (where, "err", "overlong", f"{len(ids)} tokens > seq_len {L}")
-                        continue
-                    lo, hi = truncation_window(first, len(ids) - first, L)
-                    ids, mask, truncated = ids[first - lo : first + hi], mask[first - lo : first + hi], True
-                out[i] = (where, "ok", (ids, mask), truncated)
-            else:
-                segs = []
-                for k in range(2):
-                    ids, starts = encs[j + k]
-                    segs.append((ids, self._mask(starts, owners[j + k][1])))
-                j += 2
-                total = len(segs[0][0]) + len(segs[1][0])
-                truncated = False
-                p = share.prompt_len(*segs)
-                if self.s.share_prompt and share.group_len(*segs, p) <= L:
-                    out[i] = (where, "ok", (share.share(*segs, p), p, total, p), False)
-                    continue
-                if total > L:
-                    if self.s.overlong == "drop":
-                        out[i] = (where, "err", "overlong", f"pair of {total} tokens > seq_len {L}")
-                        continue
-                    # each segment gets half the row; the prompt (the same in both) keeps its end,
-                    # the replies are cut first (truncation_window)
-                    starts = [int(m.argmax()) for _, m in segs]  # first reply token
-                    reply = max(len(a) - p for (a, _), p in zip(segs, starts, strict=True))
-                    cut = []
-                    for (a, m), p in zip(segs, starts, strict=True):
-                        lo, hi = truncation_window(p, reply, L // 2)
-                        cut.append((a[p - lo : p + hi], m[p - lo : p + hi]))
-                    segs = cut
-                    truncated = True
-                    p = share.prompt_len(*segs)
-                # dpo payload: (segments, prompt_lens value or None for the pairs layout,
-                # tokens of the pair unshared, its prompt tokens)
-                pair_tokens = len(segs[0][0]) + len(segs[1][0])
-                if self.s.share_prompt:
-                    out[i] = (where, "ok", (share.share(*segs, p), p, pair_tokens, p), truncated)
-                else:
-                    out[i] = (where, "ok", (segs, None, pair_tokens, p), truncated)
-        return out  # type: ignore[return-value]
+                out[i] = Skipped(where, e.reason, e.message)
+                continue
+            for text, spans in rendered:
+                texts.append(text)
+                owners.append((i, spans))
+        return texts, owners
 
+    def _sft_result(self, where: str, segs: list[Segment]) -> Result:
+        """An over-long conversation is cut to its first trained token's window, or dropped."""
+        ((ids, mask),) = segs
+        L = self.s.seq_len
+        if len(ids) <= L:
+            return Encoded(where, [(ids, mask)], False)
+        first = int(mask.argmax()) if mask.any() else -1
+        if self.s.overlong == "drop" or first < 0:
+            return Skipped(where, "overlong", f"{len(ids)} tokens > seq_len {L}")
+        lo, hi = truncation_window(first, len(ids) - first, L)
+        return Encoded(where, [(ids[first - lo : first + hi], mask[first - lo : first + hi])], True)
+
+    def _dpo_result(self, where: str, segs: list[Segment]) -> Result:
+        """A pair as [prompt+chosen][prompt+rejected], or one shared-prompt group; an over-long
+        pair gives each segment half the row (replies cut first), or is dropped."""
+        L = self.s.seq_len
+        total = len(segs[0][0]) + len(segs[1][0])
+        p = share.prompt_len(*segs)
+        if self.s.share_prompt and share.group_len(*segs, p) <= L:
+            return Encoded(where, share.share(*segs, p), False, p, total, p)
+        truncated = total > L  # always so for a shared prompt here: its group is shorter than the pair
+        if truncated:
+            if self.s.overlong == "drop":
+                return Skipped(where, "overlong", f"pair of {total} tokens > seq_len {L}")
+            segs = _truncate_pair(segs, L)
+            p = share.prompt_len(*segs)
+        pair_tokens = len(segs[0][0]) + len(segs[1][0])
+        if self.s.share_prompt:
+            return Encoded(where, share.share(*segs, p), truncated, p, pair_tokens, p)
+        return Encoded(where, segs, truncated, None, pair_tokens, p)
 
     def _encode_pretrain(self, chunk, out) -> PretrainChunk:
         """Pretrain: a fast path for the common well-formed record (a dict whose text is a
@@ -253,7 +242,7 @@ class Encoder:
                 try:
                     rec = self._canonical(rec, where)
                 except RecordError as e:
-                    out[i] = (where, "err", e.reason, e.message)
+                    out[i] = Skipped(where, e.reason, e.message)
                     continue
             if type(rec) is dict:
                 text = rec.get(key)
@@ -266,13 +255,13 @@ class Encoder:
                 owners.append(i)
                 continue
             if isinstance(rec, BadRecord):
-                out[i] = (where, "err", rec.reason, rec.message)
+                out[i] = Skipped(where, rec.reason, rec.message)
                 continue
             try:
                 texts.append(pretrain_text(rec, key))
                 owners.append(i)
             except RecordError as e:
-                out[i] = (where, "err", e.reason, e.message)
+                out[i] = Skipped(where, e.reason, e.message)
         flat, lens = self.bulk.encode_flat(texts)
         return self._pretrain_results(chunk, out, owners, flat, lens)
 
@@ -286,12 +275,24 @@ class Encoder:
             keep = n <= L
             for k in np.flatnonzero(~keep).tolist():
                 i = owners[k]
-                out[i] = (chunk[i][0], "err", "overlong", f"{int(n[k])} tokens > seq_len {L}")
+                out[i] = Skipped(chunk[i][0], "overlong", f"{int(n[k])} tokens > seq_len {L}")
             flat = flat[np.repeat(keep, lens)]
             lens, n = lens[keep], n[keep]
         docs = np.insert(flat.astype(np.uint32, copy=False), np.cumsum(lens), eos)
         errors = [r for r in out if r is not None]  # in input order
         return PretrainChunk(len(chunk), errors, n.astype(np.int64), docs, int((n > L).sum()), file_runs(chunk))
+
+
+def _truncate_pair(segs: list[Segment], L: int) -> list[Segment]:
+    """Each segment gets half the row; the prompt (the same in both) keeps its end, the replies
+    are cut first (truncation_window)."""
+    starts = [int(m.argmax()) for _, m in segs]  # first reply token
+    reply = max(len(a) - p for (a, _), p in zip(segs, starts, strict=True))
+    cut = []
+    for (a, m), p in zip(segs, starts, strict=True):
+        lo, hi = truncation_window(p, reply, L // 2)
+        cut.append((a[p - lo : p + hi], m[p - lo : p + hi]))
+    return cut
 
 
 def truncation_window(prompt: int, reply: int, budget: int) -> tuple[int, int]:
@@ -303,14 +304,36 @@ def truncation_window(prompt: int, reply: int, budget: int) -> tuple[int, int]:
     return min(prompt, budget - keep_reply), keep_reply
 
 
+class Encoded(NamedTuple):
+    """A record that becomes training tokens (sft, dpo)."""
+
+    where: str  # file:line
+    segments: list[Segment]  # what the packer places whole: sft one, dpo two (or one shared group's two)
+    truncated: bool
+    prompt_len: int | None = None  # dpo shared_prompt layout: the pair's prompt_lens value
+    pair_tokens: int = 0  # dpo: tokens of the pair as [prompt+chosen][prompt+rejected]
+    prompt_tokens: int = 0  # dpo: of which prompt tokens, once
+
+
+class Skipped(NamedTuple):
+    """A record left out, and why (written to errors.jsonl and counted by reason)."""
+
+    where: str
+    reason: str
+    message: str
+
+
+Result = Encoded | Skipped
+
+
 @dataclass
 class PretrainChunk:
     """One chunk's pretrain result: `lens[k]` tokens of `flat` per accepted document (over-long
-    ones are split across rows, counted in `truncated`), and (where, "err", reason, message)
-    for each bad record; `files` counts the chunk's records per input file."""
+    ones are split across rows, counted in `truncated`), and the bad records; `files` counts
+    the chunk's records per input file."""
 
     read: int
-    errors: list[tuple[str, str, str, str]]
+    errors: list[Skipped]
     lens: np.ndarray
     flat: np.ndarray
     truncated: int

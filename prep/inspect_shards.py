@@ -8,13 +8,13 @@ so a user sees exactly what the model will learn from; segment boundaries are ma
 
 from __future__ import annotations
 
-import json
 import sys
 from typing import Any
 
 import numpy as np
 
-from bumblefast.shards.schema import SEGMENT_COLUMN, is_remote, read_manifest
+from bumblefast.shards.manifest import Manifest
+from bumblefast.shards.schema import SEGMENT_COLUMN, is_remote
 
 GREEN, RESET = "\x1b[32m", "\x1b[0m"
 
@@ -32,9 +32,9 @@ def _decode_marked(tok, ids: np.ndarray, mask: np.ndarray | None, color: bool) -
     return "".join(out)
 
 
-def per_file_table(manifest: dict) -> list[str]:
+def per_file_table(manifest: Manifest) -> list[str]:
     """Records read / written / skipped per input file (the skipped ones are in errors.jsonl)."""
-    by_file = manifest.get("records", {}).get("by_file")
+    by_file = manifest.records.by_file
     if not by_file:
         return []
     out = [f"{'read':>10} {'written':>10} {'skipped':>10}  input file"]
@@ -49,10 +49,10 @@ def inspect_output(path: str, rows: int = 2, tokenizer: str | None = None, color
 
     from bumblefast.tokenizer import load_tokenizer
 
-    manifest = read_manifest(path)
+    manifest = Manifest.read(path)
     color = sys.stdout.isatty() if color is None else color
-    lines = [json.dumps(manifest, indent=2, ensure_ascii=False), "", *per_file_table(manifest)]
-    tok_path = tokenizer or manifest["tokenizer"]["name_or_path"]
+    lines = [manifest.to_json().rstrip("\n"), "", *per_file_table(manifest)]
+    tok_path = tokenizer or manifest.tokenizer.name_or_path
     try:
         tok = load_tokenizer(tok_path)
     except (FileNotFoundError, ValueError) as e:
@@ -64,7 +64,7 @@ def inspect_output(path: str, rows: int = 2, tokenizer: str | None = None, color
         ds = StreamingDataset(remote=path, local=tempfile.mkdtemp(prefix="bf-inspect-"), batch_size=1)
     else:
         ds = StreamingDataset(local=path, batch_size=1)
-    seg_key = SEGMENT_COLUMN[manifest["stage"]]
+    seg_key = SEGMENT_COLUMN[manifest.stage]
     for r in range(min(rows, ds.num_samples)):
         row: dict[str, Any] = ds[r]
         ids = np.asarray(row["input_ids"])
@@ -74,7 +74,7 @@ def inspect_output(path: str, rows: int = 2, tokenizer: str | None = None, color
         start = 0
         for s, n in enumerate(lens.tolist()):
             tag = ""
-            if manifest["stage"] == "dpo":
+            if manifest.stage == "dpo":
                 tag = f" (pair {s // 2}, {'chosen' if s % 2 == 0 else 'rejected'})"
             lines.append(f"--- segment {s}{tag}: {n} tokens ---")
             seg_mask = mask[start : start + n] if mask is not None else None

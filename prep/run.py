@@ -12,10 +12,15 @@ Tokenizer backend (`--tokenizer_backend`): the main process opens and verifies i
 the backend it settled on. The manifest records it; the shard fingerprint does not depend on
 it (the backends must give the same ids, so the same shards).
 
-Output is complete or absent: a local output is written into a hidden sibling folder and
-renamed into place after the manifest is written; the manifest (`bumblefast.json`) is the
-last file, so a folder without it is never a finished output. For a remote URL, MDSWriter
-uploads shards as they complete, `index.json` on finish, and the manifest last.
+Output is complete or absent (shards/manifest.py `staged_output`): a local output is written
+into a hidden sibling folder and renamed into place after the manifest is written; the
+manifest (`bumblefast.json`) is the last file, so a folder without it is never a finished
+output. For a remote URL, MDSWriter uploads shards as they complete, `index.json` on finish,
+and the manifest last.
+
+Workers return one `Encoded` or `Skipped` per record (prep/encode.py; pretrain: one compact
+`PretrainChunk` per chunk); the main process counts them (`_Stats`), logs the skipped ones to
+`errors.jsonl` and packs the rest (`_take`, `_Sink`).
 """
 
 from __future__ import annotations
@@ -24,12 +29,12 @@ import dataclasses
 import json
 import multiprocessing as mp
 import os
-import shutil
 import sys
-import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -42,6 +47,8 @@ from bumblefast.prep.encode import (
     Encoder,
     EncodeSettings,
     PretrainChunk,
+    Result,
+    Skipped,
     encode_in_worker,
     init_worker,
     set_inherited_encoder,
@@ -51,15 +58,16 @@ from bumblefast.prep.encode import (
 from bumblefast.prep.pack import BFDPacker, PretrainPacker
 from bumblefast.prep.sources import expand_inputs, file_of, file_runs
 from bumblefast.prep.split import iter_share, node_share
-from bumblefast.shards.schema import (
-    ERRORS_NAME,
-    MANIFEST_NAME,
-    SCHEMA_VERSION,
-    columns,
-    fingerprint_bytes,
-    is_remote,
-    token_dtype,
+from bumblefast.shards.manifest import (
+    DpoStats,
+    Manifest,
+    Records,
+    TokenizerInfo,
+    Tokens,
+    shards_fingerprint,
+    staged_output,
 )
+from bumblefast.shards.schema import ERRORS_NAME, columns, is_remote, token_dtype
 
 CHUNK_RECORDS = 1024  # at most, per tokenizer call / IPC message
 CHUNK_CHARS = 64_000  # about, per chunk
@@ -93,18 +101,43 @@ def input_files(cfg: PrepConfig) -> tuple[list[str], list[DatasetSpec]]:
     """Every input file in reading order (--input, then each --dataset's files) and the
     dataset_info entries that map the records of their files."""
     files = expand_inputs(list(cfg.input)) if cfg.input else []
-    specs = load_dataset_info(cfg.dataset_info, list(cfg.dataset), cfg.stage) if cfg.dataset_info else []
+    specs = (
+        load_dataset_info(cfg.dataset_info, list(cfg.dataset), cfg.stage)
+        if cfg.dataset_info
+        else []
+    )
     seen = set(files)
     for spec in specs:
         for f in spec.files:
             if f in seen:
-                raise UserError(f"dataset: {f} is read twice (by --input or another --dataset); give it once")
+                raise UserError(
+                    f"dataset: {f} is read twice (by --input or another --dataset); give it once"
+                )
             seen.add(f)
         files += spec.files
     return files, specs
 
 
+@dataclass
+class _Plan:
+    """Everything a prep run settles before reading a record (see _plan)."""
+
+    cfg: PrepConfig
+    files: list[str]
+    specs: list[DatasetSpec]
+    share: list[tuple[str, int, int]]  # this node's part of the input (prep/split.py)
+    settings: EncodeSettings  # what the workers get (the verified tokenizer backend)
+    encoder: Encoder  # the main process's
+    shared: bool  # dpo shared_prompt layout
+    vocab: int
+    dtype: str
+    columns: dict[str, str]
+    out: str  # this node's output folder or URL
+
+
 class _Stats:
+    """The counts of a run: records by file and by outcome, rows, tokens."""
+
     def __init__(self, files: list[str]):
         self.files = {f: [0, 0] for f in files}  # per input file: [read, skipped]
         self.read = 0
@@ -115,8 +148,10 @@ class _Stats:
         self.tokens = 0
         self.target_tokens = 0
         self.segments = 0
-        self.pair_tokens = 0  # dpo: tokens of the pairs written, as [prompt+chosen][prompt+rejected]
-        self.prompt_tokens = 0  # dpo: of which prompt tokens (counted twice, as that layout has them)
+        # dpo: tokens of the pairs written, as [prompt+chosen][prompt+rejected], and of which
+        # prompt tokens (counted twice, as that layout has them)
+        self.pair_tokens = 0
+        self.prompt_tokens = 0
 
     def read_from(self, runs: list[tuple[str, int]]) -> None:
         for f, n in runs:
@@ -125,36 +160,81 @@ class _Stats:
     def by_file(self) -> dict[str, dict[str, int]]:
         return {f: {"read": r, "written": r - s, "skipped": s} for f, (r, s) in self.files.items()}
 
+    def records(self) -> Records:
+        return Records(
+            read=self.read,
+            written=self.written,
+            skipped=sum(self.skipped.values()),
+            skipped_by_reason=dict(sorted(self.skipped.items())),
+            truncated=self.truncated,
+            by_file=self.by_file(),
+        )
 
-def _skip(where: str, reason: str, message: str, on_error: str, stats: _Stats, err_file) -> None:
-    """A bad record: stop (--on_error fail) or log it to errors.jsonl and count it by reason."""
-    if on_error == "fail":
-        raise UserError(f"{where}: {reason}: {message} (use --on_error skip to log and skip bad records)")
-    stats.skipped[reason] += 1
-    stats.files[file_of(where)][1] += 1
-    err_file.write(json.dumps({"where": where, "reason": reason, "message": message}, ensure_ascii=False) + "\n")
+    def check(self) -> None:
+        """The accounting invariant: every record read was written or skipped, file by file."""
+        if self.read != self.written + sum(self.skipped.values()):
+            raise RuntimeError(
+                f"prep lost records: read {self.read} != written {self.written} + skipped {dict(self.skipped)}"
+            )
+        if self.read != sum(r for r, _ in self.files.values()):
+            raise RuntimeError(
+                f"prep lost records: read {self.read} != the sum per file {self.by_file()}"
+            )
 
 
-def _write_row(writer, row: dict[str, np.ndarray], dtype: str, stats: _Stats, stage: str) -> None:
-    row = dict(row)
-    row["input_ids"] = np.ascontiguousarray(row["input_ids"], dtype=dtype)
-    writer.write(row)
-    n = len(row["input_ids"])
-    stats.rows += 1
-    stats.tokens += n
-    if stage == "pretrain":
-        stats.segments += len(row["doc_lens"])
-        stats.target_tokens += n - len(row["doc_lens"])  # next-token targets inside documents
-    else:
-        stats.segments += len(row["seq_lens"])
-        stats.target_tokens += int(row["loss_mask"].sum())
+class _Sink:
+    """Where a run's outcome goes: rows to the MDS writer, bad records to errors.jsonl (or a
+    UserError with --on_error fail), and the counts of both to `stats`."""
+
+    def __init__(self, writer, err_file, stats: _Stats, plan: _Plan):
+        self.writer, self.err_file, self.stats = writer, err_file, stats
+        self.dtype, self.stage, self.on_error = plan.dtype, plan.cfg.stage, plan.cfg.on_error
+
+    def skip(self, bad: Skipped) -> None:
+        if self.on_error == "fail":
+            raise UserError(
+                f"{bad.where}: {bad.reason}: {bad.message} (use --on_error skip to log and skip bad records)"
+            )
+        self.stats.skipped[bad.reason] += 1
+        self.stats.files[file_of(bad.where)][1] += 1
+        self.err_file.write(json.dumps(bad._asdict(), ensure_ascii=False) + "\n")
+
+    def rows(self, rows: Iterable[dict[str, np.ndarray]]) -> None:
+        stats = self.stats
+        for row in rows:
+            row = dict(row)
+            row["input_ids"] = np.ascontiguousarray(row["input_ids"], dtype=self.dtype)
+            self.writer.write(row)
+            n = len(row["input_ids"])
+            stats.rows += 1
+            stats.tokens += n
+            if self.stage == "pretrain":
+                stats.segments += len(row["doc_lens"])
+                # next-token targets inside documents
+                stats.target_tokens += n - len(row["doc_lens"])
+            else:
+                stats.segments += len(row["seq_lens"])
+                stats.target_tokens += int(row["loss_mask"].sum())
 
 
 def run_prep(cfg: PrepConfig, progress: bool | None = None) -> dict[str, Any]:
-    """Run `bumblefast prep` for one node; returns the manifest written."""
-    from streaming import MDSWriter
-    from tqdm import tqdm
+    """Run `bumblefast prep` for one node; returns the manifest written (its JSON object).
+    Steps: validate and plan, stage the output, run the workers and write the rows, write the
+    manifest, publish (rename into place, or upload: staged_output)."""
+    plan = _plan(cfg, progress)
+    stats = _Stats(plan.files)
+    t0 = time.perf_counter()
+    with staged_output(plan.out, upload=[ERRORS_NAME]) as staging:
+        tail_dropped = _write_shards(plan, staging, stats, progress)
+        stats.check()
+        manifest = _manifest(plan, stats, tail_dropped, _index_bytes(plan, staging))
+        manifest.write(staging)
+    if progress is not False:
+        _report(manifest, plan.out, stats.tokens / max(time.perf_counter() - t0, 1e-9))
+    return manifest.to_dict()
 
+
+def _validate(cfg: PrepConfig) -> None:
     errors = cfg.validate()
     if errors:
         raise UserError("invalid prep configuration:\n  " + "\n  ".join(errors))
@@ -162,203 +242,223 @@ def run_prep(cfg: PrepConfig, progress: bool | None = None) -> dict[str, Any]:
         raise UserError("tokenizer_name_or_path: required (a tokenizer folder)")
     if cfg.stage not in ("pretrain", "sft", "dpo"):
         raise UserError(f"stage: must be pretrain|sft|dpo, got '{cfg.stage}'")
-    files, specs = input_files(cfg)
-    overlong = cfg.overlong
-    shared = cfg.stage == "dpo" and cfg.share_prompt
-    share = node_share(files, cfg.node_rank, max(cfg.num_nodes, 1))
-    settings = EncodeSettings(cfg.stage, cfg.tokenizer_name_or_path, cfg.seq_len, cfg.text_key, overlong,
-                              share_prompt=shared, tokenizer_backend=cfg.tokenizer_backend,
-                              datasets={f: spec for spec in specs for f in spec.files})
+
+
+def _plan(cfg: PrepConfig, progress: bool | None) -> _Plan:
+    """Validate the settings, find the inputs, and open (and verify) the tokenizer before any work."""
     from bumblefast.tokenizer_backend import FIRST_RECORDS
 
-    # validates the tokenizer/template and picks (verifies) the tokenizer backend before any work
-    main_encoder = Encoder(settings, list(islice(iter_share(share), FIRST_RECORDS)))
-    settings = dataclasses.replace(settings, tokenizer_backend=main_encoder.backend.name)
+    _validate(cfg)
+    files, specs = input_files(cfg)
+    shared = cfg.stage == "dpo" and cfg.share_prompt
+    share = node_share(files, cfg.node_rank, max(cfg.num_nodes, 1))
+    settings = EncodeSettings(
+        cfg.stage,
+        cfg.tokenizer_name_or_path,
+        cfg.seq_len,
+        cfg.text_key,
+        cfg.overlong,
+        share_prompt=shared,
+        tokenizer_backend=cfg.tokenizer_backend,
+        datasets={f: spec for spec in specs for f in spec.files},
+    )
+    # validates the tokenizer/template and picks (verifies) the tokenizer backend
+    encoder = Encoder(settings, list(islice(iter_share(share), FIRST_RECORDS)))
+    settings = dataclasses.replace(settings, tokenizer_backend=encoder.backend.name)
     if progress is not False:
-        b = main_encoder.backend
-        print(f"prep {cfg.stage}: tokenizer backend {b.name} {b.version}"
-              + (f" (verified identical to HF on {b.verified_strings} strings)" if b.name != "hf" else ""),
-              file=sys.stderr)
-    vocab = len(main_encoder.hf)
-    dtype = token_dtype(vocab)
-    cols = columns(cfg.stage, vocab, shared_prompt=shared)
-
-    out = part_dir(cfg.output_dir, cfg.node_rank, cfg.num_nodes)
-    remote = is_remote(out)
-    if remote:
-        staging = tempfile.mkdtemp(prefix="bumblefast-prep-")
-        final_local = None
-    else:
-        final = Path(out).resolve()
-        final.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_staging(final)
-        staging = str(final.parent / f".{final.name}.tmp-{os.getpid()}")
-        if os.path.exists(staging):
-            shutil.rmtree(staging)
-        final_local = final
-    writer_out = (os.path.join(staging, "mds"), out) if remote else staging
-
-    stats = _Stats(files)
-    packer = PretrainPacker(cfg.seq_len) if cfg.stage == "pretrain" else BFDPacker(cfg.seq_len, cfg.pack_window, shared)
-    err_path = os.path.join(staging, ERRORS_NAME)
-    pool = None
-    t0 = time.perf_counter()
-    try:
-        writer = MDSWriter(  # creates (and empties) the staging folder
-            out=writer_out,
-            columns=cols,
-            compression=cfg.compression or None,
-            hashes=HASHES,
-            size_limit=cfg.shard_size_limit,
-            exist_ok=remote,  # a rerun overwrites the remote part in place
+        b = encoder.backend
+        print(
+            f"prep {cfg.stage}: tokenizer backend {b.name} {b.version}"
+            + (
+                f" (verified identical to HF on {b.verified_strings} strings)"
+                if b.name != "hf"
+                else ""
+            ),
+            file=sys.stderr,
         )
-        os.makedirs(staging, exist_ok=True)
-        err_file = open(err_path, "w", encoding="utf-8")
-        chunks = _chunks(iter_share(share), CHUNK_RECORDS, CHUNK_CHARS)
-        if cfg.num_workers > 1:
-            fork = sys.platform.startswith("linux")
-            ctx = mp.get_context("fork" if fork else "spawn")
-            if fork:  # workers inherit the loaded tokenizer instead of loading it again
-                set_inherited_encoder(main_encoder)
-            pool = ctx.Pool(cfg.num_workers, initializer=init_worker, initargs=(settings, fork))
-            set_inherited_encoder(None)
-            results = pool.imap(encode_in_worker, chunks, chunksize=1)
-        else:
-            results = map(main_encoder.encode_chunk, chunks)
-        bar = tqdm(unit="rec", desc=f"prep {cfg.stage}", disable=(None if progress is None else not progress), file=sys.stderr)
+    vocab = len(encoder.hf)
+    return _Plan(
+        cfg,
+        files,
+        specs,
+        share,
+        settings,
+        encoder,
+        shared,
+        vocab,
+        token_dtype(vocab),
+        columns(cfg.stage, vocab, shared_prompt=shared),
+        part_dir(cfg.output_dir, cfg.node_rank, cfg.num_nodes),
+    )
+
+
+def _write_shards(plan: _Plan, staging: Path, stats: _Stats, progress: bool | None) -> int:
+    """Encode every record of this node's share (in worker processes), pack and write the rows
+    into `staging` (a remote output's shards are uploaded as they complete); returns the
+    pretrain tail tokens dropped (0 for packed stages)."""
+    from streaming import MDSWriter
+    from tqdm import tqdm
+
+    cfg, remote = plan.cfg, is_remote(plan.out)
+    packer = (
+        PretrainPacker(cfg.seq_len)
+        if cfg.stage == "pretrain"
+        else BFDPacker(cfg.seq_len, cfg.pack_window, plan.shared)
+    )
+    writer = MDSWriter(
+        out=(os.path.join(staging, "mds"), plan.out) if remote else str(staging),
+        columns=plan.columns,
+        compression=cfg.compression or None,
+        hashes=HASHES,
+        size_limit=cfg.shard_size_limit,
+        exist_ok=remote,  # a rerun overwrites the remote part in place
+    )
+    bar = tqdm(
+        unit="rec",
+        desc=f"prep {cfg.stage}",
+        disable=(None if progress is None else not progress),
+        file=sys.stderr,
+    )
+    t0 = time.perf_counter()
+    with (
+        open(os.path.join(staging, ERRORS_NAME), "w", encoding="utf-8") as err_file,
+        _encoded_chunks(plan) as results,
+    ):
+        sink = _Sink(writer, err_file, stats, plan)
         for chunk_out in results:
-            if isinstance(chunk_out, PretrainChunk):  # documents packed per chunk
-                stats.read += chunk_out.read
-                stats.read_from(chunk_out.files)
-                for where, _, reason, message in chunk_out.errors:
-                    _skip(where, reason, message, cfg.on_error, stats, err_file)
-                stats.written += len(chunk_out.lens)
-                stats.truncated += chunk_out.truncated
-                for row in packer.add_many(chunk_out.flat, chunk_out.lens):
-                    _write_row(writer, row, dtype, stats, cfg.stage)
-                n_chunk = chunk_out.read
-            else:
-                stats.read_from(file_runs(chunk_out))
-                for where, status, a, b in chunk_out:
-                    stats.read += 1
-                    if status == "err":
-                        _skip(where, a, b, cfg.on_error, stats, err_file)
-                        continue
-                    stats.written += 1
-                    stats.truncated += bool(b)
-                    if cfg.stage == "dpo":  # (segments, prompt_lens value, pair tokens, prompt tokens)
-                        stats.pair_tokens += a[2]
-                        stats.prompt_tokens += 2 * a[3]
-                        rows = packer.add(a[0], a[1])
-                    else:
-                        rows = packer.add([a])
-                    for row in rows:
-                        _write_row(writer, row, dtype, stats, cfg.stage)
-                n_chunk = len(chunk_out)
-            bar.update(n_chunk)
+            bar.update(_take(chunk_out, packer, sink))
             el = max(time.perf_counter() - t0, 1e-9)
-            bar.set_postfix_str(f"{stats.read / el:,.0f} rec/s, {stats.tokens / el:,.0f} tok/s", refresh=False)
-        for row in packer.finish():
-            _write_row(writer, row, dtype, stats, cfg.stage)
-        bar.close()
-        writer.finish()
-        err_file.close()
-        if pool is not None:
-            pool.close()
-            pool.join()
-            pool = None
+            bar.set_postfix_str(
+                f"{stats.read / el:,.0f} rec/s, {stats.tokens / el:,.0f} tok/s", refresh=False
+            )
+        sink.rows(packer.finish())
+    bar.close()
+    writer.finish()
+    return getattr(packer, "tail_tokens_dropped", 0)
 
-        index_path = os.path.join(staging, "index.json")
-        if remote:  # shards and index went up and were removed locally (keep_local=False)
-            from streaming.base.storage import CloudDownloader
 
-            CloudDownloader.direct_download(out.rstrip("/") + "/index.json", index_path)
-        index_bytes = Path(index_path).read_bytes()
-        tok_fp = tokenizer_fingerprint(cfg.tokenizer_name_or_path)
-        manifest = {
-            "schema_version": SCHEMA_VERSION,
-            "stage": cfg.stage,
-            "seq_len": cfg.seq_len,
-            "columns": cols,
-            "token_dtype": dtype,
-            "tokenizer": {
-                "name_or_path": cfg.tokenizer_name_or_path,
-                "fingerprint": tok_fp,
-                "vocab_size": vocab,
-                "eos_token_id": main_encoder.eos_id,
-                "backend": main_encoder.backend.as_dict(),  # not in the fingerprint: same ids, same shards
-            },
-            "chat_template_hash": text_hash(main_encoder.hf.chat_template),
-            "fingerprint": fingerprint_bytes(index_bytes, tok_fp.encode(), cfg.stage.encode()),
-            "records": {
-                "read": stats.read,
-                "written": stats.written,
-                "skipped": sum(stats.skipped.values()),
-                "skipped_by_reason": dict(sorted(stats.skipped.items())),
-                "truncated": stats.truncated,
-                "by_file": stats.by_file(),
-            },
-            "tokens": {
-                "real": stats.tokens,
-                "target": stats.target_tokens,
-                "row_capacity": stats.rows * cfg.seq_len,
-                "tail_tokens_dropped": getattr(packer, "tail_tokens_dropped", 0),
-            },
-            "rows": stats.rows,
-            "segments": stats.segments,
-            "packing_efficiency": round(stats.tokens / max(stats.rows * cfg.seq_len, 1), 6),
-            "prep": {
-                "inputs": files,
-                "overlong": overlong,
-                "pack_window": cfg.pack_window,
-                "compression": cfg.compression,
-                "hashes": HASHES,
-                "node_rank": cfg.node_rank,
-                "num_nodes": cfg.num_nodes,
-                "node_share": [[f, a, b] for f, a, b in share],
-                "text_key": cfg.text_key,
-                "dataset_info": cfg.dataset_info,
-                "datasets": {spec.name: spec.files for spec in specs},
-            },
-        }
-        if cfg.stage == "dpo":
-            manifest["dpo_layout"] = "shared_prompt" if shared else "pairs"
-            manifest["dpo"] = {
-                "pair_tokens_unshared": stats.pair_tokens,
-                "prompt_tokens_unshared": stats.prompt_tokens,
-                "prompt_fraction": round(stats.prompt_tokens / max(stats.pair_tokens, 1), 6),
-                "tokens_per_pair": round(stats.tokens / max(stats.written, 1), 3),
-            }
-            manifest["prep"]["share_prompt"] = shared
-        if stats.read != stats.written + sum(stats.skipped.values()):  # the accounting invariant
-            raise RuntimeError(f"prep lost records: read {stats.read} != written {stats.written} + skipped {dict(stats.skipped)}")
-        if stats.read != sum(r for r, _ in stats.files.values()):
-            raise RuntimeError(f"prep lost records: read {stats.read} != the sum per file {stats.by_file()}")
-        manifest_text = json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"
-        Path(staging, MANIFEST_NAME).write_text(manifest_text, encoding="utf-8")
-        if remote:
-            from streaming.base.storage import CloudUploader
-
-            up = CloudUploader.get(out=(staging, out), keep_local=True, exist_ok=True)
-            up.upload_file(ERRORS_NAME)
-            up.upload_file(MANIFEST_NAME)  # last: its presence marks a finished output
-            shutil.rmtree(staging, ignore_errors=True)
-        else:
-            _replace_dir(Path(staging), final_local)
+@contextmanager
+def _encoded_chunks(plan: _Plan) -> Iterator[Iterator[list[Result] | PretrainChunk]]:
+    """The encoded chunks of this node's share, in input order: `num_workers` processes
+    (ordered imap), or the main process alone. The pool is closed after the block, killed if
+    it raised."""
+    chunks = _chunks(iter_share(plan.share), CHUNK_RECORDS, CHUNK_CHARS)
+    if plan.cfg.num_workers <= 1:
+        yield map(plan.encoder.encode_chunk, chunks)
+        return
+    fork = sys.platform.startswith("linux")
+    ctx = mp.get_context("fork" if fork else "spawn")
+    if fork:  # workers inherit the loaded tokenizer instead of loading it again
+        set_inherited_encoder(plan.encoder)
+    pool = ctx.Pool(plan.cfg.num_workers, initializer=init_worker, initargs=(plan.settings, fork))
+    set_inherited_encoder(None)
+    try:
+        yield pool.imap(encode_in_worker, chunks, chunksize=1)
     except BaseException:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
-        shutil.rmtree(staging, ignore_errors=True)
+        pool.terminate()
+        pool.join()
         raise
-    el = time.perf_counter() - t0
-    if progress is not False:
-        print(summary(manifest, out, stats.tokens / max(el, 1e-9)), file=sys.stderr)
-        for path, c in manifest["records"]["by_file"].items():
-            if c["skipped"]:
-                print(f"  {path}: {c['read']} read, {c['written']} written, {c['skipped']} skipped "
-                      f"(see {ERRORS_NAME})", file=sys.stderr)
-    return manifest
+    pool.close()
+    pool.join()
+
+
+def _take(chunk_out: list[Result] | PretrainChunk, packer, sink: _Sink) -> int:
+    """Count, log and pack one encoded chunk, writing the rows it completes; returns its records."""
+    stats = sink.stats
+    if isinstance(chunk_out, PretrainChunk):  # documents packed per chunk
+        stats.read += chunk_out.read
+        stats.read_from(chunk_out.files)
+        for bad in chunk_out.errors:
+            sink.skip(bad)
+        stats.written += len(chunk_out.lens)
+        stats.truncated += chunk_out.truncated
+        sink.rows(packer.add_many(chunk_out.flat, chunk_out.lens))
+        return chunk_out.read
+    stats.read_from(file_runs(chunk_out))
+    for r in chunk_out:
+        stats.read += 1
+        if isinstance(r, Skipped):
+            sink.skip(r)
+            continue
+        stats.written += 1
+        stats.truncated += r.truncated
+        stats.pair_tokens += r.pair_tokens
+        stats.prompt_tokens += 2 * r.prompt_tokens
+        sink.rows(packer.add(r.segments, r.prompt_len))
+    return len(chunk_out)
+
+
+def _index_bytes(plan: _Plan, staging: Path) -> bytes:
+    """streaming's index.json as written (a remote one was uploaded and removed locally)."""
+    index_path = os.path.join(staging, "index.json")
+    if is_remote(plan.out):
+        from streaming.base.storage import CloudDownloader
+
+        CloudDownloader.direct_download(plan.out.rstrip("/") + "/index.json", index_path)
+    return Path(index_path).read_bytes()
+
+
+def _manifest(plan: _Plan, stats: _Stats, tail_dropped: int, index_bytes: bytes) -> Manifest:
+    cfg, enc = plan.cfg, plan.encoder
+    tok_fp = tokenizer_fingerprint(cfg.tokenizer_name_or_path)
+    tokens = Tokens(
+        real=stats.tokens,
+        target=stats.target_tokens,
+        row_capacity=stats.rows * cfg.seq_len,
+        tail_tokens_dropped=tail_dropped,
+    )
+    prep = {
+        "inputs": plan.files,
+        "overlong": cfg.overlong,
+        "pack_window": cfg.pack_window,
+        "compression": cfg.compression,
+        "hashes": HASHES,
+        "node_rank": cfg.node_rank,
+        "num_nodes": cfg.num_nodes,
+        "node_share": [[f, a, b] for f, a, b in plan.share],
+        "text_key": cfg.text_key,
+        "dataset_info": cfg.dataset_info,
+        "datasets": {spec.name: spec.files for spec in plan.specs},
+    }
+    dpo = cfg.stage == "dpo"
+    if dpo:
+        prep["share_prompt"] = plan.shared
+    return Manifest(
+        stage=cfg.stage,
+        seq_len=cfg.seq_len,
+        columns=plan.columns,
+        token_dtype=plan.dtype,
+        tokenizer=TokenizerInfo(
+            name_or_path=cfg.tokenizer_name_or_path,
+            fingerprint=tok_fp,
+            vocab_size=plan.vocab,
+            eos_token_id=enc.eos_id,
+            backend=enc.backend.as_dict(),  # not in the fingerprint: same ids, same shards
+        ),
+        chat_template_hash=text_hash(enc.hf.chat_template),
+        fingerprint=shards_fingerprint(index_bytes, tok_fp, cfg.stage),
+        records=stats.records(),
+        tokens=tokens,
+        rows=stats.rows,
+        segments=stats.segments,
+        packing_efficiency=tokens.packing_efficiency,
+        prep=prep,
+        dpo_layout=("shared_prompt" if plan.shared else "pairs") if dpo else None,
+        dpo=DpoStats.of(stats.pair_tokens, stats.prompt_tokens, stats.tokens, stats.written)
+        if dpo
+        else None,
+    )
+
+
+def _report(manifest: Manifest, out: str, tok_per_s: float) -> None:
+    print(summary(manifest.to_dict(), out, tok_per_s), file=sys.stderr)
+    for path, c in (manifest.records.by_file or {}).items():
+        if c["skipped"]:
+            print(
+                f"  {path}: {c['read']} read, {c['written']} written, {c['skipped']} skipped "
+                f"(see {ERRORS_NAME})",
+                file=sys.stderr,
+            )
 
 
 WARN_FRACTION = 0.01  # more than this share of records dropped or truncated prints a warning
@@ -378,39 +478,22 @@ def summary(manifest: dict[str, Any], out: str, tok_per_s: float) -> str:
     read = max(rec["read"], 1)
     dropped = rec["skipped_by_reason"].get("overlong", 0)
     if dropped > WARN_FRACTION * read:
-        lines.append(f"warning: {dropped} records ({dropped / read:.1%}) were longer than seq_len {seq_len} and "
-                     "dropped; --overlong truncate keeps them (cut to fit), or raise --seq_len")
+        lines.append(
+            f"warning: {dropped} records ({dropped / read:.1%}) were longer than seq_len {seq_len} and "
+            "dropped; --overlong truncate keeps them (cut to fit), or raise --seq_len"
+        )
     if stage != "pretrain" and rec["truncated"] > WARN_FRACTION * read:  # pretrain only splits
-        lines.append(f"warning: {rec['truncated']} records ({rec['truncated'] / read:.1%}) were truncated to seq_len "
-                     f"{seq_len} (replies cut first); raise --seq_len, or --overlong drop to skip them instead")
+        lines.append(
+            f"warning: {rec['truncated']} records ({rec['truncated'] / read:.1%}) were truncated to seq_len "
+            f"{seq_len} (replies cut first); raise --seq_len, or --overlong drop to skip them instead"
+        )
     bad = rec["skipped"] - dropped
     if bad > WARN_FRACTION * read:
-        lines.append(f"warning: {bad} records ({bad / read:.1%}) were skipped as malformed; "
-                     f"see {ERRORS_NAME} in the output folder")
+        lines.append(
+            f"warning: {bad} records ({bad / read:.1%}) were skipped as malformed; "
+            f"see {ERRORS_NAME} in the output folder"
+        )
     return "\n".join(lines)
-
-
-def _remove_stale_staging(final: Path) -> None:
-    """Delete staging folders of killed runs for the same output (their process is gone)."""
-    for p in final.parent.glob(f".{final.name}.tmp-*"):
-        try:
-            pid = int(p.name.rsplit("-", 1)[1])
-            os.kill(pid, 0)  # still running (or not ours to judge): leave it
-        except ProcessLookupError:
-            shutil.rmtree(p, ignore_errors=True)
-        except (ValueError, PermissionError):
-            pass
-
-
-def _replace_dir(staging: Path, final: Path) -> None:
-    """Move the finished staging folder to `final`, replacing an older output there."""
-    if final.exists():
-        old = final.parent / f".{final.name}.old-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(staging, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, final)
 
 
 def config_dict(cfg: PrepConfig) -> dict[str, Any]:

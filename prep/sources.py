@@ -387,30 +387,9 @@ def iter_json_array(path: str) -> Iterator[tuple[str, Any]]:
                     end = after
             except json.JSONDecodeError as e:
                 error, obj = e, None
-            # a malformed element, or one that continues past the buffer: find where it ends
-            boundary, dropped = _element_end(w, pos if obj is None else end)
-            if dropped:
-                pos, error = 0, f"element larger than {MAX_ELEMENT_CHARS:,} characters"
-            if boundary is None:
-                why = f"the file ends before the element at line {line} is closed by ',' or ']'"
-                raise _unreadable(path, w, pos, line, why, count - 1, dropped)
-            if isinstance(error, json.JSONDecodeError):  # retry with the whole element in the buffer
-                try:
-                    obj, end = dec.raw_decode(w.buf, pos)
-                    if not w.buf[end:boundary].strip(_WS):
-                        error = None
-                    else:
-                        error = f"expected ',' or ']' after the element, got {w.buf[w.skip_ws(end)]!r}"
-                except json.JSONDecodeError as e:
-                    error = f"not valid JSON: {e.msg} (line {w.line + e.lineno - 1})"
-            if error is None:
-                yield where, _checked(obj)
-            else:
-                k = boundary
-                while k > pos and w.buf[k - 1] in _WS:
-                    k -= 1
-                last = w.line_at(max(k - 1, pos))
-                yield where, BadRecord("malformed_json", f"{error}; element (lines {line}-{last}) skipped")
+            # a malformed element, or one that continues past the buffer
+            record, boundary = _finish_element(path, w, dec, (pos, end, line, count), obj, error)
+            yield where, record
             if w.buf[boundary] == "]":
                 pos = boundary
                 break
@@ -424,6 +403,37 @@ def iter_json_array(path: str) -> Iterator[tuple[str, Any]]:
             )
         if count == 0:
             yield f"{path}:0", BadRecord("empty_file", "JSON array has no records")
+
+
+def _finish_element(path: str, w: _Window, dec: json.JSONDecoder, at: tuple[int, int, int, int], obj: Any,
+                    error: Any) -> tuple[Any, int]:
+    """An element that did not parse in one go (malformed, or continuing past the buffer):
+    find where it ends (the next top-level ',' or ']') and parse it again whole. `at` is
+    (its start, where the first parse stopped, its line, elements so far). Returns (the
+    record or a BadRecord, the position of the ',' or ']' after it)."""
+    pos, end, line, count = at
+    boundary, dropped = _element_end(w, pos if obj is None else end)
+    if dropped:
+        pos, error = 0, f"element larger than {MAX_ELEMENT_CHARS:,} characters"
+    if boundary is None:
+        why = f"the file ends before the element at line {line} is closed by ',' or ']'"
+        raise _unreadable(path, w, pos, line, why, count - 1, dropped)
+    if isinstance(error, json.JSONDecodeError):  # retry with the whole element in the buffer
+        try:
+            obj, end = dec.raw_decode(w.buf, pos)
+            if not w.buf[end:boundary].strip(_WS):
+                error = None
+            else:
+                error = f"expected ',' or ']' after the element, got {w.buf[w.skip_ws(end)]!r}"
+        except json.JSONDecodeError as e:
+            error = f"not valid JSON: {e.msg} (line {w.line + e.lineno - 1})"
+    if error is None:
+        return _checked(obj), boundary
+    k = boundary
+    while k > pos and w.buf[k - 1] in _WS:
+        k -= 1
+    last = w.line_at(max(k - 1, pos))
+    return BadRecord("malformed_json", f"{error}; element (lines {line}-{last}) skipped"), boundary
 
 
 def iter_parquet(path: str) -> Iterator[tuple[str, Any]]:

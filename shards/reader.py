@@ -29,7 +29,8 @@ import numpy as np
 from streaming import StreamingDataLoader, StreamingDataset
 
 from bumblefast.shards.collate import collate_rows
-from bumblefast.shards.schema import is_remote, read_manifest
+from bumblefast.shards.manifest import Manifest
+from bumblefast.shards.schema import is_remote
 
 STATE_VERSION = 1
 
@@ -101,9 +102,9 @@ def build_loader(
     stage: str | None = None,
 ) -> ShardLoader:
     """A resumable loader of micro-batches (`batch_size` rows each) over a prep output."""
-    manifest = read_manifest(path, cache_dir=None)
-    if stage is not None and manifest["stage"] != stage:
-        raise ValueError(f"{path}: shards are for stage '{manifest['stage']}', expected '{stage}'")
+    manifest = Manifest.read(path)
+    if stage is not None and manifest.stage != stage:
+        raise ValueError(f"{path}: shards are for stage '{manifest.stage}', expected '{stage}'")
     if batch_size < 1:
         raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
     dataset = ShardDataset(
@@ -117,9 +118,9 @@ def build_loader(
         num_canonical_nodes=num_canonical_nodes,
     )
     meta = {
-        "fingerprint": manifest["fingerprint"],
-        "stage": manifest["stage"],
-        "seq_len": manifest["seq_len"],
+        "fingerprint": manifest.fingerprint,
+        "stage": manifest.stage,
+        "seq_len": manifest.seq_len,
         "batch_size": batch_size,
         "seed": seed,
         "shuffle": shuffle,
@@ -128,7 +129,7 @@ def build_loader(
         "num_canonical_nodes": num_canonical_nodes,
         "drop_last": drop_last,
     }
-    collate = functools.partial(collate_rows, stage=manifest["stage"], seq_len=manifest["seq_len"])
+    collate = functools.partial(collate_rows, stage=manifest.stage, seq_len=manifest.seq_len)
     return ShardLoader(
         dataset,
         meta=meta,

@@ -1,7 +1,8 @@
 """The on-disk format of BumbleFast shards: one module that prep (writer) and train (reader) share.
 
 A shard folder is an MDS dataset (streaming's versioned `index.json` + zstd shards with
-hashes) plus `bumblefast.json`, the manifest. One MDS sample is one training row:
+hashes) plus `bumblefast.json`, the manifest (shards/manifest.py). One MDS sample is one
+training row:
 
 | stage    | columns                                                              |
 |----------|----------------------------------------------------------------------|
@@ -29,12 +30,7 @@ Token columns are `ndarray:uint16` when every id fits (vocab <= 65536), else `nd
 from __future__ import annotations
 
 import hashlib
-import json
-from pathlib import Path
-from typing import Any
 
-SCHEMA_VERSION = 1
-MANIFEST_NAME = "bumblefast.json"
 ERRORS_NAME = "errors.jsonl"
 STAGES = ("pretrain", "sft", "dpo")
 
@@ -42,11 +38,6 @@ STAGES = ("pretrain", "sft", "dpo")
 SEGMENT_COLUMN = {"pretrain": "doc_lens", "sft": "seq_lens", "dpo": "seq_lens"}
 DPO_LAYOUTS = ("pairs", "shared_prompt")
 PROMPT_COLUMN = "prompt_lens"  # shared_prompt layout: prompt tokens per pair
-
-
-def dpo_layout(manifest: dict[str, Any]) -> str:
-    """The DPO layout a shard set holds (`pairs` for shards written before the key existed)."""
-    return manifest.get("dpo_layout", "pairs")
 
 
 def token_dtype(vocab_size: int) -> str:
@@ -71,39 +62,6 @@ def columns(stage: str, vocab_size: int, ref_logps: bool = False, shared_prompt:
 
 def is_remote(path: str) -> bool:
     return "://" in str(path) and not str(path).startswith("file://")
-
-
-def read_manifest(path: str, cache_dir: str | None = None) -> dict[str, Any]:
-    """The manifest of a shard folder (local path or remote URL)."""
-    if is_remote(path):
-        import tempfile
-
-        from streaming.base.storage import CloudDownloader
-
-        dest = Path(cache_dir or tempfile.mkdtemp(prefix="bf-manifest-")) / MANIFEST_NAME
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            CloudDownloader.direct_download(path.rstrip("/") + "/" + MANIFEST_NAME, str(dest))
-        except Exception as e:  # noqa: BLE001 - any storage error means "not a finished output"
-            raise FileNotFoundError(
-                f"{path}: no {MANIFEST_NAME} (not a finished `bumblefast prep` output?): {e}"
-            ) from e
-        text = dest.read_text(encoding="utf-8")
-    else:
-        p = Path(path) / MANIFEST_NAME
-        if not p.is_file():
-            raise FileNotFoundError(
-                f"{path}: no {MANIFEST_NAME} (not a finished `bumblefast prep` output?)"
-            )
-        text = p.read_text(encoding="utf-8")
-    manifest = json.loads(text)
-    version = manifest.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise ValueError(
-            f"{path}: shard schema version {version}, this BumbleFast reads {SCHEMA_VERSION}; "
-            "re-run `bumblefast prep`"
-        )
-    return manifest
 
 
 def fingerprint_bytes(*parts: bytes) -> str:

@@ -180,7 +180,7 @@ def test_lora_dpo_separates_pairs_and_exports_peft_adapter(setup):
     from transformers import AutoModelForCausalLM
 
     from bumblefast.config import PrepConfig
-    from bumblefast.merge import merge_lora
+    from bumblefast.merge_lora import merge_lora
     from bumblefast.prep.run import run_prep
 
     root = setup["root"]

@@ -13,7 +13,8 @@ import pytest
 from bumblefast.config import PrepConfig, UserError
 from bumblefast.prep.records import RecordError, dpo_pair, sft_messages
 from bumblefast.prep.run import run_prep
-from bumblefast.shards.schema import ERRORS_NAME, MANIFEST_NAME
+from bumblefast.shards.manifest import MANIFEST_NAME
+from bumblefast.shards.schema import ERRORS_NAME
 
 
 @pytest.fixture(autouse=True)

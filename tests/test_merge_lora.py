@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from bumblefast.config import UserError
-from bumblefast.merge import cli_main, merge_lora
+from bumblefast.merge_lora import cli_main, merge_lora
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "configs" / "models" / "bumblebee-tiny" / "config.json"

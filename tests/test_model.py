@@ -284,6 +284,43 @@ def test_meta_init_is_lazy_and_deterministic():
     assert abs(sd["model.layers.1.mlp.up_proj.weight"].std().item() - cfg.initializer_range) < 0.005
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_training_and_tests_share_one_init(tied):
+    """Training's init (a seeded generator; ZeRO-3 gathers each parameter) and
+    `init_weights()` under torch.manual_seed are one function: same seed, same weights,
+    whatever the dtype (seeded after the model is built: building draws torch's default inits);
+    the expected values are drawn here independently, in parameter order."""
+    from bumblefast.train.build import init_parameters
+
+    cfg = tiny_config(tie_word_embeddings=tied)
+    tests_way = Bumblebee(cfg)  # building draws torch's default inits: seed after it
+    torch.manual_seed(11)
+    tests_way.init_weights()
+    training_way = Bumblebee(cfg)
+    init_parameters(training_way, cfg.initializer_range, seed=11, zero3=False)
+    bf16 = Bumblebee(cfg).to(torch.bfloat16)
+    init_parameters(bf16, cfg.initializer_range, seed=11, zero3=False)
+    gen = torch.Generator().manual_seed(11)
+    for name, p in tests_way.named_parameters():
+        if name.endswith("norm.weight") or name.endswith(".bias"):
+            want = torch.full(p.shape, 1.0 if name.endswith("norm.weight") else 0.0)
+        else:
+            want = torch.empty(p.shape).normal_(0.0, cfg.initializer_range, generator=gen)
+        assert torch.equal(p, want), name
+    train_sd, bf16_sd = training_way.state_dict(), bf16.state_dict()
+    for k, v in tests_way.state_dict().items():
+        assert torch.equal(train_sd[k], v) and torch.equal(bf16_sd[k], v.bfloat16()), k
+    assert (tests_way.lm_head.weight is tests_way.model.embed_tokens.weight) == tied
+
+
+def test_submodules_hold_no_reference_to_the_model():
+    model = make_model()
+    for name, m in model.named_modules():
+        if m is not model:
+            assert not any(v is model for v in vars(m).values()), name
+            assert not any(isinstance(v, list) and any(x is model for x in v) for v in vars(m).values()), name
+
+
 def test_hf_round_trip(tmp_path):
     model = make_model()
     ids = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(5))
@@ -319,6 +356,21 @@ def test_sharded_save_loads_in_transformers(tmp_path):
     back = Bumblebee.from_pretrained(tmp_path, torch_dtype=torch.bfloat16)
     assert back.lm_head.weight.dtype == torch.bfloat16
     assert torch.equal(back.lm_head.weight.float(), model.lm_head.weight.bfloat16().float())
+
+
+def test_save_state_dict_of_views_into_one_flat_buffer(tmp_path):
+    """ZeRO-1/2 hold the weights as views of one flat buffer; the export writes them all the same."""
+    model = make_model()
+    sd = {k: v.detach() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    flat = torch.cat([v.reshape(-1) for v in sd.values()])
+    views, at = {}, 0
+    for k, v in sd.items():
+        views[k] = flat[at : at + v.numel()].view(v.shape)
+        at += v.numel()
+    model.save_pretrained(tmp_path, state_dict=views)
+    back = Bumblebee.from_pretrained(tmp_path)
+    for k, v in sd.items():
+        assert torch.equal(back.state_dict()[k], v), k
 
 
 def test_generation_config_written_or_failure_visible(tmp_path, monkeypatch):

@@ -545,9 +545,15 @@ def test_inspect_and_cli(tok_dir, tmp_path, capsys):
 
 # ---- overlong: truncate by default (replies cut first, the prompt keeps its end) ---------------
 def encode_one(tok_dir, stage, rec, seq_len, overlong="truncate"):
-    from bumblefast.prep.encode import Encoder, EncodeSettings
+    """(where, "ok", payload, truncated) or (where, "err", reason, message); the payload is sft's
+    (ids, mask), dpo's (segments, prompt_lens value, pair tokens, prompt tokens)."""
+    from bumblefast.prep.encode import Encoder, EncodeSettings, Skipped
 
-    return Encoder(EncodeSettings(stage, tok_dir, seq_len, overlong=overlong)).encode_chunk([("f:1", rec)])[0]
+    r = Encoder(EncodeSettings(stage, tok_dir, seq_len, overlong=overlong)).encode_chunk([("f:1", rec)])[0]
+    if isinstance(r, Skipped):
+        return (r.where, "err", r.reason, r.message)
+    payload = r.segments[0] if stage == "sft" else (r.segments, r.prompt_len, r.pair_tokens, r.prompt_tokens)
+    return (r.where, "ok", payload, r.truncated)
 
 
 def test_overlong_truncate_cuts_the_reply_first_and_keeps_the_prompt_end(tok_dir):

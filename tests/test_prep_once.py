@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from bumblefast.config import UserError
-from bumblefast.shards.schema import MANIFEST_NAME
+from bumblefast.shards.manifest import MANIFEST_NAME
 from bumblefast.train import prep_once as P
 
 FAST = dict(report_s=0.05, poll_s=0.01)

@@ -74,7 +74,7 @@ def test_fresh_model_takes_the_tokenizers_vocab(bpe2000):
     from transformers import AutoTokenizer
 
     from bumblefast import flops
-    from bumblefast.train.modeling import load_model_config
+    from bumblefast.train.build import load_model_config
 
     tok = AutoTokenizer.from_pretrained(bpe2000 / "tok")
     cfg = build_config(
@@ -97,7 +97,7 @@ def test_trained_weights_refuse_a_larger_tokenizer_naming_resize_vocab(
 ):
     from transformers import AutoTokenizer
 
-    from bumblefast.train.modeling import load_model_config
+    from bumblefast.train.build import load_model_config
 
     model_dir = save_tiny_model(tmp_path / "m", demo_tokenizer_dir)
     tok = AutoTokenizer.from_pretrained(bpe2000 / "tok")
@@ -126,7 +126,7 @@ def test_resize_vocab_matches_transformers_mean_resizing(bpe2000, tmp_path, tied
     from transformers import AutoConfig, AutoTokenizer, Qwen2ForCausalLM
 
     from bumblefast.model import Bumblebee
-    from bumblefast.train.modeling import load_model_config, load_trained
+    from bumblefast.train.build import load_model_config, load_trained
 
     torch.manual_seed(0)
     base = AutoConfig.from_pretrained(TINY)
@@ -211,7 +211,7 @@ def test_tiny_preset_builds_and_steps_with_a_2000_token_bpe(bpe2000):
     from transformers import AutoTokenizer
 
     from bumblefast.model import Bumblebee
-    from bumblefast.train.modeling import build_model, load_model_config
+    from bumblefast.train.build import build_model, load_model_config
 
     tok = AutoTokenizer.from_pretrained(bpe2000 / "tok")
     cfg = build_config(

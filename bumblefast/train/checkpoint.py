@@ -6,7 +6,8 @@ Layout of one checkpoint (a DeepSpeed tag folder plus ours):
   step-N/trainer.json    step, loader state, config, metrics (rank 0)
   step-N/rng-rankR.pt    RNG states of each rank
   step-N/COMPLETE        file list with sizes, written last by rank 0
-A checkpoint is first written as `.tmp-step-N` and renamed once COMPLETE exists; `latest`
+A checkpoint is first written as `.tmp-step-N` and renamed once COMPLETE exists (an older
+`step-N` is renamed aside first and deleted after: shards/manifest.py `replace_dir`); `latest`
 is replaced (atomically) after the rename. A folder without a valid COMPLETE is damaged:
 resume says so and falls back to the one before.
 """
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bumblefast.shards.manifest import replace_dir
 from bumblefast.train import distributed as D
 
 COMPLETE = "COMPLETE"
@@ -67,8 +69,7 @@ def save(engine, ckpt_root: Path, step: int, trainer_state: dict, total_limit: i
     if D.is_main():
         (folder / "trainer.json").write_text(json.dumps(trainer_state, indent=1))
         (folder / COMPLETE).write_text(json.dumps(_file_list(folder), indent=0))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(folder, final)
+        replace_dir(folder, final)
         latest_tmp = ckpt_root / "latest.tmp"
         latest_tmp.write_text(tag)
         os.replace(latest_tmp, ckpt_root / "latest")

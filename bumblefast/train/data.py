@@ -9,7 +9,8 @@ import os
 from pathlib import Path
 
 from bumblefast.config import PrepConfig, TrainConfig, UserError
-from bumblefast.shards.schema import MANIFEST_NAME, is_remote
+from bumblefast.shards.manifest import MANIFEST_NAME
+from bumblefast.shards.schema import is_remote
 from bumblefast.train.prep_once import local_rank, nodes, prep_once, wait_for_ranks
 
 # `continue_pretrain` reads pretraining shards.
@@ -71,18 +72,18 @@ def resolve_dataset(cfg: TrainConfig, tokenizer_path: str) -> str:
 def open_loader(cfg: TrainConfig, tokenizer_path: str):
     """(resumable loader of packed micro-batches, data facts stored with each checkpoint, the
     shards' manifest)."""
+    from bumblefast.shards.manifest import Manifest
     from bumblefast.shards.reader import build_loader
-    from bumblefast.shards.schema import read_manifest
 
     path = resolve_dataset(cfg, tokenizer_path)
-    manifest = read_manifest(path)
+    manifest = Manifest.read(path)
     stage = SHARD_STAGE[cfg.stage]
-    if manifest["stage"] != stage:
-        raise UserError(f"dataset_path: {path} holds {manifest['stage']} shards; --stage {cfg.stage} needs {stage} shards")
-    if manifest["seq_len"] > cfg.cutoff_len:
-        raise UserError(f"cutoff_len: {cfg.cutoff_len} is shorter than the shards' rows ({manifest['seq_len']}); "
+    if manifest.stage != stage:
+        raise UserError(f"dataset_path: {path} holds {manifest.stage} shards; --stage {cfg.stage} needs {stage} shards")
+    if manifest.seq_len > cfg.cutoff_len:
+        raise UserError(f"cutoff_len: {cfg.cutoff_len} is shorter than the shards' rows ({manifest.seq_len}); "
                         "re-run prep with --seq_len or raise cutoff_len")
     loader = build_loader(path, batch_size=cfg.train_micro_batch_size_per_gpu, seed=cfg.seed, shuffle=cfg.shuffle,
                           num_workers=cfg.num_workers, stage=stage)
-    meta = {"path": path, "fingerprint": manifest.get("fingerprint"), "stage": stage, "seq_len": manifest["seq_len"]}
+    meta = {"path": path, "fingerprint": manifest.fingerprint, "stage": stage, "seq_len": manifest.seq_len}
     return loader, json.loads(json.dumps(meta)), manifest

@@ -13,7 +13,7 @@ import torch
 
 from bumblefast.config import TrainConfig
 from bumblefast.train import distributed as D
-from bumblefast.train.modeling import model_path
+from bumblefast.train.build import model_path
 
 
 def _strip(state: dict, prefix: str = "model.") -> dict:

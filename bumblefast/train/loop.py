@@ -40,6 +40,14 @@ from bumblefast.modelinfo import read_model_config
 from bumblefast.tokenizer import load_tokenizer
 from bumblefast.train import checkpoint as ckpt
 from bumblefast.train import distributed as D
+from bumblefast.train.build import (
+    build_model,
+    build_objective,
+    load_model_config,
+    model_path,
+    resolve_reference,
+    tokenizer_path,
+)
 from bumblefast.train.data import open_loader
 from bumblefast.train.engine import (
     compute_dtype,
@@ -50,14 +58,6 @@ from bumblefast.train.engine import (
 )
 from bumblefast.train.export import export_model
 from bumblefast.train.metrics import MetricLogger, device_peak_tflops
-from bumblefast.train.modeling import (
-    build_model,
-    build_objective,
-    load_model_config,
-    model_path,
-    resolve_reference,
-    tokenizer_path,
-)
 from bumblefast.train.objectives import FrozenReference
 
 # Collator keys that stay on the host: facts the loop counts, never inputs of a kernel.

@@ -13,15 +13,15 @@ scores every world-th row; rank 0 writes).
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
-import shutil
 import sys
 from pathlib import Path
 
 import torch
 
 from bumblefast.config import UserError
+from bumblefast.shards.manifest import Manifest
 
 
 def precompute_ref(model_name_or_path: str, dataset_path: str, output_dir: str, batch_size: int = 8,
@@ -32,13 +32,12 @@ def precompute_ref(model_name_or_path: str, dataset_path: str, output_dir: str, 
     from bumblefast.model import Bumblebee
     from bumblefast.shards.collate import collate_rows
     from bumblefast.shards.reader import ShardDataset
-    from bumblefast.shards.schema import read_manifest
     from bumblefast.train import distributed as D
-    from bumblefast.train.modeling import model_fingerprint
+    from bumblefast.train.build import model_fingerprint
 
-    src = read_manifest(dataset_path)
-    if src["stage"] != "dpo":
-        raise UserError(f"dataset_path: {dataset_path} holds {src['stage']} shards; precompute-ref needs dpo shards")
+    src = Manifest.read(dataset_path)
+    if src.stage != "dpo":
+        raise UserError(f"dataset_path: {dataset_path} holds {src.stage} shards; precompute-ref needs dpo shards")
     if not (Path(model_name_or_path) / "config.json").is_file():
         raise FileNotFoundError(f"model_name_or_path: no config.json in {model_name_or_path}")
     distributed = "RANK" in os.environ
@@ -54,7 +53,7 @@ def precompute_ref(model_name_or_path: str, dataset_path: str, output_dir: str, 
     with torch.no_grad():
         for start in tqdm(range(0, len(mine), batch_size), desc="precompute-ref", disable=rank != 0):
             rows = [ds[i] for i in mine[start:start + batch_size]]
-            b = collate_rows(rows, "dpo", src["seq_len"])
+            b = collate_rows(rows, "dpo", src.seq_len)
             b = {k: v.to(device) for k, v in b.items()}
             n = b["cu_seqlens"].numel() - 1
             logps = model.segment_logps(b["input_ids"], b["position_ids"], b["cu_seqlens"], int(b["max_seqlen"]),
@@ -75,42 +74,37 @@ def precompute_ref(model_name_or_path: str, dataset_path: str, output_dir: str, 
     return manifest
 
 
-def _write(ds, scores, src, dataset_path, output_dir, model_path, model_fp) -> dict:
+def _write(ds, scores, src: Manifest, dataset_path, output_dir, model_path, model_fp) -> dict:
     """Rows in their original order plus ref_logps; staged, then renamed into place."""
     import numpy as np
     from streaming import MDSWriter
 
-    from bumblefast.shards.schema import MANIFEST_NAME, PROMPT_COLUMN, columns, fingerprint_bytes
+    from bumblefast.shards.manifest import RefLogps, ref_fingerprint, staged_output
+    from bumblefast.shards.schema import PROMPT_COLUMN, columns, is_remote
 
+    if is_remote(str(output_dir)):
+        raise UserError(f"output_dir: {output_dir}: precompute-ref writes a local folder (upload it afterwards)")
     final = Path(output_dir)
     if final.resolve() == Path(dataset_path).resolve():
         raise UserError("output_dir: must differ from dataset_path (the source shards stay as they are)")
-    staging = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    cols = columns("dpo", src["tokenizer"]["vocab_size"], ref_logps=True,
-                   shared_prompt=PROMPT_COLUMN in src.get("columns", {}))
-    try:
-        with MDSWriter(out=str(staging), columns=cols, compression=src.get("prep", {}).get("compression") or None,
-                       hashes=src.get("prep", {}).get("hashes") or ["xxh64"]) as writer:
+    cols = columns("dpo", src.tokenizer.vocab_size, ref_logps=True, shared_prompt=PROMPT_COLUMN in src.columns)
+    with staged_output(final) as staging:
+        with MDSWriter(out=str(staging), columns=cols, compression=src.prep.get("compression") or None,
+                       hashes=src.prep.get("hashes") or ["xxh64"]) as writer:
             for i in range(ds.num_samples):
                 row = ds[i]
                 sample = {k: row[k] for k in cols if k != "ref_logps"}
                 sample["ref_logps"] = np.asarray(scores[i], dtype=np.float32)
                 writer.write(sample)
-        manifest = dict(src)
-        manifest["columns"] = cols
-        manifest["ref_logps"] = {"model_name_or_path": str(model_path), "model_fingerprint": model_fp,
-                                 "source_fingerprint": src["fingerprint"], "source_path": str(dataset_path)}
-        manifest["fingerprint"] = fingerprint_bytes(src["fingerprint"].encode(), model_fp.encode())
-        (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        manifest = dataclasses.replace(
+            src,
+            columns=cols,
+            ref_logps=RefLogps(str(model_path), model_fp, src.fingerprint, str(dataset_path)),
+            fingerprint=ref_fingerprint(src.fingerprint, model_fp),
+        )
+        manifest.write(staging)
     print(f"precompute-ref: {ds.num_samples} rows scored by {model_path} -> {final}", file=sys.stderr)
-    return manifest
+    return manifest.to_dict()
 
 
 def cli_main(args) -> int:

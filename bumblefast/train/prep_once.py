@@ -96,7 +96,7 @@ def prep_once(
     `prep`. `may_prep`: this rank may take the lock (the node's local rank 0); others only wait.
     Waiting says where it stands every `report_s` seconds; `timeout_s` (None: no limit) stops it."""
     # imported here: importing bumblefast.shards loads streaming, slow for the store-wait test
-    from bumblefast.shards.schema import MANIFEST_NAME
+    from bumblefast.shards.manifest import MANIFEST_NAME
 
     out = Path(out)
     manifest, lock, failed = out / MANIFEST_NAME, out.with_name(out.name + ".lock"), out.with_name(out.name + ".failed")

@@ -131,3 +131,12 @@ def cli_main(args) -> int:
     )
     print(f"merged {args.lora_model_path} into {args.base_model_path} -> {out}")
     return 0
+
+
+def add_arguments(p) -> None:
+    """`bumblefast merge-lora`'s arguments."""
+    p.add_argument("--base_model_path", required=True, help="HF model folder the adapter was trained on")
+    p.add_argument("--lora_model_path", required=True, help="PEFT adapter folder (adapter_config.json)")
+    p.add_argument("--save_path", required=True, help="folder to write the merged model to")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                   help="dtype of the saved weights (auto: the base's; the merge itself runs in fp32)")

@@ -3,14 +3,17 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from bumblefast.config import TrainConfig, UserError
 from bumblefast.modelinfo import read_model_config
 from bumblefast.train import distributed as D
+
+if TYPE_CHECKING:
+    from bumblefast.shards.manifest import Manifest
 
 PRESETS = Path(__file__).resolve().parent.parent.parent / "configs" / "models"
 
@@ -61,28 +64,19 @@ def load_model_config(cfg: TrainConfig, tokenizer):
     return config
 
 
-@torch.no_grad()
 def init_parameters(model: torch.nn.Module, std: float, seed: int, zero3: bool) -> None:
-    """Deterministic init independent of ZeRO sharding: normal(0, std) matrices, ones for
-    norms, zeros for biases, drawn in parameter order from one generator on rank 0's view."""
-    import contextlib
+    """A fresh model's weights: model.py `init_parameters` (the init tests use too) from one
+    generator seeded with `seed`; under ZeRO-3 each parameter is gathered and rank 0 writes it."""
+    from bumblefast.model import init_parameters as init
 
-    gen = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        ctx = contextlib.nullcontext()
-        if zero3:
-            import deepspeed
+    gather = None
+    if zero3:
+        import deepspeed
 
-            ctx = deepspeed.zero.GatheredParameters([p], modifier_rank=0)
-        with ctx:
-            if name.endswith("norm.weight"):
-                value = torch.ones(p.shape)
-            elif name.endswith(".bias"):
-                value = torch.zeros(p.shape)
-            else:
-                value = torch.empty(p.shape).normal_(0.0, std, generator=gen)
-            if not zero3 or D.is_main():
-                p.copy_(value.to(p.dtype))
+        def gather(p):
+            return deepspeed.zero.GatheredParameters([p], modifier_rank=0)
+
+    init(model, std, torch.Generator().manual_seed(seed), gather, write=not zero3 or D.is_main())
 
 
 def model_fingerprint(path: str | Path) -> str:
@@ -98,11 +92,11 @@ def model_fingerprint(path: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
-def resolve_reference(cfg, manifest: dict) -> str:
+def resolve_reference(cfg, manifest: Manifest) -> str:
     """The DPO reference strategy a run uses (config key ref_model, `auto` resolved)."""
     from bumblefast.train.pref_losses import REFERENCE_FREE
 
-    has_precomputed = "ref_logps" in manifest.get("columns", {})
+    has_precomputed = manifest.has_ref_logps
     choice = cfg.ref_model
     if cfg.pref_loss in REFERENCE_FREE:
         if choice not in ("auto", "none"):
@@ -121,33 +115,31 @@ def resolve_reference(cfg, manifest: dict) -> str:
     return choice
 
 
-def check_precomputed(cfg, manifest: dict) -> None:
+def check_precomputed(cfg, manifest: Manifest) -> None:
     """Refuse log-probs made by another model or on other data (bumblefast precompute-ref
     writes both fingerprints into the manifest)."""
-    from bumblefast.shards.schema import fingerprint_bytes
+    from bumblefast.shards.manifest import ref_fingerprint
 
-    info = manifest.get("ref_logps") or {}
+    info = manifest.ref_logps
     expected_model = model_fingerprint(model_path(cfg))
-    if info.get("model_fingerprint") != expected_model:
-        raise UserError(f"dataset_path: its ref_logps come from model {info.get('model_name_or_path')} "
-                        f"(fingerprint {info.get('model_fingerprint')}), not from {cfg.model_name_or_path} "
+    if info is None or info.model_fingerprint != expected_model:
+        raise UserError(f"dataset_path: its ref_logps come from model {info and info.model_name_or_path} "
+                        f"(fingerprint {info and info.model_fingerprint}), not from {cfg.model_name_or_path} "
                         f"({expected_model}); rerun `bumblefast precompute-ref` with this model")
-    derived = fingerprint_bytes(str(info.get("source_fingerprint")).encode(), expected_model.encode())
-    if manifest.get("fingerprint") != derived:
+    if manifest.fingerprint != ref_fingerprint(info.source_fingerprint, expected_model):
         raise UserError(f"dataset_path: the ref_logps were computed on another dataset (source fingerprint "
-                        f"{info.get('source_fingerprint')} does not match this shard set); rerun "
+                        f"{info.source_fingerprint} does not match this shard set); rerun "
                         "`bumblefast precompute-ref`")
 
 
 def checkpoint_files(path: Path) -> list[Path]:
-    """The safetensors files of a Hugging Face model folder (one file, or the index's shards)."""
-    from bumblefast.model import SAFE_INDEX, SAFE_NAME
+    """The safetensors files of a Hugging Face model folder (model_io.py), the error naming the key."""
+    from bumblefast.model_io import checkpoint_files as files
 
-    if (path / SAFE_INDEX).is_file():
-        return [path / f for f in sorted(set(json.loads((path / SAFE_INDEX).read_text())["weight_map"].values()))]
-    if (path / SAFE_NAME).is_file():
-        return [path / SAFE_NAME]
-    raise FileNotFoundError(f"model_name_or_path: no {SAFE_NAME} or {SAFE_INDEX} in {path}")
+    try:
+        return files(path)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"model_name_or_path: {e}") from None
 
 
 @torch.no_grad()
