@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test test-fast lint format bench clean browser gpu-wheels gpu-rehearsal
+.PHONY: demo test test-fast lint format clean browser gpu-wheels gpu-rehearsal
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -145,9 +145,7 @@ def run_case(case: dict) -> dict:
                 t0 = time.perf_counter()
                 _call(op, fn, args, backward)
                 rec["time_ms"] = 1e3 * (time.perf_counter() - t0)
-                rec["peak_mb"] = (
-                    max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base) / 2**20
-                )
+                rec["peak_mb"] = max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base) / 2**20
         rec["status"] = "ok"
     except torch.cuda.OutOfMemoryError:
         rec["status"] = "oom"
@@ -188,9 +186,7 @@ def plan_cases(device: str, tokens_list, dtype: str, quick: bool) -> list[dict]:
     for tokens in tokens_list:
         for op in OPS:
             if device == "cuda":
-                impls = ["reference", "triton"] + (
-                    ["liger"] if have_liger and op != "fused_linear_logprob" else []
-                )
+                impls = ["reference", "triton"] + (["liger"] if have_liger and op != "fused_linear_logprob" else [])
                 if op in FUSED:
                     impls.insert(1, "chunked")
             else:
@@ -224,11 +220,7 @@ def summarize(records: list[dict]) -> list[dict]:
     out = []
     for op in FUSED:
         for tokens in sorted({r["tokens"] for r in records if r["op"] == op}):
-            rs = [
-                r
-                for r in records
-                if r["op"] == op and r["tokens"] == tokens and r["status"] == "ok"
-            ]
+            rs = [r for r in records if r["op"] == op and r["tokens"] == tokens and r["status"] == "ok"]
             refs = [r for r in rs if r["impl"] == "reference"]
             if not refs:
                 continue
@@ -267,9 +259,7 @@ def to_markdown(meta: dict, records: list[dict], summary: list[dict]) -> str:
     for r in records:
         t = f"{r['time_ms']:.1f}" if "time_ms" in r else "-"
         m = f"{r['peak_mb']:.1f}" if "peak_mb" in r else "-"
-        lines.append(
-            f"| {r['op']} | {r['impl']} | {r['pass']} | {r['tokens']} | {t} | {m} | {r['status']} |"
-        )
+        lines.append(f"| {r['op']} | {r['impl']} | {r['pass']} | {r['tokens']} | {t} | {m} | {r['status']} |")
     if summary:
         lines += [
             "",
@@ -324,15 +314,19 @@ def bench(size: str, workdir: Path) -> dict:
     records = measure(device, z["tokens"], dtype, z["quick"], z["ops"])
     bad = [r for r in records if r["status"] not in ("ok", "oom")]
     if bad:
-        raise RuntimeError("bench kernels: cases failed: " + "; ".join(f"{r['op']}/{r['impl']}: {r['status']}" for r in bad))
+        raise RuntimeError(
+            "bench kernels: cases failed: " + "; ".join(f"{r['op']}/{r['impl']}: {r['status']}" for r in bad)
+        )
     ok = [r for r in records if r["status"] == "ok"]
     ratios, points = [], []
     for s in summarize(ok):
-        ratios.append(BL.ratio(
-            f"{s['op']} peak memory, T={s['tokens']} (reference {s['reference_pass']})",
-            BL.memory(f"{s['ours']} fwd+bwd", s["ours_peak_mb"]),
-            BL.memory(f"reference {s['reference_pass']}", s["reference_peak_mb"]),
-        ))
+        ratios.append(
+            BL.ratio(
+                f"{s['op']} peak memory, T={s['tokens']} (reference {s['reference_pass']})",
+                BL.memory(f"{s['ours']} fwd+bwd", s["ours_peak_mb"]),
+                BL.memory(f"reference {s['reference_pass']}", s["reference_peak_mb"]),
+            )
+        )
 
     def rate(r: dict) -> dict:
         return BL.measured(f"{r['impl']} {r['pass']}", r["tokens"], r["time_ms"] / 1e3)
@@ -341,29 +335,47 @@ def bench(size: str, workdir: Path) -> dict:
         if r["impl"] in ("reference", "liger"):
             continue
         for base in ("reference", "liger"):
-            match = [b for b in ok if b["impl"] == base and b["op"] == r["op"] and b["pass"] == r["pass"]
-                     and b["tokens"] == r["tokens"]]
+            match = [
+                b
+                for b in ok
+                if b["impl"] == base and b["op"] == r["op"] and b["pass"] == r["pass"] and b["tokens"] == r["tokens"]
+            ]
             if match:
-                ratios.append(BL.ratio(f"{r['op']} {r['impl']} vs {base}, {r['pass']}, T={r['tokens']}",
-                                       rate(r), rate(match[0])))
+                ratios.append(
+                    BL.ratio(f"{r['op']} {r['impl']} vs {base}, {r['pass']}, T={r['tokens']}", rate(r), rate(match[0]))
+                )
         if r["pass"] == "fwd+bwd":
-            points.append(BL.point(f"{r['op']} {r['impl']} fwd+bwd T={r['tokens']}", r["tokens"] / (r["time_ms"] / 1e3)))
-    meta = dict(device=device, dtype=dtype, shapes=QUICK_SHAPES if z["quick"] else SHAPES, tokens=z["tokens"],
-                threads=torch.get_num_threads())
-    notes = [] if device == "cuda" else [
-        "CPU: Triton and Liger need CUDA, so CPU compares our chunked PyTorch path with the "
-        "materialising reference; the reference of the fused-linear ops runs forward only "
-        "(a lower bound of its peak), and CPU times are single calls"]
-    return {"config": {"size": size, **meta}, "results": {"cases": records, "notes": notes}, "ratios": ratios,
-            "points": points}
+            points.append(
+                BL.point(f"{r['op']} {r['impl']} fwd+bwd T={r['tokens']}", r["tokens"] / (r["time_ms"] / 1e3))
+            )
+    meta = dict(
+        device=device,
+        dtype=dtype,
+        shapes=QUICK_SHAPES if z["quick"] else SHAPES,
+        tokens=z["tokens"],
+        threads=torch.get_num_threads(),
+    )
+    notes = (
+        []
+        if device == "cuda"
+        else [
+            "CPU: Triton and Liger need CUDA, so CPU compares our chunked PyTorch path with the "
+            "materialising reference; the reference of the fused-linear ops runs forward only "
+            "(a lower bound of its peak), and CPU times are single calls"
+        ]
+    )
+    return {
+        "config": {"size": size, **meta},
+        "results": {"cases": records, "notes": notes},
+        "ratios": ratios,
+        "points": points,
+    }
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    ap.add_argument(
-        "--tokens", default=None, help="comma list; default 8192 (CPU), 8192,32768 (CUDA)"
-    )
+    ap.add_argument("--tokens", default=None, help="comma list; default 8192 (CPU), 8192,32768 (CUDA)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--device", default=None, choices=["cpu", "cuda"])
     ap.add_argument("--quick", action="store_true", help="tiny shapes, seconds; for CI")
@@ -396,9 +408,7 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"bench_kernels_{'quick_' if args.quick else ''}{device}_{meta['date']}"
-    (out / f"{stem}.json").write_text(
-        json.dumps(dict(meta=meta, results=records, memory_ratios=summary), indent=2)
-    )
+    (out / f"{stem}.json").write_text(json.dumps(dict(meta=meta, results=records, memory_ratios=summary), indent=2))
     (out / f"{stem}.md").write_text(to_markdown(meta, records, summary))
     for s in summary:
         print(

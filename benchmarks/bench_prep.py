@@ -70,8 +70,10 @@ def stage_records(stage: str) -> list[dict]:
     if stage == "pretrain":
         return _records(["pretrain_zh_demo.json"], ["pretrain.json"])
     if stage == "sft":
-        return _records(["alpaca_zh_demo.json", "duolun_train.json", "glaive_toolcall_zh_demo.json"],
-                        ["sft_alpaca.json", "sft_sharegpt.json"])
+        return _records(
+            ["alpaca_zh_demo.json", "duolun_train.json", "glaive_toolcall_zh_demo.json"],
+            ["sft_alpaca.json", "sft_sharegpt.json"],
+        )
     return _records(["dpo_zh_demo.json"], ["dpo.json"])
 
 
@@ -149,8 +151,11 @@ def old_pipeline(tmp: Path) -> str | None:
     if (dest / "bumblefast").is_dir():
         return str(dest)
     try:
-        tar = subprocess.run(["git", "-C", str(ROOT), "archive", OLD_PIPELINE_REF, "bumblefast", "prep", "shards"],
-                             capture_output=True, check=True).stdout
+        tar = subprocess.run(
+            ["git", "-C", str(ROOT), "archive", OLD_PIPELINE_REF, "bumblefast", "prep", "shards"],
+            capture_output=True,
+            check=True,
+        ).stdout
     except (OSError, subprocess.CalledProcessError):
         return None
     dest.mkdir(parents=True)
@@ -166,8 +171,14 @@ def start_prep(cfg: dict, pythonpath: str | None = None) -> subprocess.Popen:
         env["PYTHONPATH"] = pythonpath
     # `python -c` puts its working folder first on sys.path, ahead of PYTHONPATH: the old tree's
     # runs start there, or they import the checkout's bumblefast (they did until 2026-12-01)
-    return subprocess.Popen([sys.executable, "-c", RUNNER, json.dumps(cfg)], env=env, cwd=pythonpath or str(ROOT),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", RUNNER, json.dumps(cfg)],
+        env=env,
+        cwd=pythonpath or str(ROOT),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def finish_prep(proc: subprocess.Popen) -> dict:
@@ -177,11 +188,28 @@ def finish_prep(proc: subprocess.Popen) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def bench_prep(tok_dir: str, corpus: Path, out: Path, stage: str, workers: int, seq_len: int,
-               backend: str | None, pythonpath: str | None = None, node: tuple[int, int] = (0, 1)) -> dict:
+def bench_prep(
+    tok_dir: str,
+    corpus: Path,
+    out: Path,
+    stage: str,
+    workers: int,
+    seq_len: int,
+    backend: str | None,
+    pythonpath: str | None = None,
+    node: tuple[int, int] = (0, 1),
+) -> dict:
     """One prep run in a fresh process (backend None: the old pipeline, which has no such key)."""
-    cfg = dict(stage=stage, input=[str(corpus)], tokenizer_name_or_path=tok_dir, seq_len=seq_len,
-               output_dir=str(out), num_workers=workers, node_rank=node[0], num_nodes=node[1])
+    cfg = dict(
+        stage=stage,
+        input=[str(corpus)],
+        tokenizer_name_or_path=tok_dir,
+        seq_len=seq_len,
+        output_dir=str(out),
+        num_workers=workers,
+        node_rank=node[0],
+        num_nodes=node[1],
+    )
     if backend is not None:
         cfg["tokenizer_backend"] = backend
         if stage != "pretrain":  # the old pipeline's behaviour, so every variant writes the same shards:
@@ -205,8 +233,15 @@ def rate(label: str, work: float, rounds: list[dict], cpu: bool = False) -> dict
     from bumblefast import benchlib as BL
 
     s = summary(rounds, "cpu_seconds" if cpu else "seconds")
-    return BL.measured(label, work, s["median"], "tokens/cpu-s" if cpu else "tokens/s",
-                       seconds_min=s["min"], seconds_max=s["max"], rounds=len(rounds))
+    return BL.measured(
+        label,
+        work,
+        s["median"],
+        "tokens/cpu-s" if cpu else "tokens/s",
+        seconds_min=s["min"],
+        seconds_max=s["max"],
+        rounds=len(rounds),
+    )
 
 
 def compare(name: str, ours: dict, base: dict) -> dict:
@@ -239,8 +274,16 @@ def bench_packing(tok_dir: str, stage: str, files: list[Path], out: Path, seq_le
     from bumblefast.config import PrepConfig
     from bumblefast.prep.run import run_prep
 
-    m = run_prep(PrepConfig(stage=stage, input=[str(f) for f in files], tokenizer_name_or_path=tok_dir,
-                            seq_len=seq_len, output_dir=str(out)), progress=False)
+    m = run_prep(
+        PrepConfig(
+            stage=stage,
+            input=[str(f) for f in files],
+            tokenizer_name_or_path=tok_dir,
+            seq_len=seq_len,
+            output_dir=str(out),
+        ),
+        progress=False,
+    )
     ds = StreamingDataset(local=str(out), batch_size=1)
     seqs = []
     for i in range(ds.num_samples):
@@ -329,8 +372,9 @@ def stage_profile(tok_dir: str, corpus: Path, stage: str, backend: str, seq_len:
     clock, T = time.process_time, {}
     share = [(str(corpus), 0, None)]
     c = clock()
-    settings = EncodeSettings(stage, tok_dir, seq_len, "text", "truncate" if stage == "pretrain" else "drop",
-                              tokenizer_backend=backend)
+    settings = EncodeSettings(
+        stage, tok_dir, seq_len, "text", "truncate" if stage == "pretrain" else "drop", tokenizer_backend=backend
+    )
     enc = Encoder(settings, list(islice(iter_share(share), 64)))
     T["start-up"] = clock() - c
     c = clock()
@@ -384,9 +428,14 @@ def stage_profile(tok_dir: str, corpus: Path, stage: str, backend: str, seq_len:
     vocab = len(enc.hf)
     dtype = token_dtype(vocab)
     c = clock()
-    w = MDSWriter(out=str(tmp / f"profile_{stage}_{backend}"), columns=columns(stage, vocab, shared_prompt=shared),
-                  compression="zstd",
-                  hashes=["sha1", "xxh64"], size_limit="64mb", exist_ok=True)
+    w = MDSWriter(
+        out=str(tmp / f"profile_{stage}_{backend}"),
+        columns=columns(stage, vocab, shared_prompt=shared),
+        compression="zstd",
+        hashes=["sha1", "xxh64"],
+        size_limit="64mb",
+        exist_ok=True,
+    )
     for row in rows:
         row = dict(row)
         row["input_ids"] = row["input_ids"].astype(dtype)
@@ -394,8 +443,14 @@ def stage_profile(tok_dir: str, corpus: Path, stage: str, backend: str, seq_len:
     w.finish()
     T["write"] = clock() - c
     tokens = sum(len(r["input_ids"]) for r in rows)
-    return {"stage": stage, "backend": enc.backend.name, "records": len(lines), "tokens": tokens,
-            "cpu_seconds": {k: round(v, 4) for k, v in T.items()}, "total": round(sum(T.values()), 4)}
+    return {
+        "stage": stage,
+        "backend": enc.backend.name,
+        "records": len(lines),
+        "tokens": tokens,
+        "cpu_seconds": {k: round(v, 4) for k, v in T.items()},
+        "total": round(sum(T.values()), 4),
+    }
 
 
 SIZES = {  # corpus chars per stage, BPE vocab, timing rounds
@@ -404,7 +459,10 @@ SIZES = {  # corpus chars per stage, BPE vocab, timing rounds
 }
 SIZES["gpu"] = SIZES["cpu"]  # prep runs on CPU nodes: the same sizes wherever it runs
 VARIANTS = {  # name -> (workers, backend; None = the old pipeline)
-    "old": (1, None), "hf": (1, "hf"), "fastokens": (1, "fastokens"), "fastokens_2w": (2, "fastokens"),
+    "old": (1, None),
+    "hf": (1, "hf"),
+    "fastokens": (1, "fastokens"),
+    "fastokens_2w": (2, "fastokens"),
 }
 
 
@@ -416,8 +474,17 @@ def bench_nodes(tok_dir: str, corpus: Path, root: Path, seq_len: int, nodes: int
     t = time.perf_counter()
     procs = []
     for r in range(nodes):
-        cfg = dict(stage="pretrain", input=[str(corpus)], tokenizer_name_or_path=tok_dir, seq_len=seq_len,
-                   output_dir=str(root), num_workers=1, node_rank=r, num_nodes=nodes, tokenizer_backend="fastokens")
+        cfg = dict(
+            stage="pretrain",
+            input=[str(corpus)],
+            tokenizer_name_or_path=tok_dir,
+            seq_len=seq_len,
+            output_dir=str(root),
+            num_workers=1,
+            node_rank=r,
+            num_nodes=nodes,
+            tokenizer_backend="fastokens",
+        )
         procs.append(start_prep(cfg))
     parts = [finish_prep(p) for p in procs]
     wall = time.perf_counter() - t  # includes each process's start-up (imports): an upper bound
@@ -425,13 +492,25 @@ def bench_nodes(tok_dir: str, corpus: Path, root: Path, seq_len: int, nodes: int
     merged = merge_parts(str(root))
     merge_s = time.perf_counter() - t
     shards = len(json.loads((root / "index.json").read_text())["shards"])
-    return {"nodes": nodes, "parts": parts, "wall_seconds_incl_process_start": wall,
-            "slowest_part_seconds": max(p["seconds"] for p in parts), "merge_seconds": merge_s,
-            "merged_shards": shards, "merged_rows": merged["rows"], "merged_tokens": merged["tokens"]["real"]}
+    return {
+        "nodes": nodes,
+        "parts": parts,
+        "wall_seconds_incl_process_start": wall,
+        "slowest_part_seconds": max(p["seconds"] for p in parts),
+        "merge_seconds": merge_s,
+        "merged_shards": shards,
+        "merged_rows": merged["rows"],
+        "merged_tokens": merged["tokens"]["real"],
+    }
 
 
-def project_nodes(rate_per_node: float, merge_s_per_shard: float, shard_tokens: float,
-                  corpus_tokens: float = 1e9, nodes=(1, 2, 4, 8, 16, 32)) -> list[dict]:
+def project_nodes(
+    rate_per_node: float,
+    merge_s_per_shard: float,
+    shard_tokens: float,
+    corpus_tokens: float = 1e9,
+    nodes=(1, 2, 4, 8, 16, 32),
+) -> list[dict]:
     """PROJECTION (not measured): wall time of a corpus on N nodes = tokenize at the measured
     per-node rate, N nodes in parallel, + merge (index-only; measured cost per shard)."""
     shards = corpus_tokens / shard_tokens
@@ -439,7 +518,9 @@ def project_nodes(rate_per_node: float, merge_s_per_shard: float, shard_tokens: 
     for n in nodes:
         tok_s = corpus_tokens / (n * rate_per_node)
         merge_s = merge_s_per_shard * shards
-        out.append({"nodes": n, "tokenize_seconds": tok_s, "merge_seconds": merge_s, "total_hours": (tok_s + merge_s) / 3600})
+        out.append(
+            {"nodes": n, "tokenize_seconds": tok_s, "merge_seconds": merge_s, "total_hours": (tok_s + merge_s) / 3600}
+        )
     return out
 
 
@@ -460,8 +541,12 @@ def bench(size: str, workdir: Path) -> dict:
     old_src = old_pipeline(tmp)
     variants = {k: v for k, v in VARIANTS.items() if k != "old" or old_src}
     if not old_src:
-        notes.append(f"old pipeline ({OLD_PIPELINE_REF}) not available (not a git checkout with that commit): not measured")
-    corpora = {st: build_corpus(tmp, st, z[f"{k}_chars"]) for st, k in (("pretrain", "doc"), ("sft", "sft"), ("dpo", "dpo"))}
+        notes.append(
+            f"old pipeline ({OLD_PIPELINE_REF}) not available (not a git checkout with that commit): not measured"
+        )
+    corpora = {
+        st: build_corpus(tmp, st, z[f"{k}_chars"]) for st, k in (("pretrain", "doc"), ("sft", "sft"), ("dpo", "dpo"))
+    }
     doc_texts = [json.loads(line)["text"] for line in corpora["pretrain"].open(encoding="utf-8")]
 
     runs: dict[str, list] = {}
@@ -473,26 +558,41 @@ def bench(size: str, workdir: Path) -> dict:
                 if st != "pretrain" and w > 1:
                     continue
                 runs.setdefault(f"{st}_{name}", []).append(
-                    bench_prep(tok_dir, corpus, tmp / f"{st}_{name}", st, w, seq_len, backend,
-                               old_src if backend is None else None))
+                    bench_prep(
+                        tok_dir,
+                        corpus,
+                        tmp / f"{st}_{name}",
+                        st,
+                        w,
+                        seq_len,
+                        backend,
+                        old_src if backend is None else None,
+                    )
+                )
         for batched in (False, True):
             runs.setdefault(f"naive_{'batched' if batched else 'per_record'}", []).append(
-                bench_naive(tok_dir, corpora["pretrain"], seq_len, batched, tmp))
+                bench_naive(tok_dir, corpora["pretrain"], seq_len, batched, tmp)
+            )
         runs.setdefault("nodes", []).append(bench_nodes(tok_dir, corpora["pretrain"], tmp / "nodes", seq_len))
     for st in corpora:  # same ids -> same shards, whatever the backend or pipeline
         fps = {r["fingerprint"] for k, v in runs.items() if k.startswith(st + "_") for r in v}
         if len(fps) != 1:
             raise RuntimeError(f"{st}: prep variants wrote different shards: {fps}")
-    profiles = [stage_profile(tok_dir, corpora[st], st, b, seq_len, tmp)
-                for st in corpora for b in ("hf", "fastokens")]
+    profiles = [stage_profile(tok_dir, corpora[st], st, b, seq_len, tmp) for st in corpora for b in ("hf", "fastokens")]
 
     ntok = runs["raw_hf"][0]["tokens"]  # the text's tokens (HF raw encode): the work for every side
-    label = {"old": "old prep (before backends)", "hf": "prep, hf backend", "fastokens": "prep, fastokens",
-             "fastokens_2w": "prep, fastokens, 2 workers"}
-    m = {"raw_hf": rate("HF tokenizers encode_batch_fast, 1 core", ntok, runs["raw_hf"]),
-         "raw_fastokens": rate("fastokens encode_batch_flat, 1 core", ntok, runs["raw_fastokens"]),
-         "naive_per_record": rate("datasets.map per record, padded (BumbleCore)", ntok, runs["naive_per_record"]),
-         "naive_batched": rate("datasets.map batched=True, padded", ntok, runs["naive_batched"])}
+    label = {
+        "old": "old prep (before backends)",
+        "hf": "prep, hf backend",
+        "fastokens": "prep, fastokens",
+        "fastokens_2w": "prep, fastokens, 2 workers",
+    }
+    m = {
+        "raw_hf": rate("HF tokenizers encode_batch_fast, 1 core", ntok, runs["raw_hf"]),
+        "raw_fastokens": rate("fastokens encode_batch_flat, 1 core", ntok, runs["raw_fastokens"]),
+        "naive_per_record": rate("datasets.map per record, padded (BumbleCore)", ntok, runs["naive_per_record"]),
+        "naive_batched": rate("datasets.map batched=True, padded", ntok, runs["naive_batched"]),
+    }
     mc = {"raw_hf": rate("HF tokenizers encode_batch_fast, 1 core", ntok, runs["raw_hf"], cpu=True)}
     for st in corpora:
         work = runs[f"{st}_hf"][0]["tokens"]  # chat stages: prep's own token count (same for all variants)
@@ -504,14 +604,22 @@ def bench(size: str, workdir: Path) -> dict:
     ratios = []
     for st in corpora:
         if "old" in variants:
-            ratios.append(compare(f"{st}: prep fastokens vs old prep (1 worker, CPU-s)", mc[f"{st}_fastokens"], mc[f"{st}_old"]))
-            ratios.append(compare(f"{st}: prep fastokens vs old prep (1 worker, wall)", m[f"{st}_fastokens"], m[f"{st}_old"]))
-            ratios.append(compare(f"{st}: prep hf backend vs old prep (1 worker, CPU-s)", mc[f"{st}_hf"], mc[f"{st}_old"]))
+            ratios.append(
+                compare(f"{st}: prep fastokens vs old prep (1 worker, CPU-s)", mc[f"{st}_fastokens"], mc[f"{st}_old"])
+            )
+            ratios.append(
+                compare(f"{st}: prep fastokens vs old prep (1 worker, wall)", m[f"{st}_fastokens"], m[f"{st}_old"])
+            )
+            ratios.append(
+                compare(f"{st}: prep hf backend vs old prep (1 worker, CPU-s)", mc[f"{st}_hf"], mc[f"{st}_old"])
+            )
     ratios += [
         compare("pretrain: prep fastokens vs HF raw encode (1 core, CPU-s)", mc["pretrain_fastokens"], mc["raw_hf"]),
         compare("pretrain: prep fastokens vs HF raw encode (1 core, wall)", m["pretrain_fastokens"], m["raw_hf"]),
         compare("pretrain: prep fastokens 2 workers vs 1 (wall)", m["pretrain_fastokens_2w"], m["pretrain_fastokens"]),
-        compare("pretrain: prep fastokens vs datasets.map per record (wall)", m["pretrain_fastokens"], m["naive_per_record"]),
+        compare(
+            "pretrain: prep fastokens vs datasets.map per record (wall)", m["pretrain_fastokens"], m["naive_per_record"]
+        ),
         compare("pretrain: prep fastokens vs datasets.map batched (wall)", m["pretrain_fastokens"], m["naive_batched"]),
         compare("pretrain: prep hf backend vs datasets.map batched (wall)", m["pretrain_hf"], m["naive_batched"]),
     ]
@@ -519,12 +627,18 @@ def bench(size: str, workdir: Path) -> dict:
     if SHARED.is_dir():
         packing.append(bench_packing(tok_dir, "sft", [SHARED / "alpaca_zh_demo.json"], tmp / "sft_a", seq_len))
         packing.append(bench_packing(tok_dir, "dpo", [SHARED / "dpo_zh_demo.json"], tmp / "dpo_a", seq_len))
-    packing.append(bench_packing(tok_dir, "sft", [DEMO / "sft_alpaca.json", DEMO / "sft_sharegpt.json"], tmp / "sft_d", seq_len))
+    packing.append(
+        bench_packing(tok_dir, "sft", [DEMO / "sft_alpaca.json", DEMO / "sft_sharegpt.json"], tmp / "sft_d", seq_len)
+    )
     packing.append(bench_packing(tok_dir, "dpo", [DEMO / "dpo.json"], tmp / "dpo_d", seq_len))
     for p in packing:
-        ratios.append(BL.ratio(f"packing {p['stage']} ({', '.join(p['files'])}) vs pad-to-longest x4",
-                               BL.fraction("packed rows", p["real_tokens"], p["packed_capacity"]),
-                               BL.fraction("pad to longest, batch 4", p["real_tokens"], p["padded_capacity"])))
+        ratios.append(
+            BL.ratio(
+                f"packing {p['stage']} ({', '.join(p['files'])}) vs pad-to-longest x4",
+                BL.fraction("packed rows", p["real_tokens"], p["packed_capacity"]),
+                BL.fraction("pad to longest, batch 4", p["real_tokens"], p["padded_capacity"]),
+            )
+        )
     read = bench_read(tmp / "pretrain_fastokens")
 
     nodes = runs["nodes"]
@@ -532,14 +646,29 @@ def bench(size: str, workdir: Path) -> dict:
     node_rate = statistics.median(min(p["tokens"] / p["seconds"] for p in n["parts"]) for n in nodes)  # slowest node
     last = nodes[-1]
     shard_tokens = last["merged_tokens"] / max(last["merged_shards"], 1)
-    projection = project_nodes(node_rate, statistics.median(n["merge_seconds"] for n in nodes) / max(last["merged_shards"], 1), shard_tokens)
+    projection = project_nodes(
+        node_rate, statistics.median(n["merge_seconds"] for n in nodes) / max(last["merged_shards"], 1), shard_tokens
+    )
     results = {
-        "seq_len": seq_len, "vocab": z["vocab"], "load_average_at_start": load, "cpu_count": os.cpu_count(),
-        "load_average_at_end": os.getloadavg(), "notes": notes, "old_pipeline_ref": OLD_PIPELINE_REF,
-        "text_tokens": ntok, "rounds": runs, "measured": m, "measured_cpu": mc, "stage_profile": profiles,
-        "nodes": {"measured": nodes, "per_node_tokens_per_s": node_rates,
-                  "projection_1b_tokens_from_measured_rate": projection},
-        "packing": packing, "streaming_read": read,
+        "seq_len": seq_len,
+        "vocab": z["vocab"],
+        "load_average_at_start": load,
+        "cpu_count": os.cpu_count(),
+        "load_average_at_end": os.getloadavg(),
+        "notes": notes,
+        "old_pipeline_ref": OLD_PIPELINE_REF,
+        "text_tokens": ntok,
+        "rounds": runs,
+        "measured": m,
+        "measured_cpu": mc,
+        "stage_profile": profiles,
+        "nodes": {
+            "measured": nodes,
+            "per_node_tokens_per_s": node_rates,
+            "projection_1b_tokens_from_measured_rate": projection,
+        },
+        "packing": packing,
+        "streaming_read": read,
     }
     points = [BL.point(v["label"], v["value"]) for k, v in m.items() if k.startswith(("raw", "pretrain", "naive"))]
     return {"config": {"size": size, **z, "seq_len": seq_len}, "results": results, "ratios": ratios, "points": points}
@@ -548,10 +677,14 @@ def bench(size: str, workdir: Path) -> dict:
 def to_markdown(section: dict, host: str, day: str) -> str:
     r = section["results"]
     la, le = r["load_average_at_start"], r["load_average_at_end"]
-    md = [f"# bench_prep ({host}, {r['cpu_count']} CPUs, {day}, size {section['config']['size']})", "",
-          f"load average (1/5/15 min) at start {la[0]:.1f}/{la[1]:.1f}/{la[2]:.1f}, at end "
-          f"{le[0]:.1f}/{le[1]:.1f}/{le[2]:.1f}; median of {section['config']['rounds']} interleaved rounds, "
-          "[min-max]; CPU-s rates count every process of a run", ""]
+    md = [
+        f"# bench_prep ({host}, {r['cpu_count']} CPUs, {day}, size {section['config']['size']})",
+        "",
+        f"load average (1/5/15 min) at start {la[0]:.1f}/{la[1]:.1f}/{la[2]:.1f}, at end "
+        f"{le[0]:.1f}/{le[1]:.1f}/{le[2]:.1f}; median of {section['config']['rounds']} interleaved rounds, "
+        "[min-max]; CPU-s rates count every process of a run",
+        "",
+    ]
     md += [f"note: {n}" for n in r["notes"]]
 
     def rng(x):
@@ -568,25 +701,45 @@ def to_markdown(section: dict, host: str, day: str) -> str:
     for x in section["ratios"]:
         o, b = x["ours"], x["baseline"]
         noise = " (within noise)" if x.get("within_noise") else ""
-        md.append(f"| {x['name']} | {o['value']:,.3f} {o['unit']} | {b['value']:,.3f} {b['unit']} | {x['value']:.2f}x{noise} |")
+        md.append(
+            f"| {x['name']} | {o['value']:,.3f} {o['unit']} | {b['value']:,.3f} {b['unit']} "
+            f"| {x['value']:.2f}x{noise} |"
+        )
     md += ["", "per-stage profile (CPU-seconds, one process):", ""]
     keys = list(r["stage_profile"][0]["cpu_seconds"])
-    md += ["| stage | backend | tokens | " + " | ".join(keys) + " | total |", "|---|---|---:|" + "---:|" * (len(keys) + 1)]
+    md += [
+        "| stage | backend | tokens | " + " | ".join(keys) + " | total |",
+        "|---|---|---:|" + "---:|" * (len(keys) + 1),
+    ]
     for p in r["stage_profile"]:
-        md.append(f"| {p['stage']} | {p['backend']} | {p['tokens']:,} | " + " | ".join(f"{p['cpu_seconds'][k]:.3f}" for k in keys)
-                  + f" | {p['total']:.3f} |")
+        md.append(
+            f"| {p['stage']} | {p['backend']} | {p['tokens']:,} | "
+            + " | ".join(f"{p['cpu_seconds'][k]:.3f}" for k in keys)
+            + f" | {p['total']:.3f} |"
+        )
     n = r["nodes"]
     md += ["", "nodes, measured (2 concurrent processes on this machine, 1 worker each, each reading its share):", ""]
     for i, run in enumerate(n["measured"]):
-        parts = ", ".join(f"node {k}: {p['tokens']:,} tokens in {p['seconds']:.2f}s ({p['tokens'] / p['seconds']:,.0f} tok/s)"
-                          for k, p in enumerate(run["parts"]))
-        md.append(f"- round {i + 1}: wall {run['wall_seconds_incl_process_start']:.2f}s incl. process start; {parts}; "
-                  f"merge {run['merge_seconds']:.2f}s ({run['merged_shards']} shards)")
-    md += ["", "PROJECTION from the measured per-node rate (slowest node, median round) and merge cost, "
-           "1B tokens, 1 worker per node (not measured):", "",
-           "| nodes | tokenize h | merge s | total h |", "|---:|---:|---:|---:|"]
-    md += [f"| {p['nodes']} | {p['tokenize_seconds'] / 3600:.2f} | {p['merge_seconds']:.1f} | {p['total_hours']:.2f} |"
-           for p in n["projection_1b_tokens_from_measured_rate"]]
+        parts = ", ".join(
+            f"node {k}: {p['tokens']:,} tokens in {p['seconds']:.2f}s ({p['tokens'] / p['seconds']:,.0f} tok/s)"
+            for k, p in enumerate(run["parts"])
+        )
+        md.append(
+            f"- round {i + 1}: wall {run['wall_seconds_incl_process_start']:.2f}s incl. process start; {parts}; "
+            f"merge {run['merge_seconds']:.2f}s ({run['merged_shards']} shards)"
+        )
+    md += [
+        "",
+        "PROJECTION from the measured per-node rate (slowest node, median round) and merge cost, "
+        "1B tokens, 1 worker per node (not measured):",
+        "",
+        "| nodes | tokenize h | merge s | total h |",
+        "|---:|---:|---:|---:|",
+    ]
+    md += [
+        f"| {p['nodes']} | {p['tokenize_seconds'] / 3600:.2f} | {p['merge_seconds']:.1f} | {p['total_hours']:.2f} |"
+        for p in n["projection_1b_tokens_from_measured_rate"]
+    ]
     md += ["", f"streaming read + collate (build_loader, 1 rank): {r['streaming_read']['tokens_per_s']:,.0f} tokens/s"]
     return "\n".join(md) + "\n"
 

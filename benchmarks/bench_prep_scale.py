@@ -63,8 +63,13 @@ def run_measured(cfg: dict) -> dict:
     """One prep run in a fresh process; peak RSS of each process of its tree, sampled."""
     import psutil
 
-    proc = subprocess.Popen([sys.executable, "-c", RUNNER, json.dumps(cfg)], cwd=str(ROOT),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", RUNNER, json.dumps(cfg)],
+        cwd=str(ROOT),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     ps = psutil.Process(proc.pid)
     peak: dict[int, float] = {}
     while proc.poll() is None:
@@ -102,7 +107,9 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     tok_dir = work / "tok"
     if not (tok_dir / "tokenizer.json").is_file():
-        files = (sorted(SHARED.glob("*.json")) if SHARED.is_dir() else []) + sorted((ROOT / "datasets" / "demo").glob("*.json"))
+        files = (sorted(SHARED.glob("*.json")) if SHARED.is_dir() else []) + sorted(
+            (ROOT / "datasets" / "demo").glob("*.json")
+        )
         train_tokenizer(files, args.vocab, tok_dir)
     tok = load_tokenizer(tok_dir)
     sample = [r["text"] for r in stage_records("pretrain")]
@@ -116,38 +123,65 @@ def main(argv=None) -> int:
         if not corpus.is_file():
             synthesize(corpus, n, tpc)
         for w in workers:
-            cfg = dict(stage="pretrain", input=[str(corpus)], tokenizer_name_or_path=str(tok_dir), seq_len=2048,
-                       output_dir=str(work / f"out_{n}_{w}"), num_workers=w, tokenizer_backend=args.backend)
+            cfg = dict(
+                stage="pretrain",
+                input=[str(corpus)],
+                tokenizer_name_or_path=str(tok_dir),
+                seq_len=2048,
+                output_dir=str(work / f"out_{n}_{w}"),
+                num_workers=w,
+                tokenizer_backend=args.backend,
+            )
             r = run_measured(cfg)
-            r.update(target_tokens=n, workers=w, corpus_bytes=corpus.stat().st_size,
-                     tokens_per_s=r["tokens"] / r["seconds"], tokens_per_cpu_s=r["tokens"] / r["cpu_seconds"])
+            r.update(
+                target_tokens=n,
+                workers=w,
+                corpus_bytes=corpus.stat().st_size,
+                tokens_per_s=r["tokens"] / r["seconds"],
+                tokens_per_cpu_s=r["tokens"] / r["cpu_seconds"],
+            )
             rows.append(r)
-            print(f"{n:>12,} tokens target, {w} worker(s): {r['tokens']:,} tokens in {r['seconds']:.1f}s "
-                  f"({r['tokens_per_s']:,.0f} tok/s, {r['tokens_per_cpu_s']:,.0f} tok/CPU-s), peak RSS main "
-                  f"{r['peak_rss_main_mb_sampled']:.0f} MB, workers {[round(x) for x in r['peak_rss_workers_mb_sampled']]} MB",
-                  flush=True)
+            print(
+                f"{n:>12,} tokens target, {w} worker(s): {r['tokens']:,} tokens in {r['seconds']:.1f}s "
+                f"({r['tokens_per_s']:,.0f} tok/s, {r['tokens_per_cpu_s']:,.0f} tok/CPU-s), peak RSS main "
+                f"{r['peak_rss_main_mb_sampled']:.0f} MB, "
+                f"workers {[round(x) for x in r['peak_rss_workers_mb_sampled']]} MB",
+                flush=True,
+            )
             subprocess.run(["rm", "-rf", cfg["output_dir"]], check=False)
     day, host = datetime.date.today().isoformat(), socket.gethostname()
-    md = [f"# bench_prep_scale ({host}, {os.cpu_count()} CPUs, {day})", "",
-          f"backend {args.backend}; load average at start {load0[0]:.1f}, at end {os.getloadavg()[0]:.1f}", "",
-          "| tokens | workers | seconds | tokens/s | tokens/CPU-s | peak RSS main MB | peak RSS per worker MB |",
-          "|---:|---:|---:|---:|---:|---:|---|"]
+    md = [
+        f"# bench_prep_scale ({host}, {os.cpu_count()} CPUs, {day})",
+        "",
+        f"backend {args.backend}; load average at start {load0[0]:.1f}, at end {os.getloadavg()[0]:.1f}",
+        "",
+        "| tokens | workers | seconds | tokens/s | tokens/CPU-s | peak RSS main MB | peak RSS per worker MB |",
+        "|---:|---:|---:|---:|---:|---:|---|",
+    ]
     for r in rows:
-        md.append(f"| {r['tokens']:,} | {r['workers']} | {r['seconds']:.1f} | {r['tokens_per_s']:,.0f} | "
-                  f"{r['tokens_per_cpu_s']:,.0f} | {r['peak_rss_main_mb_sampled']:.0f} | "
-                  f"{', '.join(str(round(x)) for x in r['peak_rss_workers_mb_sampled']) or '-'} |")
+        md.append(
+            f"| {r['tokens']:,} | {r['workers']} | {r['seconds']:.1f} | {r['tokens_per_s']:,.0f} | "
+            f"{r['tokens_per_cpu_s']:,.0f} | {r['peak_rss_main_mb_sampled']:.0f} | "
+            f"{', '.join(str(round(x)) for x in r['peak_rss_workers_mb_sampled']) or '-'} |"
+        )
     for w in workers:
         mine = [r for r in rows if r["workers"] == w]
         if len(mine) >= 2:
             a, b = mine[0], mine[-1]
-            md.append(f"\n{w} worker(s): {b['tokens'] / a['tokens']:.1f}x the tokens took {b['seconds'] / a['seconds']:.2f}x "
-                      f"the time and {b['peak_rss_main_mb_sampled'] / a['peak_rss_main_mb_sampled']:.2f}x the main "
-                      "process's peak RSS")
+            md.append(
+                f"\n{w} worker(s): {b['tokens'] / a['tokens']:.1f}x the tokens took {b['seconds'] / a['seconds']:.2f}x "
+                f"the time and {b['peak_rss_main_mb_sampled'] / a['peak_rss_main_mb_sampled']:.2f}x the main "
+                "process's peak RSS"
+            )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"bench_prep_scale_{host}_{day}"
-    stem.with_suffix(".json").write_text(json.dumps({"date": day, "host": host, "backend": args.backend,
-                                                      "load_average_at_start": load0, "runs": rows}, indent=2) + "\n")
+    stem.with_suffix(".json").write_text(
+        json.dumps(
+            {"date": day, "host": host, "backend": args.backend, "load_average_at_start": load0, "runs": rows}, indent=2
+        )
+        + "\n"
+    )
     stem.with_suffix(".md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return 0

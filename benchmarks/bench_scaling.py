@@ -119,9 +119,7 @@ def busy_cores(seconds: float = 1.0) -> float | None:
 
 def child_env() -> dict:
     """One thread per process; DeepSpeed's compiled ops in the checkout's cache."""
-    env = dict(
-        os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1"
-    )
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
     env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
     return env
 
@@ -137,9 +135,7 @@ def prepare_data(workdir: Path, z: dict) -> tuple[Path, Path, dict]:
     train_tokenizer([src], z["vocab"], tok)
     docs = json.loads(src.read_text(encoding="utf-8")) * z["repeat"]
     raw = workdir / "pretrain.jsonl"
-    raw.write_text(
-        "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs), encoding="utf-8"
-    )
+    raw.write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs), encoding="utf-8")
     shards = workdir / "shards"
     manifest = run_prep(
         PrepConfig(
@@ -252,9 +248,7 @@ def steady_state(records: list[dict], capacity: int, warmup: int) -> dict:
         )
     timed = [s for s in steps if s["step"] > warmup]
     if not timed:
-        raise RuntimeError(
-            f"no steps after the {warmup} warm-up steps: {[s['step'] for s in steps]}"
-        )
+        raise RuntimeError(f"no steps after the {warmup} warm-up steps: {[s['step'] for s in steps]}")
     tokens, seconds = sum(s["tokens"] for s in timed), sum(s["seconds"] for s in timed)
     mfus = [(s["mfu"], s["seconds"]) for s in timed if s["mfu"] is not None]
     step_ms = sorted(1e3 * s["seconds"] for s in timed)
@@ -263,9 +257,7 @@ def steady_state(records: list[dict], capacity: int, warmup: int) -> dict:
         "tokens": tokens,
         "seconds": seconds,
         "tokens_per_s": tokens / seconds,
-        "mfu": sum(m * s for m, s in mfus) / sum(s for _, s in mfus)
-        if len(mfus) == len(timed)
-        else None,
+        "mfu": sum(m * s for m, s in mfus) / sum(s for _, s in mfus) if len(mfus) == len(timed) else None,
         "step_ms_median": step_ms[len(step_ms) // 2],
         "step_ms_min": step_ms[0],
         "step_ms_max": step_ms[-1],
@@ -313,14 +305,10 @@ def bench(size: str, workdir: Path) -> dict:
         notes.append("size gpu is untested (written without a GPU)")
         if visible_gpus() < 2:
             nprocs = (1,)
-            notes.append(
-                "one CUDA device visible: 1 process per ZeRO stage only; 2-process scaling needs 2 GPUs"
-            )
+            notes.append("one CUDA device visible: 1 process per ZeRO stage only; 2-process scaling needs 2 GPUs")
     ext_dir = Path(child_env()["TORCH_EXTENSIONS_DIR"])
     if not any(ext_dir.rglob("*.so")):
-        notes.append(
-            f"no compiled DeepSpeed ops in {ext_dir}: the first run's start-up includes building them"
-        )
+        notes.append(f"no compiled DeepSpeed ops in {ext_dir}: the first run's start-up includes building them")
     load_start, busy_start = os.getloadavg()[0], busy_cores()
     t = time.perf_counter()
     tok, shards, data = prepare_data(workdir, z)
@@ -331,15 +319,11 @@ def bench(size: str, workdir: Path) -> dict:
         if busy is not None and busy > 0.3:
             notes.append(f"{busy:.1f} cores busy with other work at the {when}: runs may be slowed")
 
-    m = {
-        (r["zero"], r["processes"]): BL.measured(label(r), r["tokens"], r["seconds"]) for r in runs
-    }
+    m = {(r["zero"], r["processes"]): BL.measured(label(r), r["tokens"], r["seconds"]) for r in runs}
     ratios, efficiency = [], {}
     if 2 in nprocs:
         for zero in STAGES:
-            ratios.append(
-                BL.ratio(f"ZeRO-{zero}: 2 processes vs 1 (tokens/s)", m[zero, 2], m[zero, 1])
-            )
+            ratios.append(BL.ratio(f"ZeRO-{zero}: 2 processes vs 1 (tokens/s)", m[zero, 2], m[zero, 1]))
             efficiency[f"zero{zero}"] = m[zero, 2]["value"] / (2 * m[zero, 1]["value"])
     top = max(nprocs)
     noun = "processes" if top > 1 else "process"
@@ -383,7 +367,8 @@ def to_markdown(section: dict, host: str, day: str) -> str:
     ]
     md += [f"note: {n}" for n in r["notes"]] + ([""] if r["notes"] else [])
     md += [
-        "| run | tokens/s | step ms (median, min-max) | start-up s | loop s | export+exit s | wall s | loss first -> final |",
+        "| run | tokens/s | step ms (median, min-max) | start-up s | loop s | export+exit s | wall s "
+        "| loss first -> final |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for x in r["runs"]:

@@ -69,17 +69,11 @@ def build_model(workdir: Path) -> Path:
     from bumblefast.tokenizer import train_tokenizer
 
     tok_dir, out = workdir / "tokenizer", workdir / "model"
-    train_tokenizer(
-        [DEMO / f for f in ("pretrain.json", "sft_alpaca.json", "sft_sharegpt.json")], 1024, tok_dir
-    )
+    train_tokenizer([DEMO / f for f in ("pretrain.json", "sft_alpaca.json", "sft_sharegpt.json")], 1024, tok_dir)
     torch.manual_seed(0)
-    model = Bumblebee(
-        AutoConfig.from_pretrained(TINY), attn_backend="sdpa", kernels="reference"
-    ).init_weights()
+    model = Bumblebee(AutoConfig.from_pretrained(TINY), attn_backend="sdpa", kernels="reference").init_weights()
     with torch.no_grad():
-        model.lm_head.weight[:3] = (
-            0  # (tied) the ChatML specials are never the argmax: full-length replies
-        )
+        model.lm_head.weight[:3] = 0  # (tied) the ChatML specials are never the argmax: full-length replies
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(tok_dir).save_pretrained(out)
     return out
@@ -96,9 +90,7 @@ class Server:
 
     def __init__(self, model: Path, max_batch: int, max_queue: int, log: Path):
         self.port = free_port()
-        env = dict(
-            os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONUNBUFFERED="1"
-        )
+        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONUNBUFFERED="1")
         env.pop("BUMBLEFAST_API_KEY", None)
         self.log = open(log, "w")
         self.proc = subprocess.Popen(
@@ -168,15 +160,11 @@ def drive(port: int, clients: int, per_client: int, max_tokens: int) -> tuple[in
                         "temperature": 0,
                     }
                 )
-                conn.request(
-                    "POST", "/v1/chat/completions", body, {"Content-Type": "application/json"}
-                )
+                conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
                 r = conn.getresponse()
                 reply = json.loads(r.read())
                 if r.status != 200 or reply["usage"]["completion_tokens"] != max_tokens:
-                    raise RuntimeError(
-                        f"bench serve: unexpected reply {r.status}: {str(reply)[:300]}"
-                    )
+                    raise RuntimeError(f"bench serve: unexpected reply {r.status}: {str(reply)[:300]}")
                 tokens[i] += reply["usage"]["completion_tokens"]
         except Exception as e:  # noqa: BLE001 - re-raised in the main thread
             errors.append(e)
@@ -208,10 +196,7 @@ def bench(size: str, workdir: Path) -> dict:
     if clients > 8:
         configs[f"batched (--max_batch {clients})"] = clients
     load_start = os.getloadavg()[0]
-    servers = {
-        label: Server(model, mb, clients * 2, workdir / f"serve_{mb}.log")
-        for label, mb in configs.items()
-    }
+    servers = {label: Server(model, mb, clients * 2, workdir / f"serve_{mb}.log") for label, mb in configs.items()}
     try:
         for s in servers.values():
             s.wait_ready()
@@ -222,12 +207,8 @@ def bench(size: str, workdir: Path) -> dict:
         labels = list(configs)
         for r in range(cfg["rounds"]):
             for label in labels[r % len(labels) :] + labels[: r % len(labels)]:
-                n, toks, secs = drive(
-                    servers[label].port, clients, cfg["per_client"], cfg["max_tokens"]
-                )
-                runs[label].append(
-                    measured(label, n, secs, unit="requests/s", tokens=toks, round=r)
-                )
+                n, toks, secs = drive(servers[label].port, clients, cfg["per_client"], cfg["max_tokens"])
+                runs[label].append(measured(label, n, secs, unit="requests/s", tokens=toks, round=r))
     finally:
         for s in servers.values():
             s.close()
@@ -268,8 +249,7 @@ def bench(size: str, workdir: Path) -> dict:
         },
         "median_requests_per_s": {label: med[label]["value"] for label in configs},
         "min_max_requests_per_s": {
-            label: [min(m["value"] for m in runs[label]), max(m["value"] for m in runs[label])]
-            for label in configs
+            label: [min(m["value"] for m in runs[label]), max(m["value"] for m in runs[label])] for label in configs
         },
         "load_average_at_start": load_start,
         "load_average_at_end": load_end,
@@ -306,9 +286,7 @@ def to_markdown(section: dict, host: str, day: str) -> str:
         md.append(f"| {label} | {v:.2f} | {lo:.2f}-{hi:.2f} |")
     md += ["", "| ratio | ours | baseline | ratio |", "|---|---:|---:|---:|"]
     for x in section["ratios"]:
-        md.append(
-            f"| {x['name']} | {x['ours']['value']:.2f} | {x['baseline']['value']:.2f} | {x['value']:.2f}x |"
-        )
+        md.append(f"| {x['name']} | {x['ours']['value']:.2f} | {x['baseline']['value']:.2f} | {x['value']:.2f}x |")
     return "\n".join(md) + "\n"
 
 

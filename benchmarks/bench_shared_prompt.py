@@ -51,11 +51,7 @@ def multi_turn_pairs(src: Path, out: Path, min_turns: int = 4) -> Path:
 
 
 def data_sets(workdir: Path, shared: Path = SHARED) -> list[tuple[str, Path]]:
-    single = (
-        shared / "dpo_zh_demo.json"
-        if (shared / "dpo_zh_demo.json").is_file()
-        else DEMO / "dpo.json"
-    )
+    single = shared / "dpo_zh_demo.json" if (shared / "dpo_zh_demo.json").is_file() else DEMO / "dpo.json"
     sets = [(single.name, single)]
     if (shared / "duolun_train.json").is_file():
         sets.append(
@@ -78,9 +74,7 @@ def _side(cfg, shards: Path, device, dtype, lora_rank: int = 16):
 
     torch.manual_seed(0)
     model = Bumblebee(cfg).init_weights().to(device)
-    model = apply_lora(
-        model, DPOConfig(finetuning_type="lora", lora_rank=lora_rank, lora_alpha=2 * lora_rank)
-    )
+    model = apply_lora(model, DPOConfig(finetuning_type="lora", lora_rank=lora_rank, lora_alpha=2 * lora_rank))
     batches = [
         {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
         for b in build_loader(str(shards), batch_size=1, shuffle=False)
@@ -126,9 +120,7 @@ def bench_data_set(name: str, data: Path, workdir: Path, args, device, dtype, pr
     if args.pairs:  # a fixed subset keeps the CPU run short
         records = records[: args.pairs]
     subset = workdir / f"subset_{data.stem}.jsonl"  # one record a line: errors.jsonl names the line
-    subset.write_text(
-        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8"
-    )
+    subset.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
     tok_dir, plain = prepare(subset, "dpo", args.seq_len, workdir, args.vocab, share_prompt=False)
     # the shared layout admits pairs whose two copies would not fit a row: keep the same pairs
     skipped = {
@@ -138,11 +130,7 @@ def bench_data_set(name: str, data: Path, workdir: Path, args, device, dtype, pr
     }
     same = workdir / f"same_pairs_{data.stem}.jsonl"
     same.write_text(
-        "".join(
-            json.dumps(r, ensure_ascii=False) + "\n"
-            for k, r in enumerate(records, 1)
-            if k not in skipped
-        ),
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for k, r in enumerate(records, 1) if k not in skipped),
         encoding="utf-8",
     )
     shared = workdir / "dpo_shared"
@@ -174,9 +162,7 @@ def bench_data_set(name: str, data: Path, workdir: Path, args, device, dtype, pr
             seconds[key].append(wall)
             cpu_seconds[key].append(cpu)
     n_pairs = manifests["unshared"]["records"]["written"]
-    assert n_pairs == manifests["shared prompt"]["records"]["written"], (
-        "the two layouts hold different pairs"
-    )
+    assert n_pairs == manifests["shared prompt"]["records"]["written"], "the two layouts hold different pairs"
     rows = []
     clock = "cpu" if device.type == "cpu" else "wall"
     for key, m in manifests.items():
@@ -278,9 +264,7 @@ def main() -> int:
     args = p.parse_args()
     device, dtype, preset, _ = device_setup(args.preset)
     if device.type == "cpu":
-        torch.set_num_threads(
-            1
-        )  # CPU-seconds of one thread measure the work (no spin-waiting siblings)
+        torch.set_num_threads(1)  # CPU-seconds of one thread measure the work (no spin-waiting siblings)
     results = bench_shared_prompt(args, device, dtype, preset)
     table = "\n".join(shared_prompt_lines(results))
     print(table)

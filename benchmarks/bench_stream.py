@@ -180,9 +180,17 @@ def read_epochs(shards: str, epochs: int, barrier=None) -> dict:
             ids += b["sample_ids"].tolist()
             batches += 1
         seconds = time.perf_counter() - t
-        out.append({"tokens": tokens, "seconds": seconds, "batches": batches, "sample_ids": ids,
-                    "first_batch_seconds": first, "cpu_seconds": time.process_time() - cpu,
-                    "main_thread_cpu_seconds": time.thread_time() - main_cpu})
+        out.append(
+            {
+                "tokens": tokens,
+                "seconds": seconds,
+                "batches": batches,
+                "sample_ids": ids,
+                "first_batch_seconds": first,
+                "cpu_seconds": time.process_time() - cpu,
+                "main_thread_cpu_seconds": time.thread_time() - main_cpu,
+            }
+        )
     del loader
     gc.collect()  # the dataset's shared memory goes with it
     return {"construct_seconds": construct, "num_samples": num_samples, "epochs": out}
@@ -267,13 +275,11 @@ def read_n_ranks(shards: Path, epochs: int, logs: Path, world: int = 2, timeout:
             if failed:
                 code = procs[failed[0]][0].returncode
                 raise RuntimeError(
-                    f"stream bench: rank {failed[0]} of {world} exited with {code}\n"
-                    + rank_logs(logs, world)
+                    f"stream bench: rank {failed[0]} of {world} exited with {code}\n" + rank_logs(logs, world)
                 )
             if time.perf_counter() - t > timeout:
                 raise RuntimeError(
-                    f"stream bench: {world} ranks timed out after {timeout:.0f}s\n"
-                    + rank_logs(logs, world)
+                    f"stream bench: {world} ranks timed out after {timeout:.0f}s\n" + rank_logs(logs, world)
                 )
             time.sleep(0.05)
     finally:
@@ -287,17 +293,14 @@ def read_n_ranks(shards: Path, epochs: int, logs: Path, world: int = 2, timeout:
     for r, (p, _, _) in enumerate(procs):
         if p.returncode != 0:
             raise RuntimeError(
-                f"stream bench: rank {r} of {world} exited with {p.returncode}\n"
-                + rank_logs(logs, world)
+                f"stream bench: rank {r} of {world} exited with {p.returncode}\n" + rank_logs(logs, world)
             )
     reports = []
     for r in range(world):
         text = (logs / f"rank{r}.out").read_text()
         lines = [ln for ln in text.splitlines() if ln.startswith(RESULT_TAG)]
         if not lines:
-            raise RuntimeError(
-                f"stream bench: rank {r} printed no result\n{rank_logs(logs, world)}"
-            )
+            raise RuntimeError(f"stream bench: rank {r} printed no result\n{rank_logs(logs, world)}")
         reports.append(json.loads(lines[-1][len(RESULT_TAG) :]))
     startup = {
         "launch_to_exit_seconds": wall,
@@ -379,17 +382,21 @@ def ceiling_note(r1: dict, r2: dict, ratio: float, ceiling: float) -> str:
     """What the measurement says about the 2-rank / 1-rank ratio against the core ceiling."""
     work = r2["cpu_seconds_per_m_tokens"] / r1["cpu_seconds_per_m_tokens"]
     busy1, busy2 = r1["busy"][0], sum(r2["busy"]) / len(r2["busy"])
-    head = (f"2 ranks vs 1: {ratio:.2f}x, ceiling {ceiling:.0f}x ({ceiling:.0f} cores); per rank "
-            f"{r2['per_rank_tokens_per_s']:,.0f} tokens/s vs the 1-rank rate {r1['tokens_per_s']:,.0f} (the per-rank "
-            f"ceiling). Work: {r2['cpu_seconds_per_m_tokens']:.3f} vs {r1['cpu_seconds_per_m_tokens']:.3f} CPU-s per "
-            f"M tokens (2 ranks / 1 rank = {work:.2f}); CPU busy / wall: 1 rank {busy1:.0%}, 2 ranks {busy2:.0%} each")
+    head = (
+        f"2 ranks vs 1: {ratio:.2f}x, ceiling {ceiling:.0f}x ({ceiling:.0f} cores); per rank "
+        f"{r2['per_rank_tokens_per_s']:,.0f} tokens/s vs the 1-rank rate {r1['tokens_per_s']:,.0f} (the per-rank "
+        f"ceiling). Work: {r2['cpu_seconds_per_m_tokens']:.3f} vs {r1['cpu_seconds_per_m_tokens']:.3f} CPU-s per "
+        f"M tokens (2 ranks / 1 rank = {work:.2f}); CPU busy / wall: 1 rank {busy1:.0%}, 2 ranks {busy2:.0%} each"
+    )
     if ratio <= ceiling * 1.05:
         return head + "."
     if work < 0.9:
         why = f"2 ranks did {work:.2f}x the CPU work per token of 1 rank: not the same work"
     elif busy1 < 0.9 * busy2:
-        why = (f"the same work, but the single rank computed only {busy1:.0%} of its wall time (each of 2 ranks "
-               f"{busy2:.0%}): it waited (descheduled or sleeping), so the ratio measures its idle time, not scaling")
+        why = (
+            f"the same work, but the single rank computed only {busy1:.0%} of its wall time (each of 2 ranks "
+            f"{busy2:.0%}): it waited (descheduled or sleeping), so the ratio measures its idle time, not scaling"
+        )
     else:
         why = "the same work and CPU use: timing noise (compare the min-max ranges)"
     return f"{head}. Above the ceiling: {why}."
@@ -438,8 +445,9 @@ def bench(size: str, workdir: Path) -> dict:
     m2 = BL.rounds("stream 2 ranks (aggregate)", r2["tokens"], r2["round_seconds"])
     ceiling = float(min(2, os.cpu_count() or 1))
     notes.append("first epoch: " + ceiling_note(r1, r2, m2["value"] / m1["value"], ceiling))
-    notes.append("second epoch (decompressed): " + ceiling_note(w1, w2, w2["tokens_per_s"] / w1["tokens_per_s"],
-                                                                ceiling))
+    notes.append(
+        "second epoch (decompressed): " + ceiling_note(w1, w2, w2["tokens_per_s"] / w1["tokens_per_s"], ceiling)
+    )
     need = trainer_need()
     n = need["need_tokens_per_s_per_gpu"]
     headroom = {
@@ -501,8 +509,7 @@ def to_markdown(section: dict, host: str, day: str) -> str:
     for x in section["ratios"]:
         o, b = x["ours"], x["baseline"]
         md.append(
-            f"| {x['name']} | {o['value']:,.0f} {o['unit']} | {b['value']:,.0f} {b['unit']} "
-            f"| {x['value']:.2f}x |"
+            f"| {x['name']} | {o['value']:,.0f} {o['unit']} | {b['value']:,.0f} {b['unit']} | {x['value']:.2f}x |"
         )
     md += [
         "",

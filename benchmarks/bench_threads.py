@@ -39,10 +39,28 @@ def prepare(work: Path) -> None:
 def run_case(work: Path, threads: int, steps: int, tag: str) -> float:
     out = work / f"run_{tag}"
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, "-m", "bumblefast", "train", "--yaml_config", str(ROOT / "configs/demo/pretrain.yaml"),
-           "--tokenizer_name_or_path", str(work / "tokenizer"), "--dataset_path", str(work / "shards/pretrain"),
-           "--output_dir", str(out), "--max_steps", str(steps), "--logging_steps", "5", "--save_steps", "100000",
-           "--save_last", "false"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bumblefast",
+        "train",
+        "--yaml_config",
+        str(ROOT / "configs/demo/pretrain.yaml"),
+        "--tokenizer_name_or_path",
+        str(work / "tokenizer"),
+        "--dataset_path",
+        str(work / "shards/pretrain"),
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        str(steps),
+        "--logging_steps",
+        "5",
+        "--save_steps",
+        "100000",
+        "--save_last",
+        "false",
+    ]
     subprocess.run(cmd, check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     history = json.loads((out / "training_metrics.json").read_text())
     speeds = [r["tokens_per_sec"] for r in history[1:]] or [history[-1]["tokens_per_sec"]]
@@ -81,8 +99,9 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = f"bench_threads_{platform.node() or 'host'}_{time.strftime('%Y-%m-%d')}.json"
-    (out / name).write_text(json.dumps({"cpu": platform.processor(), "cores": os.cpu_count(), "steps": args.steps,
-                                        "cases": rows}, indent=2))
+    (out / name).write_text(
+        json.dumps({"cpu": platform.processor(), "cores": os.cpu_count(), "steps": args.steps, "cases": rows}, indent=2)
+    )
     print(f"wrote {out / name}")
 
 

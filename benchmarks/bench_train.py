@@ -73,8 +73,17 @@ def prepare(data: Path, stage: str, seq_len: int, workdir: Path, vocab: int, sha
     tok_dir = workdir / "tokenizer"
     train_tokenizer([data], vocab, tok_dir)
     shards = workdir / stage
-    run_prep(PrepConfig(stage=stage, input=[str(data)], tokenizer_name_or_path=str(tok_dir), seq_len=seq_len,
-                        output_dir=str(shards), share_prompt=share_prompt), progress=False)
+    run_prep(
+        PrepConfig(
+            stage=stage,
+            input=[str(data)],
+            tokenizer_name_or_path=str(tok_dir),
+            seq_len=seq_len,
+            output_dir=str(shards),
+            share_prompt=share_prompt,
+        ),
+        progress=False,
+    )
     return tok_dir, shards
 
 
@@ -143,16 +152,25 @@ def profile_steps(step, batches: list[dict], device, top: int = 15) -> dict:
         "total_ms": total / 1e3,
         "share_matmul": share("mm", "gemm", "linear", "matmul", "cutlass", "sm90_xmma", "nvjet"),
         "share_attention": share("flash", "attention", "sdpa", "fmha"),
-        "top_ops": [{"op": e.key, "self_ms": getattr(e, key) / 1e3, "share": getattr(e, key) / total,
-                     "calls": e.count} for e in events[:top]],
+        "top_ops": [
+            {"op": e.key, "self_ms": getattr(e, key) / 1e3, "share": getattr(e, key) / total, "calls": e.count}
+            for e in events[:top]
+        ],
     }
 
 
 def profile_lines(title: str, prof: dict, top: int = 10) -> list[str]:
-    lines = ["", f"### profile of {prof['steps']} steps, {title} ({prof['time_basis']}, {prof['total_ms']:.1f} ms): "
-             f"matmul {prof['share_matmul']:.0%}, attention {prof['share_attention']:.0%}", "",
-             "| op | self ms | share | calls |", "|---|---:|---:|---:|"]
-    lines += [f"| `{o['op'][:60]}` | {o['self_ms']:.1f} | {o['share']:.1%} | {o['calls']} |" for o in prof["top_ops"][:top]]
+    lines = [
+        "",
+        f"### profile of {prof['steps']} steps, {title} ({prof['time_basis']}, {prof['total_ms']:.1f} ms): "
+        f"matmul {prof['share_matmul']:.0%}, attention {prof['share_attention']:.0%}",
+        "",
+        "| op | self ms | share | calls |",
+        "|---|---:|---:|---:|",
+    ]
+    lines += [
+        f"| `{o['op'][:60]}` | {o['self_ms']:.1f} | {o['share']:.1%} | {o['calls']} |" for o in prof["top_ops"][:top]
+    ]
     return lines
 
 
@@ -165,7 +183,7 @@ def interleave(sides: list[dict], rounds: int, device) -> None:
         side["round_seconds"] = []
     sync(device)
     for r in range(rounds):
-        for side in sides[r % len(sides):] + sides[:r % len(sides)]:
+        for side in sides[r % len(sides) :] + sides[: r % len(sides)]:
             t0 = time.perf_counter()
             for b in side["batches"]:
                 side["step"](b)
@@ -173,12 +191,21 @@ def interleave(sides: list[dict], rounds: int, device) -> None:
             side["round_seconds"].append(time.perf_counter() - t0)
 
 
-def side(name: str, step, batches: list, real: int, computed: int, doc_lens: list[int], pairs: int | None = None,
-         **extra) -> dict:
+def side(
+    name: str, step, batches: list, real: int, computed: int, doc_lens: list[int], pairs: int | None = None, **extra
+) -> dict:
     """One configuration to time: its step, its batches (one round = all of them) and the work
     one round does (real tokens, tokens computed, pairs for DPO, document lengths for MFU)."""
-    return {"name": name, "step": step, "batches": batches, "real_tokens": real, "computed_tokens": computed,
-            "doc_lens": doc_lens, "pairs": pairs, **extra}
+    return {
+        "name": name,
+        "step": step,
+        "batches": batches,
+        "real_tokens": real,
+        "computed_tokens": computed,
+        "doc_lens": doc_lens,
+        "pairs": pairs,
+        **extra,
+    }
 
 
 def build_ours(cfg, device):
@@ -191,8 +218,9 @@ def build_ours(cfg, device):
     return model.init_weights()
 
 
-def ours_side(cfg, batches: list[dict], device, dtype, stage: str, reference: str | None = None,
-              lora_rank: int = 16) -> dict:
+def ours_side(
+    cfg, batches: list[dict], device, dtype, stage: str, reference: str | None = None, lora_rank: int = 16
+) -> dict:
     """Our model + the stage's objective on packed micro-batches (a plain AdamW step). DPO with
     reference "precomputed": the side also carries `ref_step`, our reference scoring of a batch
     (what `bumblefast precompute-ref` runs), timed as its own side."""
@@ -206,8 +234,15 @@ def ours_side(cfg, batches: list[dict], device, dtype, stage: str, reference: st
     batches = [dict(b) for b in batches]
     extra = {}
     if stage == "dpo":
-        model = apply_lora(model, DPOConfig(finetuning_type="lora", lora_rank=lora_rank, lora_alpha=2 * lora_rank,
-                                                  lora_target_modules=list(LORA_TARGETS)))
+        model = apply_lora(
+            model,
+            DPOConfig(
+                finetuning_type="lora",
+                lora_rank=lora_rank,
+                lora_alpha=2 * lora_rank,
+                lora_target_modules=list(LORA_TARGETS),
+            ),
+        )
         obj = DPOObjective(model, PrefLossConfig(), "adapter")
         if reference == "precomputed":
             scorer = obj
@@ -234,12 +269,21 @@ def ours_side(cfg, batches: list[dict], device, dtype, stage: str, reference: st
     tokens = sum(int(b["num_tokens"]) for b in batches)
     inner = model.get_base_model() if stage == "dpo" else model
     attn = inner.resolved_attn(device, dtype)  # the backend a forward in this compute dtype runs
-    name = f"bumblefast packed ({attn} attention)" if stage != "dpo" else (
-        f"bumblefast packed, {reference} reference")
-    return side(name, step, batches, tokens, tokens, [n for b in batches for n in torch.diff(b["cu_seqlens"]).tolist()],
-                sum(DPOObjective.count(b) for b in batches) if stage == "dpo" else None,
-                attn=attn, kernels=dict(inner.ops(device).backends), lora_rank=lora_rank if stage == "dpo" else 0,
-                reference=reference, **extra)
+    name = f"bumblefast packed ({attn} attention)" if stage != "dpo" else (f"bumblefast packed, {reference} reference")
+    return side(
+        name,
+        step,
+        batches,
+        tokens,
+        tokens,
+        [n for b in batches for n in torch.diff(b["cu_seqlens"]).tolist()],
+        sum(DPOObjective.count(b) for b in batches) if stage == "dpo" else None,
+        attn=attn,
+        kernels=dict(inner.ops(device).backends),
+        lora_rank=lora_rank if stage == "dpo" else 0,
+        reference=reference,
+        **extra,
+    )
 
 
 def hf_model(cfg, device):
@@ -265,17 +309,25 @@ def padded_batches(samples, batch_size: int, pad_id: int, device) -> list[dict]:
     """HF-style micro-batches: `batch_size` samples padded to the longest, prompt labels -100."""
     batches = []
     for i in range(0, len(samples), batch_size):
-        group = samples[i:i + batch_size]
+        group = samples[i : i + batch_size]
         longest = max(len(ids) for ids, _ in group)
         ids = torch.full((len(group), longest), pad_id)
         labels = torch.full((len(group), longest), -100)
         attn = torch.zeros((len(group), longest), dtype=torch.long)
         for j, (x, m) in enumerate(group):
-            ids[j, :len(x)] = x
-            attn[j, :len(x)] = 1
-            labels[j, :len(x)] = torch.where(m.bool(), x, torch.full_like(x, -100))
-        batches.append({"input_ids": ids.to(device), "attention_mask": attn.to(device), "labels": labels.to(device),
-                        "real": int(attn.sum()), "padded": ids.numel(), "lens": [len(x) for x, _ in group]})
+            ids[j, : len(x)] = x
+            attn[j, : len(x)] = 1
+            labels[j, : len(x)] = torch.where(m.bool(), x, torch.full_like(x, -100))
+        batches.append(
+            {
+                "input_ids": ids.to(device),
+                "attention_mask": attn.to(device),
+                "labels": labels.to(device),
+                "real": int(attn.sum()),
+                "padded": ids.numel(),
+                "lens": [len(x) for x, _ in group],
+            }
+        )
     return batches
 
 
@@ -288,12 +340,22 @@ def flattened_batches(sample_groups, device) -> list[dict]:
     collate = DataCollatorWithFlattening(return_position_ids=True)
     out = []
     for group in sample_groups:
-        feats = [{"input_ids": x.tolist(), "labels": torch.where(m.bool(), x, torch.full_like(x, -100)).tolist()}
-                 for x, m in group]
+        feats = [
+            {"input_ids": x.tolist(), "labels": torch.where(m.bool(), x, torch.full_like(x, -100)).tolist()}
+            for x, m in group
+        ]
         b = collate(feats)
         n = b["input_ids"].numel()
-        out.append({"input_ids": b["input_ids"].to(device), "position_ids": b["position_ids"].to(device),
-                    "labels": b["labels"].to(device), "real": n, "padded": n, "lens": [len(x) for x, _ in group]})
+        out.append(
+            {
+                "input_ids": b["input_ids"].to(device),
+                "position_ids": b["position_ids"].to(device),
+                "labels": b["labels"].to(device),
+                "real": n,
+                "padded": n,
+                "lens": [len(x) for x, _ in group],
+            }
+        )
     return out
 
 
@@ -311,14 +373,30 @@ def hf_side(name: str, cfg, batches: list[dict], device, dtype) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return side(name + (" + Liger" if liger else ""), step, batches, sum(b["real"] for b in batches),
-                sum(b["padded"] for b in batches), [n for b in batches for n in b["lens"]], liger=liger)
+    return side(
+        name + (" + Liger" if liger else ""),
+        step,
+        batches,
+        sum(b["real"] for b in batches),
+        sum(b["padded"] for b in batches),
+        [n for b in batches for n in b["lens"]],
+        liger=liger,
+    )
 
 
 def trl_args(config_cls, device, dtype, out: str, **kw):
-    return config_cls(output_dir=out, per_device_train_batch_size=1, use_cpu=device.type == "cpu",
-                      bf16=dtype == torch.bfloat16, report_to=[], save_strategy="no", logging_steps=10**9,
-                      disable_tqdm=True, dataloader_num_workers=0, **kw)
+    return config_cls(
+        output_dir=out,
+        per_device_train_batch_size=1,
+        use_cpu=device.type == "cpu",
+        bf16=dtype == torch.bfloat16,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=10**9,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        **kw,
+    )
 
 
 def trl_sft_side(cfg, samples, seq_len: int, device, dtype, tok, workdir: Path) -> dict:
@@ -332,8 +410,17 @@ def trl_sft_side(cfg, samples, seq_len: int, device, dtype, tok, workdir: Path) 
 
     model, liger = hf_model(cfg, device)
     ds = Dataset.from_list([{"input_ids": x.tolist(), "completion_mask": m.tolist()} for x, m in samples])
-    args = trl_args(SFTConfig, device, dtype, str(workdir / "trl_sft"), max_length=seq_len, packing=True,
-                    packing_strategy="bfd", padding_free=True, completion_only_loss=True)
+    args = trl_args(
+        SFTConfig,
+        device,
+        dtype,
+        str(workdir / "trl_sft"),
+        max_length=seq_len,
+        packing=True,
+        packing_strategy="bfd",
+        padding_free=True,
+        completion_only_loss=True,
+    )
     trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
     trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train(); training_step reads it
     batches = list(trainer.get_train_dataloader())
@@ -345,12 +432,22 @@ def trl_sft_side(cfg, samples, seq_len: int, device, dtype, tok, workdir: Path) 
         opt.zero_grad(set_to_none=True)
 
     real = sum(int(b["input_ids"].numel()) for b in batches)
-    lens = [n for b in batches for n in torch.diff(b["cu_seq_lens_q"]).tolist()] if "cu_seq_lens_q" in batches[0] \
+    lens = (
+        [n for b in batches for n in torch.diff(b["cu_seq_lens_q"]).tolist()]
+        if "cu_seq_lens_q" in batches[0]
         else [int(b["input_ids"].shape[1]) for b in batches]
+    )
     if sum(lens) != real or real != sum(len(x) for x, _ in samples):
         raise RuntimeError(f"TRL SFT packed {real} tokens, the samples hold {sum(len(x) for x, _ in samples)}")
-    return side("TRL SFTTrainer, packing=bfd + padding_free" + (" + Liger" if liger else ""), step, batches,
-                real, real, lens, liger=liger)
+    return side(
+        "TRL SFTTrainer, packing=bfd + padding_free" + (" + Liger" if liger else ""),
+        step,
+        batches,
+        real,
+        real,
+        lens,
+        liger=liger,
+    )
 
 
 def trl_dpo_sides(cfg, pair_batches: list[list], device, dtype, tok, workdir: Path, lora_rank: int = 16) -> list[dict]:
@@ -382,16 +479,27 @@ def trl_dpo_sides(cfg, pair_batches: list[list], device, dtype, tok, workdir: Pa
     out = []
     for pre in (False, True):
         model, liger = hf_model(cfg, device)
-        args = trl_args(DPOConfig, device, dtype, str(workdir / f"trl_dpo_{pre}"), max_length=None,
-                        precompute_ref_log_probs=pre)
+        args = trl_args(
+            DPOConfig, device, dtype, str(workdir / f"trl_dpo_{pre}"), max_length=None, precompute_ref_log_probs=pre
+        )
         ds = Dataset.from_list([e for g in groups for e in g])
-        trainer = PreTokenized(model=model, args=args, train_dataset=ds, processing_class=tok,
-                               peft_config=LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0,
-                                                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+        trainer = PreTokenized(
+            model=model,
+            args=args,
+            train_dataset=ds,
+            processing_class=tok,
+            peft_config=LoraConfig(
+                r=lora_rank,
+                lora_alpha=2 * lora_rank,
+                lora_dropout=0.0,
+                target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+            ),
+        )
         trainer.current_gradient_accumulation_steps = 1
         batches = [trainer._prepare_inputs(trainer.data_collator([dict(e) for e in g])) for g in groups]
         extra = {}
         if pre:
+
             def ref_step(b, trainer=trainer):
                 b["ref_chosen_logps"], b["ref_rejected_logps"] = trainer.compute_ref_log_probs(trainer.model, b)
 
@@ -409,8 +517,19 @@ def trl_dpo_sides(cfg, pair_batches: list[list], device, dtype, tok, workdir: Pa
         computed = sum(int(b["input_ids"].numel()) for b in batches)
         lens = [int(n) for b in batches for n in b["attention_mask"].sum(1).tolist()]
         name = "TRL DPOTrainer, " + ("precompute_ref_log_probs=True" if pre else "live reference")
-        out.append(side(name + (" + Liger" if liger else ""), step, batches, real, computed, lens,
-                        sum(len(g) for g in groups), liger=liger, **extra))
+        out.append(
+            side(
+                name + (" + Liger" if liger else ""),
+                step,
+                batches,
+                real,
+                computed,
+                lens,
+                sum(len(g) for g in groups),
+                liger=liger,
+                **extra,
+            )
+        )
     return out
 
 
@@ -443,8 +562,13 @@ def summarize(sd: dict, cfg, peak: float | None) -> dict:
         out.update(pairs=sd["pairs"], pairs_per_sec=pairs["value"], pairs_per_sec_range=pairs["range"])
     if peak:
         lora = sd.get("lora_rank") or 0  # by what is computed: LoRA trains the adapters; precomputed ref costs 0
-        work = flops.step_flops(cfg, sd["doc_lens"], lora_rank=lora, lora_targets=LORA_TARGETS if lora else (),
-                                reference=sd.get("reference"))
+        work = flops.step_flops(
+            cfg,
+            sd["doc_lens"],
+            lora_rank=lora,
+            lora_targets=LORA_TARGETS if lora else (),
+            reference=sd.get("reference"),
+        )
         out["mfu"] = work / tok["seconds"] / (peak * 1e12)
     return out
 
@@ -452,8 +576,11 @@ def summarize(sd: dict, cfg, peak: float | None) -> dict:
 def combined(name: str, first: dict, then: dict) -> dict:
     """A side whose round is `first`'s round followed by `then`'s (reference scoring + policy
     steps over the same pairs: the end-to-end view of a precomputed reference)."""
-    return {**then, "name": name, "round_seconds": [a + b for a, b in zip(first["round_seconds"],
-                                                                            then["round_seconds"])]}
+    return {
+        **then,
+        "name": name,
+        "round_seconds": [a + b for a, b in zip(first["round_seconds"], then["round_seconds"])],
+    }
 
 
 def ref_side(name: str, policy: dict) -> dict:
@@ -480,9 +607,17 @@ def compare(stage: str, view: str, ours: dict, base: dict, key: str) -> dict:
         verdict = "single round"
     name = f"{view}{', ' if view else ''}{base['name']}"
     target = next((t for (st, pre), t in TARGETS.items() if st == stage and name.startswith(pre)), None)
-    return {"stage": stage, "view": view, "ours": ours["name"], "baseline": base["name"], "key": key,
-            "ratio": ratio, "verdict": verdict, "target": target,
-            "target_met": None if target is None else bool(ratio >= target)}
+    return {
+        "stage": stage,
+        "view": view,
+        "ours": ours["name"],
+        "baseline": base["name"],
+        "key": key,
+        "ratio": ratio,
+        "verdict": verdict,
+        "target": target,
+        "target_met": None if target is None else bool(ratio >= target),
+    }
 
 
 def run_stage(stage: str, args, device, dtype, preset: str, peak) -> dict:
@@ -491,8 +626,11 @@ def run_stage(stage: str, args, device, dtype, preset: str, peak) -> dict:
     from bumblefast import flops
 
     real, fallback = DATA[stage]
-    data = Path(args.data) if args.data and stage == args.stage else next(
-        (d / real for d in (BENCHDATA, SHARED) if (d / real).is_file()), DEMO / fallback)
+    data = (
+        Path(args.data)
+        if args.data and stage == args.stage
+        else next((d / real for d in (BENCHDATA, SHARED) if (d / real).is_file()), DEMO / fallback)
+    )
     seq_len = 256 if args.quick else args.seq_len
     steps = args.steps or (2 if args.quick else (8 if device.type == "cuda" else 4))
     rounds = args.rounds
@@ -513,39 +651,71 @@ def run_stage(stage: str, args, device, dtype, preset: str, peak) -> dict:
                 pairs += DPOObjective.count(b)
         else:
             batches = load_batches(shards, args.rows, steps, device)
-        print(f"[{stage}] data {data.name}: {len(batches)} micro-batches of {args.rows} row(s) <= {seq_len} tokens "
-              f"per round, {rounds} rounds; preset {preset} ({flops.param_count(cfg) / 1e6:.1f}M params), {device}, "
-              f"{dtype}; prep {time.perf_counter() - t0:.1f}s", flush=True)
-        groups = samples_of(shards, batches) if stage != "pretrain" else [
-            [(b["input_ids"][a:e], torch.ones(e - a, dtype=torch.long))
-             for a, e in zip(b["cu_seqlens"][:-1].tolist(), b["cu_seqlens"][1:].tolist())] for b in batches]
+        print(
+            f"[{stage}] data {data.name}: {len(batches)} micro-batches of {args.rows} row(s) <= {seq_len} tokens "
+            f"per round, {rounds} rounds; preset {preset} ({flops.param_count(cfg) / 1e6:.1f}M params), {device}, "
+            f"{dtype}; prep {time.perf_counter() - t0:.1f}s",
+            flush=True,
+        )
+        groups = (
+            samples_of(shards, batches)
+            if stage != "pretrain"
+            else [
+                [
+                    (b["input_ids"][a:e], torch.ones(e - a, dtype=torch.long))
+                    for a, e in zip(b["cu_seqlens"][:-1].tolist(), b["cu_seqlens"][1:].tolist())
+                ]
+                for b in batches
+            ]
+        )
         work = Path(tmp)
         if stage == "dpo":
             live = ours_side(cfg, batches, device, dtype, "dpo", "adapter")
             pre = ours_side(cfg, batches, device, dtype, "dpo", "precomputed")
             pairs = [[(g[i], g[i + 1]) for i in range(0, len(g), 2)] for g in groups]
             trl_live, trl_pre = trl_dpo_sides(cfg, pairs, device, dtype, tok, work)
-            ours_ref, trl_ref = ref_side("bumblefast reference scoring", pre), ref_side(
-                "TRL DPOTrainer reference scoring (compute_ref_log_probs)", trl_pre)
+            ours_ref, trl_ref = (
+                ref_side("bumblefast reference scoring", pre),
+                ref_side("TRL DPOTrainer reference scoring (compute_ref_log_probs)", trl_pre),
+            )
             sides = [pre, trl_pre, live, trl_live, ours_ref, trl_ref]
         else:
             ours = ours_side(cfg, batches, device, dtype, stage)
-            packed = hf_side("transformers packed, position_ids (DataCollatorWithFlattening)", cfg,
-                             flattened_batches(groups, device), device, dtype)
+            packed = hf_side(
+                "transformers packed, position_ids (DataCollatorWithFlattening)",
+                cfg,
+                flattened_batches(groups, device),
+                device,
+                dtype,
+            )
             sides = [ours, packed]
             if stage == "sft":
                 samples = [s for g in groups for s in g]
                 sides.append(trl_sft_side(cfg, samples, seq_len, device, dtype, tok, work))
                 order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(0)).tolist()
-                sides.append(hf_side(f"transformers padded x{args.baseline_batch} (BumbleCore)", cfg,
-                                     padded_batches([samples[i] for i in order], args.baseline_batch,
-                                                    tok.pad_token_id, device), device, dtype))
+                sides.append(
+                    hf_side(
+                        f"transformers padded x{args.baseline_batch} (BumbleCore)",
+                        cfg,
+                        padded_batches([samples[i] for i in order], args.baseline_batch, tok.pad_token_id, device),
+                        device,
+                        dtype,
+                    )
+                )
             else:  # HF's group_texts blocks = the same rows, no document masking
                 blocks = []
                 for b in batches:
                     ids = b["input_ids"].view(-1, seq_len)
-                    blocks.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids,
-                                   "real": ids.numel(), "padded": ids.numel(), "lens": [seq_len] * ids.shape[0]})
+                    blocks.append(
+                        {
+                            "input_ids": ids,
+                            "attention_mask": torch.ones_like(ids),
+                            "labels": ids,
+                            "real": ids.numel(),
+                            "padded": ids.numel(),
+                            "lens": [seq_len] * ids.shape[0],
+                        }
+                    )
                 sides.append(hf_side("transformers blocks (cross-document attention)", cfg, blocks, device, dtype))
         interleave(sides, rounds, device)
         for sd in sides:
@@ -556,10 +726,19 @@ def run_stage(stage: str, args, device, dtype, preset: str, peak) -> dict:
             by = {r["name"]: r for r in rows}
             ref_o, ref_t = by[ours_ref["name"]], by[trl_ref["name"]]
             e2e_o = summarize(combined("bumblefast precomputed reference, scoring + policy", ours_ref, pre), cfg, peak)
-            e2e_t = summarize(combined("TRL DPOTrainer precompute_ref_log_probs=True, scoring + policy", trl_ref,
-                                       trl_pre), cfg, peak)
-            rows = [by[pre["name"]], by[trl_pre["name"]], e2e_o, e2e_t, by[live["name"]], by[trl_live["name"]],
-                    ref_o, ref_t]
+            e2e_t = summarize(
+                combined("TRL DPOTrainer precompute_ref_log_probs=True, scoring + policy", trl_ref, trl_pre), cfg, peak
+            )
+            rows = [
+                by[pre["name"]],
+                by[trl_pre["name"]],
+                e2e_o,
+                e2e_t,
+                by[live["name"]],
+                by[trl_live["name"]],
+                ref_o,
+                ref_t,
+            ]
             comparisons = [
                 compare("dpo", "policy step only", by[pre["name"]], by[trl_pre["name"]], "pairs_per_sec"),
                 compare("dpo", "end to end", e2e_o, by[trl_live["name"]], "pairs_per_sec"),
@@ -572,8 +751,15 @@ def run_stage(stage: str, args, device, dtype, preset: str, peak) -> dict:
             if getattr(args, "profile", False):  # every side: a missed target needs the peer's profile too
                 for row, sd in zip(rows, sides, strict=True):
                     row["profile"] = profile_steps(sd["step"], sd["batches"][-2:], device)
-    return {"stage": stage, "data": data.name, "seq_len": seq_len, "rounds": rounds, "results": rows,
-            "comparisons": comparisons, "attention": sides[0].get("attn") if stage != "dpo" else None}
+    return {
+        "stage": stage,
+        "data": data.name,
+        "seq_len": seq_len,
+        "rounds": rounds,
+        "results": rows,
+        "comparisons": comparisons,
+        "attention": sides[0].get("attn") if stage != "dpo" else None,
+    }
 
 
 def versions() -> dict:
@@ -590,23 +776,39 @@ def versions() -> dict:
 
 def table(stages: list[dict], title: str) -> list[str]:
     """Markdown: every configuration (median, min-max over rounds) and every comparison."""
-    lines = [title, "", "| stage | configuration | real tokens/s median (min-max) | pairs/s median (min-max) "
-             "| real-token fraction | MFU |", "|---|---|---|---|---|---|"]
+    lines = [
+        title,
+        "",
+        "| stage | configuration | real tokens/s median (min-max) | pairs/s median (min-max) "
+        "| real-token fraction | MFU |",
+        "|---|---|---|---|---|---|",
+    ]
     for st in stages:
         for r in st["results"]:
             lo, hi = r["real_tokens_per_sec_range"]
-            pairs = (f"{r['pairs_per_sec']:.2f} ({r['pairs_per_sec_range'][0]:.2f}-{r['pairs_per_sec_range'][1]:.2f})"
-                     if "pairs_per_sec" in r else "-")
+            pairs = (
+                f"{r['pairs_per_sec']:.2f} ({r['pairs_per_sec_range'][0]:.2f}-{r['pairs_per_sec_range'][1]:.2f})"
+                if "pairs_per_sec" in r
+                else "-"
+            )
             mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "n/a (CPU)"
-            lines.append(f"| {st['stage']} (seq {st['seq_len']}, {st['rounds']} rounds) | {r['name']} | "
-                         f"{r['real_tokens_per_sec']:,.0f} ({lo:,.0f}-{hi:,.0f}) | {pairs} | "
-                         f"{r['real_token_fraction']:.3f} | {mfu} |")
-    lines += ["", "| stage | view | ours | baseline | ratio (medians) | verdict | target |", "|---|---|---|---|---|---|---|"]
+            lines.append(
+                f"| {st['stage']} (seq {st['seq_len']}, {st['rounds']} rounds) | {r['name']} | "
+                f"{r['real_tokens_per_sec']:,.0f} ({lo:,.0f}-{hi:,.0f}) | {pairs} | "
+                f"{r['real_token_fraction']:.3f} | {mfu} |"
+            )
+    lines += [
+        "",
+        "| stage | view | ours | baseline | ratio (medians) | verdict | target |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for st in stages:
         for c in st["comparisons"]:
             tgt = "-" if c["target"] is None else f">= {c['target']}x: {'met' if c['target_met'] else 'MISSED'}"
-            lines.append(f"| {c['stage']} | {c['view'] or c['key'].replace('_per_sec', '/s')} | {c['ours']} | "
-                         f"{c['baseline']} | {c['ratio']:.2f}x | {c['verdict']} | {tgt} |")
+            lines.append(
+                f"| {c['stage']} | {c['view'] or c['key'].replace('_per_sec', '/s')} | {c['ours']} | "
+                f"{c['baseline']} | {c['ratio']:.2f}x | {c['verdict']} | {tgt} |"
+            )
     lines += ["", "verdict: 'faster'/'slower' only when the min-max ranges of the rounds do not overlap."]
     return lines
 
@@ -635,9 +837,20 @@ def bench(size: str, workdir: Path) -> dict:
     from bumblefast import benchlib as BL
 
     z = dict(SIZES[size])
-    args = argparse.Namespace(stage="all", data=None, preset=z.pop("preset", None), seq_len=z.get("seq_len", 2048),
-                              rows=1, baseline_batch=4, steps=z.get("steps"), rounds=z["rounds"],
-                              min_pairs=z["min_pairs"], vocab=8192, quick=z["quick"], profile=z.get("profile", False))
+    args = argparse.Namespace(
+        stage="all",
+        data=None,
+        preset=z.pop("preset", None),
+        seq_len=z.get("seq_len", 2048),
+        rows=1,
+        baseline_batch=4,
+        steps=z.get("steps"),
+        rounds=z["rounds"],
+        min_pairs=z["min_pairs"],
+        vocab=8192,
+        quick=z["quick"],
+        profile=z.get("profile", False),
+    )
     device, dtype, preset, peak = device_setup(args.preset)
     stages = [run_stage(st, args, device, dtype, preset, peak) for st in ("pretrain", "sft", "dpo")]
     ratios, points = [], []
@@ -650,21 +863,40 @@ def bench(size: str, workdir: Path) -> dict:
             o, b = by[c["ours"]], by[c["baseline"]]
             view = f"{c['view']}: " if c["view"] else ""
             name = f"{st['stage']} (seq {st['seq_len']}) {view}{o['name']} vs {b['name']} ({unit})"
-            ratios.append(BL.ratio(name, BL.rounds(o["name"], o[work], o["round_seconds"], unit),
-                                   BL.rounds(b["name"], b[work], b["round_seconds"], unit)))
+            ratios.append(
+                BL.ratio(
+                    name,
+                    BL.rounds(o["name"], o[work], o["round_seconds"], unit),
+                    BL.rounds(b["name"], b[work], b["round_seconds"], unit),
+                )
+            )
             ratios[-1].update(target=c["target"], stage=st["stage"], view=c["view"])
             if b["real_token_fraction"] < 0.999 and c["key"] != "pairs_per_sec":
-                ratios.append(BL.ratio(f"{st['stage']} (seq {st['seq_len']}) {o['name']} vs {b['name']} "
-                                       "(real-token fraction)",
-                                       BL.fraction(o["name"], o["real_tokens"], o["computed_tokens"]),
-                                       BL.fraction(b["name"], b["real_tokens"], b["computed_tokens"])))
-    config = {"size": size, "preset": preset, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
-              "peak_tflops": peak, "versions": versions(), **{k: v for k, v in vars(args).items() if k != "data"}}
+                ratios.append(
+                    BL.ratio(
+                        f"{st['stage']} (seq {st['seq_len']}) {o['name']} vs {b['name']} (real-token fraction)",
+                        BL.fraction(o["name"], o["real_tokens"], o["computed_tokens"]),
+                        BL.fraction(b["name"], b["real_tokens"], b["computed_tokens"]),
+                    )
+                )
+    config = {
+        "size": size,
+        "preset": preset,
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "peak_tflops": peak,
+        "versions": versions(),
+        **{k: v for k, v in vars(args).items() if k != "data"},
+    }
     notes = [] if peak else ["MFU is reported on CUDA only (no meaningful peak for a CPU)"]
     if size == "min":
         notes.append(f"size min: {args.rounds} rounds of {2} micro-batches (a smoke run, not a measurement)")
-    return {"config": config, "results": {"stages": stages, "notes": notes, "versions": config["versions"]},
-            "ratios": ratios, "points": points}
+    return {
+        "config": config,
+        "results": {"stages": stages, "notes": notes, "versions": config["versions"]},
+        "ratios": ratios,
+        "points": points,
+    }
 
 
 def write_report(report: dict, stem: Path) -> str:
@@ -699,7 +931,9 @@ def main() -> int:
     p.add_argument("--vocab", type=int, default=8192, help="size of the tokenizer trained on the data")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--quick", action="store_true", help="tiny sizes for CI")
-    p.add_argument("--profile", action="store_true", help="torch.profiler summary of 2 steps of each side (pretrain/sft)")
+    p.add_argument(
+        "--profile", action="store_true", help="torch.profiler summary of 2 steps of each side (pretrain/sft)"
+    )
     args = p.parse_args()
 
     device, dtype, preset, peak = device_setup(args.preset)

@@ -88,8 +88,7 @@ def choose_backend(backend: str, device_type: str, dtype: torch.dtype | None, fl
         )
     if backend == "varlen" and not (cuda and varlen):
         raise RuntimeError(
-            "attn_backend='varlen' needs CUDA and torch >= 2.10 "
-            "(torch.nn.attention.varlen); use attn_backend='auto'."
+            "attn_backend='varlen' needs CUDA and torch >= 2.10 (torch.nn.attention.varlen); use attn_backend='auto'."
         )
     return backend
 
@@ -98,7 +97,9 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | Non
     """The backend to run on ``device`` for compute dtype ``dtype`` (see :func:`compute_dtype`;
     None: assume half precision). The model records what it ran as ``last_attn_backend``."""
     cuda = device.type == "cuda"
-    return choose_backend(backend, device.type, dtype, cuda and flash_attn_available(), cuda and _varlen_fn() is not None)
+    return choose_backend(
+        backend, device.type, dtype, cuda and flash_attn_available(), cuda and _varlen_fn() is not None
+    )
 
 
 @dataclass
@@ -121,8 +122,14 @@ class PackedPlan:
     _mask: torch.Tensor | None = None
 
     @classmethod
-    def build(cls, cu_seqlens: torch.Tensor, max_seqlen: int | None, n_tokens: int, backend: str,
-              kv_prefix: torch.Tensor | None = None):
+    def build(
+        cls,
+        cu_seqlens: torch.Tensor,
+        max_seqlen: int | None,
+        n_tokens: int,
+        backend: str,
+        kv_prefix: torch.Tensor | None = None,
+    ):
         prefix = None
         if kv_prefix is not None:
             prefix = [int(p) for p in kv_prefix.tolist()]
@@ -134,14 +141,8 @@ class PackedPlan:
             else None
         )
         if bounds is not None:
-            if (
-                bounds[0] != 0
-                or bounds[-1] != n_tokens
-                or any(b > a for a, b in zip(bounds[1:], bounds))
-            ):
-                raise ValueError(
-                    f"cu_seqlens must rise from 0 to the token count {n_tokens}, got {bounds}"
-                )
+            if bounds[0] != 0 or bounds[-1] != n_tokens or any(b > a for a, b in zip(bounds[1:], bounds)):
+                raise ValueError(f"cu_seqlens must rise from 0 to the token count {n_tokens}, got {bounds}")
             max_seqlen = max((b - a for a, b in zip(bounds, bounds[1:])), default=0)
         plan = cls(
             cu_seqlens=cu_seqlens.to(torch.int32),
@@ -162,8 +163,10 @@ class PackedPlan:
             raise ValueError(f"kv_prefix has {len(prefix)} entries for {len(lens)} documents")
         for d, p in enumerate(prefix):
             if p < 0 or (p and (d == 0 or p > lens[d - 1] or lens[d] == 0)):
-                raise ValueError(f"kv_prefix[{d}] = {p}: a prefix is at most the previous document's length "
-                                 f"({lens[d - 1] if d else 0} tokens) and needs queries of its own")
+                raise ValueError(
+                    f"kv_prefix[{d}] = {p}: a prefix is at most the previous document's length "
+                    f"({lens[d - 1] if d else 0} tokens) and needs queries of its own"
+                )
         self.kv_prefix = prefix
         if self.backend not in ("flash", "varlen"):
             return
@@ -185,7 +188,9 @@ class PackedPlan:
         prefix = self.kv_prefix or [0] * len(self.doc_lens)
         # plain documents by their length, prefixed ones apart by their key length
         self.doc_buckets = _buckets([(n, i) for i, n in enumerate(self.doc_lens) if n > 0 and not prefix[i]])
-        self.prefix_buckets = _buckets_2d([(n + prefix[i], n, i) for i, n in enumerate(self.doc_lens) if n > 0 and prefix[i]])
+        self.prefix_buckets = _buckets_2d(
+            [(n + prefix[i], n, i) for i, n in enumerate(self.doc_lens) if n > 0 and prefix[i]]
+        )
 
     def block_mask(self, device) -> torch.Tensor:
         """Boolean ``[T, T]`` mask, True where attention is allowed (same doc, causal)."""
@@ -268,8 +273,9 @@ def attention_sdpa(q, k, v, plan: PackedPlan):
     for bucket in plan.doc_buckets:
         if len(bucket) == 1:
             i = bucket[0]
-            o = _sdpa(qs[i].transpose(0, 1)[None], ks[i].transpose(0, 1)[None], vs[i].transpose(0, 1)[None],
-                      is_causal=True)
+            o = _sdpa(
+                qs[i].transpose(0, 1)[None], ks[i].transpose(0, 1)[None], vs[i].transpose(0, 1)[None], is_causal=True
+            )
             outs[i] = o[0].transpose(0, 1)
             continue
         qb, kb, vb = (pad_sequence([t[i] for i in bucket], batch_first=True).transpose(1, 2) for t in (qs, ks, vs))
@@ -292,7 +298,8 @@ def _sdpa_prefixed(qs, ks, vs, plan: PackedPlan, outs: list) -> None:
         p = torch.tensor([prefix[i] for i in bucket], device=qb.device)
         # key j is visible to query i when j <= i + p (padded keys lie past every real query's reach)
         mask = torch.arange(lk, device=qb.device)[None, None, :] <= (
-            torch.arange(lq, device=qb.device)[None, :, None] + p[:, None, None])
+            torch.arange(lq, device=qb.device)[None, :, None] + p[:, None, None]
+        )
         ob = _sdpa(qb, kb, vb, attn_mask=mask[:, None]).transpose(1, 2)
         for row, i in zip(ob.unbind(0), bucket):
             outs[i] = row[: lens[i]]
@@ -300,9 +307,7 @@ def _sdpa_prefixed(qs, ks, vs, plan: PackedPlan, outs: list) -> None:
 
 def attention_sdpa_mask(q, k, v, plan: PackedPlan):
     mask = plan.block_mask(q.device)
-    o = _sdpa(
-        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], attn_mask=mask
-    )
+    o = _sdpa(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], attn_mask=mask)
     return o[0].transpose(0, 1)
 
 
@@ -312,8 +317,7 @@ def attention_flash(q, k, v, plan: PackedPlan):
     cu = plan.cu_seqlens
     if plan.kv_index is not None:  # shared prefixes: gathered K/V, causal aligned bottom-right
         k, v = k.index_select(0, plan.kv_index), v.index_select(0, plan.kv_index)
-        return flash_attn_varlen_func(q, k, v, cu, plan.cu_seqlens_k, plan.max_seqlen, plan.max_seqlen_k,
-                                      causal=True)
+        return flash_attn_varlen_func(q, k, v, cu, plan.cu_seqlens_k, plan.max_seqlen, plan.max_seqlen_k, causal=True)
     return flash_attn_varlen_func(q, k, v, cu, cu, plan.max_seqlen, plan.max_seqlen, causal=True)
 
 

@@ -175,8 +175,11 @@ def cli_main(args) -> int:
         if args.check and stale:
             print("stale (regenerate with `bumblefast bench report`): " + ", ".join(stale), file=sys.stderr)
             return 1
-        print(("differ: " if args.check else "regenerated: ") + (", ".join(stale) or "none") +
-              f" (of {', '.join(PUBLISHED)})")
+        print(
+            ("differ: " if args.check else "regenerated: ")
+            + (", ".join(stale) or "none")
+            + f" (of {', '.join(PUBLISHED)})"
+        )
         return 0
     if args.results:
         raise UserError(f"bench {args.what}: unexpected argument {args.results!r} (only `bench report` takes a file)")
@@ -193,10 +196,19 @@ def add_arguments(p) -> None:
     """`bumblefast bench`'s arguments."""
     from bumblefast.benchlib import SIZES
 
-    p.add_argument("what", nargs="?", default="all", choices=(*SECTIONS, "all", "report"),
-                   help="a section, all, or report (regenerate the README/docs tables from RESULTS)")
-    p.add_argument("results", nargs="?", default=None,
-                   help="report: the results JSON to publish (default: the one the tables already name)")
+    p.add_argument(
+        "what",
+        nargs="?",
+        default="all",
+        choices=(*SECTIONS, "all", "report"),
+        help="a section, all, or report (regenerate the README/docs tables from RESULTS)",
+    )
+    p.add_argument(
+        "results",
+        nargs="?",
+        default=None,
+        help="report: the results JSON to publish (default: the one the tables already name)",
+    )
     p.add_argument("--check", action="store_true", help="report: write nothing; fail if a table is stale")
     p.add_argument("--size", choices=SIZES, default=None, help="default: gpu with CUDA, else cpu")
     p.add_argument("--out", default="benchmarks/results", help="folder for the report (default benchmarks/results)")

@@ -40,8 +40,9 @@ def rounds(label: str, work: float, round_seconds: list[float], unit: str = "tok
         raise ValueError(f"{label}: no rounds timed")
     mid = len(secs) // 2
     median = secs[mid] if len(secs) % 2 else (secs[mid - 1] + secs[mid]) / 2
-    return measured(label, work, median, unit, range=[work / secs[-1], work / secs[0]],
-                    round_seconds=list(round_seconds), **extra)
+    return measured(
+        label, work, median, unit, range=[work / secs[-1], work / secs[0]], round_seconds=list(round_seconds), **extra
+    )
 
 
 def verdict(ours: dict, baseline: dict) -> str:
@@ -75,8 +76,13 @@ def ratio(name: str, ours: dict, baseline: dict) -> dict:
         raise ValueError(f"{name}: units differ ({ours['unit']} vs {baseline['unit']})")
     lower_better = ours["unit"] == "MB"
     value = baseline["value"] / ours["value"] if lower_better else ours["value"] / baseline["value"]
-    out = {"name": name, "value": value, "ours": ours, "baseline": baseline,
-           "better": "lower" if lower_better else "higher"}
+    out = {
+        "name": name,
+        "value": value,
+        "ours": ours,
+        "baseline": baseline,
+        "better": "lower" if lower_better else "higher",
+    }
     if "range" in ours and "range" in baseline:
         out["verdict"] = verdict(ours, baseline)
     return out

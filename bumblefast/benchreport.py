@@ -60,8 +60,10 @@ def ratio_row(section: str, r: dict, mb_decimals: int = 0) -> str:
     """One ratio as a table row: ours and the named baseline (median, min-max) and the claim;
     the published tables and `bumblefast bench`'s report share it."""
     o, b = r["ours"], r["baseline"]
-    return (f"| {section} | {r['name']} | {o['label']}: {_fmt(o, mb_decimals)}{_spread(o)} | "
-            f"{b['label']}: {_fmt(b, mb_decimals)}{_spread(b)} | {_claim(r)} |")
+    return (
+        f"| {section} | {r['name']} | {o['label']}: {_fmt(o, mb_decimals)}{_spread(o)} | "
+        f"{b['label']}: {_fmt(b, mb_decimals)}{_spread(b)} | {_claim(r)} |"
+    )
 
 
 def table(report: dict[str, Any], source: str) -> str:
@@ -70,18 +72,12 @@ def table(report: dict[str, Any], source: str) -> str:
     minutes = report.get("seconds", 0) / 60
     versions = (
         next(
-            (
-                s["results"].get("versions")
-                for s in report["sections"].values()
-                if s.get("results", {}).get("versions")
-            ),
+            (s["results"].get("versions") for s in report["sections"].values() if s.get("results", {}).get("versions")),
             None,
         )
         or {}
     )
-    stack = (
-        ", ".join(f"{k} {v}" for k, v in versions.items() if v) or f"torch {report.get('torch')}"
-    )
+    stack = ", ".join(f"{k} {v}" for k, v in versions.items() if v) or f"torch {report.get('torch')}"
     lines = [
         f"`bumblefast bench all --size {report['size']}` on {report['host']} ({report['date']}, "
         f"{report['cpu_count']} CPUs, {report['device']}; {stack}; {minutes:.0f} min; `{source}`). "
@@ -98,9 +94,7 @@ def table(report: dict[str, Any], source: str) -> str:
 def render(text: str, root: Path = ROOT, path: str = "") -> str:
     """`text` with every marked block regenerated from the JSON its begin marker names."""
     if not BLOCK.search(text):
-        raise UserError(
-            f"{path or 'text'}: no `<!-- bench-report: begin ... -->` / `{END}` markers"
-        )
+        raise UserError(f"{path or 'text'}: no `<!-- bench-report: begin ... -->` / `{END}` markers")
 
     def fill(m: re.Match) -> str:
         source = m.group(1)
@@ -124,9 +118,7 @@ def publish(results: str | None, check: bool = False, root: Path = ROOT) -> list
             try:
                 source_rel = source.relative_to(root).as_posix()
             except ValueError:
-                raise UserError(
-                    f"{results}: the results JSON must be inside the checkout ({root})"
-                ) from None
+                raise UserError(f"{results}: the results JSON must be inside the checkout ({root})") from None
             json.loads(source.read_text())  # a clear error for a file that is not JSON
             marker = f"{BEGIN.format(source=source_rel)}\n{END}"
             text_in = BLOCK.sub(lambda m, marker=marker: marker, text)

@@ -47,7 +47,9 @@ class Chat:
             self.gen.do_sample, self.gen.temperature, self.gen.top_p, self.gen.top_k = False, None, None, None
         elif self.gen.temperature is not None:
             self.gen.do_sample = True
-        stops = [self.tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", self.tok.eos_token) if t in self.tok.get_vocab()]
+        stops = [
+            self.tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", self.tok.eos_token) if t in self.tok.get_vocab()
+        ]
         self.gen.eos_token_id = stops or self.gen.eos_token_id
         self.gen.pad_token_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else stops[-1]
         self.raw = raw
@@ -90,8 +92,13 @@ class Chat:
         stop.clear()
         ids = ids.to(self.model.device)
         streamer = TextIteratorStreamer(self.tok, skip_prompt=True, skip_special_tokens=True)
-        kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gen,
-                      streamer=streamer, stopping_criteria=StoppingCriteriaList([Interrupted()]))
+        kwargs = dict(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            generation_config=gen,
+            streamer=streamer,
+            stopping_criteria=StoppingCriteriaList([Interrupted()]),
+        )
         worker = threading.Thread(target=self.model.generate, kwargs=kwargs, daemon=True)
         worker.start()
         finished = False
@@ -108,18 +115,29 @@ class Chat:
     def stop(self) -> None:
         self._stop.set()
 
-    def sampling(self, max_new_tokens: int | None = None, temperature: float | None = None,
-                 top_p: float | None = None, stop: tuple[str, ...] = (), seed: int | None = None) -> Sampling:
+    def sampling(
+        self,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        stop: tuple[str, ...] = (),
+        seed: int | None = None,
+    ) -> Sampling:
         """A request's settings for the Batcher: what it asks, else the model's generation config
         (as `stream` does: no temperature asked and do_sample off = greedy)."""
         g = self.gen
         if temperature is None:
             temperature = (g.temperature if g.temperature is not None else 1.0) if g.do_sample else 0.0
         sampled = temperature > 0
-        return Sampling(max_new_tokens=max_new_tokens or g.max_new_tokens or 256, temperature=temperature,
-                        top_p=(top_p if top_p is not None else g.top_p or 1.0) if sampled else 1.0,
-                        top_k=(g.top_k or 0) if sampled else 0, repetition_penalty=g.repetition_penalty or 1.0,
-                        stop=tuple(stop), seed=seed)
+        return Sampling(
+            max_new_tokens=max_new_tokens or g.max_new_tokens or 256,
+            temperature=temperature,
+            top_p=(top_p if top_p is not None else g.top_p or 1.0) if sampled else 1.0,
+            top_k=(g.top_k or 0) if sampled else 0,
+            repetition_penalty=g.repetition_penalty or 1.0,
+            stop=tuple(stop),
+            seed=seed,
+        )
 
     def reply(self, text: str, out=sys.stdout, keep_history: bool = True) -> str:
         """Generate a reply, writing tokens to `out` as they come; Ctrl-C ends it early."""
@@ -148,8 +166,11 @@ def run(args) -> int:
         chat.reply(args.prompt, keep_history=False)
         return 0
     mode = "raw completion" if chat.raw else ("single-turn" if args.no_history else "multi-turn")
-    print(f"bumblefast chat ({mode}) with {args.model_path}. /reset clears the history, /exit quits, "
-          "Ctrl-C stops a reply.", flush=True)
+    print(
+        f"bumblefast chat ({mode}) with {args.model_path}. /reset clears the history, /exit quits, "
+        "Ctrl-C stops a reply.",
+        flush=True,
+    )
     while True:
         try:
             text = input("user> ")
@@ -179,8 +200,12 @@ def add_arguments(p) -> None:
     p.add_argument("--model_path", required=True, help="a Hugging Face model folder (e.g. a merged DPO model)")
     p.add_argument("--prompt", default=None, help="answer this once and exit (for scripts)")
     p.add_argument("--no_history", action="store_true", help="single-turn: every question starts afresh")
-    p.add_argument("--stage", choices=("chat", "pretrain"), default="chat",
-                   help="pretrain: complete raw text without the chat template")
+    p.add_argument(
+        "--stage",
+        choices=("chat", "pretrain"),
+        default="chat",
+        help="pretrain: complete raw text without the chat template",
+    )
     p.add_argument("--system_prompt", default=None, help="replaces the template's default system prompt")
     p.add_argument("--temperature", type=float, default=None, help="0 = greedy")
     p.add_argument("--top_p", type=float, default=None)
@@ -219,8 +244,9 @@ class Sampling:
 @dataclass
 class Job:
     """One request in the batcher. `emit(kind, value)` is called from the generation thread:
-    ("start", "") when it gets a slot, ("delta", text) as the reply grows, then once ("done", finish_reason) with finish_reason
-    "stop" (an end token or a stop string), "length" (max_new_tokens), "cancelled" or "error"
+    ("start", "") when it gets a slot, ("delta", text) as the reply grows, then once
+    ("done", finish_reason) with finish_reason "stop" (an end token or a stop string), "length"
+    (max_new_tokens), "cancelled" or "error"
     (value then "error: <message>"). `cancel()` from any thread drops it at the next step."""
 
     ids: list[int]
@@ -302,7 +328,7 @@ class Batcher:
                         job.emit("done", "cancelled")
                 self.waiting = [j for j in self.waiting if not j.cancelled]
                 new = self.waiting[: self.max_batch - len(self.rows)]
-                self.waiting = self.waiting[len(new):]
+                self.waiting = self.waiting[len(new) :]
             try:
                 with torch.inference_mode():
                     state = self._step(state, new)
@@ -336,8 +362,14 @@ class Batcher:
             return None
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         pos = mask.sum(dim=1, keepdim=True) - 1
-        out = self.model(input_ids=last[:, None].to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
-                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = self.model(
+            input_ids=last[:, None].to(dev),
+            attention_mask=mask.to(dev),
+            position_ids=pos.to(dev),
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
         last = self._sample(out.logits[:, -1, :].float(), self.rows)
         return out.past_key_values, mask, last
 
@@ -350,13 +382,19 @@ class Batcher:
         ids = torch.full((len(jobs), width), self.pad, dtype=torch.long)
         mask = torch.zeros((len(jobs), width), dtype=torch.long)
         for i, job in enumerate(jobs):
-            ids[i, width - len(job.ids):] = torch.tensor(job.ids)
-            mask[i, width - len(job.ids):] = 1
+            ids[i, width - len(job.ids) :] = torch.tensor(job.ids)
+            mask[i, width - len(job.ids) :] = 1
             if job.sampling.seed is not None:
                 job.rng = torch.Generator(device=dev).manual_seed(job.sampling.seed)
         pos = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        out = self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
-                         past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
+        out = self.model(
+            input_ids=ids.to(dev),
+            attention_mask=mask.to(dev),
+            position_ids=pos.to(dev),
+            past_key_values=DynamicCache(),
+            use_cache=True,
+            logits_to_keep=1,
+        )
         return out.past_key_values, mask, self._sample(out.logits[:, -1, :].float(), jobs)
 
     def _sample(self, logits, jobs: list[Job]):
@@ -417,7 +455,7 @@ class Batcher:
     @staticmethod
     def _send(job: Job, text: str) -> None:
         if len(text) > len(job.sent) and text.startswith(job.sent):
-            job.emit("delta", text[len(job.sent):])
+            job.emit("delta", text[len(job.sent) :])
             job.sent = text
 
 

@@ -20,11 +20,13 @@ def _config_epilog(cls: type, title: str = "config keys (give any as --key value
 
 def _train_epilog() -> str:
     dpo_only = [k for k in C.valid_keys(C.DPOConfig) if k not in C.valid_keys(C.TrainConfig)]
-    return "\n\n".join([
-        _config_epilog(C.TrainConfig),
-        C.describe_keys(C.DPOConfig, ["learning_rate"]).replace("default", "default (dpo)"),
-        "dpo-only keys:\n" + C.describe_keys(C.DPOConfig, dpo_only),
-    ])
+    return "\n\n".join(
+        [
+            _config_epilog(C.TrainConfig),
+            C.describe_keys(C.DPOConfig, ["learning_rate"]).replace("default", "default (dpo)"),
+            "dpo-only keys:\n" + C.describe_keys(C.DPOConfig, dpo_only),
+        ]
+    )
 
 
 # ---------------------------------------------------------------- subcommand handlers
@@ -169,39 +171,83 @@ STRICT = {"allow_abbrev": False}
 
 # name -> (handler, arguments, add_parser keywords); in `bumblefast --help` order
 COMMANDS = {
-    "config": (cmd_config, _stage_arguments,
-               {"help": "resolve a stage's config (defaults < YAML < CLI) and print it", **RAW, **STRICT}),
-    "train": (cmd_train, _train_arguments,
-              {"help": "train a stage (pretrain|continue_pretrain|sft|dpo) under any launcher",
-               "description": "Train one stage. Runs as one process, or under `deepspeed --num_gpus N --module "
-               "bumblefast train ...` / `torchrun --nproc_per_node N -m bumblefast train ...`.", **RAW, **STRICT}),
-    "chat": (cmd_chat, _module_arguments("bumblefast.chat"),
-             {"help": "chat with a model in the terminal (streamed, multi-turn, /reset, /exit)", **STRICT}),
-    "serve": (cmd_serve, _module_arguments("bumblefast.serve"),
-              {"help": "OpenAI-compatible API (/v1/chat/completions, streaming) and a web chat page", **STRICT}),
-    "eval": (cmd_eval, _eval_arguments,
-             {"help": "held-out loss/perplexity (pretrain/sft shards), answer accuracy (Alpaca questions) or "
-              "preference accuracy and margin (dpo shards or pairs); JSON out", **STRICT}),
-    "plot": (cmd_plot, _module_arguments("bumblefast.plot"),
-             {"help": "PNG curves (loss, lr, grad norm, rewards) from a run's TensorBoard logs"}),
+    "config": (
+        cmd_config,
+        _stage_arguments,
+        {"help": "resolve a stage's config (defaults < YAML < CLI) and print it", **RAW, **STRICT},
+    ),
+    "train": (
+        cmd_train,
+        _train_arguments,
+        {
+            "help": "train a stage (pretrain|continue_pretrain|sft|dpo) under any launcher",
+            "description": "Train one stage. Runs as one process, or under `deepspeed --num_gpus N --module "
+            "bumblefast train ...` / `torchrun --nproc_per_node N -m bumblefast train ...`.",
+            **RAW,
+            **STRICT,
+        },
+    ),
+    "chat": (
+        cmd_chat,
+        _module_arguments("bumblefast.chat"),
+        {"help": "chat with a model in the terminal (streamed, multi-turn, /reset, /exit)", **STRICT},
+    ),
+    "serve": (
+        cmd_serve,
+        _module_arguments("bumblefast.serve"),
+        {"help": "OpenAI-compatible API (/v1/chat/completions, streaming) and a web chat page", **STRICT},
+    ),
+    "eval": (
+        cmd_eval,
+        _eval_arguments,
+        {
+            "help": "held-out loss/perplexity (pretrain/sft shards), answer accuracy (Alpaca questions) or "
+            "preference accuracy and margin (dpo shards or pairs); JSON out",
+            **STRICT,
+        },
+    ),
+    "plot": (
+        cmd_plot,
+        _module_arguments("bumblefast.plot"),
+        {"help": "PNG curves (loss, lr, grad norm, rewards) from a run's TensorBoard logs"},
+    ),
     "model": (cmd_model_info, _module_arguments("bumblefast.modelinfo"), {"help": "model presets and checkpoints"}),
     "tokenizer": (cmd_tokenizer_train, _module_arguments("bumblefast.tokenizer"), {"help": "train tokenizers"}),
-    "prep": (cmd_prep, _prep_arguments,
-             {"help": "tokenize + pack raw data into MDS shards (also: prep merge, prep inspect)", "add_help": False}),
-    "precompute-ref": (cmd_precompute_ref, _precompute_ref_arguments,
-                       {"help": "score dpo shards with the reference model once; writes shards with a ref_logps "
-                        "column", "description": "Run under torchrun/deepspeed to use several GPUs (each rank "
-                        "scores a share of rows).", **STRICT}),
-    "merge-lora": (cmd_merge_lora, _module_arguments("bumblefast.merge_lora"),
-                   {"help": "merge a LoRA adapter into its base model and save a plain HF model (safetensors)",
-                    **STRICT}),
-    "bench": (cmd_bench, _module_arguments("bumblefast.bench"),
-              {"help": "benchmark suite: prep, streaming, kernels, training (+ scaling); table, JSON and PNG",
-               "description": "Runs benchmarks/*.py of the checkout side by side with their baselines and writes "
-               "OUT/<date>-<host>.json, .md and .png. Sizes: min (seconds, CI smoke), cpu (the 2-core "
-               "machine, under 15 minutes for all), gpu (one CUDA device, the 1.5B preset).", **STRICT}),
-    "demo": (cmd_demo, _module_arguments("bumblefast.demo"),
-             {"help": "run the end-to-end demo on the bundled demo data"}),
+    "prep": (
+        cmd_prep,
+        _prep_arguments,
+        {"help": "tokenize + pack raw data into MDS shards (also: prep merge, prep inspect)", "add_help": False},
+    ),
+    "precompute-ref": (
+        cmd_precompute_ref,
+        _precompute_ref_arguments,
+        {
+            "help": "score dpo shards with the reference model once; writes shards with a ref_logps column",
+            "description": "Run under torchrun/deepspeed to use several GPUs (each rank scores a share of rows).",
+            **STRICT,
+        },
+    ),
+    "merge-lora": (
+        cmd_merge_lora,
+        _module_arguments("bumblefast.merge_lora"),
+        {"help": "merge a LoRA adapter into its base model and save a plain HF model (safetensors)", **STRICT},
+    ),
+    "bench": (
+        cmd_bench,
+        _module_arguments("bumblefast.bench"),
+        {
+            "help": "benchmark suite: prep, streaming, kernels, training (+ scaling); table, JSON and PNG",
+            "description": "Runs benchmarks/*.py of the checkout side by side with their baselines and writes "
+            "OUT/<date>-<host>.json, .md and .png. Sizes: min (seconds, CI smoke), cpu (the 2-core "
+            "machine, under 15 minutes for all), gpu (one CUDA device, the 1.5B preset).",
+            **STRICT,
+        },
+    ),
+    "demo": (
+        cmd_demo,
+        _module_arguments("bumblefast.demo"),
+        {"help": "run the end-to-end demo on the bundled demo data"},
+    ),
 }
 EPILOGS = {"config": _train_epilog, "train": _train_epilog}  # built when the parser is
 

@@ -60,18 +60,28 @@ class ConfigError(UserError):
 class TrainConfig:
     """Keys shared by every training stage. Defaults follow BumbleCore's recipes."""
 
-    stage: Literal["pretrain", "continue_pretrain", "sft", "dpo"] = key("pretrain", "training stage: sets the objective (LM loss or preference loss) and defaults")
+    stage: Literal["pretrain", "continue_pretrain", "sft", "dpo"] = key(
+        "pretrain", "training stage: sets the objective (LM loss or preference loss) and defaults"
+    )
     # model / data
     model_name_or_path: str | None = key(None, "preset folder or name for pretrain, HF folder otherwise")
     tokenizer_name_or_path: str | None = key(None, "default: the model folder")
     dataset_path: str | None = key(None, "shard folder or URL; raw json/jsonl/parquet is prepped once")
     eval_dataset_path: str | None = key(None, "held-out shards evaluated at the end of training (optional)")
-    output_dir: str = key("outputs/run", "run folder: final HF model at the root, checkpoints/, tensorboard/, training_metrics.json")
+    output_dir: str = key(
+        "outputs/run", "run folder: final HF model at the root, checkpoints/, tensorboard/, training_metrics.json"
+    )
     cutoff_len: int = key(2048, "tokens per packed row (prep's --seq_len)")
-    vocab_size: int | None = key(None, "pretrain from a preset: embedding rows (default: the tokenizer's size rounded up "
-                                 "to a multiple of 128, tile-aligned for tensor cores; the preset's own size is ignored)")
-    resize_vocab: bool = key(False, "fine-tuning trained weights with a larger (extended) tokenizer: grow the embedding "
-                             "and an untied lm_head to it, new rows = the mean of the trained rows")
+    vocab_size: int | None = key(
+        None,
+        "pretrain from a preset: embedding rows (default: the tokenizer's size rounded up "
+        "to a multiple of 128, tile-aligned for tensor cores; the preset's own size is ignored)",
+    )
+    resize_vocab: bool = key(
+        False,
+        "fine-tuning trained weights with a larger (extended) tokenizer: grow the embedding "
+        "and an untied lm_head to it, new rows = the mean of the trained rows",
+    )
     # schedule
     num_epochs: int = key(1, "passes over the dataset")
     max_steps: int = key(-1, "> 0 overrides num_epochs")
@@ -85,16 +95,31 @@ class TrainConfig:
     adam_beta2: float = key(0.95, "AdamW beta2")
     adam_epsilon: float = key(1e-8, "AdamW epsilon")
     max_grad_norm: float = key(1.0, "clip the global gradient norm to this (0 disables clipping)")
-    max_skipped_steps: int = key(3, "optimizer steps with a non-finite loss or gradient norm skipped (no update) before the run stops with the samples and the last good checkpoint; 0 stops at the first")
+    max_skipped_steps: int = key(
+        3,
+        "optimizer steps with a non-finite loss or gradient norm skipped (no update) before the run stops "
+        "with the samples and the last good checkpoint; 0 stops at the first",
+    )
     # batch
     train_micro_batch_size_per_gpu: int = key(4, "packed rows per forward pass on each rank")
-    gradient_accumulation_steps: int = key(4, "micro-batches per optimizer step; the loss is normalised by the step's global target-token count")
+    gradient_accumulation_steps: int = key(
+        4, "micro-batches per optimizer step; the loss is normalised by the step's global target-token count"
+    )
     # engine
-    deepspeed_config_path: str = key("configs/deepspeed/ds_z2.json", "DeepSpeed JSON (configs/deepspeed/ds_z{0,1,2,3}.json); its 'auto' values are filled from this config")
+    deepspeed_config_path: str = key(
+        "configs/deepspeed/ds_z2.json",
+        "DeepSpeed JSON (configs/deepspeed/ds_z{0,1,2,3}.json); its 'auto' values are filled from this config",
+    )
     bf16: bool = key(True, "on CUDA; CPU always trains in fp32")
-    gradient_checkpointing: bool = key(True, "recompute each layer's activations in backward (less memory, ~30% more compute)")
-    kernels: Literal["auto", "liger", "triton", "reference"] = key("auto", "fused ops: auto (Liger/own Triton on CUDA, PyTorch on CPU), or force liger|triton|reference")
-    attn_backend: Literal["auto", "flash", "varlen", "sdpa", "sdpa_mask"] = key("auto", "flash-attn, torch varlen_attn, per-document SDPA, masked-row SDPA")
+    gradient_checkpointing: bool = key(
+        True, "recompute each layer's activations in backward (less memory, ~30% more compute)"
+    )
+    kernels: Literal["auto", "liger", "triton", "reference"] = key(
+        "auto", "fused ops: auto (Liger/own Triton on CUDA, PyTorch on CPU), or force liger|triton|reference"
+    )
+    attn_backend: Literal["auto", "flash", "varlen", "sdpa", "sdpa_mask"] = key(
+        "auto", "flash-attn, torch varlen_attn, per-document SDPA, masked-row SDPA"
+    )
     # fine-tuning
     finetuning_type: Literal["full", "lora"] = key("full", "train all weights (full) or LoRA adapters only (lora)")
     lora_rank: int = key(64, "LoRA rank r")
@@ -146,8 +171,10 @@ class TrainConfig:
         if self.vocab_size is not None and self.vocab_size < 1:
             errors.append(f"vocab_size: must be >= 1, got {self.vocab_size}")
         if self.resize_vocab and self.finetuning_type == "lora":
-            errors.append("resize_vocab: needs finetuning_type full (LoRA would leave the new rows untrained, and "
-                          "the adapter would not load onto the original base model)")
+            errors.append(
+                "resize_vocab: needs finetuning_type full (LoRA would leave the new rows untrained, and "
+                "the adapter would not load onto the original base model)"
+            )
         if self.max_skipped_steps < 0:
             errors.append(f"max_skipped_steps: must be >= 0, got {self.max_skipped_steps}")
         if self.finetuning_type == "lora" and not self.lora_target_modules:
@@ -159,8 +186,12 @@ class TrainConfig:
 class PretrainConfig(TrainConfig):
     """Pretraining from random init of a preset (or continued pretraining of a checkpoint)."""
 
-    stage: Literal["pretrain", "continue_pretrain"] = key("pretrain", "pretrain (random init from a preset) or continue_pretrain (from trained weights)")
-    model_name_or_path: str | None = key("configs/models/bumblebee-1.5b", "model preset folder (random init) or a trained HF model folder")
+    stage: Literal["pretrain", "continue_pretrain"] = key(
+        "pretrain", "pretrain (random init from a preset) or continue_pretrain (from trained weights)"
+    )
+    model_name_or_path: str | None = key(
+        "configs/models/bumblebee-1.5b", "model preset folder (random init) or a trained HF model folder"
+    )
 
 
 @dataclass
@@ -176,13 +207,18 @@ class DPOConfig(TrainConfig):
 
     stage: Literal["dpo"] = key("dpo", "preference optimisation on packed chosen/rejected pairs")
     learning_rate: float = key(5e-6, "peak learning rate (AdamW); DPO wants a small one")
-    pref_loss: Literal["sigmoid", "ipo", "hinge", "robust", "simpo", "orpo"] = key("sigmoid", "preference loss: sigmoid (DPO), ipo, hinge, robust, simpo, orpo")
+    pref_loss: Literal["sigmoid", "ipo", "hinge", "robust", "simpo", "orpo"] = key(
+        "sigmoid", "preference loss: sigmoid (DPO), ipo, hinge, robust, simpo, orpo"
+    )
     pref_beta: float = key(0.1, "beta: strength of the KL anchor to the reference")
     dpo_label_smoothing: float = key(0.0, "cDPO / robust DPO noise rate")
     simpo_gamma: float = key(0.5, "SimPO target reward margin")
     ld_alpha: float | None = key(None, "length-desensitised DPO weight of tokens past the shorter reply")
     sft_weight: float = key(0.0, "adds the chosen replies' LM loss")
-    ref_model: Literal["auto", "adapter", "copy", "precomputed", "none"] = key("auto", "reference log-probs: adapter (LoRA off), copy (frozen copy), precomputed (shard column), none; auto picks")
+    ref_model: Literal["auto", "adapter", "copy", "precomputed", "none"] = key(
+        "auto",
+        "reference log-probs: adapter (LoRA off), copy (frozen copy), precomputed (shard column), none; auto picks",
+    )
 
     def validate(self) -> list[str]:
         errors = super().validate()
@@ -201,13 +237,22 @@ class DPOConfig(TrainConfig):
 class PrepConfig:
     """`bumblefast prep`: raw files -> packed MDS shards for one stage."""
 
-    stage: Literal["pretrain", "sft", "dpo"] = key("pretrain", "which shard schema to write: pretrain rows, sft packed rows, dpo packed pairs")
-    input: list[str] = key(help="files, globs or folders (.json, .jsonl[.gz|.zst], .parquet, .txt: a line per document); "
-                           "the format of each record is detected (Alpaca, ShareGPT, OpenAI messages, TRL)", factory=list)
-    dataset_info: str | None = key(None, "LLaMA-Factory dataset_info.json (or its folder): read the --dataset entries "
-                                   "with their file_name, formatting, columns, tags and ranking")
-    dataset: list[str] = key(help="entries of --dataset_info to read (comma-separated), besides any --input",
-                             factory=list)
+    stage: Literal["pretrain", "sft", "dpo"] = key(
+        "pretrain", "which shard schema to write: pretrain rows, sft packed rows, dpo packed pairs"
+    )
+    input: list[str] = key(
+        help="files, globs or folders (.json, .jsonl[.gz|.zst], .parquet, .txt: a line per document); "
+        "the format of each record is detected (Alpaca, ShareGPT, OpenAI messages, TRL)",
+        factory=list,
+    )
+    dataset_info: str | None = key(
+        None,
+        "LLaMA-Factory dataset_info.json (or its folder): read the --dataset entries "
+        "with their file_name, formatting, columns, tags and ranking",
+    )
+    dataset: list[str] = key(
+        help="entries of --dataset_info to read (comma-separated), besides any --input", factory=list
+    )
     tokenizer_name_or_path: str | None = key(None, "HF tokenizer folder (tokenizer.json + chat template)")
     seq_len: int = key(2048, "tokens per packed row (train's --cutoff_len)")
     output_dir: str | None = key(None, "local folder or remote URL (s3://...)")
@@ -217,19 +262,26 @@ class PrepConfig:
         "a record longer than seq_len: truncate (pretrain: split across rows; sft/dpo: replies cut "
         "first, a long prompt keeps its end, as LLaMA-Factory's cutoff) or drop (skip, counted as 'overlong')",
     )
-    on_error: Literal["skip", "fail"] = key("skip", "skip: log bad records to errors.jsonl (file:line, reason) and count them; fail: stop at the first")
+    on_error: Literal["skip", "fail"] = key(
+        "skip", "skip: log bad records to errors.jsonl (file:line, reason) and count them; fail: stop at the first"
+    )
     num_workers: int = key(1, "tokenizer processes on this node")
     tokenizer_backend: Literal["auto", "hf", "fastokens"] = key(
-        "auto", "auto: fastokens if installed and verified identical to HF on a hard sample + the first records, "
-        "else HF (with a warning); hf; fastokens (fail if it differs)")
+        "auto",
+        "auto: fastokens if installed and verified identical to HF on a hard sample + the first records, "
+        "else HF (with a warning); hf; fastokens (fail if it differs)",
+    )
     node_rank: int = key(0, "this node's index in a multi-node prep (writes part node-<rank>)")
     num_nodes: int = key(1, "nodes sharing the input; join their parts with `bumblefast prep merge`")
     pack_window: int = key(10000, "samples considered together by best-fit-decreasing")
     compression: str | None = key("zstd", "MDS shard compression (zstd, or null for none)")
     shard_size_limit: str = key("64mb", "target size of one MDS shard file (e.g. 64mb)")
     seed: int = key(42, "seed of the packing order")
-    share_prompt: bool = key(True, "dpo: store each pair's prompt once, [prompt+chosen][rejected] attending the prompt "
-                             "(false: [prompt+chosen][prompt+rejected])")
+    share_prompt: bool = key(
+        True,
+        "dpo: store each pair's prompt once, [prompt+chosen][rejected] attending the prompt "
+        "(false: [prompt+chosen][prompt+rejected])",
+    )
 
     def validate(self) -> list[str]:
         errors = []
@@ -246,9 +298,7 @@ class PrepConfig:
         if self.num_workers < 1:
             errors.append(f"num_workers: must be >= 1, got {self.num_workers}")
         if not 0 <= self.node_rank < max(self.num_nodes, 1):
-            errors.append(
-                f"node_rank: must be in [0, num_nodes={self.num_nodes}), got {self.node_rank}"
-            )
+            errors.append(f"node_rank: must be in [0, num_nodes={self.num_nodes}), got {self.node_rank}")
         return errors
 
 
@@ -376,9 +426,7 @@ def parse_cli_overrides(argv: list[str], cls: type) -> dict[str, str | bool]:
         key = key.replace("-", "_")
         if not eq:
             nxt = argv[i + 1] if i + 1 < len(argv) else None
-            if hints.get(_aliases(cls).get(key, key)) is bool and (
-                nxt is None or nxt.startswith("--")
-            ):
+            if hints.get(_aliases(cls).get(key, key)) is bool and (nxt is None or nxt.startswith("--")):
                 val = "true"
             elif nxt is None:
                 errors.append(f"--{key}: missing value")

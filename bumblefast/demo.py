@@ -64,15 +64,24 @@ def step_configs(out: Path, seed: int) -> str:
 def step_prep(out: Path, seed: int) -> str:
     from bumblefast.prep.run import run_prep
 
-    inputs = {"pretrain": ["pretrain.json"], "sft": ["sft_alpaca.json", "sft_sharegpt.json"], "dpo": ["dpo.json"],
-              "pretrain_test": ["pretrain_test.json"]}
+    inputs = {
+        "pretrain": ["pretrain.json"],
+        "sft": ["sft_alpaca.json", "sft_sharegpt.json"],
+        "dpo": ["dpo.json"],
+        "pretrain_test": ["pretrain_test.json"],
+    }
     done = []
     for name, files in inputs.items():
         stage = name.removesuffix("_test")
-        cfg = C.PrepConfig(stage=stage, input=[str(DEMO_DATA / f) for f in files],
-                           tokenizer_name_or_path=str(out / "tokenizer"), seq_len=DEMO_SEQ_LEN,
-                           output_dir=str(out / "shards" / name), seed=seed,
-                           share_prompt=True)  # dpo: each pair's prompt stored and computed once
+        cfg = C.PrepConfig(
+            stage=stage,
+            input=[str(DEMO_DATA / f) for f in files],
+            tokenizer_name_or_path=str(out / "tokenizer"),
+            seq_len=DEMO_SEQ_LEN,
+            output_dir=str(out / "shards" / name),
+            seed=seed,
+            share_prompt=True,
+        )  # dpo: each pair's prompt stored and computed once
         m = run_prep(cfg, progress=False)
         done.append(f"{name} {m['rows']} rows")
     return ", ".join(done)
@@ -80,15 +89,31 @@ def step_prep(out: Path, seed: int) -> str:
 
 def _train(out: Path, stage: str, extra: list[str]) -> dict:
     """`bumblefast train` as a user runs it; returns the run's summary numbers."""
-    cmd = [sys.executable, "-m", "bumblefast", "train", "--yaml_config", str(DEMO_CONFIGS / f"{stage}.yaml"),
-           "--output_dir", str(out / stage), "--dataset_path", str(out / "shards" / stage),
-           "--seed", str(SETTINGS["seed"]), *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bumblefast",
+        "train",
+        "--yaml_config",
+        str(DEMO_CONFIGS / f"{stage}.yaml"),
+        "--output_dir",
+        str(out / stage),
+        "--dataset_path",
+        str(out / "shards" / stage),
+        "--seed",
+        str(SETTINGS["seed"]),
+        *extra,
+    ]
     subprocess.run(cmd, check=True, env=_child_env())
     history = json.loads((out / stage / "training_metrics.json").read_text())
     speeds = [r["tokens_per_sec"] for r in history[1:]] or [history[-1]["tokens_per_sec"]]
     accs = [r["rewards/accuracies"] for r in history[-5:] if "rewards/accuracies" in r]
-    return {"steps": history[-1]["step"], "tokens_per_sec": sum(speeds) / len(speeds), "loss": history[-1]["loss"],
-            "accuracy": sum(accs) / len(accs) if accs else None}  # dpo: rewards/accuracies, last 5 logs
+    return {
+        "steps": history[-1]["step"],
+        "tokens_per_sec": sum(speeds) / len(speeds),
+        "loss": history[-1]["loss"],
+        "accuracy": sum(accs) / len(accs) if accs else None,
+    }  # dpo: rewards/accuracies, last 5 logs
 
 
 def _evaluate(model_dir: Path) -> dict:
@@ -96,8 +121,11 @@ def _evaluate(model_dir: Path) -> dict:
 
     qa = answer_accuracy(model_dir, load_records(DEMO_DATA / "sft_test.json"))
     pref = preference_accuracy(model_dir, load_records(DEMO_DATA / "dpo_test.json"))
-    return {"answer_accuracy": qa["accuracy"], "preference_accuracy": pref["preference_accuracy"],
-            "example": qa["examples"][0] if qa["examples"] else None}
+    return {
+        "answer_accuracy": qa["accuracy"],
+        "preference_accuracy": pref["preference_accuracy"],
+        "example": qa["examples"][0] if qa["examples"] else None,
+    }
 
 
 RESULTS: dict[str, dict] = {}
@@ -110,8 +138,10 @@ def _child_env() -> dict[str, str]:
 
 
 def step_pretrain(out: Path, seed: int) -> str:
-    RESULTS["pretrain"] = {**_train(out, "pretrain", ["--tokenizer_name_or_path", str(out / "tokenizer")]),
-                           **_evaluate(out / "pretrain")}
+    RESULTS["pretrain"] = {
+        **_train(out, "pretrain", ["--tokenizer_name_or_path", str(out / "tokenizer")]),
+        **_evaluate(out / "pretrain"),
+    }
     return _row_text(RESULTS["pretrain"])
 
 
@@ -134,8 +164,20 @@ def step_chat(out: Path, seed: int) -> str:
     from bumblefast.evaluate import load_records
 
     question = load_records(DEMO_DATA / "sft_test.json")[0]
-    cmd = [sys.executable, "-m", "bumblefast", "chat", "--model_path", str(out / "dpo_merged"), "--prompt",
-           question["instruction"], "--temperature", "0", "--max_new_tokens", "16"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bumblefast",
+        "chat",
+        "--model_path",
+        str(out / "dpo_merged"),
+        "--prompt",
+        question["instruction"],
+        "--temperature",
+        "0",
+        "--max_new_tokens",
+        "16",
+    ]
     reply = subprocess.run(cmd, check=True, capture_output=True, text=True, env=_child_env()).stdout.strip()
     return f"Q: {question['instruction']!r} -> A: {reply!r} (expected {question['output']!r}, a held-out question)"
 
@@ -148,8 +190,10 @@ def step_plots(out: Path, seed: int) -> str:
 
 
 def _row_text(r: dict) -> str:
-    return (f"{r['steps']} steps, {r['tokens_per_sec']:.0f} tok/s, loss {r['loss']:.3f}, held-out answers "
-            f"{r['answer_accuracy']:.0%}, held-out preferences {r['preference_accuracy']:.0%}")
+    return (
+        f"{r['steps']} steps, {r['tokens_per_sec']:.0f} tok/s, loss {r['loss']:.3f}, held-out answers "
+        f"{r['answer_accuracy']:.0%}, held-out preferences {r['preference_accuracy']:.0%}"
+    )
 
 
 def step_model(out: Path, seed: int) -> str:
@@ -177,8 +221,14 @@ STEPS: list[tuple[str, Callable[[Path, int], str]]] = [
 def stage_table() -> str:
     head = ("stage", "steps", "tokens/s", "final loss", "held-out answers", "held-out preferences")
     rows = [head] + [
-        (name, str(r["steps"]), f"{r['tokens_per_sec']:.0f}", f"{r['loss']:.3f}", f"{r['answer_accuracy']:.0%}",
-         f"{r['preference_accuracy']:.0%}")
+        (
+            name,
+            str(r["steps"]),
+            f"{r['tokens_per_sec']:.0f}",
+            f"{r['loss']:.3f}",
+            f"{r['answer_accuracy']:.0%}",
+            f"{r['preference_accuracy']:.0%}",
+        )
         for name, r in RESULTS.items()
     ]
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
@@ -215,5 +265,9 @@ def add_arguments(p) -> None:
     """`bumblefast demo`'s arguments."""
     p.add_argument("--out", default="demo_out", help="folder for everything the demo writes")
     p.add_argument("--seed", type=int, default=0, help="seeds packing, init and shuffle of every stage")
-    p.add_argument("--threads", type=int, default=1,
-                   help="intra-op threads per training process (default 1: steady when other work shares the cores)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="intra-op threads per training process (default 1: steady when other work shares the cores)",
+    )

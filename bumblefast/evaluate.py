@@ -85,9 +85,14 @@ def answer_accuracy(model_path: str | Path, records: list[dict], max_new_tokens:
     for rec in records:
         text = tok.apply_chat_template(_prompt_messages(rec), tokenize=False, add_generation_prompt=True)
         ids = tok(text, return_tensors="pt", add_special_tokens=False)
-        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=_stop_ids(tok),
-                             pad_token_id=tok.pad_token_id)
-        answer = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        out = model.generate(
+            **ids,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=_stop_ids(tok),
+            pad_token_id=tok.pad_token_id,
+        )
+        answer = tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
         correct += is_correct(answer, rec["output"])
         exact += answer == rec["output"].strip()
         if len(examples) < 3:
@@ -101,12 +106,13 @@ def _reply_logp(model, tok, prompt_msgs: list[dict], reply: str) -> float:
     p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
     r_ids = tok(reply + "<|im_end|>", add_special_tokens=False)["input_ids"]
     ids = torch.tensor([p_ids + r_ids])
-    logits = model(ids, use_cache=False).logits[0, len(p_ids) - 1:-1].float()
+    logits = model(ids, use_cache=False).logits[0, len(p_ids) - 1 : -1].float()
     return float(torch.log_softmax(logits, -1).gather(1, torch.tensor(r_ids)[:, None]).sum())
 
 
 def _pair(rec: dict) -> tuple[list[dict], str, str]:
     """(prompt messages, chosen text, rejected text) of a ShareGPT or Alpaca-style pair."""
+
     def text(x):
         return x["value"] if isinstance(x, dict) else x
 
@@ -139,8 +145,9 @@ def heldout_loss(model_path: str | Path, shards: str | Path, batch_size: int = 8
     model = Bumblebee.from_pretrained(model_path, torch_dtype=torch.float32).eval()
     total, count = 0.0, 0
     for batch in build_loader(str(shards), batch_size=batch_size, shuffle=False):
-        loss, n = model.lm_loss(batch["input_ids"], batch["position_ids"], batch["cu_seqlens"],
-                                int(batch["max_seqlen"]), batch["labels"])
+        loss, n = model.lm_loss(
+            batch["input_ids"], batch["position_ids"], batch["cu_seqlens"], int(batch["max_seqlen"]), batch["labels"]
+        )
         total += float(loss)
         count += int(n)
     mean = total / max(count, 1)
@@ -157,9 +164,16 @@ def preference_from_shards(model_path: str | Path, shards: str | Path, batch_siz
     wins, margins = 0, []
     for b in build_loader(str(shards), batch_size=batch_size, shuffle=False):
         n = b["cu_seqlens"].numel() - 1
-        logps = model.segment_logps(b["input_ids"], b["position_ids"], b["cu_seqlens"], int(b["max_seqlen"]),
-                                    b["labels"], b["segment_ids"], n,
-                                    kv_prefix=b.get("kv_prefix"))
+        logps = model.segment_logps(
+            b["input_ids"],
+            b["position_ids"],
+            b["cu_seqlens"],
+            int(b["max_seqlen"]),
+            b["labels"],
+            b["segment_ids"],
+            n,
+            kv_prefix=b.get("kv_prefix"),
+        )
         margin = (logps[0::2] - logps[1::2]).tolist()
         wins += sum(m > 0 for m in margin)
         margins += margin
@@ -174,21 +188,34 @@ def evaluate(model_path: str | Path, dataset_path: str | Path) -> dict:
     dataset_path = Path(dataset_path)
     if (dataset_path / MANIFEST_NAME).is_file():
         stage = Manifest.read(str(dataset_path)).stage
-        result = (preference_from_shards(model_path, dataset_path) if stage == "dpo"
-                  else heldout_loss(model_path, dataset_path))
+        result = (
+            preference_from_shards(model_path, dataset_path)
+            if stage == "dpo"
+            else heldout_loss(model_path, dataset_path)
+        )
         return {"model": str(model_path), "data": str(dataset_path), "stage": stage, **result}
     records = load_records(dataset_path)
     if not records:
         raise UserError(f"{dataset_path}: no records")
     first = records[0]
     if "chosen" in first and "rejected" in first:
-        return {"model": str(model_path), "data": str(dataset_path), "stage": "dpo",
-                **preference_accuracy(model_path, records)}
+        return {
+            "model": str(model_path),
+            "data": str(dataset_path),
+            "stage": "dpo",
+            **preference_accuracy(model_path, records),
+        }
     if "instruction" in first and "output" in first:
-        return {"model": str(model_path), "data": str(dataset_path), "stage": "sft",
-                **answer_accuracy(model_path, records)}
-    raise UserError(f"{dataset_path}: records need chosen/rejected (preferences) or instruction/output "
-                    "(questions); for loss and perplexity on text or chats, prep the file and pass the shards")
+        return {
+            "model": str(model_path),
+            "data": str(dataset_path),
+            "stage": "sft",
+            **answer_accuracy(model_path, records),
+        }
+    raise UserError(
+        f"{dataset_path}: records need chosen/rejected (preferences) or instruction/output "
+        "(questions); for loss and perplexity on text or chats, prep the file and pass the shards"
+    )
 
 
 def cli_main(args) -> int:

@@ -50,7 +50,15 @@ def _dims(cfg: Any) -> tuple[int, int, int, int, int, int, int]:
     n_heads = _get(cfg, "num_attention_heads")
     head_dim = _get(cfg, "head_dim") or h // n_heads
     kv = _get(cfg, "num_key_value_heads", n_heads)
-    return h, _get(cfg, "num_hidden_layers"), n_heads, kv, head_dim, _get(cfg, "intermediate_size"), _get(cfg, "vocab_size")
+    return (
+        h,
+        _get(cfg, "num_hidden_layers"),
+        n_heads,
+        kv,
+        head_dim,
+        _get(cfg, "intermediate_size"),
+        _get(cfg, "vocab_size"),
+    )
 
 
 def layer_params(cfg: Any) -> int:
@@ -100,12 +108,25 @@ LIVE_REFERENCES = ("adapter", "copy")
 def _linear_shapes(cfg: Any) -> dict[str, tuple[int, int]]:
     """(in, out) features of each decoder-layer linear, by its module name."""
     h, _, n_heads, kv, hd, inter, _ = _dims(cfg)
-    return {"q_proj": (h, n_heads * hd), "k_proj": (h, kv * hd), "v_proj": (h, kv * hd),
-            "o_proj": (n_heads * hd, h), "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
+    return {
+        "q_proj": (h, n_heads * hd),
+        "k_proj": (h, kv * hd),
+        "v_proj": (h, kv * hd),
+        "o_proj": (n_heads * hd, h),
+        "gate_proj": (h, inter),
+        "up_proj": (h, inter),
+        "down_proj": (inter, h),
+    }
 
 
-def step_flops(cfg: Any, doc_lens: Iterable[int], lora_rank: int = 0, lora_targets: Iterable[str] = (),
-               reference: str | None = None, kv_prefix: Iterable[int] | None = None) -> float:
+def step_flops(
+    cfg: Any,
+    doc_lens: Iterable[int],
+    lora_rank: int = 0,
+    lora_targets: Iterable[str] = (),
+    reference: str | None = None,
+    kv_prefix: Iterable[int] | None = None,
+) -> float:
     """FLOPs of one training pass over these documents, counted by what is computed (module
     docstring): full training (``lora_rank=0``) or LoRA on ``lora_targets``; ``reference`` is
     the DPO reference (``adapter``/``copy``: a live forward, ``precomputed``/None: none);
@@ -146,9 +167,13 @@ def step_flops(cfg: Any, doc_lens: Iterable[int], lora_rank: int = 0, lora_targe
         # gradient, dK if k, dP if either, dV if v; later layers run all four (twice the forward)
         q, k, v = ("q_proj" in adapter), ("k_proj" in adapter), ("v_proj" in adapter)
         attn_layers = layers - 1 + (q + k + (q or k) + v) / 4
-        total = (2.0 * (base + adapters) * tokens + attn_fwd  # forward
-                 + 2.0 * (base + adapters - no_input_grad) * tokens + 2 * attn_fwd * attn_layers / layers
-                 + 2.0 * adapters * tokens)  # weight gradients: the adapters only
+        total = (
+            2.0 * (base + adapters) * tokens
+            + attn_fwd  # forward
+            + 2.0 * (base + adapters - no_input_grad) * tokens
+            + 2 * attn_fwd * attn_layers / layers
+            + 2.0 * adapters * tokens
+        )  # weight gradients: the adapters only
     if reference in LIVE_REFERENCES:
         total += 2.0 * base * tokens + attn_fwd
     elif reference not in (None, "none", "precomputed"):

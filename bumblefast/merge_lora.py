@@ -96,9 +96,7 @@ def merge_lora(
     except json.JSONDecodeError as e:
         raise UserError(f"{lora / 'adapter_config.json'}: not valid JSON ({e})") from None
     if adapter_cfg.get("peft_type", "LORA") != "LORA":
-        raise UserError(
-            f"{lora}: adapter peft_type is {adapter_cfg.get('peft_type')}, merge-lora needs LORA"
-        )
+        raise UserError(f"{lora}: adapter peft_type is {adapter_cfg.get('peft_type')}, merge-lora needs LORA")
 
     import torch
     from peft import PeftModel
@@ -126,9 +124,7 @@ def merge_lora(
 def cli_main(args) -> int:
     """Entry of `bumblefast merge-lora` (argparse Namespace with base_model_path,
     lora_model_path, save_path and optional dtype)."""
-    out = merge_lora(
-        args.base_model_path, args.lora_model_path, args.save_path, getattr(args, "dtype", "auto")
-    )
+    out = merge_lora(args.base_model_path, args.lora_model_path, args.save_path, getattr(args, "dtype", "auto"))
     print(f"merged {args.lora_model_path} into {args.base_model_path} -> {out}")
     return 0
 
@@ -138,5 +134,9 @@ def add_arguments(p) -> None:
     p.add_argument("--base_model_path", required=True, help="HF model folder the adapter was trained on")
     p.add_argument("--lora_model_path", required=True, help="PEFT adapter folder (adapter_config.json)")
     p.add_argument("--save_path", required=True, help="folder to write the merged model to")
-    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
-                   help="dtype of the saved weights (auto: the base's; the merge itself runs in fp32)")
+    p.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        default="auto",
+        help="dtype of the saved weights (auto: the base's; the merge itself runs in fp32)",
+    )

@@ -89,9 +89,7 @@ class BumblebeeModel(nn.Module):
     def __init__(self, config, kernels: str = "auto"):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(
-            DecoderLayer(config, kernels) for _ in range(config.num_hidden_layers)
-        )
+        self.layers = nn.ModuleList(DecoderLayer(config, kernels) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, kernels)
 
 
@@ -127,9 +125,7 @@ class Bumblebee(nn.Module):
     def __init__(self, config, attn_backend: str = "auto", kernels: str = "auto"):
         super().__init__()
         if getattr(config, "use_sliding_window", False):
-            raise NotImplementedError(
-                "sliding-window attention is not supported (use_sliding_window=True)"
-            )
+            raise NotImplementedError("sliding-window attention is not supported (use_sliding_window=True)")
         rs = getattr(config, "rope_scaling", None) or {}
         if rs.get("rope_type", rs.get("type", "default")) != "default":
             raise NotImplementedError(f"rope scaling {rs} is not supported; only default RoPE")
@@ -206,9 +202,7 @@ class Bumblebee(nn.Module):
         starts = torch.repeat_interleave(cu[:-1], cu[1:] - cu[:-1], output_size=n_tokens)
         return torch.arange(n_tokens, device=cu.device) - starts
 
-    def hidden_states(
-        self, input_ids, position_ids, cu_seqlens, max_seqlen=None, kv_prefix=None
-    ) -> torch.Tensor:
+    def hidden_states(self, input_ids, position_ids, cu_seqlens, max_seqlen=None, kv_prefix=None) -> torch.Tensor:
         """Final-norm hidden states ``[T, hidden]`` of a flat packed stream. ``kv_prefix``
         (optional, ``[n_docs]``): document d also attends the first ``kv_prefix[d]`` tokens of
         document d - 1 and its positions start there (a shared DPO prompt; see attention.py)."""

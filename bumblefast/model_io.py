@@ -39,9 +39,7 @@ def hf_state_dict(model: Bumblebee) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous() for k, v in sd.items()}
 
 
-def save_pretrained(
-    model: Bumblebee, path, max_shard_size: int | str = "5GB", state_dict: dict | None = None
-) -> None:
+def save_pretrained(model: Bumblebee, path, max_shard_size: int | str = "5GB", state_dict: dict | None = None) -> None:
     """Write config.json, generation_config.json and the safetensors weights of `model` (or of
     `state_dict`, e.g. gathered from ZeRO-3) into `path`."""
     from huggingface_hub import save_torch_state_dict
@@ -80,10 +78,7 @@ def checkpoint_files(path: str | Path) -> list[Path]:
     """The safetensors files of a Hugging Face model folder (the single file, or the index's shards)."""
     path = Path(path)
     if (path / SAFE_INDEX).is_file():
-        return [
-            path / f
-            for f in sorted(set(json.loads((path / SAFE_INDEX).read_text())["weight_map"].values()))
-        ]
+        return [path / f for f in sorted(set(json.loads((path / SAFE_INDEX).read_text())["weight_map"].values()))]
     if (path / SAFE_NAME).is_file():
         return [path / SAFE_NAME]
     raise FileNotFoundError(f"no {SAFE_NAME} or {SAFE_INDEX} in {path}")
@@ -92,17 +87,13 @@ def checkpoint_files(path: str | Path) -> list[Path]:
 def resolve_dtype(torch_dtype, config) -> torch.dtype:
     """A dtype, `"auto"` (the config's), or None (fp32, as transformers)."""
     if torch_dtype == "auto":
-        torch_dtype = (
-            getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
-        )
+        torch_dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
         if isinstance(torch_dtype, str):
             torch_dtype = getattr(torch, torch_dtype)
     return torch_dtype or torch.float32
 
 
-def load_pretrained(
-    cls: type[Bumblebee], path, torch_dtype=None, device=None, config=None, **kw
-) -> Bumblebee:
+def load_pretrained(cls: type[Bumblebee], path, torch_dtype=None, device=None, config=None, **kw) -> Bumblebee:
     """Load a Hugging Face Qwen2 checkpoint folder (ours or transformers') into a new `cls`."""
     from safetensors.torch import load_file
     from transformers import AutoConfig
@@ -120,8 +111,6 @@ def load_pretrained(
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and tied(config))]
     if missing or unexpected:
-        raise ValueError(
-            f"checkpoint {path} does not match the config: missing={missing} unexpected={unexpected}"
-        )
+        raise ValueError(f"checkpoint {path} does not match the config: missing={missing} unexpected={unexpected}")
     model.tie_weights()
     return model

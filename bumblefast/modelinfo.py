@@ -18,14 +18,19 @@ def read_model_config(path: str | Path) -> dict:
         cfg = json.loads(file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise UserError(f"{file}:{e.lineno}: not valid JSON: {e.msg}") from e
-    missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size") if k not in cfg]
+    missing = [
+        k
+        for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+        if k not in cfg
+    ]
     if missing:
         raise UserError(f"{file}: missing keys {missing}")
     return cfg
 
 
-def model_info(path: str | Path, seq_len: int = 2048, tokenizer: str | None = None,
-               vocab_size: int | None = None) -> str:
+def model_info(
+    path: str | Path, seq_len: int = 2048, tokenizer: str | None = None, vocab_size: int | None = None
+) -> str:
     """The numbers of `path`'s config; with `tokenizer` (or `vocab_size`) the vocabulary a
     fresh model gets when pretrained from this preset with it (bumblefast/vocab.py)."""
     from bumblefast.vocab import fresh_vocab_size
@@ -53,9 +58,12 @@ def model_info(path: str | Path, seq_len: int = 2048, tokenizer: str | None = No
     attn = flops.attention_flops(cfg, [seq_len]) / seq_len
     rows = [
         ("model", str(path)),
-        ("architecture", f"{cfg.get('model_type', '?')}: {cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}, "
-         f"{cfg['num_attention_heads']} heads / {cfg.get('num_key_value_heads', cfg['num_attention_heads'])} kv, "
-         f"intermediate {cfg['intermediate_size']}, vocab {cfg['vocab_size']}"),
+        (
+            "architecture",
+            f"{cfg.get('model_type', '?')}: {cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}, "
+            f"{cfg['num_attention_heads']} heads / {cfg.get('num_key_value_heads', cfg['num_attention_heads'])} kv, "
+            f"intermediate {cfg['intermediate_size']}, vocab {cfg['vocab_size']}",
+        ),
         *vocab_note,
         ("parameters", f"{n:,} ({n / 1e9:.2f}B)"),
         ("matmul parameters", f"{n_mm:,} (non-embedding + LM head)"),
@@ -71,7 +79,10 @@ def add_arguments(p) -> None:
     q = actions.add_parser("info", help="parameter count and training FLOPs per token of a config folder")
     q.add_argument("path", help="model folder with config.json, e.g. configs/models/bumblebee-1.5b")
     q.add_argument("--seq_len", type=int, default=2048, help="document length for the attention FLOPs")
-    q.add_argument("--tokenizer", default=None,
-                   help="size the vocabulary as pretraining from this preset would: the tokenizer's size "
-                        "rounded up to a multiple of 128")
+    q.add_argument(
+        "--tokenizer",
+        default=None,
+        help="size the vocabulary as pretraining from this preset would: the tokenizer's size "
+        "rounded up to a multiple of 128",
+    )
     q.add_argument("--vocab_size", type=int, default=None, help="embedding rows, as train's --vocab_size")

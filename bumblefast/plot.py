@@ -60,7 +60,9 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
         plt.close(fig)
         written.append(out_dir / name)
     if not written:
-        raise FileNotFoundError(f"{run_dir}: the TensorBoard logs hold none of {sorted({t for ts in FIGURES.values() for t in ts})}")
+        raise FileNotFoundError(
+            f"{run_dir}: the TensorBoard logs hold none of {sorted({t for ts in FIGURES.values() for t in ts})}"
+        )
     return written
 
 

@@ -68,9 +68,13 @@ class ChatRequest(BaseModel):
 def error(status: int, message: str, kind: str = "invalid_request_error", code=None, headers=None):
     from fastapi.responses import JSONResponse
 
-    return JSONResponse(status_code=status, headers=headers,
-                        content={"error": {"message": message, "type": kind, "param": None,
-                                           "code": code if code is not None else status}})
+    return JSONResponse(
+        status_code=status,
+        headers=headers,
+        content={
+            "error": {"message": message, "type": kind, "param": None, "code": code if code is not None else status}
+        },
+    )
 
 
 def is_loopback(host: str) -> bool:
@@ -82,9 +86,16 @@ def is_loopback(host: str) -> bool:
         return False  # a host name: it may resolve to anything
 
 
-def create_app(model_path: str | Path, max_tokens_cap: int = 1024, max_body_bytes: int = 1 << 20,
-               model_name: str | None = None, api_key: str | None = None, max_batch: int = 8,
-               max_queue: int = 16, request_timeout: float = 300.0):
+def create_app(
+    model_path: str | Path,
+    max_tokens_cap: int = 1024,
+    max_body_bytes: int = 1 << 20,
+    model_name: str | None = None,
+    api_key: str | None = None,
+    max_batch: int = 8,
+    max_queue: int = 16,
+    request_timeout: float = 300.0,
+):
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI, Request
@@ -111,8 +122,15 @@ def create_app(model_path: str | Path, max_tokens_cap: int = 1024, max_body_byte
         if status == 200 and outcome in ("stop", "length"):
             recent.append(seconds)
             del recent[:-32]
-        log.info("%s status=%d outcome=%s prompt_tokens=%d completion_tokens=%d seconds=%.3f",
-                 rid, status, outcome, prompt, completion, seconds)
+        log.info(
+            "%s status=%d outcome=%s prompt_tokens=%d completion_tokens=%d seconds=%.3f",
+            rid,
+            status,
+            outcome,
+            prompt,
+            completion,
+            seconds,
+        )
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
@@ -121,8 +139,11 @@ def create_app(model_path: str | Path, max_tokens_cap: int = 1024, max_body_byte
             scheme, _, token = given.partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key):
                 done(f"req-{uuid.uuid4().hex[:12]}", 401, "unauthorized", time.perf_counter())
-                message = ("Incorrect API key provided." if given else
-                           "You didn't provide an API key: send the header 'Authorization: Bearer KEY'.")
+                message = (
+                    "Incorrect API key provided."
+                    if given
+                    else "You didn't provide an API key: send the header 'Authorization: Bearer KEY'."
+                )
                 return error(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
         size = request.headers.get("content-length")
         if size is not None and size.isdigit() and int(size) > max_body_bytes:
@@ -172,8 +193,13 @@ def create_app(model_path: str | Path, max_tokens_cap: int = 1024, max_body_byte
             done(rid, req.status_code, "bad_request", t0)
             return req
         ids = chat._input_ids("", [m.model_dump() for m in req.messages])[0].tolist()
-        sampling = chat.sampling(min(req.max_completion_tokens or req.max_tokens or 256, max_tokens_cap),
-                                 req.temperature, req.top_p, req.stops(), req.seed)
+        sampling = chat.sampling(
+            min(req.max_completion_tokens or req.max_tokens or 256, max_tokens_cap),
+            req.temperature,
+            req.top_p,
+            req.stops(),
+            req.seed,
+        )
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
 
         def emit(kind: str, value: str) -> None:  # from the generation thread
@@ -188,8 +214,13 @@ def create_app(model_path: str | Path, max_tokens_cap: int = 1024, max_body_byte
         except QueueFull as e:
             wait = max(1, math.ceil(sum(recent) / len(recent))) if recent else 1
             done(rid, 429, "queue_full", t0, len(ids))
-            return error(429, f"server busy: {e}; retry after {wait} s", kind="rate_limit_error",
-                         code="queue_full", headers={"Retry-After": str(wait)})
+            return error(
+                429,
+                f"server busy: {e}; retry after {wait} s",
+                kind="rate_limit_error",
+                code="queue_full",
+                headers={"Retry-After": str(wait)},
+            )
         deadline = t0 + request_timeout
 
         getter = None  # one pending get at a time: asyncio.wait never drops an event it timed out on
@@ -211,12 +242,19 @@ def create_app(model_path: str | Path, max_tokens_cap: int = 1024, max_body_byte
                     return "gone", ""
 
         def usage() -> dict:
-            return {"prompt_tokens": len(ids), "completion_tokens": len(job.tokens),
-                    "total_tokens": len(ids) + len(job.tokens)}
+            return {
+                "prompt_tokens": len(ids),
+                "completion_tokens": len(job.tokens),
+                "total_tokens": len(ids) + len(job.tokens),
+            }
 
         def timeout_error():
-            return error(504, f"the request did not finish within the server's request_timeout of {request_timeout:g} s",
-                         kind="timeout_error", code="timeout")
+            return error(
+                504,
+                f"the request did not finish within the server's request_timeout of {request_timeout:g} s",
+                kind="timeout_error",
+                code="timeout",
+            )
 
         if not req.stream:
             pieces = []
@@ -238,14 +276,29 @@ def create_app(model_path: str | Path, max_tokens_cap: int = 1024, max_body_byte
                     done(rid, 500, value, t0, len(ids), len(job.tokens))
                     return error(500, value, kind="server_error")
                 done(rid, 200, value, t0, len(ids), len(job.tokens))
-                return {"id": rid, "object": "chat.completion", "created": created, "model": name,
-                        "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(pieces).strip()},
-                                     "finish_reason": value}],
-                        "usage": usage()}
+                return {
+                    "id": rid,
+                    "object": "chat.completion",
+                    "created": created,
+                    "model": name,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": {"role": "assistant", "content": "".join(pieces).strip()},
+                            "finish_reason": value,
+                        }
+                    ],
+                    "usage": usage(),
+                }
 
         def chunk(delta: dict, finish: str | None = None) -> str:
-            data = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": name,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+            data = {
+                "id": rid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": name,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            }
             return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
         # wait for a slot before the 200: a request that times out while queued still gets a 504
@@ -268,8 +321,11 @@ def create_app(model_path: str | Path, max_tokens_cap: int = 1024, max_body_byte
                         yield chunk({"content": value})
                     elif kind == "timeout":
                         outcome = "timeout"
-                        err = {"message": f"the request did not finish within {request_timeout:g} s",
-                               "type": "timeout_error", "code": "timeout"}
+                        err = {
+                            "message": f"the request did not finish within {request_timeout:g} s",
+                            "type": "timeout_error",
+                            "code": "timeout",
+                        }
                         yield f"data: {json.dumps({'error': err})}\n\n"
                         break
                     elif value.startswith("error"):
@@ -298,9 +354,11 @@ def check(args) -> str | None:
     if key is not None and not key.strip():
         raise UserError(f"--api_key / {KEY_ENV} is empty; give a real key or leave both unset")
     if key is None and not is_loopback(args.host) and not args.allow_unauthenticated:
-        raise UserError(f"--host {args.host} would expose the model to the network without authentication: "
-                        f"set --api_key KEY (or the {KEY_ENV} environment variable), or pass "
-                        "--allow_unauthenticated if you really mean an open server")
+        raise UserError(
+            f"--host {args.host} would expose the model to the network without authentication: "
+            f"set --api_key KEY (or the {KEY_ENV} environment variable), or pass "
+            "--allow_unauthenticated if you really mean an open server"
+        )
     for flag in ("max_batch", "max_queue", "max_tokens_cap", "max_body_bytes"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
@@ -317,28 +375,45 @@ def run(args) -> int:
     handler.setFormatter(logging.Formatter("%(asctime)s bumblefast.serve %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
-    app = create_app(args.model_path, max_tokens_cap=args.max_tokens_cap, max_body_bytes=args.max_body_bytes,
-                     api_key=key, max_batch=args.max_batch, max_queue=args.max_queue,
-                     request_timeout=args.request_timeout)
+    app = create_app(
+        args.model_path,
+        max_tokens_cap=args.max_tokens_cap,
+        max_body_bytes=args.max_body_bytes,
+        api_key=key,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        request_timeout=args.request_timeout,
+    )
     auth = "API key required" if key else "no API key"
-    print(f"bumblefast serve: http://{args.host}:{args.port}/ (OpenAI API at /v1; {auth}; "
-          f"max_batch {args.max_batch}, max_queue {args.max_queue})", flush=True)
+    print(
+        f"bumblefast serve: http://{args.host}:{args.port}/ (OpenAI API at /v1; {auth}; "
+        f"max_batch {args.max_batch}, max_queue {args.max_queue})",
+        flush=True,
+    )
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 
 
 def add_arguments(p) -> None:
     p.add_argument("--model_path", required=True, help="a Hugging Face model folder")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to bind (default: loopback only; any other needs --api_key or --allow_unauthenticated)")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default: loopback only; any other needs --api_key or --allow_unauthenticated)",
+    )
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api_key", default=None,
-                   help=f"require 'Authorization: Bearer KEY' on /v1/* (default: the {KEY_ENV} environment variable)")
-    p.add_argument("--allow_unauthenticated", action="store_true",
-                   help="allow a non-loopback --host without an API key")
+    p.add_argument(
+        "--api_key",
+        default=None,
+        help=f"require 'Authorization: Bearer KEY' on /v1/* (default: the {KEY_ENV} environment variable)",
+    )
+    p.add_argument(
+        "--allow_unauthenticated", action="store_true", help="allow a non-loopback --host without an API key"
+    )
     p.add_argument("--max_batch", type=int, default=8, help="sequences generated together (1 = one at a time)")
     p.add_argument("--max_queue", type=int, default=16, help="requests that may wait for a slot; more get 429")
-    p.add_argument("--request_timeout", type=float, default=300.0,
-                   help="seconds a request may take, queue included; past it 504")
+    p.add_argument(
+        "--request_timeout", type=float, default=300.0, help="seconds a request may take, queue included; past it 504"
+    )
     p.add_argument("--max_tokens_cap", type=int, default=1024, help="largest max_tokens a request may ask")
     p.add_argument("--max_body_bytes", type=int, default=1 << 20, help="largest request body accepted")

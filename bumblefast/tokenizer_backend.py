@@ -189,9 +189,7 @@ class FastokensEncoder:
 
     def encode_flat(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         ids, offs = self.ft.encode_batch_flat(texts, add_special_tokens=False)
-        return np.frombuffer(ids, dtype="<u4"), np.diff(
-            np.frombuffer(offs, dtype="<u8").astype(np.int64)
-        )
+        return np.frombuffer(ids, dtype="<u4"), np.diff(np.frombuffer(offs, dtype="<u8").astype(np.int64))
 
     def encode_with_starts(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
         if self.byte_lens is None:
@@ -208,9 +206,7 @@ class FastokensEncoder:
         ok = (cum[tok_ends] - cum[tok_ends - lens]) == nbytes
         allb = np.frombuffer(b"".join(raw), dtype=np.uint8)
         char_of_byte = np.cumsum((allb & 0xC0) != 0x80) - 1  # the character holding each byte
-        char_base = np.concatenate(
-            [[0], np.cumsum(np.fromiter((len(t) for t in texts), np.int64, len(texts)))]
-        )
+        char_base = np.concatenate([[0], np.cumsum(np.fromiter((len(t) for t in texts), np.int64, len(texts)))])
         byte_base = np.concatenate([[0], np.cumsum(nbytes)])
         tok_text = np.repeat(np.arange(len(texts)), lens)
         # a token's byte start in the joined texts: its text's base + its offset inside the text
@@ -221,11 +217,7 @@ class FastokensEncoder:
             starts = np.zeros(len(flat), np.int64)
         out: list = []
         bad = [i for i in range(len(texts)) if not ok[i]]
-        fixed = (
-            dict(zip(bad, self.hf.encode_with_starts([texts[i] for i in bad]), strict=True))
-            if bad
-            else {}
-        )
+        fixed = dict(zip(bad, self.hf.encode_with_starts([texts[i] for i in bad]), strict=True)) if bad else {}
         self.hf_reencoded += len(bad)
         lo = 0
         for i, n in enumerate(lens.tolist()):
@@ -277,9 +269,7 @@ def verify(encoder: FastokensEncoder, sample: list[tuple[str, str]], offsets: bo
         if not np.array_equal(ids, got):
             return f"ids differ on '{label}' ({text[:40]!r}...): {_first_difference(ids, got)}"
     if offsets:
-        for (label, _), (_, starts), (_, got) in zip(
-            sample, ref, encoder.encode_with_starts(texts), strict=True
-        ):
+        for (label, _), (_, starts), (_, got) in zip(sample, ref, encoder.encode_with_starts(texts), strict=True):
             if not np.array_equal(starts, got):
                 return f"token offsets differ on '{label}': {_first_difference(starts, got)}"
     return None
@@ -330,9 +320,7 @@ def open_encoder(
         )
         return enc, info
     if backend == "fastokens":
-        raise UserError(
-            f"tokenizer_backend fastokens: does not match HF tokenizers on {tokenizer_dir}: {problem}"
-        )
+        raise UserError(f"tokenizer_backend fastokens: does not match HF tokenizers on {tokenizer_dir}: {problem}")
     log(
         f"WARNING: tokenizer_backend auto: fastokens does not match HF tokenizers on {tokenizer_dir}: "
         f"{problem}; falling back to HF tokenizers (slower, same output)"

@@ -49,21 +49,15 @@ def grow_embeddings(model: Any, new_size: int) -> None:
         return
     tied = getattr(model.config, "tie_word_embeddings", False)
     with torch.no_grad():
-        new_emb = torch.nn.Embedding(
-            new_size, hidden, dtype=emb.weight.dtype, device=emb.weight.device
-        )
+        new_emb = torch.nn.Embedding(new_size, hidden, dtype=emb.weight.dtype, device=emb.weight.device)
         new_emb.weight[:old_size] = emb.weight
         new_emb.weight[old_size:] = emb.weight.mean(0, dtype=torch.float32).to(emb.weight.dtype)
         model.model.embed_tokens = new_emb
         if not tied:
             head = model.get_output_embeddings()
-            new_head = torch.nn.Linear(
-                hidden, new_size, bias=False, dtype=head.weight.dtype, device=head.weight.device
-            )
+            new_head = torch.nn.Linear(hidden, new_size, bias=False, dtype=head.weight.dtype, device=head.weight.device)
             new_head.weight[:old_size] = head.weight
-            new_head.weight[old_size:] = head.weight.mean(0, dtype=torch.float32).to(
-                head.weight.dtype
-            )
+            new_head.weight[old_size:] = head.weight.mean(0, dtype=torch.float32).to(head.weight.dtype)
             model.lm_head = new_head
     model.config.vocab_size = new_size
     model.tie_weights()

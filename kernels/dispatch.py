@@ -77,8 +77,7 @@ class KernelOps:
         for op in OPS:
             groups.setdefault((self.backends[op], self.reasons.get(op, "")), []).append(op)
         parts = [
-            f"{backend} for {', '.join(ops)}" + (f" ({why})" if why else "")
-            for (backend, why), ops in groups.items()
+            f"{backend} for {', '.join(ops)}" + (f" ({why})" if why else "") for (backend, why), ops in groups.items()
         ]
         return f"kernels {self.mode} on {self.device}: " + "; ".join(parts)
 
@@ -92,9 +91,7 @@ def _ref_flce(hidden, weight, labels, reduction="sum", ignore_index=IGNORE_INDEX
     )
 
 
-def _ref_logprob(
-    hidden, weight, labels, segment_ids, n_segments, ignore_index=IGNORE_INDEX, chunk_size=None
-):
+def _ref_logprob(hidden, weight, labels, segment_ids, n_segments, ignore_index=IGNORE_INDEX, chunk_size=None):
     return fused_linear.fused_linear_logprob(
         hidden, weight, labels, segment_ids, n_segments, ignore_index, chunk_size, impl="torch"
     )
@@ -111,9 +108,7 @@ def _triton_ops() -> dict:
             hidden, weight, labels, reduction, ignore_index, chunk_size, impl="triton"
         )
 
-    def logprob(
-        hidden, weight, labels, segment_ids, n_segments, ignore_index=IGNORE_INDEX, chunk_size=None
-    ):
+    def logprob(hidden, weight, labels, segment_ids, n_segments, ignore_index=IGNORE_INDEX, chunk_size=None):
         return fused_linear.fused_linear_logprob(
             hidden, weight, labels, segment_ids, n_segments, ignore_index, chunk_size, impl="triton"
         )
@@ -139,18 +134,14 @@ def _liger_ops() -> dict:
 
     def rope(q, k, cos, sin):
         # Liger wants [B, H, S, D]; a [T, H, D] packed stream is batch 1 with S = T.
-        qo, ko = LF.liger_rope(
-            q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos[None], sin[None]
-        )
+        qo, ko = LF.liger_rope(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos[None], sin[None])
         return qo[0].transpose(0, 1), ko[0].transpose(0, 1)
 
     def swiglu(gate, up):
         return LF.liger_swiglu(gate, up)
 
     def cross_entropy(logits, labels, reduction="sum", ignore_index=IGNORE_INDEX):
-        return LF.liger_cross_entropy(
-            logits, labels, ignore_index=ignore_index, reduction=reduction
-        )
+        return LF.liger_cross_entropy(logits, labels, ignore_index=ignore_index, reduction=reduction)
 
     def flce(hidden, weight, labels, reduction="sum", ignore_index=IGNORE_INDEX, chunk_size=None):
         return LF.liger_fused_linear_cross_entropy(
@@ -230,8 +221,7 @@ def _build(mode: str, device_type: str) -> KernelOps:
     elif mode == "liger":
         if not liger_available():
             raise RuntimeError(
-                "kernels='liger' but liger-kernel is not installed; "
-                "pip install liger-kernel or use kernels='auto'."
+                "kernels='liger' but liger-kernel is not installed; pip install liger-kernel or use kernels='auto'."
             )
         if not triton_can_run(device):
             raise RuntimeError(
@@ -261,9 +251,7 @@ def _build(mode: str, device_type: str) -> KernelOps:
                     use(_liger_ops(), "liger")
                 except Exception as e:  # noqa: BLE001 - same
                     for op in LIGER_OPS:  # keep the Triton failure, if any, beside this one
-                        reasons[op] = "; ".join(
-                            filter(None, [reasons.get(op), _failed("Liger", e)])
-                        )
+                        reasons[op] = "; ".join(filter(None, [reasons.get(op), _failed("Liger", e)]))
             if backends[OPS[5]] == "triton":
                 why(OPS[5:], "Liger has none")
     else:

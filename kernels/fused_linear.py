@@ -99,9 +99,7 @@ class ChunkedLinearCrossEntropyFunction(torch.autograd.Function):
             y = y_all[s : s + chunk]
             logits = h @ weight.t()
             write = need_h or need_w
-            total += step(
-                logits, y, grad_out=logits if write else None, ignore_index=ignore_index
-            ).sum()
+            total += step(logits, y, grad_out=logits if write else None, ignore_index=ignore_index).sum()
             if need_h:
                 grad_kept[s : s + chunk] = logits @ weight
             if need_w:
@@ -135,9 +133,7 @@ class ChunkedLinearCrossEntropyFunction(torch.autograd.Function):
 
 class ChunkedLinearLogprobFunction(torch.autograd.Function):
     @staticmethod
-    def forward(
-        ctx, hidden, weight, labels, segment_ids, n_segments, ignore_index, chunk_size, impl
-    ):
+    def forward(ctx, hidden, weight, labels, segment_ids, n_segments, ignore_index, chunk_size, impl):
         step = _step(impl)
         # only rows with a target contribute (DPO repeats each prompt: often most of the row)
         keep = (labels != ignore_index).nonzero().squeeze(1)
@@ -180,8 +176,9 @@ class ChunkedLinearLogprobFunction(torch.autograd.Function):
             if need_w:
                 _accumulate_grad_weight(grad_w, logits, h)
         if need_h:
-            grad_h = torch.zeros((ctx.n_rows, hidden.shape[1]), dtype=hidden.dtype,
-                                 device=hidden.device).index_copy_(0, keep, grad_h)
+            grad_h = torch.zeros((ctx.n_rows, hidden.shape[1]), dtype=hidden.dtype, device=hidden.device).index_copy_(
+                0, keep, grad_h
+            )
         return grad_h, grad_w, None, None, None, None, None, None
 
 
@@ -197,9 +194,7 @@ def fused_linear_cross_entropy(
     """``sum``/``mean`` token CE of ``hidden @ weight.T`` without materialising the logits."""
     if not torch.is_grad_enabled():  # the forward computes gradients eagerly: skip that work
         hidden, weight = hidden.detach(), weight.detach()
-    return ChunkedLinearCrossEntropyFunction.apply(
-        hidden, weight, labels, reduction, ignore_index, chunk_size, impl
-    )
+    return ChunkedLinearCrossEntropyFunction.apply(hidden, weight, labels, reduction, ignore_index, chunk_size, impl)
 
 
 def fused_linear_logprob(

@@ -68,6 +68,4 @@ class FusedLinearLogprob(nn.Module):
 
     def forward(self, hidden, weight, labels, segment_ids, n_segments):
         ops = get_ops(self.kernels, hidden.device)
-        return ops.fused_linear_logprob(
-            hidden, weight, labels, segment_ids, n_segments, ignore_index=self.ignore_index
-        )
+        return ops.fused_linear_logprob(hidden, weight, labels, segment_ids, n_segments, ignore_index=self.ignore_index)

@@ -33,11 +33,7 @@ def rope_cos_sin(
     Computed in fp32 exactly as transformers' Qwen2RotaryEmbedding does.
     """
     inv_freq = 1.0 / (
-        theta
-        ** (
-            torch.arange(0, head_dim, 2, dtype=torch.int64, device=position_ids.device).float()
-            / head_dim
-        )
+        theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=position_ids.device).float() / head_dim)
     )
     freqs = position_ids.float()[:, None] * inv_freq[None, :]
     emb = torch.cat((freqs, freqs), dim=-1)
@@ -49,9 +45,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def rope(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary embedding. q ``[T, Hq, D]``, k ``[T, Hk, D]``, cos/sin ``[T, D]``."""
     cos = cos[:, None, :].to(q.dtype)
     sin = sin[:, None, :].to(q.dtype)
@@ -81,9 +75,7 @@ def fused_linear_cross_entropy(
     ignore_index: int = IGNORE_INDEX,
 ) -> torch.Tensor:
     """``cross_entropy(hidden @ weight.T, labels)``, materialising the ``[T, V]`` logits."""
-    return cross_entropy(
-        hidden @ weight.t(), labels, reduction=reduction, ignore_index=ignore_index
-    )
+    return cross_entropy(hidden @ weight.t(), labels, reduction=reduction, ignore_index=ignore_index)
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX):

@@ -55,9 +55,7 @@ class TritonRMSNormFunction(torch.autograd.Function):
         rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
         block = next_pow2(n_cols)
         if n_rows:
-            _rms_norm_fwd[(n_rows,)](
-                x2, weight, y, rstd, x2.stride(0), y.stride(0), n_cols, eps, BLOCK=block
-            )
+            _rms_norm_fwd[(n_rows,)](x2, weight, y, rstd, x2.stride(0), y.stride(0), n_cols, eps, BLOCK=block)
         ctx.save_for_backward(x2, weight, rstd)
         ctx.shape = shape
         return y.reshape(shape)

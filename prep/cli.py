@@ -67,7 +67,10 @@ def main(argv: list[str]) -> int:
     argv = list(argv)
     try:
         if argv and argv[0] == "merge":
-            p = argparse.ArgumentParser(prog="bumblefast prep merge", description="join node-* parts into one dataset (streaming merge_index + merged manifest)")
+            p = argparse.ArgumentParser(
+                prog="bumblefast prep merge",
+                description="join node-* parts into one dataset (streaming merge_index + merged manifest)",
+            )
             p.add_argument("dirs", nargs="+", help="output folders (local or s3://...) holding node-* parts")
             args = p.parse_args(argv[1:])
             from bumblefast.prep.merge import merge_parts
@@ -77,7 +80,10 @@ def main(argv: list[str]) -> int:
                 print(f"merged {len(m['parts'])} parts into {d}: {m['rows']} rows, {m['records']['written']} records")
             return 0
         if argv and argv[0] == "inspect":
-            p = argparse.ArgumentParser(prog="bumblefast prep inspect", description="print the manifest and decode a few rows, trained spans in [[...]]")
+            p = argparse.ArgumentParser(
+                prog="bumblefast prep inspect",
+                description="print the manifest and decode a few rows, trained spans in [[...]]",
+            )
             p.add_argument("dir", help="prep output folder or URL")
             p.add_argument("--rows", type=int, default=2, help="rows to decode (default 2)")
             p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the one in the manifest)")

@@ -97,8 +97,13 @@ class Encoder:
                 sample += [(f"input record {where}", t) for t in self.texts_of(rec)]
             except (RecordError, UserError):
                 continue
-        return open_encoder(self.hf, self.s.tokenizer_path, self.s.tokenizer_backend,
-                            offsets=self.s.stage != "pretrain", extra_sample=sample)
+        return open_encoder(
+            self.hf,
+            self.s.tokenizer_path,
+            self.s.tokenizer_backend,
+            offsets=self.s.stage != "pretrain",
+            extra_sample=sample,
+        )
 
     def texts_of(self, rec) -> list[str]:
         """The texts a record is tokenized as (pretrain: its text; sft: the rendered chat;

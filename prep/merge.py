@@ -57,9 +57,7 @@ def _read_parts(root: str) -> tuple[list[str], list[Manifest]]:
         if m.tokenizer.fingerprint != first.tokenizer.fingerprint:
             bad.append("tokenizer.fingerprint")
         if bad:
-            raise UserError(
-                f"{root}/{name}: differs from {names[0]} in {', '.join(bad)}; cannot merge"
-            )
+            raise UserError(f"{root}/{name}: differs from {names[0]} in {', '.join(bad)}; cannot merge")
     nodes = {m.prep["num_nodes"] for m in parts}
     if len(nodes) == 1 and len(parts) != next(iter(nodes)):
         raise UserError(f"{root}: found {len(parts)} finished parts of {next(iter(nodes))} nodes")
@@ -110,9 +108,7 @@ def merge_parts(root: str) -> dict:
     index_urls = [root.rstrip("/") + f"/{n}/index.json" for n in names]
     # the index and then the manifest replace the previous merge's (each by a rename, or uploaded)
     with staged_output(root, into=True) as stage:
-        merge_index(
-            index_urls, (str(stage), root) if is_remote(root) else str(stage), keep_local=True
-        )
+        merge_index(index_urls, (str(stage), root) if is_remote(root) else str(stage), keep_local=True)
         manifest = merged(names, parts, Path(stage, "index.json").read_bytes())
         manifest.write(stage)
     return manifest.to_dict()

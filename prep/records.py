@@ -61,9 +61,7 @@ def _require(rec: Any, key: str, typ: type | tuple, what: str = "") -> Any:
     val = rec[key]
     if not isinstance(val, typ):
         names = typ.__name__ if isinstance(typ, type) else "/".join(t.__name__ for t in typ)
-        raise RecordError(
-            "wrong_type", f"field '{key}' must be {names}, got {type(val).__name__}"
-        )
+        raise RecordError("wrong_type", f"field '{key}' must be {names}, got {type(val).__name__}")
     return val
 
 
@@ -108,9 +106,7 @@ def _turn(msg: Any, i: int, key: str) -> dict[str, str]:
     if not isinstance(role, str) or not isinstance(text, str):
         raise RecordError("wrong_type", f"{key}[{i}]: '{role_key}' and '{text_key}' must be strings")
     if role not in ROLE_MAP:
-        raise RecordError(
-            "unknown_role", f"{key}[{i}] has unknown role '{role}' (known: {', '.join(ROLE_MAP)})"
-        )
+        raise RecordError("unknown_role", f"{key}[{i}] has unknown role '{role}' (known: {', '.join(ROLE_MAP)})")
     mapped = ROLE_MAP[role]
     if mapped != "system":
         _nonempty(text, f"{key}[{i}] ({role})")
@@ -223,7 +219,9 @@ def _reply(val: Any, key: str) -> dict[str, str]:
     if isinstance(val, list) and len(val) == 1:
         return _reply(val[0], key)
     if isinstance(val, list):
-        raise RecordError("wrong_type", f"field '{key}' has {len(val)} turns after the prompt; one assistant reply expected")
+        raise RecordError(
+            "wrong_type", f"field '{key}' has {len(val)} turns after the prompt; one assistant reply expected"
+        )
     raise RecordError("wrong_type", f"field '{key}' must be a string or a {{from, value}} object")
 
 
@@ -266,8 +264,9 @@ def dpo_pair(rec: Any) -> tuple[list[dict[str, str]], dict, dict, list | None]:
             prompt = _prompt_turns(rec)
         else:
             raise RecordError(
-                "missing_field", "expected a prompt ('conversations', 'messages', 'instruction' or 'prompt') with "
-                "'chosen'/'rejected', or 'chosen'/'rejected' conversations that repeat the prompt"
+                "missing_field",
+                "expected a prompt ('conversations', 'messages', 'instruction' or 'prompt') with "
+                "'chosen'/'rejected', or 'chosen'/'rejected' conversations that repeat the prompt",
             )
         chosen, rejected = _reply(rec["chosen"], "chosen"), _reply(rec["rejected"], "rejected")
     if prompt[-1]["role"] == "assistant":

@@ -101,18 +101,12 @@ def input_files(cfg: PrepConfig) -> tuple[list[str], list[DatasetSpec]]:
     """Every input file in reading order (--input, then each --dataset's files) and the
     dataset_info entries that map the records of their files."""
     files = expand_inputs(list(cfg.input)) if cfg.input else []
-    specs = (
-        load_dataset_info(cfg.dataset_info, list(cfg.dataset), cfg.stage)
-        if cfg.dataset_info
-        else []
-    )
+    specs = load_dataset_info(cfg.dataset_info, list(cfg.dataset), cfg.stage) if cfg.dataset_info else []
     seen = set(files)
     for spec in specs:
         for f in spec.files:
             if f in seen:
-                raise UserError(
-                    f"dataset: {f} is read twice (by --input or another --dataset); give it once"
-                )
+                raise UserError(f"dataset: {f} is read twice (by --input or another --dataset); give it once")
             seen.add(f)
         files += spec.files
     return files, specs
@@ -177,9 +171,7 @@ class _Stats:
                 f"prep lost records: read {self.read} != written {self.written} + skipped {dict(self.skipped)}"
             )
         if self.read != sum(r for r, _ in self.files.values()):
-            raise RuntimeError(
-                f"prep lost records: read {self.read} != the sum per file {self.by_file()}"
-            )
+            raise RuntimeError(f"prep lost records: read {self.read} != the sum per file {self.by_file()}")
 
 
 class _Sink:
@@ -269,11 +261,7 @@ def _plan(cfg: PrepConfig, progress: bool | None) -> _Plan:
         b = encoder.backend
         print(
             f"prep {cfg.stage}: tokenizer backend {b.name} {b.version}"
-            + (
-                f" (verified identical to HF on {b.verified_strings} strings)"
-                if b.name != "hf"
-                else ""
-            ),
+            + (f" (verified identical to HF on {b.verified_strings} strings)" if b.name != "hf" else ""),
             file=sys.stderr,
         )
     vocab = len(encoder.hf)
@@ -301,9 +289,7 @@ def _write_shards(plan: _Plan, staging: Path, stats: _Stats, progress: bool | No
 
     cfg, remote = plan.cfg, is_remote(plan.out)
     packer = (
-        PretrainPacker(cfg.seq_len)
-        if cfg.stage == "pretrain"
-        else BFDPacker(cfg.seq_len, cfg.pack_window, plan.shared)
+        PretrainPacker(cfg.seq_len) if cfg.stage == "pretrain" else BFDPacker(cfg.seq_len, cfg.pack_window, plan.shared)
     )
     writer = MDSWriter(
         out=(os.path.join(staging, "mds"), plan.out) if remote else str(staging),
@@ -328,9 +314,7 @@ def _write_shards(plan: _Plan, staging: Path, stats: _Stats, progress: bool | No
         for chunk_out in results:
             bar.update(_take(chunk_out, packer, sink))
             el = max(time.perf_counter() - t0, 1e-9)
-            bar.set_postfix_str(
-                f"{stats.read / el:,.0f} rec/s, {stats.tokens / el:,.0f} tok/s", refresh=False
-            )
+            bar.set_postfix_str(f"{stats.read / el:,.0f} rec/s, {stats.tokens / el:,.0f} tok/s", refresh=False)
         sink.rows(packer.finish())
     bar.close()
     writer.finish()
@@ -444,9 +428,7 @@ def _manifest(plan: _Plan, stats: _Stats, tail_dropped: int, index_bytes: bytes)
         packing_efficiency=tokens.packing_efficiency,
         prep=prep,
         dpo_layout=("shared_prompt" if plan.shared else "pairs") if dpo else None,
-        dpo=DpoStats.of(stats.pair_tokens, stats.prompt_tokens, stats.tokens, stats.written)
-        if dpo
-        else None,
+        dpo=DpoStats.of(stats.pair_tokens, stats.prompt_tokens, stats.tokens, stats.written) if dpo else None,
     )
 
 
@@ -455,8 +437,7 @@ def _report(manifest: Manifest, out: str, tok_per_s: float) -> None:
     for path, c in (manifest.records.by_file or {}).items():
         if c["skipped"]:
             print(
-                f"  {path}: {c['read']} read, {c['written']} written, {c['skipped']} skipped "
-                f"(see {ERRORS_NAME})",
+                f"  {path}: {c['read']} read, {c['written']} written, {c['skipped']} skipped (see {ERRORS_NAME})",
                 file=sys.stderr,
             )
 

@@ -56,9 +56,7 @@ def expand_inputs(inputs: list[str]) -> list[str]:
     missing = []
     for item in inputs:
         if os.path.isdir(item):
-            found = [
-                str(p) for p in sorted(Path(item).rglob("*")) if p.is_file() and _kind(str(p))
-            ]
+            found = [str(p) for p in sorted(Path(item).rglob("*")) if p.is_file() and _kind(str(p))]
             if not found:
                 missing.append(f"{item} (folder has no {'/'.join(SUFFIXES)} files)")
             files.extend(found)
@@ -363,7 +361,10 @@ def iter_json_array(path: str) -> Iterator[tuple[str, Any]]:
                 break
             if ch in ",]":  # an empty element: a doubled or trailing ','
                 count += 1
-                yield where, BadRecord("malformed_json", f"empty array element (a doubled or trailing ',' at line {line})")
+                yield (
+                    where,
+                    BadRecord("malformed_json", f"empty array element (a doubled or trailing ',' at line {line})"),
+                )
                 if ch == "]":
                     break
                 pos += 1
@@ -405,8 +406,9 @@ def iter_json_array(path: str) -> Iterator[tuple[str, Any]]:
             yield f"{path}:0", BadRecord("empty_file", "JSON array has no records")
 
 
-def _finish_element(path: str, w: _Window, dec: json.JSONDecoder, at: tuple[int, int, int, int], obj: Any,
-                    error: Any) -> tuple[Any, int]:
+def _finish_element(
+    path: str, w: _Window, dec: json.JSONDecoder, at: tuple[int, int, int, int], obj: Any, error: Any
+) -> tuple[Any, int]:
     """An element that did not parse in one go (malformed, or continuing past the buffer):
     find where it ends (the next top-level ',' or ']') and parse it again whole. `at` is
     (its start, where the first parse stopped, its line, elements so far). Returns (the
@@ -479,4 +481,3 @@ def iter_records(files: list[str]) -> Iterator[tuple[str, Any]]:
             yield f"{path}:0", BadRecord("empty_file", "file is empty")
             continue
         yield from iter_file(path)
-

@@ -25,9 +25,7 @@ def _splittable(path: str) -> bool:
     return path.lower().endswith(SPLITTABLE)
 
 
-def node_share(
-    files: list[str], node_rank: int, num_nodes: int
-) -> list[tuple[str, int, int | None]]:
+def node_share(files: list[str], node_rank: int, num_nodes: int) -> list[tuple[str, int, int | None]]:
     """This node's (path, start byte, end byte) pieces; end None: the whole file."""
     if num_nodes <= 1:
         return [(f, 0, None) for f in files]

@@ -178,19 +178,11 @@ class Manifest:
     # -- dict / JSON -----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """The JSON object, in the key order every writer has used."""
-        tok = (
-            ["tokenizer", "chat_template_hash"]
-            if self.parts is None
-            else ["chat_template_hash", "tokenizer"]
-        )
+        tok = ["tokenizer", "chat_template_hash"] if self.parts is None else ["chat_template_hash", "tokenizer"]
         order = ["schema_version", "stage", "seq_len", "columns", "token_dtype", *tok, "fingerprint", "records",
                  "tokens", "rows", "segments", "packing_efficiency", "parts", "prep", "dpo_layout", "dpo",
                  "ref_logps"]  # fmt: skip
-        out = {
-            k: _plain(getattr(self, k))
-            for k in order
-            if k == "chat_template_hash" or getattr(self, k) is not None
-        }
+        out = {k: _plain(getattr(self, k)) for k in order if k == "chat_template_hash" or getattr(self, k) is not None}
         out.update(self.extra)
         return out
 
@@ -217,9 +209,7 @@ class Manifest:
     def validate(self, where: str = MANIFEST_NAME) -> None:
         """The checks beyond types: values a reader relies on."""
         if self.stage not in STAGES:
-            raise ManifestError(
-                f"{where}: key 'stage': must be one of {'|'.join(STAGES)}, got {self.stage!r}"
-            )
+            raise ManifestError(f"{where}: key 'stage': must be one of {'|'.join(STAGES)}, got {self.stage!r}")
         if self.seq_len < 1:
             raise ManifestError(f"{where}: key 'seq_len': must be >= 1, got {self.seq_len}")
         if self.dpo_layout is not None and self.dpo_layout not in DPO_LAYOUTS:
@@ -233,9 +223,7 @@ class Manifest:
     @classmethod
     def read(cls, path: str, cache_dir: str | None = None) -> Manifest:
         """The manifest of a shard folder (local path or remote URL)."""
-        return cls.from_dict(
-            json.loads(_read_text(path, cache_dir)), where=f"{str(path).rstrip('/')}/{MANIFEST_NAME}"
-        )
+        return cls.from_dict(json.loads(_read_text(path, cache_dir)), where=f"{str(path).rstrip('/')}/{MANIFEST_NAME}")
 
     def write(self, folder: str | Path) -> Path:
         """Write `folder/bumblefast.json` atomically (temporary file, fsync, rename)."""
@@ -279,9 +267,7 @@ def _read_text(path: str, cache_dir: str | None) -> str:
         return dest.read_text(encoding="utf-8")
     p = Path(path) / MANIFEST_NAME
     if not p.is_file():
-        raise FileNotFoundError(
-            f"{path}: no {MANIFEST_NAME} (not a finished `bumblefast prep` output?)"
-        )
+        raise FileNotFoundError(f"{path}: no {MANIFEST_NAME} (not a finished `bumblefast prep` output?)")
     return p.read_text(encoding="utf-8")
 
 
@@ -295,9 +281,7 @@ def _plain(value: Any) -> Any:
 def _build(cls: type, data: Any, where: str, prefix: str) -> Any:
     """A dataclass from a JSON object, checking each field's presence and type."""
     if not isinstance(data, dict):
-        raise ManifestError(
-            f"{where}: key '{prefix.rstrip('.')}': expected an object, got {type(data).__name__}"
-        )
+        raise ManifestError(f"{where}: key '{prefix.rstrip('.')}': expected an object, got {type(data).__name__}")
     hints = get_type_hints(cls)
     kwargs = {}
     for f in dataclasses.fields(cls):
@@ -324,17 +308,13 @@ def _check(value: Any, tp: Any, where: str, key: str) -> Any:
     base = get_origin(tp) or tp
     allowed = (int, float) if base is float else (base,)
     if not isinstance(value, allowed) or (isinstance(value, bool) and base is not bool):
-        raise ManifestError(
-            f"{where}: key '{key}': expected {base.__name__}, got {type(value).__name__} {value!r}"
-        )
+        raise ManifestError(f"{where}: key '{key}': expected {base.__name__}, got {type(value).__name__} {value!r}")
     return value
 
 
 # ---- staged outputs ----------------------------------------------------------------------------
 @contextmanager
-def staged_output(
-    final: str | Path, *, upload: Sequence[str] = (), into: bool = False
-) -> Iterator[Path]:
+def staged_output(final: str | Path, *, upload: Sequence[str] = (), into: bool = False) -> Iterator[Path]:
     """Write an output folder whole or not at all; yields the local folder to write into.
 
     Local `final`: the block writes into the hidden sibling `.NAME.tmp-PID`; on a clean exit its

@@ -69,7 +69,11 @@ def test_bench_all_min_writes_a_checked_report(tmp_path):
     (recomputes from its two measurements, each from work and seconds), table + JSON + PNG."""
     proc = subprocess.run(
         [sys.executable, "-m", "bumblefast", "bench", "all", "--size", "min", "--out", str(tmp_path), "--no_progress"],
-        cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=880,
+        cwd=ROOT,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=880,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (js,) = tmp_path.glob("*-min.json")

@@ -28,9 +28,15 @@ def greedy(model_dir, messages, n=24) -> str:
     prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
     stops = [tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id]
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                         eos_token_id=stops, pad_token_id=tok.pad_token_id)
-    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=n,
+        do_sample=False,
+        eos_token_id=stops,
+        pad_token_id=tok.pad_token_id,
+    )
+    return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
 
 
 class Terminal:
@@ -38,8 +44,9 @@ class Terminal:
 
     def __init__(self, args):
         self.master, slave = pty.openpty()
-        self.proc = subprocess.Popen(args, stdin=slave, stdout=slave, stderr=slave, cwd=ROOT, close_fds=True,
-                                     env=subprocess_env())
+        self.proc = subprocess.Popen(
+            args, stdin=slave, stdout=slave, stderr=slave, cwd=ROOT, close_fds=True, env=subprocess_env()
+        )
         os.close(slave)
         self.buf = ""
         self.reads = 0
@@ -73,14 +80,28 @@ def answer_of(screen: str) -> str:
 def test_multi_turn_session_in_a_pty(model_dir):
     q1, q2 = "What is 2 + 3?", "And 4 + 4?"
     a1 = greedy(model_dir, [{"role": "user", "content": q1}])
-    a2 = greedy(model_dir, [{"role": "user", "content": q1}, {"role": "assistant", "content": a1},
-                            {"role": "user", "content": q2}])
+    a2 = greedy(
+        model_dir,
+        [{"role": "user", "content": q1}, {"role": "assistant", "content": a1}, {"role": "user", "content": q2}],
+    )
     a2_fresh = greedy(model_dir, [{"role": "user", "content": q2}])
     assert a2 != a2_fresh  # the history changes the answer, so the test can see it is used
 
     # 24 tokens: the streamer flushes at word boundaries, so replies this long come in pieces
-    term = Terminal([sys.executable, "-m", "bumblefast", "chat", "--model_path", str(model_dir),
-                     "--temperature", "0", "--max_new_tokens", "24"])
+    term = Terminal(
+        [
+            sys.executable,
+            "-m",
+            "bumblefast",
+            "chat",
+            "--model_path",
+            str(model_dir),
+            "--temperature",
+            "0",
+            "--max_new_tokens",
+            "24",
+        ]
+    )
     term.read_until("user> ")
     term.send(q1)
     assert answer_of("assistant> " + term.read_until("user> ").split("assistant> ", 1)[1]) == a1
@@ -99,9 +120,27 @@ def test_multi_turn_session_in_a_pty(model_dir):
 
 def test_prompt_once_and_no_history(model_dir):
     q = "What is 2 + 3?"
-    out = subprocess.run([sys.executable, "-m", "bumblefast", "chat", "--model_path", str(model_dir), "--prompt", q,
-                          "--temperature", "0", "--max_new_tokens", "24"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=120, env=subprocess_env())
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bumblefast",
+            "chat",
+            "--model_path",
+            str(model_dir),
+            "--prompt",
+            q,
+            "--temperature",
+            "0",
+            "--max_new_tokens",
+            "24",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=subprocess_env(),
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == greedy(model_dir, [{"role": "user", "content": q}])
 

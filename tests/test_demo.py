@@ -23,8 +23,14 @@ def test_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
     env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
-    res = subprocess.run([sys.executable, "-m", "bumblefast", "demo", "--out", str(out)], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=1500)
+    res = subprocess.run(
+        [sys.executable, "-m", "bumblefast", "demo", "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     assert "held-out answers" in res.stdout and "outputs in" in res.stdout
 

@@ -14,7 +14,6 @@ ROOT = Path(__file__).resolve().parent.parent
 gen = runpy.run_path(str(ROOT / "datasets" / "make_demo.py"), run_name="make_demo")
 
 
-
 def test_deterministic_for_a_seed(tmp_path):
     assert gen["build"](0) == gen["build"](0)
     assert gen["build"](0) != gen["build"](1)
@@ -36,8 +35,10 @@ def keysets(records):
 
 def test_formats_match_the_real_samples(shared_data):
     demo = gen["build"](0)
-    real = {name: json.loads((shared_data / name).read_text()) for name in
-            ("pretrain_zh_demo.json", "alpaca_zh_demo.json", "duolun_train.json", "dpo_zh_demo.json")}
+    real = {
+        name: json.loads((shared_data / name).read_text())
+        for name in ("pretrain_zh_demo.json", "alpaca_zh_demo.json", "duolun_train.json", "dpo_zh_demo.json")
+    }
     assert keysets(demo["pretrain.json"]) == keysets(real["pretrain_zh_demo.json"])
     assert keysets(demo["sft_alpaca.json"]) >= keysets(real["alpaca_zh_demo.json"])
     assert keysets(demo["sft_sharegpt.json"]) == keysets(real["duolun_train.json"])
@@ -51,7 +52,7 @@ QUESTION = re.compile(r"(\d+) \+ (\d+) =$")  # every question ends with the sum 
 
 
 def qa(question: str, reply: str) -> tuple[int, int, int]:
-    (a, b), = QUESTION.findall(question.strip())
+    ((a, b),) = QUESTION.findall(question.strip())
     return int(a), int(b), int(reply)
 
 

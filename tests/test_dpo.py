@@ -37,15 +37,57 @@ def run(cmd, ok=True):
 def dpo_cmd(model: Path, data: Path, out: Path, *extra: str, nproc: int = 1) -> list[str]:
     launcher = [sys.executable, "-m", "bumblefast"]
     if nproc > 1:
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                    "--master_port", str(29700 + os.getpid() % 1000), "-m", "bumblefast"]
+        launcher = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nproc),
+            "--master_port",
+            str(29700 + os.getpid() % 1000),
+            "-m",
+            "bumblefast",
+        ]
     return launcher + [
-        "train", "--stage", "dpo", "--model_name_or_path", str(model), "--dataset_path", str(data),
-        "--output_dir", str(out), "--cutoff_len", "128", "--train_micro_batch_size_per_gpu", "4",
-        "--gradient_accumulation_steps", "1", "--learning_rate", "5e-3", "--warmup_ratio", "0",
-        "--logging_steps", "1", "--save_steps", "1000", "--gradient_checkpointing", "false",
-        "--kernels", "reference", "--seed", "0", "--lora_rank", "8", "--lora_alpha", "16", "--lora_dropout", "0",
-        "--deepspeed_config_path", str(ROOT / "configs/deepspeed/ds_z0.json"), *extra]
+        "train",
+        "--stage",
+        "dpo",
+        "--model_name_or_path",
+        str(model),
+        "--dataset_path",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--cutoff_len",
+        "128",
+        "--train_micro_batch_size_per_gpu",
+        "4",
+        "--gradient_accumulation_steps",
+        "1",
+        "--learning_rate",
+        "5e-3",
+        "--warmup_ratio",
+        "0",
+        "--logging_steps",
+        "1",
+        "--save_steps",
+        "1000",
+        "--gradient_checkpointing",
+        "false",
+        "--kernels",
+        "reference",
+        "--seed",
+        "0",
+        "--lora_rank",
+        "8",
+        "--lora_alpha",
+        "16",
+        "--lora_dropout",
+        "0",
+        "--deepspeed_config_path",
+        str(ROOT / "configs/deepspeed/ds_z0.json"),
+        *extra,
+    ]
 
 
 def metrics(out: Path) -> list[dict]:
@@ -74,8 +116,16 @@ def setup(tmp_path_factory, demo_tokenizer_dir):
         models[name] = root / name
     pairs = json.loads((DEMO / "dpo.json").read_text())[:64]
     (root / "pairs.json").write_text(json.dumps(pairs, ensure_ascii=False))
-    run_prep(PrepConfig(stage="dpo", input=[str(root / "pairs.json")], tokenizer_name_or_path=str(demo_tokenizer_dir),
-                        seq_len=128, output_dir=str(root / "shards")), progress=False)
+    run_prep(
+        PrepConfig(
+            stage="dpo",
+            input=[str(root / "pairs.json")],
+            tokenizer_name_or_path=str(demo_tokenizer_dir),
+            seq_len=128,
+            output_dir=str(root / "shards"),
+        ),
+        progress=False,
+    )
     precompute_ref(str(models["sft"]), str(root / "shards"), str(root / "shards_ref"), kernels="reference")
     return {"root": root, **models, "shards": root / "shards", "shards_ref": root / "shards_ref", "tok": tok}
 
@@ -97,16 +147,23 @@ def test_packed_segment_logps_equal_each_segment_alone(setup):
     assert n >= 4 and n % 2 == 0  # at least two whole pairs packed
     assert "kv_prefix" in batch  # prep's default layout: the shared prompt
     with torch.no_grad():
-        packed = ours.segment_logps(batch["input_ids"], batch["position_ids"], batch["cu_seqlens"],
-                                    int(batch["max_seqlen"]), batch["labels"], batch["segment_ids"], n,
-                                    kv_prefix=batch["kv_prefix"])
+        packed = ours.segment_logps(
+            batch["input_ids"],
+            batch["position_ids"],
+            batch["cu_seqlens"],
+            int(batch["max_seqlen"]),
+            batch["labels"],
+            batch["segment_ids"],
+            n,
+            kv_prefix=batch["kv_prefix"],
+        )
     hf = AutoModelForCausalLM.from_pretrained(setup["sft"], dtype=torch.float32).eval()
     cu, prefix = batch["cu_seqlens"].tolist(), batch["kv_prefix"].tolist()
     for s in range(n):
         # a rejected segment alone is the chosen segment's prompt head, then its own tokens
         head = slice(cu[s - 1], cu[s - 1] + prefix[s]) if prefix[s] else slice(0, 0)
-        ids = torch.cat([batch["input_ids"][head], batch["input_ids"][cu[s]:cu[s + 1]]])
-        labels = torch.cat([torch.full((prefix[s],), -100), batch["labels"][cu[s]:cu[s + 1]]])
+        ids = torch.cat([batch["input_ids"][head], batch["input_ids"][cu[s] : cu[s + 1]]])
+        labels = torch.cat([torch.full((prefix[s],), -100), batch["labels"][cu[s] : cu[s + 1]]])
         with torch.no_grad():
             logp = torch.log_softmax(hf(ids[None], use_cache=False).logits[0].float(), -1)
         keep = labels != -100
@@ -146,8 +203,21 @@ def test_reference_strategies_agree(setup):
     losses = {}
     for mode, data in (("adapter", setup["shards"]), ("copy", setup["shards"]), ("precomputed", setup["shards_ref"])):
         out = root / f"ref_{mode}"
-        run(dpo_cmd(setup["sft"], data, out, "--finetuning_type", "lora", "--ref_model", mode, "--max_steps", "1",
-                    "--shuffle", "false"))
+        run(
+            dpo_cmd(
+                setup["sft"],
+                data,
+                out,
+                "--finetuning_type",
+                "lora",
+                "--ref_model",
+                mode,
+                "--max_steps",
+                "1",
+                "--shuffle",
+                "false",
+            )
+        )
         losses[mode] = metrics(out)[0]
     for mode in ("copy", "precomputed"):
         for key in ("loss", "logps/chosen", "logps/rejected", "rewards/margins"):
@@ -155,8 +225,20 @@ def test_reference_strategies_agree(setup):
 
 
 def test_precomputed_from_another_model_or_dataset_is_refused(setup, tmp_path):
-    out = run(dpo_cmd(setup["other"], setup["shards_ref"], tmp_path / "a", "--finetuning_type", "lora",
-                      "--ref_model", "precomputed", "--max_steps", "1"), ok=False)
+    out = run(
+        dpo_cmd(
+            setup["other"],
+            setup["shards_ref"],
+            tmp_path / "a",
+            "--finetuning_type",
+            "lora",
+            "--ref_model",
+            "precomputed",
+            "--max_steps",
+            "1",
+        ),
+        ok=False,
+    )
     assert out.returncode == 1 and "ref_logps come from model" in out.stderr and "precompute-ref" in out.stderr
     tampered = tmp_path / "shards"
     import shutil
@@ -165,11 +247,35 @@ def test_precomputed_from_another_model_or_dataset_is_refused(setup, tmp_path):
     manifest = json.loads((tampered / "bumblefast.json").read_text())
     manifest["ref_logps"]["source_fingerprint"] = "0" * 16
     (tampered / "bumblefast.json").write_text(json.dumps(manifest))
-    out = run(dpo_cmd(setup["sft"], tampered, tmp_path / "b", "--finetuning_type", "lora",
-                      "--ref_model", "precomputed", "--max_steps", "1"), ok=False)
+    out = run(
+        dpo_cmd(
+            setup["sft"],
+            tampered,
+            tmp_path / "b",
+            "--finetuning_type",
+            "lora",
+            "--ref_model",
+            "precomputed",
+            "--max_steps",
+            "1",
+        ),
+        ok=False,
+    )
     assert out.returncode == 1 and "computed on another dataset" in out.stderr
-    out = run(dpo_cmd(setup["sft"], setup["shards"], tmp_path / "c", "--finetuning_type", "lora",
-                      "--ref_model", "precomputed", "--max_steps", "1"), ok=False)
+    out = run(
+        dpo_cmd(
+            setup["sft"],
+            setup["shards"],
+            tmp_path / "c",
+            "--finetuning_type",
+            "lora",
+            "--ref_model",
+            "precomputed",
+            "--max_steps",
+            "1",
+        ),
+        ok=False,
+    )
     assert out.returncode == 1 and "no ref_logps column" in out.stderr
 
 
@@ -186,12 +292,38 @@ def test_lora_dpo_separates_pairs_and_exports_peft_adapter(setup):
     root = setup["root"]
     pairs = json.loads((root / "pairs.json").read_text())[:12]  # a random-init 'SFT' model can only
     (root / "pairs12.json").write_text(json.dumps(pairs, ensure_ascii=False))  # memorise a few
-    run_prep(PrepConfig(stage="dpo", input=[str(root / "pairs12.json")], tokenizer_name_or_path=str(setup["sft"]),
-                        seq_len=128, output_dir=str(root / "shards12")), progress=False)
+    run_prep(
+        PrepConfig(
+            stage="dpo",
+            input=[str(root / "pairs12.json")],
+            tokenizer_name_or_path=str(setup["sft"]),
+            seq_len=128,
+            output_dir=str(root / "shards12"),
+        ),
+        progress=False,
+    )
     out = root / "trained"
-    run(dpo_cmd(setup["sft"], root / "shards12", out, "--finetuning_type", "lora", "--num_epochs", "8",
-                "--pref_beta", "0.5", "--learning_rate", "1e-2", "--lora_rank", "16", "--lora_alpha", "32",
-                "--lora_target_modules", "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"))
+    run(
+        dpo_cmd(
+            setup["sft"],
+            root / "shards12",
+            out,
+            "--finetuning_type",
+            "lora",
+            "--num_epochs",
+            "8",
+            "--pref_beta",
+            "0.5",
+            "--learning_rate",
+            "1e-2",
+            "--lora_rank",
+            "16",
+            "--lora_alpha",
+            "32",
+            "--lora_target_modules",
+            "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+        )
+    )
     history = metrics(out)
     late = [r["rewards/accuracies"] for r in history[-6:]]  # the last two epochs
     assert sum(late) / len(late) >= 0.75, late
@@ -208,18 +340,44 @@ def test_lora_dpo_separates_pairs_and_exports_peft_adapter(setup):
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
     with torch.no_grad():
         torch.testing.assert_close(merged(ids, use_cache=False).logits, expected, rtol=1e-4, atol=1e-4)
-        assert not torch.allclose(AutoModelForCausalLM.from_pretrained(setup["sft"], dtype=torch.float32)(
-            ids, use_cache=False).logits, expected, atol=1e-3)
+        assert not torch.allclose(
+            AutoModelForCausalLM.from_pretrained(setup["sft"], dtype=torch.float32)(ids, use_cache=False).logits,
+            expected,
+            atol=1e-3,
+        )
 
 
 def test_full_dpo_with_copy_reference_and_zero2_lora_on_two_processes(setup):
     out = setup["root"] / "full"
-    run(dpo_cmd(setup["sft"], setup["shards"], out, "--finetuning_type", "full", "--learning_rate", "1e-4",
-                "--max_steps", "3"))
+    run(
+        dpo_cmd(
+            setup["sft"],
+            setup["shards"],
+            out,
+            "--finetuning_type",
+            "full",
+            "--learning_rate",
+            "1e-4",
+            "--max_steps",
+            "3",
+        )
+    )
     assert (out / "model.safetensors").is_file() and metrics(out)[-1]["step"] == 3
     out2 = setup["root"] / "z2"
-    run(dpo_cmd(setup["sft"], setup["shards"], out2, "--finetuning_type", "lora", "--max_steps", "3",
-                "--deepspeed_config_path", str(ROOT / "configs/deepspeed/ds_z2.json"), nproc=2))
+    run(
+        dpo_cmd(
+            setup["sft"],
+            setup["shards"],
+            out2,
+            "--finetuning_type",
+            "lora",
+            "--max_steps",
+            "3",
+            "--deepspeed_config_path",
+            str(ROOT / "configs/deepspeed/ds_z2.json"),
+            nproc=2,
+        )
+    )
     history = metrics(out2)
     assert [r["step"] for r in history] == [1, 2, 3]
     # step 1 runs before any update: LoRA's B starts at zero, so the policy IS the reference
@@ -240,9 +398,26 @@ def test_full_dpo_copy_reference_zero3_equals_zero0_on_two_processes(setup):
     history = {}
     for stage in (0, 3):
         out = setup["root"] / f"copy_z{stage}"
-        run(dpo_cmd(setup["sft"], setup["shards"], out, "--finetuning_type", "full", "--ref_model", "copy",
-                    "--learning_rate", "1e-3", "--max_steps", "2", "--shuffle", "false",
-                    "--deepspeed_config_path", str(ROOT / f"configs/deepspeed/ds_z{stage}.json"), nproc=2))
+        run(
+            dpo_cmd(
+                setup["sft"],
+                setup["shards"],
+                out,
+                "--finetuning_type",
+                "full",
+                "--ref_model",
+                "copy",
+                "--learning_rate",
+                "1e-3",
+                "--max_steps",
+                "2",
+                "--shuffle",
+                "false",
+                "--deepspeed_config_path",
+                str(ROOT / f"configs/deepspeed/ds_z{stage}.json"),
+                nproc=2,
+            )
+        )
         history[stage] = metrics(out)
     assert [r["step"] for r in history[3]] == [1, 2]
     assert history[0][0]["loss"] == pytest.approx(math.log(2), rel=1e-6)

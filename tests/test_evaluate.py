@@ -18,11 +18,15 @@ def model_dir(tmp_path_factory, demo_tokenizer_dir):
 def hf(model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(model_dir)
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(
+        model_dir
+    )
 
 
 def reply_logp(model, tok, question: str, reply: str) -> float:
-    prompt = tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True)
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+    )
     p = tok(prompt, add_special_tokens=False)["input_ids"]
     r = tok(reply + "<|im_end|>", add_special_tokens=False)["input_ids"]
     with torch.no_grad():
@@ -36,11 +40,21 @@ def test_heldout_loss_is_mean_ce_over_assistant_tokens(model_dir, tmp_path):
     from bumblefast.evaluate import evaluate
     from bumblefast.prep.run import run_prep
 
-    recs = [{"instruction": "What is 2 + 3?", "input": "", "output": "2 + 3 = 5"},
-            {"instruction": "What is 7 + 1?", "input": "", "output": "7 + 1 = 8"}]
+    recs = [
+        {"instruction": "What is 2 + 3?", "input": "", "output": "2 + 3 = 5"},
+        {"instruction": "What is 7 + 1?", "input": "", "output": "7 + 1 = 8"},
+    ]
     (tmp_path / "sft.json").write_text(json.dumps(recs))
-    run_prep(PrepConfig(stage="sft", input=[str(tmp_path / "sft.json")], tokenizer_name_or_path=str(model_dir),
-                        seq_len=64, output_dir=str(tmp_path / "shards")), progress=False)
+    run_prep(
+        PrepConfig(
+            stage="sft",
+            input=[str(tmp_path / "sft.json")],
+            tokenizer_name_or_path=str(model_dir),
+            seq_len=64,
+            output_dir=str(tmp_path / "shards"),
+        ),
+        progress=False,
+    )
     got = evaluate(model_dir, tmp_path / "shards")
 
     model, tok = hf(model_dir)
@@ -58,22 +72,37 @@ def test_preference_accuracy_and_margin(model_dir, tmp_path):
     from bumblefast.evaluate import evaluate
     from bumblefast.prep.run import run_prep
 
-    pairs = [{"conversations": [{"from": "human", "value": f"What is {a} + {b}?"}],
-              "chosen": {"from": "gpt", "value": f"{a} + {b} = {a + b}"},
-              "rejected": {"from": "gpt", "value": f"{a} + {b} = {a + b + 1}"}} for a, b in ((1, 2), (3, 4), (5, 6))]
+    pairs = [
+        {
+            "conversations": [{"from": "human", "value": f"What is {a} + {b}?"}],
+            "chosen": {"from": "gpt", "value": f"{a} + {b} = {a + b}"},
+            "rejected": {"from": "gpt", "value": f"{a} + {b} = {a + b + 1}"},
+        }
+        for a, b in ((1, 2), (3, 4), (5, 6))
+    ]
     (tmp_path / "pairs.json").write_text(json.dumps(pairs))
     model, tok = hf(model_dir)
-    margins = [reply_logp(model, tok, p["conversations"][0]["value"], p["chosen"]["value"])
-               - reply_logp(model, tok, p["conversations"][0]["value"], p["rejected"]["value"]) for p in pairs]
+    margins = [
+        reply_logp(model, tok, p["conversations"][0]["value"], p["chosen"]["value"])
+        - reply_logp(model, tok, p["conversations"][0]["value"], p["rejected"]["value"])
+        for p in pairs
+    ]
     expected_acc = sum(m > 0 for m in margins) / len(margins)
 
     from_file = evaluate(model_dir, tmp_path / "pairs.json")
     assert from_file["preference_accuracy"] == expected_acc
     assert from_file["mean_margin"] == pytest.approx(sum(margins) / len(margins), rel=1e-4, abs=1e-4)
 
-    manifest = run_prep(PrepConfig(stage="dpo", input=[str(tmp_path / "pairs.json")],
-                                   tokenizer_name_or_path=str(model_dir), seq_len=256,
-                                   output_dir=str(tmp_path / "shards")), progress=False)
+    manifest = run_prep(
+        PrepConfig(
+            stage="dpo",
+            input=[str(tmp_path / "pairs.json")],
+            tokenizer_name_or_path=str(model_dir),
+            seq_len=256,
+            output_dir=str(tmp_path / "shards"),
+        ),
+        progress=False,
+    )
     assert manifest["records"]["written"] == 3
     from_shards = evaluate(model_dir, tmp_path / "shards")
     assert from_shards["n"] == 3 and from_shards["preference_accuracy"] == expected_acc
@@ -85,8 +114,20 @@ def test_answer_accuracy_and_cli(model_dir, tmp_path, capsys):
 
     recs = [{"instruction": "What is 2 + 3?", "input": "", "output": "2 + 3 = 5"}]
     (tmp_path / "q.json").write_text(json.dumps(recs))
-    assert main(["eval", "--model_path", str(model_dir), "--dataset_path", str(tmp_path / "q.json"),
-                 "--out", str(tmp_path / "r.json")]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model_path",
+                str(model_dir),
+                "--dataset_path",
+                str(tmp_path / "q.json"),
+                "--out",
+                str(tmp_path / "r.json"),
+            ]
+        )
+        == 0
+    )
     result = json.loads((tmp_path / "r.json").read_text())
     # a random model does not answer correctly; the example shows what it produced
     assert result["stage"] == "sft" and result["n"] == 1 and result["accuracy"] == 0.0

@@ -49,9 +49,14 @@ def batch_of(doc_lens, vocab, dpo=False, seed=0):
     n = sum(doc_lens)
     cu = torch.tensor([0, *torch.tensor(doc_lens).cumsum(0).tolist()], dtype=torch.int32)
     pos = torch.cat([torch.arange(s) for s in doc_lens])
-    b = {"input_ids": torch.randint(0, vocab, (n,), generator=g), "position_ids": pos, "cu_seqlens": cu,
-         "max_seqlen": max(doc_lens), "labels": torch.randint(0, vocab, (n,), generator=g),
-         "num_target_tokens": n}
+    b = {
+        "input_ids": torch.randint(0, vocab, (n,), generator=g),
+        "position_ids": pos,
+        "cu_seqlens": cu,
+        "max_seqlen": max(doc_lens),
+        "labels": torch.randint(0, vocab, (n,), generator=g),
+        "num_target_tokens": n,
+    }
     if dpo:
         b["segment_ids"] = torch.repeat_interleave(torch.arange(len(doc_lens)), torch.tensor(doc_lens))
         b["ref_logps"] = -torch.rand(len(doc_lens), generator=g)
@@ -74,8 +79,9 @@ def counted(objective, batch) -> int:
 
 
 def lora_model(cfg, targets, rank=4):
-    dpo = DPOConfig(finetuning_type="lora", lora_rank=rank, lora_alpha=2 * rank, lora_dropout=0.0,
-                    lora_target_modules=list(targets))
+    dpo = DPOConfig(
+        finetuning_type="lora", lora_rank=rank, lora_alpha=2 * rank, lora_dropout=0.0, lora_target_modules=list(targets)
+    )
     return apply_lora(make_model(cfg), dpo)
 
 
@@ -86,8 +92,15 @@ def test_full_training_step_is_6n_plus_attention(counted_attention):
     assert got == flops.step_flops(cfg, docs) == flops.train_flops(cfg, docs)
 
 
-@pytest.mark.parametrize("targets", [("q_proj", "k_proj", "v_proj", "o_proj"), ("q_proj", "v_proj", "down_proj"),
-                                     ("gate_proj", "up_proj", "down_proj"), ("o_proj",)])
+@pytest.mark.parametrize(
+    "targets",
+    [
+        ("q_proj", "k_proj", "v_proj", "o_proj"),
+        ("q_proj", "v_proj", "down_proj"),
+        ("gate_proj", "up_proj", "down_proj"),
+        ("o_proj",),
+    ],
+)
 def test_lora_step_counts_adapter_weight_gradients_only(counted_attention, targets):
     cfg = tiny_config()
     docs = [1] * 24

@@ -39,11 +39,7 @@ def prep(tok, out: Path, stage: str, inputs=(), seq_len: int = 256, **kw) -> dic
 
 def shard_files(out: Path) -> dict[str, bytes]:
     """The MDS files (shards + index.json); the manifest names the inputs, so it differs."""
-    files = {
-        p.name: p.read_bytes()
-        for p in sorted(out.iterdir())
-        if p.name not in (MANIFEST_NAME, ERRORS_NAME)
-    }
+    files = {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.name not in (MANIFEST_NAME, ERRORS_NAME)}
     assert "index.json" in files and any(n.startswith("shard.") for n in files)
     return files
 
@@ -54,9 +50,7 @@ def write_json(path: Path, obj) -> Path:
 
 
 def write_jsonl(path: Path, recs) -> Path:
-    path.write_text(
-        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs), encoding="utf-8"
-    )
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs), encoding="utf-8")
     return path
 
 
@@ -205,11 +199,7 @@ def test_dpo_formats_give_identical_shards(demo_tokenizer_dir, tmp_path):
 def test_implicit_prompt_is_the_common_prefix():
     rec = DPO_FORMATS["trl_implicit"][0]
     prompt, chosen, rejected, tools = dpo_pair(rec)
-    assert (
-        prompt == rec["chosen"][:2]
-        and chosen == oai("assistant", C1)
-        and rejected == oai("assistant", R1)
-    )
+    assert prompt == rec["chosen"][:2] and chosen == oai("assistant", C1) and rejected == oai("assistant", R1)
     multi = {
         "chosen": [
             oai("user", "a"),
@@ -347,9 +337,7 @@ def test_dataset_info_entries_read_like_the_formats(demo_tokenizer_dir, tmp_path
         [write_jsonl(tmp_path / "d.jsonl", DPO_FORMATS["alpaca"])],
     )
     assert ref_sft["records"]["written"] == ref_dpo["records"]["written"] == 2
-    prep(
-        demo_tokenizer_dir, tmp_path / "auto_alpaca", "sft", [d / "alpaca_en_demo.json"]
-    )  # format detected
+    prep(demo_tokenizer_dir, tmp_path / "auto_alpaca", "sft", [d / "alpaca_en_demo.json"])  # format detected
     prep(demo_tokenizer_dir, tmp_path / "auto_dpo", "dpo", [d / "dpo_en_demo.json"])
     for stage, name, ref in (
         ("sft", "alpaca_en_demo", "auto_alpaca"),
@@ -441,9 +429,7 @@ def test_dataset_info_unknown_name_lists_the_entries(tmp_path):
     from bumblefast.prep.dataset_info import load_dataset_info
 
     d = llamafactory_dir(tmp_path)
-    with pytest.raises(
-        UserError, match=r"'alpaca_demo' is not in .* \(has: alpaca_en_demo, dpo_en_demo"
-    ):
+    with pytest.raises(UserError, match=r"'alpaca_demo' is not in .* \(has: alpaca_en_demo, dpo_en_demo"):
         load_dataset_info(str(d / "dataset_info.json"), ["alpaca_demo"], "sft")
     with pytest.raises(UserError, match="'remote': 'hf_hub_url' is not fetched"):
         load_dataset_info(str(d / "dataset_info.json"), ["remote"], "sft")
@@ -475,9 +461,7 @@ def test_dataset_info_bad_records_are_skipped_naming_the_column(demo_tokenizer_d
     messages = {e["where"].rsplit("/", 1)[1]: e["message"] for e in errors}
     assert messages["qa.jsonl:2"] == "missing field 'a' (columns.response of dataset 'qa')"
     assert messages["qa.jsonl:3"] == "field 'a' (columns.response) must be str, got int"
-    assert messages["chat.jsonl:2"].startswith(
-        "turns[0] has role 'human', not one of the dataset's tags"
-    )
+    assert messages["chat.jsonl:2"].startswith("turns[0] has role 'human', not one of the dataset's tags")
     assert messages["chat.jsonl:3"] == "turns[0] has no 'content' (tags.content_tag)"
 
 
@@ -510,9 +494,7 @@ def test_txt_is_a_document_per_line(demo_tokenizer_dir, tmp_path):
         "third, after a blank line",
         "last without newline",
     ]
-    (tmp_path / "c.txt").write_bytes(
-        f"{docs[0]}\r\n{docs[1]}\n\n   \n{docs[2]}\n{docs[3]}".encode()
-    )
+    (tmp_path / "c.txt").write_bytes(f"{docs[0]}\r\n{docs[1]}\n\n   \n{docs[2]}\n{docs[3]}".encode())
     write_jsonl(tmp_path / "c.jsonl", [{"text": t} for t in docs])
     m = prep(demo_tokenizer_dir, tmp_path / "t", "pretrain", [tmp_path / "c.txt"], seq_len=16)
     prep(demo_tokenizer_dir, tmp_path / "j", "pretrain", [tmp_path / "c.jsonl"], seq_len=16)
@@ -521,12 +503,8 @@ def test_txt_is_a_document_per_line(demo_tokenizer_dir, tmp_path):
     # reference: the Hugging Face `text` loader's lines (it keeps blank lines as empty records)
     from datasets import load_dataset
 
-    hf = [
-        r["text"] for r in load_dataset("text", data_files=str(tmp_path / "c.txt"), split="train")
-    ]
+    hf = [r["text"] for r in load_dataset("text", data_files=str(tmp_path / "c.txt"), split="train")]
     assert [t for t in hf if t.strip()] == docs
     sft = write_jsonl(tmp_path / "sft.jsonl", SFT_FORMATS["alpaca"])
     m = prep(demo_tokenizer_dir, tmp_path / "s", "sft", [tmp_path / "c.txt", sft])
-    assert (
-        m["records"]["skipped_by_reason"].get("not_an_object") == 4
-    )  # a .txt line is no chat record
+    assert m["records"]["skipped_by_reason"].get("not_an_object") == 4  # a .txt line is no chat record

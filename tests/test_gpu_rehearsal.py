@@ -17,17 +17,26 @@ pytestmark = pytest.mark.slow
 
 def test_run_sh_rehearsal_writes_each_result_within_the_file_limit(tmp_path):
     out = tmp_path / "out"
-    env = subprocess_env(OUT=str(out), PYTHON=sys.executable, WHEELS=str(tmp_path / "no-wheels"),
-                         OMP_NUM_THREADS="1")
-    proc = subprocess.run(["bash", str(ROOT / "benchmarks/gpu/run.sh"), "--rehearsal"], env=env,
-                          capture_output=True, text=True, timeout=900)
+    env = subprocess_env(OUT=str(out), PYTHON=sys.executable, WHEELS=str(tmp_path / "no-wheels"), OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        ["bash", str(ROOT / "benchmarks/gpu/run.sh"), "--rehearsal"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
     files = sorted(p.name for p in out.rglob("*") if p.is_file())
     assert len(files) <= 8, files  # the device tool returns at most 8 files
     names = " ".join(files)
-    for want in ("gpu_env.json", "gpu_run.log", "bench_kernels_quick_cpu_", "bench_train_",
-                 "train_zero2_smoke_metrics.json"):
+    for want in (
+        "gpu_env.json",
+        "gpu_run.log",
+        "bench_kernels_quick_cpu_",
+        "bench_train_",
+        "train_zero2_smoke_metrics.json",
+    ):
         assert want in names, (want, files)
     env_json = json.loads((out / "gpu_env.json").read_text())
     assert env_json["gpu"] is None and env_json["attn_auto_bf16"] == "sdpa"

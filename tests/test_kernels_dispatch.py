@@ -49,9 +49,7 @@ def test_reference_rope_and_norm_match_transformers():
     torch.testing.assert_close(cos, cos_hf[0], atol=1e-6, rtol=0)
     torch.testing.assert_close(sin, sin_hf[0], atol=1e-6, rtol=0)
     q, k = torch.randn(7, 4, 16), torch.randn(7, 2, 16)
-    q_hf, k_hf = Q.apply_rotary_pos_emb(
-        q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos_hf, sin_hf
-    )
+    q_hf, k_hf = Q.apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos_hf, sin_hf)
     qo, ko = R.rope(q, k, cos, sin)
     torch.testing.assert_close(qo, q_hf[0].transpose(0, 1), atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(ko, k_hf[0].transpose(0, 1), atol=1e-6, rtol=1e-6)
@@ -131,17 +129,13 @@ def test_dispatch_reference_ops_equal_reference_functions():
     ops = get_ops("reference", "cpu")
     h, w, y = _inputs(seed=4)
     seg = torch.zeros(len(y), dtype=torch.long)
-    torch.testing.assert_close(
-        ops.fused_linear_cross_entropy(h, w, y), R.fused_linear_cross_entropy(h, w, y), **TOL
-    )
+    torch.testing.assert_close(ops.fused_linear_cross_entropy(h, w, y), R.fused_linear_cross_entropy(h, w, y), **TOL)
     torch.testing.assert_close(
         ops.fused_linear_logprob(h, w, y, seg, 1), R.fused_linear_logprob(h, w, y, seg, 1), **TOL
     )
     logits = h @ w.t()
     for red in ("sum", "mean", "none"):
-        torch.testing.assert_close(
-            ops.cross_entropy(logits, y, reduction=red), R.cross_entropy(logits, y, red)
-        )
+        torch.testing.assert_close(ops.cross_entropy(logits, y, reduction=red), R.cross_entropy(logits, y, red))
 
 
 def test_modules_wrap_the_dispatch():

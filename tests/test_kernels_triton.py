@@ -38,9 +38,7 @@ in_process = pytest.mark.skipif(
 @pytest.mark.skipif(RUN_HERE, reason="kernels run in this process")
 def test_triton_suite_interpreted():
     """Run this module under the Triton CPU interpreter in a fresh process."""
-    env = dict(
-        os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1")
-    )
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.run(
         [
@@ -65,9 +63,7 @@ def test_triton_suite_interpreted():
 
 def _close(a, b, tol, what=""):
     atol, rtol = tol
-    torch.testing.assert_close(
-        a.float(), b.float(), atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}"
-    )
+    torch.testing.assert_close(a.float(), b.float(), atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
 
 
 def _leaf(t, dtype):
@@ -243,9 +239,7 @@ def test_liger_rope_and_cross_entropy(dtype):
 
 @in_process
 @pytest.mark.gpu
-@pytest.mark.skipif(
-    not CUDA, reason="Liger's elementwise kernels need CUDA (its RMSNorm fails in the interpreter)"
-)
+@pytest.mark.skipif(not CUDA, reason="Liger's elementwise kernels need CUDA (its RMSNorm fails in the interpreter)")
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_liger_elementwise_cuda(dtype):
     ops = get_ops("liger", "cuda")

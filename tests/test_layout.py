@@ -62,22 +62,15 @@ def test_top_level_imports_from_the_checkout_root_make_no_second_copy():
     )
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout.strip().splitlines()[-1])
-    assert got[
-        "sys_path_has_root"
-    ]  # the case under test: the folders are importable by their own names
+    assert got["sys_path_has_root"]  # the case under test: the folders are importable by their own names
     for name in FOLDERS:  # refused with a message naming the right import, or the very same module
         assert got["same_objects"][name] or got["outcome"][name].startswith("ImportError:"), (
             name,
             got,
         )
         if got["outcome"][name] != "imported":
-            assert (
-                "import it by that name" in got["outcome"][name]
-                and f"bumblefast.{name}" in got["outcome"][name]
-            )
-    assert got["dispatch_holders"] == [
-        "bumblefast.kernels.dispatch"
-    ]  # one module holds the dispatch code
+            assert "import it by that name" in got["outcome"][name] and f"bumblefast.{name}" in got["outcome"][name]
+    assert got["dispatch_holders"] == ["bumblefast.kernels.dispatch"]  # one module holds the dispatch code
     stray = [m for m in got["from_folders"] if not m.startswith("bumblefast.")]
     assert stray == [], f"modules loaded from the folders under a second name: {stray}"
 
@@ -93,8 +86,7 @@ def _top_level_imports(source: str, label: str) -> list[str]:
             names = [node.module]  # relative imports (level > 0) stay inside their package
         elif (
             isinstance(node, ast.Call)
-            and getattr(node.func, "attr", getattr(node.func, "id", None))
-            in ("import_module", "__import__")
+            and getattr(node.func, "attr", getattr(node.func, "id", None)) in ("import_module", "__import__")
             and node.args
             and isinstance(node.args[0], ast.Constant)
             and isinstance(node.args[0].value, str)
@@ -107,15 +99,8 @@ def _top_level_imports(source: str, label: str) -> list[str]:
 def test_nothing_imports_the_folders_by_their_own_names():
     files = [p for d in SCANNED for p in sorted((ROOT / d).rglob("*.py"))]
     assert len(files) > 50  # the scan saw the tree
-    bad = [
-        hit
-        for p in files
-        for hit in _top_level_imports(p.read_text(encoding="utf-8"), str(p.relative_to(ROOT)))
-    ]
-    assert bad == [], (
-        "import these as bumblefast.prep / bumblefast.shards / bumblefast.kernels:\n"
-        + "\n".join(bad)
-    )
+    bad = [hit for p in files for hit in _top_level_imports(p.read_text(encoding="utf-8"), str(p.relative_to(ROOT)))]
+    assert bad == [], "import these as bumblefast.prep / bumblefast.shards / bumblefast.kernels:\n" + "\n".join(bad)
 
 
 @pytest.mark.parametrize(

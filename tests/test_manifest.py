@@ -116,9 +116,7 @@ def test_round_trip_is_byte_identical(data, tmp_path):
     (tmp_path / "again").mkdir()
     m.write(tmp_path / "again")
     assert (tmp_path / "again" / MANIFEST_NAME).read_text(encoding="utf-8") == _text(data)
-    assert sorted(p.name for p in (tmp_path / "again").iterdir()) == [
-        MANIFEST_NAME
-    ]  # no temporary file left
+    assert sorted(p.name for p in (tmp_path / "again").iterdir()) == [MANIFEST_NAME]  # no temporary file left
 
 
 def test_ref_logps_and_fields():
@@ -133,10 +131,7 @@ def test_ref_logps_and_fields():
             },
         )
     )
-    assert (
-        m.ref_logps.model_fingerprint == "a" * 16
-        and m.records.by_file["/d/a.jsonl"]["written"] == 4
-    )
+    assert m.ref_logps.model_fingerprint == "a" * 16 and m.records.by_file["/d/a.jsonl"]["written"] == 4
     assert m.layout == "pairs" and not m.has_ref_logps
     assert list(m.to_dict())[-1] == "ref_logps"
     assert Manifest.from_dict(dict(PREP, stage="sft", dpo_layout=None, dpo=None)).layout == "pairs"

@@ -33,9 +33,7 @@ def folders(tmp_path_factory):
     cfg = AutoConfig.from_pretrained(TINY.parent)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     model.save_pretrained(base, safe_serialization=True)
-    GenerationConfig(
-        max_new_tokens=17, temperature=0.3, do_sample=True, eos_token_id=0
-    ).save_pretrained(base)
+    GenerationConfig(max_new_tokens=17, temperature=0.3, do_sample=True, eos_token_id=0).save_pretrained(base)
     train_tokenizer([ROOT / "datasets" / "demo" / "sft_alpaca.json"], 512, base)
 
     ids = torch.randint(0, cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
@@ -105,10 +103,7 @@ def test_dtype_auto_and_bf16(folders, tmp_path):
 
     # auto -> the base checkpoint's dtype: float32 as the fixture saved it ...
     out = merge_lora(folders["base"], folders["lora"], folders["root"] / "merged_auto")
-    assert (
-        next(AutoModelForCausalLM.from_pretrained(out, dtype="auto").parameters()).dtype
-        == torch.float32
-    )
+    assert next(AutoModelForCausalLM.from_pretrained(out, dtype="auto").parameters()).dtype == torch.float32
     # ... and bfloat16 when the base's config.json says so (the merge itself still runs in fp32)
     base16 = tmp_path / "base_bf16"
     shutil.copytree(folders["base"], base16)
@@ -129,10 +124,7 @@ def test_dtype_auto_and_bf16(folders, tmp_path):
     assert torch.equal(w16, m_auto16.model.layers[0].self_attn.q_proj.weight)
     # float16 too
     out_h = merge_lora(folders["base"], folders["lora"], tmp_path / "merged_fp16", dtype="float16")
-    assert (
-        next(AutoModelForCausalLM.from_pretrained(out_h, dtype="auto").parameters()).dtype
-        == torch.float16
-    )
+    assert next(AutoModelForCausalLM.from_pretrained(out_h, dtype="auto").parameters()).dtype == torch.float16
 
 
 def test_tokenizer_taken_from_adapter_folder_when_present(folders, tmp_path):

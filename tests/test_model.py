@@ -107,12 +107,7 @@ def test_packed_equals_separate_documents(backend):
     torch.testing.assert_close(packed, separate, atol=ATOL, rtol=RTOL)
     # and equals HF run per document
     hf = hf_from(model)
-    hf_sep = torch.cat(
-        [
-            hf(input_ids=ids[a:b][None], use_cache=False).logits[0]
-            for a, b in zip(starts, starts[1:])
-        ]
-    )
+    hf_sep = torch.cat([hf(input_ids=ids[a:b][None], use_cache=False).logits[0] for a, b in zip(starts, starts[1:])])
     torch.testing.assert_close(packed, hf_sep, atol=ATOL, rtol=RTOL)
 
 
@@ -125,12 +120,7 @@ def test_packed_matches_hf_packed_position_ids():
     theirs = hf(input_ids=ids[None], position_ids=pos[None], use_cache=False).logits[0]
     ours = model(ids, pos, cu, ms)
     starts = cu.tolist()
-    sep = torch.cat(
-        [
-            hf(input_ids=ids[a:b][None], use_cache=False).logits[0]
-            for a, b in zip(starts, starts[1:])
-        ]
-    )
+    sep = torch.cat([hf(input_ids=ids[a:b][None], use_cache=False).logits[0] for a, b in zip(starts, starts[1:])])
     if not torch.allclose(theirs, sep, atol=1e-4):
         pytest.skip("this transformers version does not isolate packed docs via position_ids")
     torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=RTOL)
@@ -216,17 +206,13 @@ def test_segment_logps_matches_reference():
     labels[0] = -100  # e.g. a prompt token
     seg = torch.repeat_interleave(torch.arange(3), (cu[1:] - cu[:-1]).long())
     logps, counts = model.segment_logps(ids, pos, cu, ms, labels, seg, 3, return_counts=True)
-    ref = R.fused_linear_logprob(
-        model.hidden_states(ids, pos, cu, ms), model.lm_head.weight, labels, seg, 3
-    )
+    ref = R.fused_linear_logprob(model.hidden_states(ids, pos, cu, ms), model.lm_head.weight, labels, seg, 3)
     torch.testing.assert_close(logps, ref, atol=1e-4, rtol=1e-5)
     assert counts.tolist() == [3, 3, 5]
     # gradient path: d(sum logps)/d params equals the materialised reference's
     g = torch.tensor([1.0, -1.0, 0.5])
     got = torch.autograd.grad((logps * g).sum(), list(model.parameters()))
-    ref2 = R.fused_linear_logprob(
-        model.hidden_states(ids, pos, cu, ms), model.lm_head.weight, labels, seg, 3
-    )
+    ref2 = R.fused_linear_logprob(model.hidden_states(ids, pos, cu, ms), model.lm_head.weight, labels, seg, 3)
     want = torch.autograd.grad((ref2 * g).sum(), list(model.parameters()))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
@@ -278,9 +264,7 @@ def test_meta_init_is_lazy_and_deterministic():
     for k in states[0]:
         assert torch.equal(states[0][k], states[1][k]), k
     sd = states[0]
-    assert torch.all(sd["model.norm.weight"] == 1) and torch.all(
-        sd["model.layers.0.self_attn.q_proj.bias"] == 0
-    )
+    assert torch.all(sd["model.norm.weight"] == 1) and torch.all(sd["model.layers.0.self_attn.q_proj.bias"] == 0)
     assert abs(sd["model.layers.1.mlp.up_proj.weight"].std().item() - cfg.initializer_range) < 0.005
 
 
@@ -350,9 +334,7 @@ def test_sharded_save_loads_in_transformers(tmp_path):
     assert not os.path.exists(tmp_path / "model.safetensors")
     ids = torch.randint(0, 96, (1, 6))
     hf = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
-    torch.testing.assert_close(
-        hf(input_ids=ids, use_cache=False).logits, model(ids), atol=ATOL, rtol=RTOL
-    )
+    torch.testing.assert_close(hf(input_ids=ids, use_cache=False).logits, model(ids), atol=ATOL, rtol=RTOL)
     back = Bumblebee.from_pretrained(tmp_path, torch_dtype=torch.bfloat16)
     assert back.lm_head.weight.dtype == torch.bfloat16
     assert torch.equal(back.lm_head.weight.float(), model.lm_head.weight.bfloat16().float())
@@ -419,15 +401,11 @@ def test_cuda_parity_with_hf_and_backends(dtype):
     hf = hf_from(model).cuda().to(dtype)
     model = model.to(dtype)
     ids = torch.randint(0, 96, (2, 16), device="cuda")
-    torch.testing.assert_close(
-        model(ids).float(), hf(input_ids=ids, use_cache=False).logits.float(), **tol
-    )
+    torch.testing.assert_close(model(ids).float(), hf(input_ids=ids, use_cache=False).logits.float(), **tol)
     ids, pos, cu, ms = (t.cuda() if torch.is_tensor(t) else t for t in packed_batch([9, 1, 12, 30]))
     ref = Bumblebee(model.config, attn_backend="sdpa_mask", kernels="reference").cuda().to(dtype)
     ref.load_state_dict(model.state_dict())
-    torch.testing.assert_close(
-        model(ids, pos, cu, ms).float(), ref(ids, pos, cu, ms).float(), **tol
-    )
+    torch.testing.assert_close(model(ids, pos, cu, ms).float(), ref(ids, pos, cu, ms).float(), **tol)
     labels = _shifted_labels(ids, cu)
     l1, _ = model.lm_loss(ids, pos, cu, ms, labels)
     l2, _ = ref.lm_loss(ids, pos, cu, ms, labels)

@@ -91,13 +91,9 @@ def ref_losses(pc, pr, rc, rr, nc, nr, loss, beta, eps, gamma, w):
 @pytest.mark.parametrize("eps", [0.0, 0.1, 0.3])
 @pytest.mark.parametrize("sft_weight", [0.0, 0.5])
 def test_losses_match_formulas(loss, eps, sft_weight):
-    pc, pr, rc, rr, nc, nr = _inputs(
-        seed=PREF_LOSSES.index(loss) * 10 + int(eps * 10) + int(sft_weight * 2)
-    )
+    pc, pr, rc, rr, nc, nr = _inputs(seed=PREF_LOSSES.index(loss) * 10 + int(eps * 10) + int(sft_weight * 2))
     beta, gamma = 0.2, 0.7
-    cfg = PrefLossConfig(
-        loss=loss, beta=beta, label_smoothing=eps, simpo_gamma=gamma, sft_weight=sft_weight
-    )
+    cfg = PrefLossConfig(loss=loss, beta=beta, label_smoothing=eps, simpo_gamma=gamma, sft_weight=sft_weight)
     free = loss in ("simpo", "orpo")
     out = preference_loss(pc, pr, None if free else rc, None if free else rr, nc, nr, cfg)
     want, want_c, want_r = ref_losses(pc, pr, rc, rr, nc, nr, loss, beta, eps, gamma, sft_weight)
@@ -106,9 +102,7 @@ def test_losses_match_formulas(loss, eps, sft_weight):
     torch.testing.assert_close(out["chosen_rewards"], want_c, **TOL)
     torch.testing.assert_close(out["rejected_rewards"], want_r, **TOL)
     if loss in ("ipo", "hinge"):  # these ignore label smoothing (as in TRL)
-        base = preference_loss(
-            pc, pr, rc, rr, nc, nr, PrefLossConfig(loss=loss, beta=beta, sft_weight=sft_weight)
-        )
+        base = preference_loss(pc, pr, rc, rr, nc, nr, PrefLossConfig(loss=loss, beta=beta, sft_weight=sft_weight))
         torch.testing.assert_close(out["losses"], base["losses"])
 
 
@@ -130,19 +124,13 @@ def test_label_smoothing_zero_is_plain_dpo_and_robust_equals_sigmoid():
     beta = 0.1
     z = (pc - pr) - (rc - rr)
     plain = -torch.nn.functional.logsigmoid(beta * z)
-    sig = preference_loss(
-        pc, pr, rc, rr, nc, nr, PrefLossConfig("sigmoid", beta=beta, label_smoothing=0.0)
-    )
-    rob = preference_loss(
-        pc, pr, rc, rr, nc, nr, PrefLossConfig("robust", beta=beta, label_smoothing=0.0)
-    )
+    sig = preference_loss(pc, pr, rc, rr, nc, nr, PrefLossConfig("sigmoid", beta=beta, label_smoothing=0.0))
+    rob = preference_loss(pc, pr, rc, rr, nc, nr, PrefLossConfig("robust", beta=beta, label_smoothing=0.0))
     torch.testing.assert_close(sig["losses"], plain, rtol=0, atol=0)
     torch.testing.assert_close(rob["losses"], plain, **TOL)
     # eps = 0 with extreme logits stays finite (no 0 * inf from the smoothing term)
     big = torch.tensor([1e4, -1e4])
-    out = preference_loss(
-        big, -big, None, None, torch.tensor([5, 5]), torch.tensor([5, 5]), PrefLossConfig()
-    )
+    out = preference_loss(big, -big, None, None, torch.tensor([5, 5]), torch.tensor([5, 5]), PrefLossConfig())
     assert torch.isfinite(out["losses"]).all()
     torch.testing.assert_close(out["losses"][0], torch.tensor(0.0))
     # cDPO with eps: the loss at logits=0 is log 2 whatever eps
@@ -186,9 +174,7 @@ def test_gradients_flow_and_match_autograd_reference(loss):
     pc64, pr64 = pc0.double().requires_grad_(), pr0.double().requires_grad_()
     cfg64 = PrefLossConfig(loss=loss, beta=0.3, label_smoothing=0.1, sft_weight=0.2)
     free = loss in ("simpo", "orpo")
-    o64 = preference_loss(
-        pc64, pr64, None if free else rc.double(), None if free else rr.double(), nc, nr, cfg64
-    )
+    o64 = preference_loss(pc64, pr64, None if free else rc.double(), None if free else rr.double(), nc, nr, cfg64)
     o64["losses"].sum().backward()
     torch.testing.assert_close(pc.grad, pc64.grad.float(), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(pr.grad, pr64.grad.float(), rtol=1e-4, atol=1e-6)
@@ -213,11 +199,7 @@ def test_orpo_is_stable_at_zero_logprob():
     n = torch.tensor([3, 3, 3])
     out = preference_loss(pc, pr, None, None, n, n, PrefLossConfig("orpo", beta=0.1))
     out["losses"].sum().backward()
-    assert (
-        torch.isfinite(out["losses"]).all()
-        and torch.isfinite(pc.grad).all()
-        and torch.isfinite(pr.grad).all()
-    )
+    assert torch.isfinite(out["losses"]).all() and torch.isfinite(pc.grad).all() and torch.isfinite(pr.grad).all()
 
 
 def test_zero_length_reply_is_clamped():
@@ -231,9 +213,7 @@ def test_zero_length_reply_is_clamped():
 def test_from_dpo_config():
     from bumblefast.config import DPOConfig
 
-    d = DPOConfig(
-        pref_loss="simpo", pref_beta=2.0, dpo_label_smoothing=0.1, simpo_gamma=1.0, sft_weight=0.3
-    )
+    d = DPOConfig(pref_loss="simpo", pref_beta=2.0, dpo_label_smoothing=0.1, simpo_gamma=1.0, sft_weight=0.3)
     c = PrefLossConfig.from_dpo_config(d)
     assert (c.loss, c.beta, c.label_smoothing, c.simpo_gamma, c.sft_weight) == (
         "simpo",
@@ -267,12 +247,28 @@ def _trl_pair_loss(loss: str, beta: float, eps: float, pc, pr, rc, rr, nc: int, 
     model = SimpleNamespace(training=True)
     same = SimpleNamespace(gather_for_metrics=lambda t: t, gather=lambda t: t, device=pc.device)
     fake = SimpleNamespace(
-        model=model, accelerator=same, ld_alpha=None, precompute_ref_logps=True, aux_loss_enabled=False,
-        f_divergence_type="reverse_kl", loss_types=[loss], loss_weights=[1.0], beta=beta, label_smoothing=eps,
-        use_weighting=False, _metrics={"train": defaultdict(list)}, _total_train_tokens=0, _tp_size=1,
+        model=model,
+        accelerator=same,
+        ld_alpha=None,
+        precompute_ref_logps=True,
+        aux_loss_enabled=False,
+        f_divergence_type="reverse_kl",
+        loss_types=[loss],
+        loss_weights=[1.0],
+        beta=beta,
+        label_smoothing=eps,
+        use_weighting=False,
+        _metrics={"train": defaultdict(list)},
+        _total_train_tokens=0,
+        _tp_size=1,
     )
-    inputs = {"input_ids": torch.zeros(2, width, dtype=torch.long), "attention_mask": torch.ones(2, width),
-              "completion_mask": mask, "ref_chosen_logps": rc[None], "ref_rejected_logps": rr[None]}
+    inputs = {
+        "input_ids": torch.zeros(2, width, dtype=torch.long),
+        "attention_mask": torch.ones(2, width),
+        "completion_mask": mask,
+        "ref_chosen_logps": rc[None],
+        "ref_rejected_logps": rr[None],
+    }
     out = DPOTrainer._compute_loss(fake, lambda **kw: outputs, inputs, False)
     m = fake._metrics["train"]
     return out, m["rewards/chosen"][-1], m["rewards/rejected"][-1]
@@ -353,11 +349,7 @@ def test_ld_split_and_combine_match_per_token_computation():
     got = combine_ld(sums, 4, alpha)
     # direct: walk each reply's target tokens in order, weight 1 for the first min(nc, nr), alpha after
     tgt = {
-        s: [
-            float(token_logps[i])
-            for i in range(labels.numel())
-            if seg[i] == s and labels[i] != IGNORE_INDEX
-        ]
+        s: [float(token_logps[i]) for i in range(labels.numel()) if seg[i] == s and labels[i] != IGNORE_INDEX]
         for s in range(4)
     }
     want = []

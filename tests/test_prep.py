@@ -59,8 +59,12 @@ def _clean_shm():
 
 def prep(tok_dir, out, stage, inputs, seq_len=256, **kw):
     cfg = PrepConfig(
-        stage=stage, input=[str(p) for p in inputs], tokenizer_name_or_path=tok_dir,
-        seq_len=seq_len, output_dir=str(out), **kw,
+        stage=stage,
+        input=[str(p) for p in inputs],
+        tokenizer_name_or_path=tok_dir,
+        seq_len=seq_len,
+        output_dir=str(out),
+        **kw,
     )
     return run_prep(cfg, progress=False)
 
@@ -164,7 +168,9 @@ def test_sft_demo(tok, tok_dir, tmp_path):
 @needs_shared
 def test_sft_shared(tok, tok_dir, tmp_path):
     m = check_sft(
-        tok, tok_dir, tmp_path,
+        tok,
+        tok_dir,
+        tmp_path,
         [SHARED / "alpaca_zh_demo.json", SHARED / "glaive_toolcall_zh_demo.json", SHARED / "duolun_train.json"],
         2048,
     )
@@ -173,8 +179,11 @@ def test_sft_shared(tok, tok_dir, tmp_path):
 
 def test_sft_mask_exact_on_handwritten_record(tok, tok_dir, tmp_path):
     rec = {
-        "system": "Be brief.", "instruction": "Add", "input": "2 and 3",
-        "output": "5", "history": [["hi", "hello"]],
+        "system": "Be brief.",
+        "instruction": "Add",
+        "input": "2 and 3",
+        "output": "5",
+        "history": [["hi", "hello"]],
     }
     path = tmp_path / "one.jsonl"
     path.write_text(json.dumps(rec) + "\n")
@@ -250,12 +259,18 @@ BAD_JSONL = [
     b'{"instruction": "  ", "output": "a"}',  # empty text
     b'{"conversations": [{"from": "alien", "value": "x"}, {"from": "gpt", "value": "y"}]}',
     b'{"instruction": "caf\xe9", "output": "a"}',  # invalid UTF-8 (latin-1 byte)
-    b'[1, 2]',  # not an object
+    b"[1, 2]",  # not an object
     b'{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}',
 ]
 BAD_REASONS = {
-    "malformed_json": 1, "missing_field": 1, "wrong_type": 1, "empty_text": 1,
-    "unknown_role": 1, "invalid_utf8": 1, "not_an_object": 1, "empty_file": 1,
+    "malformed_json": 1,
+    "missing_field": 1,
+    "wrong_type": 1,
+    "empty_text": 1,
+    "unknown_role": 1,
+    "invalid_utf8": 1,
+    "not_an_object": 1,
+    "empty_file": 1,
 }
 
 
@@ -285,8 +300,20 @@ def test_on_error_fail_stops_with_message_and_leaves_nothing(tok_dir, tmp_path, 
     with pytest.raises(UserError, match=r"a\.jsonl:2: malformed_json"):
         prep(tok_dir, tmp_path / "o", "sft", [folder], seq_len=128, on_error="fail")
     assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.tmp-*"))
-    rc = prep_main(["--stage", "sft", "--input", str(folder), "--tokenizer", tok_dir,
-                    "--output_dir", str(tmp_path / "o"), "--on_error", "fail"])
+    rc = prep_main(
+        [
+            "--stage",
+            "sft",
+            "--input",
+            str(folder),
+            "--tokenizer",
+            tok_dir,
+            "--output_dir",
+            str(tmp_path / "o"),
+            "--on_error",
+            "fail",
+        ]
+    )
     assert rc == 1 and "malformed_json" in capsys.readouterr().err
 
 
@@ -395,8 +422,20 @@ def test_truncated_json_array_fails_with_workers_and_cli(tok_dir, tmp_path, caps
     line, lost = 1502, 10
     with pytest.raises(UnreadableInput, match=rf"cut\.json:{line}: .*remaining {lost:,} bytes"):
         prep(tok_dir, tmp_path / "o", "sft", [path], seq_len=64, num_workers=2)
-    rc = prep_main(["--stage", "pretrain", "--input", str(path), "--tokenizer", tok_dir,
-                    "--output_dir", str(tmp_path / "o"), "--on_error", "skip"])
+    rc = prep_main(
+        [
+            "--stage",
+            "pretrain",
+            "--input",
+            str(path),
+            "--tokenizer",
+            tok_dir,
+            "--output_dir",
+            str(tmp_path / "o"),
+            "--on_error",
+            "skip",
+        ]
+    )
     assert rc == 1 and f"cut.json:{line}:" in capsys.readouterr().err
 
 
@@ -455,9 +494,23 @@ def test_kill_and_rerun(tok_dir, tmp_path):
         for i in range(60000):
             f.write(json.dumps({"text": texts[i % len(texts)]}) + "\n")
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "bumblefast.prep.cli", "--stage", "pretrain", "--input", str(big),
-           "--tokenizer", tok_dir, "--seq_len", "128", "--output_dir", str(out),
-           "--shard_size_limit", "4kb"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bumblefast.prep.cli",
+        "--stage",
+        "pretrain",
+        "--input",
+        str(big),
+        "--tokenizer",
+        tok_dir,
+        "--seq_len",
+        "128",
+        "--output_dir",
+        str(out),
+        "--shard_size_limit",
+        "4kb",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
@@ -490,7 +543,9 @@ def test_dpo_alpaca_pairs_and_truncate(tok, tok_dir, tmp_path):
     assert m["records"]["skipped_by_reason"] == {"overlong": 1}
     (row,) = read_rows(tmp_path / "d")
     (c, cm), (r, rm) = segments(row, "seq_lens")
-    assert tok.decode(c.tolist()).endswith("<|im_start|>user\nAdd\n2 and 3<|im_end|>\n<|im_start|>assistant\n5<|im_end|>\n")
+    assert tok.decode(c.tolist()).endswith(
+        "<|im_start|>user\nAdd\n2 and 3<|im_end|>\n<|im_start|>assistant\n5<|im_end|>\n"
+    )
     assert trained_runs(tok, c, cm) == ["5<|im_end|>"] and trained_runs(tok, r, rm) == ["6<|im_end|>"]
     m = prep(tok_dir, tmp_path / "t", "dpo", [path], seq_len=160, share_prompt=False)  # truncate: the default
     assert m["records"]["truncated"] == 1 and m["records"]["written"] == 2
@@ -512,7 +567,9 @@ def test_nodes_merge(tok_dir, tmp_path):
     assert prep_main(["merge", str(tmp_path / "multi")]) == 0
     assert (tmp_path / "multi" / "index.json").read_bytes() == index
     assert sorted(p.name for p in (tmp_path / "multi").iterdir() if not p.name.startswith("node-")) == [
-        "bumblefast.json", "index.json"]
+        "bumblefast.json",
+        "index.json",
+    ]
     m = json.loads((tmp_path / "multi" / "bumblefast.json").read_text())
     assert m["records"]["written"] == whole["records"]["written"] == 800
     assert m["parts"] == ["node-00000", "node-00001"]
@@ -531,8 +588,20 @@ def test_inspect_and_cli(tok_dir, tmp_path, capsys):
     cfg = parse_prep_args(["--stage", "sft", "--input", "a", "b", "--cutoff_len", "64", "--output_dir", "o"])
     assert cfg.input == ["a", "b"] and cfg.seq_len == 64
     out = tmp_path / "s"
-    rc = prep_main(["--stage", "sft", "--input", str(DEMO / "sft_test.json"), "--tokenizer_name_or_path",
-                    tok_dir, "--cutoff_len", "256", "--output_dir", str(out)])
+    rc = prep_main(
+        [
+            "--stage",
+            "sft",
+            "--input",
+            str(DEMO / "sft_test.json"),
+            "--tokenizer_name_or_path",
+            tok_dir,
+            "--cutoff_len",
+            "256",
+            "--output_dir",
+            str(out),
+        ]
+    )
     assert rc == 0
     capsys.readouterr()
     assert prep_main(["inspect", str(out), "--rows", "1", "--color", "never"]) == 0

@@ -37,9 +37,7 @@ MAIN_SHARDS = {
     "dpo": "a65c059a9bbd56337988d03b267021fbf8f2da98b168444f8f43132383755113",
 }
 
-fastokens = pytest.importorskip(
-    "fastokens", reason="fastokens not installed (a regular dependency)"
-)
+fastokens = pytest.importorskip("fastokens", reason="fastokens not installed (a regular dependency)")
 
 
 @pytest.fixture(scope="module")
@@ -104,23 +102,15 @@ def test_auto_picks_fastokens_and_matches_hf_ids_and_offsets(hf, tok_dir):
 
     enc, info = open_encoder(hf, tok_dir, "auto", offsets=True)
     assert info.name == "fastokens" and info.version == metadata.version("fastokens")
-    assert (
-        info.verified_strings >= 20
-        and info.fallback_reason is None
-        and info.offsets == "byte lengths"
-    )
+    assert info.verified_strings >= 20 and info.fallback_reason is None and info.offsets == "byte lengths"
     texts = demo_texts(hf) + ["e\u0301 not NFC", "  lead", "🐝x<|im_end|>\n"]
-    ref = hf.backend_tokenizer.encode_batch(
-        texts, add_special_tokens=False
-    )  # the independent reference
+    ref = hf.backend_tokenizer.encode_batch(texts, add_special_tokens=False)  # the independent reference
     got = enc.encode_with_starts(texts)
     for r, (ids, starts) in zip(ref, got, strict=True):
         assert ids.tolist() == r.ids
         assert starts.tolist() == [o[0] for o in r.offsets]
     flat, lens = enc.encode_flat(texts)
-    assert flat.tolist() == [i for r in ref for i in r.ids] and lens.tolist() == [
-        len(r.ids) for r in ref
-    ]
+    assert flat.tolist() == [i for r in ref for i in r.ids] and lens.tolist() == [len(r.ids) for r in ref]
 
 
 def test_verification_sample_covers_the_hard_cases(hf):
@@ -141,16 +131,11 @@ def test_verification_sample_covers_the_hard_cases(hf):
         assert label in sample
     for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>"):
         assert sample[f"special {t}"] == t
-    assert (
-        len(sample["100k-character line"]) == LONG_LINE_CHARS
-        and "\n" not in sample["100k-character line"]
-    )
+    assert len(sample["100k-character line"]) == LONG_LINE_CHARS and "\n" not in sample["100k-character line"]
     assert "<|im_start|>assistant" in sample["chat template"]
 
 
-def test_forced_mismatch_falls_back_loudly_and_forced_backend_fails(
-    hf, tok_dir, tmp_path, monkeypatch, capsys
-):
+def test_forced_mismatch_falls_back_loudly_and_forced_backend_fails(hf, tok_dir, tmp_path, monkeypatch, capsys):
     from bumblefast import tokenizer_backend as TB
 
     real = TB.FastokensEncoder.encode_flat
@@ -165,19 +150,14 @@ def test_forced_mismatch_falls_back_loudly_and_forced_backend_fails(
     monkeypatch.setattr(TB.FastokensEncoder, "encode_flat", wrong_on_emoji)
     enc, info = TB.open_encoder(hf, tok_dir, "auto")
     assert info.name == "hf" and isinstance(enc, TB.HFEncoder)
-    assert (
-        "'emoji'" in info.fallback_reason and "first difference at token 0" in info.fallback_reason
-    )
+    assert "'emoji'" in info.fallback_reason and "first difference at token 0" in info.fallback_reason
     err = capsys.readouterr().err
     assert "WARNING" in err and "falling back to HF" in err and "'emoji'" in err
     with pytest.raises(UserError, match="'emoji'"):
         TB.open_encoder(hf, tok_dir, "fastokens")
     # a prep run under auto records the fallback and still writes the HF shards
     m = prep(tok_dir, tmp_path / "fallback", "pretrain", "auto")
-    assert (
-        m["tokenizer"]["backend"]["name"] == "hf"
-        and "'emoji'" in m["tokenizer"]["backend"]["fallback_reason"]
-    )
+    assert m["tokenizer"]["backend"]["name"] == "hf" and "'emoji'" in m["tokenizer"]["backend"]["fallback_reason"]
 
 
 def test_offset_mismatch_alone_falls_back_for_chat_stages(hf, tok_dir, monkeypatch):
@@ -219,9 +199,7 @@ def test_real_tokenizer_fastokens_encodes_differently_falls_back(tmp_path, capsy
             ),
         )
         folder = tmp_path / name
-        PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(
-            folder
-        )
+        PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(folder)
         hf = PreTrainedTokenizerFast.from_pretrained(folder)
         _, info = open_encoder(hf, str(folder), "auto")
         assert info.name == "hf", name
@@ -268,13 +246,10 @@ def test_node_share_reads_every_line_once_with_exact_line_numbers(tmp_path):
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     a.write_text(
         "".join(
-            json.dumps({"text": "x" * (i % 17 + 1), "i": i}) + "\n" + ("\n" if i % 5 == 0 else "")
-            for i in range(301)
+            json.dumps({"text": "x" * (i % 17 + 1), "i": i}) + "\n" + ("\n" if i % 5 == 0 else "") for i in range(301)
         )
     )
-    b.write_text(
-        "".join(json.dumps({"text": "y", "i": i}) + "\n" for i in range(7))
-    )  # no newline issues
+    b.write_text("".join(json.dumps({"text": "y", "i": i}) + "\n" for i in range(7)))  # no newline issues
     arr = tmp_path / "c.json"
     arr.write_text(json.dumps([{"text": "z"}] * 5))
     files = [str(a), str(b), str(arr)]

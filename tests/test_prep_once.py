@@ -55,8 +55,10 @@ def run_ranks(out: Path, calls: list, local_ranks: int, **kw) -> tuple[list, lis
 
 def test_one_prep_per_node_cache_others_wait_and_say_so(tmp_path):
     calls = {"a": [], "b": []}
-    nodes = {n: threading.Thread(target=lambda n=n: done.__setitem__(n, run_ranks(tmp_path / n / "c", calls[n], 3)))
-             for n in ("a", "b")}
+    nodes = {
+        n: threading.Thread(target=lambda n=n: done.__setitem__(n, run_ranks(tmp_path / n / "c", calls[n], 3)))
+        for n in ("a", "b")
+    }
     done: dict = {}
     for t in nodes.values():
         t.start()
@@ -153,8 +155,12 @@ def test_wait_for_ranks_polls_the_store_and_reports(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, str(script), str(r), str(port), str(tmp_path)], env=env,
-                              stderr=subprocess.PIPE, text=True) for r in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(r), str(port), str(tmp_path)], env=env, stderr=subprocess.PIPE, text=True
+        )
+        for r in range(2)
+    ]
     try:
         for p in procs:
             assert p.wait(600) == 0, p.stderr.read()

@@ -81,6 +81,8 @@ def test_peak_tflops_lookup():
 def test_model_info_cli():
     out = subprocess.run(
         [sys.executable, "-m", "bumblefast", "model", "info", str(ROOT / "configs/models/bumblebee-1.5b")],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     assert "1,543,714,304 (1.54B)" in out and "FLOPs/token" in out

@@ -40,10 +40,31 @@ def server(tmp_path_factory, demo_tokenizer_dir):
     port = free_port()
     log = tmp_path_factory.mktemp("serve_log") / "serve.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "bumblefast", "serve", "--model_path", str(model_dir), "--port",
-                                 str(port), "--max_tokens_cap", "64", "--max_body_bytes", "20000", "--max_batch", "8",
-                                 "--max_queue", "24"], cwd=ROOT, env=subprocess_env(BUMBLEFAST_API_KEY=KEY),
-                                stdout=out, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "bumblefast",
+                "serve",
+                "--model_path",
+                str(model_dir),
+                "--port",
+                str(port),
+                "--max_tokens_cap",
+                "64",
+                "--max_body_bytes",
+                "20000",
+                "--max_batch",
+                "8",
+                "--max_queue",
+                "24",
+            ],
+            cwd=ROOT,
+            env=subprocess_env(BUMBLEFAST_API_KEY=KEY),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 600  # generous: the suite's machine is shared
     while True:
@@ -81,16 +102,21 @@ def test_openai_client_plain_and_streamed(server):
     plain = c.chat.completions.create(model="x", messages=messages, max_tokens=32, temperature=0)
     text = plain.choices[0].message.content
     assert text and text == greedy(server["model_dir"], messages, 32)
-    pieces = [ch.choices[0].delta.content or "" for ch in
-              c.chat.completions.create(model="x", messages=messages, max_tokens=32, temperature=0, stream=True)]
+    pieces = [
+        ch.choices[0].delta.content or ""
+        for ch in c.chat.completions.create(model="x", messages=messages, max_tokens=32, temperature=0, stream=True)
+    ]
     assert len([p for p in pieces if p]) >= 2  # streamed in several chunks
     assert "".join(pieces).strip() == text
 
 
 def post(server, body: bytes, headers=None):
-    req = urllib.request.Request(server["base"] + "/v1/chat/completions", data=body, method="POST",
-                                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}",
-                                          **(headers or {})})
+    req = urllib.request.Request(
+        server["base"] + "/v1/chat/completions",
+        data=body,
+        method="POST",
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}", **(headers or {})},
+    )
     try:
         with urllib.request.urlopen(req, timeout=60) as r:
             return r.status, json.loads(r.read())
@@ -124,8 +150,13 @@ def test_twenty_concurrent_requests_all_complete(server):
     c = client(server)
 
     def one(i):
-        r = c.chat.completions.create(model="x", messages=[{"role": "user", "content": f"What is {i} + 1?"}],
-                                      max_tokens=4, temperature=0, stream=i % 2 == 0)
+        r = c.chat.completions.create(
+            model="x",
+            messages=[{"role": "user", "content": f"What is {i} + 1?"}],
+            max_tokens=4,
+            temperature=0,
+            stream=i % 2 == 0,
+        )
         if i % 2 == 0:
             return "".join(ch.choices[0].delta.content or "" for ch in r)
         return r.choices[0].message.content
@@ -148,16 +179,24 @@ def test_web_page_asks_for_the_key_then_streams_a_reply_in_headless_chromium(ser
 
     with sync_playwright() as p:
         browser = p.chromium.launch(
-            executable_path=CHROMIUM, headless=True,
-            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync"])
+            executable_path=CHROMIUM,
+            headless=True,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
+        )
         page = browser.new_page()
         page.goto(server["base"] + "/?temperature=0&max_tokens=16")
         page.wait_for_selector('#keyform[data-shown="true"]', timeout=30000)  # the server wants a key: asked
         page.fill("#key", "not-the-key")
         page.click("#keysave")
-        page.wait_for_function("document.getElementById('keynote').textContent.includes('not accepted')",
-                               timeout=30000)
+        page.wait_for_function("document.getElementById('keynote').textContent.includes('not accepted')", timeout=30000)
         page.fill("#key", KEY)
         page.click("#keysave")
         page.wait_for_selector('body[data-ready="true"]', timeout=30000)
@@ -185,8 +224,9 @@ def test_v1_needs_the_key_health_does_not(server):
             client(server, key=key).models.list()
         assert e.value.status_code == 401 and e.value.body["code"] == "invalid_api_key", e.value.body
         assert e.value.body["type"] == "invalid_request_error" and "API key" in e.value.body["message"]
-    code, payload = post(server, json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode(),
-                         headers={"Authorization": ""})
+    code, payload = post(
+        server, json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode(), headers={"Authorization": ""}
+    )
     assert code == 401 and "didn't provide an API key" in payload["error"]["message"]
     with urllib.request.urlopen(server["base"] + "/health", timeout=10) as r:  # open: no key
         assert r.status == 200 and json.loads(r.read())["status"] == "ok"
@@ -207,9 +247,14 @@ def test_a_public_address_needs_a_key_or_an_explicit_opt_out(tmp_path, monkeypat
     # the real command refuses before loading anything (the model path does not even exist)
     env = subprocess_env()
     env.pop(KEY_ENV, None)
-    out = subprocess.run([sys.executable, "-m", "bumblefast", "serve", "--model_path", str(tmp_path / "none"),
-                          "--host", "0.0.0.0"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "bumblefast", "serve", "--model_path", str(tmp_path / "none"), "--host", "0.0.0.0"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode != 0 and "--api_key" in out.stderr and "--allow_unauthenticated" in out.stderr, out.stderr
     monkeypatch.delenv(KEY_ENV, raising=False)
     for host in ("0.0.0.0", "::", "192.168.1.7", "myhost.example"):
@@ -232,20 +277,33 @@ def test_a_public_address_needs_a_key_or_an_explicit_opt_out(tmp_path, monkeypat
 
 
 def test_one_log_line_per_request(server):
-    r = client(server).chat.completions.create(model="x", messages=[{"role": "user", "content": "hi"}], max_tokens=5,
-                                               temperature=0)
+    r = client(server).chat.completions.create(
+        model="x", messages=[{"role": "user", "content": "hi"}], max_tokens=5, temperature=0
+    )
     deadline = time.time() + 10
     while r.id not in server["log"].read_text() and time.time() < deadline:
         time.sleep(0.1)
     (line,) = [x for x in server["log"].read_text().splitlines() if r.id in x]
-    assert re.search(rf"{r.id} status=200 outcome=length prompt_tokens={r.usage.prompt_tokens} "
-                     rf"completion_tokens=5 seconds=[0-9.]+$", line), line
+    assert re.search(
+        rf"{r.id} status=200 outcome=length prompt_tokens={r.usage.prompt_tokens} "
+        rf"completion_tokens=5 seconds=[0-9.]+$",
+        line,
+    ), line
 
 
 # --- the load test ---------------------------------------------------------------------------------------------
 
-LOAD_PROMPTS = ["What is 2 + 3?", "Name a bird.", "hi", "Count from one to five, please.", "你好", "And 4 + 4?",
-                "Tell me about stones.", "What is 7 + 1?", "Say something kind."]
+LOAD_PROMPTS = [
+    "What is 2 + 3?",
+    "Name a bird.",
+    "hi",
+    "Count from one to five, please.",
+    "你好",
+    "And 4 + 4?",
+    "Tell me about stones.",
+    "What is 7 + 1?",
+    "Say something kind.",
+]
 
 
 @pytest.fixture(scope="module")
@@ -300,13 +358,18 @@ def load_round(server, refs) -> tuple[dict, float]:
                     r = c.chat.completions.create(model="x", messages=messages, max_tokens=8, temperature=0)
                     assert r.choices[0].message.content == short.strip() and r.usage.completion_tokens == 8
                 else:
-                    text = "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
-                        model="x", messages=messages, max_tokens=8, temperature=0, stream=True))
+                    text = "".join(
+                        ch.choices[0].delta.content or ""
+                        for ch in c.chat.completions.create(
+                            model="x", messages=messages, max_tokens=8, temperature=0, stream=True
+                        )
+                    )
                     assert text == short
                 return "ok"
             if i < 40:  # streams, and goes away halfway through the reply
                 stream = client(server, timeout=120).chat.completions.create(
-                    model="x", messages=messages, max_tokens=64, temperature=0, stream=True)
+                    model="x", messages=messages, max_tokens=64, temperature=0, stream=True
+                )
                 text = ""
                 for ch in stream:
                     text += ch.choices[0].delta.content or ""
@@ -321,8 +384,11 @@ def load_round(server, refs) -> tuple[dict, float]:
                 assert code == status and words in payload["error"]["message"]
                 return "bad"
             # no Authorization header at all (the openai client refuses to send without a key)
-            r = httpx.post(server["base"] + "/v1/chat/completions", timeout=120,
-                           json={"model": "x", "messages": messages, "max_tokens": 8})
+            r = httpx.post(
+                server["base"] + "/v1/chat/completions",
+                timeout=120,
+                json={"model": "x", "messages": messages, "max_tokens": 8},
+            )
             assert r.status_code == 401 and r.json()["error"]["type"], r.text
             return "no_key"
         except openai.RateLimitError as e:

@@ -16,9 +16,7 @@ import torch
 from helpers import save_tiny_model
 
 KEY = "test-key-batching"
-MARGIN = (
-    1e-3  # smallest top-1 / top-2 logit gap that float reduction order (~1e-6 here) cannot flip
-)
+MARGIN = 1e-3  # smallest top-1 / top-2 logit gap that float reduction order (~1e-6 here) cannot flip
 
 
 @pytest.fixture(scope="module")
@@ -68,9 +66,7 @@ def hf_greedy(chat, ids: list[int], n: int) -> tuple[str, float]:
     return chat.tok.decode(out.sequences[0, len(ids) :], skip_special_tokens=True), min(gaps)
 
 
-def run_jobs(
-    batcher, chat, asks: list[tuple[str, dict]], stagger: float = 0.0
-) -> list[tuple[str, str, int]]:
+def run_jobs(batcher, chat, asks: list[tuple[str, dict]], stagger: float = 0.0) -> list[tuple[str, str, int]]:
     """Submit (prompt, sampling kwargs) jobs; (text, finish_reason, tokens) of each."""
     from bumblefast.chat import Job
 
@@ -130,9 +126,7 @@ def test_each_request_keeps_its_own_settings_in_a_batch(chat):
     prompt = next(p for p in CANDIDATES if hf_greedy(chat, prompt_ids(chat, p), 32)[1] > MARGIN)
     ref = hf_greedy(chat, prompt_ids(chat, prompt), 32)[0]
     stop = next(
-        ref[i : i + 2]
-        for i in range(3, len(ref) - 2)
-        if "\ufffd" not in ref[i : i + 2] and ref[i : i + 2].strip()
+        ref[i : i + 2] for i in range(3, len(ref) - 2) if "\ufffd" not in ref[i : i + 2] and ref[i : i + 2].strip()
     )
     asks = [
         (prompt, dict(max_new_tokens=32, temperature=0)),
@@ -149,9 +143,7 @@ def test_each_request_keeps_its_own_settings_in_a_batch(chat):
     assert full == (ref, "length", 32)
     assert short[1:] == ("length", 5) and ref.startswith(short[0])
     assert stopped[0] == ref[: ref.find(stop)] and stopped[1] == "stop" and stop not in stopped[0]
-    assert (
-        s1[2] == 32 and s1[0] != ref
-    )  # sampled, not greedy (a 32-token tie with greedy is not plausible)
+    assert s1[2] == 32 and s1[0] != ref  # sampled, not greedy (a 32-token tie with greedy is not plausible)
     assert s2[2] == 32
 
 
@@ -234,9 +226,7 @@ def live(model_dir):
 
     from bumblefast.serve import create_app
 
-    app = create_app(
-        model_dir, max_tokens_cap=64, api_key=KEY, max_batch=1, max_queue=1, request_timeout=3.0
-    )
+    app = create_app(model_dir, max_tokens_cap=64, api_key=KEY, max_batch=1, max_queue=1, request_timeout=3.0)
     batcher = app.state.batcher
     gate = Gate()
     batcher._step = gate.wrap(batcher._step)
@@ -290,9 +280,7 @@ def test_full_queue_gets_429_with_retry_after(live, gate):
     gate.allow(None)
     first.join(60)
     second.join(60)
-    assert (
-        results["first"].choices[0].message.content == results["second"].choices[0].message.content
-    )
+    assert results["first"].choices[0].message.content == results["second"].choices[0].message.content
     assert results["first"].usage.completion_tokens == 4
 
 

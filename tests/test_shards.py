@@ -52,8 +52,13 @@ def _clean_shm():
 @pytest.fixture(scope="session")
 def sft_dir(tok_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("sft") / "shards"
-    cfg = PrepConfig(stage="sft", input=[str(DEMO / "sft_alpaca.json")], tokenizer_name_or_path=tok_dir,
-                     seq_len=256, output_dir=str(out))
+    cfg = PrepConfig(
+        stage="sft",
+        input=[str(DEMO / "sft_alpaca.json")],
+        tokenizer_name_or_path=tok_dir,
+        seq_len=256,
+        output_dir=str(out),
+    )
     run_prep(cfg, progress=False)
     return str(out)
 
@@ -69,10 +74,18 @@ def test_schema():
 
 def test_collate_contract_sft_and_pretrain():
     rows = [
-        {"input_ids": np.array([1, 2, 3, 4, 5], np.uint16), "loss_mask": np.array([0, 0, 1, 1, 0], np.uint8),
-         "seq_lens": np.array([3, 2], np.uint32), "sample_id": 7},
-        {"input_ids": np.array([6, 7, 8], np.uint16), "loss_mask": np.array([0, 1, 1], np.uint8),
-         "seq_lens": np.array([3], np.uint32), "sample_id": 2},
+        {
+            "input_ids": np.array([1, 2, 3, 4, 5], np.uint16),
+            "loss_mask": np.array([0, 0, 1, 1, 0], np.uint8),
+            "seq_lens": np.array([3, 2], np.uint32),
+            "sample_id": 7,
+        },
+        {
+            "input_ids": np.array([6, 7, 8], np.uint16),
+            "loss_mask": np.array([0, 1, 1], np.uint8),
+            "seq_lens": np.array([3], np.uint32),
+            "sample_id": 2,
+        },
     ]
     b = collate_rows(rows, "sft", seq_len=6)
     assert b["input_ids"].dtype == torch.int64 and b["input_ids"].tolist() == [1, 2, 3, 4, 5, 6, 7, 8]
@@ -85,11 +98,23 @@ def test_collate_contract_sft_and_pretrain():
     assert b["segment_ids"].tolist() == [0, 0, 0, 1, 1, 2, 2, 2]
     assert int(b["num_target_tokens"]) == 3 and b["sample_ids"].tolist() == [7, 2]
     assert int(b["num_tokens"]) == 8 and int(b["row_capacity"]) == 12
-    p = collate_rows([{"input_ids": np.array([1, 2, 3, 4]), "doc_lens": np.array([1, 3]), "sample_id": 0}],
-                     "pretrain", seq_len=4)
+    p = collate_rows(
+        [{"input_ids": np.array([1, 2, 3, 4]), "doc_lens": np.array([1, 3]), "sample_id": 0}], "pretrain", seq_len=4
+    )
     assert p["labels"].tolist() == [X, 3, 4, X] and int(p["num_target_tokens"]) == 2
-    d = collate_rows([{"input_ids": np.arange(4), "loss_mask": np.array([0, 1, 0, 1]), "seq_lens": np.array([2, 2]),
-                       "ref_logps": np.array([-1.0, -2.0], np.float32), "sample_id": 0}], "dpo", seq_len=4)
+    d = collate_rows(
+        [
+            {
+                "input_ids": np.arange(4),
+                "loss_mask": np.array([0, 1, 0, 1]),
+                "seq_lens": np.array([2, 2]),
+                "ref_logps": np.array([-1.0, -2.0], np.float32),
+                "sample_id": 0,
+            }
+        ],
+        "dpo",
+        seq_len=4,
+    )
     assert d["ref_logps"].tolist() == [-1.0, -2.0]
 
 
@@ -159,10 +184,22 @@ def test_resume_in_new_process_and_other_world_size(sft_dir, tmp_path):
         rank = 0 if tag == "w1" else int(tag)
         env = dict(os.environ, OMP_NUM_THREADS="1")
         if world == 2:
-            env.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
-                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        procs.append(subprocess.Popen([sys.executable, str(script), sft_dir, "resume", str(out), tag], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+            env.update(
+                RANK=str(rank),
+                WORLD_SIZE="2",
+                LOCAL_RANK=str(rank),
+                LOCAL_WORLD_SIZE="2",
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(port),
+            )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(script), sft_dir, "resume", str(out), tag],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+        )
     for p in procs:
         _, err = p.communicate(timeout=180)
         assert p.returncode == 0, err.decode()[-3000:]
@@ -200,8 +237,13 @@ def s3(monkeypatch):
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     url = f"http://127.0.0.1:{port}"
-    for k, v in {"S3_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-                 "AWS_DEFAULT_REGION": "us-east-1", "AWS_SESSION_TOKEN": "test"}.items():
+    for k, v in {
+        "S3_ENDPOINT_URL": url,
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_SESSION_TOKEN": "test",
+    }.items():
         monkeypatch.setenv(k, v)
     boto3.client("s3", endpoint_url=url, region_name="us-east-1").create_bucket(Bucket="bumblefast-test")
     yield "s3://bumblefast-test"
@@ -213,21 +255,33 @@ def test_remote_write_and_stream_back(s3, tok_dir, sft_dir, tmp_path):
     from bumblefast.shards import read_manifest
 
     url = f"{s3}/sft"
-    cfg = PrepConfig(stage="sft", input=[str(DEMO / "sft_alpaca.json")], tokenizer_name_or_path=tok_dir,
-                     seq_len=256, output_dir=url)
+    cfg = PrepConfig(
+        stage="sft", input=[str(DEMO / "sft_alpaca.json")], tokenizer_name_or_path=tok_dir, seq_len=256, output_dir=url
+    )
     m = run_prep(cfg, progress=False)
     assert read_manifest(url)["fingerprint"] == m["fingerprint"]
     local = json.loads((Path(sft_dir) / "bumblefast.json").read_text())
     assert m["fingerprint"] == local["fingerprint"]  # same shards, remote or local
-    remote_batches = [b["input_ids"].tolist() for b in build_loader(url, batch_size=4, seed=1, cache_dir=str(tmp_path / "c1"))]
+    remote_batches = [
+        b["input_ids"].tolist() for b in build_loader(url, batch_size=4, seed=1, cache_dir=str(tmp_path / "c1"))
+    ]
     local_batches = [b["input_ids"].tolist() for b in build_loader(sft_dir, batch_size=4, seed=1)]
     assert remote_batches == local_batches
     # two remote node parts + remote merge
     for r in range(2):
-        cfg = PrepConfig(stage="dpo", input=[str(DEMO / "dpo_test.json")], tokenizer_name_or_path=tok_dir,
-                         seq_len=256, output_dir=f"{s3}/dpo", node_rank=r, num_nodes=2)
+        cfg = PrepConfig(
+            stage="dpo",
+            input=[str(DEMO / "dpo_test.json")],
+            tokenizer_name_or_path=tok_dir,
+            seq_len=256,
+            output_dir=f"{s3}/dpo",
+            node_rank=r,
+            num_nodes=2,
+        )
         run_prep(cfg, progress=False)
     merged = merge_parts(f"{s3}/dpo")
     assert merged["records"]["read"] == 120
-    n = sum(int(b["sample_ids"].numel()) for b in build_loader(f"{s3}/dpo", batch_size=2, cache_dir=str(tmp_path / "c2")))
+    n = sum(
+        int(b["sample_ids"].numel()) for b in build_loader(f"{s3}/dpo", batch_size=2, cache_dir=str(tmp_path / "c2"))
+    )
     assert n == merged["rows"]

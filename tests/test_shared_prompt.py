@@ -74,9 +74,7 @@ def _model(backend: str):
     from bumblefast.model import Bumblebee
 
     torch.manual_seed(0)
-    return Bumblebee(
-        AutoConfig.from_pretrained(TINY), attn_backend=backend, kernels="reference"
-    ).init_weights()
+    return Bumblebee(AutoConfig.from_pretrained(TINY), attn_backend=backend, kernels="reference").init_weights()
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -90,9 +88,7 @@ def test_shared_prompt_logps_losses_and_grads_equal_unshared(case, backend):
     plain, shared = (collate_rows([r], "dpo", seq_len=256) for r in (plain_row, shared_row))
     assert "kv_prefix" in shared and "kv_prefix" not in plain
     # the shared row carries the same targets, so the same pair structure and counts
-    assert torch.equal(
-        plain["labels"][plain["labels"] != -100], shared["labels"][shared["labels"] != -100]
-    )
+    assert torch.equal(plain["labels"][plain["labels"] != -100], shared["labels"][shared["labels"] != -100])
 
     results = {}
     for name, batch in (("plain", plain), ("shared", shared)):
@@ -117,9 +113,7 @@ def test_shared_prompt_logps_losses_and_grads_equal_unshared(case, backend):
                 batch.get("kv_prefix"),
             )
             keep = batch["labels"] != -100  # per target token, by the plain formula
-            tokens = torch.log_softmax(h[keep] @ model.lm_head.weight.T, -1).gather(
-                1, batch["labels"][keep, None]
-            )
+            tokens = torch.log_softmax(h[keep] @ model.lm_head.weight.T, -1).gather(1, batch["labels"][keep, None])
         cfg = PrefLossConfig(loss="sigmoid", sft_weight=0.5)
         ref = torch.linspace(-30.0, -10.0, n)  # a fixed reference, so the loss is not log 2
         loss, metrics = DPOObjective(model, cfg, "precomputed")({**batch, "ref_logps": ref})
@@ -142,9 +136,7 @@ def test_every_preference_loss_and_ld_alpha_agree(loss):
     from bumblefast.train.objectives import DPOObjective
     from bumblefast.train.pref_losses import PrefLossConfig
 
-    plain, shared = (
-        collate_rows([r], "dpo", seq_len=256) for r in _rows("very_different_lengths", seed=1)
-    )
+    plain, shared = (collate_rows([r], "dpo", seq_len=256) for r in _rows("very_different_lengths", seed=1))
     cfg = PrefLossConfig(loss=loss, sft_weight=0.3)
     reference = "none" if loss in ("simpo", "orpo") else "copy"
     out = []
@@ -153,18 +145,14 @@ def test_every_preference_loss_and_ld_alpha_agree(loss):
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(torch.randn_like(p) * 0.01)  # the policy differs from its reference
-        obj = DPOObjective(
-            model, cfg, reference, ld_alpha=0.5 if loss == "sigmoid" else None, ref_model=ref
-        )
+        obj = DPOObjective(model, cfg, reference, ld_alpha=0.5 if loss == "sigmoid" else None, ref_model=ref)
         value, metrics = obj(batch)
         value.backward()
         out.append((value.detach(), metrics, model.model.embed_tokens.weight.grad.clone()))
     torch.testing.assert_close(out[1][0], out[0][0], rtol=0, atol=1e-5)
     for key in out[0][1]:
         torch.testing.assert_close(out[1][1][key], out[0][1][key], rtol=1e-6, atol=1e-5, msg=key)
-    torch.testing.assert_close(
-        out[1][2], out[0][2], rtol=1e-5, atol=1e-5
-    )  # ipo's (z - 5)^2 amplifies
+    torch.testing.assert_close(out[1][2], out[0][2], rtol=1e-5, atol=1e-5)  # ipo's (z - 5)^2 amplifies
 
 
 def test_sdpa_shared_equals_sdpa_mask_reference():
@@ -199,11 +187,7 @@ def test_rejected_never_sees_the_chosen_reply():
         for row in (shared_row, other):
             b = collate_rows([row], "dpo", seq_len=256)
             with torch.no_grad():
-                hs.append(
-                    model.hidden_states(
-                        b["input_ids"], b["position_ids"], b["cu_seqlens"], None, b["kv_prefix"]
-                    )
-                )
+                hs.append(model.hidden_states(b["input_ids"], b["position_ids"], b["cu_seqlens"], None, b["kv_prefix"]))
         rejected = slice(c0, c0 + int(shared_row["seq_lens"][1]))
         torch.testing.assert_close(hs[1][rejected], hs[0][rejected], rtol=0, atol=0)
         assert not torch.allclose(hs[1][p0:c0], hs[0][p0:c0])
@@ -311,9 +295,7 @@ def test_train_precompute_and_eval_agree_across_layouts(tmp_path, demo_tokenizer
             ),
             progress=False,
         )
-        precompute_ref(
-            str(model), str(tmp_path / layout), str(tmp_path / f"{layout}_ref"), kernels="reference"
-        )
+        precompute_ref(str(model), str(tmp_path / layout), str(tmp_path / f"{layout}_ref"), kernels="reference")
         ds = ShardDataset(str(tmp_path / f"{layout}_ref"), shuffle=False, batch_size=1)
         rows[layout] = [ds[i] for i in range(ds.num_samples)]
     mp, ms = manifests["pairs"], manifests["shared_prompt"]
@@ -340,9 +322,7 @@ def test_train_precompute_and_eval_agree_across_layouts(tmp_path, demo_tokenizer
     for key in a:
         np.testing.assert_allclose(b[key], a[key], rtol=1e-6, atol=1e-5)
 
-    evals = [
-        preference_from_shards(model, tmp_path / layout) for layout in ("pairs", "shared_prompt")
-    ]
+    evals = [preference_from_shards(model, tmp_path / layout) for layout in ("pairs", "shared_prompt")]
     assert evals[0]["n"] == evals[1]["n"] == SLOW_PAIRS
     assert evals[0]["preference_accuracy"] == evals[1]["preference_accuracy"]
     assert evals[1]["mean_margin"] == pytest.approx(evals[0]["mean_margin"], rel=1e-5, abs=1e-5)
@@ -391,9 +371,7 @@ def test_train_precompute_and_eval_agree_across_layouts(tmp_path, demo_tokenizer
             "0",
             *extra,
         ]
-        res = subprocess.run(
-            cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600
-        )
+        res = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
         assert res.returncode == 0, res.stderr[-4000:]
         return json.loads((out / "training_metrics.json").read_text())[0]
 
@@ -419,10 +397,7 @@ def test_train_precompute_and_eval_agree_across_layouts(tmp_path, demo_tokenizer
     )
     for name, extra in runs:
         suffix = "_ref" if "precomputed" in name else ""
-        first = [
-            train(layout + suffix, tmp_path / f"{name}_{layout}", *extra)
-            for layout in ("pairs", "shared_prompt")
-        ]
+        first = [train(layout + suffix, tmp_path / f"{name}_{layout}", *extra) for layout in ("pairs", "shared_prompt")]
         for key in (
             "loss",
             "rewards/chosen",

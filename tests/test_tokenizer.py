@@ -56,7 +56,7 @@ def test_chat_template(tok):
     prompt = tok.apply_chat_template(msgs[:1], tokenize=False, add_generation_prompt=True)
     assert text.startswith(prompt) and prompt.endswith("<|im_start|>assistant\n")
     tools = tok.apply_chat_template(msgs[:1], tools=[{"name": "add", "parameters": {}}], tokenize=False)
-    assert '# Tools' in tools and '{"name": "add", "parameters": {}}' in tools
+    assert "# Tools" in tools and '{"name": "add", "parameters": {}}' in tools
 
 
 def test_deterministic_and_bad_input(tmp_path):

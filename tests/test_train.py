@@ -29,19 +29,59 @@ env = subprocess_env
 def train_cmd(out: Path, data: Path, tok: Path, *extra: str, nproc: int = 1, stage: str = "pretrain") -> list[str]:
     launcher = [sys.executable, "-m", "bumblefast"]
     if nproc > 1:
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                    "--master_port", str(29500 + os.getpid() % 1000), "-m", "bumblefast"]
+        launcher = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nproc),
+            "--master_port",
+            str(29500 + os.getpid() % 1000),
+            "-m",
+            "bumblefast",
+        ]
     model = str(TINY) if stage == "pretrain" else extra[extra.index("--model_name_or_path") + 1]
-    args = ["train", "--stage", stage, "--model_name_or_path", model, "--tokenizer_name_or_path", str(tok),
-            "--dataset_path", str(data), "--output_dir", str(out), "--cutoff_len", "64",
-            "--train_micro_batch_size_per_gpu", "2", "--gradient_accumulation_steps", "2",
-            "--learning_rate", "3e-3", "--warmup_ratio", "0", "--logging_steps", "1", "--save_steps", "1000",
-            "--gradient_checkpointing", "false", "--kernels", "reference", "--seed", "0",
-            "--deepspeed_config_path", str(ROOT / "configs/deepspeed/ds_z0.json"), "--use_tensorboard", "true"]
+    args = [
+        "train",
+        "--stage",
+        stage,
+        "--model_name_or_path",
+        model,
+        "--tokenizer_name_or_path",
+        str(tok),
+        "--dataset_path",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--cutoff_len",
+        "64",
+        "--train_micro_batch_size_per_gpu",
+        "2",
+        "--gradient_accumulation_steps",
+        "2",
+        "--learning_rate",
+        "3e-3",
+        "--warmup_ratio",
+        "0",
+        "--logging_steps",
+        "1",
+        "--save_steps",
+        "1000",
+        "--gradient_checkpointing",
+        "false",
+        "--kernels",
+        "reference",
+        "--seed",
+        "0",
+        "--deepspeed_config_path",
+        str(ROOT / "configs/deepspeed/ds_z0.json"),
+        "--use_tensorboard",
+        "true",
+    ]
     extra = list(extra)
     if "--model_name_or_path" in extra:
         i = extra.index("--model_name_or_path")
-        del extra[i:i + 2]
+        del extra[i : i + 2]
     return launcher + args + extra
 
 
@@ -72,10 +112,23 @@ def data(tmp_path_factory, demo_tokenizer_dir):
     sft = json.loads((DEMO / "sft_alpaca.json").read_text())[:48]
     (root / "sft.json").write_text(json.dumps(sft, ensure_ascii=False))
     for stage, src in (("pretrain", raw), ("sft", root / "sft.json")):
-        run_prep(PrepConfig(stage=stage, input=[str(src)], tokenizer_name_or_path=str(demo_tokenizer_dir),
-                            seq_len=64, output_dir=str(root / stage)), progress=False)
-    return {"root": root, "raw_pretrain": raw, "pretrain": root / "pretrain", "sft": root / "sft",
-            "tok": demo_tokenizer_dir}
+        run_prep(
+            PrepConfig(
+                stage=stage,
+                input=[str(src)],
+                tokenizer_name_or_path=str(demo_tokenizer_dir),
+                seq_len=64,
+                output_dir=str(root / stage),
+            ),
+            progress=False,
+        )
+    return {
+        "root": root,
+        "raw_pretrain": raw,
+        "pretrain": root / "pretrain",
+        "sft": root / "sft",
+        "tok": demo_tokenizer_dir,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -85,9 +138,22 @@ def zero_runs(data, tmp_path_factory):
     outs = {}
     for stage in (0, 1, 2, 3):
         out = root / f"z{stage}"
-        run(train_cmd(out, data["pretrain"], data["tok"], "--max_steps", "4", "--save_steps", "1",
-                      "--save_total_limit", "0",
-                      "--deepspeed_config_path", str(ROOT / f"configs/deepspeed/ds_z{stage}.json"), nproc=2))
+        run(
+            train_cmd(
+                out,
+                data["pretrain"],
+                data["tok"],
+                "--max_steps",
+                "4",
+                "--save_steps",
+                "1",
+                "--save_total_limit",
+                "0",
+                "--deepspeed_config_path",
+                str(ROOT / f"configs/deepspeed/ds_z{stage}.json"),
+                nproc=2,
+            )
+        )
         outs[stage] = out
     return outs
 
@@ -145,13 +211,21 @@ def test_resume_after_sigkill_is_bit_exact(data, tmp_path):
     steps = str(n_steps)
     a, b = tmp_path / "a", tmp_path / "b"
     cache = tmp_path / "cache"
-    out_a = run(train_cmd(a, data["raw_pretrain"], data["tok"], "--max_steps", steps),
-                env=env(BUMBLEFAST_SAMPLE_TRACE=tmp_path / "a.jsonl", BUMBLEFAST_CACHE=cache))
+    out_a = run(
+        train_cmd(a, data["raw_pretrain"], data["tok"], "--max_steps", steps),
+        env=env(BUMBLEFAST_SAMPLE_TRACE=tmp_path / "a.jsonl", BUMBLEFAST_CACHE=cache),
+    )
     assert "is raw data: running `bumblefast prep` once" in out_a.stdout
 
     cmd_b = train_cmd(b, data["raw_pretrain"], data["tok"], "--max_steps", steps, "--save_steps", str(half))
-    proc = subprocess.Popen(cmd_b, cwd=ROOT, env=env(BUMBLEFAST_SAMPLE_TRACE=tmp_path / "b1.jsonl", BUMBLEFAST_CACHE=cache),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        cmd_b,
+        cwd=ROOT,
+        env=env(BUMBLEFAST_SAMPLE_TRACE=tmp_path / "b1.jsonl", BUMBLEFAST_CACHE=cache),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.time() + 300
     while not (b / "checkpoints" / f"step-{half}" / "COMPLETE").exists():
         assert proc.poll() is None and time.time() < deadline, "run B ended before its checkpoint"
@@ -159,7 +233,9 @@ def test_resume_after_sigkill_is_bit_exact(data, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (b / "model.safetensors").exists()  # killed mid-run, before the end
-    out_b = run(cmd_b + ["--resume", "auto"], env=env(BUMBLEFAST_SAMPLE_TRACE=tmp_path / "b2.jsonl", BUMBLEFAST_CACHE=cache))
+    out_b = run(
+        cmd_b + ["--resume", "auto"], env=env(BUMBLEFAST_SAMPLE_TRACE=tmp_path / "b2.jsonl", BUMBLEFAST_CACHE=cache)
+    )
     assert "using the prepped cache" in out_b.stdout
     assert "resumed from" in out_b.stdout and f"step-{half}" in out_b.stdout
 
@@ -181,8 +257,11 @@ def test_resume_after_sigkill_is_bit_exact(data, tmp_path):
 
 def test_resume_skips_a_damaged_checkpoint(data, tmp_path):
     out = tmp_path / "run"
-    run(train_cmd(out, data["pretrain"], data["tok"], "--max_steps", "4", "--save_steps", "2",
-                  "--save_total_limit", "0"))
+    run(
+        train_cmd(
+            out, data["pretrain"], data["tok"], "--max_steps", "4", "--save_steps", "2", "--save_total_limit", "0"
+        )
+    )
     (out / "checkpoints" / "step-4" / "trainer.json").write_text("{}")  # size no longer matches
     res = run(train_cmd(out, data["pretrain"], data["tok"], "--max_steps", "4", "--resume", "auto"))
     assert "step-4 is damaged" in res.stdout and "resumed from" in res.stdout and "step-2" in res.stdout
@@ -196,9 +275,24 @@ def test_grad_accumulation_equals_big_micro_batch(data, tmp_path):
     outs = {}
     for mb, ga in ((1, 4), (4, 1)):
         out = tmp_path / f"mb{mb}"
-        run(train_cmd(out, data["sft"], data["tok"], "--model_name_or_path", str(base), "--max_steps", "1",
-                      "--train_micro_batch_size_per_gpu", str(mb), "--gradient_accumulation_steps", str(ga),
-                      "--shuffle", "false", stage="sft"))
+        run(
+            train_cmd(
+                out,
+                data["sft"],
+                data["tok"],
+                "--model_name_or_path",
+                str(base),
+                "--max_steps",
+                "1",
+                "--train_micro_batch_size_per_gpu",
+                str(mb),
+                "--gradient_accumulation_steps",
+                str(ga),
+                "--shuffle",
+                "false",
+                stage="sft",
+            )
+        )
         outs[mb] = out
     m1, m4 = metrics(outs[1])[1], metrics(outs[4])[1]
     assert m1["loss"] == pytest.approx(m4["loss"], rel=1e-6)
@@ -229,12 +323,21 @@ def test_sft_loss_is_on_assistant_tokens_only(data, tmp_path, demo_tokenizer_dir
     tok = AutoTokenizer.from_pretrained(demo_tokenizer_dir)
     rec = {"instruction": "What is 2 + 3?", "input": "", "output": "2 + 3 = 5"}
     (tmp_path / "one.json").write_text(json.dumps([rec]))
-    run_prep(PrepConfig(stage="sft", input=[str(tmp_path / "one.json")], tokenizer_name_or_path=str(demo_tokenizer_dir),
-                        seq_len=64, output_dir=str(tmp_path / "shards")), progress=False)
+    run_prep(
+        PrepConfig(
+            stage="sft",
+            input=[str(tmp_path / "one.json")],
+            tokenizer_name_or_path=str(demo_tokenizer_dir),
+            seq_len=64,
+            output_dir=str(tmp_path / "shards"),
+        ),
+        progress=False,
+    )
     batch = next(iter(build_loader(str(tmp_path / "shards"), batch_size=1, shuffle=False)))
 
-    prompt = tok.apply_chat_template([{"role": "user", "content": rec["instruction"]}], tokenize=False,
-                                     add_generation_prompt=True)
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": rec["instruction"]}], tokenize=False, add_generation_prompt=True
+    )
     prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
     reply_ids = tok(rec["output"] + "<|im_end|>", add_special_tokens=False)["input_ids"]
     full = prompt_ids + reply_ids + tok("\n", add_special_tokens=False)["input_ids"]
@@ -254,15 +357,28 @@ def test_sft_loss_is_on_assistant_tokens_only(data, tmp_path, demo_tokenizer_dir
     logits = hf(torch.tensor([full]), use_cache=False).logits[0]
     start = len(prompt_ids)  # first target: the first reply token, predicted from position start-1
     targets = torch.tensor(reply_ids)
-    expected = torch.nn.functional.cross_entropy(logits[start - 1:start - 1 + len(reply_ids)], targets, reduction="sum")
+    expected = torch.nn.functional.cross_entropy(
+        logits[start - 1 : start - 1 + len(reply_ids)], targets, reduction="sum"
+    )
     assert int(n) == len(reply_ids)
     torch.testing.assert_close(loss_sum, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_non_finite_loss_stops_with_sample_ids_and_checkpoint(data, tmp_path):
     out = tmp_path / "nan"
-    cmd = train_cmd(out, data["pretrain"], data["tok"], "--max_steps", "6", "--learning_rate", "1e4",
-                    "--max_grad_norm", "0", "--max_skipped_steps", "0")
+    cmd = train_cmd(
+        out,
+        data["pretrain"],
+        data["tok"],
+        "--max_steps",
+        "6",
+        "--learning_rate",
+        "1e4",
+        "--max_grad_norm",
+        "0",
+        "--max_skipped_steps",
+        "0",
+    )
     res = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
     assert res.returncode == 3, res.stderr[-3000:]
     assert "non-finite" in res.stderr and "sample ids" in res.stderr
@@ -291,7 +407,10 @@ def traced(path: Path, step: int, rank: int) -> list[int]:
 
 def named_samples(line: str) -> dict[int, list[int]]:
     """{rank: sample ids} as a non-finite message names them."""
-    return {int(r): [int(i) for i in ids.split(",")] for ids, r in re.findall(r"sample ids \[([\d, ]+)\] on rank (\d)", line)}
+    return {
+        int(r): [int(i) for i in ids.split(",")]
+        for ids, r in re.findall(r"sample ids \[([\d, ]+)\] on rank (\d)", line)
+    }
 
 
 def line_with(text: str, needle: str) -> str:
@@ -305,10 +424,26 @@ def test_nan_on_one_rank_is_skipped_then_stops_without_hang(data, zero_runs, tmp
     the saved state holds bit for bit the weights after step 1 of the same run without NaN, and
     the messages name exactly rank 1's samples of those steps (as the sample trace saw them)."""
     out, trace = tmp_path / "nan", tmp_path / "trace.jsonl"
-    cmd = train_cmd(out, data["pretrain"], data["tok"], "--max_steps", "4", "--max_skipped_steps", "1",
-                    "--deepspeed_config_path", str(ROOT / f"configs/deepspeed/ds_z{stage}.json"), nproc=2)
-    res = subprocess.run(cmd, cwd=ROOT, env=env(BUMBLEFAST_INJECT_NAN="2:1,3:1", BUMBLEFAST_SAMPLE_TRACE=trace),
-                         capture_output=True, text=True, timeout=600)
+    cmd = train_cmd(
+        out,
+        data["pretrain"],
+        data["tok"],
+        "--max_steps",
+        "4",
+        "--max_skipped_steps",
+        "1",
+        "--deepspeed_config_path",
+        str(ROOT / f"configs/deepspeed/ds_z{stage}.json"),
+        nproc=2,
+    )
+    res = subprocess.run(
+        cmd,
+        cwd=ROOT,
+        env=env(BUMBLEFAST_INJECT_NAN="2:1,3:1", BUMBLEFAST_SAMPLE_TRACE=trace),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode != 0, res.stderr[-3000:]
     skipped = line_with(res.stderr, "non-finite loss at step 2")
     assert "update skipped (1 of max_skipped_steps=1)" in skipped
@@ -330,9 +465,22 @@ def test_nan_step_is_skipped_and_training_goes_on(data, tmp_path):
     """ZeRO-0 fp32 (the trainer's own gradient check): a NaN step changes no weight and does
     not advance the learning-rate schedule; the next step trains; the run succeeds."""
     out = tmp_path / "skip"
-    res = run(train_cmd(out, data["pretrain"], data["tok"], "--max_steps", "3", "--save_steps", "1",
-                        "--save_total_limit", "0", "--lr_scheduler_type", "linear"),
-              env=env(BUMBLEFAST_INJECT_NAN="2:0"))
+    res = run(
+        train_cmd(
+            out,
+            data["pretrain"],
+            data["tok"],
+            "--max_steps",
+            "3",
+            "--save_steps",
+            "1",
+            "--save_total_limit",
+            "0",
+            "--lr_scheduler_type",
+            "linear",
+        ),
+        env=env(BUMBLEFAST_INJECT_NAN="2:0"),
+    )
     assert "non-finite loss at step 2" in res.stderr and "update skipped (1 of max_skipped_steps=3)" in res.stderr
     w1, w2, w3 = (checkpoint_weights(out / "checkpoints" / f"step-{i}") for i in (1, 2, 3))
     assert same_weights(w1, w2) and not same_weights(w2, w3)
@@ -358,16 +506,44 @@ def test_continue_pretrain_and_lora_sft_from_a_checkpoint(data, tmp_path):
     base = tmp_path / "pre"
     run(train_cmd(base, data["pretrain"], data["tok"], "--max_steps", "2"))
     cont = tmp_path / "cont"
-    run(train_cmd(cont, data["pretrain"], data["tok"], "--model_name_or_path", str(base), "--max_steps", "1",
-                  "--learning_rate", "1e-9", stage="continue_pretrain"))
+    run(
+        train_cmd(
+            cont,
+            data["pretrain"],
+            data["tok"],
+            "--model_name_or_path",
+            str(base),
+            "--max_steps",
+            "1",
+            "--learning_rate",
+            "1e-9",
+            stage="continue_pretrain",
+        )
+    )
     before, after = load_file(base / "model.safetensors"), load_file(cont / "model.safetensors")
     for key in before:  # a tiny step from the checkpoint, not a fresh random model
         torch.testing.assert_close(after[key], before[key], rtol=0, atol=1e-6)
     assert metrics(cont)[1]["loss"] < metrics(base)[1]["loss"]  # starts where the checkpoint left off
 
     lora = tmp_path / "lora"
-    run(train_cmd(lora, data["sft"], data["tok"], "--model_name_or_path", str(base), "--max_steps", "2",
-                  "--finetuning_type", "lora", "--lora_rank", "4", "--lora_alpha", "8", stage="sft"))
+    run(
+        train_cmd(
+            lora,
+            data["sft"],
+            data["tok"],
+            "--model_name_or_path",
+            str(base),
+            "--max_steps",
+            "2",
+            "--finetuning_type",
+            "lora",
+            "--lora_rank",
+            "4",
+            "--lora_alpha",
+            "8",
+            stage="sft",
+        )
+    )
     assert (lora / "adapter_config.json").is_file() and not (lora / "model.safetensors").exists()
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

@@ -32,9 +32,7 @@ def shards(tmp_path_factory, demo_tokenizer_dir):
 
     root = tmp_path_factory.mktemp("step")
     docs = json.loads((DEMO / "pretrain.json").read_text())[:60]
-    (root / "docs.jsonl").write_text(
-        "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs)
-    )
+    (root / "docs.jsonl").write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs))
     run_prep(
         PrepConfig(
             stage="pretrain",
@@ -158,9 +156,7 @@ def test_train_step_reads_the_device_once_per_optimizer_step(
     gc.collect()
 
 
-def test_gradient_checkpointing_equals_off_through_the_trainer(
-    one_rank, shards, demo_tokenizer_dir, tmp_path
-):
+def test_gradient_checkpointing_equals_off_through_the_trainer(one_rank, shards, demo_tokenizer_dir, tmp_path):
     """The shipped configs train with gradient checkpointing: the trainer's first step with it on
     gives the loss and every gradient of the step with it off (fp32 tolerance), and the
     decoder layers really start twice (forward, then recomputed in backward: a pre-hook, since the
@@ -169,9 +165,7 @@ def test_gradient_checkpointing_equals_off_through_the_trainer(
 
     results = {}
     for on in (False, True):
-        run = loop.setup(
-            config(tmp_path / f"gc-{on}", shards, demo_tokenizer_dir, gradient_checkpointing=on)
-        )
+        run = loop.setup(config(tmp_path / f"gc-{on}", shards, demo_tokenizer_dir, gradient_checkpointing=on))
         model = run.objective.model
         assert model.is_gradient_checkpointing == on
         calls = []

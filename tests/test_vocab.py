@@ -29,10 +29,7 @@ def bpe2000(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("bpe2000")
     rng = random.Random(0)
-    words = [
-        "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 9)))
-        for _ in range(3000)
-    ]
+    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 9))) for _ in range(3000)]
     corpus = root / "corpus.txt"
     corpus.write_text("\n".join(" ".join(rng.choice(words) for _ in range(40)) for _ in range(400)))
     tok = train_tokenizer([corpus], 2000, root / "tok")
@@ -92,9 +89,7 @@ def test_fresh_model_takes_the_tokenizers_vocab(bpe2000):
         load_model_config(cfg, tok)
 
 
-def test_trained_weights_refuse_a_larger_tokenizer_naming_resize_vocab(
-    bpe2000, tmp_path, demo_tokenizer_dir
-):
+def test_trained_weights_refuse_a_larger_tokenizer_naming_resize_vocab(bpe2000, tmp_path, demo_tokenizer_dir):
     from transformers import AutoTokenizer
 
     from bumblefast.train.build import load_model_config
@@ -102,9 +97,7 @@ def test_trained_weights_refuse_a_larger_tokenizer_naming_resize_vocab(
     model_dir = save_tiny_model(tmp_path / "m", demo_tokenizer_dir)
     tok = AutoTokenizer.from_pretrained(bpe2000 / "tok")
     cfg = build_config(SFTConfig, {}, {"model_name_or_path": str(model_dir)})
-    with pytest.raises(
-        UserError, match=r"2000 tokens, more than the 1024 embedding rows.*--resize_vocab"
-    ):
+    with pytest.raises(UserError, match=r"2000 tokens, more than the 1024 embedding rows.*--resize_vocab"):
         load_model_config(cfg, tok)
     cfg.vocab_size = 4096
     with pytest.raises(UserError, match="vocab_size: only sizes a fresh model"):
@@ -131,9 +124,7 @@ def test_resize_vocab_matches_transformers_mean_resizing(bpe2000, tmp_path, tied
     torch.manual_seed(0)
     base = AutoConfig.from_pretrained(TINY)
     base.tie_word_embeddings = tied
-    Bumblebee(base, attn_backend="sdpa", kernels="reference").init_weights().save_pretrained(
-        tmp_path / "m"
-    )
+    Bumblebee(base, attn_backend="sdpa", kernels="reference").init_weights().save_pretrained(tmp_path / "m")
     tok = AutoTokenizer.from_pretrained(bpe2000 / "tok")
     cfg = build_config(
         SFTConfig,
@@ -148,10 +139,7 @@ def test_resize_vocab_matches_transformers_mean_resizing(bpe2000, tmp_path, tied
     config = load_model_config(cfg, tok)
     assert config.vocab_size == 2048
     ours = load_trained(cfg, config, dict(attn_backend="sdpa", kernels="reference")).eval()
-    assert (
-        ours.config.vocab_size == 2048
-        and (ours.lm_head.weight is ours.model.embed_tokens.weight) == tied
-    )
+    assert ours.config.vocab_size == 2048 and (ours.lm_head.weight is ours.model.embed_tokens.weight) == tied
 
     hf = Qwen2ForCausalLM.from_pretrained(tmp_path / "m", torch_dtype=torch.float32).eval()
     old = hf.get_input_embeddings().weight.detach().clone()
@@ -163,9 +151,7 @@ def test_resize_vocab_matches_transformers_mean_resizing(bpe2000, tmp_path, tied
     ):
         assert mine.shape == theirs.shape == (2048, base.hidden_size)
         assert torch.equal(mine[:1024], before)  # trained rows untouched
-        assert torch.allclose(
-            mine[1024:], before.mean(0).expand(1024, -1), rtol=0, atol=1e-7
-        )  # the formula
+        assert torch.allclose(mine[1024:], before.mean(0).expand(1024, -1), rtol=0, atol=1e-7)  # the formula
         # transformers samples around the same mean with 1e-9 x the rows' covariance
         assert torch.allclose(mine[1024:], theirs[1024:].detach(), rtol=0, atol=1e-5)
     with torch.no_grad():  # transformers' model with the formula's rows: the same function as ours
@@ -192,16 +178,10 @@ def test_model_info_shows_the_tokenizers_vocab(tmp_path):
         "--tokenizer",
         str(tok),
     ]
-    out = subprocess.run(
-        cmd, capture_output=True, text=True, check=True, cwd=ROOT, env=subprocess_env()
-    ).stdout
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT, env=subprocess_env()).stdout
     preset = json.loads((PRESET_15B / "config.json").read_text())
     n = hf_param_count(dict(preset, vocab_size=32000))
-    assert (
-        "vocab 32000" in out
-        and "32,000 rows (tokenizer" in out
-        and f"{n:,} ({n / 1e9:.2f}B)" in out
-    )
+    assert "vocab 32000" in out and "32,000 rows (tokenizer" in out and f"{n:,} ({n / 1e9:.2f}B)" in out
     assert n < hf_param_count(preset) - 180_000_000  # ~185M parameters of unused rows gone
 
 
@@ -244,9 +224,7 @@ def test_tiny_preset_builds_and_steps_with_a_2000_token_bpe(bpe2000):
         opt.step()
         opt.zero_grad()
         losses.append(loss.item())
-    assert losses[1] < losses[0] and losses[0] == pytest.approx(
-        torch.log(torch.tensor(2048.0)).item(), rel=0.05
-    )
+    assert losses[1] < losses[0] and losses[0] == pytest.approx(torch.log(torch.tensor(2048.0)).item(), rel=0.05)
     assert not torch.equal(model.model.embed_tokens.weight[ids], before)
 
 
@@ -303,9 +281,7 @@ def test_tiny_preset_pretrains_with_a_2000_token_bpe(bpe2000, tmp_path):
         "--deepspeed_config_path",
         str(ROOT / "configs/deepspeed/ds_z0.json"),
     ]
-    res = subprocess.run(
-        cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600
-    )
+    res = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-4000:]
     assert "vocab: 1024 -> 2048 embedding rows" in res.stdout
     assert json.loads((tmp_path / "run" / "config.json").read_text())["vocab_size"] == 2048

@@ -21,7 +21,9 @@ PRESETS = Path(__file__).resolve().parent.parent.parent / "configs" / "models"
 def model_path(cfg: TrainConfig) -> Path:
     """A folder, or a preset name such as `bumblebee-tiny`."""
     if not cfg.model_name_or_path:
-        raise UserError("model_name_or_path: required (a preset such as configs/models/bumblebee-1.5b, or a checkpoint)")
+        raise UserError(
+            "model_name_or_path: required (a preset such as configs/models/bumblebee-1.5b, or a checkpoint)"
+        )
     path = Path(cfg.model_name_or_path)
     if not path.is_dir() and (PRESETS / cfg.model_name_or_path).is_dir():
         path = PRESETS / cfg.model_name_or_path
@@ -51,8 +53,10 @@ def load_model_config(cfg: TrainConfig, tokenizer):
         config.pad_token_id = tokenizer.pad_token_id
         return config
     if cfg.vocab_size is not None:
-        raise UserError(f"vocab_size: only sizes a fresh model (stage pretrain); {cfg.model_name_or_path} has trained "
-                        "weights (use --resize_vocab to grow them to a larger tokenizer)")
+        raise UserError(
+            f"vocab_size: only sizes a fresh model (stage pretrain); {cfg.model_name_or_path} has trained "
+            "weights (use --resize_vocab to grow them to a larger tokenizer)"
+        )
     if n_tok > config.vocab_size:
         if not cfg.resize_vocab:
             raise UserError(
@@ -106,11 +110,15 @@ def resolve_reference(cfg, manifest: Manifest) -> str:
         choice = "precomputed" if has_precomputed else ("adapter" if cfg.finetuning_type == "lora" else "copy")
     if choice == "precomputed":
         if not has_precomputed:
-            raise UserError(f"ref_model: precomputed, but {cfg.dataset_path} has no ref_logps column; "
-                            "run `bumblefast precompute-ref` on it first")
+            raise UserError(
+                f"ref_model: precomputed, but {cfg.dataset_path} has no ref_logps column; "
+                "run `bumblefast precompute-ref` on it first"
+            )
         if cfg.ld_alpha is not None:
-            raise UserError("ld_alpha: needs a live reference (ref_model adapter or copy): precomputed "
-                            "log-probs are whole-segment sums")
+            raise UserError(
+                "ld_alpha: needs a live reference (ref_model adapter or copy): precomputed "
+                "log-probs are whole-segment sums"
+            )
         check_precomputed(cfg, manifest)
     return choice
 
@@ -123,13 +131,17 @@ def check_precomputed(cfg, manifest: Manifest) -> None:
     info = manifest.ref_logps
     expected_model = model_fingerprint(model_path(cfg))
     if info is None or info.model_fingerprint != expected_model:
-        raise UserError(f"dataset_path: its ref_logps come from model {info and info.model_name_or_path} "
-                        f"(fingerprint {info and info.model_fingerprint}), not from {cfg.model_name_or_path} "
-                        f"({expected_model}); rerun `bumblefast precompute-ref` with this model")
+        raise UserError(
+            f"dataset_path: its ref_logps come from model {info and info.model_name_or_path} "
+            f"(fingerprint {info and info.model_fingerprint}), not from {cfg.model_name_or_path} "
+            f"({expected_model}); rerun `bumblefast precompute-ref` with this model"
+        )
     if manifest.fingerprint != ref_fingerprint(info.source_fingerprint, expected_model):
-        raise UserError(f"dataset_path: the ref_logps were computed on another dataset (source fingerprint "
-                        f"{info.source_fingerprint} does not match this shard set); rerun "
-                        "`bumblefast precompute-ref`")
+        raise UserError(
+            f"dataset_path: the ref_logps were computed on another dataset (source fingerprint "
+            f"{info.source_fingerprint} does not match this shard set); rerun "
+            "`bumblefast precompute-ref`"
+        )
 
 
 def checkpoint_files(path: Path) -> list[Path]:
@@ -216,8 +228,10 @@ def load_trained(cfg: TrainConfig, config, kw: dict, ds_config: dict | None = No
 
     if ds_config and ds_config["zero_optimization"].get("stage", 0) == 3:
         if read_model_config(model_path(cfg))["vocab_size"] != config.vocab_size:
-            raise UserError("resize_vocab: not under ZeRO-3 (the weights load partitioned); resize with ZeRO 0-2 "
-                            "(e.g. one short run or `--deepspeed_config_path configs/deepspeed/ds_z2.json`) first")
+            raise UserError(
+                "resize_vocab: not under ZeRO-3 (the weights load partitioned); resize with ZeRO 0-2 "
+                "(e.g. one short run or `--deepspeed_config_path configs/deepspeed/ds_z2.json`) first"
+            )
         return load_partitioned(model_path(cfg), config, ds_config, **kw)
     model = Bumblebee.from_pretrained(model_path(cfg), torch_dtype=torch.float32, **kw)
     if model.config.vocab_size < config.vocab_size:

@@ -140,8 +140,9 @@ def find_resume(ckpt_root: Path, resume: str | None, log=print) -> Path | None:
 
 def load(engine, folder: Path) -> dict:
     """Restore engine, RNG and return trainer.json's state (collective)."""
-    engine.load_checkpoint(str(folder.parent), tag=folder.name, load_optimizer_states=True,
-                           load_lr_scheduler_states=True)
+    engine.load_checkpoint(
+        str(folder.parent), tag=folder.name, load_optimizer_states=True, load_lr_scheduler_states=True
+    )
     rng = folder / f"rng-rank{D.rank()}.pt"
     if rng.is_file():
         _set_rng_state(torch.load(rng, weights_only=False))

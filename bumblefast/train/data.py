@@ -50,17 +50,30 @@ def resolve_dataset(cfg: TrainConfig, tokenizer_path: str) -> str:
         raise FileNotFoundError(f"dataset_path: {cfg.dataset_path} does not exist")
     out, files = prep_cache_dir(cfg, tokenizer_path)
     stage = SHARD_STAGE[cfg.stage]
-    command = (f"bumblefast prep --stage {stage} --input '{cfg.dataset_path}' --tokenizer_name_or_path "
-               f"'{tokenizer_path}' --seq_len {cfg.cutoff_len} --output_dir SHARDS_DIR")
+    command = (
+        f"bumblefast prep --stage {stage} --input '{cfg.dataset_path}' --tokenizer_name_or_path "
+        f"'{tokenizer_path}' --seq_len {cfg.cutoff_len} --output_dir SHARDS_DIR"
+    )
 
     def prep() -> None:
         from bumblefast.prep.run import run_prep
 
         where = f"this node's cache (one prep per node, {nodes()} nodes)" if nodes() > 1 else "the cache"
-        print(f"dataset_path {cfg.dataset_path} is raw data: running `bumblefast prep` once into {where} {out}; "
-              f"to prep once for all runs and nodes: `{command}`, then --dataset_path SHARDS_DIR", flush=True)
-        run_prep(PrepConfig(stage=stage, input=files, tokenizer_name_or_path=tokenizer_path,
-                            seq_len=cfg.cutoff_len, output_dir=str(out), seed=cfg.seed))
+        print(
+            f"dataset_path {cfg.dataset_path} is raw data: running `bumblefast prep` once into {where} {out}; "
+            f"to prep once for all runs and nodes: `{command}`, then --dataset_path SHARDS_DIR",
+            flush=True,
+        )
+        run_prep(
+            PrepConfig(
+                stage=stage,
+                input=files,
+                tokenizer_name_or_path=tokenizer_path,
+                seq_len=cfg.cutoff_len,
+                output_dir=str(out),
+                seed=cfg.seed,
+            )
+        )
 
     prepped = prep_once(out, prep, may_prep=local_rank() == 0)
     if not prepped and local_rank() == 0:
@@ -81,9 +94,17 @@ def open_loader(cfg: TrainConfig, tokenizer_path: str):
     if manifest.stage != stage:
         raise UserError(f"dataset_path: {path} holds {manifest.stage} shards; --stage {cfg.stage} needs {stage} shards")
     if manifest.seq_len > cfg.cutoff_len:
-        raise UserError(f"cutoff_len: {cfg.cutoff_len} is shorter than the shards' rows ({manifest.seq_len}); "
-                        "re-run prep with --seq_len or raise cutoff_len")
-    loader = build_loader(path, batch_size=cfg.train_micro_batch_size_per_gpu, seed=cfg.seed, shuffle=cfg.shuffle,
-                          num_workers=cfg.num_workers, stage=stage)
+        raise UserError(
+            f"cutoff_len: {cfg.cutoff_len} is shorter than the shards' rows ({manifest.seq_len}); "
+            "re-run prep with --seq_len or raise cutoff_len"
+        )
+    loader = build_loader(
+        path,
+        batch_size=cfg.train_micro_batch_size_per_gpu,
+        seed=cfg.seed,
+        shuffle=cfg.shuffle,
+        num_workers=cfg.num_workers,
+        stage=stage,
+    )
     meta = {"path": path, "fingerprint": manifest.fingerprint, "stage": stage, "seq_len": manifest.seq_len}
     return loader, json.loads(json.dumps(meta)), manifest

@@ -94,8 +94,9 @@ def scheduler(cfg: TrainConfig, opt, total_steps: int):
     if name == "cosine" and cfg.min_lr_ratio > 0:
         name, kwargs = "cosine_with_min_lr", {"min_lr_rate": cfg.min_lr_ratio}
     try:
-        return get_scheduler(name, opt, num_warmup_steps=warmup, num_training_steps=total_steps,
-                             scheduler_specific_kwargs=kwargs)
+        return get_scheduler(
+            name, opt, num_warmup_steps=warmup, num_training_steps=total_steps, scheduler_specific_kwargs=kwargs
+        )
     except ValueError as e:
         raise UserError(f"lr_scheduler_type: {e}") from e
 
@@ -106,10 +107,17 @@ def apply_lora(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     missing = [m for m in cfg.lora_target_modules if m not in present]
     if missing:
-        raise UserError(f"lora_target_modules: {missing} not in the model; linear layers are "
-                        "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj")
-    lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=list(cfg.lora_target_modules), bias="none")
+        raise UserError(
+            f"lora_target_modules: {missing} not in the model; linear layers are "
+            "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"
+        )
+    lora = LoraConfig(
+        r=cfg.lora_rank,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=list(cfg.lora_target_modules),
+        bias="none",
+    )
     return get_peft_model(model, lora)
 
 
@@ -119,13 +127,21 @@ def initialize(module: torch.nn.Module, cfg: TrainConfig, ds_config: dict, total
     opt = optimizer(cfg, param_groups(module, cfg.weight_decay), device, skippable=plain_gradients(ds_config))
     scheduler(cfg, opt, 1)  # reject a bad scheduler name before DeepSpeed starts
     # A factory, so the scheduler drives the optimizer DeepSpeed wraps (ZeRO rebuilds its groups).
-    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, config=ds_config, dist_init_required=False,
-                                           lr_scheduler=lambda wrapped: scheduler(cfg, wrapped, total_steps))
+    engine, _, _, _ = deepspeed.initialize(
+        model=module,
+        optimizer=opt,
+        config=ds_config,
+        dist_init_required=False,
+        lr_scheduler=lambda wrapped: scheduler(cfg, wrapped, total_steps),
+    )
     if D.is_main():
         stage = ds_config["zero_optimization"].get("stage", 0)
         n = sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters() if p.requires_grad)
-        print(f"deepspeed: ZeRO-{stage}, world {D.world_size()}, {n:,} trainable parameters, "
-              f"{'bf16' if ds_config['bf16']['enabled'] else 'fp32'}", flush=True)
+        print(
+            f"deepspeed: ZeRO-{stage}, world {D.world_size()}, {n:,} trainable parameters, "
+            f"{'bf16' if ds_config['bf16']['enabled'] else 'fp32'}",
+            flush=True,
+        )
     return engine
 
 

@@ -17,7 +17,7 @@ from bumblefast.train.build import model_path
 
 
 def _strip(state: dict, prefix: str = "model.") -> dict:
-    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
+    return {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in state.items()}
 
 
 def export_model(engine, objective, tokenizer, cfg: TrainConfig, zero_stage: int, out: Path) -> None:

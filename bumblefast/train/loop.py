@@ -61,9 +61,7 @@ from bumblefast.train.metrics import MetricLogger, device_peak_tflops
 from bumblefast.train.objectives import FrozenReference
 
 # Collator keys that stay on the host: facts the loop counts, never inputs of a kernel.
-HOST_KEYS = frozenset(
-    {"max_seqlen", "num_target_tokens", "num_tokens", "row_capacity", "sample_ids"}
-)
+HOST_KEYS = frozenset({"max_seqlen", "num_target_tokens", "num_tokens", "row_capacity", "sample_ids"})
 
 
 class NonFiniteError(RuntimeError):
@@ -94,9 +92,7 @@ class Run:
     step_start: dict | None = None  # loader state before the current step
     last_saved: Path | None = None
     trace: str | None = None  # tests: a JSON line per step with each rank's sample ids
-    inject_nan: frozenset = field(
-        default_factory=frozenset
-    )  # tests: {(step, rank)} whose losses are NaN
+    inject_nan: frozenset = field(default_factory=frozenset)  # tests: {(step, rank)} whose losses are NaN
 
     @property
     def ckpt_root(self) -> Path:
@@ -135,11 +131,7 @@ def seed_everything(seed: int) -> None:
 def to_device(batch: dict, device: torch.device) -> dict:
     """The tensors the model reads, on the device; the host facts stay behind (max_seqlen as an
     int, so attention never reads it back from the device)."""
-    out = {
-        k: v.to(device, non_blocking=True)
-        for k, v in batch.items()
-        if k not in HOST_KEYS and torch.is_tensor(v)
-    }
+    out = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k not in HOST_KEYS and torch.is_tensor(v)}
     out["max_seqlen"] = int(batch["max_seqlen"])
     return out
 
@@ -166,8 +158,10 @@ def setup(cfg: TrainConfig) -> Run:
     model_config = load_model_config(cfg, tokenizer)
     if model_config.vocab_size != preset_vocab:
         how = "fresh model sized to" if cfg.stage == "pretrain" else "resize_vocab: mean-initialised rows added for"
-        log(f"vocab: {preset_vocab} -> {model_config.vocab_size} embedding rows ({how} the tokenizer's "
-            f"{len(tokenizer)} tokens)")
+        log(
+            f"vocab: {preset_vocab} -> {model_config.vocab_size} embedding rows ({how} the tokenizer's "
+            f"{len(tokenizer)} tokens)"
+        )
     ds_config = deepspeed_config(cfg, device, model_config.hidden_size)
     zero_stage = ds_config["zero_optimization"].get("stage", 0)
     loader, data_meta, manifest = open_loader(cfg, tokenizer_path(cfg))
@@ -223,7 +217,8 @@ def setup(cfg: TrainConfig) -> Run:
     )
     log(
         f"training {cfg.stage}: {total_steps} optimizer steps ({steps_per_epoch}/epoch), micro batch "
-        f"{cfg.train_micro_batch_size_per_gpu} x accumulation {cfg.gradient_accumulation_steps} x world {D.world_size()}"
+        f"{cfg.train_micro_batch_size_per_gpu} x accumulation {cfg.gradient_accumulation_steps} "
+        f"x world {D.world_size()}"
     )
     return run
 
@@ -278,8 +273,11 @@ def host_facts(run: Run, micro_batches: list[dict]) -> tuple[list[float], list[l
     capacity and training FLOPs (from document lengths), and each micro-batch's sample ids."""
     cfg = run.cfg
     lora = cfg.finetuning_type == "lora"  # MFU by what is computed (flops.step_flops)
-    flop_kw = dict(lora_rank=cfg.lora_rank if lora else 0, lora_targets=cfg.lora_target_modules if lora else (),
-                   reference=getattr(run.objective, "reference", None))
+    flop_kw = dict(
+        lora_rank=cfg.lora_rank if lora else 0,
+        lora_targets=cfg.lora_target_modules if lora else (),
+        reference=getattr(run.objective, "reference", None),
+    )
     count = tokens = capacity = step_flops = 0.0
     for b in micro_batches:
         count += run.objective.count(b)
@@ -304,9 +302,7 @@ def forward_backward(run: Run, micro_batches: list[dict], scale: torch.Tensor):
         if i < len(micro_batches) - 1:
             engine.step()
         keys = keys or ["loss", *sorted(metric_sums)]
-        values = torch.stack(
-            [loss.detach().double(), *(metric_sums[k].detach().double() for k in keys[1:])]
-        )
+        values = torch.stack([loss.detach().double(), *(metric_sums[k].detach().double() for k in keys[1:])])
         sums = values if sums is None else sums + values
         finite.append(ok)
     return keys, sums, torch.stack(finite)
@@ -315,16 +311,10 @@ def forward_backward(run: Run, micro_batches: list[dict], scale: torch.Tensor):
 @torch.no_grad()
 def grad_norm_of(module: torch.nn.Module) -> torch.Tensor | None:
     grads = [p.grad for p in module.parameters() if p.grad is not None]
-    return (
-        torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-        if grads
-        else None
-    )
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads else None
 
 
-def read_stats(
-    counts: torch.Tensor, keys: list[str], sums: torch.Tensor, finite: torch.Tensor, grad_norm
-) -> StepStats:
+def read_stats(counts: torch.Tensor, keys: list[str], sums: torch.Tensor, finite: torch.Tensor, grad_norm) -> StepStats:
     """Sum the metric sums and non-finite counts over ranks, then the step's one host read."""
     bad = (~finite).double()
     reduced = D.all_reduce_sum_(torch.cat([sums, bad.sum()[None]]))
@@ -336,14 +326,8 @@ def read_stats(
     k = len(keys)
     averages = {key: v / max(n_global, 1.0) for key, v in zip(keys, values[4 : 4 + k])}
     local_bad = [v > 0 for v in values[5 + k : 5 + k + len(finite)]]
-    norm = (
-        values[-1]
-        if torch.is_tensor(grad_norm)
-        else (None if grad_norm is None else float(grad_norm))
-    )
-    return StepStats(
-        n_global, tokens, capacity, step_flops, averages, int(values[4 + k]), local_bad, norm
-    )
+    norm = values[-1] if torch.is_tensor(grad_norm) else (None if grad_norm is None else float(grad_norm))
+    return StepStats(n_global, tokens, capacity, step_flops, averages, int(values[4 + k]), local_bad, norm)
 
 
 def train_step(run: Run, micro_batches: list[dict]) -> dict:
@@ -370,12 +354,7 @@ def train_step(run: Run, micro_batches: list[dict]) -> dict:
             )
     if run.trace:
         with open(run.trace, "a") as f:
-            f.write(
-                json.dumps(
-                    {"step": run.step + 1, "rank": D.rank(), "sample_ids": sum(sample_ids, [])}
-                )
-                + "\n"
-            )
+            f.write(json.dumps({"step": run.step + 1, "rank": D.rank(), "sample_ids": sum(sample_ids, [])}) + "\n")
     if not stats.finite:
         skip_step(run, stats, sample_ids)
     run.step += 1
@@ -388,9 +367,7 @@ def train_step(run: Run, micro_batches: list[dict]) -> dict:
     }
     if run.skipped:
         values["skipped_steps"] = run.skipped
-    run.logger.step(
-        run.step, values, log=run.step % run.cfg.logging_steps == 0 or run.step == run.total_steps
-    )
+    run.logger.step(run.step, values, log=run.step % run.cfg.logging_steps == 0 or run.step == run.total_steps)
     return values
 
 

@@ -46,8 +46,17 @@ def device_peak_tflops(device: torch.device, override: float | None) -> float | 
 
 
 class MetricLogger:
-    def __init__(self, output_dir: Path, total_steps: int, start_step: int, model_config, world: int,
-                 peak_tflops: float | None, use_tensorboard: bool, enabled: bool):
+    def __init__(
+        self,
+        output_dir: Path,
+        total_steps: int,
+        start_step: int,
+        model_config,
+        world: int,
+        peak_tflops: float | None,
+        use_tensorboard: bool,
+        enabled: bool,
+    ):
         self.enabled = enabled
         self.model_config = model_config
         self.peak = peak_tflops * 1e12 * world if peak_tflops else None
@@ -68,7 +77,9 @@ class MetricLogger:
         if use_tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(log_dir=str(output_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+            self.tb = SummaryWriter(
+                log_dir=str(output_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None
+            )
 
     def count(self, num_tokens: float, row_capacity: float, train_flops: float) -> None:
         """Account one optimizer step's work, already summed over micro-batches and ranks."""
@@ -95,8 +106,11 @@ class MetricLogger:
                 if key != "step" and val is not None and math.isfinite(val):
                     self.tb.add_scalar(TAGS.get(key, key), val, step)
             self.tb.flush()
-        postfix = {"loss": f"{record.get('loss', float('nan')):.4f}", "lr": f"{record.get('lr', 0):.2e}",
-                   "tok/s": f"{record['tokens_per_sec']:.0f}"}
+        postfix = {
+            "loss": f"{record.get('loss', float('nan')):.4f}",
+            "lr": f"{record.get('lr', 0):.2e}",
+            "tok/s": f"{record['tokens_per_sec']:.0f}",
+        }
         if "rewards/accuracies" in record:
             postfix["acc"] = f"{record['rewards/accuracies']:.2f}"
         if "mfu" in record:

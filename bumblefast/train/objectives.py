@@ -57,8 +57,9 @@ def segment_stats(model: nn.Module, batch: dict, ld_alpha: float | None):
     """Per-segment (summed target log-probs, target counts, mean logit over target tokens)
     of a packed dpo batch, without materialising [T, V] logits. The mean logit of a token
     over the vocabulary is h . mean(W rows), so it costs one matrix-vector product."""
-    h = model.hidden_states(batch["input_ids"], batch["position_ids"], batch["cu_seqlens"], _max_seqlen(batch),
-                            batch.get("kv_prefix"))
+    h = model.hidden_states(
+        batch["input_ids"], batch["position_ids"], batch["cu_seqlens"], _max_seqlen(batch), batch.get("kv_prefix")
+    )
     weight = model.lm_head.weight
     labels, seg = batch["labels"], batch["segment_ids"]
     n = batch["cu_seqlens"].numel() - 1
@@ -103,8 +104,15 @@ class DPOObjective(nn.Module):
     starting model, passed as `ref_model`: a FrozenReference, or a model it wraps),
     `precomputed` (the shards' `ref_logps` column) or `none` (reference-free losses)."""
 
-    def __init__(self, model: nn.Module, loss_cfg: PrefLossConfig, reference: str, ld_alpha: float | None = None,
-                 ref_model: nn.Module | None = None, zero_stage: int = 0):
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_cfg: PrefLossConfig,
+        reference: str,
+        ld_alpha: float | None = None,
+        ref_model: nn.Module | None = None,
+        zero_stage: int = 0,
+    ):
         super().__init__()
         self.model = model
         self.loss_cfg = loss_cfg

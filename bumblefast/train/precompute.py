@@ -24,8 +24,14 @@ from bumblefast.config import UserError
 from bumblefast.shards.manifest import Manifest
 
 
-def precompute_ref(model_name_or_path: str, dataset_path: str, output_dir: str, batch_size: int = 8,
-                   attn_backend: str = "auto", kernels: str = "auto") -> dict:
+def precompute_ref(
+    model_name_or_path: str,
+    dataset_path: str,
+    output_dir: str,
+    batch_size: int = 8,
+    attn_backend: str = "auto",
+    kernels: str = "auto",
+) -> dict:
     import torch.distributed as dist
     from tqdm.auto import tqdm
 
@@ -44,21 +50,36 @@ def precompute_ref(model_name_or_path: str, dataset_path: str, output_dir: str, 
     device = D.init() if distributed else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rank, world = D.rank(), D.world_size()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = Bumblebee.from_pretrained(model_name_or_path, torch_dtype=dtype, attn_backend=attn_backend,
-                                      kernels=kernels).to(device).eval()
+    model = (
+        Bumblebee.from_pretrained(model_name_or_path, torch_dtype=dtype, attn_backend=attn_backend, kernels=kernels)
+        .to(device)
+        .eval()
+    )
 
     ds = ShardDataset(dataset_path, shuffle=False, batch_size=1)
     mine = list(range(rank, ds.num_samples, world))
     scores: dict[int, list[float]] = {}
     with torch.no_grad():
         for start in tqdm(range(0, len(mine), batch_size), desc="precompute-ref", disable=rank != 0):
-            rows = [ds[i] for i in mine[start:start + batch_size]]
+            rows = [ds[i] for i in mine[start : start + batch_size]]
             b = collate_rows(rows, "dpo", src.seq_len)
             b = {k: v.to(device) for k, v in b.items()}
             n = b["cu_seqlens"].numel() - 1
-            logps = model.segment_logps(b["input_ids"], b["position_ids"], b["cu_seqlens"], int(b["max_seqlen"]),
-                                        b["labels"], b["segment_ids"], n,
-                                        kv_prefix=b.get("kv_prefix")).float().cpu().tolist()
+            logps = (
+                model.segment_logps(
+                    b["input_ids"],
+                    b["position_ids"],
+                    b["cu_seqlens"],
+                    int(b["max_seqlen"]),
+                    b["labels"],
+                    b["segment_ids"],
+                    n,
+                    kv_prefix=b.get("kv_prefix"),
+                )
+                .float()
+                .cpu()
+                .tolist()
+            )
             for row in rows:
                 k = len(row["seq_lens"])
                 scores[row["sample_id"]], logps = logps[:k], logps[k:]
@@ -68,8 +89,9 @@ def precompute_ref(model_name_or_path: str, dataset_path: str, output_dir: str, 
         scores = {k: v for part in gathered for k, v in part.items()}
     manifest = None
     if rank == 0:
-        manifest = _write(ds, scores, src, dataset_path, output_dir, model_name_or_path,
-                          model_fingerprint(model_name_or_path))
+        manifest = _write(
+            ds, scores, src, dataset_path, output_dir, model_name_or_path, model_fingerprint(model_name_or_path)
+        )
     D.barrier()
     return manifest
 
@@ -89,8 +111,12 @@ def _write(ds, scores, src: Manifest, dataset_path, output_dir, model_path, mode
         raise UserError("output_dir: must differ from dataset_path (the source shards stay as they are)")
     cols = columns("dpo", src.tokenizer.vocab_size, ref_logps=True, shared_prompt=PROMPT_COLUMN in src.columns)
     with staged_output(final) as staging:
-        with MDSWriter(out=str(staging), columns=cols, compression=src.prep.get("compression") or None,
-                       hashes=src.prep.get("hashes") or ["xxh64"]) as writer:
+        with MDSWriter(
+            out=str(staging),
+            columns=cols,
+            compression=src.prep.get("compression") or None,
+            hashes=src.prep.get("hashes") or ["xxh64"],
+        ) as writer:
             for i in range(ds.num_samples):
                 row = ds[i]
                 sample = {k: row[k] for k in cols if k != "ref_logps"}

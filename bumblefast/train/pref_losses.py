@@ -159,9 +159,7 @@ def preference_loss(
         else:  # robust
             if not 0.0 <= eps < 0.5:
                 raise ValueError(f"robust loss needs label_smoothing in [0, 0.5), got {eps}")
-            losses = (-F.logsigmoid(beta * z) * (1.0 - eps) + F.logsigmoid(-beta * z) * eps) / (
-                1.0 - 2.0 * eps
-            )
+            losses = (-F.logsigmoid(beta * z) * (1.0 - eps) + F.logsigmoid(-beta * z) * eps) / (1.0 - 2.0 * eps)
         chosen_rewards, rejected_rewards = beta * (pc_ - rc_), beta * (pr_ - rr_)
 
     if cfg.sft_weight and loss_type != "orpo":
@@ -194,13 +192,9 @@ def split_segments_for_ld(
     """
     n_segments = int(n_segments)
     if n_segments % 2:
-        raise ValueError(
-            f"split_segments_for_ld: pairs need an even segment count, got {n_segments}"
-        )
+        raise ValueError(f"split_segments_for_ld: pairs need an even segment count, got {n_segments}")
     if labels.shape != segment_ids.shape:
-        raise ValueError(
-            f"labels {tuple(labels.shape)} and segment_ids {tuple(segment_ids.shape)} differ"
-        )
+        raise ValueError(f"labels {tuple(labels.shape)} and segment_ids {tuple(segment_ids.shape)} differ")
     seg = segment_ids.reshape(-1).long()
     is_t = (labels.reshape(-1) != ignore_index).long()
     counts = torch.zeros(n_segments, dtype=torch.long, device=seg.device).index_add_(0, seg, is_t)

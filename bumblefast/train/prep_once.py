@@ -132,8 +132,10 @@ def prep_once(
             raise UserError(f"dataset_path: preparing {out} failed on {note.get('host')}: {note.get('error')}")
         now = time.monotonic()
         if timeout_s is not None and now - t0 > timeout_s:
-            raise UserError(f"dataset_path: gave up after {now - t0:.0f} s waiting for {out} to be prepped "
-                            f"({_who(holder, lock)}); prep it ahead with `bumblefast prep` and pass that folder")
+            raise UserError(
+                f"dataset_path: gave up after {now - t0:.0f} s waiting for {out} to be prepped "
+                f"({_who(holder, lock)}); prep it ahead with `bumblefast prep` and pass that folder"
+            )
         if now >= next_report:
             say(f"waiting {now - t0:.0f} s for {out} ({_who(holder, lock)})")
             next_report = now + report_s
@@ -144,15 +146,18 @@ def _who(holder: dict | None, lock: Path) -> str:
     if not holder:
         return "the local rank 0 of this node is starting the prep"
     since = time.strftime("%H:%M:%S", time.localtime(holder.get("since", 0)))
-    return (f"being prepped by {holder.get('host')} pid {holder.get('pid')} since {since}; if no such process "
-            f"runs, delete {lock}")
+    return (
+        f"being prepped by {holder.get('host')} pid {holder.get('pid')} since {since}; if no such process "
+        f"runs, delete {lock}"
+    )
 
 
 _barriers = 0
 
 
-def wait_for_ranks(what: str, report_s: float = REPORT_S, poll_s: float = POLL_S,
-                   say: Callable[[str], None] = _say) -> None:
+def wait_for_ranks(
+    what: str, report_s: float = REPORT_S, poll_s: float = POLL_S, say: Callable[[str], None] = _say
+) -> None:
     """A barrier over all ranks that polls the process group's store (each poll returns at
     once), so no rank sits in a collective longer than the process-group timeout, and the
     waiting ranks say every `report_s` seconds how many ranks are ready."""
