@@ -410,6 +410,12 @@ def test_train_precompute_and_eval_agree_across_layouts(tmp_path, demo_tokenizer
             "logits/rejected",
             "grad_norm",
         ):
+            # with a precomputed reference the first step's policy IS its reference (LoRA B = 0)
+            # but is computed in another pass: every reward is float noise (~1e-7), and which of
+            # a pair's two is larger, i.e. the accuracy, is that noise's sign: not compared
+            if key == "rewards/accuracies" and name == "lora_precomputed":
+                assert abs(first[0]["rewards/margins"]) < 1e-5 and abs(first[1]["rewards/margins"]) < 1e-5
+                continue
             if key in first[0]:
                 assert first[1][key] == pytest.approx(first[0][key], rel=1e-5, abs=1e-5), (
                     name,
