@@ -21,6 +21,9 @@ if [ ! -f "$stamp" ]; then  # built once per stack.txt (about 5 GB: torch's CUDA
   touch "$stamp"
 fi
 ls "$ROOT"/.whl/*.whl >/dev/null 2>&1 || { echo "gpu-rehearsal: no .whl/: run make gpu-wheels first" >&2; exit 1; }
+# DeepSpeed's JIT ops are built per torch: the Makefile's shared folder holds the main venv's
+# (torch 2.14), whose .so fails to load under 2.11 (undefined symbol), so the copy gets its own
+export TORCH_EXTENSIONS_DIR="$VENV/torch_extensions"
 OUT="$(mktemp -d /tmp/gpu-rehearsal-out.XXXXXX)"
 t0=$SECONDS
 rc=0
