@@ -138,10 +138,9 @@ r1, k1 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.R
 cpu = sum(getattr(b, f) - getattr(a, f) for a, b in ((r0, r1), (k0, k1)) for f in ("ru_utime", "ru_stime"))
 print(json.dumps({"seconds": el, "cpu_seconds": cpu, "tokens": m["tokens"]["real"] + m["tokens"]["tail_tokens_dropped"],
                   "records": m["records"]["read"], "rows": m["rows"], "fingerprint": m["fingerprint"],
-                  "backend": m["tokenizer"].get("backend", {}).get("name", "hf (old pipeline)"),
+                  "backend": m["tokenizer"].get("backend", {}).get("name", OLD_BACKEND),
                   "peak_rss_mb": r1.ru_maxrss / 1024, "peak_rss_worker_mb": k1.ru_maxrss / 1024}))
-"""
-assert repr(OLD_BACKEND).replace("'", '"') in RUNNER
+""".replace("OLD_BACKEND", json.dumps(OLD_BACKEND))
 
 
 def old_pipeline(tmp: Path) -> str | None:

@@ -729,14 +729,13 @@ def run_stage(stage: str, args, device, dtype, preset: str, peak) -> dict:
             print(f"  {sd['name']}: rounds {', '.join(f'{x:.2f}' for x in sd['round_seconds'])} s", flush=True)
         rows = [summarize(sd, cfg, peak) for sd in sides]
         comparisons = []
-        if stage == "dpo" and not HAVE_TRL:  # ours only: no peer to compare with
+        if stage == "dpo":
             by = {r["name"]: r for r in rows}
             e2e_o = summarize(combined("bumblefast precomputed reference, scoring + policy", ours_ref, pre), cfg, peak)
+        if stage == "dpo" and not HAVE_TRL:  # ours only: no peer to compare with
             rows = [by[pre["name"]], e2e_o, by[live["name"]], by[ours_ref["name"]]]
         elif stage == "dpo":
-            by = {r["name"]: r for r in rows}
             ref_o, ref_t = by[ours_ref["name"]], by[trl_ref["name"]]
-            e2e_o = summarize(combined("bumblefast precomputed reference, scoring + policy", ours_ref, pre), cfg, peak)
             e2e_t = summarize(
                 combined("TRL DPOTrainer precompute_ref_log_probs=True, scoring + policy", trl_ref, trl_pre), cfg, peak
             )
