@@ -2,7 +2,7 @@
 runs it (tokenizer, prep, pretrain, SFT, DPO with LoRA, merge, chat, plots), and the
 held-out answer and preference accuracies improve stage over stage.
 
-About 6-9 minutes on 2 CPU cores (one thread per training process): the longest test, marked slow."""
+About 9-13 minutes on 2 CPU cores (one thread per training process): the longest test, marked slow."""
 
 from __future__ import annotations
 
@@ -37,15 +37,16 @@ def test_demo_end_to_end(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     pre, sft, dpo = summary["pretrain"], summary["sft"], summary["dpo"]
     # Held-out questions (never asked in SFT or DPO). What every observed run supports (docs/LOG.md,
-    # 2026-12-01, AMD EPYC, the data since then, seeds 0-2, 1 thread): answers 0% -> 19-95% ->
-    # 38-95%, preferences 62-65% -> 64-99% -> 67-99%. SFT always lifts the answers (the plateau
-    # it sat on before is gone); preferences end above pretraining's after DPO, but a seed's SFT
-    # or DPO step alone can leave them flat or 10 points lower (seeds 1 and 0), so neither step's
-    # preference change is asserted: which way it goes depends on float reduction order.
+    # 2026-12-01, AMD EPYC, seeds 0-2 x 1 and 2 threads): answers 0% -> 19-95% -> 65-89%,
+    # preferences 62-65% -> 64-99% -> 82-98%. SFT always lifts the answers; DPO lifts the
+    # preferences far above pretraining's (>= +19 points) and never lowers them much below SFT's
+    # (one seed's SFT was already at 99%: 99% -> 98%). Which way SFT alone moves the preferences
+    # depends on the seed and on float reduction order (one seed: 65% -> 64%), so it is not asserted.
     assert sft["answer_accuracy"] >= pre["answer_accuracy"] + 0.1  # 4 of 37 questions
-    assert dpo["preference_accuracy"] >= pre["preference_accuracy"] + 0.025  # 3 of 120 pairs
+    assert dpo["preference_accuracy"] >= pre["preference_accuracy"] + 0.1  # 12 of 120 pairs
+    assert dpo["preference_accuracy"] >= sft["preference_accuracy"] - 0.05
     assert dpo["answer_accuracy"] >= sft["answer_accuracy"] - 0.1
-    assert dpo["accuracy"] > 0.5  # DPO separated its training pairs (rewards/accuracies, last logs)
+    assert dpo["accuracy"] > 0.75  # DPO separated its training pairs (rewards/accuracies, last logs)
     assert pre["loss"] < 1.5
 
     for stage in ("pretrain", "sft", "dpo"):
