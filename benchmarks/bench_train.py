@@ -23,8 +23,9 @@ Timing: one untimed warm-up step per side, then `--rounds` rounds (5), each side
 its micro-batches once per round, the sides interleaved in an order rotated each round;
 reported: median round with min-max, "within noise" unless the ranges part. DPO: >= --min_pairs
 pairs per side over the rounds (64; `bumblefast bench --size cpu`: 2 micro-batches per round and
-side, DPO >= 24 pairs, so the section fits in ~2.5 minutes on 2 cores). Liger kernels on the transformers sides on CUDA. CPU: tiny preset
-with a tokenizer trained on the data; CUDA: the 1.5B preset.
+side, DPO >= 24 pairs, so the section fits in ~2.5 minutes on 2 cores). Liger kernels on the
+transformers sides on CUDA. CPU: tiny preset with a tokenizer trained on the data; CUDA: the
+1.5B preset.
 
   python benchmarks/bench_train.py                       # ../shared/data/alpaca_zh_demo.json
   python benchmarks/bench_train.py --stage all --quick   # CI-sized smoke run
