@@ -604,6 +604,7 @@ def bench(size: str, workdir: Path) -> dict:
 
 
 def _bench(size, z, tmp, tok_files, load, old_src, servers, notes) -> dict:
+    """bench()'s body, run while the prep servers are up."""
     from bumblefast import benchlib as BL
     from bumblefast.tokenizer import train_tokenizer
 
