@@ -10,16 +10,18 @@ min-max of each side; "within noise" when the ranges overlap), wall and CPU-seco
 - `bumblefast prep` end to end (read, parse, check, render, tokenize, pack, zstd MDS write,
   manifest) with `--tokenizer_backend hf` and `fastokens`, 1 and 2 workers, and the *old
   pipeline*: prep as it was before the backends (git ref OLD_PIPELINE_REF, extracted and run
-  from its own source tree). Each prep run is a fresh process that times only `run_prep`;
-  ratios are of time for the same text (the raw HF encode's token count over each side's
+  from its own source tree). Each prep run is a fresh process that times only `run_prep`:
+  forked from a server that imported prep once (one per source tree; the imports, ~8
+  CPU-seconds, are not prep's work and made most of the section's time when every run paid
+  them); ratios are of time for the same text (the raw HF encode's token count over each side's
   seconds), so the EOS prep appends is not credited;
 - pretrain documents (../shared/data/pretrain_zh_demo.json repeated), sft (alpaca + ShareGPT
   multi-turn + tool calls) and dpo (dpo_zh_demo) records, as jsonl;
 - naive baselines on the same jsonl: `datasets.load_dataset("json")` + `map` one record at a
   time into rows padded to seq_len (BumbleCore's way) and `map(batched=True)` (datasets' own
   advice for speed); their timed region holds only their own loading and mapping;
-- nodes: 2 nodes run as 2 concurrent processes, each reading only its share of the input
-  (prep/split.py), then `prep merge`; wall time and per-node rate are measured; the N-node
+- nodes: 2 nodes run as 2 concurrent processes (forked together), each reading only its share
+  of the input (prep/split.py), then `prep merge`; wall time and per-node rate are measured; the N-node
   table for 1B tokens is a *projection* from those measured numbers;
 - a per-stage profile (CPU-seconds of read, parse, validate, render, tokenize, pack, write)
   of each stage and backend, in one process;
@@ -125,22 +127,54 @@ def bench_raw(tok_dir: str, texts: list[str], backend: str) -> dict:
 
 
 OLD_BACKEND = "hf (old pipeline)"  # what the old pipeline's manifest says: no backend key
-RUNNER = """
-import json, os, resource, sys, time
+RESULT_TAG = "PREP_RESULTS "
+# A prep server: imports prep once (Python, torch, streaming, tokenizers: ~8 CPU-s, most of a
+# small run's wall time), then, per line of stdin (a JSON list of PrepConfig kwargs), forks one
+# child per config, all at once, and prints their results as one tagged JSON line. Each child
+# is a fresh process for prep (nothing of an earlier run in it) that times only `run_prep`.
+SERVER = """
+import json, os, resource, sys, time, traceback
 from bumblefast.config import PrepConfig
 from bumblefast.prep.run import run_prep
-kw = json.loads(sys.argv[1])
-r0, k0 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-t = time.perf_counter()
-m = run_prep(PrepConfig(**kw), progress=False)
-el = time.perf_counter() - t
-r1, k1 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-cpu = sum(getattr(b, f) - getattr(a, f) for a, b in ((r0, r1), (k0, k1)) for f in ("ru_utime", "ru_stime"))
-print(json.dumps({"seconds": el, "cpu_seconds": cpu, "tokens": m["tokens"]["real"] + m["tokens"]["tail_tokens_dropped"],
-                  "records": m["records"]["read"], "rows": m["rows"], "fingerprint": m["fingerprint"],
-                  "backend": m["tokenizer"].get("backend", {}).get("name", OLD_BACKEND),
-                  "peak_rss_mb": r1.ru_maxrss / 1024, "peak_rss_worker_mb": k1.ru_maxrss / 1024}))
-""".replace("OLD_BACKEND", json.dumps(OLD_BACKEND))
+
+def run(kw):
+    r0, k0 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    t = time.perf_counter()
+    m = run_prep(PrepConfig(**kw), progress=False)
+    el = time.perf_counter() - t
+    r1, k1 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = sum(getattr(b, f) - getattr(a, f) for a, b in ((r0, r1), (k0, k1)) for f in ("ru_utime", "ru_stime"))
+    return {"seconds": el, "cpu_seconds": cpu, "tokens": m["tokens"]["real"] + m["tokens"]["tail_tokens_dropped"],
+            "records": m["records"]["read"], "rows": m["rows"], "fingerprint": m["fingerprint"],
+            "backend": m["tokenizer"].get("backend", {}).get("name", OLD_BACKEND),
+            "peak_rss_mb": r1.ru_maxrss / 1024, "peak_rss_worker_mb": k1.ru_maxrss / 1024}
+
+for line in sys.stdin:
+    kids = []
+    for kw in json.loads(line):
+        sys.stdout.flush(); sys.stderr.flush()
+        rd, wr = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(rd)
+            try:
+                res = run(kw)
+            except BaseException:
+                res = {"error": traceback.format_exc()[-3000:]}
+            with os.fdopen(wr, "w") as f:
+                f.write(json.dumps(res))
+            sys.stdout.flush(); sys.stderr.flush()
+            os._exit(0)
+        os.close(wr)
+        kids.append((pid, rd))
+    out = []
+    for pid, rd in kids:
+        with os.fdopen(rd) as f:
+            text = f.read()
+        _, status = os.waitpid(pid, 0)
+        out.append(json.loads(text) if text else {"error": f"prep child exited with status {status}"})
+    print(RESULT_TAG + json.dumps(out), flush=True)
+""".replace("OLD_BACKEND", json.dumps(OLD_BACKEND)).replace("RESULT_TAG", json.dumps(RESULT_TAG))
 
 
 def old_pipeline(tmp: Path) -> str | None:
@@ -164,27 +198,51 @@ def old_pipeline(tmp: Path) -> str | None:
     return str(dest)
 
 
-def start_prep(cfg: dict, pythonpath: str | None = None) -> subprocess.Popen:
-    env = dict(os.environ)
-    if pythonpath:
-        env["PYTHONPATH"] = pythonpath
-    # `python -c` puts its working folder first on sys.path, ahead of PYTHONPATH: the old tree's
-    # runs start there, or they import the checkout's bumblefast (they did until 2026-12-01)
-    return subprocess.Popen(
-        [sys.executable, "-c", RUNNER, json.dumps(cfg)],
-        env=env,
-        cwd=pythonpath or str(ROOT),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+class PrepServer:
+    """A running SERVER for one source tree (`pythonpath`: the old pipeline's; None: this
+    checkout's); `run` a list of configs, concurrently, one forked process each."""
 
+    def __init__(self, pythonpath: str | None, log: Path):
+        env = dict(os.environ)
+        if pythonpath:
+            env["PYTHONPATH"] = pythonpath
+        self.log = log
+        self._err = log.open("w")
+        # `python -c` puts its working folder first on sys.path, ahead of PYTHONPATH: the old
+        # tree's server starts there, or it imports the checkout's bumblefast
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", SERVER],
+            env=env,
+            cwd=pythonpath or str(ROOT),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._err,
+            text=True,
+        )
 
-def finish_prep(proc: subprocess.Popen) -> dict:
-    out, err = proc.communicate()
-    if proc.returncode != 0:
-        raise RuntimeError(f"prep run failed:\n{err[-3000:]}")
-    return json.loads(out.strip().splitlines()[-1])
+    def run(self, cfgs: list[dict]) -> list[dict]:
+        self.proc.stdin.write(json.dumps(cfgs) + "\n")
+        self.proc.stdin.flush()
+        for line in self.proc.stdout:
+            if line.startswith(RESULT_TAG):
+                results = json.loads(line[len(RESULT_TAG) :])
+                break
+        else:
+            raise RuntimeError(f"prep server exited ({self.proc.wait()}):\n{self.log.read_text()[-3000:]}")
+        for r in results:
+            if "error" in r:
+                raise RuntimeError(f"prep run failed:\n{r['error']}")
+        return results
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._err.close()
 
 
 def bench_prep(
@@ -195,10 +253,11 @@ def bench_prep(
     workers: int,
     seq_len: int,
     backend: str | None,
-    pythonpath: str | None = None,
+    server: PrepServer,
     node: tuple[int, int] = (0, 1),
 ) -> dict:
-    """One prep run in a fresh process (backend None: the old pipeline, which has no such key)."""
+    """One prep run in a fresh process forked by `server` (backend None: the old pipeline, which
+    has no such key; its server runs the old tree)."""
     cfg = dict(
         stage=stage,
         input=[str(corpus)],
@@ -215,7 +274,7 @@ def bench_prep(
             cfg["overlong"] = "drop"  # it dropped overlong sft/dpo records (today's default truncates)
         if stage == "dpo":
             cfg["share_prompt"] = False  # and stored both sequences of a pair whole
-    result = finish_prep(start_prep(cfg, pythonpath))
+    (result,) = server.run([cfg])
     if backend is None and result["backend"] != OLD_BACKEND:
         raise RuntimeError(f"the old pipeline's run used backend {result['backend']!r}: it imported today's prep")
     return result
@@ -465,13 +524,13 @@ VARIANTS = {  # name -> (workers, backend; None = the old pipeline)
 }
 
 
-def bench_nodes(tok_dir: str, corpus: Path, root: Path, seq_len: int, nodes: int = 2) -> dict:
-    """`nodes` nodes as concurrent processes (1 worker each, fastokens), each reading only its
-    share of the input; then the merge."""
+def bench_nodes(tok_dir: str, corpus: Path, root: Path, seq_len: int, server: PrepServer, nodes: int = 2) -> dict:
+    """`nodes` nodes as concurrent processes (1 worker each, fastokens; forked by `server`
+    together), each reading only its share of the input; then the merge."""
     from bumblefast.prep.merge import merge_parts
 
     t = time.perf_counter()
-    procs = []
+    cfgs = []
     for r in range(nodes):
         cfg = dict(
             stage="pretrain",
@@ -484,9 +543,9 @@ def bench_nodes(tok_dir: str, corpus: Path, root: Path, seq_len: int, nodes: int
             num_nodes=nodes,
             tokenizer_backend="fastokens",
         )
-        procs.append(start_prep(cfg))
-    parts = [finish_prep(p) for p in procs]
-    wall = time.perf_counter() - t  # includes each process's start-up (imports): an upper bound
+        cfgs.append(cfg)
+    parts = server.run(cfgs)
+    wall = time.perf_counter() - t  # includes the forks and the result exchange, not the imports
     t = time.perf_counter()
     merged = merge_parts(str(root))
     merge_s = time.perf_counter() - t
@@ -494,7 +553,7 @@ def bench_nodes(tok_dir: str, corpus: Path, root: Path, seq_len: int, nodes: int
     return {
         "nodes": nodes,
         "parts": parts,
-        "wall_seconds_incl_process_start": wall,
+        "wall_seconds_incl_fork": wall,
         "slowest_part_seconds": max(p["seconds"] for p in parts),
         "merge_seconds": merge_s,
         "merged_shards": shards,
@@ -525,19 +584,33 @@ def project_nodes(
 
 def bench(size: str, workdir: Path) -> dict:
     """`bumblefast bench prep`: the section described in bumblefast/benchlib.py."""
-    from bumblefast import benchlib as BL
-    from bumblefast.tokenizer import train_tokenizer
 
     z = SIZES[size]
     tmp = Path(workdir)
     tmp.mkdir(parents=True, exist_ok=True)
     notes = [] if SHARED.is_dir() else [f"{SHARED} not present: demo data only, no real-sample figures"]
     tok_files = (sorted(SHARED.glob("*.json")) if SHARED.is_dir() else []) + sorted(DEMO.glob("*.json"))
+    load = os.getloadavg()
+    old_src = old_pipeline(tmp)
+    # the prep servers import while the tokenizer trains (nothing is timed yet)
+    servers = {"new": PrepServer(None, tmp / "prep_server.log")}
+    if old_src:
+        servers["old"] = PrepServer(old_src, tmp / "prep_server_old.log")
+    try:
+        return _bench(size, z, tmp, tok_files, load, old_src, servers, notes)
+    finally:
+        for s in servers.values():
+            s.close()
+
+
+def _bench(size, z, tmp, tok_files, load, old_src, servers, notes) -> dict:
+    """bench()'s body, run while the prep servers are up."""
+    from bumblefast import benchlib as BL
+    from bumblefast.tokenizer import train_tokenizer
+
     tok_dir = str(tmp / "tok")
     train_tokenizer(tok_files, z["vocab"], tok_dir)
     seq_len = 2048
-    load = os.getloadavg()
-    old_src = old_pipeline(tmp)
     variants = {k: v for k, v in VARIANTS.items() if k != "old" or old_src}
     if not old_src:
         notes.append(
@@ -547,6 +620,8 @@ def bench(size: str, workdir: Path) -> dict:
         st: build_corpus(tmp, st, z[f"{k}_chars"]) for st, k in (("pretrain", "doc"), ("sft", "sft"), ("dpo", "dpo"))
     }
     doc_texts = [json.loads(line)["text"] for line in corpora["pretrain"].open(encoding="utf-8")]
+    for server in servers.values():
+        server.run([])  # returns once its imports are done
 
     runs: dict[str, list] = {}
     for _ in range(z["rounds"]):  # interleaved: a busy moment hits every side alike
@@ -565,14 +640,16 @@ def bench(size: str, workdir: Path) -> dict:
                         w,
                         seq_len,
                         backend,
-                        old_src if backend is None else None,
+                        servers["old" if backend is None else "new"],
                     )
                 )
         for batched in (False, True):
             runs.setdefault(f"naive_{'batched' if batched else 'per_record'}", []).append(
                 bench_naive(tok_dir, corpora["pretrain"], seq_len, batched, tmp)
             )
-        runs.setdefault("nodes", []).append(bench_nodes(tok_dir, corpora["pretrain"], tmp / "nodes", seq_len))
+        runs.setdefault("nodes", []).append(
+            bench_nodes(tok_dir, corpora["pretrain"], tmp / "nodes", seq_len, servers["new"])
+        )
     for st in corpora:  # same ids -> same shards, whatever the backend or pipeline
         fps = {r["fingerprint"] for k, v in runs.items() if k.startswith(st + "_") for r in v}
         if len(fps) != 1:
@@ -724,7 +801,7 @@ def to_markdown(section: dict, host: str, day: str) -> str:
             for k, p in enumerate(run["parts"])
         )
         md.append(
-            f"- round {i + 1}: wall {run['wall_seconds_incl_process_start']:.2f}s incl. process start; {parts}; "
+            f"- round {i + 1}: wall {run['wall_seconds_incl_fork']:.2f}s incl. fork; {parts}; "
             f"merge {run['merge_seconds']:.2f}s ({run['merged_shards']} shards)"
         )
     md += [

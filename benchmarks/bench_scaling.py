@@ -36,8 +36,8 @@ loss. No checkpoints are saved (--save_last false) and TensorBoard is off, so ne
 
 Sizes: min (CI smoke: 3 timed steps at seq_len 64; ~45-55 s in all on the 2-core machine, most
 of it the 4 start-ups of 6-11 s each: Python + torch + DeepSpeed imports, process group, engine;
-torchrun's 2 processes start slower than 1 plain process), cpu (25 timed steps at seq_len 256,
-tiny preset; ~130-155 s), gpu (UNTESTED, written without a GPU: the 1.5B preset, bf16,
+torchrun's 2 processes start slower than 1 plain process), cpu (8 timed steps at seq_len 256,
+tiny preset, ~5-9 s of timed steps per run; ~95-110 s), gpu (UNTESTED, written without a GPU: the 1.5B preset, bf16,
 gradient checkpointing, seq_len 2048, an 8192-id tokenizer, the corpus repeated 6 times;
 2-process runs only when 2 CUDA devices are visible, otherwise one process per ZeRO stage and
 the 2-vs-1 ratios are omitted). Writes `<out>/bench_scaling_<host>_<date>.json` and `.md`
@@ -75,7 +75,7 @@ CPU = dict(
 )
 SIZES = {
     "min": {**CPU, "seq_len": 64, "micro_batch": 2, "timed": 3},
-    "cpu": {**CPU, "seq_len": 256, "micro_batch": 4, "timed": 25},
+    "cpu": {**CPU, "seq_len": 256, "micro_batch": 4, "timed": 8},
     # untested: written without a GPU
     "gpu": dict(
         preset="bumblebee-1.5b",

@@ -23,7 +23,7 @@ What is measured:
 The machine's load average is recorded before and after: on a shared machine the absolute
 numbers are measured under load, the ratios (same run, interleaved) are the claim.
 Sizes: min (CI smoke: 4 clients x 1 request x 8 tokens, 1 round), cpu (20 clients x 2
-requests x 32 tokens, 3 rounds), gpu = cpu (the same load on the CUDA device, bf16).
+requests x 16 tokens, 3 rounds; ~40 s on the 2-core machine), gpu = cpu (the same load on the CUDA device, bf16).
 Writes `<out>/bench_serve_<host>_<date>.json` and `.md` (`_min` appended for size min).
 """
 
@@ -48,7 +48,7 @@ DEMO = ROOT / "datasets" / "demo"
 TINY = ROOT / "configs" / "models" / "bumblebee-tiny"
 SIZES = {
     "min": dict(clients=4, per_client=1, max_tokens=8, rounds=1),
-    "cpu": dict(clients=20, per_client=2, max_tokens=32, rounds=3),
+    "cpu": dict(clients=20, per_client=2, max_tokens=16, rounds=3),
 }
 SIZES["gpu"] = SIZES["cpu"]
 PROMPTS = [

@@ -14,16 +14,18 @@ What is measured, on pretrain shards built here:
   skip work the first one paid for. Each run reads 2 epochs: the first over the shards as prep
   wrote them (what a training run's first epoch costs: the ratio, points and headroom), the
   second over the decompressed ones (results only);
+- ranks are fresh processes forked by a rank server (this file with a hidden `--serve`) that
+  imported torch and streaming once, so a run does not pay ~6-8 s of imports per rank;
 - 1 rank: `build_loader(shards, batch_size=8, seed=0)` in a fresh process (started as each
   of the 2 ranks is, so only the world size differs), every micro-batch
   collated (the trainer's input); tokens = sum of batch["num_tokens"]. The loader's
   construction is timed separately and is not in the rate;
-- 2 ranks on one node: two fresh processes (this file with a hidden `--rank`) with the
+- 2 ranks on one node: two fresh processes (forked together) with the
   variables streaming reads for its world (RANK, WORLD_SIZE=2, LOCAL_RANK, LOCAL_WORLD_SIZE=2)
   and a gloo process group on 127.0.0.1 (streaming's dataset constructor would create one
   itself from MASTER_ADDR/MASTER_PORT for its barriers; here the rank creates it first and also
   uses it for a barrier before each timed epoch). Each rank times its own epoch share from that
-  barrier; aggregate tokens/s = total tokens / the slower rank's seconds. Start-up (imports,
+  barrier; aggregate tokens/s = total tokens / the slower rank's seconds. Start-up (the
   process group) is recorded, not rated. Both ranks' sample ids must be disjoint and cover
   every row exactly once, in every epoch of every run (else this raises);
 - the ratio 2 ranks vs 1 rank (aggregate tokens/s). On the 2-core CPU machine 2 ranks use
@@ -34,7 +36,7 @@ What is measured, on pretrain shards built here:
   rank (first-epoch read tokens/s per rank / need).
 
 Sizes: min (CI smoke, ~200k tokens, seq_len 512, seconds), cpu (~4.5M tokens, seq_len 2048,
-about two minutes, 5 rounds alternating 1 rank and 2 ranks; median and min-max); gpu = cpu
+about a minute, 5 rounds alternating 1 rank and 2 ranks; median and min-max); gpu = cpu
 (reading runs on the host CPU). Per run and rank also the CPU time of the process (all its
 threads): CPU-s per M tokens says whether both configurations did the same work, CPU / wall
 ("busy") whether a reader computed or waited; the note under the table compares the ratio with
@@ -243,58 +245,112 @@ def rank_env(rank: int, world: int, port: int) -> dict:
     return env
 
 
-def read_n_ranks(shards: Path, epochs: int, logs: Path, world: int = 2, timeout: float = 600):
-    """`world` fresh rank processes on this node, started together; per epoch, the summary,
-    and the ranks' start-up figures."""
+class RankServer:
+    """This file with a hidden `--serve`: imports what a rank imports (torch.distributed,
+    streaming, bumblefast.shards; ~6-8 s of each run's start-up when every rank paid them), then
+    per request forks `world` fresh rank processes, all at once, which run `rank_main` with
+    their world's variables; answers with their exit codes. Every rank, 1-rank runs included,
+    starts the same way: only the world size differs."""
+
+    def __init__(self, log: Path):
+        self._err = log.open("w")
+        self.log = log
+        env = {k: v for k, v in os.environ.items() if k not in WORLD_VARS}
+        env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "--serve"],
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._err,
+            text=True,
+        )
+
+    def run(self, request: dict) -> list[int]:
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        for line in self.proc.stdout:
+            if line.startswith(RESULT_TAG):
+                return json.loads(line[len(RESULT_TAG) :])
+        raise RuntimeError(f"stream bench: rank server exited ({self.proc.wait()}):\n{self.log.read_text()[-3000:]}")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._err.close()
+
+
+def serve_main() -> int:
+    """The rank server's loop (see RankServer)."""
+    import signal
+
+    import torch.distributed  # noqa: F401  (what every rank imports, loaded once here)
+
+    import bumblefast.shards  # noqa: F401
+
+    for line in sys.stdin:
+        req = json.loads(line)
+        kids = []
+        for r in range(req["world"]):
+            sys.stdout.flush()
+            sys.stderr.flush()
+            pid = os.fork()
+            if pid == 0:
+                code = 1
+                try:
+                    signal.alarm(int(req["timeout"]))  # a hung rank dies instead of hanging the bench
+                    out = os.open(os.path.join(req["logs"], f"rank{r}.out"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+                    err = os.open(os.path.join(req["logs"], f"rank{r}.err"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+                    os.dup2(out, 1)
+                    os.dup2(err, 2)
+                    os.environ.update(rank_env(r, req["world"], req["port"]))
+                    code = rank_main(r, req["shards"], req["epochs"])
+                except BaseException:
+                    import traceback
+
+                    traceback.print_exc()
+                finally:
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                    os._exit(code)
+            kids.append(pid)
+        codes = []
+        for pid in kids:
+            _, status = os.waitpid(pid, 0)
+            codes.append(os.waitstatus_to_exitcode(status))
+        print(RESULT_TAG + json.dumps(codes), flush=True)
+    return 0
+
+
+def read_n_ranks(shards: Path, epochs: int, logs: Path, server: RankServer, world: int = 2, timeout: float = 600):
+    """`world` fresh rank processes on this node, forked together by `server`; per epoch, the
+    summary, and the ranks' start-up figures."""
     from streaming.base.util import clean_stale_shared_memory
 
     with single_process_world():
         clean_stale_shared_memory()
-    port = free_port()
     logs.mkdir(parents=True, exist_ok=True)
-    me = str(Path(__file__).resolve())
-    procs = []
     t = time.perf_counter()
-    for r in range(world):
-        out, err = (logs / f"rank{r}.out").open("w"), (logs / f"rank{r}.err").open("w")
-        cmd = [
-            sys.executable,
-            me,
-            "--rank",
-            str(r),
-            "--shards",
-            str(shards),
-            "--epochs",
-            str(epochs),
-        ]
-        proc = subprocess.Popen(cmd, env=rank_env(r, world, port), stdout=out, stderr=err)
-        procs.append((proc, out, err))
-    try:
-        while any(p.poll() is None for p, _, _ in procs):
-            failed = [r for r, (p, _, _) in enumerate(procs) if p.poll() not in (None, 0)]
-            if failed:
-                code = procs[failed[0]][0].returncode
-                raise RuntimeError(
-                    f"stream bench: rank {failed[0]} of {world} exited with {code}\n" + rank_logs(logs, world)
-                )
-            if time.perf_counter() - t > timeout:
-                raise RuntimeError(
-                    f"stream bench: {world} ranks timed out after {timeout:.0f}s\n" + rank_logs(logs, world)
-                )
-            time.sleep(0.05)
-    finally:
-        for p, out, err in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-            out.close()
-            err.close()
+    codes = server.run(
+        {
+            "world": world,
+            "shards": str(shards),
+            "epochs": epochs,
+            "port": free_port(),
+            "logs": str(logs),
+            "timeout": timeout,
+        }
+    )
     wall = time.perf_counter() - t
-    for r, (p, _, _) in enumerate(procs):
-        if p.returncode != 0:
-            raise RuntimeError(
-                f"stream bench: rank {r} of {world} exited with {p.returncode}\n" + rank_logs(logs, world)
-            )
+    for r, code in enumerate(codes):
+        if code != 0:
+            raise RuntimeError(f"stream bench: rank {r} of {world} exited with {code}\n" + rank_logs(logs, world))
     reports = []
     for r in range(world):
         text = (logs / f"rank{r}.out").read_text()
@@ -303,8 +359,8 @@ def read_n_ranks(shards: Path, epochs: int, logs: Path, world: int = 2, timeout:
             raise RuntimeError(f"stream bench: rank {r} printed no result\n{rank_logs(logs, world)}")
         reports.append(json.loads(lines[-1][len(RESULT_TAG) :]))
     startup = {
-        "launch_to_exit_seconds": wall,
-        "init_seconds": [rep["init_seconds"] for rep in reports],  # imports + process group
+        "fork_to_exit_seconds": wall,
+        "init_seconds": [rep["init_seconds"] for rep in reports],  # process group (imports: before the fork)
     }
     return [summarize(reports, e) for e in range(epochs)], startup
 
@@ -333,7 +389,8 @@ def check_rows(per_rank: list[list[int]], num_samples: int, epoch: int = 0) -> N
 
 
 def rank_main(rank: int, shards: str, epochs: int) -> int:
-    """One rank of the multi-rank read: its world comes from the environment."""
+    """One rank of the multi-rank read (a process forked by the rank server): its world comes
+    from the environment."""
     t_start = time.perf_counter()
     import torch.distributed as dist
 
@@ -342,7 +399,7 @@ def rank_main(rank: int, shards: str, epochs: int) -> int:
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
     if dist.get_rank() != rank:
         raise RuntimeError(f"--rank {rank} but the process group says {dist.get_rank()}")
-    ready = time.perf_counter() - t_start  # imports (torch, streaming) + process group
+    ready = time.perf_counter() - t_start  # process group (the server imported torch, streaming)
     r = read_epochs(shards, epochs, barrier=dist.barrier)  # each epoch timed from a barrier
     dist.barrier()
     dist.destroy_process_group()
@@ -425,16 +482,20 @@ def bench(size: str, workdir: Path) -> dict:
     prepped = prep(tok_dir, tmp / "corpus.jsonl", shards, z["seq_len"])
 
     runs: dict[str, list] = {"1": [], "2": [], "startup": []}
-    for k in range(z["rounds"]):  # interleaved, order alternating: a busy moment hits both alike
-        for world in (1, 2) if k % 2 == 0 else (2, 1):
-            # each run: a fresh copy of prep's output (same first-read decompression) read by
-            # fresh processes (the 1 rank too: the same start, only the world size differs)
-            run = fresh_copy(shards, tmp / f"run{k}_{world}")
-            epochs, startup = read_n_ranks(run, EPOCHS, tmp / f"rank_logs_{k}_{world}", world)
-            runs[str(world)].append(epochs)
-            if world == 2:
-                runs["startup"].append(startup)
-            shutil.rmtree(run, ignore_errors=True)
+    server = RankServer(tmp / "rank_server.log")  # started after prep: nothing else shares the cores
+    try:
+        for k in range(z["rounds"]):  # interleaved, order alternating: a busy moment hits both alike
+            for world in (1, 2) if k % 2 == 0 else (2, 1):
+                # each run: a fresh copy of prep's output (same first-read decompression) read by
+                # fresh processes (the 1 rank too: the same start, only the world size differs)
+                run = fresh_copy(shards, tmp / f"run{k}_{world}")
+                epochs, startup = read_n_ranks(run, EPOCHS, tmp / f"rank_logs_{k}_{world}", server, world)
+                runs[str(world)].append(epochs)
+                if world == 2:
+                    runs["startup"].append(startup)
+                shutil.rmtree(run, ignore_errors=True)
+    finally:
+        server.close()
     load_end = os.getloadavg()[0]
     # epoch 0 reads the shards as prep wrote them (streaming decompresses each on first use):
     # what a training run's first epoch costs; epoch 1 reads the shards already decompressed
@@ -534,7 +595,7 @@ def to_markdown(section: dict, host: str, day: str) -> str:
         "first epoch: the shards as prep wrote them (streaming decompresses each zstd shard on "
         "first use); second: already decompressed. Ratio, points and headroom: first epoch.",
         f"every row read exactly once, every epoch: {r['rows_read_exactly_once']}; rank start-up "
-        f"(imports + process group): {min(init):.1f}-{max(init):.1f}s, not in the rates",
+        f"(process group; imports done once, before the fork): {min(init):.1f}-{max(init):.1f}s, not in the rates",
         f"need: {r['headroom_explanation']}",
     ]
     return "\n".join(md) + "\n"
@@ -544,12 +605,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--size", default="cpu", choices=sorted(SIZES))
-    p.add_argument("--rank", type=int, default=None, help=argparse.SUPPRESS)  # a rank process
-    p.add_argument("--shards", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--epochs", type=int, default=EPOCHS, help=argparse.SUPPRESS)
+    p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # the rank server
     args = p.parse_args(argv)
-    if args.rank is not None:
-        return rank_main(args.rank, args.shards, args.epochs)
+    if args.serve:
+        return serve_main()
     from bumblefast.benchlib import run_standalone
 
     return run_standalone("stream", bench, to_markdown, args.size, args.out)
