@@ -15,7 +15,9 @@ What is measured, on pretrain shards built here:
   wrote them (what a training run's first epoch costs: the ratio, points and headroom), the
   second over the decompressed ones (results only);
 - ranks are fresh processes forked by a rank server (this file with a hidden `--serve`) that
-  imported torch and streaming once, so a run does not pay ~6-8 s of imports per rank;
+  imported torch and streaming once, so a run does not pay ~6-8 s of imports per rank; rank r
+  is pinned to core r (one core per rank in both configurations: unpinned, the single rank's
+  streaming threads took the idle second core and slowed it, see `pin_to_core`);
 - 1 rank: `build_loader(shards, batch_size=8, seed=0)` in a fresh process (started as each
   of the 2 ranks is, so only the world size differs), every micro-batch
   collated (the trainer's input); tokens = sum of batch["num_tokens"]. The loader's
@@ -56,6 +58,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -160,6 +163,24 @@ def fresh_copy(shards: Path, dst: Path) -> Path:
     return dst
 
 
+def thread_cpu_seconds() -> dict[str, float]:
+    """CPU seconds of each thread of this process so far (Linux /proc; empty elsewhere)."""
+    tick, out = os.sysconf("SC_CLK_TCK"), {}
+    with contextlib.suppress(OSError):
+        for tid in os.listdir("/proc/self/task"):
+            with contextlib.suppress(OSError, ValueError):
+                stat = Path(f"/proc/self/task/{tid}/stat").read_text()
+                fields = stat[stat.rindex(")") + 2 :].split()
+                out[tid] = (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+    return out
+
+
+def background_cpu(before: dict[str, float], after: dict[str, float]) -> float:
+    """CPU seconds spent by threads other than the main one between two snapshots."""
+    main = str(threading.get_native_id())
+    return sum(v - before.get(t, 0.0) for t, v in after.items() if t != main)
+
+
 def read_epochs(shards: str, epochs: int, barrier=None) -> dict:
     """Build the loader (timed), then read `epochs` full epochs, each timed (after `barrier`,
     when given); per epoch: tokens, seconds and the sample ids read."""
@@ -173,7 +194,7 @@ def read_epochs(shards: str, epochs: int, barrier=None) -> dict:
     for _ in range(epochs):
         if barrier is not None:
             barrier()
-        t, cpu, main_cpu = time.perf_counter(), time.process_time(), time.thread_time()
+        t, cpu, main_cpu, threads0 = time.perf_counter(), time.process_time(), time.thread_time(), thread_cpu_seconds()
         tokens, batches, ids, first = 0, 0, [], None
         for b in loader:
             if first is None:
@@ -191,6 +212,8 @@ def read_epochs(shards: str, epochs: int, barrier=None) -> dict:
                 "first_batch_seconds": first,
                 "cpu_seconds": time.process_time() - cpu,
                 "main_thread_cpu_seconds": time.thread_time() - main_cpu,
+                # streaming's own threads (shard prepare: a cache file lock per sample; ready: polling)
+                "background_cpu_seconds": background_cpu(threads0, thread_cpu_seconds()),
             }
         )
     del loader
@@ -210,6 +233,7 @@ def summarize(per_rank: list[dict], epoch: int) -> dict:
         "cpu_seconds_per_m_tokens": cpu / tokens * 1e6,
         "busy": [e["cpu_seconds"] / e["seconds"] for e in eps],  # per rank: CPU time / wall time
         "main_thread_cpu_seconds": sum(e["main_thread_cpu_seconds"] for e in eps),
+        "background_cpu_seconds": sum(e["background_cpu_seconds"] for e in eps),
         "first_batch_seconds": max(e["first_batch_seconds"] or 0.0 for e in eps),
         "ranks": len(per_rank),
         "tokens": tokens,
@@ -388,10 +412,21 @@ def check_rows(per_rank: list[list[int]], num_samples: int, epoch: int = 0) -> N
         )
 
 
+def pin_to_core(rank: int) -> None:
+    """Rank r runs on core r only: one core per rank, whatever the world size. Unpinned, a single
+    rank's background threads (streaming's shard-prepare and ready threads) spread onto the idle
+    second core and contend with its main thread for the GIL: measured on the 2-core VM
+    (2026-12-01), 2.0 s and 2.3 CPU-s per epoch unpinned vs 1.2 s and 1.15 CPU-s pinned, which put
+    the 2-rank / 1-rank ratio above the core ceiling."""
+    if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
+        os.sched_setaffinity(0, {rank % os.cpu_count()})
+
+
 def rank_main(rank: int, shards: str, epochs: int) -> int:
     """One rank of the multi-rank read (a process forked by the rank server): its world comes
     from the environment."""
     t_start = time.perf_counter()
+    pin_to_core(rank)
     import torch.distributed as dist
 
     import bumblefast.shards  # noqa: F401  (timed here with the rest of start-up)
@@ -443,7 +478,9 @@ def ceiling_note(r1: dict, r2: dict, ratio: float, ceiling: float) -> str:
         f"2 ranks vs 1: {ratio:.2f}x, ceiling {ceiling:.0f}x ({ceiling:.0f} cores); per rank "
         f"{r2['per_rank_tokens_per_s']:,.0f} tokens/s vs the 1-rank rate {r1['tokens_per_s']:,.0f} (the per-rank "
         f"ceiling). Work: {r2['cpu_seconds_per_m_tokens']:.3f} vs {r1['cpu_seconds_per_m_tokens']:.3f} CPU-s per "
-        f"M tokens (2 ranks / 1 rank = {work:.2f}); CPU busy / wall: 1 rank {busy1:.0%}, 2 ranks {busy2:.0%} each"
+        f"M tokens (2 ranks / 1 rank = {work:.2f}); CPU busy / wall: 1 rank {busy1:.0%}, 2 ranks {busy2:.0%} each; "
+        f"streaming's background threads {r1['background_cpu_seconds']:.2f} CPU-s (1 rank) vs "
+        f"{r2['background_cpu_seconds']:.2f} (2 ranks, summed); each rank pinned to its own core"
     )
     if ratio <= ceiling * 1.05:
         return head + "."

@@ -23,9 +23,9 @@ DEMO_CONFIGS = ROOT / "configs" / "demo"
 TINY_PRESET = ROOT / "configs" / "models" / "bumblebee-tiny"
 DEMO_VOCAB = 1024
 DEMO_SEQ_LEN = 256
-# One intra-op thread per training process: on 2 cores, 2 threads ran pretraining ~10x slower
-# as soon as another process shared the cores (each op waits on a descheduled sibling);
-# measurements in docs/LOG.md.
+# One intra-op thread per training process: on 2 idle cores 2 threads pretrain 1.6x faster, but
+# beside one other busy process they fall to 0.53x of 1 thread (each op waits on a descheduled
+# sibling); benchmarks/bench_threads.py, docs/LOG.md.
 DEFAULT_THREADS = 1
 
 
