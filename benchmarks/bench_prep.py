@@ -45,6 +45,8 @@ import sys
 import time
 from pathlib import Path
 
+from bumblefast.benchserver import BenchServer
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one core per process, fair per-worker numbers
 os.environ.setdefault("RAYON_NUM_THREADS", "1")
 os.environ.setdefault("FASTOKENS_BPE_THREADS", "1")
@@ -198,7 +200,7 @@ def old_pipeline(tmp: Path) -> str | None:
     return str(dest)
 
 
-class PrepServer:
+class PrepServer(BenchServer):
     """A running SERVER for one source tree (`pythonpath`: the old pipeline's; None: this
     checkout's); `run` a list of configs, concurrently, one forked process each."""
 
@@ -206,43 +208,17 @@ class PrepServer:
         env = dict(os.environ)
         if pythonpath:
             env["PYTHONPATH"] = pythonpath
-        self.log = log
-        self._err = log.open("w")
         # `python -c` puts its working folder first on sys.path, ahead of PYTHONPATH: the old
         # tree's server starts there, or it imports the checkout's bumblefast
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", SERVER],
-            env=env,
-            cwd=pythonpath or str(ROOT),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self._err,
-            text=True,
-        )
+        cmd = [sys.executable, "-c", SERVER]
+        super().__init__(cmd, env=env, log=log, tag=RESULT_TAG, name="prep server", cwd=pythonpath or str(ROOT))
 
     def run(self, cfgs: list[dict]) -> list[dict]:
-        self.proc.stdin.write(json.dumps(cfgs) + "\n")
-        self.proc.stdin.flush()
-        for line in self.proc.stdout:
-            if line.startswith(RESULT_TAG):
-                results = json.loads(line[len(RESULT_TAG) :])
-                break
-        else:
-            raise RuntimeError(f"prep server exited ({self.proc.wait()}):\n{self.log.read_text()[-3000:]}")
+        results = self.request(cfgs)
         for r in results:
             if "error" in r:
                 raise RuntimeError(f"prep run failed:\n{r['error']}")
         return results
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.stdin.close()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._err.close()
 
 
 def bench_prep(

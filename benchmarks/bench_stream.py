@@ -56,11 +56,12 @@ import gc
 import json
 import os
 import socket
-import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+
+from bumblefast.benchserver import BenchServer
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -269,7 +270,7 @@ def rank_env(rank: int, world: int, port: int) -> dict:
     return env
 
 
-class RankServer:
+class RankServer(BenchServer):
     """This file with a hidden `--serve`: imports what a rank imports (torch.distributed,
     streaming, bumblefast.shards; ~6-8 s of each run's start-up when every rank paid them), then
     per request forks `world` fresh rank processes, all at once, which run `rank_main` with
@@ -277,37 +278,14 @@ class RankServer:
     starts the same way: only the world size differs."""
 
     def __init__(self, log: Path):
-        self._err = log.open("w")
-        self.log = log
         env = {k: v for k, v in os.environ.items() if k not in WORLD_VARS}
         env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-        self.proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--serve"],
-            env=env,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self._err,
-            text=True,
-        )
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--serve"]
+        super().__init__(cmd, env=env, log=log, tag=RESULT_TAG, name="stream bench: rank server")
 
     def run(self, request: dict) -> list[int]:
-        self.proc.stdin.write(json.dumps(request) + "\n")
-        self.proc.stdin.flush()
-        for line in self.proc.stdout:
-            if line.startswith(RESULT_TAG):
-                return json.loads(line[len(RESULT_TAG) :])
-        raise RuntimeError(f"stream bench: rank server exited ({self.proc.wait()}):\n{self.log.read_text()[-3000:]}")
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.stdin.close()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._err.close()
+        return self.request(request)
 
 
 def serve_main() -> int:
