@@ -162,8 +162,9 @@ def run_case(case: dict) -> dict:
 
 
 def _run_subprocess(case: dict, timeout: int) -> dict:
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    # Each case is timed alone, so it gets every core: set, not setdefault, because
+    # `bench all` imports bench_prep first and that pins OMP_NUM_THREADS=1 in this process.
+    env = dict(os.environ, OMP_NUM_THREADS=str(case["threads"]))
     try:
         proc = subprocess.run(
             [sys.executable, __file__, "--case", json.dumps(case)],
@@ -213,6 +214,7 @@ def plan_cases(device: str, tokens_list, dtype: str, quick: bool) -> list[dict]:
                             dtype=dtype,
                             device=device,
                             quick=quick,
+                            threads=os.cpu_count() or 1,
                             **{"pass": p},
                         )
                     )
@@ -249,7 +251,8 @@ def to_markdown(meta: dict, records: list[dict], summary: list[dict]) -> str:
     lines = [
         f"# bench_kernels: {meta['device_name']} ({meta['date']})",
         "",
-        f"dtype {meta['dtype']}, shapes {meta['shapes']}, torch {meta['torch']}",
+        f"dtype {meta['dtype']}, shapes {meta['shapes']}, torch {meta['torch']}, "
+        f"{records[0].get('threads', '?') if records else '?'} intra-op threads per CPU case",
         "",
         "Peak MB is the peak above the inputs (CUDA: max_memory_allocated; CPU: peak RSS in a "
         "fresh process per case). On CPU the materialising references of the fused-linear ops "
@@ -359,7 +362,7 @@ def bench(size: str, workdir: Path) -> dict:
         dtype=dtype,
         shapes=QUICK_SHAPES if z["quick"] else SHAPES,
         tokens=z["tokens"],
-        threads=torch.get_num_threads(),
+        threads=records[0]["threads"] if records else torch.get_num_threads(),  # per CPU case
     )
     notes = (
         []
@@ -409,7 +412,7 @@ def main(argv=None):
         shapes=QUICK_SHAPES if args.quick else SHAPES,
         torch=torch.__version__,
         quick=args.quick,
-        threads=torch.get_num_threads(),
+        threads=records[0]["threads"] if records else torch.get_num_threads(),  # per CPU case
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

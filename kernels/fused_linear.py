@@ -27,11 +27,24 @@ from bumblefast.labels import IGNORE_INDEX
 
 from ._triton_utils import next_pow2
 
+CPU_CHUNK_LOGITS_BYTES = 256 << 20
 
-def default_chunk_size(n_tokens: int, hidden: int, vocab: int) -> int:
-    """Liger's heuristic: the logits chunk is about the size of the hidden states."""
+
+def default_chunk_size(n_tokens: int, hidden: int, vocab: int, device_type: str = "cuda") -> int:
+    """Liger's heuristic: the logits chunk is about the size of the hidden states.
+
+    On CPU a chunk of few rows makes each matmul stream the whole [V, H] weight (and
+    ``grad_w.addmm_`` read and write it) for little work: at the 1.5B head (vocab 152k) and
+    2048 tokens Liger's 32-row chunks ran fwd+bwd 2.4x slower than 256-row ones (2 cores,
+    benchmarks/bench_kernels.py). So a CPU chunk also takes as many rows as fit ~256 MiB of
+    fp32 logits (256 rows at vocab 152k): still O(chunk * V), never [T, V]."""
+    n = max(1, n_tokens)
     inc = max(1, math.ceil(vocab / max(1, hidden)))
-    return max(1, min(next_pow2(math.ceil(max(1, n_tokens) / inc)), next_pow2(max(1, n_tokens))))
+    rows = next_pow2(math.ceil(n / inc))
+    if device_type == "cpu":
+        fit = CPU_CHUNK_LOGITS_BYTES // (4 * max(1, vocab))
+        rows = max(rows, 1 << max(0, fit.bit_length() - 1))  # a power of two <= fit
+    return max(1, min(rows, next_pow2(n)))
 
 
 def ce_rows_torch(logits, labels, grad_out=None, scale=None, ignore_index=IGNORE_INDEX):
@@ -90,7 +103,7 @@ class ChunkedLinearCrossEntropyFunction(torch.autograd.Function):
         h_all = hidden if all_rows else hidden.index_select(0, keep)
         y_all = labels if all_rows else labels.index_select(0, keep)
         n_tok = h_all.shape[0]
-        chunk = chunk_size or default_chunk_size(n_tok, hidden.shape[1], weight.shape[0])
+        chunk = chunk_size or default_chunk_size(n_tok, hidden.shape[1], weight.shape[0], hidden.device.type)
         grad_kept = torch.empty_like(h_all) if need_h else None
         grad_w = torch.zeros_like(weight) if need_w else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -140,7 +153,7 @@ class ChunkedLinearLogprobFunction(torch.autograd.Function):
         hidden_k = hidden.index_select(0, keep)
         labels_k, segment_k = labels.index_select(0, keep), segment_ids.index_select(0, keep)
         n_tok = hidden_k.shape[0]
-        chunk = chunk_size or default_chunk_size(n_tok, hidden.shape[1], weight.shape[0])
+        chunk = chunk_size or default_chunk_size(n_tok, hidden.shape[1], weight.shape[0], hidden.device.type)
         out = torch.zeros(n_segments, dtype=torch.float32, device=hidden.device)
         for s in range(0, n_tok, chunk):
             logits = hidden_k[s : s + chunk] @ weight.t()

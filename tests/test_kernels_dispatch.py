@@ -163,11 +163,16 @@ def test_modules_wrap_the_dispatch():
     )
 
 
-def test_default_chunk_keeps_logits_chunk_near_hidden_size():
+def test_default_chunk_keeps_logits_chunk_near_hidden_size_and_cpu_chunks_big():
     # 1.5B head: hidden 1536, vocab 151936 -> 128-token chunks at 8k tokens (78 MB fp32 each)
     assert fused_linear.default_chunk_size(8192, 1536, 151936) == 128
     assert fused_linear.default_chunk_size(3, 16, 70) == 1
     assert fused_linear.default_chunk_size(100, 64, 32) == 128
+    # CPU: also >= the rows of ~256 MiB of fp32 logits (a few-row matmul streams the whole
+    # [V, H] weight for little work), a power of two, never more rows than the tokens
+    assert fused_linear.default_chunk_size(8192, 1536, 151936, "cpu") == 256
+    assert fused_linear.default_chunk_size(2048, 256, 1024, "cpu") == 2048
+    assert fused_linear.default_chunk_size(3, 16, 70, "cpu") == 4
 
 
 def test_bench_kernels_quick_cases_run_in_process(tmp_path):
