@@ -193,6 +193,9 @@ class Encoder:
                     prompt, chosen, rejected, tools = dpo_pair(rec)
                     conversations = [(prompt + [reply], tools) for reply in (chosen, rejected)]
                 rendered = [self.render_with_spans(msgs, tools) for msgs, tools in conversations]
+                if self.s.stage == "dpo":  # only the final reply is scored: a multi-turn history,
+                    # its assistant turns included, is prompt (as TRL and LLaMA-Factory score it)
+                    rendered = [(text, spans[-1:]) for text, spans in rendered]
             except RecordError as e:
                 out[i] = Skipped(where, e.reason, e.message)
                 continue

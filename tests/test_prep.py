@@ -250,6 +250,27 @@ def test_dpo_shared(tok, tok_dir, tmp_path):
     check_dpo(tok, tok_dir, tmp_path, [SHARED / "dpo_zh_demo.json"], 2048, share_prompt=True)
 
 
+@pytest.mark.parametrize("share_prompt", [False, True])
+def test_dpo_multi_turn_history_is_prompt(tok, tok_dir, tmp_path, share_prompt):
+    """A multi-turn pair scores only its final reply: the history's assistant turns are prompt
+    (untrained), so the shared layout shares the whole history."""
+    turn = lambda who, v: {"from": who, "value": v}  # noqa: E731
+    history = [turn("human", "what is 2+2?"), turn("gpt", "4, since two and two make four."), turn("human", "and 3+3?")]
+    recs = [
+        {"conversations": history, "chosen": turn("gpt", "6"), "rejected": turn("gpt", "7, I think")},
+        {"conversations": history[:1], "chosen": "four", "rejected": "five"},  # single turn beside it
+    ]
+    path = tmp_path / "mt.json"
+    path.write_text(json.dumps(recs), encoding="utf-8")
+    m = check_dpo(tok, tok_dir, tmp_path, [path], 512, share_prompt)  # trained = exactly the final reply
+    assert m["records"]["written"] == 2
+    if share_prompt:
+        (row,) = read_rows(tmp_path / "dpo")
+        c = segments(row, "seq_lens")[0]  # the multi-turn pair's chosen segment (packed first: longest)
+        assert row["prompt_lens"][0] == int(c[1].argmax())  # the whole untrained head is shared
+        assert "4, since two and two make four." in tok.decode(c[0][: row["prompt_lens"][0]].tolist())
+
+
 # ---- bad input: nothing lost -------------------------------------------------------------------
 BAD_JSONL = [
     b'{"instruction": "q", "output": "a"}',
