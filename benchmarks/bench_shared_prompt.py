@@ -11,10 +11,14 @@ epoch over the same pairs, so pairs/s compares whole epochs. Rounds interleave t
 noise" when the ranges overlap, the fraction of pair tokens that are prompt tokens (as the
 unshared layout counts them) and the tokens computed per pair on each side.
 
-Data sets: dpo_zh_demo.json (../shared/data, else the demo's dpo.json) and a multi-turn set
-with long histories built from ShareGPT duolun_train.json: each conversation of 4+ turns
-becomes a pair whose prompt is every turn before the last reply, chosen = that reply,
-rejected = the last reply of the next such conversation.
+Data sets: dpo_zh_demo.json (../shared/data, else the demo's dpo.json) at --seq_len, and a
+multi-turn set with long histories built from ShareGPT duolun_train.json: each conversation
+of 4+ turns becomes a pair whose prompt is every turn before the last reply (its earlier
+replies included), chosen = that reply, rejected = the last reply of the next such
+conversation; and, from the same file, short-prompt pairs: each two-turn conversation (one
+question, one long reply) paired the same way. Those two run at --long_seq_len (4096): at
+1024 the unshared layout must cut each pair to two half rows, which cuts the history first
+(11% prompt tokens in the first measurement). Pairs still truncated are counted per side.
 
   python benchmarks/bench_shared_prompt.py               # CPU, tiny preset
   python benchmarks/bench_train.py --stage dpo           # also runs this after the dpo rows
@@ -38,10 +42,11 @@ SHARED = ROOT.parent / "shared" / "data"
 DEMO = ROOT / "datasets" / "demo"
 
 
-def multi_turn_pairs(src: Path, out: Path, min_turns: int = 4) -> Path:
-    """Preference pairs with long histories from a ShareGPT conversation file."""
+def conversation_pairs(src: Path, out: Path, min_turns: int = 4, max_turns: int = 1 << 30) -> Path:
+    """Preference pairs from a ShareGPT conversation file: each conversation of min_turns to
+    max_turns turns, its last reply chosen, the next such conversation's last reply rejected."""
     convs = [c["conversations"] for c in json.loads(src.read_text(encoding="utf-8"))]
-    convs = [c for c in convs if len(c) >= min_turns and c[-1]["from"] == "gpt"]
+    convs = [c for c in convs if min_turns <= len(c) <= max_turns and c[-1]["from"] == "gpt"]
     pairs = [
         {"conversations": c[:-1], "chosen": c[-1], "rejected": convs[(i + 1) % len(convs)][-1]}
         for i, c in enumerate(convs)
@@ -50,16 +55,16 @@ def multi_turn_pairs(src: Path, out: Path, min_turns: int = 4) -> Path:
     return out
 
 
-def data_sets(workdir: Path, shared: Path = SHARED) -> list[tuple[str, Path]]:
+def data_sets(workdir: Path, seq_len: int, long_seq_len: int, shared: Path = SHARED) -> list[tuple[str, Path, int]]:
+    """(name, pairs file, seq_len) per data set."""
     single = shared / "dpo_zh_demo.json" if (shared / "dpo_zh_demo.json").is_file() else DEMO / "dpo.json"
-    sets = [(single.name, single)]
-    if (shared / "duolun_train.json").is_file():
-        sets.append(
-            (
-                "duolun_train.json -> multi-turn pairs",
-                multi_turn_pairs(shared / "duolun_train.json", workdir / "multi_turn_pairs.json"),
-            )
-        )
+    sets = [(single.name, single, seq_len)]
+    src = shared / "duolun_train.json"
+    if src.is_file():
+        long = conversation_pairs(src, workdir / "multi_turn_pairs.json", min_turns=4)
+        short = conversation_pairs(src, workdir / "two_turn_pairs.json", min_turns=2, max_turns=2)
+        sets.append(("duolun_train.json -> long-history multi-turn pairs", long, long_seq_len))
+        sets.append(("duolun_train.json -> short-prompt two-turn pairs", short, long_seq_len))
     return sets
 
 
@@ -108,7 +113,7 @@ def _epoch(step, batches, device) -> tuple[float, float]:
     return time.perf_counter() - t0, time.process_time() - c0
 
 
-def bench_data_set(name: str, data: Path, workdir: Path, args, device, dtype, preset: str) -> dict:
+def bench_data_set(name: str, data: Path, seq_len: int, workdir: Path, args, device, dtype, preset: str) -> dict:
     from bench_train import model_config, prepare
     from transformers import AutoTokenizer
 
@@ -121,7 +126,7 @@ def bench_data_set(name: str, data: Path, workdir: Path, args, device, dtype, pr
         records = records[: args.pairs]
     subset = workdir / f"subset_{data.stem}.jsonl"  # one record a line: errors.jsonl names the line
     subset.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    tok_dir, plain = prepare(subset, "dpo", args.seq_len, workdir, args.vocab, share_prompt=False)
+    tok_dir, plain = prepare(subset, "dpo", seq_len, workdir, args.vocab, share_prompt=False)
     # the shared layout admits pairs whose two copies would not fit a row: keep the same pairs
     skipped = {
         int(json.loads(line)["where"].rsplit(":", 1)[1])
@@ -139,7 +144,7 @@ def bench_data_set(name: str, data: Path, workdir: Path, args, device, dtype, pr
             stage="dpo",
             input=[str(same)],
             tokenizer_name_or_path=str(tok_dir),
-            seq_len=args.seq_len,
+            seq_len=seq_len,
             output_dir=str(shared),
             share_prompt=True,
         ),
@@ -188,7 +193,8 @@ def bench_data_set(name: str, data: Path, workdir: Path, args, device, dtype, pr
     return {
         "data": name,
         "pairs": n_pairs,
-        "seq_len": args.seq_len,
+        "truncated": {k: m["records"]["truncated"] for k, m in manifests.items()},
+        "seq_len": seq_len,
         "rounds": args.rounds,
         "clock": clock,
         "prompt_fraction": manifests["unshared"]["dpo"]["prompt_fraction"],
@@ -202,14 +208,16 @@ def bench_data_set(name: str, data: Path, workdir: Path, args, device, dtype, pr
 
 def bench_shared_prompt(args, device, dtype, preset: str) -> list[dict]:
     """Every data set; `args` needs seq_len, vocab (and optionally rounds, pairs)."""
-    args = argparse.Namespace(**{"rounds": 5, "pairs": 64, "data_dir": str(SHARED), **vars(args)})
+    args = argparse.Namespace(**{"rounds": 5, "pairs": 64, "long_seq_len": 4096, "data_dir": str(SHARED), **vars(args)})
     out = []
     with tempfile.TemporaryDirectory() as tmp:
-        for i, (name, data) in enumerate(data_sets(Path(tmp), Path(args.data_dir))):
+        sets = data_sets(Path(tmp), args.seq_len, args.long_seq_len, Path(args.data_dir))
+        sets = [st for st in sets if any(w in st[0] for w in getattr(args, "only", "").split(","))]
+        for i, (name, data, seq_len) in enumerate(sets):
             work = Path(tmp) / f"set{i}"
             work.mkdir()
             t0 = time.perf_counter()
-            out.append(bench_data_set(name, data, work, args, device, dtype, preset))
+            out.append(bench_data_set(name, data, seq_len, work, args, device, dtype, preset))
             print(f"[dpo shared prompt] {name}: {time.perf_counter() - t0:.0f}s", flush=True)
             print("\n".join(shared_prompt_lines(out[-1:])[-3:]), flush=True)
     return out
@@ -231,8 +239,10 @@ def shared_prompt_lines(results: list[dict]) -> list[str]:
         for r in st["results"]:
             ratio = r["pairs_per_sec_median"] / base
             note = " (within noise)" if st["within_noise"] and r is not st["results"][0] else ""
+            cut = st.get("truncated", {}).get(r["name"].removeprefix("ours, "))
+            cut = f", {cut} truncated" if cut else ""
             lines.append(
-                f"| {st['data']} ({st['pairs']} pairs, seq {st['seq_len']}) | {st['prompt_fraction']:.0%} "
+                f"| {st['data']} ({st['pairs']} pairs, seq {st['seq_len']}{cut}) | {st['prompt_fraction']:.0%} "
                 f"| {r['name']} | {r['rows']} | {r['tokens_per_pair']:.0f} | {r['pairs_per_sec_median']:.2f} "
                 f"({r['pairs_per_sec_min']:.2f}-{r['pairs_per_sec_max']:.2f}) | {ratio:.2f}x{note} |"
             )
@@ -252,6 +262,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default=None)
     p.add_argument("--seq_len", type=int, default=1024)
+    p.add_argument("--long_seq_len", type=int, default=4096, help="seq_len of the long-history multi-turn set")
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--pairs", type=int, default=64, help="pairs per data set (0: all)")
@@ -260,6 +271,7 @@ def main() -> int:
         default=str(SHARED),
         help="the shared sample data (dpo_zh_demo.json, duolun_train.json)",
     )
+    p.add_argument("--only", default="", help="comma list: run the data sets whose name contains one")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = p.parse_args()
     device, dtype, preset, _ = device_setup(args.preset)

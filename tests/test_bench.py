@@ -150,3 +150,34 @@ def test_report_names_verdict_and_target():
     assert "faster; target >= 1.5x met" in _claim(fast)
     fast["target"] = 2.5
     assert "MISSED" in _claim(fast)
+
+
+def test_long_history_pairs_keep_the_whole_history_as_prompt(tmp_path):
+    """bench_shared_prompt's multi-turn set: the prompt is every turn before the last reply
+    (earlier replies included), chosen that reply, rejected another conversation's last reply;
+    and it runs at the long seq_len so the unshared layout does not cut the history away."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_shared_prompt as B
+
+    turn = lambda who, v: {"from": who, "value": v}  # noqa: E731
+    convs = [
+        {"conversations": [turn("human", "q1"), turn("gpt", "a1"), turn("human", "q2"), turn("gpt", "a2")]},
+        {"conversations": [turn("human", "short"), turn("gpt", "x")]},  # < 4 turns: not a long history
+        {"conversations": [turn("human", "p1"), turn("gpt", "b1"), turn("human", "p2"), turn("gpt", "b2")]},
+    ]
+    (tmp_path / "duolun_train.json").write_text(json.dumps(convs), encoding="utf-8")
+    (tmp_path / "dpo_zh_demo.json").write_text("[]", encoding="utf-8")
+    sets = B.data_sets(tmp_path, 1024, 4096, tmp_path)
+    assert [(s[0], s[2]) for s in sets] == [
+        ("dpo_zh_demo.json", 1024),
+        ("duolun_train.json -> long-history multi-turn pairs", 4096),
+        ("duolun_train.json -> short-prompt two-turn pairs", 4096),
+    ]
+    pairs = json.loads(sets[1][1].read_text(encoding="utf-8"))
+    assert pairs == [
+        {"conversations": convs[0]["conversations"][:3], "chosen": turn("gpt", "a2"), "rejected": turn("gpt", "b2")},
+        {"conversations": convs[2]["conversations"][:3], "chosen": turn("gpt", "b2"), "rejected": turn("gpt", "a2")},
+    ]
+    short = json.loads(sets[2][1].read_text(encoding="utf-8"))
+    only = {"conversations": [turn("human", "short")], "chosen": turn("gpt", "x"), "rejected": turn("gpt", "x")}
+    assert short == [only]  # one two-turn conversation: its "next" is itself
