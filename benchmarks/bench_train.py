@@ -17,7 +17,10 @@ the same model size and initial weights, the same dtype and optimizer (AdamW), i
             reference; TRL DPOTrainer (its collator, fused log-prob LM head and loss; peft LoRA)
             with a live reference and with precompute_ref_log_probs=True, the same pairs in the
             same micro-batches. Views: "policy step only" (both precomputed, the reference
-            scoring timed as its own row) and "end to end" (scoring + policy, or live reference)
+            scoring timed as its own row) and "end to end" (scoring + policy, or live reference).
+            Ours also with a shared prompt (issue 16): the same pairs re-laid by prep's share
+            as [prompt+chosen][rejected] groups (their log-probs checked equal in fp32), in
+            both views; its gain on longer prompts: bench_shared_prompt.py (`--stage dpo`)
 
 Timing: one untimed warm-up step per side, then `--rounds` rounds (5), each side running all
 its micro-batches once per round, the sides interleaved in an order rotated each round;
@@ -222,7 +225,14 @@ def build_ours(cfg, device):
 
 
 def ours_side(
-    cfg, batches: list[dict], device, dtype, stage: str, reference: str | None = None, lora_rank: int = 16
+    cfg,
+    batches: list[dict],
+    device,
+    dtype,
+    stage: str,
+    reference: str | None = None,
+    lora_rank: int = 16,
+    layout: str = "",
 ) -> dict:
     """Our model + the stage's objective on packed micro-batches (a plain AdamW step). DPO with
     reference "precomputed": the side also carries `ref_step`, our reference scoring of a batch
@@ -272,7 +282,11 @@ def ours_side(
     tokens = sum(int(b["num_tokens"]) for b in batches)
     inner = model.get_base_model() if stage == "dpo" else model
     attn = inner.resolved_attn(device, dtype)  # the backend a forward in this compute dtype runs
-    name = f"bumblefast packed ({attn} attention)" if stage != "dpo" else (f"bumblefast packed, {reference} reference")
+    name = (
+        f"bumblefast packed ({attn} attention)"
+        if stage != "dpo"
+        else f"bumblefast packed{layout}, {reference} reference"
+    )
     return side(
         name,
         step,
@@ -546,6 +560,31 @@ def samples_of(shards: Path, batches: list[dict]) -> list[list[tuple[torch.Tenso
     return [[s for row in unpack_rows(shards, b["sample_ids"].tolist()) for s in row] for b in batches]
 
 
+def shared_prompt_batches(groups: list[list], seq_len: int, device) -> list[dict]:
+    """The pairs of each micro-batch again, in the shared-prompt layout (prep's share: one
+    [prompt+chosen][rejected] group per pair, attending the prompt), as one row each."""
+    import numpy as np
+
+    from bumblefast.prep import share
+    from bumblefast.shards.collate import collate_rows
+
+    out = []
+    for g in groups:
+        row = {"input_ids": [], "loss_mask": [], "seq_lens": [], "prompt_lens": []}
+        for chosen, rejected in zip(g[0::2], g[1::2], strict=True):
+            c, r = ((ids.numpy(), mask.numpy()) for ids, mask in (chosen, rejected))
+            p = share.prompt_len(c, r)
+            for ids, mask in share.share(c, r, p):
+                row["input_ids"].append(ids)
+                row["loss_mask"].append(mask)
+                row["seq_lens"].append(len(ids))
+            row["prompt_lens"].append(p)
+        row = {k: np.concatenate(v) if k in ("input_ids", "loss_mask") else np.asarray(v) for k, v in row.items()}
+        b = collate_rows([{**row, "sample_id": 0}], "dpo", seq_len)
+        out.append({k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()})
+    return out
+
+
 def summarize(sd: dict, cfg, peak: float | None) -> dict:
     """One table row: median of the rounds with the min-max range (real tokens/s; pairs/s for DPO)."""
     from bumblefast import benchlib as BL
@@ -602,6 +641,8 @@ TARGETS = {
     ("sft", "TRL SFTTrainer"): 1.4,
     ("dpo", "policy step only"): 1.5,
     ("dpo", "end to end, TRL DPOTrainer, live"): 1.5,
+    # issue 16: where prompts are >= 40% of pair tokens (dpo_zh_demo: 42%)
+    ("dpo", "shared prompt, policy step only"): 1.3,
 }
 
 
@@ -682,11 +723,25 @@ def run_stage(stage: str, args, device, dtype, preset: str, peak) -> dict:
             pre = ours_side(cfg, batches, device, dtype, "dpo", "precomputed")
             pairs = [[(g[i], g[i + 1]) for i in range(0, len(g), 2)] for g in groups]
             ours_ref = ref_side("bumblefast reference scoring", pre)
-            sides = [pre, live, ours_ref]
+            # the same pairs with each prompt computed once (issue 16): policy step and scoring
+            shared = ours_side(
+                cfg,
+                shared_prompt_batches(groups, seq_len, device),
+                device,
+                dtype,
+                "dpo",
+                "precomputed",
+                layout=", shared prompt",
+            )
+            shared_ref = ref_side("bumblefast reference scoring, shared prompt", shared)
+            if dtype == torch.float32:  # like for like: the same pairs give the same log-probs
+                for a, b in zip(pre["batches"], shared["batches"], strict=True):
+                    torch.testing.assert_close(b["ref_logps"], a["ref_logps"], rtol=1e-4, atol=1e-3)
+            sides = [pre, shared, live, ours_ref, shared_ref]
             if HAVE_TRL:
                 trl_live, trl_pre = trl_dpo_sides(cfg, pairs, device, dtype, tok, work)
                 trl_ref = ref_side("TRL DPOTrainer reference scoring (compute_ref_log_probs)", trl_pre)
-                sides = [pre, trl_pre, live, trl_live, ours_ref, trl_ref]
+                sides = [pre, shared, trl_pre, live, trl_live, ours_ref, shared_ref, trl_ref]
         else:
             ours = ours_side(cfg, batches, device, dtype, stage)
             packed = hf_side(
@@ -734,8 +789,18 @@ def run_stage(stage: str, args, device, dtype, preset: str, peak) -> dict:
         if stage == "dpo":
             by = {r["name"]: r for r in rows}
             e2e_o = summarize(combined("bumblefast precomputed reference, scoring + policy", ours_ref, pre), cfg, peak)
+            e2e_s = summarize(
+                combined("bumblefast shared prompt, precomputed reference, scoring + policy", shared_ref, shared),
+                cfg,
+                peak,
+            )
+            shared_rows = [by[shared["name"]], e2e_s, by[shared_ref["name"]]]
+            comparisons = [
+                compare("dpo", "shared prompt, policy step only", by[shared["name"]], by[pre["name"]], "pairs_per_sec"),
+                compare("dpo", "shared prompt, end to end", e2e_s, e2e_o, "pairs_per_sec"),
+            ]
         if stage == "dpo" and not HAVE_TRL:  # ours only: no peer to compare with
-            rows = [by[pre["name"]], e2e_o, by[live["name"]], by[ours_ref["name"]]]
+            rows = [by[pre["name"]], e2e_o, by[live["name"]], by[ours_ref["name"]], *shared_rows]
         elif stage == "dpo":
             ref_o, ref_t = by[ours_ref["name"]], by[trl_ref["name"]]
             e2e_t = summarize(
@@ -750,8 +815,11 @@ def run_stage(stage: str, args, device, dtype, preset: str, peak) -> dict:
                 by[trl_live["name"]],
                 ref_o,
                 ref_t,
+                *shared_rows,
             ]
-            comparisons = [
+            comparisons += [
+                compare("dpo", "policy step only", by[shared["name"]], by[trl_pre["name"]], "pairs_per_sec"),
+                compare("dpo", "end to end", e2e_s, by[trl_live["name"]], "pairs_per_sec"),
                 compare("dpo", "policy step only", by[pre["name"]], by[trl_pre["name"]], "pairs_per_sec"),
                 compare("dpo", "end to end", e2e_o, by[trl_live["name"]], "pairs_per_sec"),
                 compare("dpo", "end to end", e2e_o, e2e_t, "pairs_per_sec"),
