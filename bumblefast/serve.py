@@ -86,6 +86,158 @@ def is_loopback(host: str) -> bool:
         return False  # a host name: it may resolve to anything
 
 
+def parse_request(body: bytes, max_body_bytes: int, max_tokens_cap: int):
+    """The request, or the 4xx error response for it."""
+    if len(body) > max_body_bytes:
+        return error(413, f"request body of {len(body)} bytes is over the limit of {max_body_bytes}")
+    try:
+        payload = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return error(400, f"malformed JSON: {e}")
+    if not isinstance(payload, dict):
+        return error(400, "the body must be a JSON object")
+    try:
+        req = ChatRequest.model_validate(payload)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        return error(400, problems)
+    asked = req.max_completion_tokens or req.max_tokens
+    if asked is not None and asked > max_tokens_cap:
+        return error(400, f"max_tokens {asked} is above this server's cap of {max_tokens_cap}")
+    if len(req.stops()) > 4:
+        return error(400, "stop: at most 4 sequences")
+    return req
+
+
+class Generation:
+    """One chat completion in flight: its batcher Job, the events the generation thread sends
+    it (start, delta, done) and its deadline; answers as one JSON body or as SSE chunks.
+    `on_done(rid, status, outcome, t0, prompt, completion)` logs the request's end."""
+
+    def __init__(self, ids, sampling, request, rid: str, model: str, t0: float, timeout: float, on_done):
+        from bumblefast.chat import Job
+
+        self.loop, self.events = asyncio.get_running_loop(), asyncio.Queue()
+        self.job = Job(ids, sampling, self._emit)
+        self.request, self.rid, self.model, self.t0 = request, rid, model, t0
+        self.created, self.timeout, self.deadline = int(time.time()), timeout, t0 + timeout
+        self.on_done = on_done
+        self.getter = None  # one pending get at a time: asyncio.wait never drops an event it timed out on
+
+    def _emit(self, kind: str, value: str) -> None:  # from the generation thread
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+        except RuntimeError:  # the event loop is gone (shutdown)
+            pass
+
+    async def next_event(self, watch: bool = True):
+        """The job's next event; ("timeout", "") past the deadline, ("gone", "") when the client
+        left (checked while `watch`; in a streamed body Starlette watches and cancels us)."""
+        while True:
+            left = self.deadline - time.perf_counter()
+            if left <= 0:
+                return "timeout", ""
+            self.getter = self.getter or asyncio.ensure_future(self.events.get())
+            ready, _ = await asyncio.wait({self.getter}, timeout=min(left, 0.25))
+            if ready:
+                event, self.getter = self.getter.result(), None
+                return event
+            if watch and await self.request.is_disconnected():
+                return "gone", ""
+
+    def cancel(self) -> None:
+        self.job.cancel()  # a no-op once done; else the next step drops it
+        if self.getter is not None:
+            self.getter.cancel()
+
+    def finish(self, status: int, outcome: str) -> None:
+        self.on_done(self.rid, status, outcome, self.t0, len(self.job.ids), len(self.job.tokens))
+
+    def usage(self) -> dict:
+        prompt, completion = len(self.job.ids), len(self.job.tokens)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def fail(self, kind: str):
+        """The error response for a request that timed out or whose client left."""
+        self.cancel()
+        if kind == "timeout":
+            self.finish(504, "timeout")
+            return error(
+                504,
+                f"the request did not finish within the server's request_timeout of {self.timeout:g} s",
+                kind="timeout_error",
+                code="timeout",
+            )
+        self.finish(499, "disconnected")
+        return error(499, "client disconnected")
+
+    async def reply(self):
+        """`stream: false`: the whole completion as one chat.completion object."""
+        pieces = []
+        while True:
+            kind, value = await self.next_event()
+            if kind in ("start", "delta"):
+                pieces.append(value)
+                continue
+            if kind in ("timeout", "gone"):
+                return self.fail(kind)
+            self.cancel()
+            if value.startswith("error"):
+                self.finish(500, value)
+                return error(500, value, kind="server_error")
+            self.finish(200, value)
+            message = {"role": "assistant", "content": "".join(pieces).strip()}
+            return {
+                "id": self.rid,
+                "object": "chat.completion",
+                "created": self.created,
+                "model": self.model,
+                "choices": [{"index": 0, "message": message, "finish_reason": value}],
+                "usage": self.usage(),
+            }
+
+    def chunk(self, delta: dict, finish: str | None = None) -> str:
+        data = {
+            "id": self.rid,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        }
+        return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+    async def stream(self):
+        """`stream: true`: server-sent events, after the first event has arrived."""
+        outcome = "disconnected"
+        try:
+            yield self.chunk({"role": "assistant", "content": ""})
+            while True:
+                kind, value = await self.next_event(watch=False)
+                if kind == "delta":
+                    yield self.chunk({"content": value})
+                    continue
+                if kind == "timeout":
+                    outcome = "timeout"
+                    err = {
+                        "message": f"the request did not finish within {self.timeout:g} s",
+                        "type": "timeout_error",
+                        "code": "timeout",
+                    }
+                elif value.startswith("error"):
+                    outcome, err = value, {"message": value, "type": "server_error"}
+                else:
+                    outcome, err = value, None
+                if err is not None:
+                    yield f"data: {json.dumps({'error': err})}\n\n"
+                else:
+                    yield self.chunk({}, value)
+                    yield "data: [DONE]\n\n"
+                break
+        finally:  # also when the client disconnected (the response task is cancelled)
+            self.cancel()
+            self.finish(200, outcome)
+
+
 def create_app(
     model_path: str | Path,
     max_tokens_cap: int = 1024,
@@ -101,7 +253,7 @@ def create_app(
     from fastapi import FastAPI, Request
     from fastapi.responses import HTMLResponse, StreamingResponse
 
-    from bumblefast.chat import Batcher, Chat, Job, QueueFull
+    from bumblefast.chat import Batcher, Chat, QueueFull
 
     chat = Chat(model_path)
     batcher = Batcher(chat, max_batch=max_batch, max_queue=max_queue)
@@ -162,33 +314,11 @@ def create_app(
     async def page():
         return PAGE.read_text(encoding="utf-8").replace("{{MODEL}}", name)
 
-    def parse(body: bytes):
-        """The request, or the 4xx error response for it."""
-        if len(body) > max_body_bytes:
-            return error(413, f"request body of {len(body)} bytes is over the limit of {max_body_bytes}")
-        try:
-            payload = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            return error(400, f"malformed JSON: {e}")
-        if not isinstance(payload, dict):
-            return error(400, "the body must be a JSON object")
-        try:
-            req = ChatRequest.model_validate(payload)
-        except ValidationError as e:
-            problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
-            return error(400, problems)
-        asked = req.max_completion_tokens or req.max_tokens
-        if asked is not None and asked > max_tokens_cap:
-            return error(400, f"max_tokens {asked} is above this server's cap of {max_tokens_cap}")
-        if len(req.stops()) > 4:
-            return error(400, "stop: at most 4 sequences")
-        return req
-
     @app.post("/v1/chat/completions")
     async def completions(request: Request):
         t0 = time.perf_counter()
-        rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        req = parse(await request.body())
+        rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        req = parse_request(await request.body(), max_body_bytes, max_tokens_cap)
         if not isinstance(req, ChatRequest):
             done(rid, req.status_code, "bad_request", t0)
             return req
@@ -200,17 +330,9 @@ def create_app(
             req.stops(),
             req.seed,
         )
-        loop, events = asyncio.get_running_loop(), asyncio.Queue()
-
-        def emit(kind: str, value: str) -> None:  # from the generation thread
-            try:
-                loop.call_soon_threadsafe(events.put_nowait, (kind, value))
-            except RuntimeError:  # the event loop is gone (shutdown)
-                pass
-
-        job = Job(ids, sampling, emit)
+        gen = Generation(ids, sampling, request, rid, name, t0, request_timeout, done)
         try:
-            batcher.submit(job)
+            batcher.submit(gen.job)
         except QueueFull as e:
             wait = max(1, math.ceil(sum(recent) / len(recent))) if recent else 1
             done(rid, 429, "queue_full", t0, len(ids))
@@ -221,129 +343,17 @@ def create_app(
                 code="queue_full",
                 headers={"Retry-After": str(wait)},
             )
-        deadline = t0 + request_timeout
-
-        getter = None  # one pending get at a time: asyncio.wait never drops an event it timed out on
-
-        async def next_event(watch: bool = True):
-            """The job's next event; ("timeout", "") past the deadline, ("gone", "") when the client
-            left (checked while `watch`; in a streamed body Starlette watches and cancels us)."""
-            nonlocal getter
-            while True:
-                left = deadline - time.perf_counter()
-                if left <= 0:
-                    return "timeout", ""
-                getter = getter or asyncio.ensure_future(events.get())
-                ready, _ = await asyncio.wait({getter}, timeout=min(left, 0.25))
-                if ready:
-                    event, getter = getter.result(), None
-                    return event
-                if watch and await request.is_disconnected():
-                    return "gone", ""
-
-        def usage() -> dict:
-            return {
-                "prompt_tokens": len(ids),
-                "completion_tokens": len(job.tokens),
-                "total_tokens": len(ids) + len(job.tokens),
-            }
-
-        def timeout_error():
-            return error(
-                504,
-                f"the request did not finish within the server's request_timeout of {request_timeout:g} s",
-                kind="timeout_error",
-                code="timeout",
-            )
-
         if not req.stream:
-            pieces = []
-            while True:
-                kind, value = await next_event()
-                if kind in ("start", "delta"):
-                    pieces.append(value)
-                    continue
-                job.cancel()  # a no-op once done; else the next step drops it
-                if getter is not None:
-                    getter.cancel()
-                if kind == "timeout":
-                    done(rid, 504, "timeout", t0, len(ids), len(job.tokens))
-                    return timeout_error()
-                if kind == "gone":
-                    done(rid, 499, "disconnected", t0, len(ids), len(job.tokens))
-                    return error(499, "client disconnected")
-                if value.startswith("error"):
-                    done(rid, 500, value, t0, len(ids), len(job.tokens))
-                    return error(500, value, kind="server_error")
-                done(rid, 200, value, t0, len(ids), len(job.tokens))
-                return {
-                    "id": rid,
-                    "object": "chat.completion",
-                    "created": created,
-                    "model": name,
-                    "choices": [
-                        {
-                            "index": 0,
-                            "message": {"role": "assistant", "content": "".join(pieces).strip()},
-                            "finish_reason": value,
-                        }
-                    ],
-                    "usage": usage(),
-                }
-
-        def chunk(delta: dict, finish: str | None = None) -> str:
-            data = {
-                "id": rid,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": name,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-            }
-            return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
-
+            return await gen.reply()
         # wait for a slot before the 200: a request that times out while queued still gets a 504
-        first = await next_event()
-        if first[0] in ("timeout", "gone"):
-            job.cancel()
-            done(rid, 504 if first[0] == "timeout" else 499, first[0], t0, len(ids))
-            return timeout_error() if first[0] == "timeout" else error(499, "client disconnected")
-        if first[0] == "done":  # failed or shut down before it started
-            done(rid, 503, first[1], t0, len(ids))
-            return error(503, f"the request could not be served: {first[1]}", kind="server_error")
-
-        async def stream():
-            outcome = "disconnected"
-            try:
-                yield chunk({"role": "assistant", "content": ""})
-                while True:
-                    kind, value = await next_event(watch=False)
-                    if kind == "delta":
-                        yield chunk({"content": value})
-                    elif kind == "timeout":
-                        outcome = "timeout"
-                        err = {
-                            "message": f"the request did not finish within {request_timeout:g} s",
-                            "type": "timeout_error",
-                            "code": "timeout",
-                        }
-                        yield f"data: {json.dumps({'error': err})}\n\n"
-                        break
-                    elif value.startswith("error"):
-                        outcome = value
-                        yield f"data: {json.dumps({'error': {'message': value, 'type': 'server_error'}})}\n\n"
-                        break
-                    else:
-                        outcome = value
-                        yield chunk({}, value)
-                        yield "data: [DONE]\n\n"
-                        break
-            finally:  # also when the client disconnected (the response task is cancelled)
-                job.cancel()
-                if getter is not None:
-                    getter.cancel()
-                done(rid, 200, outcome, t0, len(ids), len(job.tokens))
-
-        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        kind, value = await gen.next_event()
+        if kind in ("timeout", "gone"):
+            return gen.fail(kind)
+        if kind == "done":  # failed or shut down before it started
+            gen.cancel()
+            done(rid, 503, value, t0, len(ids))
+            return error(503, f"the request could not be served: {value}", kind="server_error")
+        return StreamingResponse(gen.stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     return app
 
