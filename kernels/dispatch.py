@@ -18,7 +18,7 @@ Liger works in place where it can: its rope rotates q/k in place and its cross_e
 writes the gradient into the logits; pass clones if the inputs are needed afterwards.
 
 ``reference`` mode is plain PyTorch and runs anywhere; its fused-linear ops are the chunked
-PyTorch implementations (they never hold ``[T, V]`` logits, so CPU training stays lean); the
+PyTorch implementations (at most one chunk of the ``[T, V]`` logits, ~256 MiB on CPU); the
 materialising baselines live in :mod:`bumblefast.kernels.reference`.
 
 ``auto`` falls back (CUDA: Liger -> own Triton -> reference; CPU: reference). An explicitly

@@ -1,9 +1,10 @@
 """Chunked fused linear + cross-entropy and fused linear per-segment log-prob.
 
-Both ops take the final hidden states ``[T, H]`` and the LM-head weight ``[V, H]`` and never
-hold the full ``[T, V]`` logits: tokens are processed in chunks of ``chunk_size`` rows, each
-chunk's logits are reduced to a per-row loss and (when gradients are needed) overwritten in
-place by their gradient, which is folded into ``grad_hidden`` / ``grad_weight`` right away.
+Both ops take the final hidden states ``[T, H]`` and the LM-head weight ``[V, H]`` and hold
+at most one chunk of the ``[T, V]`` logits (see default_chunk_size): tokens are processed in
+chunks of ``chunk_size`` rows, each chunk's logits are reduced to a per-row loss and (when
+gradients are needed) overwritten in place by their gradient, which is folded into
+``grad_hidden`` / ``grad_weight`` right away.
 
 - ``fused_linear_cross_entropy`` (scalar output): gradients are computed during the forward
   (the Liger trick) and scaled in place by the incoming scalar gradient in backward, so the
