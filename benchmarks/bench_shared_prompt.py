@@ -208,11 +208,13 @@ def bench_data_set(name: str, data: Path, seq_len: int, workdir: Path, args, dev
 
 def bench_shared_prompt(args, device, dtype, preset: str) -> list[dict]:
     """Every data set; `args` needs seq_len, vocab (and optionally rounds, pairs)."""
-    args = argparse.Namespace(**{"rounds": 5, "pairs": 64, "long_seq_len": 4096, "data_dir": str(SHARED), **vars(args)})
+    args = argparse.Namespace(
+        **{"rounds": 5, "pairs": 64, "long_seq_len": 4096, "only": "", "data_dir": str(SHARED), **vars(args)}
+    )
     out = []
     with tempfile.TemporaryDirectory() as tmp:
         sets = data_sets(Path(tmp), args.seq_len, args.long_seq_len, Path(args.data_dir))
-        sets = [st for st in sets if any(w in st[0] for w in getattr(args, "only", "").split(","))]
+        sets = [st for st in sets if any(w in st[0] for w in args.only.split(","))]
         for i, (name, data, seq_len) in enumerate(sets):
             work = Path(tmp) / f"set{i}"
             work.mkdir()
@@ -262,7 +264,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default=None)
     p.add_argument("--seq_len", type=int, default=1024)
-    p.add_argument("--long_seq_len", type=int, default=4096, help="seq_len of the long-history multi-turn set")
+    p.add_argument("--long_seq_len", type=int, default=4096, help="seq_len of the two duolun sets")
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--pairs", type=int, default=64, help="pairs per data set (0: all)")

@@ -351,7 +351,7 @@ def create_app(
             return gen.fail(kind)
         if kind == "done":  # failed or shut down before it started
             gen.cancel()
-            done(rid, 503, value, t0, len(ids))
+            gen.finish(503, value)
             return error(503, f"the request could not be served: {value}", kind="server_error")
         return StreamingResponse(gen.stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
