@@ -2,7 +2,7 @@
 
 Public API:
     run_prep(cfg: PrepConfig, progress=None) -> dict          # one node's prep; returns the manifest
-    merge_parts(root: str) -> dict                            # join node-* parts (prep merge)
+    merge_parts(root: str) -> dict                            # join a multi-node prep's tasks (prep merge)
     inspect_output(path, rows=2, tokenizer=None, color=None) -> str   # prep inspect
     main(argv: list[str]) -> int                              # the CLI (bumblefast.prep.cli)
 """

@@ -6,14 +6,15 @@ The prep command line (bumblefast/cli.py delegates here):
         --tokenizer_name_or_path tok/ --seq_len 2048 --output_dir data/sft [--num_workers 8]
     bumblefast prep --stage dpo --dataset_info data/dataset_info.json --dataset dpo_en_demo \\
         --tokenizer_name_or_path tok/ --output_dir data/dpo      # LLaMA-Factory's data sets
-    bumblefast prep merge DIR        # join the node-* parts of a multi-node prep
+    bumblefast prep merge DIR        # join the tasks of a multi-node prep
     bumblefast prep inspect DIR      # manifest + a few rows decoded, trained spans in [[...]]
 
 Any PrepConfig key is accepted as `--key value` (CLI > YAML via --config/--yaml_config >
-defaults); `--cutoff_len` is an alias of `--seq_len`; `--input` and `--dataset` take several
-values. Record formats are detected per record: Alpaca, ShareGPT, OpenAI `messages`, TRL
-`prompt`/`completion` and `prompt`/`chosen`/`rejected` (standard or conversational, including
-chosen/rejected conversations that repeat the prompt); `.txt` is a document per line.
+defaults); `--cutoff_len` is an alias of `--seq_len` (dpo: the cutoff per sequence, rows of
+2x); `--input` and `--dataset` take several values. Record formats are detected per record:
+Alpaca, ShareGPT, OpenAI `messages`, TRL `prompt`/`completion` and `prompt`/`chosen`/`rejected`
+(standard or conversational, including chosen/rejected conversations that repeat the prompt);
+`.txt` is a document per line.
 """
 
 from __future__ import annotations
@@ -60,7 +61,14 @@ def parse_prep_args(argv: list[str]) -> PrepConfig:
     values = parse_cli_overrides(argv, PrepConfig)
     yaml_path = values.pop("config", None) or values.pop("yaml_config", None)
     yaml_values = load_yaml(yaml_path) if yaml_path else {}
-    return build_config(PrepConfig, yaml_values, values, source=str(yaml_path or "config"))
+    cfg = build_config(PrepConfig, yaml_values, values, source=str(yaml_path or "config"))
+    from bumblefast.prep.launch import apply_launcher_env
+
+    cfg = apply_launcher_env(cfg, set(values) | set(yaml_values), log=lambda m: print(m, file=sys.stderr))
+    errors = cfg.validate()
+    if errors:
+        raise UserError("invalid prep configuration:\n  " + "\n  ".join(errors))
+    return cfg
 
 
 def main(argv: list[str]) -> int:
@@ -69,15 +77,16 @@ def main(argv: list[str]) -> int:
         if argv and argv[0] == "merge":
             p = argparse.ArgumentParser(
                 prog="bumblefast prep merge",
-                description="join node-* parts into one dataset (streaming merge_index + merged manifest)",
+                description="join the tasks of a multi-node prep into one dataset (index + manifest)",
             )
-            p.add_argument("dirs", nargs="+", help="output folders (local or s3://...) holding node-* parts")
+            p.add_argument("dirs", nargs="+", help="output folders (local or s3://...) of a multi-node prep")
             args = p.parse_args(argv[1:])
             from bumblefast.prep.merge import merge_parts
 
             for d in args.dirs:
                 m = merge_parts(d)
-                print(f"merged {len(m['parts'])} parts into {d}: {m['rows']} rows, {m['records']['written']} records")
+                n = m["prep"]["tasks"]
+                print(f"merged {n} tasks into {d}: {m['rows']} rows, {m['records']['written']} records")
             return 0
         if argv and argv[0] == "inspect":
             p = argparse.ArgumentParser(

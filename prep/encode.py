@@ -21,6 +21,7 @@ import numpy as np
 
 from bumblefast.config import UserError
 from bumblefast.prep import share
+from bumblefast.prep.cutoff import cut_pair, truncation_window
 from bumblefast.prep.dataset_info import DatasetSpec, canonical_record
 from bumblefast.prep.records import (
     TRAINED_ROLES,
@@ -37,7 +38,7 @@ from bumblefast.prep.sources import BadRecord, RawJSON, TextLine, file_runs
 class EncodeSettings:
     stage: str
     tokenizer_path: str
-    seq_len: int
+    seq_len: int  # tokens per row (pretrain, sft); dpo: per sequence, the rows hold 2x (schema.row_len)
     text_key: str = "text"
     overlong: str = "truncate"  # truncate | drop
     share_prompt: bool = False  # dpo: one group [prompt+chosen][prompt[-1]+rejected] per pair
@@ -217,19 +218,19 @@ class Encoder:
         return Encoded(where, [(ids[first - lo : first + hi], mask[first - lo : first + hi])], True)
 
     def _dpo_result(self, where: str, segs: list[Segment]) -> Result:
-        """A pair as [prompt+chosen][prompt+rejected], or one shared-prompt group; an over-long
-        pair gives each segment half the row (replies cut first), or is dropped."""
-        L = self.s.seq_len
-        total = len(segs[0][0]) + len(segs[1][0])
-        p = share.prompt_len(*segs)
-        if self.s.share_prompt and share.group_len(*segs, p) <= L:
-            return Encoded(where, share.share(*segs, p), False, p, total, p)
-        truncated = total > L  # always so for a shared prompt here: its group is shorter than the pair
+        """A pair as [prompt+chosen][prompt+rejected], or one shared-prompt group of the same two
+        sequences: a sequence over the cutoff (seq_len, per sequence) cuts the pair by one rule
+        whatever the layout (prep/cutoff.py cut_pair), or drops it."""
+        C = self.s.seq_len
+        longest = max(len(ids) for ids, _ in segs)
+        truncated = longest > C
         if truncated:
             if self.s.overlong == "drop":
-                return Skipped(where, "overlong", f"pair of {total} tokens > seq_len {L}")
-            segs = _truncate_pair(segs, L)
-            p = share.prompt_len(*segs)
+                return Skipped(where, "overlong", f"a sequence of {longest} tokens > cutoff_len {C} (per sequence)")
+            segs = cut_pair(*segs, C)
+            if not all(mask.any() for _, mask in segs):
+                return Skipped(where, "overlong", f"cutoff_len {C} leaves no reply token of a {longest}-token sequence")
+        p = share.prompt_len(*segs)
         pair_tokens = len(segs[0][0]) + len(segs[1][0])
         if self.s.share_prompt:
             return Encoded(where, share.share(*segs, p), truncated, p, pair_tokens, p)
@@ -291,27 +292,6 @@ class Encoder:
         return PretrainChunk(len(chunk), errors, n.astype(np.int64), docs, int((n > L).sum()), file_runs(chunk))
 
 
-def _truncate_pair(segs: list[Segment], L: int) -> list[Segment]:
-    """Each segment gets half the row; the prompt (the same in both) keeps its end, the replies
-    are cut first (truncation_window)."""
-    starts = [int(m.argmax()) for _, m in segs]  # first reply token
-    reply = max(len(a) - p for (a, _), p in zip(segs, starts, strict=True))
-    cut = []
-    for (a, m), p in zip(segs, starts, strict=True):
-        lo, hi = truncation_window(p, reply, L // 2)
-        cut.append((a[p - lo : p + hi], m[p - lo : p + hi]))
-    return cut
-
-
-def truncation_window(prompt: int, reply: int, budget: int) -> tuple[int, int]:
-    """(prompt tokens kept, reply tokens kept) of a `prompt + reply` sequence longer than
-    `budget`, the rule of LLaMA-Factory's and BumbleCore's cutoff: the reply is cut first (it
-    keeps its start); a prompt longer than half the budget is cut too and keeps its end (the
-    question nearest the reply), so the reply still gets at least half the budget."""
-    keep_reply = min(reply, max(budget - prompt, budget // 2))
-    return min(prompt, budget - keep_reply), keep_reply
-
-
 class Encoded(NamedTuple):
     """A record that becomes training tokens (sft, dpo)."""
 
@@ -364,6 +344,12 @@ def init_worker(settings: EncodeSettings, inherited: bool = False) -> None:
 def set_inherited_encoder(encoder: Encoder | None) -> None:
     global _ENCODER
     _ENCODER = encoder
+
+
+def current_encoder() -> Encoder:
+    """This process's Encoder (inherited, or loaded by init_worker)."""
+    assert _ENCODER is not None, "no Encoder in this process (init_worker or set_inherited_encoder first)"
+    return _ENCODER
 
 
 def encode_in_worker(chunk):

@@ -26,11 +26,16 @@ import tempfile
 from typing import Any
 
 import numpy as np
-from streaming import StreamingDataLoader, StreamingDataset
 
 from bumblefast.shards.collate import collate_rows
 from bumblefast.shards.manifest import Manifest
 from bumblefast.shards.schema import is_remote
+from bumblefast.shards.streaming_install import missing_streaming
+
+try:
+    from streaming import StreamingDataLoader, StreamingDataset
+except ModuleNotFoundError as e:  # installed --no-deps, so a plain `pip install bumblefast` lacks it
+    raise missing_streaming(e) from e
 
 STATE_VERSION = 1
 

@@ -12,6 +12,11 @@ training row:
 |          | per segment); segments ordered [chosen_0, rejected_0, chosen_1, ...]   |
 |          | shared-prompt layout: + `prompt_lens` (uint32, one per pair)           |
 
+DPO rows are `row_len("dpo", seq_len)` = 2 x seq_len tokens: for dpo, `seq_len` (prep's
+`--seq_len` / `--cutoff_len`) is the cutoff *per sequence* (prompt + reply <= seq_len, as
+LLaMA-Factory's cutoff_len and TRL's max_length), so a pair at the cutoff fits one row in
+either layout. The manifest's `seq_len` is the row length; `prep.cutoff_len` the cutoff.
+
 DPO layouts (the manifest's `dpo_layout`; a manifest without it holds `pairs`):
 
 - `pairs`: each pair is two segments [prompt + chosen][prompt + rejected].
@@ -38,6 +43,12 @@ STAGES = ("pretrain", "sft", "dpo")
 SEGMENT_COLUMN = {"pretrain": "doc_lens", "sft": "seq_lens", "dpo": "seq_lens"}
 DPO_LAYOUTS = ("pairs", "shared_prompt")
 PROMPT_COLUMN = "prompt_lens"  # shared_prompt layout: prompt tokens per pair
+
+
+def row_len(stage: str, seq_len: int) -> int:
+    """Tokens per MDS row for a stage prepped at `seq_len`: dpo rows hold whole pairs of two
+    sequences of up to seq_len each, every other stage's rows hold seq_len."""
+    return 2 * seq_len if stage == "dpo" else seq_len
 
 
 def token_dtype(vocab_size: int) -> str:

@@ -39,8 +39,12 @@ def prep(tok, out: Path, stage: str, inputs=(), seq_len: int = 256, **kw) -> dic
 
 def shard_files(out: Path) -> dict[str, bytes]:
     """The MDS files (shards + index.json); the manifest names the inputs, so it differs."""
-    files = {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.name not in (MANIFEST_NAME, ERRORS_NAME)}
-    assert "index.json" in files and any(n.startswith("shard.") for n in files)
+    files = {
+        str(p.relative_to(out)): p.read_bytes()
+        for p in sorted(out.rglob("*"))
+        if p.is_file() and p.name not in (MANIFEST_NAME, ERRORS_NAME)
+    }
+    assert "index.json" in files and any(Path(n).name.startswith("shard.") for n in files)
     return files
 
 

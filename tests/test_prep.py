@@ -11,7 +11,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -202,19 +201,20 @@ def test_sft_mask_exact_on_handwritten_record(tok, tok_dir, tmp_path):
 def check_dpo(tok, tok_dir, tmp_path, files, seq_len, share_prompt=False):
     m = prep(tok_dir, tmp_path / "dpo", "dpo", files, seq_len=seq_len, share_prompt=share_prompt, overlong="drop")
     assert m["dpo_layout"] == ("shared_prompt" if share_prompt else "pairs")
+    # seq_len is the cutoff per sequence; a row holds a pair at the cutoff
+    assert m["seq_len"] == 2 * seq_len and m["prep"]["cutoff_len"] == seq_len
     rows = read_rows(tmp_path / "dpo")
-    expected, admitted = Counter(), Counter()
+    expected = Counter()
     reply = {}  # segment tokens -> the reply text the record says is trained there
     for rec in load_records(files):
         prompt, ch, rj, tools = dpo_pair(rec)
         pair = (expected_ids(tok, prompt + [ch], tools), expected_ids(tok, prompt + [rj], tools))
-        admitted[pair] += 1
         reply[pair[0]], reply[pair[1]] = ch["content"], rj["content"]
-        if len(pair[0]) + len(pair[1]) <= seq_len:
+        if max(len(pair[0]), len(pair[1])) <= seq_len:  # each sequence within the cutoff, either layout
             expected[pair] += 1
     got = Counter()
     for r in rows:
-        assert len(r["input_ids"]) <= seq_len and len(r["seq_lens"]) % 2 == 0
+        assert len(r["input_ids"]) <= 2 * seq_len and len(r["seq_lens"]) % 2 == 0
         segs = segments(r, "seq_lens")
         prompts = r["prompt_lens"].tolist() if share_prompt else [None] * (len(segs) // 2)
         assert len(prompts) == len(segs) // 2
@@ -229,10 +229,7 @@ def check_dpo(tok, tok_dir, tmp_path, files, seq_len, share_prompt=False):
                 assert runs == [reply[tuple(ids.tolist())] + "<|im_end|>"]  # exactly the record's reply
                 # the trained span is the final assistant reply, right at the end of the segment
                 assert tok.decode(ids.tolist()).endswith(runs[0] + "\n")
-    if share_prompt:  # the shared layout also admits pairs whose group fits, though both copies would not
-        assert not (expected - got) and not (got - admitted)
-    else:
-        assert got == expected
+    assert got == expected  # the same pairs in both layouts
     assert m["records"]["read"] == m["records"]["written"] + m["records"]["skipped"]
     return m
 
@@ -320,7 +317,7 @@ def test_on_error_fail_stops_with_message_and_leaves_nothing(tok_dir, tmp_path, 
     folder = write_bad(tmp_path)
     with pytest.raises(UserError, match=r"a\.jsonl:2: malformed_json"):
         prep(tok_dir, tmp_path / "o", "sft", [folder], seq_len=128, on_error="fail")
-    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.tmp-*"))
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.*"))  # no staging, no work folder
     rc = prep_main(
         [
             "--stage",
@@ -432,7 +429,7 @@ def test_unreadable_json_fails_naming_file_line(tok_dir, tmp_path, text, line, w
     with pytest.raises(UnreadableInput, match=rf"{re.escape(str(path))}:{line}: .*{re.escape(why)}") as e:
         prep(tok_dir, tmp_path / "o", "pretrain", [path], seq_len=64, on_error="skip")
     assert "bytes" in str(e.value) and "--on_error" in str(e.value) or ".jsonl" in str(e.value)
-    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.tmp-*"))
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.*"))  # no staging, no work folder
 
 
 def test_truncated_json_array_fails_with_workers_and_cli(tok_dir, tmp_path, capsys):
@@ -490,7 +487,8 @@ def read_rows_of(tok_dir, tmp_path, name, inputs):
 
 # ---- determinism, workers, atomic output -------------------------------------------------------
 def tree_bytes(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+    """Every file under `folder` by its relative path (shards live in tasks/tNNNNNN/)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def test_workers_same_rows_and_rerun_byte_identical(tok_dir, tmp_path):
@@ -503,54 +501,45 @@ def test_workers_same_rows_and_rerun_byte_identical(tok_dir, tmp_path):
     rows1 = [{k: v.tolist() for k, v in r.items()} for r in read_rows(tmp_path / "w1")]
     rows2 = [{k: v.tolist() for k, v in r.items()} for r in read_rows(tmp_path / "w2")]
     assert rows1 == rows2
-    shards = [n for n in first if n.startswith("shard.")]
+    shards = [n for n in first if Path(n).name.startswith("shard.")]
     assert shards and all(first[n] == tree_bytes(tmp_path / "w2")[n] for n in shards)
     assert list(tmp_path.glob(".*")) == []  # no staging folders left behind
 
 
-def test_kill_and_rerun(tok_dir, tmp_path):
+def test_sigkill_mid_task_and_rerun_resumes_byte_identical(tok_dir, tmp_path):
+    """The whole prep SIGKILLed (a node lost) inside task 2 of 4: no output, tasks 0-1 finished
+    in the work folder; the same command again runs only tasks 2-3 (0-1 keep their files: same
+    inodes) and gives the bytes of an uninterrupted run."""
     big = tmp_path / "big.jsonl"
     texts = [r["text"] for r in load_records([DEMO / "pretrain.json"])]
     with big.open("w") as f:
-        for i in range(60000):
+        for i in range(4000):
             f.write(json.dumps({"text": texts[i % len(texts)]}) + "\n")
-    out = tmp_path / "out"
-    cmd = [
-        sys.executable,
-        "-m",
-        "bumblefast.prep.cli",
-        "--stage",
-        "pretrain",
-        "--input",
-        str(big),
-        "--tokenizer",
-        tok_dir,
-        "--seq_len",
-        "128",
-        "--output_dir",
-        str(out),
-        "--shard_size_limit",
-        "4kb",
-    ]
+    size = big.stat().st_size
+
+    def cmd(out):
+        return [
+            sys.executable, "-m", "bumblefast.prep.cli", "--stage", "pretrain", "--input", str(big),
+            "--tokenizer", tok_dir, "--seq_len", "128", "--output_dir", str(out),
+            "--shard_size_limit", "16kb", "--task_size", str(size // 4 + 1),
+        ]  # fmt: skip
+
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 60
-    while time.time() < deadline and not any(tmp_path.glob(".out.tmp-*/shard.*")):
-        time.sleep(0.05)
-    assert proc.poll() is None, "prep finished before it could be killed; make the input bigger"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not out.exists()  # only the hidden staging folder, which has no manifest
-    assert not any(tmp_path.glob(".out.tmp-*/bumblefast.json"))
-    assert any(tmp_path.glob(".out.tmp-*"))  # the killed run's staging folder, removed by the rerun
-    # rerun over a smaller input to stay quick
-    small = tmp_path / "small.jsonl"
-    small.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[:500]))
-    cmd[cmd.index(str(big))] = str(small)
-    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    m = json.loads((out / "bumblefast.json").read_text())
-    assert m["records"]["read"] == 500 and (out / "index.json").is_file()
-    assert not any(tmp_path.glob(".out.tmp-*"))
+    subprocess.run(cmd(tmp_path / "whole"), env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    out = tmp_path / "out"
+    killed = subprocess.run(cmd(out), env=dict(env, BUMBLEFAST_PREP_TEST_KILL_TASK="2"), capture_output=True)
+    assert killed.returncode == -signal.SIGKILL
+    assert not out.exists()  # complete or absent
+    work = tmp_path / ".out.tasks" / "tasks"
+    names = sorted(p.name for p in work.iterdir() if p.is_dir())
+    assert names[:2] == ["t000000", "t000001"] and len(names) == 3 and names[2].startswith("t000002.tmp-")
+    before = {p.name: p.stat().st_ino for p in work.glob("t00000[01]/shard.*")}
+    done = subprocess.run(cmd(out), env=env, check=True, capture_output=True, text=True)
+    assert "2 finished by an earlier run (skipped), 2 to run" in done.stderr
+    assert tree_bytes(out) == tree_bytes(tmp_path / "whole")
+    after = {p.name: p.stat().st_ino for p in out.glob("tasks/t00000[01]/shard.*")}
+    assert before and after == before  # the finished tasks' shards were not written again
+    assert not any(tmp_path.glob(".*"))  # work folder and staging gone
 
 
 def test_dpo_alpaca_pairs_and_truncate(tok, tok_dir, tmp_path):
@@ -570,37 +559,38 @@ def test_dpo_alpaca_pairs_and_truncate(tok, tok_dir, tmp_path):
     assert trained_runs(tok, c, cm) == ["5<|im_end|>"] and trained_runs(tok, r, rm) == ["6<|im_end|>"]
     m = prep(tok_dir, tmp_path / "t", "dpo", [path], seq_len=160, share_prompt=False)  # truncate: the default
     assert m["records"]["truncated"] == 1 and m["records"]["written"] == 2
-    assert all(len(x["input_ids"]) <= 160 for x in read_rows(tmp_path / "t"))
+    rows = read_rows(tmp_path / "t")  # each sequence cut to the cutoff, a row holds a pair of them
+    assert all(len(x["input_ids"]) <= 320 for x in rows)
+    assert max(n for x in rows for n in x["seq_lens"].tolist()) == 160  # the long pair's longer sequence
 
 
 # ---- multi-node + merge, inspect, CLI ----------------------------------------------------------
 def test_nodes_merge(tok_dir, tmp_path):
-    from streaming import StreamingDataset
+    """Two nodes run alternate tasks into the shared work folder; merge joins them into the
+    bytes one node writes (manifest included), and refuses while a task is missing."""
+    from bumblefast.prep.merge import merge_parts
 
-    files = [DEMO / "dpo.json"]
-    whole = prep(tok_dir, tmp_path / "one", "dpo", files, seq_len=256)
-    for r in range(2):
-        prep(tok_dir, tmp_path / "multi", "dpo", files, seq_len=256, node_rank=r, num_nodes=2)
-    rc = prep_main(["merge", str(tmp_path / "multi")])
-    assert rc == 0
-    index = (tmp_path / "multi" / "index.json").read_bytes()
-    # merging again (a node re-ran) replaces the index; streaming's own move refused to
+    files = [DEMO / "dpo.json", DEMO / "dpo_test.json", DEMO / "sft_alpaca.json"]  # 3 files, 3 tasks
+    kw = dict(seq_len=256, task_size="1kb")
+    whole = prep(tok_dir, tmp_path / "one", "dpo", files, **kw)
+    assert whole["prep"]["tasks"] == 3
+    node0 = prep(tok_dir, tmp_path / "multi", "dpo", files, node_rank=0, num_nodes=2, **kw)
+    assert node0["tasks"] == [0, 2] and not (tmp_path / "multi").exists()
+    with pytest.raises(UserError, match=r"1 of 3 tasks are not finished \(t000001\)"):
+        merge_parts(str(tmp_path / "multi"))
+    node1 = prep(tok_dir, tmp_path / "multi", "dpo", files, node_rank=1, num_nodes=2, **kw)
+    assert node1["tasks"] == [1]
+    assert node0["records"]["read"] + node1["records"]["read"] == whole["records"]["read"]
     assert prep_main(["merge", str(tmp_path / "multi")]) == 0
-    assert (tmp_path / "multi" / "index.json").read_bytes() == index
-    assert sorted(p.name for p in (tmp_path / "multi").iterdir() if not p.name.startswith("node-")) == [
-        "bumblefast.json",
-        "index.json",
-    ]
+    assert tree_bytes(tmp_path / "multi") == tree_bytes(tmp_path / "one")
+    assert prep_main(["merge", str(tmp_path / "multi")]) == 0  # merged already: says so, changes nothing
+    assert tree_bytes(tmp_path / "multi") == tree_bytes(tmp_path / "one")
     m = json.loads((tmp_path / "multi" / "bumblefast.json").read_text())
-    assert m["records"]["written"] == whole["records"]["written"] == 800
-    assert m["parts"] == ["node-00000", "node-00001"]
-    ds = StreamingDataset(local=str(tmp_path / "multi"), batch_size=1)
-    assert ds.num_samples == m["rows"]
-    pairs = lambda rows: Counter(  # noqa: E731
-        tuple(s[0].tolist()) for r in rows for s in segments(r, "seq_lens")
+    assert (
+        m["records"]["written"] == 800 + 120
+        and m["records"]["skipped_by_reason"] == whole["records"]["skipped_by_reason"]
     )
-    merged = [{k: np.array(v) for k, v in ds[i].items()} for i in range(ds.num_samples)]
-    assert pairs(merged) == pairs(read_rows(tmp_path / "one"))
+    assert not any(tmp_path.glob(".*"))
 
 
 def test_inspect_and_cli(tok_dir, tmp_path, capsys):
@@ -664,14 +654,14 @@ def test_overlong_truncate_cuts_the_reply_first_and_keeps_the_prompt_end(tok_dir
         assert ids.tolist() == full[lo : lo + L].tolist() and mask.tolist() == full_mask[lo : lo + L].tolist(), name
     assert lo == p - L // 2  # both long: half prompt end, half reply start
     assert encode_one(tok_dir, "sft", cases["long reply"], L, "drop")[1:3] == ("err", "overlong")
-    # dpo: each segment gets half the row, the same prompt end in both
+    # dpo: the same rule per sequence (seq_len is the cutoff of each), the same prompt end in both
     pair = {"instruction": "q " * 200, "chosen": "yes " * 100, "rejected": "no"}
     _, _, (full_segs, *_), _ = encode_one(tok_dir, "dpo", pair, 100_000)  # payload: segments first
     _, status, (segs, *_), truncated = encode_one(tok_dir, "dpo", pair, L)
-    assert status == "ok" and truncated and all(len(a) <= L // 2 for a, _ in segs)
+    assert status == "ok" and truncated and all(len(a) <= L for a, _ in segs)
     p = int(np.flatnonzero(full_segs[0][1])[0])
-    assert segs[0][0].tolist() == full_segs[0][0][p - L // 4 : p + L // 4].tolist()  # a quarter row each
-    assert segs[1][0].tolist() == full_segs[1][0][p - L // 4 :].tolist()  # same prompt end, whole short reply
+    assert segs[0][0].tolist() == full_segs[0][0][p - L // 2 : p + L // 2].tolist()  # half the cutoff each
+    assert segs[1][0].tolist() == full_segs[1][0][p - L // 2 :].tolist()  # same prompt end, whole short reply
 
 
 def test_summary_warns_past_one_percent_with_the_flag(tok_dir, tmp_path):
