@@ -2,7 +2,8 @@
 """Training throughput: BumbleFast's packed path vs what a user would pick today.
 
 Every side trains on exactly the same samples (as prep tokenized them, with their loss masks),
-the same model size and initial weights, the same dtype and optimizer (AdamW), in one run:
+the same model size and initial weights (ours, loaded into each transformers model; DPO's LoRA
+adapters start at B = 0 on every side), the same dtype and optimizer (AdamW), in one run:
 
   pretrain  ours: packed rows, document-masked attention, fused linear-CE
             transformers Qwen2ForCausalLM on the same rows as blocks (HF group_texts: attention
@@ -27,8 +28,11 @@ its micro-batches once per round, the sides interleaved in an order rotated each
 reported: median round with min-max, "within noise" unless the ranges part. DPO: >= --min_pairs
 pairs per side over the rounds (64; `bumblefast bench --size cpu`: 2 micro-batches per round and
 side, DPO 7, so the section fits in ~4 minutes on 2 cores). Liger kernels on the
-transformers sides on CUDA. CPU: tiny preset with a tokenizer trained on the data; CUDA: the
-1.5B preset.
+transformers sides on CUDA, and the fastest attention transformers has there for packed rows
+(hf_attention: flash_attention_2 if flash-attn imports, else sdpa; each row names it). Each
+stage builds its models once on the device and copies them for every side (Initial): every
+side starts from the same weights. MFU per row by what that row computes (flops.row_flops).
+CPU: tiny preset with a tokenizer trained on the data; CUDA: the 1.5B preset.
 
   python benchmarks/bench_train.py                       # ../shared/data/alpaca_zh_demo.json
   python benchmarks/bench_train.py --stage all --quick   # CI-sized smoke run
@@ -38,9 +42,12 @@ transformers sides on CUDA. CPU: tiny preset with a tokenizer trained on the dat
 from __future__ import annotations
 
 import argparse
+import copy
+import functools
 import importlib.util
 import json
 import platform
+import signal
 import sys
 import tempfile
 import time
@@ -198,34 +205,69 @@ def interleave(sides: list[dict], rounds: int, device) -> None:
 
 
 def side(
-    name: str, step, batches: list, real: int, computed: int, doc_lens: list[int], pairs: int | None = None, **extra
+    name: str,
+    step,
+    batches: list,
+    real: int,
+    computed: int,
+    doc_lens: list[int],
+    pairs: int | None = None,
+    work: dict | None = None,
+    **extra,
 ) -> dict:
     """One configuration to time: its step, its batches (one round = all of them) and the work
-    one round does (real tokens, tokens computed, pairs for DPO, document lengths for MFU)."""
+    one round does (real tokens, tokens computed, pairs for DPO; ``work``: what its FLOPs are
+    counted from, flops.row_flops: the document lengths plus the row's own LoRA rank,
+    reference and shared-prompt kv_prefix; a full training step by default)."""
     return {
         "name": name,
         "step": step,
         "batches": batches,
         "real_tokens": real,
         "computed_tokens": computed,
-        "doc_lens": doc_lens,
         "pairs": pairs,
+        "work": {"doc_lens": doc_lens, **(work or {})},
         **extra,
     }
 
 
 def build_ours(cfg, device):
-    """Our model built on the device (meta init, then to_empty + init there): a 1.5B fp32 random
-    fill takes ~30 s single-threaded on a CPU and well under a second on a GPU."""
+    """Our model built on the device (meta, then to_empty + init there from a seeded generator
+    on the device): a 1.5B fp32 random fill takes ~5-30 s single-threaded on a CPU and well
+    under a second on a GPU."""
     from bumblefast.model import Bumblebee
 
-    torch.manual_seed(0)
     model = Bumblebee.from_config(cfg, device="meta").to_empty(device=device)
-    return model.init_weights()
+    return model.init_weights(torch.Generator(device=device).manual_seed(0))
+
+
+class Initial:
+    """A stage's initial models, each built once on the device and copied for every side, so
+    all sides start from the same weights and the stage pays one init, not one per side: ours
+    (build_ours) and transformers' Qwen2ForCausalLM with ours' weights loaded (the same names)."""
+
+    def __init__(self, cfg, device):
+        self.cfg, self.device = cfg, device
+        self._ours = self._hf = None
+
+    def _base(self):
+        if self._ours is None:
+            self._ours = build_ours(self.cfg, self.device)
+        return self._ours
+
+    def ours(self):
+        return copy.deepcopy(self._base())
+
+    def hf(self):
+        """(model, liger applied?, why not) for a transformers side."""
+        if self._hf is None:
+            self._hf = hf_model(self.cfg, self.device, self._base().state_dict())
+        model, liger, why = self._hf
+        return copy.deepcopy(model), liger, why
 
 
 def ours_side(
-    cfg,
+    init: Initial,
     batches: list[dict],
     device,
     dtype,
@@ -242,11 +284,11 @@ def ours_side(
     from bumblefast.train.objectives import DPOObjective, LMObjective
     from bumblefast.train.pref_losses import PrefLossConfig
 
-    torch.manual_seed(0)
-    model = build_ours(cfg, device)
+    model = init.ours()
     batches = [dict(b) for b in batches]
     extra = {}
     if stage == "dpo":
+        torch.manual_seed(0)  # the same adapter init on every side
         model = apply_lora(
             model,
             DPOConfig(
@@ -280,6 +322,7 @@ def ours_side(
         opt.zero_grad(set_to_none=True)
 
     tokens = sum(int(b["num_tokens"]) for b in batches)
+    prefix = [int(p) for b in batches for p in b["kv_prefix"].tolist()] if "kv_prefix" in batches[0] else None
     inner = model.get_base_model() if stage == "dpo" else model
     attn = inner.resolved_attn(device, dtype)  # the backend a forward in this compute dtype runs
     name = (
@@ -295,31 +338,80 @@ def ours_side(
         tokens,
         [n for b in batches for n in torch.diff(b["cu_seqlens"]).tolist()],
         sum(DPOObjective.count(b) for b in batches) if stage == "dpo" else None,
+        work=dict(lora_rank=lora_rank, lora_targets=LORA_TARGETS, reference=reference, kv_prefix=prefix)
+        if stage == "dpo"
+        else None,
         attn=attn,
         kernels=dict(inner.ops(device).backends),
-        lora_rank=lora_rank if stage == "dpo" else 0,
-        reference=reference,
         **extra,
     )
 
 
-def hf_model(cfg, device):
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"[:300]
+
+
+@functools.cache
+def hf_liger(device_type: str) -> tuple[bool, str]:
+    """Liger's Qwen2 patch for the transformers sides, applied once: (applied?, why not). Any
+    failure (not only a missing package: a version mismatch raises at import or patch time)
+    leaves the baseline on transformers' own modules and says why."""
+    if device_type != "cuda":
+        return False, "Liger needs CUDA"
+    try:
+        from liger_kernel.transformers import apply_liger_kernel_to_qwen2
+
+        apply_liger_kernel_to_qwen2()
+    except Exception as e:  # noqa: BLE001 - the baseline runs without it, and the report says why
+        why = f"apply_liger_kernel_to_qwen2() failed: {_first_line(e)}"
+        print(f"transformers sides without Liger: {why}", flush=True)
+        return False, why
+    return True, ""
+
+
+@functools.cache
+def hf_attention(device_type: str) -> tuple[str, str]:
+    """transformers' attention implementation for the baseline sides, the fastest that exists
+    here for packed rows (per-document position_ids, DataCollatorWithFlattening / TRL's
+    padding_free): (implementation, why no faster one). flash_attention_2 (varlen kernels, what
+    transformers' padding-free guide relies on) when flash-attn imports on CUDA; else sdpa, which
+    transformers runs on packed rows with a block-diagonal mask built from position_ids.
+    Refused: flex_attention (transformers compiles it with dynamic=False, one cold compile
+    per distinct row length: minutes that a 195 s step budget does not have) and hub kernels
+    (kernels-community/*: downloaded, and the GPU machine is offline)."""
+    if device_type != "cuda":
+        return "sdpa", "CPU: flash-attn kernels need CUDA"
+    try:
+        import flash_attn  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - sdpa still runs; the report says why
+        impl, why = (
+            "sdpa",
+            (
+                f"flash_attention_2: flash_attn does not import ({_first_line(e)}); flex_attention: one "
+                "torch.compile per row length (dynamic=False); hub kernels: offline"
+            ),
+        )
+    else:
+        impl, why = "flash_attention_2", ""
+    print(f"transformers/TRL sides: attn_implementation={impl}" + (f" ({why})" if why else ""), flush=True)
+    return impl, why
+
+
+def hf_model(cfg, device, state: dict | None = None):
+    """transformers' Qwen2ForCausalLM (+ Liger on CUDA) built on the device, with ``state``
+    (ours' initial weights: the same names) loaded when given: (model, liger?, why not)."""
     from transformers import Qwen2ForCausalLM
 
-    liger = False
-    if device.type == "cuda":
-        try:
-            from liger_kernel.transformers import apply_liger_kernel_to_qwen2
-
-            apply_liger_kernel_to_qwen2()
-            liger = True
-        except ImportError:
-            pass
+    liger, why = hf_liger(device.type)
     torch.manual_seed(0)
     cfg = type(cfg).from_dict(cfg.to_dict())
-    cfg._attn_implementation = "sdpa"
+    cfg._attn_implementation = hf_attention(device.type)[0]
     with torch.device(device):  # initialised where it runs (see build_ours)
-        return Qwen2ForCausalLM(cfg), liger
+        model = Qwen2ForCausalLM(cfg)
+    if state is not None:
+        model.load_state_dict(state)
+    return model, liger, why
 
 
 def padded_batches(samples, batch_size: int, pad_id: int, device) -> list[dict]:
@@ -376,10 +468,20 @@ def flattened_batches(sample_groups, device) -> list[dict]:
     return out
 
 
-def hf_side(name: str, cfg, batches: list[dict], device, dtype) -> dict:
+def hf_label(name: str, liger: bool, device) -> str:
+    """A transformers/TRL side's name with what it runs: its attention and Liger."""
+    return f"{name} ({hf_attention(device.type)[0]}" + (" + Liger)" if liger else ")")
+
+
+def hf_extra(liger: bool, liger_why: str, device) -> dict:
+    impl, why = hf_attention(device.type)
+    return dict(liger=liger, liger_why=liger_why, attn=impl, attn_why=why)
+
+
+def hf_side(name: str, init: Initial, batches: list[dict], device, dtype) -> dict:
     """transformers' Qwen2 (+ Liger on CUDA) on HF-style batches: input_ids, labels and either
     attention_mask (padded/blocks) or position_ids (packed, document-separated)."""
-    model, liger = hf_model(cfg, device)
+    model, liger, liger_why = init.hf()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     keys = ("input_ids", "attention_mask", "position_ids", "labels")
 
@@ -391,13 +493,13 @@ def hf_side(name: str, cfg, batches: list[dict], device, dtype) -> dict:
         opt.zero_grad(set_to_none=True)
 
     return side(
-        name + (" + Liger" if liger else ""),
+        hf_label(name, liger, device),
         step,
         batches,
         sum(b["real"] for b in batches),
         sum(b["padded"] for b in batches),
         [n for b in batches for n in b["lens"]],
-        liger=liger,
+        **hf_extra(liger, liger_why, device),
     )
 
 
@@ -421,7 +523,7 @@ def trl_args(config_cls, device, dtype, out: str, **kw):
     )
 
 
-def trl_sft_side(cfg, samples, seq_len: int, device, dtype, tok, workdir: Path) -> dict:
+def trl_sft_side(init: Initial, samples, seq_len: int, device, dtype, tok, workdir: Path) -> dict:
     """TRL's SFTTrainer as its docs recommend for speed: packing=True with best-fit-decreasing
     (padding-free rows with per-document position_ids), completion-only loss, on the same
     tokenized samples (input_ids + completion_mask); timed: its training_step (TRL's loss with
@@ -430,7 +532,7 @@ def trl_sft_side(cfg, samples, seq_len: int, device, dtype, tok, workdir: Path) 
 
     from datasets import Dataset
 
-    model, liger = hf_model(cfg, device)
+    model, liger, liger_why = init.hf()
     ds = Dataset.from_list([{"input_ids": x.tolist(), "completion_mask": m.tolist()} for x, m in samples])
     args = trl_args(
         SFTConfig,
@@ -462,17 +564,19 @@ def trl_sft_side(cfg, samples, seq_len: int, device, dtype, tok, workdir: Path) 
     if sum(lens) != real or real != sum(len(x) for x, _ in samples):
         raise RuntimeError(f"TRL SFT packed {real} tokens, the samples hold {sum(len(x) for x, _ in samples)}")
     return side(
-        "TRL SFTTrainer, packing=bfd + padding_free" + (" + Liger" if liger else ""),
+        hf_label("TRL SFTTrainer, packing=bfd + padding_free", liger, device),
         step,
         batches,
         real,
         real,
         lens,
-        liger=liger,
+        **hf_extra(liger, liger_why, device),
     )
 
 
-def trl_dpo_sides(cfg, pair_batches: list[list], device, dtype, tok, workdir: Path, lora_rank: int = 16) -> list[dict]:
+def trl_dpo_sides(
+    init: Initial, pair_batches: list[list], device, dtype, tok, workdir: Path, lora_rank: int = 16
+) -> list[dict]:
     """TRL's DPOTrainer (its collator: [chosen; rejected] padded, its fused-LM-head log-probs and
     loss; peft LoRA, the reference = the adapter disabled) on the same pairs, in the same
     micro-batches as ours: live reference (precompute_ref_log_probs=False) and precomputed
@@ -500,7 +604,8 @@ def trl_dpo_sides(cfg, pair_batches: list[list], device, dtype, tok, workdir: Pa
         groups.append(group)
     out = []
     for pre in (False, True):
-        model, liger = hf_model(cfg, device)
+        model, liger, liger_why = init.hf()
+        torch.manual_seed(0)  # the same adapter init as ours
         args = trl_args(
             DPOConfig, device, dtype, str(workdir / f"trl_dpo_{pre}"), max_length=None, precompute_ref_log_probs=pre
         )
@@ -541,14 +646,17 @@ def trl_dpo_sides(cfg, pair_batches: list[list], device, dtype, tok, workdir: Pa
         name = "TRL DPOTrainer, " + ("precompute_ref_log_probs=True" if pre else "live reference")
         out.append(
             side(
-                name + (" + Liger" if liger else ""),
+                hf_label(name, liger, device),
                 step,
                 batches,
                 real,
                 computed,
                 lens,
                 sum(len(g) for g in groups),
-                liger=liger,
+                work=dict(
+                    lora_rank=lora_rank, lora_targets=LORA_TARGETS, reference="precomputed" if pre else "adapter"
+                ),
+                **hf_extra(liger, liger_why, device),
                 **extra,
             )
         )
@@ -607,32 +715,38 @@ def summarize(sd: dict, cfg, peak: float | None) -> dict:
     if sd.get("pairs"):
         pairs = BL.rounds(sd["name"], sd["pairs"], secs, "pairs/s")
         out.update(pairs=sd["pairs"], pairs_per_sec=pairs["value"], pairs_per_sec_range=pairs["range"])
+    for key in ("attn", "attn_why", "liger", "liger_why"):
+        if sd.get(key) not in (None, ""):
+            out[key] = sd[key]
+    # FLOPs by what this row computes (its own LoRA, reference, kv_prefix; scoring: a forward)
+    out["flops_per_round"] = flops.row_flops(cfg, sd["work"])
     if peak:
-        lora = sd.get("lora_rank") or 0  # by what is computed: LoRA trains the adapters; precomputed ref costs 0
-        work = flops.step_flops(
-            cfg,
-            sd["doc_lens"],
-            lora_rank=lora,
-            lora_targets=LORA_TARGETS if lora else (),
-            reference=sd.get("reference"),
-        )
-        out["mfu"] = work / tok["seconds"] / (peak * 1e12)
+        out["mfu"] = out["flops_per_round"] / tok["seconds"] / (peak * 1e12)
     return out
 
 
 def combined(name: str, first: dict, then: dict) -> dict:
     """A side whose round is `first`'s round followed by `then`'s (reference scoring + policy
-    steps over the same pairs: the end-to-end view of a precomputed reference)."""
+    steps over the same pairs: the end-to-end view of a precomputed reference); its FLOPs are
+    both parts' (divided by both parts' time)."""
     return {
         **then,
         "name": name,
         "round_seconds": [a + b for a, b in zip(first["round_seconds"], then["round_seconds"])],
+        "work": {"parts": [first["work"], then["work"]]},
     }
 
 
 def ref_side(name: str, policy: dict) -> dict:
-    """The reference scoring of a precomputed-reference side, timed over the same batches."""
-    return {**policy, "name": name, "step": policy["ref_step"]}
+    """The reference scoring of a precomputed-reference side, timed over the same batches: one
+    forward of the base model per batch (no LoRA training, no backward)."""
+    w = policy["work"]
+    return {
+        **policy,
+        "name": name,
+        "step": policy["ref_step"],
+        "work": {"doc_lens": w["doc_lens"], "kv_prefix": w.get("kv_prefix"), "forward_only": True},
+    }
 
 
 # (stage, baseline name prefix) -> the ratio ours must reach (issue 13; CPU, tiny preset, 2 cores)
@@ -718,14 +832,15 @@ def run_stage(stage: str, args, device, dtype, preset: str, peak) -> dict:
             ]
         )
         work = Path(tmp)
+        init = Initial(cfg, device)
         if stage == "dpo":
-            live = ours_side(cfg, batches, device, dtype, "dpo", "adapter")
-            pre = ours_side(cfg, batches, device, dtype, "dpo", "precomputed")
+            live = ours_side(init, batches, device, dtype, "dpo", "adapter")
+            pre = ours_side(init, batches, device, dtype, "dpo", "precomputed")
             pairs = [[(g[i], g[i + 1]) for i in range(0, len(g), 2)] for g in groups]
             ours_ref = ref_side("bumblefast reference scoring", pre)
             # the same pairs with each prompt computed once (issue 16): policy step and scoring
             shared = ours_side(
-                cfg,
+                init,
                 shared_prompt_batches(groups, seq_len, device),
                 device,
                 dtype,
@@ -739,14 +854,14 @@ def run_stage(stage: str, args, device, dtype, preset: str, peak) -> dict:
                     torch.testing.assert_close(b["ref_logps"], a["ref_logps"], rtol=1e-4, atol=1e-3)
             sides = [pre, shared, live, ours_ref, shared_ref]
             if HAVE_TRL:
-                trl_live, trl_pre = trl_dpo_sides(cfg, pairs, device, dtype, tok, work)
+                trl_live, trl_pre = trl_dpo_sides(init, pairs, device, dtype, tok, work)
                 trl_ref = ref_side("TRL DPOTrainer reference scoring (compute_ref_log_probs)", trl_pre)
                 sides = [pre, shared, trl_pre, live, trl_live, ours_ref, shared_ref, trl_ref]
         else:
-            ours = ours_side(cfg, batches, device, dtype, stage)
+            ours = ours_side(init, batches, device, dtype, stage)
             packed = hf_side(
                 "transformers packed, position_ids (DataCollatorWithFlattening)",
-                cfg,
+                init,
                 flattened_batches(groups, device),
                 device,
                 dtype,
@@ -755,12 +870,12 @@ def run_stage(stage: str, args, device, dtype, preset: str, peak) -> dict:
             if stage == "sft":
                 samples = [s for g in groups for s in g]
                 if HAVE_TRL:
-                    sides.append(trl_sft_side(cfg, samples, seq_len, device, dtype, tok, work))
+                    sides.append(trl_sft_side(init, samples, seq_len, device, dtype, tok, work))
                 order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(0)).tolist()
                 sides.append(
                     hf_side(
                         f"transformers padded x{args.baseline_batch} (BumbleCore)",
-                        cfg,
+                        init,
                         padded_batches([samples[i] for i in order], args.baseline_batch, tok.pad_token_id, device),
                         device,
                         dtype,
@@ -780,7 +895,8 @@ def run_stage(stage: str, args, device, dtype, preset: str, peak) -> dict:
                             "lens": [seq_len] * ids.shape[0],
                         }
                     )
-                sides.append(hf_side("transformers blocks (cross-document attention)", cfg, blocks, device, dtype))
+                sides.append(hf_side("transformers blocks (cross-document attention)", init, blocks, device, dtype))
+        del init  # the pristine copies: every side holds its own
         interleave(sides, rounds, device)
         for sd in sides:
             print(f"  {sd['name']}: rounds {', '.join(f'{x:.2f}' for x in sd['round_seconds'])} s", flush=True)
@@ -903,14 +1019,20 @@ SIZES = {  # per size: the arguments of one run_stage call (steps = micro-batche
 }
 
 
-def device_setup(preset: str | None):
+def device_setup(preset: str | None, peak_tflops: float | None = None):
     from bumblefast import flops
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
     preset = preset or ("bumblebee-1.5b" if cuda else "bumblebee-tiny")
-    peak = flops.peak_tflops(torch.cuda.get_device_name(device)) if cuda else None
+    peak = flops.peak_tflops(torch.cuda.get_device_name(device), peak_tflops) if cuda else None
+    if cuda and peak is None:
+        print(
+            f"MFU not reported: no dense bf16 peak for {torch.cuda.get_device_name(device)!r} in "
+            "flops.PEAK_TFLOPS_BF16 (pass --peak_tflops; each row's flops_per_round is in the JSON)",
+            flush=True,
+        )
     return device, dtype, preset, peak
 
 
@@ -994,6 +1116,8 @@ def write_report(report: dict, stem: Path) -> str:
         for r in st["results"]:
             if r.get("profile"):
                 lines += profile_lines(f"{st['stage']}: {r['name']}", r["profile"])
+    if report.get("interrupted"):
+        lines += ["", f"**Interrupted**: {report['interrupted']}."]
     text = "\n".join(lines)
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     stem.with_suffix(".md").write_text(text + "\n")
@@ -1012,6 +1136,7 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (median and min-max reported)")
     p.add_argument("--min_pairs", type=int, default=64, help="dpo: pairs each side times over all its rounds")
     p.add_argument("--vocab", type=int, default=8192, help="size of the tokenizer trained on the data")
+    p.add_argument("--peak_tflops", type=float, default=None, help="dense bf16 peak for MFU (default: by GPU name)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--quick", action="store_true", help="tiny sizes for CI")
     p.add_argument(
@@ -1019,7 +1144,7 @@ def main() -> int:
     )
     args = p.parse_args()
 
-    device, dtype, preset, peak = device_setup(args.preset)
+    device, dtype, preset, peak = device_setup(args.preset, args.peak_tflops)
     cuda = device.type == "cuda"
     stages = ["pretrain", "sft", "dpo"] if args.stage == "all" else [args.stage]
     report = {
@@ -1036,8 +1161,19 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"bench_train_{platform.node()}_{report['date']}"
+
+    def stop(signum, frame):  # `timeout` sends SIGTERM: say in the JSON where it stopped
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
     for stage in stages:  # each stage's results on disk as soon as it ends (a timeout keeps them)
-        report["stages"].append(run_stage(stage, args, device, dtype, preset, peak))
+        try:
+            report["stages"].append(run_stage(stage, args, device, dtype, preset, peak))
+        except SystemExit:
+            report["interrupted"] = f"SIGTERM during stage {stage}: its results and later stages' are missing"
+            print(report["interrupted"], flush=True)
+            write_report(report, stem)
+            raise
         write_report(report, stem)
     if args.stage == "dpo":  # its own epochs and rounds: not part of `--stage all`'s budget
         from bench_shared_prompt import bench_shared_prompt

@@ -102,6 +102,23 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | Non
     )
 
 
+def refused_backends(device: torch.device, dtype: torch.dtype | None = None) -> dict[str, str]:
+    """Why ``auto`` did not take each backend faster than the one it resolves to (the GPU
+    run's gpu_env.json): {backend: reason}, empty when the fastest runs."""
+    chosen = resolve_backend("auto", device, dtype)
+    cuda = device.type == "cuda"
+    half = dtype in (None, torch.float16, torch.bfloat16)
+    why = {}
+    for name, missing in (
+        ("flash", "flash-attn is not installed"),
+        ("varlen", "torch.nn.attention.varlen is missing (torch < 2.10)"),
+    ):
+        if name == chosen:
+            break
+        why[name] = "needs CUDA" if not cuda else (f"no {dtype} kernels" if not half else missing)
+    return why
+
+
 @dataclass
 class PackedPlan:
     """Per-forward description of the packed stream, shared by every layer."""

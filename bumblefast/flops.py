@@ -22,20 +22,25 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-# Dense bf16 tensor-core peaks (TFLOP/s), matched against torch.cuda.get_device_name().
+# Dense bf16 tensor-core peaks (TFLOP/s) by the full name torch.cuda.get_device_name() gives
+# (NVIDIA's datasheets halve the "with sparsity" figure). Keyed by the full name on purpose: a
+# family match would give "NVIDIA H200 NVL" (835) the SXM H200's 989.
 PEAK_TFLOPS_BF16 = {
-    "H200": 989.0,
-    "H100 SXM": 989.0,
-    "H100 80GB HBM3": 989.0,
-    "H100 PCIe": 756.0,
-    "H100": 989.0,
-    "GH200": 989.0,
-    "B200": 2250.0,
-    "A100": 312.0,
-    "L40S": 362.0,
-    "L4": 121.0,
-    "A10G": 125.0,
-    "RTX 4090": 165.0,
+    "NVIDIA H200": 989.0,  # SXM
+    "NVIDIA H200 NVL": 835.0,
+    "NVIDIA H100 80GB HBM3": 989.0,  # SXM
+    "NVIDIA H100 PCIe": 756.0,
+    "NVIDIA H100 NVL": 835.0,
+    "NVIDIA GH200 480GB": 989.0,
+    "NVIDIA B200": 2250.0,
+    "NVIDIA A100-SXM4-80GB": 312.0,
+    "NVIDIA A100-SXM4-40GB": 312.0,
+    "NVIDIA A100 80GB PCIe": 312.0,
+    "NVIDIA A100-PCIE-40GB": 312.0,
+    "NVIDIA L40S": 362.0,
+    "NVIDIA L4": 121.0,
+    "NVIDIA A10G": 125.0,
+    "NVIDIA GeForce RTX 4090": 165.0,
 }
 
 
@@ -62,17 +67,21 @@ def _dims(cfg: Any) -> tuple[int, int, int, int, int, int, int]:
 
 
 def layer_params(cfg: Any) -> int:
-    """One decoder layer: q/k/v (with bias), o (no bias), SwiGLU MLP, two RMSNorms."""
+    """One decoder layer: q/k/v, o, SwiGLU MLP, two RMSNorms, with the biases and q/k norms of
+    the config's family (model.py FAMILIES; Qwen2: bias on q/k/v only)."""
+    from bumblefast.model import arch_of
+
+    arch = arch_of(cfg)
     h, _, n_heads, kv, hd, inter, _ = _dims(cfg)
-    q = h * n_heads * hd + n_heads * hd
-    k = v = h * kv * hd + kv * hd
-    o = n_heads * hd * h
-    mlp = 3 * h * inter
-    return q + k + v + o + mlp + 2 * h
+    q = h * n_heads * hd + arch.qkv_bias * n_heads * hd
+    k = v = h * kv * hd + arch.qkv_bias * kv * hd
+    o = n_heads * hd * h + arch.o_bias * h
+    mlp = 3 * h * inter + arch.mlp_bias * (2 * inter + h)
+    return q + k + v + o + mlp + 2 * h + arch.qk_norm * 2 * hd
 
 
 def param_count(cfg: Any) -> int:
-    """Stored parameters, as `sum(p.numel())` of transformers' Qwen2ForCausalLM."""
+    """Stored parameters, as `sum(p.numel())` of transformers' class of the config's family."""
     h, layers, *_, vocab = _dims(cfg)
     embed = vocab * h
     head = 0 if _get(cfg, "tie_word_embeddings", True) else vocab * h
@@ -103,6 +112,33 @@ def train_flops(cfg: Any, doc_lens: Iterable[int], kv_prefix: Iterable[int] | No
 
 
 LIVE_REFERENCES = ("adapter", "copy")
+
+
+def forward_flops(cfg: Any, doc_lens: Iterable[int], kv_prefix: Iterable[int] | None = None) -> float:
+    """One forward of the base model, no backward: what reference scoring computes (the LoRA
+    adapter disabled, or a frozen copy), and what a live reference adds to a DPO step."""
+    doc_lens = list(doc_lens)
+    return 2.0 * matmul_params(cfg) * sum(doc_lens) + attention_flops(cfg, doc_lens, kv_prefix) / 3
+
+
+def row_flops(cfg: Any, work: Mapping[str, Any]) -> float:
+    """FLOPs of one benchmark row's round, from its own description ``work``: ``parts`` (a list
+    of such descriptions, e.g. reference scoring then policy steps: their sum), or
+    ``doc_lens`` with optional ``kv_prefix`` and either ``forward_only=True`` (scoring) or the
+    training step's ``lora_rank``/``lora_targets``/``reference`` (step_flops)."""
+    if "parts" in work:
+        return sum(row_flops(cfg, part) for part in work["parts"])
+    if work.get("forward_only"):
+        return forward_flops(cfg, work["doc_lens"], work.get("kv_prefix"))
+    lora = work.get("lora_rank") or 0
+    return step_flops(
+        cfg,
+        work["doc_lens"],
+        lora_rank=lora,
+        lora_targets=work.get("lora_targets", ()) if lora else (),
+        reference=work.get("reference"),
+        kv_prefix=work.get("kv_prefix"),
+    )
 
 
 def _linear_shapes(cfg: Any) -> dict[str, tuple[int, int]]:
@@ -175,7 +211,7 @@ def step_flops(
             + 2.0 * adapters * tokens
         )  # weight gradients: the adapters only
     if reference in LIVE_REFERENCES:
-        total += 2.0 * base * tokens + attn_fwd
+        total += forward_flops(cfg, doc_lens, kv_prefix)
     elif reference not in (None, "none", "precomputed"):
         raise ValueError(f"reference must be one of {LIVE_REFERENCES}, 'precomputed' or None, got {reference!r}")
     return total
@@ -193,11 +229,9 @@ def train_flops_per_token(cfg: Any, seq_len: int) -> float:
 
 
 def peak_tflops(device_name: str, override: float | None = None) -> float | None:
-    """Dense bf16 peak of a device by name; None where unknown (then MFU is not reported)."""
+    """Dense bf16 peak of a device by its full name (case and surrounding spaces ignored); None
+    where unknown (then MFU is not reported: pass the peak as ``override``)."""
     if override:
         return float(override)
-    name = device_name.upper()
-    for key in sorted(PEAK_TFLOPS_BF16, key=len, reverse=True):
-        if key.upper() in name:
-            return PEAK_TFLOPS_BF16[key]
-    return None
+    wanted = " ".join(device_name.split()).upper()
+    return next((v for k, v in PEAK_TFLOPS_BF16.items() if k.upper() == wanted), None)

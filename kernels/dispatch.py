@@ -25,6 +25,11 @@ materialising baselines live in :mod:`bumblefast.kernels.reference`.
 requested ``liger`` or ``triton`` that cannot run on the device raises ``RuntimeError``. On
 CPU, Triton kernels run only in the interpreter (``TRITON_INTERPRET=1``, tests only).
 
+Autocast: the own Triton Functions (rms_norm, rope, swiglu, cross_entropy) run no matmul and
+follow their inputs' dtypes; they carry ``torch.amp.custom_fwd/custom_bwd(device_type="cuda")``
+so a backward runs in its forward's autocast state, as Liger's do. The fused-linear Functions
+fix their compute dtype in forward themselves (see :mod:`.fused_linear`), on any device.
+
 Nothing falls back silently: ``KernelOps.reasons`` says, per op, why a faster backend was
 not taken (not installed, no CUDA, or the exception its loading raised), and the first
 resolution of a (mode, device) prints one line on rank 0, e.g.
@@ -144,8 +149,10 @@ def _liger_ops() -> dict:
         return LF.liger_cross_entropy(logits, labels, ignore_index=ignore_index, reduction=reduction)
 
     def flce(hidden, weight, labels, reduction="sum", ignore_index=IGNORE_INDEX, chunk_size=None):
+        # accum_dtype: the [V, H] weight gradient summed over ~64 chunks in fp32 (its default
+        # keeps the weight's dtype: a bf16 sum under DeepSpeed bf16), as our own FLCE does
         return LF.liger_fused_linear_cross_entropy(
-            hidden, weight, labels, ignore_index=ignore_index, reduction=reduction
+            hidden, weight, labels, ignore_index=ignore_index, reduction=reduction, accum_dtype=torch.float32
         )
 
     return dict(

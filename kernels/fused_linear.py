@@ -8,11 +8,23 @@ gradients are needed) overwritten in place by their gradient, which is folded in
 
 - ``fused_linear_cross_entropy`` (scalar output): gradients are computed during the forward
   (the Liger trick) and scaled in place by the incoming scalar gradient in backward, so the
-  LM head costs 3 matmuls, as unfused. ``grad_weight`` accumulates in the weight's dtype
-  with in-place ``addmm_`` (as Liger's default), so no ``[V, H]`` temporary is made.
+  LM head costs 3 matmuls, as unfused.
 - ``fused_linear_logprob`` (``[n_segments]`` output, the quantity DPO needs): the per-segment
   upstream gradient is unknown in forward, so the forward keeps only the inputs and the
   backward recomputes each chunk's logits (4 matmuls instead of 3, memory still O(chunk*V)).
+
+Autocast. A custom Function is not autocast: its forward sees the caller's dtypes (fp32
+weights under bf16 autocast) and its backward runs under whatever autocast state the thread
+calling ``.backward()`` has (usually none). So both Functions fix the compute dtype in forward
+(autocast's when it is on for the tensors' device, else the inputs' promoted dtype), run every
+matmul in it with autocast off, store it, and run backward's matmuls in the same dtype: a bf16
+forward never gets an fp32 backward, and in-place ops never meet mixed dtypes.
+
+The ``[V, H]`` weight gradient sums one product per chunk (~64 at 8k tokens): it is
+accumulated in fp32 (a bf16 sum of 64 terms loses low bits of every term) and returned in the
+weight's dtype. On CUDA with bf16/fp16 products the accumulation is one ``addmm`` with an fp32
+output (torch >= 2.8, as Liger's ``accum_dtype=torch.float32`` path); elsewhere the chunk's
+product is added to the fp32 buffer.
 
 The inner per-chunk step is either plain PyTorch (``impl="torch"``: runs anywhere, the CPU
 path) or the Triton row kernel of ``triton_cross_entropy`` (``impl="triton"``).
@@ -85,9 +97,36 @@ def _step(impl: str):
     raise ValueError(f"impl must be 'torch' or 'triton', got {impl!r}")
 
 
+_ADDMM_OUT_DTYPE = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 8)
+
+
+def compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype the LM-head matmuls run in: autocast's for the tensors' device when it is on
+    (as ``hidden @ weight.T`` would get there), else the inputs' promoted dtype."""
+    dev = hidden.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return torch.promote_types(hidden.dtype, weight.dtype)
+
+
+def _grad_weight_buffer(weight: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+
+
 def _accumulate_grad_weight(grad_w, dlogits, h):
-    # in place, in the weight's dtype (as Liger does): no [V, H] temporary per chunk
-    grad_w.addmm_(dlogits.t(), h)
+    """``grad_w += dlogits.T @ h`` into the fp32 buffer ``grad_w`` (module docstring)."""
+    a = dlogits.t()
+    if grad_w.dtype == a.dtype:
+        grad_w.addmm_(a, h)
+    elif (
+        _ADDMM_OUT_DTYPE
+        and grad_w.device.type == "cuda"
+        and a.dtype in (torch.float16, torch.bfloat16)
+        and torch.cuda.get_device_capability(grad_w.device)[0] >= 8
+    ):
+        torch.addmm(grad_w, a, h, out_dtype=torch.float32, out=grad_w)
+    else:
+        grad_w.add_(a @ h)
 
 
 class ChunkedLinearCrossEntropyFunction(torch.autograd.Function):
@@ -97,27 +136,38 @@ class ChunkedLinearCrossEntropyFunction(torch.autograd.Function):
             raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
         step = _step(impl)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        cd = compute_dtype(hidden, weight)
+        with torch.autocast(hidden.device.type, enabled=False):
+            return ChunkedLinearCrossEntropyFunction._forward(
+                ctx, hidden, weight, labels, reduction, ignore_index, chunk_size, step, need_h, need_w, cd
+            )
+
+    @staticmethod
+    def _forward(ctx, hidden, weight, labels, reduction, ignore_index, chunk_size, step, need_h, need_w, cd):
         # Rows without a target add no loss and no gradient: skip their logits entirely (in
         # SFT the prompt tokens, often half of the stream, never touch the LM head).
         keep = (labels != ignore_index).nonzero().squeeze(1)
         all_rows = keep.numel() == labels.shape[0]
-        h_all = hidden if all_rows else hidden.index_select(0, keep)
+        h_all = (hidden if all_rows else hidden.index_select(0, keep)).to(cd)
         y_all = labels if all_rows else labels.index_select(0, keep)
+        w = weight.to(cd)  # once, not per chunk (autocast would cast it per matmul)
         n_tok = h_all.shape[0]
         chunk = chunk_size or default_chunk_size(n_tok, hidden.shape[1], weight.shape[0], hidden.device.type)
-        grad_kept = torch.empty_like(h_all) if need_h else None
-        grad_w = torch.zeros_like(weight) if need_w else None
+        grad_kept = torch.empty((n_tok, hidden.shape[1]), dtype=hidden.dtype, device=hidden.device) if need_h else None
+        grad_w = _grad_weight_buffer(weight) if need_w else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for s in range(0, n_tok, chunk):
             h = h_all[s : s + chunk]
             y = y_all[s : s + chunk]
-            logits = h @ weight.t()
+            logits = h @ w.t()
             write = need_h or need_w
             total += step(logits, y, grad_out=logits if write else None, ignore_index=ignore_index).sum()
             if need_h:
-                grad_kept[s : s + chunk] = logits @ weight
+                grad_kept[s : s + chunk] = logits @ w
             if need_w:
                 _accumulate_grad_weight(grad_w, logits, h)
+        if need_w:
+            grad_w = grad_w.to(weight.dtype)
         grad_h = grad_kept
         if need_h and not all_rows:
             grad_h = torch.zeros_like(hidden).index_copy_(0, keep, grad_kept)
@@ -148,36 +198,52 @@ class ChunkedLinearCrossEntropyFunction(torch.autograd.Function):
 class ChunkedLinearLogprobFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, segment_ids, n_segments, ignore_index, chunk_size, impl):
+        cd = compute_dtype(hidden, weight)
+        with torch.autocast(hidden.device.type, enabled=False):
+            return ChunkedLinearLogprobFunction._forward(
+                ctx, hidden, weight, labels, segment_ids, n_segments, ignore_index, chunk_size, impl, cd
+            )
+
+    @staticmethod
+    def _forward(ctx, hidden, weight, labels, segment_ids, n_segments, ignore_index, chunk_size, impl, cd):
         step = _step(impl)
         # only rows with a target contribute (DPO repeats each prompt: often most of the row)
         keep = (labels != ignore_index).nonzero().squeeze(1)
-        hidden_k = hidden.index_select(0, keep)
+        hidden_k = hidden.index_select(0, keep).to(cd)
         labels_k, segment_k = labels.index_select(0, keep), segment_ids.index_select(0, keep)
         n_tok = hidden_k.shape[0]
         chunk = chunk_size or default_chunk_size(n_tok, hidden.shape[1], weight.shape[0], hidden.device.type)
         out = torch.zeros(n_segments, dtype=torch.float32, device=hidden.device)
+        w = weight.to(cd)
         for s in range(0, n_tok, chunk):
-            logits = hidden_k[s : s + chunk] @ weight.t()
+            logits = hidden_k[s : s + chunk] @ w.t()
             loss = step(logits, labels_k[s : s + chunk], ignore_index=ignore_index)
             out.index_add_(0, segment_k[s : s + chunk], -loss)
         ctx.save_for_backward(hidden_k, weight, labels_k, segment_k, keep)
-        ctx.n_rows = hidden.shape[0]
-        ctx.cfg = (ignore_index, chunk, impl)
+        ctx.n_rows, ctx.hidden_dtype = hidden.shape[0], hidden.dtype
+        ctx.cfg = (ignore_index, chunk, impl, cd)
         return out
 
     @staticmethod
     def backward(ctx, g):
-        hidden, weight, labels, segment_ids, keep = ctx.saved_tensors  # the kept rows only
-        ignore_index, chunk, impl = ctx.cfg
+        # the forward's compute dtype, whatever autocast state the caller of backward has
+        with torch.autocast(g.device.type, enabled=False):
+            return ChunkedLinearLogprobFunction._backward(ctx, g)
+
+    @staticmethod
+    def _backward(ctx, g):
+        hidden, weight, labels, segment_ids, keep = ctx.saved_tensors  # the kept rows only, in cd
+        ignore_index, chunk, impl, cd = ctx.cfg
         step = _step(impl)
+        w = weight.to(cd)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         # d logp / d logits = onehot - softmax = -(softmax - onehot), times the segment's grad
         row_scale = (-g.float())[segment_ids].contiguous()
-        grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros_like(weight) if need_w else None
+        grad_h = torch.empty(hidden.shape, dtype=ctx.hidden_dtype, device=hidden.device) if need_h else None
+        grad_w = _grad_weight_buffer(weight) if need_w else None
         for s in range(0, hidden.shape[0], chunk):
             h = hidden[s : s + chunk]
-            logits = h @ weight.t()
+            logits = h @ w.t()
             step(
                 logits,
                 labels[s : s + chunk],
@@ -186,13 +252,15 @@ class ChunkedLinearLogprobFunction(torch.autograd.Function):
                 ignore_index=ignore_index,
             )
             if need_h:
-                grad_h[s : s + chunk] = logits @ weight
+                grad_h[s : s + chunk] = logits @ w
             if need_w:
                 _accumulate_grad_weight(grad_w, logits, h)
         if need_h:
-            grad_h = torch.zeros((ctx.n_rows, hidden.shape[1]), dtype=hidden.dtype, device=hidden.device).index_copy_(
+            grad_h = torch.zeros((ctx.n_rows, hidden.shape[1]), dtype=grad_h.dtype, device=hidden.device).index_copy_(
                 0, keep, grad_h
             )
+        if need_w:
+            grad_w = grad_w.to(weight.dtype)
         return grad_h, grad_w, None, None, None, None, None, None
 
 

@@ -100,6 +100,7 @@ def ce_rows(
 
 class TritonCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, logits, labels, reduction, ignore_index):
         logits = logits.contiguous()
         loss = ce_rows(logits, labels, ignore_index=ignore_index)
@@ -114,6 +115,7 @@ class TritonCrossEntropyFunction(torch.autograd.Function):
         return loss.sum() / ctx.n_valid
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, dloss):
         logits, labels = ctx.saved_tensors
         if ctx.reduction == "none":

@@ -47,6 +47,7 @@ def _rms_norm_bwd(DY, X, W, RSTD, DX, DW_PART, stride, n_rows, n_cols, n_prog, B
 
 class TritonRMSNormFunction(torch.autograd.Function):
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, x, weight, eps):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).contiguous()
@@ -61,6 +62,7 @@ class TritonRMSNormFunction(torch.autograd.Function):
         return y.reshape(shape)
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, dy):
         x2, weight, rstd = ctx.saved_tensors
         n_rows, n_cols = x2.shape

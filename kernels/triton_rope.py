@@ -72,6 +72,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) 
 
 class TritonRopeFunction(torch.autograd.Function):
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, q, k, cos, sin):
         cos = cos.contiguous()
         sin = sin.contiguous()
@@ -79,6 +80,7 @@ class TritonRopeFunction(torch.autograd.Function):
         return _rotate(q, cos, sin, 1.0), _rotate(k, cos, sin, 1.0)
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, dq, dk):
         cos, sin = ctx.saved_tensors
         return _rotate(dq, cos, sin, -1.0), _rotate(dk, cos, sin, -1.0), None, None

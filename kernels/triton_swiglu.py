@@ -36,6 +36,7 @@ def _swiglu_bwd(DC, A, B, DA, DB, n, BLOCK: tl.constexpr):
 
 class TritonSwiGLUFunction(torch.autograd.Function):
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, gate, up):
         gate = gate.contiguous()
         up = up.contiguous()
@@ -47,6 +48,7 @@ class TritonSwiGLUFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, dc):
         gate, up = ctx.saved_tensors
         dc = dc.contiguous()

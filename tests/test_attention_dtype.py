@@ -98,3 +98,24 @@ def test_label_changes_with_the_dtype_of_the_last_forward(monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(ids)
     assert model.last_attn_backend == "sdpa_mask"
+
+
+def test_refused_backends_say_why_a_faster_one_was_not_taken(monkeypatch):
+    """gpu_env.json's attention entry (issue 26): the backend chosen and, per faster one, why not."""
+    cuda = torch.device("cuda")  # a device object only: resolution needs no GPU
+    monkeypatch.setattr(A, "flash_attn_available", lambda: False)
+    monkeypatch.setattr(A, "_varlen_fn", lambda: object())
+    assert A.resolve_backend("auto", cuda, torch.bfloat16) == "varlen"
+    assert A.refused_backends(cuda, torch.bfloat16) == {"flash": "flash-attn is not installed"}
+    monkeypatch.setattr(A, "_varlen_fn", lambda: None)
+    assert A.refused_backends(cuda, torch.bfloat16) == {
+        "flash": "flash-attn is not installed",
+        "varlen": "torch.nn.attention.varlen is missing (torch < 2.10)",
+    }
+    monkeypatch.setattr(A, "flash_attn_available", lambda: True)
+    assert A.refused_backends(cuda, torch.bfloat16) == {}
+    assert A.refused_backends(cuda, torch.float32) == {
+        "flash": "no torch.float32 kernels",
+        "varlen": "no torch.float32 kernels",
+    }
+    assert A.refused_backends(torch.device("cpu"), torch.bfloat16) == {"flash": "needs CUDA", "varlen": "needs CUDA"}

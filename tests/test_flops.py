@@ -155,3 +155,101 @@ def test_bad_arguments_are_named():
         flops.step_flops(cfg, [4], lora_rank=4, lora_targets=["qkv"])
     with pytest.raises(ValueError, match="reference"):
         flops.step_flops(cfg, [4], reference="live")
+
+
+# ---------------------------------------------------------------- bench_train's rows (issue 26)
+
+
+def _bench_train():
+    import sys
+
+    from helpers import ROOT
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_train
+
+    return bench_train
+
+
+def _count_fn(fn) -> int:
+    with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: addmm_inplace_flops}) as fc:
+        fn()
+    return fc.get_total_flops()
+
+
+def _dpo_rows(cfg, docs, targets, rank=4):
+    """bench_train's rows for a precomputed-reference policy side: the policy step, its
+    reference scoring (ref_side) and both together (combined), as run_stage builds them."""
+    B = _bench_train()
+    policy = B.side(
+        "policy",
+        None,
+        [],
+        sum(docs),
+        sum(docs),
+        docs,
+        len(docs) // 2,
+        work=dict(lora_rank=rank, lora_targets=targets, reference="precomputed"),
+        ref_step=None,
+    )
+    policy["round_seconds"] = [1.0]
+    scoring = B.ref_side("scoring", policy)
+    scoring["round_seconds"] = [1.0]
+    return policy, scoring, B.combined("scoring + policy", scoring, policy)
+
+
+def test_reference_scoring_row_counts_one_forward(counted_attention):
+    """The scoring row is charged what scoring computes (a forward of the base model, the
+    adapter disabled), not the policy's LoRA training step it was copied from."""
+    cfg = tiny_config()
+    docs = [1] * 20
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj")
+    model = lora_model(cfg, targets)
+    batch = batch_of(docs, cfg.vocab_size, dpo=True)
+    got = _count_fn(lambda: DPOObjective(model, PrefLossConfig(), "adapter").reference_logps(batch))
+    policy, scoring, _ = _dpo_rows(cfg, docs, targets)
+    assert got == flops.row_flops(cfg, scoring["work"]) == flops.forward_flops(cfg, docs)
+    assert flops.row_flops(cfg, scoring["work"]) < flops.row_flops(cfg, policy["work"]) / 2
+
+
+def test_combined_row_counts_scoring_plus_policy(counted_attention):
+    """ "scoring + policy": the sum of both parts' FLOPs (over the sum of both times)."""
+    cfg = tiny_config()
+    docs = [1] * 20
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj")
+    model = lora_model(cfg, targets)
+    batch = batch_of(docs, cfg.vocab_size, dpo=True)
+    scoring_flops = _count_fn(lambda: DPOObjective(model, PrefLossConfig(), "adapter").reference_logps(batch))
+    policy_flops = counted(DPOObjective(model, PrefLossConfig(), "precomputed"), batch)
+    recompute = 2 * cfg.vocab_size * cfg.hidden_size * sum(docs)  # the log-prob kernel's, not counted
+    policy, scoring, both = _dpo_rows(cfg, docs, targets)
+    assert scoring_flops + policy_flops == flops.row_flops(cfg, both["work"]) + recompute
+    assert both["round_seconds"] == [2.0]
+    assert flops.row_flops(cfg, both["work"]) == flops.row_flops(cfg, scoring["work"]) + flops.row_flops(
+        cfg, policy["work"]
+    )
+
+
+def test_rows_keep_their_shared_prompt_prefix():
+    """The shared-prompt rows pass their kv_prefix to the count (the prefix keys are attended)."""
+    cfg = tiny_config()
+    docs, prefix = [9, 4, 7, 3], [0, 5, 0, 6]
+    B = _bench_train()
+    policy = B.side(
+        "shared",
+        None,
+        [],
+        23,
+        23,
+        docs,
+        2,
+        work=dict(lora_rank=4, lora_targets=("q_proj",), reference="precomputed", kv_prefix=prefix),
+        ref_step=None,
+    )
+    with_prefix = flops.row_flops(cfg, policy["work"])
+    assert with_prefix == flops.step_flops(
+        cfg, docs, lora_rank=4, lora_targets=("q_proj",), reference="precomputed", kv_prefix=prefix
+    )
+    assert with_prefix > flops.step_flops(cfg, docs, lora_rank=4, lora_targets=("q_proj",), reference="precomputed")
+    scoring = B.ref_side("scoring", policy)
+    assert flops.row_flops(cfg, scoring["work"]) == flops.forward_flops(cfg, docs, prefix)

@@ -33,13 +33,36 @@ def test_run_sh_rehearsal_writes_each_result_within_the_file_limit(tmp_path):
     for want in (
         "gpu_env.json",
         "gpu_run.log",
+        "gpu_steps.json",
         "bench_kernels_quick_cpu_",
         "bench_train_",
         "train_zero2_smoke_metrics.json",
     ):
         assert want in names, (want, files)
     env_json = json.loads((out / "gpu_env.json").read_text())
-    assert env_json["gpu"] is None and env_json["attn_auto_bf16"] == "sdpa"
+    assert env_json["gpu"] is None
+    # per attention and kernel op: the backend chosen and why each faster one was refused
+    assert env_json["attention_auto_bf16"] == {
+        "backend": "sdpa",
+        "refused": {"flash": "needs CUDA", "varlen": "needs CUDA"},
+    }
+    assert {k["backend"] for k in env_json["kernels_auto"].values()} == {"reference"}
+    assert all("CUDA" in k["refused"] for k in env_json["kernels_auto"].values())
+    assert env_json["baselines"]["attn_implementation"] == "sdpa" and env_json["baselines"]["liger"] is False
+    # every step's rc and seconds, and each pytest step's tests, as they ended
+    steps = json.loads((out / "gpu_steps.json").read_text())
+    assert [s["name"] for s in steps] == [
+        "kernel_tests",
+        "shared_prompt_cuda",
+        "model_tests",
+        "bench_kernels",
+        "bench_train",
+        "train_zero2_smoke",
+    ]
+    assert all(s["rc"] == 0 and not s["timed_out"] for s in steps), steps
+    assert sum(t["outcome"] == "passed" for t in steps[0]["tests"].values()) > 20
+    # the log's last line reached the file (run.sh waits for its tee)
+    assert (out / "gpu_run.log").read_text().rstrip().splitlines()[-1].startswith("== done status=0")
     train = json.loads(next(out.glob("bench_train_*.json")).read_text())
     assert [s["stage"] for s in train["stages"]] == ["pretrain", "sft", "dpo"]
     for st in train["stages"]:

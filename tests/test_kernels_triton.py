@@ -299,3 +299,37 @@ def test_model_triton_kernels_match_reference():
     _close(outs[1][0], outs[0][0], (1e-4, 1e-5), "model loss")
     for k in outs[0][1]:
         _close(outs[1][1][k], outs[0][1][k], (1e-4, 1e-4), f"grad {k}")
+
+
+@pytest.mark.skipif(not CUDA, reason="bf16 Triton kernels need CUDA (the CPU interpreter runs fp32 only)")
+def test_block_under_autocast_with_fp32_weights():
+    """Each Triton Function as bench_train calls it (issue 26): fp32 weights, the forward under
+    bf16 autocast (linears give bf16, the residual stays fp32), ``.backward()`` outside it. The
+    gradients have the parameters' dtype and match the same graph on the reference ops."""
+    g = torch.Generator().manual_seed(7)
+    T, H, V = 10, 32, 48
+    pos = torch.tensor([0, 1, 2, 3, 0, 1, 2, 0, 1, 2]).to(DEVICE)
+    cos, sin = R.rope_cos_sin(pos, 16, 1e6)
+    y = torch.randint(0, V, (T,), generator=g).to(DEVICE)
+    shapes = dict(x=(T, H), norm=(H,), gate=(64, H), up=(64, H), down=(H, 64), q=(2 * 16, H), k=(16, H), head=(V, H))
+    base = {n: 0.3 * torch.randn(s, generator=g) for n, s in shapes.items()}
+    base["norm"] = 1 + base["norm"]
+
+    def run(o):
+        p = {n: t.to(DEVICE).requires_grad_(True) for n, t in base.items()}
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            n = o.rms_norm(p["x"], p["norm"], 1e-6)
+            mlp = o.swiglu(n @ p["gate"].t(), n @ p["up"].t()) @ p["down"].t()
+            q, k = o.rope((n @ p["q"].t()).view(T, 2, 16), (n @ p["k"].t()).view(T, 1, 16), cos, sin)
+            h = p["x"] + mlp + (q.sum(1) + k.sum(1)).repeat(1, 2)
+            loss = o.cross_entropy(h @ p["head"].t(), y)
+        loss.backward()
+        return loss, p
+
+    loss, p = run(get_ops("triton", DEVICE))
+    loss_r, pr = run(R)
+    torch.testing.assert_close(loss.float(), loss_r.float(), atol=0.1, rtol=2e-2)
+    for name in shapes:
+        assert p[name].grad.dtype == torch.float32, name
+        scale = float(pr[name].grad.abs().max())
+        torch.testing.assert_close(p[name].grad, pr[name].grad, atol=3e-2 * scale, rtol=3e-2, msg=name)

@@ -20,10 +20,23 @@ if [ ! -f "$stamp" ]; then  # built once per stack.txt (about 5 GB: torch's CUDA
   fi
   touch "$stamp"
 fi
+# the oldest typing-extensions the machine's torch allows (its own copy is unknown): the carried
+# 4.15 must shadow it, or pydantic (deepspeed's config) fails to import
+OLD_TE=4.10.0
+if [ "$("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("typing_extensions"))')" != "$OLD_TE" ]; then
+  "$VENV/bin/python" -m pip install -q --no-deps "typing-extensions==$OLD_TE" 2> >(grep -v "is ignored" >&2)
+fi
 ls "$ROOT"/.whl/*.whl >/dev/null 2>&1 || { echo "gpu-rehearsal: no .whl/: run make gpu-wheels first" >&2; exit 1; }
 # DeepSpeed's JIT ops are built per torch: the Makefile's shared folder holds the main venv's
 # (torch 2.14), whose .so fails to load under 2.11 (undefined symbol), so the copy gets its own
 export TORCH_EXTENSIONS_DIR="$VENV/torch_extensions"
+# the installed wheels are kept between rehearsals (run.sh reinstalls bumblefast's and any new
+# one): DeepSpeed's CPU comm op is JIT-built from the site's sources, and a fresh install (new
+# path, new mtimes) rebuilds it, ~1 minute idle and ~10 under load. Wiped when the set changes.
+SITE="$VENV/run-site"
+wheelset=$(ls "$ROOT"/.whl/*.whl | xargs -n1 basename | grep -v '^bumblefast-' | sha256sum | cut -c1-12)
+[ -f "$SITE/.wheelset-$wheelset" ] || { rm -rf "$SITE" && mkdir -p "$SITE" && touch "$SITE/.wheelset-$wheelset"; }
+export SITE
 OUT="$(mktemp -d /tmp/gpu-rehearsal-out.XXXXXX)"
 t0=$SECONDS
 rc=0
