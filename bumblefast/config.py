@@ -20,6 +20,8 @@ import yaml
 STAGES = ("pretrain", "continue_pretrain", "sft", "dpo")
 KERNEL_CHOICES = ("auto", "liger", "triton", "reference")
 ATTN_CHOICES = ("auto", "flash", "varlen", "sdpa", "sdpa_mask")
+# --report_to: the trackers HF Trainer / TRL / LLaMA-Factory users pick; each but TensorBoard is an extra.
+TRACKER_EXTRAS = {"wandb": ("wandb", "bumblefast[wandb]"), "mlflow": ("mlflow", "bumblefast[mlflow]")}
 
 
 def key(default: Any = None, help: str = "", *, factory: Any = None) -> Any:
@@ -71,7 +73,9 @@ class TrainConfig:
     output_dir: str = key(
         "outputs/run", "run folder: final HF model at the root, checkpoints/, tensorboard/, training_metrics.json"
     )
-    cutoff_len: int = key(2048, "tokens per packed row (prep's --seq_len)")
+    cutoff_len: int = key(
+        2048, "tokens per packed row (prep's --seq_len); dpo: per sequence, a row holds a pair (2 x cutoff_len)"
+    )
     vocab_size: int | None = key(
         None,
         "pretrain from a preset: embedding rows (default: the tokenizer's size rounded up "
@@ -136,7 +140,14 @@ class TrainConfig:
     resume: str | None = key(None, "'auto' or a checkpoint folder")
     # logging
     logging_steps: int = key(10, "log metrics every N optimizer steps")
-    use_tensorboard: bool = key(True, "write TensorBoard events to output_dir/tensorboard")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "none"]] = key(
+        help="trackers that get the metrics (comma-separated or a YAML list): tensorboard (output_dir/tensorboard), "
+        "wandb (WANDB_PROJECT, default bumblefast; WANDB_MODE=offline works), mlflow (MLFLOW_TRACKING_URI, "
+        "MLFLOW_EXPERIMENT_NAME), or none; every tracker gets the same names (Train/Loss, ...)",
+        factory=lambda: ["tensorboard"],
+    )
+    run_name: str | None = key(None, "the wandb/mlflow run name (default: output_dir's folder name)")
+    use_tensorboard: bool = key(True, "BumbleCore's switch: false drops tensorboard from report_to")
     peak_tflops: float | None = key(None, "overrides the per-device peak used for MFU")
     # data loading
     seed: int = key(42, "seed of the model init, shuffle and dropout")
@@ -168,6 +179,7 @@ class TrainConfig:
             errors.append(f"min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
         if self.save_total_limit < 0:
             errors.append(f"save_total_limit: must be >= 0, got {self.save_total_limit}")
+        errors.extend(_report_to_problems(self.report_to))
         if self.vocab_size is not None and self.vocab_size < 1:
             errors.append(f"vocab_size: must be >= 1, got {self.vocab_size}")
         if self.resize_vocab and self.finetuning_type == "lora":
@@ -254,13 +266,18 @@ class PrepConfig:
         help="entries of --dataset_info to read (comma-separated), besides any --input", factory=list
     )
     tokenizer_name_or_path: str | None = key(None, "HF tokenizer folder (tokenizer.json + chat template)")
-    seq_len: int = key(2048, "tokens per packed row (train's --cutoff_len)")
+    seq_len: int = key(
+        2048,
+        "tokens per packed row (train's --cutoff_len); dpo: per sequence (prompt + reply, as LLaMA-Factory's "
+        "cutoff_len and TRL's max_length), a row holds a pair (2 x seq_len)",
+    )
     output_dir: str | None = key(None, "local folder or remote URL (s3://...)")
     text_key: str = key("text", "pretrain: the record key holding the document text")
     overlong: Literal["truncate", "drop"] = key(
         "truncate",
         "a record longer than seq_len: truncate (pretrain: split across rows; sft/dpo: replies cut "
-        "first, a long prompt keeps its end, as LLaMA-Factory's cutoff) or drop (skip, counted as 'overlong')",
+        "first, a long prompt keeps its end; dpo: per sequence, one rule in both layouts) or drop (skip, counted as "
+        "'overlong')",
     )
     on_error: Literal["skip", "fail"] = key(
         "skip", "skip: log bad records to errors.jsonl (file:line, reason) and count them; fail: stop at the first"
@@ -271,8 +288,17 @@ class PrepConfig:
         "auto: fastokens if installed and verified identical to HF on a hard sample + the first records, "
         "else HF (with a warning); hf; fastokens (fail if it differs)",
     )
-    node_rank: int = key(0, "this node's index in a multi-node prep (writes part node-<rank>)")
-    num_nodes: int = key(1, "nodes sharing the input; join their parts with `bumblefast prep merge`")
+    node_rank: int = key(
+        0, "this node's index in a multi-node prep (default: from Slurm/torchrun/Kubernetes env, else 0)"
+    )
+    num_nodes: int = key(
+        1, "nodes sharing the tasks; join them with `bumblefast prep merge` (default: from the launcher's env, else 1)"
+    )
+    task_size: str = key(
+        "32mb",
+        "input bytes per task (the unit of work, resume and output layout: the shards depend on the input "
+        "and this, never on workers or nodes)",
+    )
     pack_window: int = key(10000, "samples considered together by best-fit-decreasing")
     compression: str | None = key("zstd", "MDS shard compression (zstd, or null for none)")
     shard_size_limit: str = key("64mb", "target size of one MDS shard file (e.g. 64mb)")
@@ -321,6 +347,23 @@ def _aliases(cls: type) -> dict[str, str]:
         if base in ALIASES:
             return ALIASES[base]
     return {}
+
+
+def trackers(cfg: TrainConfig) -> list[str]:
+    """The trackers a run reports to: report_to without 'none', less tensorboard if use_tensorboard is false."""
+    return [t for t in dict.fromkeys(cfg.report_to) if t != "none" and (cfg.use_tensorboard or t != "tensorboard")]
+
+
+def _report_to_problems(report_to: list[str]) -> list[str]:
+    import importlib.util
+
+    if "none" in report_to and len(set(report_to)) > 1:
+        return [f"report_to: 'none' cannot be combined with other trackers, got {','.join(report_to)}"]
+    return [
+        f"report_to: {name} needs the {module} package: pip install '{extra}'"
+        for name, (module, extra) in TRACKER_EXTRAS.items()
+        if name in report_to and importlib.util.find_spec(module) is None
+    ]
 
 
 def valid_keys(cls: type) -> list[str]:

@@ -1,11 +1,15 @@
-"""Bumblebee: the lean Qwen2-architecture decoder BumbleFast trains.
+"""Bumblebee: the lean decoder BumbleFast trains, for the Hugging Face families that share one
+shape: Qwen2/Qwen2.5, Qwen3, Llama (2, 3.x) and Mistral.
 
-Parameter names equal transformers' ``Qwen2ForCausalLM`` state-dict keys, so HF checkpoints
-load and save both ways and peft LoRA targets (``q_proj`` ...) apply unchanged. The model
-runs on a packed micro-batch: a flat token stream ``[T]`` with ``cu_seqlens`` and
-per-document ``position_ids``; attention never crosses documents (see ``attention.py``).
-Elementwise ops and the LM-head losses come from the ``bumblefast.kernels`` dispatch; the
-losses never materialise the ``[T, vocab]`` logits.
+They are all RMSNorm pre-norm decoders with RoPE, GQA and a SwiGLU MLP; what differs is a few
+switches, read from the HF config by the family table below (q/k/v and o_proj biases, an MLP
+bias, Qwen3's RMSNorm of q and k per head, the RoPE frequency rule), so there is one model,
+not a copy per family. Parameter names equal transformers' ``<Family>ForCausalLM`` state-dict
+keys, so HF checkpoints load and save both ways and peft LoRA targets (``q_proj`` ...) apply
+unchanged. The model runs on a packed micro-batch: a flat token stream ``[T]`` with
+``cu_seqlens`` and per-document ``position_ids``; attention never crosses documents (see
+``attention.py``). Elementwise ops and the LM-head losses come from the ``bumblefast.kernels``
+dispatch; the losses hold at most one chunk of the ``[T, vocab]`` logits.
 
 Deferred init (ZeRO-3 / big models)::
 
@@ -16,32 +20,212 @@ Deferred init (ZeRO-3 / big models)::
 from __future__ import annotations
 
 import contextlib
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from bumblefast.attention import ATTENTION, BACKENDS, PackedPlan, compute_dtype, resolve_backend
+from bumblefast.config import UserError
 from bumblefast.kernels import get_ops
 from bumblefast.kernels.dispatch import MODES
 from bumblefast.kernels.modules import RMSNorm
-from bumblefast.kernels.reference import rope_cos_sin
 from bumblefast.labels import IGNORE_INDEX
 
 
-class Attention(nn.Module):
-    """q/k/v/o projections, RoPE from the `kernels` dispatch, attention per document."""
+# ---------------------------------------------------------------------------- families
+class Family(NamedTuple):
+    """How one HF ``model_type`` maps onto this model. A bias entry is a constant of the family
+    or the name of the config key that decides it (read as transformers' own class reads it)."""
 
-    def __init__(self, config, kernels: str = "auto"):
+    architecture: str  # written to config.json's `architectures`
+    qkv_bias: bool | str
+    o_bias: bool | str
+    mlp_bias: bool | str
+    qk_norm: bool  # RMSNorm over head_dim of q and k before RoPE (Qwen3)
+
+
+FAMILIES = {
+    "qwen2": Family("Qwen2ForCausalLM", qkv_bias=True, o_bias=False, mlp_bias=False, qk_norm=False),
+    "qwen3": Family("Qwen3ForCausalLM", "attention_bias", "attention_bias", mlp_bias=False, qk_norm=True),
+    "llama": Family("LlamaForCausalLM", "attention_bias", "attention_bias", "mlp_bias", qk_norm=False),
+    "mistral": Family("MistralForCausalLM", qkv_bias=False, o_bias=False, mlp_bias=False, qk_norm=False),
+}
+LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # LoRA targets
+
+
+def _get(cfg: Any, key: str, default: Any = None) -> Any:
+    """A config key from a transformers config or a config.json dict (None counts as absent)."""
+    value = cfg.get(key) if isinstance(cfg, Mapping) else getattr(cfg, key, None)
+    return default if value is None else value
+
+
+@dataclass(frozen=True)
+class Arch:
+    """One checkpoint's resolved switches (see :func:`arch_of`)."""
+
+    model_type: str
+    architecture: str
+    head_dim: int
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    qk_norm: bool
+    rope: dict  # rope_type, rope_theta and that type's keys
+    sliding_window: int | None  # tokens a query may look back, None: the whole document
+    tied: bool
+
+
+def arch_of(cfg: Any) -> Arch:
+    """The family switches of a config (a transformers config or a config.json dict); an
+    unsupported model_type, activation, RoPE type or dropout fails naming what is supported."""
+    model_type = _get(cfg, "model_type")
+    if model_type not in FAMILIES:
+        raise UserError(
+            f"model_type {model_type!r} is not supported; supported: {', '.join(FAMILIES)} (config.json's model_type)"
+        )
+    fam = FAMILIES[model_type]
+    act = _get(cfg, "hidden_act", "silu")
+    if act != "silu":
+        raise UserError(f"{model_type}: hidden_act {act!r} is not supported; the MLP is SwiGLU (silu)")
+    if _get(cfg, "attention_dropout", 0.0):
+        raise UserError(f"{model_type}: attention_dropout {_get(cfg, 'attention_dropout')} is not supported (0.0)")
+    rope = rope_parameters(cfg)
+    if rope["rope_type"] not in ROPE_INIT:
+        raise UserError(
+            f"{model_type}: rope_scaling rope_type {rope['rope_type']!r} is not supported; "
+            f"supported: {', '.join(ROPE_INIT)}"
+        )
+    if float(rope.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise UserError(f"{model_type}: partial_rotary_factor {rope['partial_rotary_factor']} is not supported (1.0)")
+
+    def flag(entry: bool | str) -> bool:
+        return entry if isinstance(entry, bool) else bool(_get(cfg, entry, False))
+
+    window = _get(cfg, "sliding_window")  # Mistral: every layer; Qwen2/3: the layers layer_types names
+    layer_types = _get(cfg, "layer_types")
+    if model_type == "llama" or (layer_types is not None and "sliding_attention" not in layer_types):
+        window = None
+    if model_type.startswith("qwen") and not _get(cfg, "use_sliding_window", False):
+        window = None
+    return Arch(
+        model_type=model_type,
+        architecture=fam.architecture,
+        head_dim=_get(cfg, "head_dim") or _get(cfg, "hidden_size") // _get(cfg, "num_attention_heads"),
+        qkv_bias=flag(fam.qkv_bias),
+        o_bias=flag(fam.o_bias),
+        mlp_bias=flag(fam.mlp_bias),
+        qk_norm=fam.qk_norm,
+        rope=rope,
+        sliding_window=window,
+        tied=bool(_get(cfg, "tie_word_embeddings", False)),
+    )
+
+
+# ---------------------------------------------------------------------------- RoPE
+def rope_parameters(cfg: Any) -> dict:
+    """``rope_type``, ``rope_theta`` and the type's own keys. transformers 4.x keeps them in
+    ``rope_theta`` + ``rope_scaling`` (older files: ``type``), 5.x in one ``rope_parameters``."""
+    p = dict(_get(cfg, "rope_parameters") or _get(cfg, "rope_scaling") or {})
+    p["rope_type"] = p.get("rope_type", p.get("type", "default"))
+    p.pop("type", None)
+    p.setdefault("rope_theta", float(_get(cfg, "rope_theta", 10000.0)))
+    p.setdefault("max_position_embeddings", _get(cfg, "max_position_embeddings"))
+    if p["rope_type"] in ("llama3", "yarn"):
+        p.setdefault("original_max_position_embeddings", p["max_position_embeddings"])
+    return p
+
+
+def _default_freqs(p: dict, dim: int) -> tuple[torch.Tensor, float]:
+    """theta^(-2i/d) (Su et al. 2021), computed as transformers does (int64 arange, fp32)."""
+    return 1.0 / (p["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim)), 1.0
+
+
+def _linear_freqs(p: dict, dim: int) -> tuple[torch.Tensor, float]:
+    """Position interpolation (Chen et al. 2023): every frequency divided by `factor`."""
+    inv_freq, att = _default_freqs(p, dim)
+    return inv_freq / p["factor"], att
+
+
+def _llama3_freqs(p: dict, dim: int) -> tuple[torch.Tensor, float]:
+    """Llama 3.1's rule: wavelengths shorter than original_max / high_freq_factor are kept,
+    longer than original_max / low_freq_factor divided by `factor`, those between blended
+    linearly in original_max / wavelength (transformers' `_compute_llama3_parameters`)."""
+    inv_freq, att = _default_freqs(p, dim)
+    factor, lo, hi = p["factor"], p["low_freq_factor"], p["high_freq_factor"]
+    old = p["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old / lo, inv_freq / factor, inv_freq)
+    smooth = (old / wavelen - lo) / (hi - lo)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old / hi) * ~(wavelen > old / lo)
+    return torch.where(medium, smoothed, scaled), att
+
+
+def _yarn_freqs(p: dict, dim: int) -> tuple[torch.Tensor, float]:
+    """YaRN (Peng et al. 2023, arXiv 2309.00071): frequencies ramped between interpolated
+    (low) and kept (high) over the dimensions rotating beta_slow..beta_fast times in the original
+    context, and cos/sin scaled by 0.1 ln(factor) + 1 (or mscale/mscale_all_dim, or
+    attention_factor); transformers' `_compute_yarn_parameters`."""
+    base, old = p["rope_theta"], p["original_max_position_embeddings"]
+    factor = p.get("factor") or p["max_position_embeddings"] / old
+
+    def mscale(scale, m=1.0):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    att = p.get("attention_factor")
+    if att is None:
+        m, m_all = p.get("mscale"), p.get("mscale_all_dim")
+        att = float(mscale(factor, m) / mscale(factor, m_all)) if m and m_all else mscale(factor)
+
+    def correction_dim(rotations):
+        return (dim * math.log(old / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(p.get("beta_fast") or 32), correction_dim(p.get("beta_slow") or 1)
+    if p.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # no zero-width ramp
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low), 0, 1)
+    pos_freqs = base ** (torch.arange(0, dim, 2, device="cpu").to(dtype=torch.float) / dim)
+    keep = 1 - ramp
+    return (1.0 / (factor * pos_freqs)) * (1 - keep) + (1.0 / pos_freqs) * keep, att
+
+
+# rope_type -> (inv_freq [head_dim / 2] fp32, cos/sin scale). "dynamic" (NTK) and "longrope"
+# change with the sequence length at run time and are refused by arch_of.
+ROPE_INIT = {"default": _default_freqs, "linear": _linear_freqs, "llama3": _llama3_freqs, "yarn": _yarn_freqs}
+
+
+def rope_frequencies(arch: Arch) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies (fp32, CPU, as transformers computes them at init) and cos/sin scale."""
+    return ROPE_INIT[arch.rope["rope_type"]](arch.rope, arch.head_dim)
+
+
+# ---------------------------------------------------------------------------- modules
+class Attention(nn.Module):
+    """q/k/v/o projections (biases per family), Qwen3's q/k RMSNorm, RoPE from the `kernels`
+    dispatch, attention per document."""
+
+    def __init__(self, config, arch: Arch, kernels: str = "auto"):
         super().__init__()
         h = config.hidden_size
         self.n_heads = config.num_attention_heads
         self.n_kv = config.num_key_value_heads
-        self.head_dim = getattr(config, "head_dim", None) or h // self.n_heads
-        self.q_proj = nn.Linear(h, self.n_heads * self.head_dim, bias=True)
-        self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=True)
-        self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=True)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=False)
+        self.head_dim = arch.head_dim
+        self.q_proj = nn.Linear(h, self.n_heads * self.head_dim, bias=arch.qkv_bias)
+        self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=arch.qkv_bias)
+        self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=arch.qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=arch.o_bias)
+        self.qk_norm = arch.qk_norm
+        if arch.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, kernels)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, kernels)
         self.kernels = kernels
 
     def forward(self, x, cos, sin, plan):
@@ -49,6 +233,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(t, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(t, self.n_kv, self.head_dim)
         v = self.v_proj(x).view(t, self.n_kv, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = get_ops(self.kernels, x.device).rope(q, k, cos, sin)
         o = ATTENTION[plan.backend](q, k, v, plan)
         return self.o_proj(o.reshape(t, self.n_heads * self.head_dim))
@@ -57,12 +243,12 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """SwiGLU from the `kernels` dispatch."""
 
-    def __init__(self, config, kernels: str = "auto"):
+    def __init__(self, config, arch: Arch, kernels: str = "auto"):
         super().__init__()
         h, i = config.hidden_size, config.intermediate_size
-        self.gate_proj = nn.Linear(h, i, bias=False)
-        self.up_proj = nn.Linear(h, i, bias=False)
-        self.down_proj = nn.Linear(i, h, bias=False)
+        self.gate_proj = nn.Linear(h, i, bias=arch.mlp_bias)
+        self.up_proj = nn.Linear(h, i, bias=arch.mlp_bias)
+        self.down_proj = nn.Linear(i, h, bias=arch.mlp_bias)
         self.kernels = kernels
 
     def forward(self, x):
@@ -71,10 +257,10 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config, kernels: str = "auto"):
+    def __init__(self, config, arch: Arch, kernels: str = "auto"):
         super().__init__()
-        self.self_attn = Attention(config, kernels)
-        self.mlp = MLP(config, kernels)
+        self.self_attn = Attention(config, arch, kernels)
+        self.mlp = MLP(config, arch, kernels)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, kernels)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, kernels)
 
@@ -86,10 +272,10 @@ class DecoderLayer(nn.Module):
 class BumblebeeModel(nn.Module):
     """The decoder body, named ``model`` inside :class:`Bumblebee` as in HF."""
 
-    def __init__(self, config, kernels: str = "auto"):
+    def __init__(self, config, arch: Arch, kernels: str = "auto"):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, kernels) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, arch, kernels) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, kernels)
 
 
@@ -105,8 +291,10 @@ def init_parameters(
     ``named_parameters()`` order (a tied lm_head is the embedding, listed once), ones for norms,
     zeros for biases, normal(0, std) for the rest, drawn in fp32 on the CPU from ``generator``
     (default: torch's global one), so the values depend on the seed only, not on the dtype,
-    the device or ZeRO-3 partitioning. ``gather(p)``: a context in which ``p`` is whole
-    (ZeRO-3's GatheredParameters); ``write``: whether this rank writes (ZeRO-3: rank 0)."""
+    the device or ZeRO-3 partitioning. A CUDA ``generator`` draws there instead (benchmarks:
+    1.5B draws take ~5-30 s on one CPU thread, well under a second on a GPU). ``gather(p)``:
+    a context in which ``p`` is whole (ZeRO-3's GatheredParameters); ``write``: whether this
+    rank writes (ZeRO-3: rank 0)."""
     for name, p in model.named_parameters():
         with gather(p) if gather is not None else contextlib.nullcontext():
             if name.endswith("norm.weight"):
@@ -114,32 +302,30 @@ def init_parameters(
             elif name.endswith(".bias"):
                 value = torch.zeros(p.shape)
             else:
-                value = torch.empty(p.shape).normal_(0.0, std, generator=generator)
+                value = torch.empty(p.shape, device=generator.device if generator is not None else None)
+                value.normal_(0.0, std, generator=generator)
             if write:
                 p.copy_(value.to(p.dtype))
 
 
 class Bumblebee(nn.Module):
-    """Qwen2 decoder for packed micro-batches. See the module docstring."""
+    """Decoder of any family in FAMILIES, for packed micro-batches. See the module docstring."""
 
     def __init__(self, config, attn_backend: str = "auto", kernels: str = "auto"):
         super().__init__()
-        if getattr(config, "use_sliding_window", False):
-            raise NotImplementedError("sliding-window attention is not supported (use_sliding_window=True)")
-        rs = getattr(config, "rope_scaling", None) or {}
-        if rs.get("rope_type", rs.get("type", "default")) != "default":
-            raise NotImplementedError(f"rope scaling {rs} is not supported; only default RoPE")
         if kernels not in MODES:
             raise ValueError(f"kernels must be one of {MODES}, got {kernels!r}")
         if attn_backend not in BACKENDS:  # device checks happen on the first forward
             raise ValueError(f"attn_backend must be one of {BACKENDS}, got {attn_backend!r}")
         self.config = config
+        self.arch = arch_of(config)
         self.attn_backend = attn_backend
         self.kernels = kernels
         self.gradient_checkpointing = False
         self._ckpt_kwargs: dict = {}
+        self._rope: dict = {}  # device -> (inv_freq, cos/sin scale), made once per device
         self.last_attn_backend: str | None = None  # what the last forward ran (benchmark labels)
-        self.model = BumblebeeModel(config, kernels)
+        self.model = BumblebeeModel(config, self.arch, kernels)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
 
@@ -220,14 +406,38 @@ class Bumblebee(nn.Module):
         backend = self.resolved_attn(device, compute_dtype(device, x.dtype))
         plan = PackedPlan.build(cu_seqlens, max_seqlen, n_tok, backend, kv_prefix)
         self.last_attn_backend = backend
-        head_dim = self.model.layers[0].self_attn.head_dim if len(self.model.layers) else 1
-        cos, sin = rope_cos_sin(position_ids, head_dim, rope_theta(self.config), x.dtype)
+        self._check_window(plan)
+        cos, sin = self.rope_cos_sin(position_ids, x.dtype)
         for layer in self.model.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(layer, x, cos, sin, plan, **self._ckpt_kwargs)
             else:
                 x = layer(x, cos, sin, plan)
         return self.model.norm(x)
+
+    def rope_cos_sin(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin tables ``[T, head_dim]`` (halves duplicated, HF layout) for per-token positions,
+        in fp32 as transformers' rotary embedding computes them, scaled by the rope type's factor."""
+        device = position_ids.device
+        if device not in self._rope:
+            inv_freq, scale = rope_frequencies(self.arch)
+            self._rope[device] = (inv_freq.to(device), scale)
+        inv_freq, scale = self._rope[device]
+        freqs = position_ids.float()[:, None] * inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
+
+    def _check_window(self, plan: PackedPlan) -> None:
+        """Sliding-window attention is not implemented: a document (with its shared prefix) no
+        longer than the window attends exactly as with full causal attention, a longer one fails."""
+        window = self.arch.sliding_window
+        span = max(plan.max_seqlen, plan.max_seqlen_k)
+        if window is not None and span > window:
+            raise NotImplementedError(
+                f"{self.arch.model_type}: sliding_window {window} is shorter than a document here ({span} "
+                "tokens); sliding-window attention is not implemented: keep documents (cutoff_len) <= "
+                f"{window}, or set sliding_window null if the checkpoint was trained without one"
+            )
 
     def _flatten(self, input_ids, position_ids, cu_seqlens):
         if input_ids.dim() == 2:  # [B, S] unpacked: each row one causal document
@@ -310,7 +520,7 @@ class Bumblebee(nn.Module):
         config=None,
         dtype=None,
     ) -> Bumblebee:
-        """Load an HF Qwen2 checkpoint folder (ours or transformers'). ``torch_dtype`` (or its new
+        """Load an HF checkpoint folder of a family in FAMILIES (ours or transformers'). ``torch_dtype`` (or its new
         name ``dtype``): a dtype, ``"auto"`` (config's), or None (fp32, as transformers)."""
         from bumblefast.model_io import load_pretrained
 
@@ -323,11 +533,3 @@ class Bumblebee(nn.Module):
             attn_backend=attn_backend,
             kernels=kernels,
         )
-
-
-def rope_theta(config) -> float:
-    """RoPE base; transformers 5 moved it into ``config.rope_parameters``."""
-    theta = getattr(config, "rope_theta", None)
-    if theta is None:
-        theta = (getattr(config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
-    return float(theta)

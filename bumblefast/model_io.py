@@ -1,6 +1,7 @@
 """Hugging Face checkpoints of Bumblebee: the folder transformers, peft and any HF server load.
 
-A model folder holds `config.json` (`model_type: qwen2`, `architectures: [Qwen2ForCausalLM]`),
+A model folder holds `config.json` (the loaded checkpoint's own config: the same `model_type` and
+fields, `architectures` set to its family's class, e.g. `[LlamaForCausalLM]`; model.py FAMILIES),
 `generation_config.json` and the weights as safetensors: `model.safetensors`, or shards
 `model-0000k-of-0000n.safetensors` with `model.safetensors.index.json` beyond `max_shard_size`.
 Writing goes through huggingface_hub's `save_torch_state_dict` (the sharding, the index, the
@@ -47,7 +48,7 @@ def save_pretrained(model: Bumblebee, path, max_shard_size: int | str = "5GB", s
     os.makedirs(path, exist_ok=True)
     sd = state_dict if state_dict is not None else hf_state_dict(model)
     sd = {k: _own_storage(v.detach().cpu().contiguous()) for k, v in sd.items()}
-    _save_configs(model.config, path, {v.dtype for v in sd.values()})
+    _save_configs(model.config, model.arch.architecture, path, {v.dtype for v in sd.values()})
     save_torch_state_dict(sd, path, max_shard_size=max_shard_size)
 
 
@@ -57,10 +58,10 @@ def _own_storage(t: torch.Tensor) -> torch.Tensor:
     return t if t.untyped_storage().nbytes() == t.numel() * t.element_size() else t.clone()
 
 
-def _save_configs(cfg, path, dtypes: set[torch.dtype]) -> None:
+def _save_configs(cfg, architecture: str, path, dtypes: set[torch.dtype]) -> None:
     from transformers import GenerationConfig
 
-    cfg.architectures = ["Qwen2ForCausalLM"]
+    cfg.architectures = [architecture]
     if len(dtypes) == 1:
         cfg.dtype = next(iter(dtypes))  # written as "dtype" (4.57+) / read back by 5.x
     cfg.save_pretrained(path)
@@ -94,7 +95,8 @@ def resolve_dtype(torch_dtype, config) -> torch.dtype:
 
 
 def load_pretrained(cls: type[Bumblebee], path, torch_dtype=None, device=None, config=None, **kw) -> Bumblebee:
-    """Load a Hugging Face Qwen2 checkpoint folder (ours or transformers') into a new `cls`."""
+    """Load a Hugging Face checkpoint folder (ours or transformers', any family in model.py
+    FAMILIES) into a new `cls`."""
     from safetensors.torch import load_file
     from transformers import AutoConfig
 

@@ -1,4 +1,5 @@
-"""`bumblefast model info`: what a model config costs, from the formulas in flops.py."""
+"""`bumblefast model info`: which family a model config is (model.py FAMILIES) and what it costs,
+from the formulas in flops.py."""
 
 from __future__ import annotations
 
@@ -52,6 +53,9 @@ def model_info(
         if unused > 0:
             note += f", whose {unused:,} extra rows ({unused * cfg['hidden_size']:,} parameters) no token would use"
         vocab_note.append(("vocab", note))
+    from bumblefast.model import arch_of
+
+    arch = arch_of(cfg)  # an unsupported model_type fails here, naming the supported ones
     n = flops.param_count(cfg)
     n_mm = flops.matmul_params(cfg)
     per_tok = flops.train_flops_per_token(cfg, seq_len)
@@ -64,6 +68,7 @@ def model_info(
             f"{cfg['num_attention_heads']} heads / {cfg.get('num_key_value_heads', cfg['num_attention_heads'])} kv, "
             f"intermediate {cfg['intermediate_size']}, vocab {cfg['vocab_size']}",
         ),
+        ("family", family_line(arch)),
         *vocab_note,
         ("parameters", f"{n:,} ({n / 1e9:.2f}B)"),
         ("matmul parameters", f"{n_mm:,} (non-embedding + LM head)"),
@@ -71,6 +76,21 @@ def model_info(
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def family_line(arch) -> str:
+    """What `bumblefast train` builds for this config: the family's switches (model.py FAMILIES)."""
+    yes = {True: "yes", False: "no"}
+    rope = arch.rope["rope_type"]
+    if rope != "default":
+        keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        rope += " (" + ", ".join(f"{k} {arch.rope[k]}" for k in keys if arch.rope.get(k) is not None) + ")"
+    return (
+        f"{arch.model_type} -> {arch.architecture}; head_dim {arch.head_dim}, q/k/v bias {yes[arch.qkv_bias]}, "
+        f"o_proj bias {yes[arch.o_bias]}, MLP bias {yes[arch.mlp_bias]}, q/k norm {yes[arch.qk_norm]}, "
+        f"rope {rope} theta {arch.rope['rope_theta']:g}, tied embeddings {yes[arch.tied]}, sliding window "
+        f"{arch.sliding_window or 'none'}"
+    )
 
 
 def add_arguments(p) -> None:

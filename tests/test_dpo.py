@@ -121,7 +121,7 @@ def setup(tmp_path_factory, demo_tokenizer_dir):
             stage="dpo",
             input=[str(root / "pairs.json")],
             tokenizer_name_or_path=str(demo_tokenizer_dir),
-            seq_len=128,
+            seq_len=64,  # per sequence (rows of 128): cuts none of these pairs
             output_dir=str(root / "shards"),
         ),
         progress=False,
@@ -297,7 +297,7 @@ def test_lora_dpo_separates_pairs_and_exports_peft_adapter(setup):
             stage="dpo",
             input=[str(root / "pairs12.json")],
             tokenizer_name_or_path=str(setup["sft"]),
-            seq_len=128,
+            seq_len=64,  # per sequence (rows of 128): cuts none of these pairs
             output_dir=str(root / "shards12"),
         ),
         progress=False,
@@ -325,11 +325,12 @@ def test_lora_dpo_separates_pairs_and_exports_peft_adapter(setup):
         )
     )
     history = metrics(out)
-    late = [r["rewards/accuracies"] for r in history[-6:]]  # the last two epochs
+    tail = history[-max(len(history) // 4, 1) :]  # the last two of 8 epochs (as many rows as the pairs pack into)
+    late = [r["rewards/accuracies"] for r in tail]
     # 0.75-0.8 on the demo data before 2026-12-01's change, 0.67 after (8 pairs per step, so a
     # step's accuracy moves in eighths): above 0.6 is the claim both support, with the loss below
     assert sum(late) / len(late) >= 0.6, late
-    assert sum(r["loss"] for r in history[-6:]) / 6 < 0.6 < history[0]["loss"]  # from ln 2 = 0.69
+    assert sum(r["loss"] for r in tail) / len(tail) < 0.6 < history[0]["loss"]  # from ln 2 = 0.69
     assert history[-1]["rewards/margins"] > history[0]["rewards/margins"]
     assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
 

@@ -71,7 +71,8 @@ def test_top_level_imports_from_the_checkout_root_make_no_second_copy():
         if got["outcome"][name] != "imported":
             assert "import it by that name" in got["outcome"][name] and f"bumblefast.{name}" in got["outcome"][name]
     assert got["dispatch_holders"] == ["bumblefast.kernels.dispatch"]  # one module holds the dispatch code
-    stray = [m for m in got["from_folders"] if not m.startswith("bumblefast.")]
+    # a name that is the very same module object (kernels -> bumblefast.kernels, for transformers' probe) is no copy
+    stray = [m for m in got["from_folders"] if not m.startswith("bumblefast.") and not got["same_objects"].get(m)]
     assert stray == [], f"modules loaded from the folders under a second name: {stray}"
 
 

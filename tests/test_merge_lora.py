@@ -1,4 +1,4 @@
-"""`bumblefast merge-lora`: a tiny Qwen2 + a non-trivial LoRA, merged, must reload in
+"""`bumblefast merge-lora`: a tiny Qwen2 (and Qwen3, Llama, Mistral) + a non-trivial LoRA, merged, must reload in
 transformers and give PeftModel's logits; bad inputs give clear errors."""
 
 from __future__ import annotations
@@ -179,3 +179,55 @@ def test_bad_inputs(folders, tmp_path):
     with pytest.raises(UserError, match=r"bad_lora.*wq_nonexistent"):
         merge_lora(base, bad, tmp_path / "o")
     assert not (tmp_path / "o").exists()  # nothing written on a failed merge
+
+
+@pytest.mark.parametrize("family", ["qwen3", "llama", "mistral"])
+def test_merge_matches_peft_merge_and_unload_per_family(family, tmp_path):
+    """Other families, LoRA on all seven linears: the merged weights are peft's own
+    merge_and_unload() of the same adapter, and the reloaded model gives PeftModel's logits."""
+    import transformers
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from bumblefast.model import LINEAR_MODULES
+
+    cls = {"qwen3": "Qwen3", "llama": "Llama", "mistral": "Mistral"}[family]
+    extra = {
+        "qwen3": dict(head_dim=24, attention_bias=True),
+        "llama": dict(mlp_bias=True, rope_scaling=dict(rope_type="linear", factor=2.0)),
+        "mistral": dict(head_dim=24, sliding_window=None),
+    }[family]
+    cfg = getattr(transformers, f"{cls}Config")(
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        **extra,
+    )
+    torch.manual_seed(0)
+    getattr(transformers, f"{cls}ForCausalLM")(cfg).save_pretrained(tmp_path / "base")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    lora = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=list(LINEAR_MODULES), lora_dropout=0.0))
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    lora.save_pretrained(tmp_path / "lora")
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        peft_logits = lora.eval()(input_ids=ids).logits
+
+    out = merge_lora(tmp_path / "base", tmp_path / "lora", tmp_path / "merged", dtype="float32")
+    merged = _load(out)
+    assert type(merged).__name__ == f"{cls}ForCausalLM"
+    fresh = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    want = PeftModel.from_pretrained(fresh, tmp_path / "lora").merge_and_unload().state_dict()
+    got = merged.state_dict()
+    assert set(got) == set(want)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, peft_logits, rtol=1e-5, atol=1e-5)

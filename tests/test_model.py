@@ -1,5 +1,6 @@
-"""Bumblebee vs transformers' Qwen2ForCausalLM, packing isolation, attention backends,
-HF checkpoint round trips, losses, checkpointing and deferred init. fp32, tiny shapes."""
+"""Bumblebee vs transformers' own classes per family (Qwen2, Qwen3, Llama incl. llama3/yarn RoPE,
+Mistral), packing isolation, attention backends, HF checkpoint round trips, losses,
+checkpointing and deferred init. fp32, tiny shapes."""
 
 from __future__ import annotations
 
@@ -8,18 +9,54 @@ import os
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 from bumblefast.attention import ATTENTION, PackedPlan
+from bumblefast.config import UserError
 from bumblefast.kernels import reference as R
-from bumblefast.model import Bumblebee
+from bumblefast.model import FAMILIES, Bumblebee, rope_frequencies
 
 # Same math, different op order: fp32 noise only.
 ATOL, RTOL = 2e-5, 1e-4
 CUDA = torch.cuda.is_available()
 
 
-def tiny_config(**kw) -> Qwen2Config:
+HF_CLASSES = {
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
+}
+LLAMA3_ROPE = dict(
+    rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64
+)
+YARN_ROPE = dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=32)
+# Each family's distinguishing switches, small: head_dim 24 != hidden / heads (16) where the
+# family reads head_dim; at head_dim 16 the llama3 case has a wavelength in each band (kept,
+# blended, divided) and the yarn case one on its ramp (test_rope_frequencies_match_transformers
+# checks both rules at real sizes).
+FAMILY_KW = {
+    "qwen2": ("qwen2", {}),
+    "qwen3": ("qwen3", dict(head_dim=24)),
+    "qwen3_bias": ("qwen3", dict(head_dim=24, attention_bias=True, tie_word_embeddings=False)),
+    "llama3": ("llama", dict(rope_theta=5e5, rope_scaling=LLAMA3_ROPE, tie_word_embeddings=False)),
+    "llama_bias_yarn": ("llama", dict(attention_bias=True, mlp_bias=True, rope_theta=1e4, rope_scaling=YARN_ROPE)),
+    "mistral": ("mistral", dict(head_dim=24, sliding_window=None, tie_word_embeddings=False)),
+}
+FAMILY_CASES = list(FAMILY_KW)
+
+
+def tiny_config(model_type: str = "qwen2", **kw):
     base = dict(
         vocab_size=96,
         hidden_size=64,
@@ -34,16 +71,21 @@ def tiny_config(**kw) -> Qwen2Config:
         initializer_range=0.05,
     )
     base.update(kw)
-    cfg = Qwen2Config(**base)
+    cfg = HF_CLASSES[model_type][0](**base)
     cfg._attn_implementation = "sdpa"  # HF side: plain SDPA (no cache in our comparisons)
     return cfg
+
+
+def family_config(case: str, **kw):
+    model_type, extra = FAMILY_KW[case]
+    return tiny_config(model_type, **{**extra, **kw})
 
 
 def make_model(cfg=None, seed=0, **kw) -> Bumblebee:
     torch.manual_seed(seed)
     model = Bumblebee(cfg or tiny_config(), **kw)
     model.init_weights()
-    # non-trivial biases and norms so a wrong mapping cannot hide
+    # non-trivial biases and norms (q/k norms too) so a wrong mapping cannot hide
     with torch.no_grad():
         for n, p in model.named_parameters():
             if n.endswith("bias") or "norm" in n:
@@ -51,8 +93,9 @@ def make_model(cfg=None, seed=0, **kw) -> Bumblebee:
     return model
 
 
-def hf_from(model: Bumblebee) -> Qwen2ForCausalLM:
-    hf = Qwen2ForCausalLM(model.config).eval()
+def hf_from(model: Bumblebee):
+    """transformers' own class of the model's family (not our table's), same weights."""
+    hf = HF_CLASSES[model.config.model_type][1](model.config).eval()
     missing, unexpected = hf.load_state_dict(model.state_dict(), strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}
     if model.config.tie_word_embeddings:
@@ -69,23 +112,28 @@ def packed_batch(lens, vocab=96, seed=1):
 
 
 @pytest.mark.parametrize("tied", [True, False])
-def test_state_dict_keys_equal_hf(tied):
-    cfg = tiny_config(tie_word_embeddings=tied)
+@pytest.mark.parametrize("case", FAMILY_CASES)
+def test_state_dict_keys_equal_hf(case, tied):
+    cfg = family_config(case, tie_word_embeddings=tied)
     ours = Bumblebee(cfg)
-    assert set(ours.state_dict()) == set(Qwen2ForCausalLM(cfg).state_dict())
+    theirs = HF_CLASSES[cfg.model_type][1](cfg).state_dict()
+    assert set(ours.state_dict()) == set(theirs)
+    for k, v in ours.state_dict().items():
+        assert v.shape == theirs[k].shape, k
     assert (ours.lm_head.weight is ours.model.embed_tokens.weight) == tied
     for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
         assert isinstance(getattr(ours.model.layers[0].self_attn, name), torch.nn.Linear)
 
 
-@pytest.mark.parametrize("tied", [True, False])
-def test_logits_and_grads_match_hf(tied):
-    model = make_model(tiny_config(tie_word_embeddings=tied))
+@pytest.mark.parametrize("case", [*FAMILY_CASES, "qwen2_untied"])
+def test_logits_and_grads_match_hf(case):
+    cfg = tiny_config(tie_word_embeddings=False) if case == "qwen2_untied" else family_config(case)
+    model = make_model(cfg)
     hf = hf_from(model)
-    ids = torch.randint(0, 96, (2, 11), generator=torch.Generator().manual_seed(3))
+    ids = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(3))
     ours = model(ids)
     theirs = hf(input_ids=ids, use_cache=False).logits
-    assert ours.shape == theirs.shape == (2, 11, 96)
+    assert ours.shape == theirs.shape == (2, 40, 96)
     torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=RTOL)
     probe = torch.randn_like(ours)
     (ours * probe).sum().backward()
@@ -95,10 +143,12 @@ def test_logits_and_grads_match_hf(tied):
         torch.testing.assert_close(p.grad, hf_params[name].grad, atol=1e-4, rtol=1e-4, msg=name)
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "sdpa_mask"])
-def test_packed_equals_separate_documents(backend):
-    model = make_model(attn_backend=backend)
-    lens = [5, 1, 9, 3]
+@pytest.mark.parametrize(
+    "case,backend", [(c, "sdpa") for c in FAMILY_CASES] + [("qwen2", "sdpa_mask"), ("qwen3", "sdpa_mask")]
+)
+def test_packed_equals_separate_documents(case, backend):
+    model = make_model(family_config(case), attn_backend=backend)
+    lens = [5, 1, 37, 3]
     ids, pos, cu, ms = packed_batch(lens)
     packed = model(ids, pos, cu, ms)
     assert packed.shape == (sum(lens), 96)
@@ -111,19 +161,100 @@ def test_packed_equals_separate_documents(backend):
     torch.testing.assert_close(packed, hf_sep, atol=ATOL, rtol=RTOL)
 
 
-def test_packed_matches_hf_packed_position_ids():
+@pytest.mark.parametrize("case", FAMILY_CASES)
+def test_packed_matches_hf_packed_position_ids(case):
     """transformers isolates packed docs from position_ids when use_cache=False (4.57 SDPA
-    path); our packed logits agree. Skipped if this transformers version does not."""
-    model = make_model()
+    path); our packed logits agree. Fails if transformers does not: the benchmarks' packed
+    transformers baselines rely on it."""
+    model = make_model(family_config(case))
     hf = hf_from(model)
     ids, pos, cu, ms = packed_batch([4, 7, 2])
     theirs = hf(input_ids=ids[None], position_ids=pos[None], use_cache=False).logits[0]
     ours = model(ids, pos, cu, ms)
     starts = cu.tolist()
     sep = torch.cat([hf(input_ids=ids[a:b][None], use_cache=False).logits[0] for a, b in zip(starts, starts[1:])])
-    if not torch.allclose(theirs, sep, atol=1e-4):
-        pytest.skip("this transformers version does not isolate packed docs via position_ids")
+    assert torch.allclose(theirs, sep, atol=1e-4), "transformers does not isolate packed docs via position_ids"
     torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=RTOL)
+
+
+ROPE_CASES = {
+    "default": None,
+    "linear": dict(rope_type="linear", factor=4.0),
+    "llama3": dict(LLAMA3_ROPE, original_max_position_embeddings=8192),  # Llama 3.1's values
+    "yarn": dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=32768),  # Qwen3's
+    "yarn_mscale": dict(rope_type="yarn", factor=40.0, mscale=1.0, mscale_all_dim=0.7, beta_fast=16),
+    "yarn_old_key": dict(type="yarn", factor=2.0),  # `type`: how older config.json files name it
+}
+
+
+@pytest.mark.parametrize("case", ROPE_CASES)
+def test_rope_frequencies_match_transformers(case):
+    """Each supported rope_type's frequencies and cos/sin scale equal transformers' rotary
+    embedding at a real size (Llama 3.1 8B: head_dim 128, theta 5e5, 131072 positions)."""
+    cfg = tiny_config(
+        "llama",
+        hidden_size=256,
+        num_attention_heads=2,
+        head_dim=128,
+        rope_theta=5e5,
+        max_position_embeddings=131072,
+        rope_scaling=ROPE_CASES[case],
+    )
+    with torch.device("meta"):
+        model = Bumblebee(cfg)
+    rotary = LlamaForCausalLM(cfg).model.rotary_emb
+    inv_freq, scale = rope_frequencies(model.arch)
+    default, _ = rope_frequencies(Bumblebee(tiny_config("llama", rope_theta=5e5, head_dim=128)).arch)
+    assert inv_freq.dtype == torch.float32 and inv_freq.shape == (64,)
+    torch.testing.assert_close(inv_freq, rotary.inv_freq, atol=0, rtol=1e-6)
+    assert scale == pytest.approx(rotary.attention_scaling, rel=1e-12)
+    if case != "default":
+        assert not torch.allclose(inv_freq, default)  # the rule did change the frequencies
+    pos = torch.tensor([0, 1, 7, 100_000])
+    cos, sin = model.rope_cos_sin(pos, torch.float32)
+    want_cos, want_sin = rotary(torch.zeros(1, 4, 1), pos[None])
+    torch.testing.assert_close(cos, want_cos[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(sin, want_sin[0], atol=1e-6, rtol=0)
+
+
+def test_unsupported_configs_fail_naming_what_is_supported():
+    from transformers import GPT2Config
+
+    with pytest.raises(UserError, match="model_type 'gpt2' is not supported; supported: qwen2, qwen3, llama, mistral"):
+        Bumblebee(GPT2Config())
+    assert list(FAMILIES) == ["qwen2", "qwen3", "llama", "mistral"]
+    for rope_type in ("dynamic", "longrope"):
+        scaling = dict(rope_type=rope_type, factor=2.0)
+        if rope_type == "longrope":
+            scaling.update(short_factor=[1.0] * 8, long_factor=[2.0] * 8, original_max_position_embeddings=128)
+        with pytest.raises(UserError, match=f"rope_type '{rope_type}'.*supported: default, linear, llama3, yarn"):
+            Bumblebee(tiny_config("llama", rope_scaling=scaling))
+    with pytest.raises(UserError, match="hidden_act 'gelu'"):
+        Bumblebee(tiny_config("llama", hidden_act="gelu"))
+
+
+def test_sliding_window_shorter_than_a_document_fails_clearly():
+    """Sliding-window attention is not implemented: documents up to the window attend as
+    transformers' Mistral (whose window is then moot), a longer document fails naming it."""
+    model = make_model(family_config("mistral", sliding_window=8))
+    assert model.arch.sliding_window == 8
+    hf = hf_from(model)
+    ids, pos, cu, ms = packed_batch([8, 5, 3])
+    starts = cu.tolist()
+    sep = torch.cat([hf(input_ids=ids[a:b][None], use_cache=False).logits[0] for a, b in zip(starts, starts[1:])])
+    torch.testing.assert_close(model(ids, pos, cu, ms), sep, atol=ATOL, rtol=RTOL)
+    ids, pos, cu, ms = packed_batch([9, 3])
+    with pytest.raises(NotImplementedError, match="sliding_window 8 is shorter than a document here \\(9 tokens\\)"):
+        model(ids, pos, cu, ms)
+    # Qwen2/3 slide only the layers layer_types names: none when max_window_layers covers all
+    assert (
+        Bumblebee(tiny_config(use_sliding_window=True, sliding_window=8, max_window_layers=2)).arch.sliding_window
+        is None
+    )
+    assert (
+        Bumblebee(tiny_config(use_sliding_window=True, sliding_window=8, max_window_layers=1)).arch.sliding_window == 8
+    )
+    assert Bumblebee(family_config("mistral")).arch.sliding_window is None
 
 
 def test_bucketed_sdpa_matches_block_mask_fwd_bwd():
@@ -305,21 +436,32 @@ def test_submodules_hold_no_reference_to_the_model():
             assert not any(isinstance(v, list) and any(x is model for x in v) for v in vars(m).values()), name
 
 
-def test_hf_round_trip(tmp_path):
-    model = make_model()
+@pytest.mark.parametrize("case", FAMILY_CASES)
+def test_hf_round_trip(case, tmp_path):
+    """Our save is a plain HF folder of the same model_type and config fields that
+    AutoModelForCausalLM loads as the family's own class, and transformers' save loads back."""
+    cfg = family_config(case)
+    model = make_model(cfg)
     ids = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(5))
     ours_dir, hf_dir = tmp_path / "ours", tmp_path / "hf"
     model.save_pretrained(ours_dir)
     assert (ours_dir / "model.safetensors").exists() and (ours_dir / "config.json").exists()
-    assert json.loads((ours_dir / "config.json").read_text())["model_type"] == "qwen2"
+    saved = json.loads((ours_dir / "config.json").read_text())
+    assert saved["model_type"] == cfg.model_type
+    assert saved["architectures"] == [HF_CLASSES[cfg.model_type][1].__name__]
+    for key in ("head_dim", "attention_bias", "mlp_bias", "tie_word_embeddings", "rope_scaling", "rope_parameters"):
+        if key in cfg.to_dict():
+            assert saved.get(key) == cfg.to_dict()[key], key
     hf = AutoModelForCausalLM.from_pretrained(ours_dir, dtype=torch.float32).eval()
+    assert type(hf) is HF_CLASSES[cfg.model_type][1]
     want = model(ids)
     assert torch.equal(hf(input_ids=ids, use_cache=False).logits, want) or torch.allclose(
         hf(input_ids=ids, use_cache=False).logits, want, atol=ATOL, rtol=RTOL
     )
     hf.save_pretrained(hf_dir)
     back = Bumblebee.from_pretrained(hf_dir)
-    assert back.lm_head.weight is back.model.embed_tokens.weight
+    assert (back.lm_head.weight is back.model.embed_tokens.weight) == cfg.tie_word_embeddings
+    assert back.arch == model.arch
     for k, v in model.state_dict().items():
         assert torch.equal(back.state_dict()[k], v), k
     torch.testing.assert_close(back(ids), want, atol=0, rtol=0)
@@ -394,10 +536,12 @@ def test_peft_lora_targets_apply():
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_parity_with_hf_and_backends(dtype):
-    """On CUDA: auto backends (varlen/flash + Liger) vs HF and vs the masked-SDPA reference."""
+@pytest.mark.parametrize("case", ["qwen2", "qwen3", "llama3", "mistral"])
+def test_cuda_parity_with_hf_and_backends(case, dtype):
+    """On CUDA: auto backends (varlen/flash + Liger, Qwen3's q/k norm through them too) vs HF
+    and vs the masked-SDPA reference."""
     tol = dict(atol=2e-4, rtol=1e-3) if dtype == torch.float32 else dict(atol=6e-2, rtol=5e-2)
-    model = make_model().cuda()
+    model = make_model(family_config(case)).cuda()
     hf = hf_from(model).cuda().to(dtype)
     model = model.to(dtype)
     ids = torch.randint(0, 96, (2, 16), device="cuda")

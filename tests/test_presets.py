@@ -1,4 +1,4 @@
-"""Model presets and FLOP formulas against transformers' Qwen2 and torch's FLOP counter."""
+"""Model presets, parameter counts per family and FLOP formulas against transformers and torch's FLOP counter."""
 
 from __future__ import annotations
 
@@ -72,6 +72,12 @@ def test_attention_flops_follow_document_lengths():
 
 def test_peak_tflops_lookup():
     assert flops.peak_tflops("NVIDIA H200") == 989.0
+    # by the full name: the NVL parts are not their SXM namesakes (a substring match gave 989)
+    assert flops.peak_tflops("NVIDIA H200 NVL") == 835.0
+    assert flops.peak_tflops("NVIDIA H100 NVL") == 835.0
+    assert flops.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert flops.peak_tflops(" nvidia  h200 ") == 989.0  # case and spacing only
+    assert flops.peak_tflops("NVIDIA H200 Something New") is None  # unknown: no MFU, not a guess
     assert flops.peak_tflops("NVIDIA H100 PCIe") == 756.0
     assert flops.peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
     assert flops.peak_tflops("cpu") is None
@@ -86,3 +92,61 @@ def test_model_info_cli():
         check=True,
     ).stdout
     assert "1,543,714,304 (1.54B)" in out and "FLOPs/token" in out
+    assert "qwen2 -> Qwen2ForCausalLM; head_dim 128, q/k/v bias yes, o_proj bias no" in out
+
+
+FAMILY_CONFIGS = {
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=48)),
+    "qwen3_bias": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=48, attention_bias=True)),
+    "llama_bias": ("LlamaConfig", "LlamaForCausalLM", dict(attention_bias=True, mlp_bias=True)),
+    "llama3_tied": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        dict(
+            tie_word_embeddings=True,
+            rope_scaling=dict(
+                rope_type="llama3",
+                factor=32.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=8192,
+            ),
+        ),
+    ),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(head_dim=48, sliding_window=None)),
+}
+
+
+@pytest.mark.parametrize("case", FAMILY_CONFIGS)
+def test_param_count_matches_transformers_per_family(case, tmp_path):
+    """flops.param_count of a config.json (biases and q/k norms per family) equals transformers'
+    own class; `model info` names the detected family and its switches."""
+    import transformers
+
+    from bumblefast.modelinfo import model_info
+
+    cfg_cls, model_cls, extra = FAMILY_CONFIGS[case]
+    kw = dict(hidden_size=192, intermediate_size=320, num_hidden_layers=3, num_attention_heads=6)
+    cfg = getattr(transformers, cfg_cls)(vocab_size=1000, num_key_value_heads=2, **kw, **extra)
+    cfg.save_pretrained(tmp_path)
+    with torch.device("meta"):
+        model = getattr(transformers, model_cls)(cfg)
+    assert flops.param_count(load(tmp_path)) == sum(p.numel() for p in model.parameters())
+    info = model_info(tmp_path)
+    assert f"{cfg.model_type} -> {model_cls}; head_dim {extra.get('head_dim', 32)}" in info
+    assert f"q/k norm {'yes' if cfg.model_type == 'qwen3' else 'no'}" in info
+    if case == "llama3_tied":
+        assert "rope llama3 (factor 32.0, low_freq_factor 1.0, high_freq_factor 4.0, " in info
+        assert "tied embeddings yes" in info
+
+
+def test_model_info_unsupported_model_type(tmp_path):
+    from bumblefast.config import UserError
+    from bumblefast.modelinfo import model_info
+
+    cfg = load(ROOT / "configs/models/bumblebee-tiny")
+    (tmp_path / "config.json").write_text(json.dumps(dict(cfg, model_type="gemma2")))
+    with pytest.raises(
+        UserError, match="model_type 'gemma2' is not supported; supported: qwen2, qwen3, llama, mistral"
+    ):
+        model_info(tmp_path)

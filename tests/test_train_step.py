@@ -7,7 +7,6 @@ import collections
 import gc
 import json
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -44,31 +43,6 @@ def shards(tmp_path_factory, demo_tokenizer_dir):
         progress=False,
     )
     return root / "shards"
-
-
-@pytest.fixture
-def one_rank():
-    """A world of one in this process; the environment is restored afterwards, so the
-    subprocess tests that follow do not inherit a rank or a port."""
-    saved = dict(os.environ)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(
-        RANK="0",
-        LOCAL_RANK="0",
-        WORLD_SIZE="1",
-        LOCAL_WORLD_SIZE="1",
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 def config(out: Path, shards: Path, tok: Path, **kw):

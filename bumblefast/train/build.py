@@ -45,6 +45,7 @@ def load_model_config(cfg: TrainConfig, tokenizer):
     from bumblefast.vocab import fresh_vocab_size, padded_vocab_size
 
     config = AutoConfig.from_pretrained(model_path(cfg))
+    check_family(cfg, config)
     n_tok = len(tokenizer)
     if cfg.stage == "pretrain":  # a fresh model takes its vocabulary and special ids from the tokenizer
         config.vocab_size = fresh_vocab_size(n_tok, cfg.vocab_size)
@@ -66,6 +67,31 @@ def load_model_config(cfg: TrainConfig, tokenizer):
             )
         config.vocab_size = padded_vocab_size(n_tok)
     return config
+
+
+def check_family(cfg: TrainConfig, config) -> None:
+    """Refuse, before any weight is loaded, what the model cannot train as asked: an unsupported
+    family or RoPE type (model.py arch_of names the supported ones), rows longer than a sliding
+    window (not implemented), LoRA on modules that are not the family's linear layers."""
+    from bumblefast.model import LINEAR_MODULES, arch_of
+
+    try:
+        arch = arch_of(config)
+    except UserError as e:
+        raise UserError(f"model_name_or_path: {model_path(cfg)}: {e}") from None
+    if arch.sliding_window is not None and cfg.cutoff_len > arch.sliding_window:
+        raise UserError(
+            f"cutoff_len: {cfg.cutoff_len} is longer than {model_path(cfg)}'s sliding_window "
+            f"{arch.sliding_window}; sliding-window attention is not implemented, so rows must fit the window "
+            f"(cutoff_len <= {arch.sliding_window}; prep with the same --seq_len)"
+        )
+    if cfg.finetuning_type == "lora":
+        bad = [m for m in cfg.lora_target_modules if m not in LINEAR_MODULES]
+        if bad:
+            raise UserError(
+                f"lora_target_modules: {bad} are not linear layers of {arch.model_type} "
+                f"({arch.architecture}); LoRA targets: {', '.join(LINEAR_MODULES)}"
+            )
 
 
 def init_parameters(model: torch.nn.Module, std: float, seed: int, zero3: bool) -> None:
@@ -187,9 +213,9 @@ def load_partitioned(path: Path, config, ds_config: dict, **kw):
 
 
 def build_model(cfg: TrainConfig, config, ds_config: dict, want_copy: bool = False):
-    """Our Bumblebee, fp32 master weights (DeepSpeed casts for bf16); with want_copy also a
-    frozen copy of the starting weights (the DPO reference of full fine-tuning). Under ZeRO-3
-    every model is partitioned as it is built, never whole on a rank."""
+    """Our Bumblebee (any family in model.py FAMILIES), fp32 master weights (DeepSpeed casts for
+    bf16); with want_copy also a frozen copy of the starting weights (the DPO reference of full
+    fine-tuning). Under ZeRO-3 every model is partitioned as it is built, never whole on a rank."""
     from bumblefast.model import Bumblebee
 
     zero3 = ds_config["zero_optimization"].get("stage", 0) == 3

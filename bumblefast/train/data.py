@@ -10,7 +10,7 @@ from pathlib import Path
 
 from bumblefast.config import PrepConfig, TrainConfig, UserError
 from bumblefast.shards.manifest import MANIFEST_NAME
-from bumblefast.shards.schema import is_remote
+from bumblefast.shards.schema import is_remote, row_len
 from bumblefast.train.prep_once import local_rank, nodes, prep_once, wait_for_ranks
 
 # `continue_pretrain` reads pretraining shards.
@@ -34,7 +34,10 @@ def prep_cache_dir(cfg: TrainConfig, tokenizer_path: str) -> tuple[Path, list[st
     for f in files:
         st = Path(f).stat()
         h.update(f"{Path(f).resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    h.update(f"{tokenizer_fingerprint(tokenizer_path)}|{cfg.cutoff_len}|{SHARD_STAGE[cfg.stage]}".encode())
+    key = f"{tokenizer_fingerprint(tokenizer_path)}|{cfg.cutoff_len}|{SHARD_STAGE[cfg.stage]}"
+    if SHARD_STAGE[cfg.stage] == "dpo":  # not an old cache of rows of cutoff_len (before the per-sequence cut)
+        key += f"|rows {row_len('dpo', cfg.cutoff_len)}"
+    h.update(key.encode())
     return cache_root() / "prep" / h.hexdigest()[:16], files
 
 
@@ -93,10 +96,12 @@ def open_loader(cfg: TrainConfig, tokenizer_path: str):
     stage = SHARD_STAGE[cfg.stage]
     if manifest.stage != stage:
         raise UserError(f"dataset_path: {path} holds {manifest.stage} shards; --stage {cfg.stage} needs {stage} shards")
-    if manifest.seq_len > cfg.cutoff_len:
+    rows = row_len(stage, cfg.cutoff_len)
+    if manifest.seq_len > rows:
+        per = " (dpo: cutoff_len is per sequence, a row holds a pair, 2 x cutoff_len)" if stage == "dpo" else ""
         raise UserError(
-            f"cutoff_len: {cfg.cutoff_len} is shorter than the shards' rows ({manifest.seq_len}); "
-            "re-run prep with --seq_len or raise cutoff_len"
+            f"cutoff_len: {cfg.cutoff_len} allows rows of {rows} tokens{per}, shorter than the shards' rows "
+            f"({manifest.seq_len}); re-run prep with --seq_len or raise cutoff_len"
         )
     loader = build_loader(
         path,

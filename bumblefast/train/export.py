@@ -50,14 +50,34 @@ def export_model(engine, objective, tokenizer, cfg: TrainConfig, zero_stage: int
     D.barrier()
 
 
+def stop_tokens(tokenizer) -> list[str]:
+    """The tokens generation stops on: the chat template's end of turn (ChatML's <|im_end|>,
+    Llama 3's <|eot_id|>: what the template writes after an assistant reply) and eos."""
+    from jinja2 import TemplateError
+
+    vocab = tokenizer.get_vocab()
+    found = []
+    if tokenizer.chat_template:
+        mark = "\u2063REPLY\u2063"  # a reply no template would alter
+        try:
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": "hi"}, {"role": "assistant", "content": mark}], tokenize=False
+            )
+        except (TemplateError, ValueError, TypeError):  # a template wanting other fields: ChatML's name
+            text = ""
+        if mark in text:
+            found.append(text.split(mark, 1)[1].strip())
+    found += ["<|im_end|>", tokenizer.eos_token]
+    return list(dict.fromkeys(t for t in found if t and t in vocab))
+
+
 def _fix_generation_ids(out: Path, tokenizer) -> None:
-    """Stop on <|im_end|> and <|endoftext|> as this tokenizer numbers them."""
+    """Stop on the end-of-turn token and eos as this tokenizer numbers them (stop_tokens)."""
     import json
 
     path = out / "generation_config.json"
     gen = json.loads(path.read_text()) if path.is_file() else {}
-    stops = [t for t in ("<|im_end|>", tokenizer.eos_token) if t and t in tokenizer.get_vocab()]
-    ids = [tokenizer.convert_tokens_to_ids(t) for t in stops]
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in stop_tokens(tokenizer)]
     if ids:
         gen["eos_token_id"] = ids
         gen["pad_token_id"] = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else ids[-1]

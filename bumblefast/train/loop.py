@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from bumblefast import flops
-from bumblefast.config import TrainConfig, UserError, to_dict
+from bumblefast.config import TrainConfig, UserError, to_dict, trackers
 from bumblefast.modelinfo import read_model_config
 from bumblefast.tokenizer import load_tokenizer
 from bumblefast.train import checkpoint as ckpt
@@ -212,8 +212,10 @@ def setup(cfg: TrainConfig) -> Run:
         model_config,
         D.world_size(),
         device_peak_tflops(device, cfg.peak_tflops),
-        cfg.use_tensorboard,
+        trackers(cfg),
         D.is_main(),
+        config=to_dict(cfg),
+        run_name=cfg.run_name,
     )
     log(
         f"training {cfg.stage}: {total_steps} optimizer steps ({steps_per_epoch}/epoch), micro batch "
