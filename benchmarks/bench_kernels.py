@@ -254,6 +254,11 @@ def to_markdown(meta: dict, records: list[dict], summary: list[dict]) -> str:
         f"dtype {meta['dtype']}, shapes {meta['shapes']}, torch {meta['torch']}, "
         f"{records[0].get('threads', '?') if records else '?'} intra-op threads per CPU case",
         "",
+        *(
+            [f"**Partial: {meta['cases_done']} of {meta['cases_planned']} cases** (the run stopped early).", ""]
+            if meta.get("cases_done", 0) < meta.get("cases_planned", 0)
+            else []
+        ),
         "Peak MB is the peak above the inputs (CUDA: max_memory_allocated; CPU: peak RSS in a "
         "fresh process per case). On CPU the materialising references of the fused-linear ops "
         "run forward only, a lower bound of their fwd+bwd peak, so the ratios below understate "
@@ -283,13 +288,19 @@ def to_markdown(meta: dict, records: list[dict], summary: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def measure(device: str, tokens_list, dtype: str, quick: bool, ops=OPS, timeout: int = 600) -> list[dict]:
+def measure(
+    device: str, tokens_list, dtype: str, quick: bool, ops=OPS, timeout: int = 600, on_record=None
+) -> list[dict]:
+    """Every planned case in turn; ``on_record(records, n_planned)`` after each one (main writes
+    the JSON there, so a run stopped by a timeout keeps the cases it finished)."""
     cases = [c for c in plan_cases(device, tokens_list, dtype, quick) if c["op"] in set(ops)]
     records = []
     for c in cases:
         t0 = time.time()
         r = run_case(c) if device == "cuda" else _run_subprocess(c, timeout)
         records.append(r)
+        if on_record is not None:
+            on_record(records, len(cases))
         print(
             f"{r['op']:28s} {r['impl']:10s} {r['pass']:8s} T={r['tokens']:<6d} "
             f"{r.get('time_ms', float('nan')):10.1f} ms {r.get('peak_mb', float('nan')):10.1f} MB "
@@ -401,8 +412,6 @@ def main(argv=None):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     default_tokens = "256" if args.quick else ("8192,32768" if device == "cuda" else "8192")
     tokens_list = [int(t) for t in (args.tokens or default_tokens).split(",")]
-    records = measure(device, tokens_list, args.dtype, args.quick, args.ops.split(","), args.timeout)
-    summary = summarize(records)
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     meta = dict(
         date=dt.datetime.now().strftime("%Y-%m-%d"),
@@ -412,13 +421,23 @@ def main(argv=None):
         shapes=QUICK_SHAPES if args.quick else SHAPES,
         torch=torch.__version__,
         quick=args.quick,
-        threads=records[0]["threads"] if records else torch.get_num_threads(),  # per CPU case
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"bench_kernels_{'quick_' if args.quick else ''}{device}_{meta['date']}"
-    (out / f"{stem}.json").write_text(json.dumps(dict(meta=meta, results=records, memory_ratios=summary), indent=2))
-    (out / f"{stem}.md").write_text(to_markdown(meta, records, summary))
+
+    def write(records: list[dict], planned: int) -> None:
+        """The JSON and table of the cases done so far (rewritten after every case)."""
+        meta.update(cases_done=len(records), cases_planned=planned)
+        meta["threads"] = records[0]["threads"] if records else torch.get_num_threads()  # per CPU case
+        summary = summarize(records)
+        (out / f"{stem}.json").write_text(json.dumps(dict(meta=meta, results=records, memory_ratios=summary), indent=2))
+        (out / f"{stem}.md").write_text(to_markdown(meta, records, summary))
+
+    records = measure(device, tokens_list, args.dtype, args.quick, args.ops.split(","), args.timeout, on_record=write)
+    if not records:
+        write(records, 0)
+    summary = summarize(records)
     for s in summary:
         print(
             f"memory {s['op']} T={s['tokens']}: reference {s['reference_peak_mb']} MB / "

@@ -18,15 +18,18 @@ min-max of each side; "within noise" when the ranges overlap), wall and CPU-seco
 - pretrain documents (../shared/data/pretrain_zh_demo.json repeated), sft (alpaca + ShareGPT
   multi-turn + tool calls) and dpo (dpo_zh_demo) records, as jsonl;
 - naive baselines on the same jsonl: `datasets.load_dataset("json")` + `map` one record at a
-  time into rows padded to seq_len (BumbleCore's way) and `map(batched=True)` (datasets' own
-  advice for speed); their timed region holds only their own loading and mapping;
+  time into rows padded to seq_len (BumbleCore's way), `map(batched=True)` padded the same way,
+  and HF's own pretraining recipe (run_clm.py: batched tokenize unpadded, then `group_texts`
+  into seq_len blocks); their timed region holds only their own loading and mapping;
 - nodes: 2 nodes run as 2 concurrent processes (forked together), each reading only its share
   of the input (prep/split.py), then `prep merge`; wall time and per-node rate are measured; the N-node
   table for 1B tokens is a *projection* from those measured numbers;
 - a per-stage profile (CPU-seconds of read, parse, validate, render, tokenize, pack, write)
   of each stage and backend, in one process;
 - packing efficiency of prep's SFT and DPO rows at seq_len 2048 against pad-to-longest
-  micro-batches of 4; streaming read tokens/s over the pretrain shards.
+  micro-batches of 4 of the same sequences (DPO: [prompt+chosen][prompt+rejected] on both
+  sides, the layout a padded trainer collates; prep's shared-prompt rows as tokens computed
+  per pair, their own row); streaming read tokens/s over the pretrain shards.
 
 Data: ../shared/data (the real samples) when present, else a printed reason and the demo data
 only. The tokenizer is a byte-level BPE trained here on the same data (8192 ids; size min:
@@ -238,7 +241,7 @@ def bench_prep(
         stage=stage,
         input=[str(corpus)],
         tokenizer_name_or_path=tok_dir,
-        seq_len=seq_len,
+        seq_len=seq_len if backend is None else prep_seq_len(stage, seq_len),  # rows of seq_len either way
         output_dir=str(out),
         num_workers=workers,
         node_rank=node[0],
@@ -256,37 +259,25 @@ def bench_prep(
     return result
 
 
-def summary(rounds: list[dict], key: str = "seconds") -> dict:
-    """Median and min-max of `key` over the rounds (every round kept)."""
-    vals = [r[key] for r in rounds]
-    return {"median": statistics.median(vals), "min": min(vals), "max": max(vals), "rounds": vals}
-
-
 def rate(label: str, work: float, rounds: list[dict], cpu: bool = False) -> dict:
-    """A measurement at the median round, with the min-max range of the rounds."""
+    """A rate over the rounds (median round, the slowest and fastest rounds' rates)."""
     from bumblefast import benchlib as BL
 
-    s = summary(rounds, "cpu_seconds" if cpu else "seconds")
-    return BL.measured(
-        label,
-        work,
-        s["median"],
-        "tokens/cpu-s" if cpu else "tokens/s",
-        seconds_min=s["min"],
-        seconds_max=s["max"],
-        rounds=len(rounds),
-    )
+    key = "cpu_seconds" if cpu else "seconds"
+    return BL.rounds(label, work, [r[key] for r in rounds], "tokens/cpu-s" if cpu else "tokens/s")
 
 
 def compare(name: str, ours: dict, base: dict) -> dict:
-    """A ratio, marked within noise when the two sides' min-max ranges overlap."""
+    """A ratio with benchlib's verdict: within noise when the rounds' ranges overlap."""
     from bumblefast import benchlib as BL
 
-    r = BL.ratio(name, ours, base)
-    lo = lambda m: m["work"] / m.get("seconds_max", m["seconds"])  # noqa: E731
-    hi = lambda m: m["work"] / m.get("seconds_min", m["seconds"])  # noqa: E731
-    r["within_noise"] = not (lo(ours) > hi(base) or lo(base) > hi(ours))
-    return r
+    return BL.ratio(name, ours, base)
+
+
+def prep_seq_len(stage: str, row: int) -> int:
+    """prep's --seq_len for rows of `row` tokens: dpo's is the cutoff per sequence, its rows
+    hold a pair of them (2x, since 2026-12-02)."""
+    return row // 2 if stage == "dpo" else row
 
 
 def padded_capacity(lengths: list[list[int]], batch: int = 4) -> tuple[int, int]:
@@ -301,7 +292,9 @@ def padded_capacity(lengths: list[list[int]], batch: int = 4) -> tuple[int, int]
     return real, cap
 
 
-def bench_packing(tok_dir: str, stage: str, files: list[Path], out: Path, seq_len: int) -> dict:
+def _sample_lengths(tok_dir: str, stage: str, files: list[Path], out: Path, seq_len: int, **kw) -> tuple:
+    """prep's manifest and, per sample in its rows, the sequences it holds (sft: [n]; dpo:
+    [chosen, rejected] segments of the layout written)."""
     import numpy as np
     from streaming import StreamingDataset
 
@@ -313,8 +306,9 @@ def bench_packing(tok_dir: str, stage: str, files: list[Path], out: Path, seq_le
             stage=stage,
             input=[str(f) for f in files],
             tokenizer_name_or_path=tok_dir,
-            seq_len=seq_len,
+            seq_len=prep_seq_len(stage, seq_len),  # rows of seq_len
             output_dir=str(out),
+            **kw,
         ),
         progress=False,
     )
@@ -323,24 +317,50 @@ def bench_packing(tok_dir: str, stage: str, files: list[Path], out: Path, seq_le
     for i in range(ds.num_samples):
         lens = np.asarray(ds[i]["seq_lens"]).tolist()
         seqs += [lens[k : k + 2] for k in range(0, len(lens), 2)] if stage == "dpo" else [[n] for n in lens]
+    return m, seqs
+
+
+def bench_packing(tok_dir: str, stage: str, files: list[Path], out: Path, seq_len: int) -> dict:
+    """prep's packed rows vs micro-batches of 4 padded to the longest, on the same sequences.
+    DPO: both sides in the layout a padded trainer uses, [prompt+chosen] and [prompt+rejected]
+    (TRL's collator pads both to the batch's longest); prep's default shared-prompt rows hold
+    fewer tokens per pair, reported beside it as tokens computed per pair."""
+    import numpy as np
+
+    kw = {"share_prompt": False} if stage == "dpo" else {}
+    m, seqs = _sample_lengths(tok_dir, stage, files, out, seq_len, **kw)
     # pad-to-longest in the original record order is what a per-record loader sees; the packed
     # rows' samples are reordered, so shuffle deterministically for a like-for-like random order
     rng = np.random.default_rng(0)
     order = rng.permutation(len(seqs))
     real, cap = padded_capacity([seqs[i] for i in order])
     assert real == m["tokens"]["real"], "packing: the rows hold other tokens than the samples"
-    return {
+    res = {
         "stage": stage,
         "files": [f.name for f in files],
         "seq_len": seq_len,
+        "layout": "pairs [prompt+chosen][prompt+rejected]" if stage == "dpo" else "samples",
         "records_written": m["records"]["written"],
         "skipped_overlong": m["records"]["skipped_by_reason"].get("overlong", 0),
+        "truncated": m["records"].get("truncated", 0),
         "packed_efficiency": m["packing_efficiency"],
         "pad_to_longest_b4_efficiency": real / cap,
         "real_tokens": real,
         "packed_capacity": m["tokens"]["row_capacity"],
         "padded_capacity": cap,
     }
+    if stage == "dpo":  # prep's default layout on the same pairs: [prompt+chosen][prompt[-1]+rejected]
+        ms, _ = _sample_lengths(tok_dir, stage, files, out.with_name(out.name + "_shared"), seq_len, share_prompt=True)
+        if ms["records"]["written"] != res["records_written"]:
+            raise RuntimeError(
+                f"packing dpo: the shared layout kept {ms['records']['written']} pairs, not {res['records_written']}"
+            )
+        res["shared_prompt"] = {
+            "real_tokens": ms["tokens"]["real"],
+            "packed_capacity": ms["tokens"]["row_capacity"],
+            "packed_efficiency": ms["packing_efficiency"],
+        }
+    return res
 
 
 def bench_read(shards: Path) -> dict:
@@ -356,10 +376,21 @@ def bench_read(shards: Path) -> dict:
     return {"tokens": n, "seconds": el, "tokens_per_s": n / el}
 
 
-def bench_naive(tok_dir: str, corpus: Path, seq_len: int, batched: bool, tmp: Path) -> dict:
-    """datasets: load the jsonl and tokenize into rows padded to seq_len, one record at a time
-    (BumbleCore) or batched (datasets' advice for speed). Timed: load_dataset + map only."""
+NAIVE = {  # mode -> label: datasets baselines on the same jsonl
+    "per_record": "datasets.map per record, padded to seq_len (BumbleCore)",
+    "batched": "datasets.map batched=True, padded to seq_len",
+    "group_texts": "datasets.map batched, unpadded + group_texts (run_clm)",
+}
+
+
+def bench_naive(tok_dir: str, corpus: Path, seq_len: int, mode: str, tmp: Path) -> dict:
+    """datasets: load the jsonl and tokenize it (mode, see NAIVE): into rows padded to seq_len,
+    one record at a time (BumbleCore) or batched (datasets' advice for speed); or as
+    transformers' run_clm.py does it: tokenize unpadded, batched, then `group_texts`
+    (concatenate each batch of 1000 and cut blocks of seq_len, dropping the remainder).
+    Every document gets its EOS, as in prep. Timed: load_dataset + map(s) only."""
     import tempfile
+    from itertools import chain
 
     from transformers import AutoTokenizer
 
@@ -377,10 +408,26 @@ def bench_naive(tok_dir: str, corpus: Path, seq_len: int, batched: bool, tmp: Pa
         enc = tok([t + eos for t in batch["text"]], truncation=True, max_length=seq_len, padding="max_length")
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
+    def unpadded(batch):
+        return tok([t + eos for t in batch["text"]])
+
+    def group_texts(examples):  # run_clm.py's, with block_size = seq_len
+        concatenated = {k: list(chain(*examples[k])) for k in examples.keys()}
+        total_length = len(concatenated[list(examples.keys())[0]])
+        total_length = (total_length // seq_len) * seq_len
+        result = {k: [t[i : i + seq_len] for i in range(0, total_length, seq_len)] for k, t in concatenated.items()}
+        result["labels"] = result["input_ids"].copy()
+        return result
+
     cache = tempfile.mkdtemp(dir=tmp, prefix="hf-cache-")  # a fresh cache: nothing reused between rounds
     t, c = time.perf_counter(), _cpu()
     ds = datasets.load_dataset("json", data_files=str(corpus), split="train", cache_dir=cache, keep_in_memory=True)
-    out = ds.map(many if batched else one, batched=batched, remove_columns=ds.column_names, keep_in_memory=True)
+    if mode == "group_texts":
+        ids = ds.map(unpadded, batched=True, remove_columns=ds.column_names, keep_in_memory=True)
+        out = ids.map(group_texts, batched=True, keep_in_memory=True)
+    else:
+        batched = mode == "batched"
+        out = ds.map(many if batched else one, batched=batched, remove_columns=ds.column_names, keep_in_memory=True)
     el, cpu = time.perf_counter() - t, _cpu() - c
     real = int(sum(map(sum, out["attention_mask"])))  # outside the timed region
     return {"seconds": el, "cpu_seconds": cpu, "real_tokens": real, "rows": len(out)}
@@ -407,7 +454,12 @@ def stage_profile(tok_dir: str, corpus: Path, stage: str, backend: str, seq_len:
     share = [(str(corpus), 0, None)]
     c = clock()
     settings = EncodeSettings(
-        stage, tok_dir, seq_len, "text", "truncate" if stage == "pretrain" else "drop", tokenizer_backend=backend
+        stage,
+        tok_dir,
+        prep_seq_len(stage, seq_len),  # rows of seq_len (the packer's)
+        "text",
+        "truncate" if stage == "pretrain" else "drop",
+        tokenizer_backend=backend,
     )
     enc = Encoder(settings, list(islice(iter_share(share), 64)))
     T["start-up"] = clock() - c
@@ -518,6 +570,8 @@ def bench_nodes(tok_dir: str, corpus: Path, root: Path, seq_len: int, server: Pr
             node_rank=r,
             num_nodes=nodes,
             tokenizer_backend="fastokens",
+            # tasks, not nodes, cut the input: two per node, so every node has work at any size
+            task_size=str(max(corpus.stat().st_size // (2 * nodes), 1)),
         )
         cfgs.append(cfg)
     parts = server.run(cfgs)
@@ -619,15 +673,16 @@ def _bench(size, z, tmp, tok_files, load, old_src, servers, notes) -> dict:
                         servers["old" if backend is None else "new"],
                     )
                 )
-        for batched in (False, True):
-            runs.setdefault(f"naive_{'batched' if batched else 'per_record'}", []).append(
-                bench_naive(tok_dir, corpora["pretrain"], seq_len, batched, tmp)
-            )
+        for mode in NAIVE:
+            runs.setdefault(f"naive_{mode}", []).append(bench_naive(tok_dir, corpora["pretrain"], seq_len, mode, tmp))
         runs.setdefault("nodes", []).append(
             bench_nodes(tok_dir, corpora["pretrain"], tmp / "nodes", seq_len, servers["new"])
         )
-    for st in corpora:  # same ids -> same shards, whatever the backend or pipeline
-        fps = {r["fingerprint"] for k, v in runs.items() if k.startswith(st + "_") for r in v}
+    for st in corpora:  # same ids -> same shards, whatever the backend or worker count
+        # (not the old pipeline: it wrote one shard sequence where today's prep writes one per task,
+        # under tasks/tNNNNNN/, and its dpo cut differs: a pair over seq_len in all, today a sequence
+        # over the per-sequence cutoff)
+        fps = {r["fingerprint"] for k, v in runs.items() if k.startswith(st + "_") and k != f"{st}_old" for r in v}
         if len(fps) != 1:
             raise RuntimeError(f"{st}: prep variants wrote different shards: {fps}")
     profiles = [stage_profile(tok_dir, corpora[st], st, b, seq_len, tmp) for st in corpora for b in ("hf", "fastokens")]
@@ -642,8 +697,7 @@ def _bench(size, z, tmp, tok_files, load, old_src, servers, notes) -> dict:
     m = {
         "raw_hf": rate("HF tokenizers encode_batch_fast, 1 core", ntok, runs["raw_hf"]),
         "raw_fastokens": rate("fastokens encode_batch_flat, 1 core", ntok, runs["raw_fastokens"]),
-        "naive_per_record": rate("datasets.map per record, padded (BumbleCore)", ntok, runs["naive_per_record"]),
-        "naive_batched": rate("datasets.map batched=True, padded", ntok, runs["naive_batched"]),
+        **{f"naive_{k}": rate(v, ntok, runs[f"naive_{k}"]) for k, v in NAIVE.items()},
     }
     mc = {"raw_hf": rate("HF tokenizers encode_batch_fast, 1 core", ntok, runs["raw_hf"], cpu=True)}
     for st in corpora:
@@ -670,10 +724,25 @@ def _bench(size, z, tmp, tok_files, load, old_src, servers, notes) -> dict:
         compare("pretrain: prep fastokens vs HF raw encode (1 core, wall)", m["pretrain_fastokens"], m["raw_hf"]),
         compare("pretrain: prep fastokens 2 workers vs 1 (wall)", m["pretrain_fastokens_2w"], m["pretrain_fastokens"]),
         compare(
-            "pretrain: prep fastokens vs datasets.map per record (wall)", m["pretrain_fastokens"], m["naive_per_record"]
+            "pretrain: prep fastokens vs datasets.map per record, padded (wall)",
+            m["pretrain_fastokens"],
+            m["naive_per_record"],
         ),
-        compare("pretrain: prep fastokens vs datasets.map batched (wall)", m["pretrain_fastokens"], m["naive_batched"]),
-        compare("pretrain: prep hf backend vs datasets.map batched (wall)", m["pretrain_hf"], m["naive_batched"]),
+        compare(
+            "pretrain: prep fastokens vs datasets.map batched, padded (wall)",
+            m["pretrain_fastokens"],
+            m["naive_batched"],
+        ),
+        compare(
+            "pretrain: prep fastokens vs datasets.map + group_texts, unpadded (wall)",
+            m["pretrain_fastokens"],
+            m["naive_group_texts"],
+        ),
+        compare(
+            "pretrain: prep hf backend vs datasets.map + group_texts, unpadded (wall)",
+            m["pretrain_hf"],
+            m["naive_group_texts"],
+        ),
     ]
     packing = []
     if SHARED.is_dir():
@@ -684,13 +753,22 @@ def _bench(size, z, tmp, tok_files, load, old_src, servers, notes) -> dict:
     )
     packing.append(bench_packing(tok_dir, "dpo", [DEMO / "dpo.json"], tmp / "dpo_d", seq_len))
     for p in packing:
+        files, unshared = ", ".join(p["files"]), " (pairs unshared on both sides)" if p["stage"] == "dpo" else ""
         ratios.append(
             BL.ratio(
-                f"packing {p['stage']} ({', '.join(p['files'])}) vs pad-to-longest x4",
+                f"packing {p['stage']} ({files}) vs pad-to-longest x4{unshared}",
                 BL.fraction("packed rows", p["real_tokens"], p["packed_capacity"]),
                 BL.fraction("pad to longest, batch 4", p["real_tokens"], p["padded_capacity"]),
             )
         )
+        if "shared_prompt" in p:  # tokens computed per pair: the pairs' unshared tokens per row token
+            ratios.append(
+                BL.ratio(
+                    f"dpo ({files}): pair tokens per computed token, shared-prompt packed rows vs pad-to-longest x4",
+                    BL.fraction("shared-prompt packed rows", p["real_tokens"], p["shared_prompt"]["packed_capacity"]),
+                    BL.fraction("pad to longest, batch 4 (unshared)", p["real_tokens"], p["padded_capacity"]),
+                )
+            )
     read = bench_read(tmp / "pretrain_fastokens")
 
     nodes = runs["nodes"]
@@ -740,9 +818,7 @@ def to_markdown(section: dict, host: str, day: str) -> str:
     md += [f"note: {n}" for n in r["notes"]]
 
     def rng(x):
-        if "seconds_min" not in x:
-            return ""
-        return f" [{x['work'] / x['seconds_max']:,.0f}-{x['work'] / x['seconds_min']:,.0f}]"
+        return f" [{x['range'][0]:,.0f}-{x['range'][1]:,.0f}]" if "range" in x else ""
 
     md += ["| measurement | tokens/s (wall) | tokens/CPU-s |", "|---|---:|---:|"]
     for k, x in r["measured"].items():
@@ -752,7 +828,7 @@ def to_markdown(section: dict, host: str, day: str) -> str:
     md += ["", "| ratio | ours | baseline | ratio |", "|---|---:|---:|---:|"]
     for x in section["ratios"]:
         o, b = x["ours"], x["baseline"]
-        noise = " (within noise)" if x.get("within_noise") else ""
+        noise = f" ({x['verdict']})" if "verdict" in x else ""
         md.append(
             f"| {x['name']} | {o['value']:,.3f} {o['unit']} | {b['value']:,.3f} {b['unit']} "
             f"| {x['value']:.2f}x{noise} |"

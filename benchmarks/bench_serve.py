@@ -34,6 +34,7 @@ import http.client
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -187,7 +188,7 @@ def drive(port: int, clients: int, per_client: int, max_tokens: int) -> tuple[in
 def bench(size: str, workdir: Path) -> dict:
     import torch
 
-    from bumblefast.benchlib import measured, point, ratio
+    from bumblefast.benchlib import measured, point, ratio, rounds
 
     cfg = SIZES[size]
     clients = cfg["clients"]
@@ -215,8 +216,11 @@ def bench(size: str, workdir: Path) -> dict:
     load_end = os.getloadavg()[0]
 
     def median_run(label: str) -> dict:
-        ordered = sorted(runs[label], key=lambda m: m["value"])
-        return ordered[(len(ordered) - 1) // 2]
+        """The rounds as one measurement: the median round's rate and the min-max, so a ratio
+        carries its spread and verdict (each round serves the same requests)."""
+        (n,) = {m["work"] for m in runs[label]}
+        tokens = statistics.median(m["tokens"] for m in runs[label])
+        return rounds(label, n, [m["seconds"] for m in runs[label]], unit="requests/s", tokens=tokens)
 
     med = {label: median_run(label) for label in configs}
     base = labels[0]
@@ -286,7 +290,10 @@ def to_markdown(section: dict, host: str, day: str) -> str:
         md.append(f"| {label} | {v:.2f} | {lo:.2f}-{hi:.2f} |")
     md += ["", "| ratio | ours | baseline | ratio |", "|---|---:|---:|---:|"]
     for x in section["ratios"]:
-        md.append(f"| {x['name']} | {x['ours']['value']:.2f} | {x['baseline']['value']:.2f} | {x['value']:.2f}x |")
+        verdict = f" ({x['verdict']})" if "verdict" in x else ""
+        md.append(
+            f"| {x['name']} | {x['ours']['value']:.2f} | {x['baseline']['value']:.2f} | {x['value']:.2f}x{verdict} |"
+        )
     return "\n".join(md) + "\n"
 
 

@@ -16,9 +16,10 @@ multi-turn set with long histories built from ShareGPT duolun_train.json: each c
 of 4+ turns becomes a pair whose prompt is every turn before the last reply (its earlier
 replies included), chosen = that reply, rejected = the last reply of the next such
 conversation; and, from the same file, short-prompt pairs: each two-turn conversation (one
-question, one long reply) paired the same way. Those two run at --long_seq_len (4096): at
-1024 the unshared layout must cut each pair to two half rows, which cuts the history first
-(11% prompt tokens in the first measurement). Pairs still truncated are counted per side.
+question, one long reply) paired the same way. Those two run at --long_seq_len (4096): a
+small cutoff cuts the long histories first (11% prompt tokens left when the first measurement
+ran at 1024). --seq_len is the dpo cutoff per sequence (rows of twice it, since 2026-12-02;
+results recorded before then had rows of --seq_len): truncation is the same in both layouts.
 
   python benchmarks/bench_shared_prompt.py               # CPU, tiny preset
   python benchmarks/bench_train.py --stage dpo           # also runs this after the dpo rows

@@ -3,7 +3,8 @@
 Runs the scripts in the checkout's `benchmarks/` folder (each exposes `bench(size, workdir)`,
 see bumblefast/benchlib.py for the format) at sizes for the machine it is on (CPU: tiny preset
 and small data; CUDA: the 1.5B preset), checks every section, and writes
-`<out>/<date>-<host>.json`, `.md` and `.png` (tokens/s and MFU per configuration).
+`<out>/<date>-<host>.json`, `.md` and `.png` (tokens/s and MFU per configuration; a run of
+some sections: `<date>-<host>-<section>.json`).
 Every claim in the report is a ratio of two figures measured side by side in this run.
 """
 
@@ -159,7 +160,9 @@ def plot(report: dict[str, Any], path: Path) -> Path:
 
 def write(report: dict[str, Any], out_dir: Path) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"{report['date']}-{report['host']}{'' if report['size'] != 'min' else '-min'}"
+    # a run of some sections is named for them, so it cannot overwrite a whole run of that day
+    names = "" if tuple(report["sections"]) == SECTIONS else "-" + "-".join(report["sections"])
+    stem = out_dir / f"{report['date']}-{report['host']}{names}{'' if report['size'] != 'min' else '-min'}"
     paths = {"json": stem.with_suffix(".json"), "md": stem.with_suffix(".md"), "png": stem.with_suffix(".png")}
     paths["json"].write_text(json.dumps(report, indent=2, default=str) + "\n")
     paths["md"].write_text(to_markdown(report))
@@ -182,7 +185,7 @@ def cli_main(args) -> int:
         )
         return 0
     if args.results:
-        raise UserError(f"bench {args.what}: unexpected argument {args.results!r} (only `bench report` takes a file)")
+        raise UserError(f"bench {args.what}: unexpected arguments {args.results} (only `bench report` takes files)")
     which = list(SECTIONS) if args.what == "all" else [args.what]
     size = args.size or default_size()  # argparse checked --size against benchlib.SIZES
     report = run(which, size, progress=not args.no_progress)
@@ -205,9 +208,10 @@ def add_arguments(p) -> None:
     )
     p.add_argument(
         "results",
-        nargs="?",
+        nargs="*",
         default=None,
-        help="report: the results JSON to publish (default: the one the tables already name)",
+        help="report: the results JSON to publish (default: the ones the tables already name); several: "
+        "a later one's sections replace the earlier's (e.g. a whole run, then a `bench prep` run)",
     )
     p.add_argument("--check", action="store_true", help="report: write nothing; fail if a table is stale")
     p.add_argument("--size", choices=SIZES, default=None, help="default: gpu with CUDA, else cpu")

@@ -9,6 +9,14 @@ one report JSON (what `bumblefast bench all` wrote), between marker comments tha
 
 so the published numbers have one source; tests/test_bench.py regenerates both tables from the
 JSON the marker names and fails when they differ (`--check` does the same from the CLI).
+
+Tables of one script's own result file (README's serve table, docs/performance.md's
+shared-prompt table) are generated the same way,
+between `<!-- bench-table: KIND FILE.json ... -->` and `<!-- bench-table: end -->` (TABLES).
+
+A marker may name several reports, comma-separated (`bumblefast bench report ALL.json
+PREP.json`): a later report's sections (a run of some sections, `bumblefast bench prep`)
+replace the earlier report's of the same name, and the table's header names each run.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from bumblefast.benchlib import SECTIONS
 from bumblefast.config import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,6 +60,8 @@ def _claim(r: dict) -> str:
         parts.append(r["verdict"])
     elif r["ours"]["unit"] not in ("fraction", "MB"):
         parts.append("no spread recorded")
+    if r.get("caveat"):  # what the script found that makes the two sides not like for like
+        parts.append(r["caveat"])
     if r.get("target"):
         parts.append(f"target >= {r['target']}x {'met' if r['value'] >= r['target'] else 'MISSED'}")
     return text + (f" ({'; '.join(parts)})" if parts else "")
@@ -66,10 +77,7 @@ def ratio_row(section: str, r: dict, mb_decimals: int = 0) -> str:
     )
 
 
-def table(report: dict[str, Any], source: str) -> str:
-    """The published table: every ratio of every section, ours and the named baseline side by
-    side (median and min-max of the rounds where the section timed rounds)."""
-    minutes = report.get("seconds", 0) / 60
+def _stack(report: dict[str, Any]) -> str:
     versions = (
         next(
             (s["results"].get("versions") for s in report["sections"].values() if s.get("results", {}).get("versions")),
@@ -77,18 +85,90 @@ def table(report: dict[str, Any], source: str) -> str:
         )
         or {}
     )
-    stack = ", ".join(f"{k} {v}" for k, v in versions.items() if v) or f"torch {report.get('torch')}"
-    lines = [
-        f"`bumblefast bench all --size {report['size']}` on {report['host']} ({report['date']}, "
-        f"{report['cpu_count']} CPUs, {report['device']}; {stack}; {minutes:.0f} min; `{source}`). "
-        "Rates: median of the rounds (min-max); a ratio is 'faster' only when the ranges do not overlap.",
-        "",
-        "| section | comparison | ours | baseline | ratio |",
-        "|---|---|---|---|---|",
-    ]
-    for name, sec in report["sections"].items():
+    return ", ".join(f"{k} {v}" for k, v in versions.items() if v) or f"torch {report.get('torch')}"
+
+
+def _run(report: dict[str, Any], source: str) -> str:
+    """The command and machine of a report, as its header says them."""
+    what = "all" if set(report["sections"]) == set(SECTIONS) else " ".join(report["sections"])
+    load = ""
+    if what != "all":  # a section rerun: the machine's load (1-min average) it recorded, when it did
+        res = [sec.get("results", {}) for sec in report["sections"].values()]
+        got = [(r["load_average_at_start"], r["load_average_at_end"]) for r in res if "load_average_at_end" in r]
+        one = lambda v: v[0] if isinstance(v, list) else v  # noqa: E731 - os.getloadavg() or its first value
+        load = "".join(f"load average {one(a):.1f} at start, {one(b):.1f} at end; " for a, b in got)
+    return (
+        f"`bumblefast bench {what} --size {report['size']}` on {report['host']} ({report['date']}, "
+        f"{report['cpu_count']} CPUs, {report['device']}; {_stack(report)}; {load}"
+        f"{report.get('seconds', 0) / 60:.0f} min; `{source}`)"
+    )
+
+
+def table(reports: list[tuple[dict[str, Any], str]]) -> str:
+    """The published table: every ratio of every section, ours and the named baseline side by
+    side (median and min-max of the rounds where the section timed rounds). `reports`: (report,
+    its path); each later one's sections replace the earlier ones' of the same name."""
+    (base, source), later = reports[0], reports[1:]
+    sections = dict(base["sections"])
+    lines = [f"{_run(base, source)}."]
+    for report, src in later:
+        names = ", ".join(f"`{n}`" for n in report["sections"])
+        lines[0] += f" Section {names} from {_run(report, src)}, in place of that run's."
+        sections.update(report["sections"])
+    lines[0] += " Rates: median of the rounds (min-max); a ratio is 'faster' only when the ranges do not overlap."
+    lines += ["", "| section | comparison | ours | baseline | ratio |", "|---|---|---|---|---|"]
+    for name, sec in sections.items():
         lines += [ratio_row(name, r) for r in sec["ratios"]]
     return "\n".join(lines)
+
+
+# Tables of one script's own result file (a standalone run), generated the same way:
+#   <!-- bench-table: KIND benchmarks/results/<file>.json (generated ...) -->  ...  <!-- bench-table: end -->
+TABLE_BEGIN = "<!-- bench-table: {kind} {source} (generated by `bumblefast bench report`; do not edit by hand) -->"
+TABLE_END = "<!-- bench-table: end -->"
+TABLE_BLOCK = re.compile(r"<!-- bench-table: (\w+) (\S+) .*?-->\n.*?<!-- bench-table: end -->", re.S)
+
+
+def serve_table(run: dict[str, Any], source: str) -> str:
+    """bench_serve.py's requests/s per server setting, its spread and its ratio to one at a time."""
+    c, r = run["config"], run["results"]
+    med, rng = r["median_requests_per_s"], r["min_max_requests_per_s"]
+    times = {x["ours"]["label"]: x for x in run["ratios"]}
+    lines = [
+        f"{c['clients']} clients x {c['per_client']} requests x {c['max_tokens']} tokens, {c['model']}, on "
+        f"{run['host']} ({run['date']}; load average {r['load_average_at_start']:.1f} at start, "
+        f"{r['load_average_at_end']:.1f} at end); median of {c['rounds']} interleaved rounds (min-max); `{source}`:",
+        "",
+        "| server | requests/s | min-max | times one at a time |",
+        "|---|---:|---:|---:|",
+    ]
+    for label, v in med.items():
+        x = times.get(label)
+        ratio = f"{x['value']:.2f}" if x else ("1" if label == run["ratios"][0]["baseline"]["label"] else "-")
+        lines.append(f"| {label} | {v:.2f} | {rng[label][0]:.2f}-{rng[label][1]:.2f} | {ratio} |")
+    return "\n".join(lines)
+
+
+def shared_prompt_table(run: dict[str, Any], source: str) -> str:
+    """bench_shared_prompt.py's epoch rates per data set, unshared vs shared prompt."""
+    lines = [
+        "| data | prompt share of pair tokens | tokens/pair unshared -> shared | rows | pairs/CPU-s unshared "
+        "| shared | ratio |",
+        "|---|---:|---|---|---:|---:|---:|",
+    ]
+    for d in run["data_sets"]:
+        un, sh = (next(r for r in d["results"] if r["name"] == n) for n in ("ours, unshared", "ours, shared prompt"))
+        rate = lambda r: f"{r['pairs_per_sec_median']:.2f} ({r['pairs_per_sec_min']:.2f}-{r['pairs_per_sec_max']:.2f})"  # noqa: E731
+        noise = ", within noise" if d["within_noise"] else ""
+        lines.append(
+            f"| {d['data']} (seq {d['seq_len']}) | {d['prompt_fraction']:.0%} | {un['tokens_per_pair']:,.0f} -> "
+            f"{sh['tokens_per_pair']:,.0f} ({un['tokens_per_pair'] / sh['tokens_per_pair']:.2f}x fewer) | "
+            f"{un['rows']} -> {sh['rows']} | {rate(un)} | {rate(sh)} | {d['speedup_median']:.2f}x{noise} |"
+        )
+    return "\n".join(lines)
+
+
+TABLES = {"serve": serve_table, "shared_prompt": shared_prompt_table}
 
 
 def render(text: str, root: Path = ROOT, path: str = "") -> str:
@@ -97,30 +177,50 @@ def render(text: str, root: Path = ROOT, path: str = "") -> str:
         raise UserError(f"{path or 'text'}: no `<!-- bench-report: begin ... -->` / `{END}` markers")
 
     def fill(m: re.Match) -> str:
-        source = m.group(1)
+        reports = []
+        for source in m.group(1).split(","):
+            js = root / source
+            if not js.is_file():
+                raise UserError(f"{path}: the bench-report marker names {source}, which does not exist")
+            reports.append((json.loads(js.read_text()), source))
+        return f"{BEGIN.format(source=m.group(1))}\n{table(reports)}\n{END}"
+
+    def fill_table(m: re.Match) -> str:
+        kind, source = m.group(1), m.group(2)
+        if kind not in TABLES:
+            raise UserError(f"{path}: bench-table kind {kind!r} unknown (known: {', '.join(TABLES)})")
         js = root / source
         if not js.is_file():
-            raise UserError(f"{path}: the bench-report marker names {source}, which does not exist")
-        return f"{BEGIN.format(source=source)}\n{table(json.loads(js.read_text()), source)}\n{END}"
+            raise UserError(f"{path}: the bench-table marker names {source}, which does not exist")
+        body = TABLES[kind](json.loads(js.read_text()), source)
+        return f"{TABLE_BEGIN.format(kind=kind, source=source)}\n{body}\n{TABLE_END}"
 
-    return BLOCK.sub(fill, text)
+    return TABLE_BLOCK.sub(fill_table, BLOCK.sub(fill, text))
 
 
-def publish(results: str | None, check: bool = False, root: Path = ROOT) -> list[str]:
-    """Point the published files' markers at `results` (when given) and regenerate their tables;
-    with `check`, write nothing and return the files that differ from what the JSON generates."""
+def publish(results: str | list[str] | None, check: bool = False, root: Path = ROOT) -> list[str]:
+    """Point the published files' markers at `results` (when given: one report, or several, the
+    later ones' sections replacing the earlier's) and regenerate their tables; with `check`,
+    write nothing and return the files that differ from what the JSON generates."""
+    results = [results] if isinstance(results, str) else list(results or [])
+    sources = []
+    for res in results:
+        source = Path(res).resolve()
+        try:
+            sources.append(source.relative_to(root).as_posix())
+        except ValueError:
+            raise UserError(f"{res}: the results JSON must be inside the checkout ({root})") from None
+        try:
+            if "sections" not in json.loads(source.read_text()):
+                raise UserError(f"{res}: not a `bumblefast bench` report (no 'sections')")
+        except json.JSONDecodeError as e:
+            raise UserError(f"{res}: not JSON ({e})") from None
     stale = []
     for rel in PUBLISHED:
         path = root / rel
         text = path.read_text(encoding="utf-8")
-        if results:
-            source = Path(results).resolve()
-            try:
-                source_rel = source.relative_to(root).as_posix()
-            except ValueError:
-                raise UserError(f"{results}: the results JSON must be inside the checkout ({root})") from None
-            json.loads(source.read_text())  # a clear error for a file that is not JSON
-            marker = f"{BEGIN.format(source=source_rel)}\n{END}"
+        if sources:
+            marker = f"{BEGIN.format(source=','.join(sources))}\n{END}"
             text_in = BLOCK.sub(lambda m, marker=marker: marker, text)
         else:
             text_in = text

@@ -4,11 +4,13 @@ Multi-turn with the chat template and its system prompt; tokens are printed as t
 generated; `/reset` clears the history, `/exit` (or Ctrl-D) quits, Ctrl-C stops the current
 reply and keeps the session. `--prompt TEXT` answers once and exits. `--stage pretrain`
 completes raw text without the template. Generation settings come from the model's
-generation_config.json; flags override them (`--temperature 0` means greedy).
+generation_config.json (a malformed one is an error naming it; a missing one, transformers'
+defaults and a warning); flags override them (`--temperature 0` means greedy).
 """
 
 from __future__ import annotations
 
+import logging
 import sys
 import threading
 from collections.abc import Callable
@@ -18,13 +20,32 @@ from typing import Any
 
 from bumblefast.config import UserError
 
+log = logging.getLogger("bumblefast.chat")
 SETTINGS = ("temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens")
+
+
+def load_generation_config(model_path: Path):
+    """The model's generation_config.json (its eos ids and sampling settings). Missing: a
+    warning, and transformers' defaults (the stop tokens still come from the tokenizer). Present
+    but unreadable or invalid: a UserError naming the file and the cause, since chat and serve
+    would otherwise stop and sample differently from what the model was saved with."""
+    from transformers import GenerationConfig
+
+    path = Path(model_path) / "generation_config.json"
+    if not path.is_file():
+        log.warning(f"{path} not found: using transformers' default generation settings")
+        return GenerationConfig()
+    try:
+        return GenerationConfig.from_pretrained(model_path)
+    except (OSError, ValueError) as e:
+        cause = e.__cause__ or e.__context__ or e
+        raise UserError(f"{path}: cannot be loaded ({type(cause).__name__}: {cause})") from e
 
 
 class Chat:
     def __init__(self, model_path: str | Path, system: str | None = None, raw: bool = False, **overrides):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+        from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()  # keep the terminal for the conversation
@@ -36,10 +57,7 @@ class Chat:
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).eval()
         if torch.cuda.is_available():
             self.model.cuda()
-        try:
-            self.gen = GenerationConfig.from_pretrained(model_path)
-        except OSError:
-            self.gen = GenerationConfig()
+        self.gen = load_generation_config(model_path)
         for key, value in overrides.items():
             if value is not None:
                 setattr(self.gen, key, value)
@@ -47,9 +65,9 @@ class Chat:
             self.gen.do_sample, self.gen.temperature, self.gen.top_p, self.gen.top_k = False, None, None, None
         elif self.gen.temperature is not None:
             self.gen.do_sample = True
-        stops = [
-            self.tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", self.tok.eos_token) if t in self.tok.get_vocab()
-        ]
+        from bumblefast.train.export import stop_tokens  # the template's end of turn (Llama 3: <|eot_id|>) + eos
+
+        stops = [self.tok.convert_tokens_to_ids(t) for t in stop_tokens(self.tok)]
         self.gen.eos_token_id = stops or self.gen.eos_token_id
         self.gen.pad_token_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else stops[-1]
         self.raw = raw

@@ -76,9 +76,13 @@ def fastokens_version() -> str | None:
         return None
 
 
-def verification_sample(hf, extra: list[tuple[str, str]] = ()) -> list[tuple[str, str]]:
+def verification_sample(
+    hf, extra: list[tuple[str, str]] = (), unverified: list[str] | None = None
+) -> list[tuple[str, str]]:
     """The hard strings, every special token alone and inside text, the chat template's output
-    (with and without a generation prompt, with tools), a 100k-char line, and `extra`."""
+    (with and without a generation prompt, with tools), a 100k-char line, and `extra`.
+    A template rendering that raises is left out and named, with its cause, in `unverified`
+    (the manifest records it): those strings are where token offsets feed the loss masks."""
     sample = list(HARD_STRINGS)
     specials = sorted({str(t) for t in hf.all_special_tokens} | set(hf.get_added_vocab()))
     for t in specials:
@@ -99,8 +103,9 @@ def verification_sample(hf, extra: list[tuple[str, str]] = ()) -> list[tuple[str
         ]:
             try:
                 sample.append((label, hf.apply_chat_template(msgs, tokenize=False, **kw)))
-            except Exception:  # a template that rejects tools or roles: the others still verify
-                pass
+            except Exception as e:  # noqa: BLE001 - a template that rejects tools or roles: the rest still verify
+                if unverified is not None:
+                    unverified.append(f"{label}: {type(e).__name__}: {str(e).strip()[:200]}")
     sample.append(("100k-character line", long_line()))
     sample.extend(extra)
     return sample
@@ -117,7 +122,7 @@ class BackendInfo:
     verified_strings: int = 0
     fallback_reason: str | None = None
     offsets: str = "tokenizers"  # where token start offsets come from (chat stages)
-    notes: list[str] = field(default_factory=list)
+    unverified: list[str] = field(default_factory=list)  # sample strings that could not be built, and why
 
     def as_dict(self) -> dict:
         d = {
@@ -129,6 +134,8 @@ class BackendInfo:
         }
         if self.fallback_reason:
             d["fallback_reason"] = self.fallback_reason
+        if self.unverified:
+            d["unverified"] = list(self.unverified)
         return d
 
 
@@ -184,8 +191,19 @@ class FastokensEncoder:
         self.ft = fastokens.Tokenizer.from_file(tokenizer_json)
         self.version = fastokens_version() or "?"
         self.hf = HFEncoder(hf)
-        self.byte_lens = _byte_lengths(hf)  # None: not a byte-level BPE, offsets come from HF
+        self._hf_tok = hf
+        self._byte_lens: np.ndarray | None = None
+        self._byte_lens_done = False
         self.hf_reencoded = 0  # texts whose offsets had to come from HF
+
+    @property
+    def byte_lens(self) -> np.ndarray | None:
+        """Bytes per id (None: not a byte-level BPE, offsets come from HF). Built on first use:
+        only chat stages need offsets, and parsing a 151k vocabulary costs ~2 s of start-up."""
+        if not self._byte_lens_done:
+            self._byte_lens = _byte_lengths(self._hf_tok)
+            self._byte_lens_done = True
+        return self._byte_lens
 
     def encode_flat(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         ids, offs = self.ft.encode_batch_flat(texts, add_special_tokens=False)
@@ -284,7 +302,8 @@ def open_encoder(
     log=None,
 ) -> tuple[HFEncoder | FastokensEncoder, BackendInfo]:
     """The bulk encoder for `backend`; `auto` verifies fastokens on the sample and falls back to
-    HF (with a warning on stderr) on any difference or load error; `fastokens` raises instead.
+    HF (with a warning on stderr) on any difference or load error or when fastokens is not
+    installed; `fastokens` raises instead.
     `offsets`: the caller needs token start offsets (sft/dpo loss masks)."""
     if backend not in BACKENDS:
         raise UserError(f"tokenizer_backend: must be one of {'|'.join(BACKENDS)}, got '{backend}'")
@@ -299,13 +318,18 @@ def open_encoder(
                 "tokenizer_backend fastokens: the fastokens package is not installed (pip install fastokens)"
             )
         hf_info.fallback_reason = "fastokens is not installed"
+        log(
+            "WARNING: tokenizer_backend auto: fastokens is not installed (pip install fastokens); "
+            "falling back to HF tokenizers (slower, same output)"
+        )
         return hf_enc, hf_info
     path = os.path.join(tokenizer_dir, "tokenizer.json")
+    unverified: list[str] = []
     try:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path} not found (fastokens reads tokenizer.json)")
         enc = FastokensEncoder(hf, path)
-        sample = verification_sample(hf, list(extra_sample))
+        sample = verification_sample(hf, list(extra_sample), unverified)
         problem = verify(enc, sample, offsets)
     except Exception as e:  # noqa: BLE001 - any load/encode failure means: not verified
         problem = f"fastokens could not load or encode this tokenizer: {type(e).__name__}: {e}"
@@ -317,7 +341,13 @@ def open_encoder(
             enc.version,
             verified_strings=len(sample),
             offsets="byte lengths" if (offsets and enc.byte_lens is not None) else "tokenizers",
+            unverified=unverified,
         )
+        for note in unverified:
+            log(
+                f"WARNING: tokenizer_backend {backend}: fastokens not verified on {note} "
+                "(the chat template raised rendering it; the manifest records it under unverified)"
+            )
         return enc, info
     if backend == "fastokens":
         raise UserError(f"tokenizer_backend fastokens: does not match HF tokenizers on {tokenizer_dir}: {problem}")

@@ -21,8 +21,8 @@ merged manifests keep `chat_template_hash` before `tokenizer` and `parts` before
 | `tokens`             | Tokens      | real, target, row capacity, tail dropped                  |
 | `rows`, `segments`   | int         | MDS samples, documents or pair segments                   |
 | `packing_efficiency` | float       | real tokens / row capacity                                |
-| `prep`               | dict        | the prep settings (inputs, node share, ...): a record     |
-| `parts`              | list        | merged outputs only: the node parts                       |
+| `prep`               | dict        | the prep settings (inputs, task size, tasks, ...): a record |
+| `parts`              | list        | outputs merged from node parts by older versions          |
 | `dpo_layout`, `dpo`  | str, DpoStats | dpo only: `pairs` or `shared_prompt`, prompt sharing   |
 | `ref_logps`          | RefLogps    | precompute-ref outputs only: the reference model and source |
 
@@ -33,12 +33,14 @@ then renamed into place, so a reader sees the old output or the new one and neve
 from __future__ import annotations
 
 import dataclasses
+import errno
 import glob
 import json
 import os
 import shutil
 import tempfile
 import types
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -229,11 +231,16 @@ class Manifest:
         """Write `folder/bumblefast.json` atomically (temporary file, fsync, rename)."""
         dest = Path(folder, MANIFEST_NAME)
         tmp = dest.with_name(f".{MANIFEST_NAME}.tmp-{os.getpid()}")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(self.to_json())
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(self.to_json())
+                f.flush()
+                _fsync_fd(f.fileno(), dest)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         os.replace(tmp, dest)
+        _fsync_dir(dest.parent)  # the rename too: a manifest marks a finished output
         return dest
 
 
@@ -396,23 +403,48 @@ def fsync_tree(folder: Path) -> None:
     files whose data a crash would lose."""
     for dirpath, _, filenames in os.walk(folder):
         for name in filenames:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            path = os.path.join(dirpath, name)
+            fd = os.open(path, os.O_RDONLY)
             try:
-                os.fsync(fd)
+                _fsync_fd(fd, path)
             finally:
                 os.close(fd)
         _fsync_dir(Path(dirpath))
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # not every platform opens folders
-        return
+# fsync of a folder is refused by some filesystems (network, FUSE): nothing to flush there
+_DIR_SYNC_UNSUPPORTED = {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP}
+
+
+def _fsync_fd(fd: int, path: str | Path) -> None:
+    """os.fsync, failing with the path and the cause: data not on disk must not be published."""
     try:
         os.fsync(fd)
-    except OSError:
-        pass
+    except OSError as e:
+        raise OSError(
+            e.errno, f"fsync of {path} failed ({e.strerror}): not published, it might not survive a crash"
+        ) from e
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the renames in `folder` durable. A filesystem that cannot sync folders (EINVAL,
+    ENOTSUP) gets a warning naming the folder; any other error (EIO, ENOSPC) fails, naming it.
+    Windows cannot open folders: nothing to do there."""
+    if os.name == "nt":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in _DIR_SYNC_UNSUPPORTED:
+            raise OSError(
+                e.errno, f"fsync of folder {folder} failed ({e.strerror}): its renames might not survive a crash"
+            ) from e
+        warnings.warn(
+            f"fsync of folder {folder} not supported by its filesystem ({e.strerror}): "
+            "a crash right after this write could lose the rename",
+            stacklevel=2,
+        )
     finally:
         os.close(fd)
 

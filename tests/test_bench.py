@@ -109,23 +109,37 @@ def test_published_tables_match_committed_results():
     )
 
 
+def _copy_published(root):
+    """The published files and every results JSON their markers name, copied under `root`."""
+    import shutil
+
+    from bumblefast.benchreport import BLOCK, PUBLISHED, TABLE_BLOCK
+
+    names = set(PUBLISHED)
+    for rel in PUBLISHED:
+        text = (ROOT / rel).read_text()
+        names |= {src for m in BLOCK.finditer(text) for src in m.group(1).split(",")}
+        names |= {m.group(2) for m in TABLE_BLOCK.finditer(text)}
+    for rel in names:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / rel, root / rel)
+
+
 def test_report_check_catches_a_hand_edited_number(tmp_path):
     """A copy of the checkout's published files: an edited figure in the JSON (or in a table)
     makes --check report the file; regenerating fixes it and then --check is clean."""
     import re
-    import shutil
 
     from bumblefast.benchreport import BLOCK, PUBLISHED, publish
 
     source = BLOCK.search((ROOT / "README.md").read_text()).group(1)
-    for rel in (*PUBLISHED, source):
-        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(ROOT / rel, tmp_path / rel)
+    _copy_published(tmp_path)
     assert publish(None, check=True, root=tmp_path) == []
-    report = json.loads((tmp_path / source).read_text())
+    last = source.split(",")[-1]  # its sections are the ones shown
+    report = json.loads((tmp_path / last).read_text())
     r = next(r for sec in report["sections"].values() for r in sec["ratios"])
     r["value"] *= 1.5
-    (tmp_path / source).write_text(json.dumps(report))
+    (tmp_path / last).write_text(json.dumps(report))
     assert publish(None, check=True, root=tmp_path) == list(PUBLISHED)
     assert publish(None, root=tmp_path) == list(PUBLISHED)  # regenerated
     assert f"{r['value']:.2f}x" in (tmp_path / "README.md").read_text()
@@ -133,6 +147,42 @@ def test_report_check_catches_a_hand_edited_number(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text(re.sub(r"\| (\d+\.\d\d)x", "| 9.99x", readme.read_text(), count=1))  # a hand edit
     assert publish(None, check=True, root=tmp_path) == ["README.md"]
+    publish(None, root=tmp_path)
+    text = readme.read_text()  # a hand edit in the serve table (generated from bench_serve's own JSON)
+    row = re.search(r"\| one at a time \(--max_batch 1\) \| (\d+\.\d\d) \|", text)
+    readme.write_text(text.replace(row.group(0), row.group(0).replace(row.group(1), "99.99")))
+    assert publish(None, check=True, root=tmp_path) == ["README.md"]
+    perf = tmp_path / "docs" / "performance.md"  # and in the shared-prompt table
+    text = perf.read_text()
+    block = re.search(r"<!-- bench-table: shared_prompt .*?<!-- bench-table: end -->", text, re.S).group(0)
+    perf.write_text(text.replace(block, block.replace("1.17x", "1.71x", 1)))
+    assert "1.71x" in perf.read_text() and publish(None, check=True, root=tmp_path) == list(PUBLISHED)
+
+
+def test_report_of_several_runs_takes_each_section_from_the_latest(tmp_path):
+    """`bench report ALL.json PREP.json`: the prep rows come from the later (prep-only) run, the
+    other sections from the whole run, and the header names both runs."""
+
+    from bumblefast.benchreport import BLOCK, PUBLISHED, publish
+
+    source = BLOCK.search((ROOT / "README.md").read_text()).group(1).split(",")[0]
+    _copy_published(tmp_path)
+    base = json.loads((tmp_path / source).read_text())
+    prep = copy.deepcopy(base["sections"]["prep"])
+    r = prep["ratios"][0]
+    r["name"] = "a prep comparison only the later run has"
+    later = {**base, "date": "2099-01-01", "seconds": 120.0, "sections": {"prep": prep}}
+    (tmp_path / "later.json").write_text(json.dumps(later))
+    assert publish([str(tmp_path / source), str(tmp_path / "later.json")], root=tmp_path) == list(PUBLISHED)
+    readme = (tmp_path / "README.md").read_text()
+    block = BLOCK.search(readme).group(0)
+    assert f"begin {source},later.json " in block
+    assert "Section `prep` from `bumblefast bench prep --size cpu` on" in block and "(2099-01-01," in block
+    assert r["name"] in block  # the later run's prep rows ...
+    assert block.count("| prep |") == len(prep["ratios"])  # ... and only those
+    for name in ("train", "kernels"):  # the other sections from the whole run
+        assert block.count(f"| {name} |") == len(base["sections"][name]["ratios"])
+    assert publish(None, check=True, root=tmp_path) == []  # the marker names both: regenerates the same
 
 
 def test_report_names_verdict_and_target():
@@ -150,6 +200,8 @@ def test_report_names_verdict_and_target():
     assert "faster; target >= 1.5x met" in _claim(fast)
     fast["target"] = 2.5
     assert "MISSED" in _claim(fast)
+    fast["caveat"] = "not like for like: 2 ranks did 0.67x the CPU-s per token of 1 rank"
+    assert "(faster; not like for like: 2 ranks did 0.67x the CPU-s per token of 1 rank; target" in _claim(fast)
 
 
 def test_long_history_pairs_keep_the_whole_history_as_prompt(tmp_path):

@@ -151,3 +151,25 @@ def test_prompt_once_and_no_history(model_dir):
     assert chat.history == [] and chat.reply(q, out=open(os.devnull, "w"), keep_history=False) == first
     raw = Chat(model_dir, raw=True, temperature=0, max_new_tokens=4)
     assert raw._input_ids("3 + 4 =").tolist()[0] == raw.tok("3 + 4 =")["input_ids"]  # no template
+
+
+def test_generation_config_malformed_fails_naming_the_file_missing_warns(model_dir, tmp_path, caplog):
+    """A malformed generation_config.json stops chat/serve with the file and the JSON error
+    (they would otherwise lose the model's eos and sampling settings); a missing one is said."""
+    import shutil
+
+    from bumblefast.chat import Chat, load_generation_config
+    from bumblefast.config import UserError
+
+    saved = load_generation_config(model_dir)
+    assert saved.eos_token_id is not None  # the file the model was saved with is read
+    bad = tmp_path / "bad"
+    shutil.copytree(model_dir, bad)
+    (bad / "generation_config.json").write_text('{"eos_token_id": 2,\n')
+    with pytest.raises(UserError, match=r"bad/generation_config\.json: cannot be loaded \(JSONDecodeError: .*line 2"):
+        Chat(bad)
+    (bad / "generation_config.json").unlink()
+    with caplog.at_level("WARNING", logger="bumblefast.chat"):
+        chat = Chat(bad, temperature=0, max_new_tokens=2)
+    assert f"{bad / 'generation_config.json'} not found: using transformers' default" in caplog.text
+    assert chat.gen.eos_token_id  # stops still come from the tokenizer

@@ -280,6 +280,48 @@ def test_into_existing_folder_publishes_manifest_last(tmp_path, monkeypatch):
     assert sorted(p.name for p in root.iterdir()) == [MANIFEST_NAME, "index.json", "node-00000"]
 
 
+def _failing_fsync(monkeypatch, err: int, on: str):
+    """os.fsync (as shards.manifest calls it) raising `err` on folders (`on="dir"`) or files."""
+    import stat
+
+    from bumblefast.shards import manifest as M
+
+    real = os.fsync
+
+    def fsync(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode) == (on == "dir"):
+            raise OSError(err, os.strerror(err))
+        real(fd)
+
+    monkeypatch.setattr(M.os, "fsync", fsync)
+
+
+def test_failed_file_fsync_fails_naming_the_file_and_publishes_nothing(tmp_path, monkeypatch):
+    import errno
+
+    _failing_fsync(monkeypatch, errno.EIO, on="file")
+    final = tmp_path / "out"
+    with pytest.raises(OSError, match=rf"fsync of .*{MANIFEST_NAME} failed \(Input/output error\)"):
+        Manifest.from_dict(PREP).write(tmp_path)  # the manifest itself
+    assert not (tmp_path / MANIFEST_NAME).exists()
+    with pytest.raises(OSError, match=r"fsync of .*\.out\.tmp-\d+/data\.bin failed \(Input/output error\)"):
+        with staged_output(final) as stage:
+            (stage / "data.bin").write_text("new")
+    assert not final.exists() and _hidden(tmp_path) == []
+
+
+def test_failed_folder_fsync_fails_unless_the_filesystem_cannot_sync_folders(tmp_path, monkeypatch):
+    import errno
+
+    _failing_fsync(monkeypatch, errno.EIO, on="dir")
+    with pytest.raises(OSError, match=rf"fsync of folder {tmp_path} failed \(Input/output error\)"):
+        Manifest.from_dict(PREP).write(tmp_path)
+    _failing_fsync(monkeypatch, errno.EINVAL, on="dir")  # e.g. some network/FUSE mounts
+    with pytest.warns(UserWarning, match=rf"fsync of folder {tmp_path} not supported by its filesystem"):
+        Manifest.from_dict(PREP).write(tmp_path)
+    assert Manifest.read(str(tmp_path)).stage == "dpo"
+
+
 # ---- the real writers ------------------------------------------------------------------------------
 def test_prep_and_merge_manifests_round_trip(demo_tokenizer_dir, tmp_path):
     from bumblefast.config import PrepConfig
@@ -303,6 +345,5 @@ def test_prep_and_merge_manifests_round_trip(demo_tokenizer_dir, tmp_path):
         text = (tmp_path / folder / MANIFEST_NAME).read_text(encoding="utf-8")
         assert ret == json.loads(text)
         assert Manifest.read(str(tmp_path / folder)).to_json() == text
-    assert list(returned[1])[5:7] == ["chat_template_hash", "tokenizer"]  # merge's own key order
-    assert returned[1]["records"]["written"] == returned[0]["records"]["written"]
+    assert returned[1] == returned[0]  # one node or two + merge: the same manifest
     assert _hidden(tmp_path / "multi") == [] and _hidden(tmp_path) == []

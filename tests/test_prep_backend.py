@@ -26,16 +26,33 @@ STAGE_FILES = {
 }
 
 # sha256 of the uncompressed shard files written by main's prep (commit 82cfe2e, before the
-# backends) for the demo inputs at seq_len 256 with the 1024-id demo tokenizer trained below;
-# valid only for that tokenizer (its tokenizer.json hash), which BPE training reproduces.
-# Regenerated 2026-12-01 when the demo data changed: 82cfe2e's prep/ shards/ bumblefast/ from
-# `git archive`, run with PYTHONPATH (and working folder) on that tree, compression=None.
+# backends) for the demo inputs at seq_len 256 (dpo: rows of 256, now prepped at a per-sequence
+# cutoff of 128, which cuts none of these pairs) with the 1024-id demo tokenizer trained below;
+# valid only for that tokenizer (its tokenizer.json hash,
+# `tokenizer_hash`), which BPE training reproduces.
+# Regenerated 2026-12-01 when the demo data changed, and 2026-12-02 when train_tokenizer began adding
+# the chat template's words to its corpus: 82cfe2e's prep/ shards/ bumblefast/ from `git archive`
+# (prep/, shards/, kernels/ moved under bumblefast/), run with PYTHONPATH (and working folder) on that
+# tree, seq_len 256, compression=None, on the tokenizer today's train_tokenizer writes.
 MAIN_SHARDS = {
-    "tokenizer_json_sha256": "f2bd1caf33d0f36875049bcc3cc2c390f80b6a20d4c8ce211e6c2495a57f738f",
-    "pretrain": "0d3feddd8ac9a3736527aa4de17a7a3a95d438a80e51b457b1645765f70c5114",
-    "sft": "12771fb28873bc9b0c79921b0f4dea0506b74eeaf677dab33ea299d33582ace4",
-    "dpo": "a65c059a9bbd56337988d03b267021fbf8f2da98b168444f8f43132383755113",
+    "tokenizer_sha256": "bcea5be1d6a0cb088fb423f27e31f6b60dcc220cd3d69bcf1e8b1847d3537249",
+    "pretrain": "3d0fb3571434a9cdc38dab9782664413fdb2d3fe4a079db802d536057edfc40b",
+    "sft": "d9a91775325e8fbf2f573ec7f6fedd0c88af3821bc904d853d9be4f708e5ec58",
+    "dpo": "e1da18a3c7e4bbe66247d781ee2a800a035ebff50fc45666ce8b1433b403dfbe",
 }
+
+
+def tokenizer_hash(tok_dir: str) -> str:
+    """sha256 of tokenizer.json as canonical JSON, with an identity post-processor read as none:
+    transformers 5 saves `TemplateProcessing` [A] / [A, B] without special tokens where 4.57 saved
+    null (same ids; the vocab and merges BPE training gives are the same under both)."""
+    data = json.loads(Path(tok_dir, "tokenizer.json").read_text())
+    post = data.get("post_processor")
+    if post and post.get("type") == "TemplateProcessing" and not post.get("special_tokens"):
+        if [s["Sequence"]["id"] for s in post["single"]] == ["A"]:
+            data["post_processor"] = None
+    return hashlib.sha256(json.dumps(data, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
 
 fastokens = pytest.importorskip("fastokens", reason="fastokens not installed (a regular dependency)")
 
@@ -84,7 +101,7 @@ def prep(tok_dir, out, stage, backend, **kw):
         stage=stage,
         input=[str(DEMO / f) for f in STAGE_FILES[stage]],
         tokenizer_name_or_path=tok_dir,
-        seq_len=256,
+        seq_len=128 if stage == "dpo" else 256,  # dpo: per sequence, rows of 2 x 128 (main's rows of 256)
         output_dir=str(out),
         tokenizer_backend=backend,
         **kw,
@@ -93,7 +110,7 @@ def prep(tok_dir, out, stage, backend, **kw):
 
 
 def shard_bytes(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.glob("shard.*"))}
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("shard.*"))}
 
 
 # ---- the backend and its verification ------------------------------------------------------------
@@ -208,6 +225,44 @@ def test_real_tokenizer_fastokens_encodes_differently_falls_back(tmp_path, capsy
     assert capsys.readouterr().err.count("falling back to HF") == 2
 
 
+def test_chat_template_that_raises_is_named_in_a_warning_and_the_manifest(tok_dir, tmp_path, capsys):
+    """A template that rejects tools: the strings it could not render are not verified, and
+    that is said (stderr) and recorded with the cause (the manifest's backend entry)."""
+    import shutil
+
+    from bumblefast.tokenizer import load_tokenizer
+    from bumblefast.tokenizer_backend import open_encoder
+
+    folder = tmp_path / "no_tools_tok"
+    shutil.copytree(tok_dir, folder)
+    hf = load_tokenizer(str(folder))
+    hf.chat_template = "{% if tools %}{{ raise_exception('this template takes no tools') }}{% endif %}" + (
+        hf.chat_template
+    )
+    hf.save_pretrained(folder)
+    capsys.readouterr()
+    _, info = open_encoder(load_tokenizer(str(folder)), str(folder), "auto", offsets=True)
+    assert info.name == "fastokens"
+    assert info.unverified == ["chat template + tools: TemplateError: this template takes no tools"]
+    assert info.as_dict()["unverified"] == info.unverified
+    err = capsys.readouterr().err
+    assert "WARNING" in err and "chat template + tools" in err and "this template takes no tools" in err
+    m = prep(str(folder), tmp_path / "sft", "sft", "auto")
+    assert m["tokenizer"]["backend"]["unverified"] == info.unverified
+
+
+def test_auto_without_fastokens_installed_warns_and_records_it(hf, tok_dir, monkeypatch, capsys):
+    from bumblefast import tokenizer_backend as TB
+
+    monkeypatch.setattr(TB, "fastokens_version", lambda: None)
+    enc, info = TB.open_encoder(hf, tok_dir, "auto")
+    assert isinstance(enc, TB.HFEncoder) and info.fallback_reason == "fastokens is not installed"
+    err = capsys.readouterr().err
+    assert "WARNING" in err and "fastokens is not installed" in err and "falling back to HF" in err
+    with pytest.raises(UserError, match="fastokens package is not installed"):
+        TB.open_encoder(hf, tok_dir, "fastokens")
+
+
 # ---- shards: identical across backends and to main's pipeline ----------------------------------
 @pytest.mark.parametrize("stage", ["pretrain", "sft", "dpo"])
 def test_backends_write_byte_identical_shards_equal_to_main(tok_dir, tmp_path, stage):
@@ -221,8 +276,7 @@ def test_backends_write_byte_identical_shards_equal_to_main(tok_dir, tmp_path, s
         un = prep(tok_dir, tmp_path / f"{backend}-raw", stage, backend, compression=None, **old_layout)
         if not old_layout:
             assert un["records"]["written"] == m["records"]["written"]
-        tok_hash = hashlib.sha256(Path(tok_dir, "tokenizer.json").read_bytes()).hexdigest()
-        assert tok_hash == MAIN_SHARDS["tokenizer_json_sha256"], (
+        assert tokenizer_hash(tok_dir) == MAIN_SHARDS["tokenizer_sha256"], (
             "the demo tokenizer changed (demo data or tokenizers' BPE training): regenerate MAIN_SHARDS"
         )
         h = hashlib.sha256()
@@ -276,6 +330,7 @@ def test_two_nodes_split_a_jsonl_and_merge(tok_dir, tmp_path):
             tokenizer_name_or_path=tok_dir,
             seq_len=256,
             output_dir=str(tmp_path / "one"),
+            task_size=str(src.stat().st_size // 2 + 1),
         ),
         progress=False,
     )
@@ -290,11 +345,12 @@ def test_two_nodes_split_a_jsonl_and_merge(tok_dir, tmp_path):
                 output_dir=str(tmp_path / "multi"),
                 node_rank=r,
                 num_nodes=2,
+                task_size=str(src.stat().st_size // 2 + 1),
             ),
             progress=False,
         )
-        ((f, a, b),) = m["prep"]["node_share"]
-        assert f == str(src) and b - a < src.stat().st_size  # a byte range, not the whole file
+        ((f, unit, a, b),) = m["pieces"]
+        assert f == str(src) and unit == "bytes" and b - a < src.stat().st_size  # a byte range, not the whole file
         reads.append(m["records"]["read"])
     assert prep_main(["merge", str(tmp_path / "multi")]) == 0
     merged = json.loads((tmp_path / "multi" / "bumblefast.json").read_text())
