@@ -77,7 +77,7 @@ def step_prep(out: Path, seed: int) -> str:
             stage=stage,
             input=[str(DEMO_DATA / f) for f in files],
             tokenizer_name_or_path=str(out / "tokenizer"),
-            seq_len=DEMO_SEQ_LEN,
+            seq_len=DEMO_SEQ_LEN // 2 if stage == "dpo" else DEMO_SEQ_LEN,  # dpo: per sequence, rows of 2x
             output_dir=str(out / "shards" / name),
             seed=seed,
             share_prompt=True,
@@ -116,16 +116,26 @@ def _train(out: Path, stage: str, extra: list[str]) -> dict:
     }  # dpo: rewards/accuracies, last 5 logs
 
 
-def _evaluate(model_dir: Path) -> dict:
-    from bumblefast.evaluate import answer_accuracy, load_records, preference_accuracy
+def _evaluate(model_dir: Path, run_dir: Path, steps: int, reference: dict | None = None) -> dict:
+    """Held-out numbers of a stage's model; `reference`: the model DPO started from (its
+    held-out margins give DPO's implicit rewards). Written to run_dir/heldout.json, where
+    `bumblefast plot` puts them on the curves at the stage's last step."""
+    from bumblefast.evaluate import answer_accuracy, load_records, preference_accuracy, reward_margins
 
     qa = answer_accuracy(model_dir, load_records(DEMO_DATA / "sft_test.json"))
     pref = preference_accuracy(model_dir, load_records(DEMO_DATA / "dpo_test.json"))
-    return {
+    result = {
         "answer_accuracy": qa["accuracy"],
+        "answer_nll": qa["answer_nll"],
         "preference_accuracy": pref["preference_accuracy"],
+        "preference_margin": pref["mean_margin"],
         "example": qa["examples"][0] if qa["examples"] else None,
     }
+    if reference is not None:
+        beta = C.load_train_config(yaml_path=str(DEMO_CONFIGS / "dpo.yaml")).pref_beta
+        result.update(reward_margins(pref, reference, beta))
+    (run_dir / "heldout.json").write_text(json.dumps({"step": steps, **result}, indent=2, ensure_ascii=False))
+    return {**result, "_margins": pref["margins"]}
 
 
 RESULTS: dict[str, dict] = {}
@@ -137,33 +147,44 @@ def _child_env() -> dict[str, str]:
     return dict(os.environ, OMP_NUM_THREADS=str(SETTINGS["threads"]), TOKENIZERS_PARALLELISM="false")
 
 
+CHAT: dict = {}  # the closing chat's question, reply and whether it is right
+MARGINS: dict[str, list[float]] = {}  # each stage's held-out log-prob margins, pair by pair
+
+
+def _stage(out: Path, stage: str, extra: list[str], reference: str | None = None) -> str:
+    """Train a stage, then score its model (dpo: the merged LoRA) on the held-out files."""
+    r = _train(out, stage, extra)
+    model_dir = out / stage
+    if stage == "dpo":
+        from bumblefast.merge_lora import merge_lora
+
+        model_dir = out / "dpo_merged"
+        merge_lora(out / "sft", out / "dpo", model_dir)
+    ref = {"margins": MARGINS[reference]} if reference else None
+    held = _evaluate(model_dir, out / stage, r["steps"], ref)
+    MARGINS[stage] = held.pop("_margins")
+    RESULTS[stage] = {**r, **held}
+    return _row_text(RESULTS[stage])
+
+
 def step_pretrain(out: Path, seed: int) -> str:
-    RESULTS["pretrain"] = {
-        **_train(out, "pretrain", ["--tokenizer_name_or_path", str(out / "tokenizer")]),
-        **_evaluate(out / "pretrain"),
-    }
-    return _row_text(RESULTS["pretrain"])
+    return _stage(out, "pretrain", ["--tokenizer_name_or_path", str(out / "tokenizer")])
 
 
 def step_sft(out: Path, seed: int) -> str:
-    RESULTS["sft"] = {**_train(out, "sft", ["--model_name_or_path", str(out / "pretrain")]), **_evaluate(out / "sft")}
-    return _row_text(RESULTS["sft"])
+    return _stage(out, "sft", ["--model_name_or_path", str(out / "pretrain")])
 
 
 def step_dpo(out: Path, seed: int) -> str:
-    from bumblefast.merge_lora import merge_lora
-
-    RESULTS["dpo"] = _train(out, "dpo", ["--model_name_or_path", str(out / "sft")])
-    merge_lora(out / "sft", out / "dpo", out / "dpo_merged")
-    RESULTS["dpo"].update(_evaluate(out / "dpo_merged"))
-    return _row_text(RESULTS["dpo"])
+    return _stage(out, "dpo", ["--model_name_or_path", str(out / "sft")], reference="sft")
 
 
 def step_chat(out: Path, seed: int) -> str:
     """One question through `bumblefast chat --prompt`, as a user would ask it."""
-    from bumblefast.evaluate import load_records
+    from bumblefast.evaluate import is_correct, load_records
 
     question = load_records(DEMO_DATA / "sft_test.json")[0]
+    prompt = question["instruction"] + ("\n" + question["input"] if question.get("input") else "")
     cmd = [
         sys.executable,
         "-m",
@@ -172,14 +193,16 @@ def step_chat(out: Path, seed: int) -> str:
         "--model_path",
         str(out / "dpo_merged"),
         "--prompt",
-        question["instruction"],
+        prompt,
         "--temperature",
         "0",
         "--max_new_tokens",
         "16",
     ]
     reply = subprocess.run(cmd, check=True, capture_output=True, text=True, env=_child_env()).stdout.strip()
-    return f"Q: {question['instruction']!r} -> A: {reply!r} (expected {question['output']!r}, a held-out question)"
+    CHAT.update(question=prompt, answer=reply, expected=question["output"])
+    CHAT["correct"] = is_correct(reply, question["output"])
+    return f"Q: {prompt!r} -> A: {reply!r} (expected {question['output']!r}, a held-out question)"
 
 
 def step_plots(out: Path, seed: int) -> str:
@@ -190,10 +213,14 @@ def step_plots(out: Path, seed: int) -> str:
 
 
 def _row_text(r: dict) -> str:
-    return (
+    text = (
         f"{r['steps']} steps, {r['tokens_per_sec']:.0f} tok/s, loss {r['loss']:.3f}, held-out answers "
-        f"{r['answer_accuracy']:.0%}, held-out preferences {r['preference_accuracy']:.0%}"
+        f"{r['answer_accuracy']:.0%} (NLL {r['answer_nll']:.3f}), held-out preferences "
+        f"{r['preference_accuracy']:.0%} (margin {r['preference_margin']:.2f})"
     )
+    if "reward_margin" in r:
+        text += f", held-out reward margin {r['reward_margin']:.2f} (accuracy {r['reward_accuracy']:.0%})"
+    return text
 
 
 def step_model(out: Path, seed: int) -> str:
@@ -219,7 +246,17 @@ STEPS: list[tuple[str, Callable[[Path, int], str]]] = [
 
 
 def stage_table() -> str:
-    head = ("stage", "steps", "tokens/s", "final loss", "held-out answers", "held-out preferences")
+    head = (
+        "stage",
+        "steps",
+        "tokens/s",
+        "final loss",
+        "answers",
+        "answer NLL",
+        "preferences",
+        "pref. margin",
+        "reward margin (acc.)",
+    )
     rows = [head] + [
         (
             name,
@@ -227,7 +264,10 @@ def stage_table() -> str:
             f"{r['tokens_per_sec']:.0f}",
             f"{r['loss']:.3f}",
             f"{r['answer_accuracy']:.0%}",
+            f"{r['answer_nll']:.3f}",
             f"{r['preference_accuracy']:.0%}",
+            f"{r['preference_margin']:.2f}",
+            f"{r['reward_margin']:.2f} ({r['reward_accuracy']:.0%})" if "reward_margin" in r else "-",
         )
         for name, r in RESULTS.items()
     ]
@@ -254,9 +294,13 @@ def run_demo(out: str | Path = "demo_out", seed: int = 0, threads: int = DEFAULT
     for row in [("step", "time", "result")] + rows:
         print("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)))
     if RESULTS:
-        print("\nstages (held-out = questions never asked in SFT or DPO)")
+        print(
+            "\nstages, on held-out questions (never asked in SFT or DPO): answers right and the answer's"
+            "\nNLL per token; preferences right and the mean log-prob margin chosen - rejected (nats);"
+            "\nDPO's implicit reward margin beta * (margin - SFT's margin) and the pairs where it is > 0"
+        )
         print(stage_table())
-        (out / "summary.json").write_text(json.dumps(RESULTS, indent=2))
+        (out / "summary.json").write_text(json.dumps({**RESULTS, "chat": CHAT}, indent=2, ensure_ascii=False))
     print(f"\noutputs in {out.resolve()}")
     return 0
 

@@ -7,9 +7,13 @@
   through the chat template: correct when equal after stripping or, for a numeric reference,
   when the answer states that number and no other ("The answer is 7." answers "7", as
   GSM8K-style scoring reads the number out of a sentence; "3 + 4 = 7" or a list of numbers
-  does not); `exact_match` is also reported.
+  does not); `exact_match` is also reported, and `answer_nll`: the mean per-token NLL of the
+  reference replies' tokens (without the closing `<|im_end|>`, which a pretrained model has
+  never seen), a measure that moves smoothly where the accuracy flips question by question.
 - `preference_accuracy`: fraction of preference pairs whose chosen reply gets a higher
-  summed log-prob than the rejected one under the model, and the mean margin.
+  summed log-prob than the rejected one under the model, the mean margin and each pair's.
+- `reward_margins`: DPO's implicit reward margin beta * (policy margin - reference margin)
+  of each pair, from two `preference_accuracy` results on the same pairs.
 """
 
 from __future__ import annotations
@@ -75,15 +79,21 @@ def is_correct(answer: str, expected: str) -> bool:
 
 
 def _stop_ids(tok) -> list[int]:
-    return [tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", tok.eos_token) if t in tok.get_vocab()]
+    from bumblefast.train.export import stop_tokens  # the template's end of turn (Llama 3: <|eot_id|>) + eos
+
+    return [tok.convert_tokens_to_ids(t) for t in stop_tokens(tok)]
 
 
 @torch.no_grad()
 def answer_accuracy(model_path: str | Path, records: list[dict], max_new_tokens: int = 32) -> dict:
     tok, model = _load(model_path)
     correct, exact, examples = 0, 0, []
+    nll, n_tokens = 0.0, 0
     for rec in records:
-        text = tok.apply_chat_template(_prompt_messages(rec), tokenize=False, add_generation_prompt=True)
+        msgs = _prompt_messages(rec)
+        logp, count = _reply_logp(model, tok, msgs, rec["output"], with_count=True, end="")
+        nll, n_tokens = nll - logp, n_tokens + count
+        text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         ids = tok(text, return_tensors="pt", add_special_tokens=False)
         out = model.generate(
             **ids,
@@ -98,16 +108,24 @@ def answer_accuracy(model_path: str | Path, records: list[dict], max_new_tokens:
         if len(examples) < 3:
             examples.append({"question": rec["instruction"], "answer": answer, "expected": rec["output"]})
     n = max(len(records), 1)
-    return {"accuracy": correct / n, "exact_match": exact / n, "n": len(records), "examples": examples}
+    return {
+        "accuracy": correct / n,
+        "exact_match": exact / n,
+        "answer_nll": nll / max(n_tokens, 1),
+        "n": len(records),
+        "examples": examples,
+    }
 
 
-def _reply_logp(model, tok, prompt_msgs: list[dict], reply: str) -> float:
+def _reply_logp(model, tok, prompt_msgs: list[dict], reply: str, with_count: bool = False, end: str = "<|im_end|>"):
+    """Summed log-prob of `reply` + `end` after the prompt (and its token count)."""
     prompt = tok.apply_chat_template(prompt_msgs, tokenize=False, add_generation_prompt=True)
     p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
-    r_ids = tok(reply + "<|im_end|>", add_special_tokens=False)["input_ids"]
+    r_ids = tok(reply + end, add_special_tokens=False)["input_ids"]
     ids = torch.tensor([p_ids + r_ids])
     logits = model(ids, use_cache=False).logits[0, len(p_ids) - 1 : -1].float()
-    return float(torch.log_softmax(logits, -1).gather(1, torch.tensor(r_ids)[:, None]).sum())
+    logp = float(torch.log_softmax(logits, -1).gather(1, torch.tensor(r_ids)[:, None]).sum())
+    return (logp, len(r_ids)) if with_count else logp
 
 
 def _pair(rec: dict) -> tuple[list[dict], str, str]:
@@ -134,7 +152,18 @@ def preference_accuracy(model_path: str | Path, records: list[dict]) -> dict:
         wins += margin > 0
         margins.append(margin)
     n = max(len(records), 1)
-    return {"preference_accuracy": wins / n, "mean_margin": sum(margins) / n, "n": len(records)}
+    return {"preference_accuracy": wins / n, "mean_margin": sum(margins) / n, "n": len(records), "margins": margins}
+
+
+def reward_margins(policy: dict, reference: dict, beta: float) -> dict:
+    """DPO's implicit rewards on held-out pairs: each pair's beta * (policy margin - reference
+    margin), from `preference_accuracy` of the trained and the reference model on the same
+    pairs; `reward_accuracy` is the fraction above 0 (what DPO's rewards/accuracies counts)."""
+    if len(policy["margins"]) != len(reference["margins"]):
+        raise ValueError("policy and reference were scored on different pairs")
+    rewards = [beta * (p - r) for p, r in zip(policy["margins"], reference["margins"])]
+    n = max(len(rewards), 1)
+    return {"reward_margin": sum(rewards) / n, "reward_accuracy": sum(r > 0 for r in rewards) / n}
 
 
 @torch.no_grad()
@@ -155,6 +184,23 @@ def heldout_loss(model_path: str | Path, shards: str | Path, batch_size: int = 8
 
 
 @torch.no_grad()
+def pair_margins(model, b: dict) -> torch.Tensor:
+    """logp(chosen) - logp(rejected) per pair of a packed dpo batch (chosen = even segments)."""
+    n = b["cu_seqlens"].numel() - 1
+    logps = model.segment_logps(
+        b["input_ids"],
+        b["position_ids"],
+        b["cu_seqlens"],
+        int(b["max_seqlen"]),
+        b["labels"],
+        b["segment_ids"],
+        n,
+        kv_prefix=b.get("kv_prefix"),
+    )
+    return logps[0::2] - logps[1::2]
+
+
+@torch.no_grad()
 def preference_from_shards(model_path: str | Path, shards: str | Path, batch_size: int = 8) -> dict:
     """Preference accuracy and mean margin over packed dpo shards (chosen = even segments)."""
     from bumblefast.model import Bumblebee
@@ -163,18 +209,7 @@ def preference_from_shards(model_path: str | Path, shards: str | Path, batch_siz
     model = Bumblebee.from_pretrained(model_path, torch_dtype=torch.float32).eval()
     wins, margins = 0, []
     for b in build_loader(str(shards), batch_size=batch_size, shuffle=False):
-        n = b["cu_seqlens"].numel() - 1
-        logps = model.segment_logps(
-            b["input_ids"],
-            b["position_ids"],
-            b["cu_seqlens"],
-            int(b["max_seqlen"]),
-            b["labels"],
-            b["segment_ids"],
-            n,
-            kv_prefix=b.get("kv_prefix"),
-        )
-        margin = (logps[0::2] - logps[1::2]).tolist()
+        margin = pair_margins(model, b).tolist()
         wins += sum(m > 0 for m in margin)
         margins += margin
     n = max(len(margins), 1)

@@ -48,6 +48,11 @@ def chatml_template(default_system: str = DEFAULT_SYSTEM_PROMPT) -> str:
     )
 
 
+def template_texts(system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> list[str]:
+    """The text chatml_template wraps around every conversation, without the special tokens."""
+    return [f"system\n{system_prompt}", "\nuser\n", "\nassistant\n"]
+
+
 def iter_texts(path: str | Path) -> Iterator[str]:
     """Every string in a .txt (lines), .jsonl or .json (array) file, for tokenizer training."""
     path = Path(path)
@@ -93,7 +98,11 @@ def train_tokenizer(
     min_frequency: int = 2,
 ):
     """Train a byte-level BPE of `vocab_size` ids (specials included) and save it as a folder
-    that `AutoTokenizer.from_pretrained` loads. Deterministic for the same input."""
+    that `AutoTokenizer.from_pretrained` loads. Deterministic for the same input.
+
+    The chat template's own text (role names, default system prompt) is part of the corpus,
+    once per ten input texts: every chat the model reads carries it, and a corpus without it
+    left "assistant" as 7 tokens, so an answer sat 11 tokens after its question (docs/LOG.md)."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -120,9 +129,12 @@ def train_tokenizer(
         show_progress=False,
     )
 
+    n_texts = sum(1 for f in files for _ in iter_texts(f))
+
     def corpus() -> Iterator[str]:
         for f in files:
             yield from iter_texts(f)
+        yield from template_texts(system_prompt) * max(min_frequency, n_texts // 10)
 
     tok.train_from_iterator(corpus(), trainer=trainer)
     hf = PreTrainedTokenizerFast(

@@ -62,7 +62,8 @@ QUESTION_TEMPLATES = [
     ("计算：{a} + {b} =", ""),
     ("请填空：{a} + {b} =", ""),
 ]
-FOLLOW_UPS = ["And {a} + {b} =", "Now {a} + {b} =", "那 {a} + {b} ="]
+# follow-up turns end "= " like every question (ending "=" they moved the answer slot one token)
+FOLLOW_UPS = ["And {a} + {b} = ", "Now {a} + {b} = ", "那 {a} + {b} = "]
 # plain-text questions in pretraining (no chat format), each followed by the fact
 PRETRAIN_QUESTIONS = ["What is {a} + {b}?", "Compute {a} plus {b}."]
 # plain-text exchanges in pretraining: none of QUESTION_TEMPLATES' phrasings, no chat tokens

@@ -72,6 +72,9 @@ def test_answers_are_correct_and_held_out_questions_unseen_in_finetuning():
     test = {alpaca(r) for r in demo["sft_test.json"]}
     test |= {(r["conversations"][-1]["value"], r["chosen"]["value"]) for r in demo["dpo_test.json"]}
     assert all(a + b == c for a, b, c in (qa(*x) for x in trained | test))
+    # every question, follow-ups included, ends "= ": the answer slot is the same few tokens
+    # after the space where pretraining text predicts the sum (docs/LOG.md, 2026-12-02)
+    assert all(q.endswith(" = ") for q, _ in trained | test)
     # no held-out question is ever asked in SFT or DPO...
     assert {q for q, _ in trained}.isdisjoint({q for q, _ in test})
     # ...but every fact is trained in some phrasing, and stated in the pretraining text

@@ -23,12 +23,12 @@ def hf(model_dir):
     )
 
 
-def reply_logp(model, tok, question: str, reply: str) -> float:
+def reply_logp(model, tok, question: str, reply: str, end: str = "<|im_end|>") -> float:
     prompt = tok.apply_chat_template(
         [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
     )
     p = tok(prompt, add_special_tokens=False)["input_ids"]
-    r = tok(reply + "<|im_end|>", add_special_tokens=False)["input_ids"]
+    r = tok(reply + end, add_special_tokens=False)["input_ids"]
     with torch.no_grad():
         logits = model(torch.tensor([p + r]), use_cache=False).logits[0]
     logp = torch.log_softmax(logits, -1)
@@ -92,6 +92,7 @@ def test_preference_accuracy_and_margin(model_dir, tmp_path):
     from_file = evaluate(model_dir, tmp_path / "pairs.json")
     assert from_file["preference_accuracy"] == expected_acc
     assert from_file["mean_margin"] == pytest.approx(sum(margins) / len(margins), rel=1e-4, abs=1e-4)
+    assert from_file["margins"] == pytest.approx(margins, rel=1e-4, abs=1e-4)
 
     manifest = run_prep(
         PrepConfig(
@@ -131,6 +132,11 @@ def test_answer_accuracy_and_cli(model_dir, tmp_path, capsys):
     result = json.loads((tmp_path / "r.json").read_text())
     # a random model does not answer correctly; the example shows what it produced
     assert result["stage"] == "sft" and result["n"] == 1 and result["accuracy"] == 0.0
+    # the reference reply's NLL per token (its tokens, not <|im_end|>), by hand with transformers
+    model, tok = hf(model_dir)
+    n_tokens = len(tok("2 + 3 = 5", add_special_tokens=False)["input_ids"])
+    expected_nll = -reply_logp(model, tok, "What is 2 + 3?", "2 + 3 = 5", end="") / n_tokens
+    assert result["answer_nll"] == pytest.approx(expected_nll, rel=1e-5)
     assert result["examples"][0]["expected"] == "2 + 3 = 5"
     assert json.loads(capsys.readouterr().out) == result
     (tmp_path / "bad.json").write_text(json.dumps([{"text": "x"}]))
@@ -157,3 +163,14 @@ def test_is_correct(answer, expected, ok):
     from bumblefast.evaluate import is_correct
 
     assert is_correct(answer, expected) is ok
+
+
+def test_reward_margins_are_dpo_implicit_rewards():
+    from bumblefast.evaluate import reward_margins
+
+    # policy margins 3, -1, 2 against reference margins 1, 0, 2.5: rewards 0.5 * (2, -1, -0.5)
+    got = reward_margins({"margins": [3.0, -1.0, 2.0]}, {"margins": [1.0, 0.0, 2.5]}, beta=0.5)
+    assert got["reward_margin"] == pytest.approx(0.5 * (2 - 1 - 0.5) / 3)
+    assert got["reward_accuracy"] == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match="different pairs"):
+        reward_margins({"margins": [1.0]}, {"margins": [1.0, 2.0]}, beta=0.1)

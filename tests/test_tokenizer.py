@@ -41,6 +41,18 @@ def test_specials_and_digits(tok):
     assert ids[0] == 1
 
 
+def test_chat_template_words_are_whole_tokens(tok):
+    """The template's role names and default system prompt are in the tokenizer's corpus, so a
+    chat's frame is a few tokens (the demo answer sits 5 tokens after its question, not 11)."""
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "2 + 3 = "}], tokenize=False, add_generation_prompt=True
+    )
+    tokens = tok.tokenize(prompt)
+    assert tokens[-3:] == ["<|im_start|>", "assistant", "Ċ"]
+    assert tokens[:3] == ["<|im_start|>", "system", "Ċ"] and "user" in tokens
+    assert tokens.index("<|im_end|>") <= 12  # "You are a helpful assistant." is a handful of words
+
+
 def test_chat_template(tok):
     msgs = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "2 + 2 = 4"}]
     text = tok.apply_chat_template(msgs, tokenize=False)
