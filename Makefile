@@ -65,7 +65,7 @@ browser:
 	fi
 
 test: $(VENV)/.installed browser
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q --durations=40
 
 # Its own DeepSpeed op cache: ops JIT-built from the other venv's sources would be rebuilt in place.
 test-old-pins: $(OLD_VENV)/.installed
