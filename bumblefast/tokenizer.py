@@ -153,11 +153,27 @@ def train_tokenizer(
     return hf
 
 
+# tokenizer_config.json classes that AutoTokenizer resolves to PreTrainedTokenizerFast itself
+# (TokenizersBackend is its transformers 5 name): loaded directly, as AutoTokenizer would, but without
+# importing AutoTokenizer's model registry, which imports torch (~1.5 CPU-s of prep's start-up).
+GENERIC_FAST_CLASSES = ("PreTrainedTokenizerFast", "TokenizersBackend")
+
+
+def tokenizer_class_name(path: Path) -> str | None:
+    try:
+        return json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8")).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):
+        return None  # AutoTokenizer reads (and reports) it
+
+
 def load_tokenizer(name_or_path: str | Path):
     """AutoTokenizer from a local folder, with an error that says what is missing."""
-    from transformers import AutoTokenizer
-
     path = Path(name_or_path)
+    if path.is_dir() and tokenizer_class_name(path) in GENERIC_FAST_CLASSES:
+        from transformers import PreTrainedTokenizerFast as AutoTokenizer
+    else:
+        from transformers import AutoTokenizer
+
     if not path.is_dir():
         raise FileNotFoundError(
             f"tokenizer folder not found: {path} (train one with `bumblefast tokenizer train` "

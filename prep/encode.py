@@ -69,8 +69,10 @@ class Encoder:
         from transformers.utils.chat_template_utils import _compile_jinja_template
 
         from bumblefast.tokenizer import load_tokenizer
+        from bumblefast.tokenizer_backend import FastokensLoad
 
         self.s = settings
+        loading = FastokensLoad.start(settings.tokenizer_path, settings.tokenizer_backend)  # beside the HF load
         self.hf = load_tokenizer(settings.tokenizer_path)
         self.eos_id = self.hf.eos_token_id
         if self.eos_id is None:
@@ -85,9 +87,9 @@ class Encoder:
             self.template = _compile_jinja_template(self.hf.chat_template)
         self.special = dict(self.hf.special_tokens_map)
         self.special.pop("additional_special_tokens", None)
-        self.bulk, self.backend = self._open_backend(first_records)
+        self.bulk, self.backend = self._open_backend(first_records, loading)
 
-    def _open_backend(self, first_records):
+    def _open_backend(self, first_records, loading=None):
         """The bulk tokenizer; `auto` verifies fastokens against HF on a fixed sample plus the
         input's first records (rendered as prep will tokenize them) and falls back to HF."""
         from bumblefast.tokenizer_backend import open_encoder
@@ -104,6 +106,7 @@ class Encoder:
             self.s.tokenizer_backend,
             offsets=self.s.stage != "pretrain",
             extra_sample=sample,
+            loaded=loading,
         )
 
     def texts_of(self, rec) -> list[str]:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bumblefast.prep.sources import BadRecord, RawJSON, TextLine, iter_records
+from bumblefast.shards.mds_writer import parse_bytes  # noqa: F401 - re-exported: prep.run uses it
 
 SPLITTABLE = (".jsonl",)
 LINE_FILES = (".jsonl", ".txt")  # cut into byte ranges by tasks
@@ -139,17 +140,6 @@ class Task:
     @property
     def files(self) -> list[str]:
         return list(dict.fromkeys(p.path for p in self.pieces))
-
-
-def parse_bytes(value: str | int) -> int:
-    """'64mb', '1gb', '500kb', '4096' -> bytes (powers of 1024, as streaming's size_limit)."""
-    if isinstance(value, int):
-        return value
-    s = str(value).strip().lower()
-    for suffix, mult in (("kb", 1 << 10), ("mb", 1 << 20), ("gb", 1 << 30), ("tb", 1 << 40), ("b", 1)):
-        if s.endswith(suffix):
-            return int(float(s[: -len(suffix)]) * mult)
-    return int(s)
 
 
 def _row_group_bytes(path: str) -> list[int]:

@@ -207,12 +207,7 @@ def _timed(it: Iterator, box: list[float]) -> Iterator:
 
 def run_task(ctx: TaskContext, task: Task, on_records=None) -> dict[str, Any]:
     """Run one task to its finished folder; returns its task manifest (also in task.json)."""
-    from bumblefast.shards.streaming_install import missing_streaming
-
-    try:
-        from streaming import MDSWriter
-    except ModuleNotFoundError as e:  # installed --no-deps: a plain `pip install bumblefast` lacks it
-        raise missing_streaming(e) from e
+    from bumblefast.shards.mds_writer import open_writer
 
     enc = encode.current_encoder()
     t0, cpu0 = time.perf_counter(), time.process_time()
@@ -221,7 +216,7 @@ def run_task(ctx: TaskContext, task: Task, on_records=None) -> dict[str, Any]:
         packer = PretrainPacker(ctx.seq_len)
     else:
         packer = BFDPacker(ctx.seq_len, ctx.pack_window, ctx.shared)
-    mds = MDSWriter(
+    mds = open_writer(  # local: streaming's bytes without importing it; remote: streaming's MDSWriter
         out=(str(local), remote) if remote else str(local),
         columns=ctx.columns,
         compression=ctx.compression or None,

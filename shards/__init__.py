@@ -16,17 +16,35 @@ if __name__ != "bumblefast.shards":  # this folder imported by its own name, e.g
         "(as a top-level `shards` it would load a second copy of every module in it)"
     )
 
-from bumblefast.shards.collate import IGNORE_INDEX, collate_rows  # noqa: E402
-from bumblefast.shards.manifest import (  # noqa: E402
-    MANIFEST_NAME,
-    SCHEMA_VERSION,
-    Manifest,
-    ManifestError,
-    read_manifest,
-    staged_output,
-)
-from bumblefast.shards.reader import ResumeError, ShardDataset, ShardLoader, build_loader  # noqa: E402
-from bumblefast.shards.schema import SEGMENT_COLUMN, columns, token_dtype  # noqa: E402
+# Names resolved on first use (PEP 562): prep imports bumblefast.shards.manifest and .schema, and
+# must not pay for collate's torch or the reader's streaming (~4 CPU-s) to do so.
+_HOMES = {
+    "IGNORE_INDEX": "collate",
+    "collate_rows": "collate",
+    "MANIFEST_NAME": "manifest",
+    "SCHEMA_VERSION": "manifest",
+    "Manifest": "manifest",
+    "ManifestError": "manifest",
+    "read_manifest": "manifest",
+    "staged_output": "manifest",
+    "ResumeError": "reader",
+    "ShardDataset": "reader",
+    "ShardLoader": "reader",
+    "build_loader": "reader",
+    "SEGMENT_COLUMN": "schema",
+    "columns": "schema",
+    "token_dtype": "schema",
+}
+
+
+def __getattr__(name: str):
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'bumblefast.shards' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f"bumblefast.shards.{home}"), name)
+
 
 __all__ = [
     "IGNORE_INDEX",

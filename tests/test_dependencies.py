@@ -77,7 +77,9 @@ def test_the_streaming_pin_is_the_same_everywhere():
 
 
 def test_a_missing_streaming_names_the_install_command():
-    probe = "import sys; sys.modules['streaming'] = None; import bumblefast.shards"
+    # bumblefast.shards resolves its names lazily (prep's start-up needs no streaming): the reader is
+    # where a missing streaming is met
+    probe = "import sys; sys.modules['streaming'] = None; from bumblefast.shards import build_loader"
     res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=subprocess_env())
     assert res.returncode == 1
     assert "ModuleNotFoundError" in res.stderr and INSTALL_COMMAND in res.stderr, res.stderr[-2000:]

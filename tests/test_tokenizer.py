@@ -86,3 +86,22 @@ def test_deterministic_and_bad_input(tmp_path):
         train_tokenizer([bad], 300, tmp_path / "c")
     with pytest.raises(UserError, match="vocab_size must be at least"):
         train_tokenizer([src], 100, tmp_path / "d")
+
+
+def test_load_tokenizer_is_what_autotokenizer_loads(demo_tokenizer_dir):
+    """The generic-class shortcut (no AutoTokenizer import, so no torch in prep) loads the same
+    class with the same ids, specials and template as AutoTokenizer."""
+    from transformers import AutoTokenizer
+
+    from bumblefast.tokenizer import GENERIC_FAST_CLASSES, load_tokenizer, tokenizer_class_name
+
+    assert tokenizer_class_name(demo_tokenizer_dir) in GENERIC_FAST_CLASSES
+    ours, ref = load_tokenizer(demo_tokenizer_dir), AutoTokenizer.from_pretrained(str(demo_tokenizer_dir))
+    assert type(ours) is type(ref)
+    assert (len(ours), ours.eos_token_id, ours.pad_token_id, ours.chat_template) == (
+        len(ref), ref.eos_token_id, ref.pad_token_id, ref.chat_template
+    )  # fmt: skip
+    text = "Hello, world! 你好 <|im_start|>user\nhi<|im_end|>"
+    assert ours(text)["input_ids"] == ref(text)["input_ids"]
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    assert ours.apply_chat_template(msgs, tokenize=False) == ref.apply_chat_template(msgs, tokenize=False)
