@@ -168,7 +168,68 @@ def shared_prompt_table(run: dict[str, Any], source: str) -> str:
     return "\n".join(lines)
 
 
-TABLES = {"serve": serve_table, "shared_prompt": shared_prompt_table}
+def prep_scale_table(run: dict[str, Any], source: str) -> str:
+    """bench_prep_scale.py's scale runs: wall (median, range), CPU, rate and peak RSS per size and
+    worker count, then 2 workers vs 1 at each size (wall medians; "within noise" where ranges meet)."""
+    load = lambda xs: "/".join(f"{x:.1f}" for x in xs[:1])  # noqa: E731 - 1-minute load average
+    lines = [
+        f"`{source}`: {run['host']}, {run['cpus']} CPUs, {run['date']}, tokenizer {Path(run['tokenizer']).name}, "
+        f"load average {load(run['load_at_start'])} at start, {load(run['load_at_end'])} at end:",
+        "",
+    ]
+    if run.get("scale"):
+        lines += [
+            "| stage | tokens | workers | wall s (median, range) | CPU s | tokens/s | peak RSS main / per worker MB |",
+            "|---|---:|---:|---|---:|---:|---|",
+        ]
+    if "startup" in run:
+        st, ph = run["startup"], run["startup"]["phases_in_process_median_s"]
+        w, verdict = st["wall_s"], "met" if st["wall_s"]["median"] <= st["target_wall_s"] else "MISSED"
+        lines.insert(1, (
+            f"\nstart-up ({st['records']} records): wall {w['median']:.2f} s (range {w['min']:.2f}-{w['max']:.2f}), "
+            f"CPU {st['cpu_s']['median']:.2f} s; target <= {st['target_wall_s']} s: {verdict}. In-process phases "
+            "(median s): " + ", ".join(f"{k} {v:.2f}" for k, v in ph.items() if k not in ("total", "run_prep"))
+        ))  # fmt: skip
+    if "kill" in run:
+        k = run["kill"]
+        verdict = "met" if k["rerun_fraction_of_full"] <= k["target_fraction"] else "MISSED"
+        lines.insert(1, (
+            f"\nSIGKILL after {k['killed_after_s']:.1f} s ({k['finished_at_kill']} of {k['tasks']} tasks finished, "
+            f"{k['tokens_target']:,} tokens, {k['workers']} workers), rerun {k['rerun']['wall_s']:.1f} s vs a full run's "
+            f"{k['full']['wall_s']:.1f} s = {k['rerun_fraction_of_full']:.0%} (target <= {k['target_fraction']:.0%}: "
+            f"{verdict}); byte-identical: {k['byte_identical']}"
+        ))  # fmt: skip
+    by_size: dict[tuple, dict[int, dict]] = {}
+    for r in run.get("scale", []):
+        w, rss = r["wall_s"], r["runs"][0]
+        workers_rss = max(rss["peak_rss_workers_mb"], default=None)
+        lines.append(
+            f"| {r['stage']} | {r['tokens']:,} | {r['workers']} | {w['median']:.1f} ({w['min']:.1f}-{w['max']:.1f}) | "
+            f"{r['cpu_s']['median']:.1f} | {r['tokens_per_s'] / 1e6:.2f}M | {rss['peak_rss_main_mb']:.0f}"
+            + (f" / {workers_rss:.0f}" if workers_rss else "")
+            + " |"
+        )
+        by_size.setdefault((r["stage"], r["tokens"]), {})[r["workers"]] = r
+    for r in run.get("scale", []):  # where one worker's time goes (s summed over its tasks)
+        prof = r["runs"][0].get("profile") or {}
+        if r["workers"] == 1 and prof.get("seconds"):
+            parts = {k: prof[k] for k in ("read", "encode", "write_mds", "pack_and_count") if k in prof}
+            lines.append(
+                f"\n{r['stage']} {r['tokens']:,} tokens, 1 worker, time in tasks: "
+                + ", ".join(f"{k.replace('_', ' ')} {v:.1f} s ({v / prof['seconds']:.0%})" for k, v in parts.items())
+            )
+    for (stage, tokens), ws in by_size.items():
+        if 1 in ws and 2 in ws:
+            one, two = ws[1]["wall_s"], ws[2]["wall_s"]
+            noise = " (within noise)" if two["max"] >= one["min"] else ""
+            lines.append(
+                f"\n{stage} {tokens:,} tokens: 2 workers {one['median'] / two['median']:.2f}x one worker's wall"
+                f" (range {one['min'] / two['max']:.2f}-{one['max'] / two['min']:.2f}){noise}"
+            )
+    return "\n".join(lines)
+
+
+TABLES = {"serve": serve_table, "shared_prompt": shared_prompt_table, "prep_scale": prep_scale_table}
 
 
 def render(text: str, root: Path = ROOT, path: str = "") -> str:

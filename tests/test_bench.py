@@ -233,3 +233,33 @@ def test_long_history_pairs_keep_the_whole_history_as_prompt(tmp_path):
     short = json.loads(sets[2][1].read_text(encoding="utf-8"))
     only = {"conversations": [turn("human", "short")], "chosen": turn("gpt", "x"), "rejected": turn("gpt", "x")}
     assert short == [only]  # one two-turn conversation: its "next" is itself
+
+
+def test_prep_scale_table_states_each_target_and_catches_a_hand_edit(tmp_path):
+    """bench_prep_scale's tables (README "Prep at scale"): start-up and kill verdicts from the JSON's
+    own targets, 2 workers vs 1 with its range, and a hand-edited wall time is caught by --check."""
+    import re
+
+    from bumblefast.benchreport import prep_scale_table, publish
+
+    base = {"date": "d", "host": "h", "cpus": 2, "tokenizer": "/x/qwen2", "load_at_start": [0.5], "load_at_end": [0.6]}
+    wall = lambda med, lo, hi: {"median": med, "min": lo, "max": hi}  # noqa: E731
+    row = lambda w, med, lo, hi: {  # noqa: E731
+        "stage": "pretrain", "tokens": 100, "workers": w, "wall_s": wall(med, lo, hi), "cpu_s": wall(1, 1, 1),
+        "tokens_per_s": 5e6, "runs": [{"peak_rss_main_mb": 500.0, "peak_rss_workers_mb": [400.0] * (w - 1 or 0)}],
+    }  # fmt: skip
+    text = prep_scale_table({**base, "scale": [row(1, 10.0, 9.0, 11.0), row(2, 5.0, 4.0, 6.0)]}, "s.json")
+    assert "2 workers 2.00x one worker's wall (range 1.50-2.75)" in text and "within noise" not in text
+    text = prep_scale_table({**base, "scale": [row(1, 10.0, 9.0, 11.0), row(2, 9.5, 9.2, 10.0)]}, "s.json")
+    assert "(within noise)" in text
+    st = {"records": 200, "target_wall_s": 3.0, "wall_s": wall(3.2, 3.0, 3.5), "cpu_s": wall(3, 3, 3),
+          "phases_in_process_median_s": {"import": 0.1, "total": 2.0}}  # fmt: skip
+    assert "target <= 3.0 s: MISSED" in prep_scale_table({**base, "startup": st}, "s.json")
+    _copy_published(tmp_path)
+    readme = tmp_path / "README.md"
+    text = readme.read_text()
+    block = re.search(r"<!-- bench-table: prep_scale \S+scale-kill.*?<!-- bench-table: end -->", text, re.S).group(0)
+    edited = re.sub(r"\| (\d+\.\d) \(", "| 1.0 (", block, count=1)
+    assert edited != block
+    readme.write_text(text.replace(block, edited))
+    assert publish(None, check=True, root=tmp_path) == ["README.md"]
