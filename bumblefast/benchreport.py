@@ -193,12 +193,14 @@ def prep_scale_table(run: dict[str, Any], source: str) -> str:
     if "kill" in run:
         k = run["kill"]
         verdict = "met" if k["rerun_fraction_of_full"] <= k["target_fraction"] else "MISSED"
-        lines.insert(1, (
+        full, rerun, frac = k["full"]["wall_s"], k["rerun"]["wall_s"], k["rerun_fraction_of_full"]
+        lines.insert(
+            1,
             f"\nSIGKILL after {k['killed_after_s']:.1f} s ({k['finished_at_kill']} of {k['tasks']} tasks finished, "
-            f"{k['tokens_target']:,} tokens, {k['workers']} workers), rerun {k['rerun']['wall_s']:.1f} s "
-            f"vs a full run's {k['full']['wall_s']:.1f} s = {k['rerun_fraction_of_full']:.0%} (target <= {k['target_fraction']:.0%}: "
-            f"{verdict}); byte-identical: {k['byte_identical']}"
-        ))  # fmt: skip
+            f"{k['tokens_target']:,} tokens, {k['workers']} workers), rerun {rerun:.1f} s vs a full run's "
+            f"{full:.1f} s = {frac:.0%} (target <= {k['target_fraction']:.0%}: {verdict}); "
+            f"byte-identical: {k['byte_identical']}",
+        )
     by_size: dict[tuple, dict[int, dict]] = {}
     for r in run.get("scale", []):
         w, rss = r["wall_s"], r["runs"][0]
