@@ -177,7 +177,7 @@ def prep_scale_table(run: dict[str, Any], source: str) -> str:
         f"load average {load(run['load_at_start'])} at start, {load(run['load_at_end'])} at end:",
         "",
     ]
-    if run.get("scale"):
+    if run.get("scale") or run.get("sft"):
         lines += [
             "| stage | tokens | workers | wall s (median, range) | CPU s | tokens/s | peak RSS main / per worker MB |",
             "|---|---:|---:|---|---:|---:|---|",
@@ -201,6 +201,11 @@ def prep_scale_table(run: dict[str, Any], source: str) -> str:
             f"{full:.1f} s = {frac:.0%} (target <= {k['target_fraction']:.0%}: {verdict}); "
             f"byte-identical: {k['byte_identical']}",
         )
+    one = lambda x: {"median": x, "min": x, "max": x}  # noqa: E731 - a single run as a median/range
+    sft = [
+        {**r, "wall_s": one(r["wall_s"]), "cpu_s": one(r["cpu_s"]), "runs": [r]} for r in run.get("sft", [])
+    ]  # fmt: skip
+    run = {**run, "scale": run.get("scale", []) + sft}
     by_size: dict[tuple, dict[int, dict]] = {}
     for r in run.get("scale", []):
         w, rss = r["wall_s"], r["runs"][0]
