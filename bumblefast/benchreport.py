@@ -171,36 +171,34 @@ def shared_prompt_table(run: dict[str, Any], source: str) -> str:
 def prep_scale_table(run: dict[str, Any], source: str) -> str:
     """bench_prep_scale.py's scale runs: wall (median, range), CPU, rate and peak RSS per size and
     worker count, then 2 workers vs 1 at each size (wall medians; "within noise" where ranges meet)."""
-    load = lambda xs: "/".join(f"{x:.1f}" for x in xs[:1])  # noqa: E731 - 1-minute load average
     lines = [
         f"`{source}`: {run['host']}, {run['cpus']} CPUs, {run['date']}, tokenizer {Path(run['tokenizer']).name}, "
-        f"load average {load(run['load_at_start'])} at start, {load(run['load_at_end'])} at end:",
-        "",
+        f"load average {run['load_at_start'][0]:.1f} at start, {run['load_at_end'][0]:.1f} at end:",
     ]
+    if "startup" in run:
+        st, ph = run["startup"], run["startup"]["phases_in_process_median_s"]
+        w, verdict = st["wall_s"], "met" if st["wall_s"]["median"] <= st["target_wall_s"] else "MISSED"
+        lines.append(
+            f"\nstart-up ({st['records']} records): wall {w['median']:.2f} s (range {w['min']:.2f}-{w['max']:.2f}), "
+            f"CPU {st['cpu_s']['median']:.2f} s; target <= {st['target_wall_s']} s: {verdict}. In-process phases "
+            "(median s): " + ", ".join(f"{k} {v:.2f}" for k, v in ph.items() if k not in ("total", "run_prep"))
+        )
+    if "kill" in run:
+        k = run["kill"]
+        verdict = "met" if k["rerun_fraction_of_full"] <= k["target_fraction"] else "MISSED"
+        full, rerun, frac = k["full"]["wall_s"], k["rerun"]["wall_s"], k["rerun_fraction_of_full"]
+        lines.append(
+            f"\nSIGKILL after {k['killed_after_s']:.1f} s ({k['finished_at_kill']} of {k['tasks']} tasks finished, "
+            f"{k['tokens_target']:,} tokens, {k['workers']} workers), rerun {rerun:.1f} s vs a full run's "
+            f"{full:.1f} s = {frac:.0%} (target <= {k['target_fraction']:.0%}: {verdict}); "
+            f"byte-identical: {k['byte_identical']}"
+        )
+    lines.append("")
     if run.get("scale") or run.get("sft"):
         lines += [
             "| stage | tokens | workers | wall s (median, range) | CPU s | tokens/s | peak RSS main / per worker MB |",
             "|---|---:|---:|---|---:|---:|---|",
         ]
-    if "startup" in run:
-        st, ph = run["startup"], run["startup"]["phases_in_process_median_s"]
-        w, verdict = st["wall_s"], "met" if st["wall_s"]["median"] <= st["target_wall_s"] else "MISSED"
-        lines.insert(1, (
-            f"\nstart-up ({st['records']} records): wall {w['median']:.2f} s (range {w['min']:.2f}-{w['max']:.2f}), "
-            f"CPU {st['cpu_s']['median']:.2f} s; target <= {st['target_wall_s']} s: {verdict}. In-process phases "
-            "(median s): " + ", ".join(f"{k} {v:.2f}" for k, v in ph.items() if k not in ("total", "run_prep"))
-        ))  # fmt: skip
-    if "kill" in run:
-        k = run["kill"]
-        verdict = "met" if k["rerun_fraction_of_full"] <= k["target_fraction"] else "MISSED"
-        full, rerun, frac = k["full"]["wall_s"], k["rerun"]["wall_s"], k["rerun_fraction_of_full"]
-        lines.insert(
-            1,
-            f"\nSIGKILL after {k['killed_after_s']:.1f} s ({k['finished_at_kill']} of {k['tasks']} tasks finished, "
-            f"{k['tokens_target']:,} tokens, {k['workers']} workers), rerun {rerun:.1f} s vs a full run's "
-            f"{full:.1f} s = {frac:.0%} (target <= {k['target_fraction']:.0%}: {verdict}); "
-            f"byte-identical: {k['byte_identical']}",
-        )
     one = lambda x: {"median": x, "min": x, "max": x}  # noqa: E731 - a single run as a median/range
     sft = [
         {**r, "wall_s": one(r["wall_s"]), "cpu_s": one(r["cpu_s"]), "runs": [r]} for r in run.get("sft", [])

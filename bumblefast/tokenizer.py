@@ -170,9 +170,9 @@ def load_tokenizer(name_or_path: str | Path):
     """AutoTokenizer from a local folder, with an error that says what is missing."""
     path = Path(name_or_path)
     if path.is_dir() and tokenizer_class_name(path) in GENERIC_FAST_CLASSES:
-        from transformers import PreTrainedTokenizerFast as AutoTokenizer
+        from transformers import PreTrainedTokenizerFast as tokenizer_class
     else:
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer as tokenizer_class
 
     if not path.is_dir():
         raise FileNotFoundError(
@@ -180,7 +180,7 @@ def load_tokenizer(name_or_path: str | Path):
             "or point --tokenizer_name_or_path at a Hugging Face model folder)"
         )
     try:
-        return AutoTokenizer.from_pretrained(str(path))
+        return tokenizer_class.from_pretrained(str(path))
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: not a loadable tokenizer folder: {e}") from e
 

@@ -143,7 +143,7 @@ class LocalMDSWriter:
         with open(os.path.join(self.local, name), "wb") as f:
             f.write(data)
         shard = {"samples": n, "raw_data": raw_info, "zip_data": zip_info}
-        shard.update({k: v for k, v in self.config.items()})
+        shard.update(self.config)
         self.shards.append(shard)
 
     def finish(self) -> None:
