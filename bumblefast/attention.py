@@ -95,7 +95,7 @@ def choose_backend(backend: str, device_type: str, dtype: torch.dtype | None, fl
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
     """The backend to run on ``device`` for compute dtype ``dtype`` (see :func:`compute_dtype`;
-    None: assume half precision). The model records what it ran as ``last_attn_backend``."""
+    None: assume half precision)."""
     cuda = device.type == "cuda"
     return choose_backend(
         backend, device.type, dtype, cuda and flash_attn_available(), cuda and _varlen_fn() is not None

@@ -174,9 +174,7 @@ def heldout_loss(model_path: str | Path, shards: str | Path, batch_size: int = 8
     model = Bumblebee.from_pretrained(model_path, torch_dtype=torch.float32).eval()
     total, count = 0.0, 0
     for batch in build_loader(str(shards), batch_size=batch_size, shuffle=False):
-        loss, n = model.lm_loss(
-            batch["input_ids"], batch["position_ids"], batch["cu_seqlens"], int(batch["max_seqlen"]), batch["labels"]
-        )
+        loss, n = model.lm_loss(batch)
         total += float(loss)
         count += int(n)
     mean = total / max(count, 1)
@@ -184,19 +182,11 @@ def heldout_loss(model_path: str | Path, shards: str | Path, batch_size: int = 8
 
 
 @torch.no_grad()
-def pair_margins(model, b: dict) -> torch.Tensor:
+def pair_margins(model, batch) -> torch.Tensor:
     """logp(chosen) - logp(rejected) per pair of a packed dpo batch (chosen = even segments)."""
-    n = b["cu_seqlens"].numel() - 1
-    logps = model.segment_logps(
-        b["input_ids"],
-        b["position_ids"],
-        b["cu_seqlens"],
-        int(b["max_seqlen"]),
-        b["labels"],
-        b["segment_ids"],
-        n,
-        kv_prefix=b.get("kv_prefix"),
-    )
+    from bumblefast.train.objectives import segment_stats
+
+    logps = segment_stats(model, batch)[0]
     return logps[0::2] - logps[1::2]
 
 

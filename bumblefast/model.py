@@ -270,13 +270,28 @@ class DecoderLayer(nn.Module):
 
 
 class BumblebeeModel(nn.Module):
-    """The decoder body, named ``model`` inside :class:`Bumblebee` as in HF."""
+    """The decoder body, named ``model`` inside :class:`Bumblebee` as in HF: embedding, the
+    layer loop (each layer recomputed in backward when gradient checkpointing is on), final norm."""
 
     def __init__(self, config, arch: Arch, kernels: str = "auto"):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, arch, kernels) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, kernels)
+        self.gradient_checkpointing = False
+        self.checkpoint_kwargs: dict = {}
+
+    def forward(self, input_ids, cos, sin, plan: PackedPlan) -> torch.Tensor:
+        """Final-norm hidden states ``[T, hidden]`` of a flat packed stream, given its rotary
+        tables and attention plan (:meth:`Bumblebee.hidden_states` makes both)."""
+        x = self.embed_tokens(input_ids)
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for layer in self.layers:
+            if recompute:
+                x = checkpoint(layer, x, cos, sin, plan, **self.checkpoint_kwargs)
+            else:
+                x = layer(x, cos, sin, plan)
+        return self.norm(x)
 
 
 @torch.no_grad()
@@ -321,10 +336,7 @@ class Bumblebee(nn.Module):
         self.arch = arch_of(config)
         self.attn_backend = attn_backend
         self.kernels = kernels
-        self.gradient_checkpointing = False
-        self._ckpt_kwargs: dict = {}
         self._rope: dict = {}  # device -> (inv_freq, cos/sin scale), made once per device
-        self.last_attn_backend: str | None = None  # what the last forward ran (benchmark labels)
         self.model = BumblebeeModel(config, self.arch, kernels)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
@@ -370,16 +382,15 @@ class Bumblebee(nn.Module):
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **_):
         """Recompute each decoder layer in backward (activation checkpointing per layer)."""
-        self.gradient_checkpointing = True
-        self._ckpt_kwargs = dict(gradient_checkpointing_kwargs or {})
-        self._ckpt_kwargs.setdefault("use_reentrant", False)
+        self.model.gradient_checkpointing = True
+        self.model.checkpoint_kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
 
     def gradient_checkpointing_disable(self):
-        self.gradient_checkpointing = False
+        self.model.gradient_checkpointing = False
 
     @property
     def is_gradient_checkpointing(self) -> bool:
-        return self.gradient_checkpointing
+        return self.model.gradient_checkpointing
 
     # ------------------------------------------------------------------ forward
     @staticmethod
@@ -388,10 +399,14 @@ class Bumblebee(nn.Module):
         starts = torch.repeat_interleave(cu[:-1], cu[1:] - cu[:-1], output_size=n_tokens)
         return torch.arange(n_tokens, device=cu.device) - starts
 
-    def hidden_states(self, input_ids, position_ids, cu_seqlens, max_seqlen=None, kv_prefix=None) -> torch.Tensor:
-        """Final-norm hidden states ``[T, hidden]`` of a flat packed stream. ``kv_prefix``
-        (optional, ``[n_docs]``): document d also attends the first ``kv_prefix[d]`` tokens of
+    def hidden_states(self, batch) -> torch.Tensor:
+        """Final-norm hidden states ``[T, hidden]`` of a packed batch (``shards.collate.PackedBatch``:
+        ``input_ids``, ``position_ids``, ``cu_seqlens``, ``max_seqlen``, ``kv_prefix``). A
+        ``kv_prefix`` ``[n_docs]``: document d also attends the first ``kv_prefix[d]`` tokens of
         document d - 1 and its positions start there (a shared DPO prompt; see attention.py)."""
+        return self._hidden(batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen, batch.kv_prefix)
+
+    def _hidden(self, input_ids, position_ids, cu_seqlens, max_seqlen=None, kv_prefix=None) -> torch.Tensor:
         device = input_ids.device
         n_tok = input_ids.shape[0]
         if position_ids is None:
@@ -401,19 +416,13 @@ class Bumblebee(nn.Module):
                 position_ids = position_ids + torch.repeat_interleave(
                     kv_prefix.long().to(device), cu[1:] - cu[:-1], output_size=n_tok
                 )
-        x = self.model.embed_tokens(input_ids)
+        dtype = self.model.embed_tokens.weight.dtype  # the embedding's output dtype
         # the dtype q/k/v will have: autocast's when on (the embedding output stays fp32 there)
-        backend = self.resolved_attn(device, compute_dtype(device, x.dtype))
+        backend = self.resolved_attn(device, compute_dtype(device, dtype))
         plan = PackedPlan.build(cu_seqlens, max_seqlen, n_tok, backend, kv_prefix)
-        self.last_attn_backend = backend
         self._check_window(plan)
-        cos, sin = self.rope_cos_sin(position_ids, x.dtype)
-        for layer in self.model.layers:
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, plan, **self._ckpt_kwargs)
-            else:
-                x = layer(x, cos, sin, plan)
-        return self.model.norm(x)
+        cos, sin = self.rope_cos_sin(position_ids, dtype)
+        return self.model(input_ids, cos, sin, plan)
 
     def rope_cos_sin(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin tables ``[T, head_dim]`` (halves duplicated, HF layout) for per-token positions,
@@ -458,46 +467,19 @@ class Bumblebee(nn.Module):
         """Logits: ``[T, V]`` for flat packed input, ``[B, S, V]`` for ``[B, S]`` input."""
         shape = input_ids.shape
         ids, pos, cu, ms = self._flatten(input_ids, position_ids, cu_seqlens)
-        h = self.hidden_states(ids, pos, cu, max_seqlen if max_seqlen is not None else ms)
+        h = self._hidden(ids, pos, cu, max_seqlen if max_seqlen is not None else ms)
         logits = self.lm_head(h)
         return logits.view(*shape, -1)
 
-    def lm_loss(self, input_ids, position_ids, cu_seqlens, max_seqlen, labels):
-        """``(loss_sum, n_targets)``: summed next-token CE over ``labels != -100`` (labels are
-        already shifted: ``labels[i]`` is the target at position ``i``) via the fused
-        linear-CE, never the full logits. Divide by the global target count yourself."""
-        h = self.hidden_states(input_ids, position_ids, cu_seqlens, max_seqlen)
+    def lm_loss(self, batch):
+        """``(loss_sum, n_targets)`` of a packed batch: summed next-token CE over ``labels != -100``
+        (labels are already shifted: ``labels[i]`` is the target at position ``i``) via the fused
+        linear-CE, never the full logits. Divide by the global target count yourself. The DPO
+        head (per-segment log-probs) is ``train.objectives.segment_stats``."""
+        h = self.hidden_states(batch)
         ops = self.ops(h.device)
-        loss = ops.fused_linear_cross_entropy(h, self.lm_head.weight, labels, reduction="sum")
-        return loss, (labels != IGNORE_INDEX).sum()
-
-    def segment_logps(
-        self,
-        input_ids,
-        position_ids,
-        cu_seqlens,
-        max_seqlen,
-        labels,
-        segment_ids,
-        n_segments,
-        return_counts: bool = False,
-        kv_prefix=None,
-    ):
-        """Summed target log-probs per segment, fp32 ``[n_segments]`` (DPO's policy/ref logps).
-
-        ``segment_ids[i]`` is the segment of token ``i``; tokens with ``labels == -100`` add 0.
-        With ``return_counts=True`` returns ``(logps, counts)``, counts being the number of
-        target tokens per segment (int64), e.g. for length-normalised objectives.
-        ``kv_prefix``: shared-prompt rows (see :meth:`hidden_states`).
-        """
-        h = self.hidden_states(input_ids, position_ids, cu_seqlens, max_seqlen, kv_prefix)
-        ops = self.ops(h.device)
-        logps = ops.fused_linear_logprob(h, self.lm_head.weight, labels, segment_ids, n_segments)
-        if not return_counts:
-            return logps
-        counts = torch.zeros(n_segments, dtype=torch.long, device=h.device)
-        counts.index_add_(0, segment_ids, (labels != IGNORE_INDEX).long())
-        return logps, counts
+        loss = ops.fused_linear_cross_entropy(h, self.lm_head.weight, batch.labels, reduction="sum")
+        return loss, (batch.labels != IGNORE_INDEX).sum()
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())

@@ -4,7 +4,7 @@ Public API:
     schema: columns(stage, vocab_size, ref_logps=False), token_dtype(vocab_size), SEGMENT_COLUMN
     manifest: SCHEMA_VERSION, MANIFEST_NAME, Manifest (Manifest.read(path) -> Manifest),
               read_manifest(path) -> dict, staged_output(final) (write an output whole or not at all)
-    collate_rows(rows, stage, seq_len) -> dict[str, Tensor]   # the micro-batch contract
+    collate_rows(rows, stage, seq_len) -> PackedBatch   # the micro-batch contract (.to(device))
     build_loader(path, *, batch_size, seed=42, shuffle=True, num_canonical_nodes=1, ...)
         -> ShardLoader (StreamingDataLoader; state_dict()/load_state_dict() checked on resume)
     ShardDataset, ShardLoader, ResumeError
@@ -21,6 +21,7 @@ if __name__ != "bumblefast.shards":  # this folder imported by its own name, e.g
 _HOMES = {
     "IGNORE_INDEX": "collate",
     "collate_rows": "collate",
+    "PackedBatch": "collate",
     "MANIFEST_NAME": "manifest",
     "SCHEMA_VERSION": "manifest",
     "Manifest": "manifest",
@@ -58,6 +59,7 @@ __all__ = [
     "ShardLoader",
     "build_loader",
     "collate_rows",
+    "PackedBatch",
     "columns",
     "read_manifest",
     "staged_output",

@@ -69,7 +69,17 @@ class ShardLoader(StreamingDataLoader):
         self.meta = meta
 
     def _get_batch_size(self, batch: Any) -> int:
-        return len(batch["sample_ids"])
+        return len(batch.sample_ids)
+
+    def close(self) -> None:
+        """Stop streaming's background threads of an unfinished epoch: until that epoch would
+        have ended they hold the dataset and its shared memory (~50 file descriptors), so a
+        process that trains more than once (a notebook, the tests) would leak them."""
+        it, executor = getattr(self.dataset, "_iterator", None), getattr(self.dataset, "_executor", None)
+        if it is not None:
+            it.exit()
+        if executor is not None:
+            executor.shutdown(wait=True)
 
     def state_dict(self) -> dict[str, Any]:
         return {"version": STATE_VERSION, "meta": dict(self.meta), "streaming": super().state_dict()}

@@ -1,18 +1,17 @@
-"""Shared fixtures: the demo tokenizer (trained once per session), paths, a one-rank world."""
+"""Shared fixtures: the demo tokenizers and tiny models (made once per session), the real
+sample data, streaming's shared-memory clean-up, a one-rank world. Paths and plain helpers
+(prep, free_port, save_tiny_model) live in helpers.py."""
 
 from __future__ import annotations
 
+import glob
 import os
-import socket
 from pathlib import Path
 
 import pytest
+from helpers import DEMO, ROOT, SHARED_DATA, free_port, save_tiny_model
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-ROOT = Path(__file__).resolve().parent.parent
-DEMO_DATA = ROOT / "datasets" / "demo"
-SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
 @pytest.fixture(scope="session")
@@ -20,9 +19,41 @@ def demo_tokenizer_dir(tmp_path_factory) -> Path:
     from bumblefast.tokenizer import train_tokenizer
 
     out = tmp_path_factory.mktemp("tokenizer")
-    files = [DEMO_DATA / f for f in ("pretrain.json", "sft_alpaca.json", "sft_sharegpt.json", "dpo.json")]
+    files = [DEMO / f for f in ("pretrain.json", "sft_alpaca.json", "sft_sharegpt.json", "dpo.json")]
     train_tokenizer(files, 1024, out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tok_dir(tmp_path_factory) -> str:
+    """A BPE tokenizer trained on every demo JSON file (the prep/shards tests' vocabulary)."""
+    from bumblefast.tokenizer import train_tokenizer
+
+    out = tmp_path_factory.mktemp("tok")
+    train_tokenizer(sorted(glob.glob(str(DEMO / "*.json"))), 1024, out)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, demo_tokenizer_dir) -> Path:
+    """A seeded random tiny bumblebee with the demo tokenizer, in HF format."""
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_model"), demo_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def chatty_model_dir(tmp_path_factory, demo_tokenizer_dir) -> Path:
+    """The tiny model with context-dependent replies that never stop early (chat/serve tests)."""
+    return save_tiny_model(tmp_path_factory.mktemp("chatty_model"), demo_tokenizer_dir, chatty=True)
+
+
+@pytest.fixture
+def clean_shm():
+    """Streaming's stale shared memory removed before and after (a killed reader leaves it)."""
+    from streaming.base.util import clean_stale_shared_memory
+
+    clean_stale_shared_memory()
+    yield
+    clean_stale_shared_memory()
 
 
 @pytest.fixture
@@ -39,9 +70,7 @@ def one_rank():
     import torch
 
     saved = dict(os.environ)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     os.environ.update(
         RANK="0",
         LOCAL_RANK="0",

@@ -3,18 +3,76 @@
 from __future__ import annotations
 
 import os
+import socket
+import sys
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "datasets" / "demo"
 TINY = ROOT / "configs" / "models" / "bumblebee-tiny"
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+HOOKS_SCRIPT = ROOT / "tests" / "train_hooks.py"  # the CLI with the trainer's test callbacks
+
+# `bumblefast train` settings every end-to-end test shares: deterministic, small, no extras
+TRAIN_DEFAULTS = {
+    "warmup_ratio": 0,
+    "logging_steps": 1,
+    "save_steps": 1000,
+    "gradient_checkpointing": "false",
+    "kernels": "reference",
+    "seed": 0,
+    "deepspeed_config_path": ROOT / "configs" / "deepspeed" / "ds_z0.json",
+}
+
+
+def train_command(stage: str, *extra: str, nproc: int = 1, hooks: bool = False, **flags) -> list[str]:
+    """`bumblefast train --stage STAGE` with TRAIN_DEFAULTS < flags (as --key value) < extra
+    (later flags win); nproc > 1 under torchrun; hooks: tests/train_hooks.py instead of the CLI."""
+    entry = [str(HOOKS_SCRIPT)] if hooks else ["-m", "bumblefast"]
+    launcher = [sys.executable, *entry]
+    if nproc > 1:
+        port = str(29500 + os.getpid() % 1000 + 200 * (stage == "dpo"))
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
+        launcher += ["--master_port", port, *entry]
+    args = [x for k, v in {**TRAIN_DEFAULTS, **flags}.items() for x in (f"--{k}", str(v))]
+    return [*launcher, "train", "--stage", stage, *args, *extra]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prep(tok, out: Path, stage: str, inputs=(), seq_len: int = 256, **kw) -> dict:
+    """`bumblefast prep` in this process (no progress bar): the stage's inputs into shards at `out`."""
+    from bumblefast.config import PrepConfig
+    from bumblefast.prep.run import run_prep
+
+    cfg = PrepConfig(
+        stage=stage,
+        input=[str(p) for p in inputs],
+        tokenizer_name_or_path=str(tok),
+        seq_len=seq_len,
+        output_dir=str(out),
+        **kw,
+    )
+    return run_prep(cfg, progress=False)
+
+
+DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def subprocess_env(**extra) -> dict:
     """Environment for a `bumblefast` child process: one thread (the suite shares 2 cores),
     DeepSpeed's compiled ops in the per-checkout cache, unbuffered output."""
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    for key in DIST_ENV:  # a child starts its own world (an in-process one_rank run may have set these)
+        env.pop(key, None)
     env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
     env.update({k: str(v) for k, v in extra.items()})
     return env

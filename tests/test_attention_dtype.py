@@ -75,29 +75,37 @@ def test_model_resolves_with_the_compute_dtype_and_labels_what_ran(monkeypatch, 
     seen = _spy(monkeypatch, "sdpa_mask")
     ids = torch.randint(0, 96, (20,))
     cu = torch.tensor([0, 7, 20], dtype=torch.int32)
-    assert model.last_attn_backend is None
     with torch.autocast("cpu", dtype=amp or torch.bfloat16, enabled=amp is not None):
         model(ids, cu_seqlens=cu)
     assert seen["resolved"] == [want]
     # every layer ran the resolved kernel on inputs of the resolved dtype
     assert seen["ran"] == [("sdpa_mask", want, want, want)] * len(model.model.layers)
-    assert model.last_attn_backend == "sdpa_mask"
 
 
-def test_label_changes_with_the_dtype_of_the_last_forward(monkeypatch):
-    """The label is per forward, not fixed at construction: fp32 then bf16 autocast."""
+def test_backend_is_resolved_per_forward_by_its_compute_dtype(monkeypatch):
+    """The backend is chosen per forward, not fixed at construction: fp32, then bf16 autocast,
+    run different kernels, and resolved_attn (benchmark labels) names the one that ran."""
     model = make_model(tiny_config())
+    ran = []
 
     def resolve(backend, device, dtype=None):  # the CUDA rule with varlen installed, on CPU kernels
         return "sdpa_mask" if dtype in HALF else "sdpa"
 
+    for name in ("sdpa", "sdpa_mask"):
+
+        def run(q, k, v, plan, _kernel=A.ATTENTION[name]):
+            ran.append(plan.backend)
+            return _kernel(q, k, v, plan)
+
+        monkeypatch.setitem(A.ATTENTION, name, run)
     monkeypatch.setattr(M, "resolve_backend", resolve)
     ids = torch.randint(0, 96, (12,))
     model(ids)
-    assert model.last_attn_backend == "sdpa"
+    assert set(ran) == {"sdpa"} and model.resolved_attn("cpu", torch.float32) == "sdpa"
+    ran.clear()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(ids)
-    assert model.last_attn_backend == "sdpa_mask"
+    assert set(ran) == {"sdpa_mask"} and model.resolved_attn("cpu", torch.bfloat16) == "sdpa_mask"
 
 
 def test_refused_backends_say_why_a_faster_one_was_not_taken(monkeypatch):

@@ -12,12 +12,12 @@ import time
 
 import pytest
 import torch
-from helpers import ROOT, save_tiny_model, subprocess_env
+from helpers import ROOT, subprocess_env
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, demo_tokenizer_dir):
-    return save_tiny_model(tmp_path_factory.mktemp("chat_model"), demo_tokenizer_dir, chatty=True)
+def model_dir(chatty_model_dir):
+    return chatty_model_dir
 
 
 def greedy(model_dir, messages, n=24) -> str:
@@ -48,6 +48,8 @@ class Terminal:
             args, stdin=slave, stdout=slave, stderr=slave, cwd=ROOT, close_fds=True, env=subprocess_env()
         )
         os.close(slave)
+        self.poll = select.poll()
+        self.poll.register(self.master, select.POLLIN)
         self.buf = ""
         self.reads = 0
 
@@ -55,8 +57,7 @@ class Terminal:
         end = time.time() + timeout
         while marker not in self.buf:
             assert time.time() < end, f"timed out waiting for {marker!r}; got {self.buf[-2000:]!r}"
-            ready, _, _ = select.select([self.master], [], [], 0.5)
-            if ready:
+            if self.poll.poll(500):  # poll, not select: select fails on fds above 1023
                 try:
                     chunk = os.read(self.master, 4096).decode(errors="replace")
                 except OSError:

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 
 import pytest
+from helpers import ROOT
 
 from bumblefast import config as C
 from bumblefast.cli import main
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def write_yaml(tmp_path, text: str) -> str:

@@ -6,11 +6,10 @@ from __future__ import annotations
 import json
 import re
 import runpy
-from pathlib import Path
 
 import pytest
+from helpers import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 gen = runpy.run_path(str(ROOT / "datasets" / "make_demo.py"), run_name="make_demo")
 
 

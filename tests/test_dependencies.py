@@ -13,12 +13,11 @@ import sys
 from pathlib import Path
 
 import tomllib
-from helpers import subprocess_env
+from helpers import ROOT, subprocess_env
 from packaging.requirements import Requirement
 
 from bumblefast.shards.streaming_install import INSTALL_COMMAND, STREAMING, missing_streaming
 
-ROOT = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 
 

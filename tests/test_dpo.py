@@ -7,17 +7,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import subprocess_env
-
-ROOT = Path(__file__).resolve().parent.parent
-DEMO = ROOT / "datasets" / "demo"
-TINY = ROOT / "configs" / "models" / "bumblebee-tiny"
+from helpers import DEMO, ROOT, TINY, prep, subprocess_env, train_command
+from train_hooks import run_here
 
 pytestmark = pytest.mark.slow
 
@@ -35,59 +30,21 @@ def run(cmd, ok=True):
 
 
 def dpo_cmd(model: Path, data: Path, out: Path, *extra: str, nproc: int = 1) -> list[str]:
-    launcher = [sys.executable, "-m", "bumblefast"]
-    if nproc > 1:
-        launcher = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            str(nproc),
-            "--master_port",
-            str(29700 + os.getpid() % 1000),
-            "-m",
-            "bumblefast",
-        ]
-    return launcher + [
-        "train",
-        "--stage",
+    return train_command(
         "dpo",
-        "--model_name_or_path",
-        str(model),
-        "--dataset_path",
-        str(data),
-        "--output_dir",
-        str(out),
-        "--cutoff_len",
-        "128",
-        "--train_micro_batch_size_per_gpu",
-        "4",
-        "--gradient_accumulation_steps",
-        "1",
-        "--learning_rate",
-        "5e-3",
-        "--warmup_ratio",
-        "0",
-        "--logging_steps",
-        "1",
-        "--save_steps",
-        "1000",
-        "--gradient_checkpointing",
-        "false",
-        "--kernels",
-        "reference",
-        "--seed",
-        "0",
-        "--lora_rank",
-        "8",
-        "--lora_alpha",
-        "16",
-        "--lora_dropout",
-        "0",
-        "--deepspeed_config_path",
-        str(ROOT / "configs/deepspeed/ds_z0.json"),
         *extra,
-    ]
+        nproc=nproc,
+        model_name_or_path=model,
+        dataset_path=data,
+        output_dir=out,
+        cutoff_len=128,
+        train_micro_batch_size_per_gpu=4,
+        gradient_accumulation_steps=1,
+        learning_rate=5e-3,
+        lora_rank=8,
+        lora_alpha=16,
+        lora_dropout=0,
+    )
 
 
 def metrics(out: Path) -> list[dict]:
@@ -100,9 +57,7 @@ def setup(tmp_path_factory, demo_tokenizer_dir):
     shards of 64 demo pairs plus their precomputed-reference twin."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from bumblefast.config import PrepConfig
     from bumblefast.model import Bumblebee
-    from bumblefast.prep.run import run_prep
     from bumblefast.train.precompute import precompute_ref
 
     root = tmp_path_factory.mktemp("dpo")
@@ -116,16 +71,8 @@ def setup(tmp_path_factory, demo_tokenizer_dir):
         models[name] = root / name
     pairs = json.loads((DEMO / "dpo.json").read_text())[:64]
     (root / "pairs.json").write_text(json.dumps(pairs, ensure_ascii=False))
-    run_prep(
-        PrepConfig(
-            stage="dpo",
-            input=[str(root / "pairs.json")],
-            tokenizer_name_or_path=str(demo_tokenizer_dir),
-            seq_len=64,  # per sequence (rows of 128): cuts none of these pairs
-            output_dir=str(root / "shards"),
-        ),
-        progress=False,
-    )
+    # seq_len per sequence (rows of 128): cuts none of these pairs
+    prep(demo_tokenizer_dir, root / "shards", "dpo", [root / "pairs.json"], seq_len=64)
     precompute_ref(str(models["sft"]), str(root / "shards"), str(root / "shards_ref"), kernels="reference")
     return {"root": root, **models, "shards": root / "shards", "shards_ref": root / "shards_ref", "tok": tok}
 
@@ -140,30 +87,22 @@ def test_packed_segment_logps_equal_each_segment_alone(setup):
     from transformers import AutoModelForCausalLM
 
     from bumblefast.model import Bumblebee
+    from bumblefast.train.objectives import segment_stats
 
     batch = first_batch(setup["shards"])
     ours = Bumblebee.from_pretrained(setup["sft"], attn_backend="sdpa", kernels="reference")
-    n = batch["cu_seqlens"].numel() - 1
+    n = batch.n_segments
     assert n >= 4 and n % 2 == 0  # at least two whole pairs packed
-    assert "kv_prefix" in batch  # prep's default layout: the shared prompt
+    assert batch.kv_prefix is not None  # prep's default layout: the shared prompt
     with torch.no_grad():
-        packed = ours.segment_logps(
-            batch["input_ids"],
-            batch["position_ids"],
-            batch["cu_seqlens"],
-            int(batch["max_seqlen"]),
-            batch["labels"],
-            batch["segment_ids"],
-            n,
-            kv_prefix=batch["kv_prefix"],
-        )
+        packed = segment_stats(ours, batch)[0]
     hf = AutoModelForCausalLM.from_pretrained(setup["sft"], dtype=torch.float32).eval()
-    cu, prefix = batch["cu_seqlens"].tolist(), batch["kv_prefix"].tolist()
+    cu, prefix = batch.cu_seqlens.tolist(), batch.kv_prefix.tolist()
     for s in range(n):
         # a rejected segment alone is the chosen segment's prompt head, then its own tokens
         head = slice(cu[s - 1], cu[s - 1] + prefix[s]) if prefix[s] else slice(0, 0)
-        ids = torch.cat([batch["input_ids"][head], batch["input_ids"][cu[s] : cu[s + 1]]])
-        labels = torch.cat([torch.full((prefix[s],), -100), batch["labels"][cu[s] : cu[s + 1]]])
+        ids = torch.cat([batch.input_ids[head], batch.input_ids[cu[s] : cu[s + 1]]])
+        labels = torch.cat([torch.full((prefix[s],), -100), batch.labels[cu[s] : cu[s + 1]]])
         with torch.no_grad():
             logp = torch.log_softmax(hf(ids[None], use_cache=False).logits[0].float(), -1)
         keep = labels != -100
@@ -171,7 +110,7 @@ def test_packed_segment_logps_equal_each_segment_alone(setup):
         torch.testing.assert_close(packed[s], alone, rtol=1e-5, atol=1e-4)
 
 
-def test_reference_strategies_agree(setup):
+def test_reference_strategies_agree(setup, one_rank):
     """adapter (LoRA off), copy (frozen model) and precomputed (shards) give the same reference
     log-probs, and one training step from each gives the same loss."""
     from bumblefast.config import DPOConfig
@@ -181,7 +120,7 @@ def test_reference_strategies_agree(setup):
     from bumblefast.train.pref_losses import PrefLossConfig
 
     batch, batch_ref = first_batch(setup["shards"]), first_batch(setup["shards_ref"])
-    assert torch.equal(batch["input_ids"], batch_ref["input_ids"])
+    assert torch.equal(batch.input_ids, batch_ref.input_ids)
     base = Bumblebee.from_pretrained(setup["sft"], attn_backend="sdpa", kernels="reference")
     copy = Bumblebee.from_pretrained(setup["sft"], attn_backend="sdpa", kernels="reference")
     lora = apply_lora(base, DPOConfig(finetuning_type="lora", lora_rank=4))
@@ -203,7 +142,7 @@ def test_reference_strategies_agree(setup):
     losses = {}
     for mode, data in (("adapter", setup["shards"]), ("copy", setup["shards"]), ("precomputed", setup["shards_ref"])):
         out = root / f"ref_{mode}"
-        run(
+        run_here(
             dpo_cmd(
                 setup["sft"],
                 data,
@@ -224,8 +163,8 @@ def test_reference_strategies_agree(setup):
             assert losses[mode][key] == pytest.approx(losses["adapter"][key], rel=1e-4, abs=1e-5), (mode, key)
 
 
-def test_precomputed_from_another_model_or_dataset_is_refused(setup, tmp_path):
-    out = run(
+def test_precomputed_from_another_model_or_dataset_is_refused(setup, tmp_path, one_rank):
+    out = run_here(
         dpo_cmd(
             setup["other"],
             setup["shards_ref"],
@@ -237,7 +176,7 @@ def test_precomputed_from_another_model_or_dataset_is_refused(setup, tmp_path):
             "--max_steps",
             "1",
         ),
-        ok=False,
+        rc=1,
     )
     assert out.returncode == 1 and "ref_logps come from model" in out.stderr and "precompute-ref" in out.stderr
     tampered = tmp_path / "shards"
@@ -247,7 +186,7 @@ def test_precomputed_from_another_model_or_dataset_is_refused(setup, tmp_path):
     manifest = json.loads((tampered / "bumblefast.json").read_text())
     manifest["ref_logps"]["source_fingerprint"] = "0" * 16
     (tampered / "bumblefast.json").write_text(json.dumps(manifest))
-    out = run(
+    out = run_here(
         dpo_cmd(
             setup["sft"],
             tampered,
@@ -259,10 +198,10 @@ def test_precomputed_from_another_model_or_dataset_is_refused(setup, tmp_path):
             "--max_steps",
             "1",
         ),
-        ok=False,
+        rc=1,
     )
     assert out.returncode == 1 and "computed on another dataset" in out.stderr
-    out = run(
+    out = run_here(
         dpo_cmd(
             setup["sft"],
             setup["shards"],
@@ -274,36 +213,25 @@ def test_precomputed_from_another_model_or_dataset_is_refused(setup, tmp_path):
             "--max_steps",
             "1",
         ),
-        ok=False,
+        rc=1,
     )
     assert out.returncode == 1 and "no ref_logps column" in out.stderr
 
 
-def test_lora_dpo_separates_pairs_and_exports_peft_adapter(setup):
+def test_lora_dpo_separates_pairs_and_exports_peft_adapter(setup, one_rank):
     """Several epochs over 64 pairs: the chosen replies pull ahead (rewards/accuracies well
     above 0.5); the adapter loads with peft on transformers' model, and merge-lora matches it."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from bumblefast.config import PrepConfig
     from bumblefast.merge_lora import merge_lora
-    from bumblefast.prep.run import run_prep
 
     root = setup["root"]
     pairs = json.loads((root / "pairs.json").read_text())[:12]  # a random-init 'SFT' model can only
     (root / "pairs12.json").write_text(json.dumps(pairs, ensure_ascii=False))  # memorise a few
-    run_prep(
-        PrepConfig(
-            stage="dpo",
-            input=[str(root / "pairs12.json")],
-            tokenizer_name_or_path=str(setup["sft"]),
-            seq_len=64,  # per sequence (rows of 128): cuts none of these pairs
-            output_dir=str(root / "shards12"),
-        ),
-        progress=False,
-    )
+    prep(setup["sft"], root / "shards12", "dpo", [root / "pairs12.json"], seq_len=64)  # cuts none of these
     out = root / "trained"
-    run(
+    run_here(
         dpo_cmd(
             setup["sft"],
             root / "shards12",
@@ -350,9 +278,9 @@ def test_lora_dpo_separates_pairs_and_exports_peft_adapter(setup):
         )
 
 
-def test_full_dpo_with_copy_reference_and_zero2_lora_on_two_processes(setup):
+def test_full_dpo_with_copy_reference_and_zero2_lora_on_two_processes(setup, one_rank):
     out = setup["root"] / "full"
-    run(
+    run_here(
         dpo_cmd(
             setup["sft"],
             setup["shards"],

@@ -15,7 +15,6 @@ import torch
 
 from bumblefast.prep.cutoff import cut_pair
 
-ROOT = Path(__file__).resolve().parent.parent
 CUTOFF = 96  # per sequence: cuts most dpo_zh_demo pairs with the 1024-id demo tokenizer
 
 
@@ -244,10 +243,10 @@ def _margins(model, out: Path) -> dict[tuple, float]:
 
     margins = {}
     for b in build_loader(str(out), batch_size=4, shuffle=False):
-        n = b["cu_seqlens"].numel() - 1
+        n = b.n_segments
         per_pair = pair_margins(model, b).tolist()
-        cu, ids = b["cu_seqlens"].tolist(), b["input_ids"].tolist()
-        prefix = b["kv_prefix"].tolist() if "kv_prefix" in b else [0] * n
+        cu, ids = b.cu_seqlens.tolist(), b.input_ids.tolist()
+        prefix = b.kv_prefix.tolist() if b.kv_prefix is not None else [0] * n
         for k in range(0, n, 2):
             chosen = tuple(ids[cu[k] : cu[k + 1]])
             rejected = chosen[: prefix[k + 1]] + tuple(ids[cu[k + 1] : cu[k + 2]])
@@ -291,7 +290,7 @@ def test_train_reads_dpo_rows_of_twice_the_cutoff(tmp_path, demo_tokenizer_dir):
     loader, meta, _ = open_loader(load_train_config("dpo", overrides=overrides), str(demo_tokenizer_dir))
     batch = next(iter(loader))
     assert meta["seq_len"] == 2 * CUTOFF
-    assert int(batch["row_capacity"]) == 2 * CUTOFF * len(batch["sample_ids"]) >= int(batch["num_tokens"])
+    assert int(batch.row_capacity) == 2 * CUTOFF * len(batch.sample_ids) >= int(batch.num_tokens)
     overrides["cutoff_len"] = str(CUTOFF - 1)  # shards cut at a longer cutoff than the run allows
     with pytest.raises(UserError, match="per sequence"):
         open_loader(load_train_config("dpo", overrides=overrides), str(demo_tokenizer_dir))

@@ -7,12 +7,12 @@ import math
 
 import pytest
 import torch
-from helpers import save_tiny_model
+from helpers import prep
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, demo_tokenizer_dir):
-    return save_tiny_model(tmp_path_factory.mktemp("model"), demo_tokenizer_dir)
+def model_dir(tiny_model_dir):
+    return tiny_model_dir
 
 
 def hf(model_dir):
@@ -36,25 +36,14 @@ def reply_logp(model, tok, question: str, reply: str, end: str = "<|im_end|>") -
 
 
 def test_heldout_loss_is_mean_ce_over_assistant_tokens(model_dir, tmp_path):
-    from bumblefast.config import PrepConfig
     from bumblefast.evaluate import evaluate
-    from bumblefast.prep.run import run_prep
 
     recs = [
         {"instruction": "What is 2 + 3?", "input": "", "output": "2 + 3 = 5"},
         {"instruction": "What is 7 + 1?", "input": "", "output": "7 + 1 = 8"},
     ]
     (tmp_path / "sft.json").write_text(json.dumps(recs))
-    run_prep(
-        PrepConfig(
-            stage="sft",
-            input=[str(tmp_path / "sft.json")],
-            tokenizer_name_or_path=str(model_dir),
-            seq_len=64,
-            output_dir=str(tmp_path / "shards"),
-        ),
-        progress=False,
-    )
+    prep(model_dir, tmp_path / "shards", "sft", [tmp_path / "sft.json"], seq_len=64)
     got = evaluate(model_dir, tmp_path / "shards")
 
     model, tok = hf(model_dir)
@@ -68,9 +57,7 @@ def test_heldout_loss_is_mean_ce_over_assistant_tokens(model_dir, tmp_path):
 
 
 def test_preference_accuracy_and_margin(model_dir, tmp_path):
-    from bumblefast.config import PrepConfig
     from bumblefast.evaluate import evaluate
-    from bumblefast.prep.run import run_prep
 
     pairs = [
         {
@@ -94,16 +81,7 @@ def test_preference_accuracy_and_margin(model_dir, tmp_path):
     assert from_file["mean_margin"] == pytest.approx(sum(margins) / len(margins), rel=1e-4, abs=1e-4)
     assert from_file["margins"] == pytest.approx(margins, rel=1e-4, abs=1e-4)
 
-    manifest = run_prep(
-        PrepConfig(
-            stage="dpo",
-            input=[str(tmp_path / "pairs.json")],
-            tokenizer_name_or_path=str(model_dir),
-            seq_len=256,
-            output_dir=str(tmp_path / "shards"),
-        ),
-        progress=False,
-    )
+    manifest = prep(model_dir, tmp_path / "shards", "dpo", [tmp_path / "pairs.json"], seq_len=256)
     assert manifest["records"]["written"] == 3
     from_shards = evaluate(model_dir, tmp_path / "shards")
     assert from_shards["n"] == 3 and from_shards["preference_accuracy"] == expected_acc

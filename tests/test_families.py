@@ -13,10 +13,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import DEMO, ROOT
 from test_prep import prep, read_rows, segments, trained_runs
-
-ROOT = Path(__file__).resolve().parent.parent
-DEMO = ROOT / "datasets" / "demo"
 
 # Llama 3's chat format, hand-written (no hub download): the bos, then each turn as
 # <|start_header_id|>role<|end_header_id|>\n\n content <|eot_id|>, the reply's header as the

@@ -18,6 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from bumblefast import attention as A
 from bumblefast import flops
 from bumblefast.config import DPOConfig
+from bumblefast.shards.collate import PackedBatch
 from bumblefast.train.engine import apply_lora
 from bumblefast.train.objectives import DPOObjective, LMObjective
 from bumblefast.train.pref_losses import PrefLossConfig
@@ -48,19 +49,10 @@ def batch_of(doc_lens, vocab, dpo=False, seed=0):
     g = torch.Generator().manual_seed(seed)
     n = sum(doc_lens)
     cu = torch.tensor([0, *torch.tensor(doc_lens).cumsum(0).tolist()], dtype=torch.int32)
-    pos = torch.cat([torch.arange(s) for s in doc_lens])
-    b = {
-        "input_ids": torch.randint(0, vocab, (n,), generator=g),
-        "position_ids": pos,
-        "cu_seqlens": cu,
-        "max_seqlen": max(doc_lens),
-        "labels": torch.randint(0, vocab, (n,), generator=g),
-        "num_target_tokens": n,
-    }
-    if dpo:
-        b["segment_ids"] = torch.repeat_interleave(torch.arange(len(doc_lens)), torch.tensor(doc_lens))
-        b["ref_logps"] = -torch.rand(len(doc_lens), generator=g)
-    return b
+    ids = torch.randint(0, vocab, (n,), generator=g)
+    labels = torch.randint(0, vocab, (n,), generator=g)
+    ref = -torch.rand(len(doc_lens), generator=g) if dpo else None
+    return PackedBatch.from_tensors(ids, cu, labels, ref_logps=ref)
 
 
 def addmm_inplace_flops(self_shape, a_shape, b_shape, out_shape=None, **_) -> int:

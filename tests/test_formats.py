@@ -9,32 +9,14 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import prep
 
 from bumblefast.config import PrepConfig, UserError
 from bumblefast.prep.records import RecordError, dpo_pair, sft_messages
-from bumblefast.prep.run import run_prep
 from bumblefast.shards.manifest import MANIFEST_NAME
 from bumblefast.shards.schema import ERRORS_NAME
 
-
-@pytest.fixture(autouse=True)
-def _clean_shm():
-    from streaming.base.util import clean_stale_shared_memory
-
-    clean_stale_shared_memory()
-    yield
-
-
-def prep(tok, out: Path, stage: str, inputs=(), seq_len: int = 256, **kw) -> dict:
-    cfg = PrepConfig(
-        stage=stage,
-        input=[str(p) for p in inputs],
-        tokenizer_name_or_path=str(tok),
-        seq_len=seq_len,
-        output_dir=str(out),
-        **kw,
-    )
-    return run_prep(cfg, progress=False)
+pytestmark = pytest.mark.usefixtures("clean_shm")
 
 
 def shard_files(out: Path) -> dict[str, bytes]:

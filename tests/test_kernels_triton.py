@@ -19,6 +19,7 @@ import torch
 
 from bumblefast.kernels import get_ops
 from bumblefast.kernels import reference as R
+from bumblefast.shards.collate import PackedBatch
 
 CUDA = torch.cuda.is_available()
 INTERP = os.environ.get("TRITON_INTERPRET") == "1"
@@ -35,6 +36,7 @@ in_process = pytest.mark.skipif(
 )
 
 
+@pytest.mark.slow  # a TRITON_INTERPRET=1 child process running this file (~1 min)
 @pytest.mark.skipif(RUN_HERE, reason="kernels run in this process")
 def test_triton_suite_interpreted():
     """Run this module under the Triton CPU interpreter in a fresh process."""
@@ -293,7 +295,7 @@ def test_model_triton_kernels_match_reference():
     labels[3] = -100
     outs = []
     for m in (ref, tri):
-        loss, n = m.lm_loss(ids, pos, cu, 5, labels)
+        loss, n = m.lm_loss(PackedBatch.from_tensors(ids, cu, labels, position_ids=pos))
         loss.backward()
         outs.append((loss.detach(), {k: p.grad.clone() for k, p in m.named_parameters()}))
     _close(outs[1][0], outs[0][0], (1e-4, 1e-5), "model loss")

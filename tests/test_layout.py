@@ -10,11 +10,10 @@ import ast
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 FOLDERS = ("kernels", "prep", "shards")
 SCANNED = ("bumblefast", "prep", "shards", "kernels", "benchmarks", "tests")
 

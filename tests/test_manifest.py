@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import DEMO
 
 from bumblefast.shards.manifest import (
     MANIFEST_NAME,
@@ -20,9 +21,6 @@ from bumblefast.shards.manifest import (
     read_manifest,
     staged_output,
 )
-
-ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "datasets" / "demo"
 
 # A manifest as prep wrote it before the dataclass existed (key order included).
 PREP = {

@@ -6,15 +6,14 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import ROOT
 
 from bumblefast.config import UserError
 from bumblefast.merge_lora import cli_main, merge_lora
 
-ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "configs" / "models" / "bumblebee-tiny" / "config.json"
 
 

@@ -25,6 +25,7 @@ from bumblefast.attention import ATTENTION, PackedPlan
 from bumblefast.config import UserError
 from bumblefast.kernels import reference as R
 from bumblefast.model import FAMILIES, Bumblebee, rope_frequencies
+from bumblefast.shards.collate import PackedBatch
 
 # Same math, different op order: fp32 noise only.
 ATOL, RTOL = 2e-5, 1e-4
@@ -318,7 +319,7 @@ def test_lm_loss_matches_logits_cross_entropy():
     model = make_model()
     ids, pos, cu, ms = packed_batch([6, 1, 8])
     labels = _shifted_labels(ids, cu)
-    loss, n = model.lm_loss(ids, pos, cu, ms, labels)
+    loss, n = model.lm_loss(PackedBatch.from_tensors(ids, cu, labels, position_ids=pos))
     assert n.item() == 12
     loss.backward()
     got = {k: p.grad.clone() for k, p in model.named_parameters()}
@@ -330,24 +331,35 @@ def test_lm_loss_matches_logits_cross_entropy():
         torch.testing.assert_close(got[k], p.grad, atol=1e-4, rtol=1e-4, msg=k)
 
 
-def test_segment_logps_matches_reference():
+def test_dpo_head_matches_reference():
+    """objectives.segment_stats, the one DPO head, against per-token log-softmax of the logits."""
+    from bumblefast.train.objectives import segment_stats
+
     model = make_model()
     ids, pos, cu, ms = packed_batch([5, 4, 6])
     labels = _shifted_labels(ids, cu)
     labels[0] = -100  # e.g. a prompt token
-    seg = torch.repeat_interleave(torch.arange(3), (cu[1:] - cu[:-1]).long())
-    logps, counts = model.segment_logps(ids, pos, cu, ms, labels, seg, 3, return_counts=True)
-    ref = R.fused_linear_logprob(model.hidden_states(ids, pos, cu, ms), model.lm_head.weight, labels, seg, 3)
+    batch = PackedBatch.from_tensors(ids, cu, labels, position_ids=pos)
+    seg = batch.segment_ids
+    assert seg.tolist() == torch.repeat_interleave(torch.arange(3), (cu[1:] - cu[:-1]).long()).tolist()
+    logps, counts, mean_logits = segment_stats(model, batch)
+    logits = model(ids, pos, cu, ms)
+    keep = labels != -100
+    per_token = torch.zeros_like(labels, dtype=torch.float32)
+    per_token[keep] = torch.log_softmax(logits[keep], -1).gather(1, labels[keep, None])[:, 0]
+    ref = torch.zeros(3).index_add(0, seg, per_token)
     torch.testing.assert_close(logps, ref, atol=1e-4, rtol=1e-5)
     assert counts.tolist() == [3, 3, 5]
+    ref_mean = torch.zeros(3).index_add(0, seg, logits.mean(-1) * keep) / counts
+    torch.testing.assert_close(mean_logits, ref_mean.detach(), atol=1e-5, rtol=1e-5)
     # gradient path: d(sum logps)/d params equals the materialised reference's
     g = torch.tensor([1.0, -1.0, 0.5])
     got = torch.autograd.grad((logps * g).sum(), list(model.parameters()))
-    ref2 = R.fused_linear_logprob(model.hidden_states(ids, pos, cu, ms), model.lm_head.weight, labels, seg, 3)
+    ref2 = R.fused_linear_logprob(model.hidden_states(batch), model.lm_head.weight, labels, seg, 3)
     want = torch.autograd.grad((ref2 * g).sum(), list(model.parameters()))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
-    assert torch.equal(model.segment_logps(ids, pos, cu, ms, labels, seg, 3), logps)
+    assert torch.equal(segment_stats(model, batch)[0], logps)
 
 
 def test_gradient_checkpointing_same_grads():
@@ -360,7 +372,7 @@ def test_gradient_checkpointing_same_grads():
         model.zero_grad()
         if ckpt:
             model.gradient_checkpointing_enable()
-        loss, _ = model.lm_loss(ids, pos, cu, ms, labels)
+        loss, _ = model.lm_loss(PackedBatch.from_tensors(ids, cu, labels, position_ids=pos))
         loss.backward()
         grads.append([p.grad.clone() for p in model.parameters()])
     assert model.is_gradient_checkpointing
@@ -529,7 +541,8 @@ def test_peft_lora_targets_apply():
     names = [n for n, p in lora.named_parameters() if p.requires_grad]
     assert names and all("lora_" in n for n in names)
     ids, pos, cu, ms = packed_batch([4, 3])
-    loss, _ = lora.base_model.model.lm_loss(ids, pos, cu, ms, _shifted_labels(ids, cu))
+    batch = PackedBatch.from_tensors(ids, cu, _shifted_labels(ids, cu), position_ids=pos)
+    loss, _ = lora.base_model.model.lm_loss(batch)
     loss.backward()
 
 
@@ -551,6 +564,7 @@ def test_cuda_parity_with_hf_and_backends(case, dtype):
     ref.load_state_dict(model.state_dict())
     torch.testing.assert_close(model(ids, pos, cu, ms).float(), ref(ids, pos, cu, ms).float(), **tol)
     labels = _shifted_labels(ids, cu)
-    l1, _ = model.lm_loss(ids, pos, cu, ms, labels)
-    l2, _ = ref.lm_loss(ids, pos, cu, ms, labels)
+    batch = PackedBatch.from_tensors(ids, cu, labels, position_ids=pos)
+    l1, _ = model.lm_loss(batch)
+    l2, _ = ref.lm_loss(batch)
     torch.testing.assert_close(l1.float(), l2.float(), **tol)

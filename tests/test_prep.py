@@ -3,7 +3,6 @@ assistant turns, every record is accounted for, output is complete-or-absent and
 
 from __future__ import annotations
 
-import glob
 import gzip
 import json
 import os
@@ -16,29 +15,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import DEMO, prep
+from helpers import SHARED_DATA as SHARED
 
-from bumblefast.config import PrepConfig, UserError
+from bumblefast.config import UserError
 from bumblefast.prep.cli import join_multi_values, parse_prep_args
 from bumblefast.prep.cli import main as prep_main
 from bumblefast.prep.records import dpo_pair, sft_messages
-from bumblefast.prep.run import run_prep
 from bumblefast.prep.sources import UnreadableInput, iter_records
 
-ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "datasets" / "demo"
-SHARED = ROOT.parent / "shared" / "data"
 needs_shared = pytest.mark.skipif(
     not SHARED.is_dir(), reason=f"real sample data not present at {SHARED} (only in the dev workspace)"
 )
-
-
-@pytest.fixture(scope="session")
-def tok_dir(tmp_path_factory):
-    from bumblefast.tokenizer import train_tokenizer
-
-    out = tmp_path_factory.mktemp("tok")
-    train_tokenizer(sorted(glob.glob(str(DEMO / "*.json"))), 1024, out)
-    return str(out)
 
 
 @pytest.fixture(scope="session")
@@ -48,24 +36,7 @@ def tok(tok_dir):
     return load_tokenizer(tok_dir)
 
 
-@pytest.fixture(autouse=True)
-def _clean_shm():
-    from streaming.base.util import clean_stale_shared_memory
-
-    clean_stale_shared_memory()
-    yield
-
-
-def prep(tok_dir, out, stage, inputs, seq_len=256, **kw):
-    cfg = PrepConfig(
-        stage=stage,
-        input=[str(p) for p in inputs],
-        tokenizer_name_or_path=tok_dir,
-        seq_len=seq_len,
-        output_dir=str(out),
-        **kw,
-    )
-    return run_prep(cfg, progress=False)
+pytestmark = pytest.mark.usefixtures("clean_shm")
 
 
 def read_rows(out) -> list[dict]:

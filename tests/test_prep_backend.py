@@ -5,7 +5,6 @@ input so each line is read by exactly one node."""
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 from importlib import metadata
@@ -13,12 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import DEMO
 
 from bumblefast.config import PrepConfig, UserError
 from bumblefast.prep.run import run_prep
 
-ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "datasets" / "demo"
 STAGE_FILES = {
     "pretrain": ["pretrain.json"],
     "sft": ["sft_alpaca.json", "sft_sharegpt.json"],
@@ -58,27 +56,13 @@ fastokens = pytest.importorskip("fastokens", reason="fastokens not installed (a 
 
 
 @pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory):
-    from bumblefast.tokenizer import train_tokenizer
-
-    out = tmp_path_factory.mktemp("tok")
-    train_tokenizer(sorted(glob.glob(str(DEMO / "*.json"))), 1024, out)
-    return str(out)
-
-
-@pytest.fixture(scope="module")
 def hf(tok_dir):
     from bumblefast.tokenizer import load_tokenizer
 
     return load_tokenizer(tok_dir)
 
 
-@pytest.fixture(autouse=True)
-def _clean_shm():
-    from streaming.base.util import clean_stale_shared_memory
-
-    clean_stale_shared_memory()
-    yield
+pytestmark = pytest.mark.usefixtures("clean_shm")
 
 
 def demo_texts(hf) -> list[str]:

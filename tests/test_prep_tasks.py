@@ -11,6 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from helpers import DEMO
 
 from bumblefast.config import PrepConfig, UserError
 from bumblefast.prep.cli import main as prep_main
@@ -20,16 +21,10 @@ from bumblefast.prep.run import run_prep
 from bumblefast.prep.sources import iter_records
 from bumblefast.prep.split import cut_tasks, iter_pieces
 
-DEMO = Path(__file__).resolve().parents[1] / "datasets" / "demo"
 BAD_JSONL_LINES = {7: "malformed_json", 300: "missing_field", 1234: "malformed_json"}  # 1-based
 
 
-@pytest.fixture(autouse=True)
-def _clean_shm():
-    from streaming.base.util import clean_stale_shared_memory
-
-    clean_stale_shared_memory()
-    yield
+pytestmark = pytest.mark.usefixtures("clean_shm")
 
 
 @pytest.fixture(scope="module")

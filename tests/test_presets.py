@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import ROOT
 
 from bumblefast import flops
 
-ROOT = Path(__file__).resolve().parent.parent
 PRESETS = sorted((ROOT / "configs" / "models").iterdir())
 
 

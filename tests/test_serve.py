@@ -10,7 +10,6 @@ import argparse
 import concurrent.futures
 import json
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -20,7 +19,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, save_tiny_model, subprocess_env
+from helpers import ROOT, free_port, subprocess_env
 
 CHROMIUM = "/usr/bin/chromium"
 KEY = "sk-test-serve-key"
@@ -28,15 +27,9 @@ KEY = "sk-test-serve-key"
 pytestmark = pytest.mark.slow
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, demo_tokenizer_dir):
-    model_dir = save_tiny_model(tmp_path_factory.mktemp("serve_model"), demo_tokenizer_dir, chatty=True)
+def server(tmp_path_factory, demo_tokenizer_dir, chatty_model_dir):
+    model_dir = chatty_model_dir
     port = free_port()
     log = tmp_path_factory.mktemp("serve_log") / "serve.log"
     with open(log, "w") as out:

@@ -6,22 +6,21 @@ generation thread's steps makes the full queue (429), the deadline (504) and a d
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 import urllib.request
 
 import pytest
 import torch
-from helpers import save_tiny_model
+from helpers import free_port
 
 KEY = "test-key-batching"
 MARGIN = 1e-3  # smallest top-1 / top-2 logit gap that float reduction order (~1e-6 here) cannot flip
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, demo_tokenizer_dir):
-    return save_tiny_model(tmp_path_factory.mktemp("batch_model"), demo_tokenizer_dir, chatty=True)
+def model_dir(chatty_model_dir):
+    return chatty_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -212,12 +211,6 @@ class Gate:
         with self.cond:
             self.permits = n
             self.cond.notify_all()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ size), a clear error on a resume that would change the order, remote write + str
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import socket
@@ -15,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import DEMO
 
 from bumblefast.config import PrepConfig
 from bumblefast.prep.run import run_prep
@@ -27,26 +27,7 @@ from bumblefast.shards import (
     token_dtype,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "datasets" / "demo"
-
-
-@pytest.fixture(scope="session")
-def tok_dir(tmp_path_factory):
-    from bumblefast.tokenizer import train_tokenizer
-
-    out = tmp_path_factory.mktemp("tok")
-    train_tokenizer(sorted(glob.glob(str(DEMO / "*.json"))), 1024, out)
-    return str(out)
-
-
-@pytest.fixture(autouse=True)
-def _clean_shm():
-    from streaming.base.util import clean_stale_shared_memory
-
-    clean_stale_shared_memory()
-    yield
-    clean_stale_shared_memory()
+pytestmark = pytest.mark.usefixtures("clean_shm")
 
 
 @pytest.fixture(scope="session")
@@ -88,20 +69,20 @@ def test_collate_contract_sft_and_pretrain():
         },
     ]
     b = collate_rows(rows, "sft", seq_len=6)
-    assert b["input_ids"].dtype == torch.int64 and b["input_ids"].tolist() == [1, 2, 3, 4, 5, 6, 7, 8]
-    assert b["position_ids"].tolist() == [0, 1, 2, 0, 1, 0, 1, 2]
-    assert b["cu_seqlens"].dtype == torch.int32 and b["cu_seqlens"].tolist() == [0, 3, 5, 8]
-    assert int(b["max_seqlen"]) == 3 and b["max_seqlen"].dim() == 0
+    assert b.input_ids.dtype == torch.int64 and b.input_ids.tolist() == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert b.position_ids.tolist() == [0, 1, 2, 0, 1, 0, 1, 2]
+    assert b.cu_seqlens.dtype == torch.int32 and b.cu_seqlens.tolist() == [0, 3, 5, 8]
+    assert b.max_seqlen == 3 and isinstance(b.max_seqlen, int) and b.n_segments == 3
     X = IGNORE_INDEX
     # labels[i] = ids[i+1] if same doc and mask[i+1]; doc 0 = [1,2,3] mask [0,0,1]; doc 1 = [4,5] mask [1,0]
-    assert b["labels"].tolist() == [X, 3, X, X, X, 7, 8, X]
-    assert b["segment_ids"].tolist() == [0, 0, 0, 1, 1, 2, 2, 2]
-    assert int(b["num_target_tokens"]) == 3 and b["sample_ids"].tolist() == [7, 2]
-    assert int(b["num_tokens"]) == 8 and int(b["row_capacity"]) == 12
+    assert b.labels.tolist() == [X, 3, X, X, X, 7, 8, X]
+    assert b.segment_ids.tolist() == [0, 0, 0, 1, 1, 2, 2, 2]
+    assert int(b.num_target_tokens) == 3 and b.sample_ids.tolist() == [7, 2]
+    assert int(b.num_tokens) == 8 and int(b.row_capacity) == 12
     p = collate_rows(
         [{"input_ids": np.array([1, 2, 3, 4]), "doc_lens": np.array([1, 3]), "sample_id": 0}], "pretrain", seq_len=4
     )
-    assert p["labels"].tolist() == [X, 3, 4, X] and int(p["num_target_tokens"]) == 2
+    assert p.labels.tolist() == [X, 3, 4, X] and int(p.num_target_tokens) == 2
     d = collate_rows(
         [
             {
@@ -115,7 +96,7 @@ def test_collate_contract_sft_and_pretrain():
         "dpo",
         seq_len=4,
     )
-    assert d["ref_logps"].tolist() == [-1.0, -2.0]
+    assert d.ref_logps.tolist() == [-1.0, -2.0]
 
 
 def test_loader_batches_match_shards(sft_dir):
@@ -127,15 +108,15 @@ def test_loader_batches_match_shards(sft_dir):
     loader = build_loader(sft_dir, batch_size=4, seed=3)
     seen = []
     for b in loader:
-        seen += b["sample_ids"].tolist()
-        T = int(b["num_tokens"])
-        assert b["input_ids"].shape == b["labels"].shape == b["position_ids"].shape == (T,)
-        assert int(b["cu_seqlens"][-1]) == T and int((b["labels"] != IGNORE_INDEX).sum()) == int(b["num_target_tokens"])
-        rows = [ds[i] for i in b["sample_ids"].tolist()]
-        assert b["input_ids"].tolist() == np.concatenate([r["input_ids"] for r in rows]).tolist()
+        seen += b.sample_ids.tolist()
+        T = int(b.num_tokens)
+        assert b.input_ids.shape == b.labels.shape == b.position_ids.shape == (T,)
+        assert int(b.cu_seqlens[-1]) == T and int((b.labels != IGNORE_INDEX).sum()) == int(b.num_target_tokens)
+        rows = [ds[i] for i in b.sample_ids.tolist()]
+        assert b.input_ids.tolist() == np.concatenate([r["input_ids"] for r in rows]).tolist()
         mask = np.concatenate([r["loss_mask"] for r in rows])
-        lab = b["labels"].numpy()
-        starts = set(b["cu_seqlens"].tolist()[1:-1])
+        lab = b.labels.numpy()
+        starts = set(b.cu_seqlens.tolist()[1:-1])
         for i in range(T - 1):
             want = mask[i + 1] and (i + 1) not in starts
             assert (lab[i] != IGNORE_INDEX) == bool(want)
@@ -149,7 +130,7 @@ RESUME_SCRIPT = textwrap.dedent(
     path, mode, out, tag = sys.argv[1:5]
     loader = build_loader(path, batch_size=3, seed=11)  # a new loader + dataset, as a resume must
     loader.load_state_dict(torch.load(out + ".state", weights_only=False))
-    ids = [b["sample_ids"].tolist() for b in loader]
+    ids = [b.sample_ids.tolist() for b in loader]
     json.dump(ids, open(out + "." + tag + ".json", "w"))
     """
 )
@@ -158,11 +139,11 @@ RESUME_SCRIPT = textwrap.dedent(
 def test_resume_in_new_process_and_other_world_size(sft_dir, tmp_path):
     import torch
 
-    full = [i for b in build_loader(sft_dir, batch_size=3, seed=11) for i in b["sample_ids"].tolist()]
+    full = [i for b in build_loader(sft_dir, batch_size=3, seed=11) for i in b.sample_ids.tolist()]
     loader = build_loader(sft_dir, batch_size=3, seed=11)
     stop = []
     for i, b in enumerate(loader):
-        stop += b["sample_ids"].tolist()
+        stop += b.sample_ids.tolist()
         if i + 1 == 4:
             break
     out = tmp_path / "r"
@@ -263,9 +244,9 @@ def test_remote_write_and_stream_back(s3, tok_dir, sft_dir, tmp_path):
     local = json.loads((Path(sft_dir) / "bumblefast.json").read_text())
     assert m["fingerprint"] == local["fingerprint"]  # same shards, remote or local
     remote_batches = [
-        b["input_ids"].tolist() for b in build_loader(url, batch_size=4, seed=1, cache_dir=str(tmp_path / "c1"))
+        b.input_ids.tolist() for b in build_loader(url, batch_size=4, seed=1, cache_dir=str(tmp_path / "c1"))
     ]
-    local_batches = [b["input_ids"].tolist() for b in build_loader(sft_dir, batch_size=4, seed=1)]
+    local_batches = [b.input_ids.tolist() for b in build_loader(sft_dir, batch_size=4, seed=1)]
     assert remote_batches == local_batches
     # two remote node parts + remote merge
     for r in range(2):
@@ -281,7 +262,5 @@ def test_remote_write_and_stream_back(s3, tok_dir, sft_dir, tmp_path):
         run_prep(cfg, progress=False)
     merged = merge_parts(f"{s3}/dpo")
     assert merged["records"]["read"] == 120
-    n = sum(
-        int(b["sample_ids"].numel()) for b in build_loader(f"{s3}/dpo", batch_size=2, cache_dir=str(tmp_path / "c2"))
-    )
+    n = sum(int(b.sample_ids.numel()) for b in build_loader(f"{s3}/dpo", batch_size=2, cache_dir=str(tmp_path / "c2")))
     assert n == merged["rows"]

@@ -5,17 +5,16 @@ CPU attention backend), and prep writes the layout the trainer reads."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import ROOT, TINY, prep
 
 from bumblefast.prep import share
 from bumblefast.shards.collate import collate_rows
+from bumblefast.train.objectives import segment_stats
 
-ROOT = Path(__file__).resolve().parent.parent
-TINY = ROOT / "configs" / "models" / "bumblebee-tiny"
 CPU_BACKENDS = ("sdpa", "sdpa_mask")
 
 
@@ -86,37 +85,22 @@ def test_shared_prompt_logps_losses_and_grads_equal_unshared(case, backend):
     plain_row, shared_row = _rows(case)
     assert len(shared_row["input_ids"]) < len(plain_row["input_ids"])
     plain, shared = (collate_rows([r], "dpo", seq_len=256) for r in (plain_row, shared_row))
-    assert "kv_prefix" in shared and "kv_prefix" not in plain
+    assert shared.kv_prefix is not None and plain.kv_prefix is None
     # the shared row carries the same targets, so the same pair structure and counts
-    assert torch.equal(plain["labels"][plain["labels"] != -100], shared["labels"][shared["labels"] != -100])
+    assert torch.equal(plain.labels[plain.labels != -100], shared.labels[shared.labels != -100])
 
     results = {}
     for name, batch in (("plain", plain), ("shared", shared)):
         model = _model(backend)  # the same seeded weights each time
-        n = batch["cu_seqlens"].numel() - 1
+        n = batch.n_segments
         with torch.no_grad():
-            logps = model.segment_logps(
-                batch["input_ids"],
-                batch["position_ids"],
-                batch["cu_seqlens"],
-                int(batch["max_seqlen"]),
-                batch["labels"],
-                batch["segment_ids"],
-                n,
-                kv_prefix=batch.get("kv_prefix"),
-            )
-            h = model.hidden_states(
-                batch["input_ids"],
-                batch["position_ids"],
-                batch["cu_seqlens"],
-                None,
-                batch.get("kv_prefix"),
-            )
-            keep = batch["labels"] != -100  # per target token, by the plain formula
-            tokens = torch.log_softmax(h[keep] @ model.lm_head.weight.T, -1).gather(1, batch["labels"][keep, None])
+            logps = segment_stats(model, batch)[0]
+            h = model.hidden_states(batch)
+            keep = batch.labels != -100  # per target token, by the plain formula
+            tokens = torch.log_softmax(h[keep] @ model.lm_head.weight.T, -1).gather(1, batch.labels[keep, None])
         cfg = PrefLossConfig(loss="sigmoid", sft_weight=0.5)
         ref = torch.linspace(-30.0, -10.0, n)  # a fixed reference, so the loss is not log 2
-        loss, metrics = DPOObjective(model, cfg, "precomputed")({**batch, "ref_logps": ref})
+        loss, metrics = DPOObjective(model, cfg, "precomputed")(batch.replace(ref_logps=ref))
         loss.backward()
         grads = {k: p.grad.clone() for k, p in model.named_parameters()}
         results[name] = (logps, loss.detach(), metrics, grads, tokens)
@@ -163,13 +147,7 @@ def test_sdpa_shared_equals_sdpa_mask_reference():
     for backend in CPU_BACKENDS:
         model = _model(backend)
         with torch.no_grad():
-            out[backend] = model.hidden_states(
-                batch["input_ids"],
-                batch["position_ids"],
-                batch["cu_seqlens"],
-                int(batch["max_seqlen"]),
-                batch["kv_prefix"],
-            )
+            out[backend] = model.hidden_states(batch)
     torch.testing.assert_close(out["sdpa"], out["sdpa_mask"], rtol=0, atol=1e-5)
 
 
@@ -187,7 +165,7 @@ def test_rejected_never_sees_the_chosen_reply():
         for row in (shared_row, other):
             b = collate_rows([row], "dpo", seq_len=256)
             with torch.no_grad():
-                hs.append(model.hidden_states(b["input_ids"], b["position_ids"], b["cu_seqlens"], None, b["kv_prefix"]))
+                hs.append(model.hidden_states(b))
         rejected = slice(c0, c0 + int(shared_row["seq_lens"][1]))
         torch.testing.assert_close(hs[1][rejected], hs[0][rejected], rtol=0, atol=0)
         assert not torch.allclose(hs[1][p0:c0], hs[0][p0:c0])
@@ -240,18 +218,7 @@ def test_cuda_backends_shared_prompt_match_sdpa_mask_bf16(backend):
         ("plain", plain, backend),
     ):
         model = _model(bk).cuda().to(torch.bfloat16)
-        b = {k: v.cuda() for k, v in b.items()}
-        n = b["cu_seqlens"].numel() - 1
-        logps = model.segment_logps(
-            b["input_ids"],
-            b["position_ids"],
-            b["cu_seqlens"],
-            int(b["max_seqlen"]),
-            b["labels"],
-            b["segment_ids"],
-            n,
-            kv_prefix=b.get("kv_prefix"),
-        )
+        logps = segment_stats(model, b.to("cuda"))[0]
         (logps.float() / 50).sum().backward()
         out[name] = (logps.float(), model.model.layers[0].self_attn.q_proj.weight.grad.float())
     torch.testing.assert_close(out["ours"][0], out["ref"][0], **tol)
@@ -263,19 +230,15 @@ SLOW_PAIRS = 24
 
 
 @pytest.mark.slow
-def test_train_precompute_and_eval_agree_across_layouts(tmp_path, demo_tokenizer_dir):
+def test_train_precompute_and_eval_agree_across_layouts(tmp_path, demo_tokenizer_dir, one_rank):
     """The same pairs prepped both ways: the same manifest facts, the same precomputed reference
     log-probs per pair, the same preference accuracy from shards, and `bumblefast train --stage
     dpo` gives the same first-step loss and metrics (one step over every pair: LoRA with the
     adapter reference, full fine-tuning with a frozen copy, LoRA with precomputed log-probs)."""
-    import subprocess
-    import sys
+    from helpers import save_tiny_model, train_command
+    from train_hooks import run_here
 
-    from helpers import save_tiny_model, subprocess_env
-
-    from bumblefast.config import PrepConfig
     from bumblefast.evaluate import preference_from_shards
-    from bumblefast.prep.run import run_prep
     from bumblefast.shards.reader import ShardDataset
     from bumblefast.train.precompute import precompute_ref
 
@@ -284,16 +247,8 @@ def test_train_precompute_and_eval_agree_across_layouts(tmp_path, demo_tokenizer
     (tmp_path / "pairs.json").write_text(json.dumps(pairs, ensure_ascii=False))
     manifests, rows = {}, {}
     for layout, flag in (("pairs", False), ("shared_prompt", True)):
-        manifests[layout] = run_prep(
-            PrepConfig(
-                stage="dpo",
-                input=[str(tmp_path / "pairs.json")],
-                share_prompt=flag,
-                tokenizer_name_or_path=str(demo_tokenizer_dir),
-                seq_len=128,
-                output_dir=str(tmp_path / layout),
-            ),
-            progress=False,
+        manifests[layout] = prep(
+            demo_tokenizer_dir, tmp_path / layout, "dpo", [tmp_path / "pairs.json"], seq_len=128, share_prompt=flag
         )
         precompute_ref(str(model), str(tmp_path / layout), str(tmp_path / f"{layout}_ref"), kernels="reference")
         ds = ShardDataset(str(tmp_path / f"{layout}_ref"), shuffle=False, batch_size=1)
@@ -328,51 +283,23 @@ def test_train_precompute_and_eval_agree_across_layouts(tmp_path, demo_tokenizer
     assert evals[1]["mean_margin"] == pytest.approx(evals[0]["mean_margin"], rel=1e-5, abs=1e-5)
 
     def train(layout, out, *extra):
-        cmd = [
-            sys.executable,
-            "-m",
-            "bumblefast",
-            "train",
-            "--stage",
+        cmd = train_command(
             "dpo",
-            "--model_name_or_path",
-            str(model),
-            "--dataset_path",
-            str(tmp_path / layout),
-            "--output_dir",
-            str(out),
-            "--cutoff_len",
-            "128",
-            "--train_micro_batch_size_per_gpu",
-            str(max(mp["rows"], ms["rows"])),  # every pair in step 1
-            "--gradient_accumulation_steps",
-            "1",
-            "--max_steps",
-            "1",
-            "--learning_rate",
-            "5e-3",
-            "--warmup_ratio",
-            "0",
-            "--logging_steps",
-            "1",
-            "--gradient_checkpointing",
-            "false",
-            "--kernels",
-            "reference",
-            "--attn_backend",
-            "sdpa",
-            "--seed",
-            "0",
-            "--shuffle",
-            "false",
-            "--deepspeed_config_path",
-            str(ROOT / "configs/deepspeed/ds_z0.json"),
             "--lora_dropout",  # dropout masks depend on the token count, which the layouts differ in
             "0",
             *extra,
-        ]
-        res = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
-        assert res.returncode == 0, res.stderr[-4000:]
+            model_name_or_path=model,
+            dataset_path=tmp_path / layout,
+            output_dir=out,
+            cutoff_len=128,
+            train_micro_batch_size_per_gpu=max(mp["rows"], ms["rows"]),  # every pair in step 1
+            gradient_accumulation_steps=1,
+            max_steps=1,
+            learning_rate=5e-3,
+            attn_backend="sdpa",
+            shuffle="false",
+        )
+        run_here(cmd)
         return json.loads((out / "training_metrics.json").read_text())[0]
 
     runs = (

@@ -13,11 +13,10 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
-from helpers import TINY, subprocess_env
+from helpers import ROOT, TINY, subprocess_env, train_command
 
 from bumblefast.config import ConfigError, TrainConfig, build_config, parse_cli_overrides, trackers
 
-ROOT = Path(__file__).resolve().parent.parent
 SERIES = ("Train/Loss", "Train/LearningRate", "Train/GradNorm")
 
 
@@ -78,20 +77,22 @@ def tracked_run(tmp_path_factory, demo_tokenizer_dir):
     prep = PrepConfig(stage="pretrain", input=[str(raw)], tokenizer_name_or_path=str(demo_tokenizer_dir), seq_len=64)
     run_prep(dataclasses.replace(prep, output_dir=str(shards)), progress=False)
     out, mlruns = root / "run", root / "mlruns"
-    cmd = [sys.executable, "-m", "bumblefast", "train", "--stage", "pretrain", "--model_name_or_path", str(TINY)]
-    cmd += [
-        "--tokenizer_name_or_path",
-        str(demo_tokenizer_dir),
-        "--dataset_path",
-        str(shards),
-        "--output_dir",
-        str(out),
-    ]
-    cmd += ["--cutoff_len", "64", "--train_micro_batch_size_per_gpu", "2", "--gradient_accumulation_steps", "1"]
-    cmd += ["--max_steps", "4", "--logging_steps", "1", "--save_steps", "1000", "--warmup_ratio", "0.5"]
-    cmd += ["--gradient_checkpointing", "false", "--kernels", "reference", "--seed", "0", "--learning_rate", "3e-3"]
-    cmd += ["--deepspeed_config_path", str(ROOT / "configs/deepspeed/ds_z0.json")]
-    cmd += ["--report_to", "tensorboard,wandb,mlflow", "--run_name", "tracked"]
+    # a child process: wandb and mlflow start services and keep global state
+    cmd = train_command(
+        "pretrain",
+        model_name_or_path=TINY,
+        tokenizer_name_or_path=demo_tokenizer_dir,
+        dataset_path=shards,
+        output_dir=out,
+        cutoff_len=64,
+        train_micro_batch_size_per_gpu=2,
+        gradient_accumulation_steps=1,
+        max_steps=4,
+        warmup_ratio=0.5,
+        learning_rate=3e-3,
+        report_to="tensorboard,wandb,mlflow",
+        run_name="tracked",
+    )
     env = subprocess_env(
         WANDB_MODE="offline",
         WANDB_SILENT="true",

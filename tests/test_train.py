@@ -1,24 +1,21 @@
 """The trainer end to end on CPU: ZeRO stages on 2 gloo processes, exact resume after
-SIGKILL, loss normalisation across accumulation, SFT loss masking, export, plots."""
+SIGKILL, loss normalisation across accumulation, SFT loss masking, export, plots.
+Single-process runs go through `bumblefast train` in this process (train_hooks.train_in_process,
+no ~8 s of imports per run); child processes only for 2 ranks and SIGKILL."""
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import subprocess_env
-
-ROOT = Path(__file__).resolve().parent.parent
-DEMO = ROOT / "datasets" / "demo"
-TINY = ROOT / "configs" / "models" / "bumblebee-tiny"
+from helpers import DEMO, ROOT, TINY, prep, subprocess_env, train_command
+from train_hooks import NAN_ENV, TRACE_ENV, InjectNaN, run_here
 
 pytestmark = pytest.mark.slow
 
@@ -26,63 +23,32 @@ pytestmark = pytest.mark.slow
 env = subprocess_env
 
 
-def train_cmd(out: Path, data: Path, tok: Path, *extra: str, nproc: int = 1, stage: str = "pretrain") -> list[str]:
-    launcher = [sys.executable, "-m", "bumblefast"]
-    if nproc > 1:
-        launcher = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            str(nproc),
-            "--master_port",
-            str(29500 + os.getpid() % 1000),
-            "-m",
-            "bumblefast",
-        ]
-    model = str(TINY) if stage == "pretrain" else extra[extra.index("--model_name_or_path") + 1]
-    args = [
-        "train",
-        "--stage",
-        stage,
-        "--model_name_or_path",
-        model,
-        "--tokenizer_name_or_path",
-        str(tok),
-        "--dataset_path",
-        str(data),
-        "--output_dir",
-        str(out),
-        "--cutoff_len",
-        "64",
-        "--train_micro_batch_size_per_gpu",
-        "2",
-        "--gradient_accumulation_steps",
-        "2",
-        "--learning_rate",
-        "3e-3",
-        "--warmup_ratio",
-        "0",
-        "--logging_steps",
-        "1",
-        "--save_steps",
-        "1000",
-        "--gradient_checkpointing",
-        "false",
-        "--kernels",
-        "reference",
-        "--seed",
-        "0",
-        "--deepspeed_config_path",
-        str(ROOT / "configs/deepspeed/ds_z0.json"),
-        "--use_tensorboard",
-        "true",
-    ]
+def train_cmd(
+    out: Path, data: Path, tok: Path, *extra: str, nproc: int = 1, stage: str = "pretrain", hooks: bool = False
+) -> list[str]:
+    """This file's `bumblefast train` command line (helpers.train_command); `hooks`: the CLI
+    with tests/train_hooks.py's callbacks. A --model_name_or_path in `extra` replaces the preset."""
     extra = list(extra)
+    model = TINY
     if "--model_name_or_path" in extra:
         i = extra.index("--model_name_or_path")
+        model = extra[i + 1]
         del extra[i : i + 2]
-    return launcher + args + extra
+    return train_command(
+        stage,
+        *extra,
+        nproc=nproc,
+        hooks=hooks,
+        model_name_or_path=model,
+        tokenizer_name_or_path=tok,
+        dataset_path=data,
+        output_dir=out,
+        cutoff_len=64,
+        train_micro_batch_size_per_gpu=2,
+        gradient_accumulation_steps=2,
+        learning_rate=3e-3,
+        use_tensorboard="true",
+    )
 
 
 def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
@@ -102,8 +68,6 @@ def metrics(out: Path) -> dict[int, dict]:
 @pytest.fixture(scope="module")
 def data(tmp_path_factory, demo_tokenizer_dir):
     """Small pretrain and sft shard sets prepped from the demo data."""
-    from bumblefast.config import PrepConfig
-    from bumblefast.prep.run import run_prep
 
     root = tmp_path_factory.mktemp("data")
     docs = json.loads((DEMO / "pretrain.json").read_text())[:120]
@@ -112,16 +76,7 @@ def data(tmp_path_factory, demo_tokenizer_dir):
     sft = json.loads((DEMO / "sft_alpaca.json").read_text())[:48]
     (root / "sft.json").write_text(json.dumps(sft, ensure_ascii=False))
     for stage, src in (("pretrain", raw), ("sft", root / "sft.json")):
-        run_prep(
-            PrepConfig(
-                stage=stage,
-                input=[str(src)],
-                tokenizer_name_or_path=str(demo_tokenizer_dir),
-                seq_len=64,
-                output_dir=str(root / stage),
-            ),
-            progress=False,
-        )
+        prep(demo_tokenizer_dir, root / stage, stage, [src], seq_len=64)
     return {
         "root": root,
         "raw_pretrain": raw,
@@ -212,16 +167,16 @@ def test_resume_after_sigkill_is_bit_exact(data, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     cache = tmp_path / "cache"
     out_a = run(
-        train_cmd(a, data["raw_pretrain"], data["tok"], "--max_steps", steps),
-        env=env(BUMBLEFAST_SAMPLE_TRACE=tmp_path / "a.jsonl", BUMBLEFAST_CACHE=cache),
+        train_cmd(a, data["raw_pretrain"], data["tok"], "--max_steps", steps, hooks=True),
+        env=env(**{TRACE_ENV: tmp_path / "a.jsonl"}, BUMBLEFAST_CACHE=cache),
     )
     assert "is raw data: running `bumblefast prep` once" in out_a.stdout
 
-    cmd_b = train_cmd(b, data["raw_pretrain"], data["tok"], "--max_steps", steps, "--save_steps", str(half))
+    cmd_b = train_cmd(b, data["raw_pretrain"], data["tok"], "--max_steps", steps, "--save_steps", str(half), hooks=True)
     proc = subprocess.Popen(
         cmd_b,
         cwd=ROOT,
-        env=env(BUMBLEFAST_SAMPLE_TRACE=tmp_path / "b1.jsonl", BUMBLEFAST_CACHE=cache),
+        env=env(**{TRACE_ENV: tmp_path / "b1.jsonl"}, BUMBLEFAST_CACHE=cache),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -233,9 +188,7 @@ def test_resume_after_sigkill_is_bit_exact(data, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (b / "model.safetensors").exists()  # killed mid-run, before the end
-    out_b = run(
-        cmd_b + ["--resume", "auto"], env=env(BUMBLEFAST_SAMPLE_TRACE=tmp_path / "b2.jsonl", BUMBLEFAST_CACHE=cache)
-    )
+    out_b = run(cmd_b + ["--resume", "auto"], env=env(**{TRACE_ENV: tmp_path / "b2.jsonl"}, BUMBLEFAST_CACHE=cache))
     assert "using the prepped cache" in out_b.stdout
     assert "resumed from" in out_b.stdout and f"step-{half}" in out_b.stdout
 
@@ -255,27 +208,27 @@ def test_resume_after_sigkill_is_bit_exact(data, tmp_path):
     assert set(seen_a) <= set(range(rows)) and len(seen_a) > rows - 4  # (a short tail is dropped)
 
 
-def test_resume_skips_a_damaged_checkpoint(data, tmp_path):
+def test_resume_skips_a_damaged_checkpoint(data, tmp_path, one_rank):
     out = tmp_path / "run"
-    run(
+    run_here(
         train_cmd(
             out, data["pretrain"], data["tok"], "--max_steps", "4", "--save_steps", "2", "--save_total_limit", "0"
         )
     )
     (out / "checkpoints" / "step-4" / "trainer.json").write_text("{}")  # size no longer matches
-    res = run(train_cmd(out, data["pretrain"], data["tok"], "--max_steps", "4", "--resume", "auto"))
+    res = run_here(train_cmd(out, data["pretrain"], data["tok"], "--max_steps", "4", "--resume", "auto"))
     assert "step-4 is damaged" in res.stdout and "resumed from" in res.stdout and "step-2" in res.stdout
 
 
-def test_grad_accumulation_equals_big_micro_batch(data, tmp_path):
+def test_grad_accumulation_equals_big_micro_batch(data, tmp_path, one_rank):
     """4 x micro batch 1 and 1 x micro batch 4 on variable-length packed sft rows: same loss,
     same gradient norm, same weights after the step."""
     base = tmp_path / "pre"
-    run(train_cmd(base, data["pretrain"], data["tok"], "--max_steps", "1"))
+    run_here(train_cmd(base, data["pretrain"], data["tok"], "--max_steps", "1"))
     outs = {}
     for mb, ga in ((1, 4), (4, 1)):
         out = tmp_path / f"mb{mb}"
-        run(
+        run_here(
             train_cmd(
                 out,
                 data["sft"],
@@ -314,25 +267,14 @@ def test_sft_loss_is_on_assistant_tokens_only(data, tmp_path, demo_tokenizer_dir
     transformers' Qwen2 over exactly the assistant reply and its <|im_end|>."""
     from transformers import AutoTokenizer, Qwen2ForCausalLM
 
-    from bumblefast.config import PrepConfig
     from bumblefast.model import Bumblebee
-    from bumblefast.prep.run import run_prep
     from bumblefast.shards.reader import build_loader
     from bumblefast.train.objectives import LMObjective
 
     tok = AutoTokenizer.from_pretrained(demo_tokenizer_dir)
     rec = {"instruction": "What is 2 + 3?", "input": "", "output": "2 + 3 = 5"}
     (tmp_path / "one.json").write_text(json.dumps([rec]))
-    run_prep(
-        PrepConfig(
-            stage="sft",
-            input=[str(tmp_path / "one.json")],
-            tokenizer_name_or_path=str(demo_tokenizer_dir),
-            seq_len=64,
-            output_dir=str(tmp_path / "shards"),
-        ),
-        progress=False,
-    )
+    prep(demo_tokenizer_dir, tmp_path / "shards", "sft", [tmp_path / "one.json"], seq_len=64)
     batch = next(iter(build_loader(str(tmp_path / "shards"), batch_size=1, shuffle=False)))
 
     prompt = tok.apply_chat_template(
@@ -341,7 +283,7 @@ def test_sft_loss_is_on_assistant_tokens_only(data, tmp_path, demo_tokenizer_dir
     prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
     reply_ids = tok(rec["output"] + "<|im_end|>", add_special_tokens=False)["input_ids"]
     full = prompt_ids + reply_ids + tok("\n", add_special_tokens=False)["input_ids"]
-    assert batch["input_ids"].tolist() == full
+    assert batch.input_ids.tolist() == full
 
     from transformers import AutoConfig
 
@@ -364,7 +306,7 @@ def test_sft_loss_is_on_assistant_tokens_only(data, tmp_path, demo_tokenizer_dir
     torch.testing.assert_close(loss_sum, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_non_finite_loss_stops_with_sample_ids_and_checkpoint(data, tmp_path):
+def test_non_finite_loss_stops_with_sample_ids_and_checkpoint(data, tmp_path, one_rank):
     out = tmp_path / "nan"
     cmd = train_cmd(
         out,
@@ -379,8 +321,7 @@ def test_non_finite_loss_stops_with_sample_ids_and_checkpoint(data, tmp_path):
         "--max_skipped_steps",
         "0",
     )
-    res = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
-    assert res.returncode == 3, res.stderr[-3000:]
+    res = run_here(cmd, rc=3)
     assert "non-finite" in res.stderr and "sample ids" in res.stderr
     assert "last good state saved in" in res.stderr
     assert (out / "checkpoints" / "latest").is_file()
@@ -435,11 +376,12 @@ def test_nan_on_one_rank_is_skipped_then_stops_without_hang(data, zero_runs, tmp
         "--deepspeed_config_path",
         str(ROOT / f"configs/deepspeed/ds_z{stage}.json"),
         nproc=2,
+        hooks=True,
     )
     res = subprocess.run(
         cmd,
         cwd=ROOT,
-        env=env(BUMBLEFAST_INJECT_NAN="2:1,3:1", BUMBLEFAST_SAMPLE_TRACE=trace),
+        env=env(**{NAN_ENV: "2:1,3:1", TRACE_ENV: trace}),
         capture_output=True,
         text=True,
         timeout=600,
@@ -461,11 +403,11 @@ def test_nan_on_one_rank_is_skipped_then_stops_without_hang(data, zero_runs, tmp
     assert losses(out)[1] == losses(zero_runs[stage])[1]
 
 
-def test_nan_step_is_skipped_and_training_goes_on(data, tmp_path):
+def test_nan_step_is_skipped_and_training_goes_on(data, tmp_path, one_rank):
     """ZeRO-0 fp32 (the trainer's own gradient check): a NaN step changes no weight and does
     not advance the learning-rate schedule; the next step trains; the run succeeds."""
     out = tmp_path / "skip"
-    res = run(
+    res = run_here(
         train_cmd(
             out,
             data["pretrain"],
@@ -479,7 +421,7 @@ def test_nan_step_is_skipped_and_training_goes_on(data, tmp_path):
             "--lr_scheduler_type",
             "linear",
         ),
-        env=env(BUMBLEFAST_INJECT_NAN="2:0"),
+        callbacks=[InjectNaN({(2, 0)})],
     )
     assert "non-finite loss at step 2" in res.stderr and "update skipped (1 of max_skipped_steps=3)" in res.stderr
     w1, w2, w3 = (checkpoint_weights(out / "checkpoints" / f"step-{i}") for i in (1, 2, 3))
@@ -498,15 +440,15 @@ def test_plot_writes_pngs_from_tensorboard(zero_runs, tmp_path):
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
 
-def test_continue_pretrain_and_lora_sft_from_a_checkpoint(data, tmp_path):
+def test_continue_pretrain_and_lora_sft_from_a_checkpoint(data, tmp_path, one_rank):
     """continue_pretrain starts from a HF checkpoint (not random init); LoRA SFT writes a PEFT
     adapter that peft loads on transformers' model."""
     from safetensors.torch import load_file
 
     base = tmp_path / "pre"
-    run(train_cmd(base, data["pretrain"], data["tok"], "--max_steps", "2"))
+    run_here(train_cmd(base, data["pretrain"], data["tok"], "--max_steps", "2"))
     cont = tmp_path / "cont"
-    run(
+    run_here(
         train_cmd(
             cont,
             data["pretrain"],
@@ -526,7 +468,7 @@ def test_continue_pretrain_and_lora_sft_from_a_checkpoint(data, tmp_path):
     assert metrics(cont)[1]["loss"] < metrics(base)[1]["loss"]  # starts where the checkpoint left off
 
     lora = tmp_path / "lora"
-    run(
+    run_here(
         train_cmd(
             lora,
             data["sft"],

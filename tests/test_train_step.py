@@ -12,11 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import DEMO, ROOT, TINY, prep
 from torch.overrides import TorchFunctionMode
-
-ROOT = Path(__file__).resolve().parent.parent
-DEMO = ROOT / "datasets" / "demo"
-TINY = ROOT / "configs" / "models" / "bumblebee-tiny"
 
 pytestmark = pytest.mark.slow
 
@@ -26,22 +23,11 @@ SYNCS = {"item", "tolist", "__float__", "__bool__", "__int__", "__index__", "num
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory, demo_tokenizer_dir):
-    from bumblefast.config import PrepConfig
-    from bumblefast.prep.run import run_prep
 
     root = tmp_path_factory.mktemp("step")
     docs = json.loads((DEMO / "pretrain.json").read_text())[:60]
     (root / "docs.jsonl").write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs))
-    run_prep(
-        PrepConfig(
-            stage="pretrain",
-            input=[str(root / "docs.jsonl")],
-            tokenizer_name_or_path=str(demo_tokenizer_dir),
-            seq_len=64,
-            output_dir=str(root / "shards"),
-        ),
-        progress=False,
-    )
+    prep(demo_tokenizer_dir, root / "shards", "pretrain", [root / "docs.jsonl"], seq_len=64)
     return root / "shards"
 
 
@@ -105,18 +91,15 @@ def test_train_step_reads_the_device_once_per_optimizer_step(
     tensors are not. Per optimizer step the loop reads the device once (`read_stats`).
     The CPU attention backend splits rows at cu_seqlens and reads them (`PackedPlan.build`): on
     CPU those are host memory; on CUDA flash/varlen take max_seqlen as an int and never read them."""
+    from bumblefast.shards.collate import PackedBatch
     from bumblefast.train import loop
 
-    real = loop.to_device
-    monkeypatch.setattr(
-        loop,
-        "to_device",
-        lambda b, d: {k: v.clone() if torch.is_tensor(v) else v for k, v in real(b, d).items()},
-    )
+    real = PackedBatch.to
+    monkeypatch.setattr(PackedBatch, "to", lambda b, d, non_blocking=False: real(b, d)._map(torch.clone))
     run = loop.setup(config(tmp_path / "run", shards, demo_tokenizer_dir))
     per_step = []
     for micro_batches in loop.epochs(run):
-        host = {id(v) for b in micro_batches for v in b.values() if torch.is_tensor(v)}
+        host = {id(v) for b in micro_batches for v in vars(b).values() if torch.is_tensor(v)}
         with SyncCounter(host) as counter:
             metrics = loop.train_step(run, micro_batches)
         per_step.append(counter.sites)

@@ -12,12 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY, save_tiny_model, subprocess_env
+from helpers import ROOT, TINY, prep, save_tiny_model, subprocess_env, train_command
+from train_hooks import run_here
 
 from bumblefast.config import PretrainConfig, SFTConfig, UserError, build_config
+from bumblefast.shards.collate import PackedBatch
 from bumblefast.vocab import padded_vocab_size
 
-ROOT = Path(__file__).resolve().parent.parent
 PRESET_15B = ROOT / "configs" / "models" / "bumblebee-1.5b"
 
 
@@ -206,7 +207,7 @@ def test_tiny_preset_builds_and_steps_with_a_2000_token_bpe(bpe2000):
         },
     )
     config = load_model_config(cfg, tok)
-    model, _ = build_model(cfg, config, {"zero_optimization": {"stage": 0}})
+    model, _ = build_model(cfg, config)
     assert model.model.embed_tokens.weight.shape == (2048, 256)
     text = (bpe2000 / "corpus.txt").read_text().splitlines()[0]
     ids = torch.tensor(tok(text)["input_ids"][:48])
@@ -218,7 +219,7 @@ def test_tiny_preset_builds_and_steps_with_a_2000_token_bpe(bpe2000):
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     losses = []
     for _ in range(2):
-        loss_sum, n = model.lm_loss(ids, pos, cu, len(ids), labels)
+        loss_sum, n = model.lm_loss(PackedBatch.from_tensors(ids, cu, labels, position_ids=pos))
         loss = loss_sum / n
         loss.backward()
         opt.step()
@@ -229,60 +230,25 @@ def test_tiny_preset_builds_and_steps_with_a_2000_token_bpe(bpe2000):
 
 
 @pytest.mark.slow
-def test_tiny_preset_pretrains_with_a_2000_token_bpe(bpe2000, tmp_path):
+def test_tiny_preset_pretrains_with_a_2000_token_bpe(bpe2000, tmp_path, one_rank):
     """The issue's failing case end to end: prep + `bumblefast train` + the exported HF model."""
     from transformers import AutoModelForCausalLM
 
-    from bumblefast.config import PrepConfig
-    from bumblefast.prep.run import run_prep
-
     tok = bpe2000 / "tok"
-    run_prep(
-        PrepConfig(
-            stage="pretrain",
-            input=[str(bpe2000 / "corpus.txt")],
-            tokenizer_name_or_path=str(tok),
-            seq_len=64,
-            output_dir=str(tmp_path / "shards"),
-        ),
-        progress=False,
-    )
-    cmd = [
-        sys.executable,
-        "-m",
-        "bumblefast",
-        "train",
-        "--stage",
+    prep(tok, tmp_path / "shards", "pretrain", [bpe2000 / "corpus.txt"], seq_len=64)
+    cmd = train_command(
         "pretrain",
-        "--model_name_or_path",
-        str(TINY),
-        "--tokenizer_name_or_path",
-        str(tok),
-        "--dataset_path",
-        str(tmp_path / "shards"),
-        "--output_dir",
-        str(tmp_path / "run"),
-        "--cutoff_len",
-        "64",
-        "--max_steps",
-        "2",
-        "--train_micro_batch_size_per_gpu",
-        "2",
-        "--gradient_accumulation_steps",
-        "1",
-        "--save_steps",
-        "1000",
-        "--gradient_checkpointing",
-        "false",
-        "--kernels",
-        "reference",
-        "--use_tensorboard",
-        "false",
-        "--deepspeed_config_path",
-        str(ROOT / "configs/deepspeed/ds_z0.json"),
-    ]
-    res = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-4000:]
+        model_name_or_path=TINY,
+        tokenizer_name_or_path=tok,
+        dataset_path=tmp_path / "shards",
+        output_dir=tmp_path / "run",
+        cutoff_len=64,
+        max_steps=2,
+        train_micro_batch_size_per_gpu=2,
+        gradient_accumulation_steps=1,
+        use_tensorboard="false",
+    )
+    res = run_here(cmd)
     assert "vocab: 1024 -> 2048 embedding rows" in res.stdout
     assert json.loads((tmp_path / "run" / "config.json").read_text())["vocab_size"] == 2048
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "run", torch_dtype=torch.float32)

@@ -14,6 +14,7 @@ from bumblefast.train import distributed as D
 
 if TYPE_CHECKING:
     from bumblefast.shards.manifest import Manifest
+    from bumblefast.train.engine import EngineInfo
 
 PRESETS = Path(__file__).resolve().parent.parent.parent / "configs" / "models"
 
@@ -212,29 +213,29 @@ def load_partitioned(path: Path, config, ds_config: dict, **kw):
     return model
 
 
-def build_model(cfg: TrainConfig, config, ds_config: dict, want_copy: bool = False):
+def build_model(cfg: TrainConfig, config, info: EngineInfo | None = None, want_copy: bool = False):
     """Our Bumblebee (any family in model.py FAMILIES), fp32 master weights (DeepSpeed casts for
     bf16); with want_copy also a frozen copy of the starting weights (the DPO reference of full
     fine-tuning). Under ZeRO-3 every model is partitioned as it is built, never whole on a rank."""
     from bumblefast.model import Bumblebee
 
-    zero3 = ds_config["zero_optimization"].get("stage", 0) == 3
+    zero3 = info is not None and info.zero3
     kw = dict(attn_backend=cfg.attn_backend, kernels=cfg.kernels)
 
     if cfg.stage == "pretrain":
         if zero3:
             import deepspeed
 
-            with deepspeed.zero.Init(config_dict_or_path=ds_config):
+            with deepspeed.zero.Init(config_dict_or_path=info.config):
                 model = Bumblebee(config, **kw)
         else:
             model = Bumblebee(config, **kw)
         init_parameters(model, config.initializer_range, cfg.seed, zero3)
     else:
-        model = load_trained(cfg, config, kw, ds_config)
+        model = load_trained(cfg, config, kw, info)
     ref = None
     if want_copy:
-        ref = load_trained(cfg, config, kw, ds_config)
+        ref = load_trained(cfg, config, kw, info)
         ref.requires_grad_(False).eval()
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -246,29 +247,30 @@ def build_model(cfg: TrainConfig, config, ds_config: dict, want_copy: bool = Fal
     return model, ref
 
 
-def load_trained(cfg: TrainConfig, config, kw: dict, ds_config: dict | None = None):
+def load_trained(cfg: TrainConfig, config, kw: dict, info: EngineInfo | None = None):
     """A trained HF model folder as our Bumblebee (fp32), grown to `config.vocab_size` rows
     when load_model_config decided on --resize_vocab; under ZeRO-3 partitioned as it loads."""
     from bumblefast.model import Bumblebee
     from bumblefast.vocab import grow_embeddings
 
-    if ds_config and ds_config["zero_optimization"].get("stage", 0) == 3:
+    if info is not None and info.zero3:
         if read_model_config(model_path(cfg))["vocab_size"] != config.vocab_size:
             raise UserError(
                 "resize_vocab: not under ZeRO-3 (the weights load partitioned); resize with ZeRO 0-2 "
                 "(e.g. one short run or `--deepspeed_config_path configs/deepspeed/ds_z2.json`) first"
             )
-        return load_partitioned(model_path(cfg), config, ds_config, **kw)
+        return load_partitioned(model_path(cfg), config, info.config, **kw)
     model = Bumblebee.from_pretrained(model_path(cfg), torch_dtype=torch.float32, **kw)
     if model.config.vocab_size < config.vocab_size:
         grow_embeddings(model, config.vocab_size)
     return model
 
 
-def build_objective(cfg: TrainConfig, model, zero_stage: int, reference: str | None = None, ref_model=None):
+def build_objective(cfg: TrainConfig, model, info: EngineInfo, reference: str | None = None, ref_model=None):
     from bumblefast.train.objectives import DPOObjective, LMObjective
     from bumblefast.train.pref_losses import PrefLossConfig
 
     if cfg.stage == "dpo":
-        return DPOObjective(model, PrefLossConfig.from_dpo_config(cfg), reference, cfg.ld_alpha, ref_model, zero_stage)
-    return LMObjective(model, zero_stage)
+        loss = PrefLossConfig.from_dpo_config(cfg)
+        return DPOObjective(model, loss, reference, ld_alpha=cfg.ld_alpha, ref_model=ref_model, zero3=info.zero3)
+    return LMObjective(model, zero3=info.zero3)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -46,6 +47,36 @@ def deepspeed_config(cfg: TrainConfig, device: torch.device, hidden_size: int) -
     return ds
 
 
+@dataclass(frozen=True)
+class EngineInfo:
+    """What the run's DeepSpeed JSON decides, read once at setup and handed to what depends on
+    it (model building, the objectives, the reference, export) instead of a threaded stage."""
+
+    config: dict  # the filled JSON (deepspeed_config), as deepspeed.initialize takes it
+    zero_stage: int
+    bf16: bool
+
+    @classmethod
+    def of(cls, ds_config: dict) -> EngineInfo:
+        return cls(ds_config, int(ds_config["zero_optimization"].get("stage", 0)), bool(ds_config["bf16"]["enabled"]))
+
+    @property
+    def zero3(self) -> bool:
+        """Parameters partitioned: models are built inside zero.Init, whole weights gathered."""
+        return self.zero_stage == 3
+
+    @property
+    def plain_gradients(self) -> bool:
+        """ZeRO-0 in fp32: DeepSpeed keeps plain `.grad` tensors and neither reports their norm
+        nor checks them, so the trainer does both."""
+        return self.zero_stage == 0 and not self.bf16
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype DeepSpeed runs the policy's forward in (its module weights): bf16 or fp32."""
+        return torch.bfloat16 if self.bf16 else torch.float32
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Decay on matrices (dim >= 2) only: no decay on biases and norm weights."""
     decay, no_decay = [], []
@@ -70,12 +101,6 @@ class SkippableAdamW(torch.optim.AdamW):
         if self.overflow:
             return None
         return super().step(closure)
-
-
-def plain_gradients(ds_config: dict) -> bool:
-    """ZeRO-0 in fp32: DeepSpeed keeps plain `.grad` tensors and neither reports their norm nor
-    checks them, so the trainer does both."""
-    return ds_config["zero_optimization"].get("stage", 0) == 0 and not ds_config["bf16"]["enabled"]
 
 
 def optimizer(cfg: TrainConfig, groups: list[dict], device: torch.device, skippable: bool = False):
@@ -121,42 +146,37 @@ def apply_lora(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
     return get_peft_model(model, lora)
 
 
-def initialize(module: torch.nn.Module, cfg: TrainConfig, ds_config: dict, total_steps: int, device: torch.device):
+def initialize(module: torch.nn.Module, cfg: TrainConfig, info: EngineInfo, total_steps: int, device: torch.device):
     import deepspeed
 
-    opt = optimizer(cfg, param_groups(module, cfg.weight_decay), device, skippable=plain_gradients(ds_config))
+    opt = optimizer(cfg, param_groups(module, cfg.weight_decay), device, skippable=info.plain_gradients)
     scheduler(cfg, opt, 1)  # reject a bad scheduler name before DeepSpeed starts
     # A factory, so the scheduler drives the optimizer DeepSpeed wraps (ZeRO rebuilds its groups).
     engine, _, _, _ = deepspeed.initialize(
         model=module,
         optimizer=opt,
-        config=ds_config,
+        config=info.config,
         dist_init_required=False,
         lr_scheduler=lambda wrapped: scheduler(cfg, wrapped, total_steps),
     )
     if D.is_main():
-        stage = ds_config["zero_optimization"].get("stage", 0)
         n = sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters() if p.requires_grad)
         print(
-            f"deepspeed: ZeRO-{stage}, world {D.world_size()}, {n:,} trainable parameters, "
-            f"{'bf16' if ds_config['bf16']['enabled'] else 'fp32'}",
+            f"deepspeed: ZeRO-{info.zero_stage}, world {D.world_size()}, {n:,} trainable parameters, "
+            f"{'bf16' if info.bf16 else 'fp32'}",
             flush=True,
         )
     return engine
 
 
-def compute_dtype(ds_config: dict) -> torch.dtype:
-    """The dtype DeepSpeed runs the policy's forward in (its module weights): bf16 or fp32."""
-    return torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float32
-
-
-def shard_reference(ref: torch.nn.Module, ds_config: dict) -> torch.nn.Module:
+def shard_reference(ref: torch.nn.Module, info: EngineInfo) -> torch.nn.Module:
     """Under ZeRO-3 the frozen DPO reference is partitioned like the policy (an engine with no
     optimizer, as TRL prepares its reference); other stages keep the plain module."""
     import deepspeed
 
-    if ds_config["zero_optimization"].get("stage", 0) != 3:
+    if not info.zero3:
         return ref
+    ds_config = info.config
     cfg = {
         "train_micro_batch_size_per_gpu": ds_config["train_micro_batch_size_per_gpu"],
         "gradient_accumulation_steps": ds_config["gradient_accumulation_steps"],

@@ -20,18 +20,18 @@ def _strip(state: dict, prefix: str = "model.") -> dict:
     return {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in state.items()}
 
 
-def export_model(engine, objective, tokenizer, cfg: TrainConfig, zero_stage: int, out: Path) -> None:
+def export_model(engine, objective, tokenizer, cfg: TrainConfig, zero3: bool, out: Path) -> None:
     model = objective.model
     dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
     if cfg.finetuning_type == "lora":
         import deepspeed
 
         params = [p for n, p in model.named_parameters() if "lora_" in n]
-        with deepspeed.zero.GatheredParameters(params, enabled=zero_stage == 3):
+        with deepspeed.zero.GatheredParameters(params, enabled=zero3):
             if D.is_main():
                 model.save_pretrained(str(out))  # PeftModel: adapter only
     else:
-        if zero_stage == 3:
+        if zero3:
             state = engine._zero3_consolidated_16bit_state_dict()  # None on ranks > 0
         else:
             state = objective.state_dict()

@@ -21,9 +21,7 @@ data, and reads the device once:
 from __future__ import annotations
 
 import itertools
-import json
 import math
-import os
 import random
 import sys
 from collections.abc import Iterator
@@ -37,6 +35,7 @@ import torch
 from bumblefast import flops
 from bumblefast.config import TrainConfig, UserError, to_dict, trackers
 from bumblefast.modelinfo import read_model_config
+from bumblefast.shards.collate import PackedBatch
 from bumblefast.tokenizer import load_tokenizer
 from bumblefast.train import checkpoint as ckpt
 from bumblefast.train import distributed as D
@@ -50,25 +49,33 @@ from bumblefast.train.build import (
 )
 from bumblefast.train.data import open_loader
 from bumblefast.train.engine import (
-    compute_dtype,
+    EngineInfo,
     deepspeed_config,
     initialize,
-    plain_gradients,
     shard_reference,
 )
 from bumblefast.train.export import export_model
 from bumblefast.train.metrics import MetricLogger, device_peak_tflops
 from bumblefast.train.objectives import FrozenReference
 
-# Collator keys that stay on the host: facts the loop counts, never inputs of a kernel.
-HOST_KEYS = frozenset({"max_seqlen", "num_target_tokens", "num_tokens", "row_capacity", "sample_ids"})
-
 
 class NonFiniteError(RuntimeError):
     pass
 
 
-@dataclass
+class Callback:
+    """Hooks into each step, for tooling and tests (tests/train_hooks.py: a per-step trace of
+    sample ids, losses made NaN on chosen steps and ranks). The defaults do nothing."""
+
+    def on_loss(self, run: Run, loss: torch.Tensor) -> torch.Tensor:
+        """A micro-batch's summed loss, before its backward; return the loss to use."""
+        return loss
+
+    def on_step_end(self, run: Run, sample_ids: list[list[int]]) -> None:
+        """After the optimizer step (run.step not yet advanced), with each micro-batch's sample ids."""
+
+
+@dataclass(kw_only=True)
 class Run:
     """Everything a training run holds between steps."""
 
@@ -81,18 +88,16 @@ class Run:
     data_meta: dict
     objective: Any
     engine: Any
-    zero_stage: int
+    engine_info: EngineInfo
     total_steps: int
     steps_per_epoch: int
-    own_grad_check: bool  # ZeRO-0 fp32: the loop checks the gradients and vetoes the update
     logger: MetricLogger | None = None
     step: int = 0  # optimizer steps done, skipped ones included
     epoch: int = 0
     skipped: int = 0
     step_start: dict | None = None  # loader state before the current step
     last_saved: Path | None = None
-    trace: str | None = None  # tests: a JSON line per step with each rank's sample ids
-    inject_nan: frozenset = field(default_factory=frozenset)  # tests: {(step, rank)} whose losses are NaN
+    callbacks: list[Callback] = field(default_factory=list)
 
     @property
     def ckpt_root(self) -> Path:
@@ -128,25 +133,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def to_device(batch: dict, device: torch.device) -> dict:
-    """The tensors the model reads, on the device; the host facts stay behind (max_seqlen as an
-    int, so attention never reads it back from the device)."""
-    out = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k not in HOST_KEYS and torch.is_tensor(v)}
-    out["max_seqlen"] = int(batch["max_seqlen"])
-    return out
-
-
 # ---------------------------------------------------------------------------------- setup
 
 
-def _test_hooks() -> tuple[str | None, frozenset]:
-    """BUMBLEFAST_SAMPLE_TRACE: file of each step's sample ids; BUMBLEFAST_INJECT_NAN:
-    'step:rank,...' whose losses are made NaN (the non-finite tests)."""
-    pairs = [p.split(":") for p in os.environ.get("BUMBLEFAST_INJECT_NAN", "").split(",") if p]
-    return os.environ.get("BUMBLEFAST_SAMPLE_TRACE"), frozenset((int(s), int(r)) for s, r in pairs)
-
-
-def setup(cfg: TrainConfig) -> Run:
+def setup(cfg: TrainConfig, callbacks: list[Callback] | tuple = ()) -> Run:
     """Process group, tokenizer, shards, model, DeepSpeed engine, then resume if asked."""
     device = D.init()
     seed_everything(cfg.seed)
@@ -162,17 +152,14 @@ def setup(cfg: TrainConfig) -> Run:
             f"vocab: {preset_vocab} -> {model_config.vocab_size} embedding rows ({how} the tokenizer's "
             f"{len(tokenizer)} tokens)"
         )
-    ds_config = deepspeed_config(cfg, device, model_config.hidden_size)
-    zero_stage = ds_config["zero_optimization"].get("stage", 0)
+    info = EngineInfo.of(deepspeed_config(cfg, device, model_config.hidden_size))
     loader, data_meta, manifest = open_loader(cfg, tokenizer_path(cfg))
     reference = resolve_reference(cfg, manifest) if cfg.stage == "dpo" else None
-    model, ref_model = build_model(cfg, model_config, ds_config, want_copy=reference == "copy")
+    model, ref_model = build_model(cfg, model_config, info, want_copy=reference == "copy")
     if ref_model is not None:  # in the policy's compute dtype: same precision and attention kernel, half the memory
-        ref_model = FrozenReference(ref_model, cfg.ld_alpha, zero_stage)
-        ref_model = shard_reference(
-            ref_model if zero_stage == 3 else ref_model.to(device=device, dtype=compute_dtype(ds_config)), ds_config
-        )
-    objective = build_objective(cfg, model, zero_stage, reference, ref_model)
+        ref_model = FrozenReference(ref_model, cfg.ld_alpha, zero3=info.zero3)
+        ref_model = shard_reference(ref_model if info.zero3 else ref_model.to(device=device, dtype=info.dtype), info)
+    objective = build_objective(cfg, model, info, reference, ref_model)
     if reference:
         log(f"dpo: {cfg.pref_loss} loss, beta {cfg.pref_beta}, reference: {reference}")
 
@@ -183,37 +170,34 @@ def setup(cfg: TrainConfig) -> Run:
             f"gradient_accumulation_steps={cfg.gradient_accumulation_steps}; lower it or the micro batch size"
         )
     total_steps = cfg.max_steps if cfg.max_steps > 0 else steps_per_epoch * cfg.num_epochs
-    engine = initialize(objective, cfg, ds_config, total_steps, device)
-    if plain_gradients(ds_config) and not hasattr(engine.optimizer, "skip_next"):
+    engine = initialize(objective, cfg, info, total_steps, device)
+    if info.plain_gradients and not hasattr(engine.optimizer, "skip_next"):
         raise RuntimeError(f"ZeRO-0 fp32 expects the trainer's SkippableAdamW, got {type(engine.optimizer)}")
-    trace, inject_nan = _test_hooks()
     run = Run(
-        cfg,
-        device,
-        out,
-        tokenizer,
-        model_config,
-        loader,
-        data_meta,
-        objective,
-        engine,
-        zero_stage,
-        total_steps,
-        steps_per_epoch,
-        own_grad_check=plain_gradients(ds_config),
-        trace=trace,
-        inject_nan=inject_nan,
+        cfg=cfg,
+        device=device,
+        out=out,
+        tokenizer=tokenizer,
+        model_config=model_config,
+        loader=loader,
+        data_meta=data_meta,
+        objective=objective,
+        engine=engine,
+        engine_info=info,
+        total_steps=total_steps,
+        steps_per_epoch=steps_per_epoch,
+        callbacks=list(callbacks),
     )
     _resume(run)
     run.logger = MetricLogger(
-        out,
-        total_steps,
-        run.step,
-        model_config,
-        D.world_size(),
-        device_peak_tflops(device, cfg.peak_tflops),
-        trackers(cfg),
-        D.is_main(),
+        output_dir=out,
+        total_steps=total_steps,
+        start_step=run.step,
+        model_config=model_config,
+        world=D.world_size(),
+        peak_tflops=device_peak_tflops(device, cfg.peak_tflops),
+        report_to=trackers(cfg),
+        enabled=D.is_main(),
         config=to_dict(cfg),
         run_name=cfg.run_name,
     )
@@ -270,7 +254,7 @@ def epochs(run: Run) -> Iterator[list[dict]]:
         run.epoch += 1
 
 
-def host_facts(run: Run, micro_batches: list[dict]) -> tuple[list[float], list[list[int]]]:
+def host_facts(run: Run, micro_batches: list[PackedBatch]) -> tuple[list[float], list[list[int]]]:
     """From the collator's host tensors, never the device: the step's loss terms, tokens, row
     capacity and training FLOPs (from document lengths), and each micro-batch's sample ids."""
     cfg = run.cfg
@@ -283,22 +267,21 @@ def host_facts(run: Run, micro_batches: list[dict]) -> tuple[list[float], list[l
     count = tokens = capacity = step_flops = 0.0
     for b in micro_batches:
         count += run.objective.count(b)
-        tokens += float(b["num_tokens"])
-        capacity += float(b["row_capacity"])
-        prefix = b["kv_prefix"].tolist() if "kv_prefix" in b else None
-        lens = np.diff(b["cu_seqlens"].numpy()).tolist()
-        step_flops += flops.step_flops(run.model_config, lens, kv_prefix=prefix, **flop_kw)
-    return [count, tokens, capacity, step_flops], [b["sample_ids"].tolist() for b in micro_batches]
+        tokens += b.num_tokens
+        capacity += b.row_capacity
+        prefix = b.kv_prefix.tolist() if b.kv_prefix is not None else None
+        step_flops += flops.step_flops(run.model_config, b.doc_lens, kv_prefix=prefix, **flop_kw)
+    return [count, tokens, capacity, step_flops], [b.sample_ids.tolist() for b in micro_batches]
 
 
-def forward_backward(run: Run, micro_batches: list[dict], scale: torch.Tensor):
+def forward_backward(run: Run, micro_batches: list[PackedBatch], scale: torch.Tensor):
     """Forward and backward of each micro-batch, DeepSpeed's micro-step after all but the last.
     Returns the metric keys, their sums (float64) and each loss's finite flag, on the device."""
     engine, keys, sums, finite = run.engine, None, None, []
     for i, batch in enumerate(micro_batches):
-        loss, metric_sums = engine(to_device(batch, run.device))
-        if (run.step + 1, D.rank()) in run.inject_nan:
-            loss = loss * float("nan")
+        loss, metric_sums = engine(batch.to(run.device, non_blocking=True))
+        for cb in run.callbacks:
+            loss = cb.on_loss(run, loss)
         ok = torch.isfinite(loss)
         engine.backward(loss * torch.where(ok, scale.to(loss.dtype), torch.nan))
         if i < len(micro_batches) - 1:
@@ -320,19 +303,21 @@ def read_stats(counts: torch.Tensor, keys: list[str], sums: torch.Tensor, finite
     """Sum the metric sums and non-finite counts over ranks, then the step's one host read."""
     bad = (~finite).double()
     reduced = D.all_reduce_sum_(torch.cat([sums, bad.sum()[None]]))
-    parts = [counts, reduced, bad]
-    if torch.is_tensor(grad_norm):
-        parts.append(grad_norm.detach().double().reshape(1).to(counts.device))
+    device_norm = torch.is_tensor(grad_norm)
+    parts = [counts, reduced, bad] + ([grad_norm.detach().double().reshape(1).to(counts.device)] if device_norm else [])
     values = torch.cat(parts).tolist()  # the host sync of the step
-    n_global, tokens, capacity, step_flops = values[:4]
-    k = len(keys)
-    averages = {key: v / max(n_global, 1.0) for key, v in zip(keys, values[4 : 4 + k])}
-    local_bad = [v > 0 for v in values[5 + k : 5 + k + len(finite)]]
-    norm = values[-1] if torch.is_tensor(grad_norm) else (None if grad_norm is None else float(grad_norm))
-    return StepStats(n_global, tokens, capacity, step_flops, averages, int(values[4 + k]), local_bad, norm)
+    sizes = [len(counts), len(keys), 1, len(finite), int(device_norm)]
+    ends = list(itertools.accumulate(sizes))
+    facts, metric_sums, n_bad, local_bad, norm = (values[e - n : e] for n, e in zip(sizes, ends))
+    n_global, tokens, capacity, step_flops = facts
+    averages = {key: v / max(n_global, 1.0) for key, v in zip(keys, metric_sums)}
+    if not device_norm:
+        norm = [None if grad_norm is None else float(grad_norm)]
+    flags = [v > 0 for v in local_bad]
+    return StepStats(n_global, tokens, capacity, step_flops, averages, int(n_bad[0]), flags, norm[0])
 
 
-def train_step(run: Run, micro_batches: list[dict]) -> dict:
+def train_step(run: Run, micro_batches: list[PackedBatch]) -> dict:
     """One optimizer step over this rank's micro-batches; returns the step's metrics (host
     floats). One host synchronisation: `read_stats`."""
     engine = run.engine
@@ -342,7 +327,7 @@ def train_step(run: Run, micro_batches: list[dict]) -> dict:
     # update is (sum of all losses in the step) / (global count).
     scale = len(micro_batches) * D.world_size() / counts[0].clamp(min=1.0)
     keys, sums, finite = forward_backward(run, micro_batches, scale)
-    if run.own_grad_check:
+    if run.engine_info.plain_gradients:  # ZeRO-0 fp32: the loop checks the gradients, vetoes the update
         stats = read_stats(counts, keys, sums, finite, grad_norm_of(engine.module))
         engine.optimizer.skip_next = not stats.finite
         engine.step()
@@ -354,9 +339,8 @@ def train_step(run: Run, micro_batches: list[dict]) -> dict:
                 f"non-finite loss at step {run.step + 1} and DeepSpeed applied the update "
                 "(is bf16.check_grad_overflow off?); the last periodic checkpoint is the last good state"
             )
-    if run.trace:
-        with open(run.trace, "a") as f:
-            f.write(json.dumps({"step": run.step + 1, "rank": D.rank(), "sample_ids": sum(sample_ids, [])}) + "\n")
+    for cb in run.callbacks:
+        cb.on_step_end(run, sample_ids)
     if not stats.finite:
         skip_step(run, stats, sample_ids)
     run.step += 1
@@ -408,23 +392,26 @@ def finish(run: Run) -> Path:
     run.logger.close()
     if run.last_saved is None and run.cfg.save_last:
         save(run)
-    export_model(run.engine, run.objective, run.tokenizer, run.cfg, run.zero_stage, run.out)
+    export_model(run.engine, run.objective, run.tokenizer, run.cfg, run.engine_info.zero3, run.out)
     log(f"done: {run.step} steps; model in {run.out}")
     return run.out
 
 
-def train(cfg: TrainConfig) -> Path:
-    run = setup(cfg)
-    for micro_batches in epochs(run):
-        train_step(run, micro_batches)
-        if run.step % cfg.save_steps == 0 or (run.step == run.total_steps and cfg.save_last):
-            save(run)
-    return finish(run)
-
-
-def main(cfg: TrainConfig) -> int:
+def train(cfg: TrainConfig, callbacks: list[Callback] | tuple = ()) -> Path:
+    run = setup(cfg, callbacks)
     try:
-        train(cfg)
+        for micro_batches in epochs(run):
+            train_step(run, micro_batches)
+            if run.step % cfg.save_steps == 0 or (run.step == run.total_steps and cfg.save_last):
+                save(run)
+        return finish(run)
+    finally:
+        run.loader.close()
+
+
+def main(cfg: TrainConfig, callbacks: list[Callback] | tuple = ()) -> int:
+    try:
+        train(cfg, callbacks)
     except NonFiniteError as e:
         if D.is_main():
             print(f"bumblefast train: {e}", file=sys.stderr, flush=True)

@@ -165,6 +165,7 @@ def scalars_of(record: dict[str, Any]) -> dict[str, float]:
 class MetricLogger:
     def __init__(
         self,
+        *,
         output_dir: Path,
         total_steps: int,
         start_step: int,

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from bumblefast.labels import IGNORE_INDEX
+from bumblefast.shards.collate import PackedBatch
 from bumblefast.train.pref_losses import (
     PrefLossConfig,
     combine_ld,
@@ -19,15 +20,10 @@ from bumblefast.train.pref_losses import (
 )
 
 
-def _max_seqlen(batch: dict) -> int:
-    m = batch["max_seqlen"]
-    return int(m.item()) if torch.is_tensor(m) else int(m)
-
-
-def _register_lm_head(module: nn.Module, model: nn.Module, zero_stage: int) -> None:
+def _register_lm_head(module: nn.Module, model: nn.Module, zero3: bool) -> None:
     # The fused losses read lm_head.weight outside lm_head.forward: ZeRO-3 must gather it
     # whenever `module` runs.
-    if zero_stage == 3:
+    if zero3:
         import deepspeed
 
         deepspeed.zero.register_external_parameter(module, model.lm_head.weight)
@@ -37,32 +33,29 @@ class LMObjective(nn.Module):
     """Next-token loss on the target tokens of a packed batch (pretrain: every token in its
     document; sft: assistant tokens only, as the collator's labels say)."""
 
-    def __init__(self, model: nn.Module, zero_stage: int = 0):
+    def __init__(self, model: nn.Module, *, zero3: bool = False):
         super().__init__()
         self.model = model
-        _register_lm_head(self, model, zero_stage)
+        _register_lm_head(self, model, zero3)
 
     @staticmethod
-    def count(batch: dict) -> float:
-        return float(batch["num_target_tokens"])
+    def count(batch: PackedBatch) -> float:
+        return float(batch.num_target_tokens)
 
-    def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
-        loss, _ = self.model.lm_loss(
-            batch["input_ids"], batch["position_ids"], batch["cu_seqlens"], _max_seqlen(batch), batch["labels"]
-        )
+    def forward(self, batch: PackedBatch) -> tuple[torch.Tensor, dict]:
+        loss, _ = self.model.lm_loss(batch)
         return loss, {}
 
 
-def segment_stats(model: nn.Module, batch: dict, ld_alpha: float | None):
-    """Per-segment (summed target log-probs, target counts, mean logit over target tokens)
-    of a packed dpo batch, without materialising [T, V] logits. The mean logit of a token
-    over the vocabulary is h . mean(W rows), so it costs one matrix-vector product."""
-    h = model.hidden_states(
-        batch["input_ids"], batch["position_ids"], batch["cu_seqlens"], _max_seqlen(batch), batch.get("kv_prefix")
-    )
+def segment_stats(model: nn.Module, batch: PackedBatch, ld_alpha: float | None = None):
+    """The DPO head, of training, evaluation and precompute-ref alike: per segment (summed
+    target log-probs fp32, target counts, mean logit over target tokens) of a packed dpo
+    batch, without materialising [T, V] logits. The mean logit of a token over the vocabulary
+    is h . mean(W rows), so it costs one matrix-vector product. ``ld_alpha``: LD-DPO's weight
+    of the tokens past the shorter reply (pref_losses.combine_ld)."""
+    h = model.hidden_states(batch)
     weight = model.lm_head.weight
-    labels, seg = batch["labels"], batch["segment_ids"]
-    n = batch["cu_seqlens"].numel() - 1
+    labels, seg, n = batch.labels, batch.segment_ids, batch.n_segments
     ops = model.ops(h.device)
     if ld_alpha is None:
         logps = ops.fused_linear_logprob(h, weight, labels, seg, n)
@@ -84,14 +77,14 @@ class FrozenReference(nn.Module):
     tied to embed_tokens, a GatheredParameters block around the call was re-partitioned by
     embed_tokens' own post-forward hook before the log-probs read it."""
 
-    def __init__(self, model: nn.Module, ld_alpha: float | None = None, zero_stage: int = 0):
+    def __init__(self, model: nn.Module, ld_alpha: float | None = None, *, zero3: bool = False):
         super().__init__()
         self.model = model.requires_grad_(False).eval()
         self.ld_alpha = ld_alpha
-        _register_lm_head(self, model, zero_stage)
+        _register_lm_head(self, model, zero3)
 
     @torch.no_grad()
-    def forward(self, batch: dict) -> torch.Tensor:
+    def forward(self, batch: PackedBatch) -> torch.Tensor:
         return segment_stats(self.model, batch, self.ld_alpha)[0]
 
 
@@ -109,9 +102,10 @@ class DPOObjective(nn.Module):
         model: nn.Module,
         loss_cfg: PrefLossConfig,
         reference: str,
+        *,
         ld_alpha: float | None = None,
         ref_model: nn.Module | None = None,
-        zero_stage: int = 0,
+        zero3: bool = False,
     ):
         super().__init__()
         self.model = model
@@ -121,24 +115,24 @@ class DPOObjective(nn.Module):
         if ref_model is not None and not isinstance(ref_model, FrozenReference):
             ref_model = FrozenReference(ref_model, ld_alpha)
         self._ref = [ref_model]  # a list: not a submodule, so neither trained nor checkpointed
-        _register_lm_head(self, model, zero_stage)
+        _register_lm_head(self, model, zero3)
 
     @staticmethod
-    def count(batch: dict) -> float:
-        return float((batch["cu_seqlens"].numel() - 1) // 2)
+    def count(batch: PackedBatch) -> float:
+        return float(batch.n_segments // 2)
 
     @torch.no_grad()
-    def reference_logps(self, batch: dict) -> torch.Tensor | None:
+    def reference_logps(self, batch: PackedBatch) -> torch.Tensor | None:
         if self.reference == "none":
             return None
         if self.reference == "precomputed":
-            return batch["ref_logps"].float()
+            return batch.ref_logps.float()
         if self.reference == "adapter":
             with self.model.disable_adapter():
                 return segment_stats(self.model, batch, self.ld_alpha)[0]
         return self._ref[0](batch)
 
-    def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
+    def forward(self, batch: PackedBatch) -> tuple[torch.Tensor, dict]:
         ref = self.reference_logps(batch)
         logps, counts, mean_logits = segment_stats(self.model, batch, self.ld_alpha)
         pc, pr, nc, nr = logps[0::2], logps[1::2], counts[0::2], counts[1::2]

@@ -40,6 +40,7 @@ def precompute_ref(
     from bumblefast.shards.reader import ShardDataset
     from bumblefast.train import distributed as D
     from bumblefast.train.build import model_fingerprint
+    from bumblefast.train.objectives import segment_stats
 
     src = Manifest.read(dataset_path)
     if src.stage != "dpo":
@@ -62,24 +63,8 @@ def precompute_ref(
     with torch.no_grad():
         for start in tqdm(range(0, len(mine), batch_size), desc="precompute-ref", disable=rank != 0):
             rows = [ds[i] for i in mine[start : start + batch_size]]
-            b = collate_rows(rows, "dpo", src.seq_len)
-            b = {k: v.to(device) for k, v in b.items()}
-            n = b["cu_seqlens"].numel() - 1
-            logps = (
-                model.segment_logps(
-                    b["input_ids"],
-                    b["position_ids"],
-                    b["cu_seqlens"],
-                    int(b["max_seqlen"]),
-                    b["labels"],
-                    b["segment_ids"],
-                    n,
-                    kv_prefix=b.get("kv_prefix"),
-                )
-                .float()
-                .cpu()
-                .tolist()
-            )
+            b = collate_rows(rows, "dpo", src.seq_len).to(device)
+            logps = segment_stats(model, b)[0].cpu().tolist()
             for row in rows:
                 k = len(row["seq_lens"])
                 scores[row["sample_id"]], logps = logps[:k], logps[k:]
