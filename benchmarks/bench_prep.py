@@ -39,16 +39,14 @@ Writes `<out>/bench_prep_<host>_<date>.json` and `.md`.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from bumblefast.benchserver import BenchServer
+from harness import BenchServer, cli, compare, median_range, ratio_lines
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one core per process, fair per-worker numbers
 os.environ.setdefault("RAYON_NUM_THREADS", "1")
@@ -267,13 +265,6 @@ def rate(label: str, work: float, rounds: list[dict], cpu: bool = False) -> dict
     return BL.rounds(label, work, [r[key] for r in rounds], "tokens/cpu-s" if cpu else "tokens/s")
 
 
-def compare(name: str, ours: dict, base: dict) -> dict:
-    """A ratio with benchlib's verdict: within noise when the rounds' ranges overlap."""
-    from bumblefast import benchlib as BL
-
-    return BL.ratio(name, ours, base)
-
-
 def prep_seq_len(stage: str, row: int) -> int:
     """prep's --seq_len for rows of `row` tokens: dpo's is the cutoff per sequence, its rows
     hold a pair of them (2x, since 2026-12-02)."""
@@ -371,7 +362,7 @@ def bench_read(shards: Path) -> dict:
     clean_stale_shared_memory()
     loader = build_loader(str(shards), batch_size=8, seed=0)
     t = time.perf_counter()
-    n = sum(int(b["num_tokens"]) for b in loader)
+    n = sum(b.num_tokens for b in loader)
     el = time.perf_counter() - t
     return {"tokens": n, "seconds": el, "tokens_per_s": n / el}
 
@@ -433,6 +424,16 @@ def bench_naive(tok_dir: str, corpus: Path, seq_len: int, mode: str, tmp: Path) 
     return {"seconds": el, "cpu_seconds": cpu, "real_tokens": real, "rows": len(out)}
 
 
+class _Phases(dict):
+    """CPU-seconds (this process) per named phase, in the order they ran."""
+
+    def __call__(self, name: str, fn, *args):
+        c = time.process_time()
+        out = fn(*args)
+        self[name] = time.process_time() - c
+        return out
+
+
 def stage_profile(tok_dir: str, corpus: Path, stage: str, backend: str, seq_len: int, tmp: Path) -> dict:
     """CPU-seconds of each stage of prep, run one after the other in this process: start-up
     (tokenizer load, backend verification), read (jsonl lines), parse (JSON), validate
@@ -441,34 +442,17 @@ def stage_profile(tok_dir: str, corpus: Path, stage: str, backend: str, seq_len:
     truncation, result tuples), pack, write (MDSWriter with zstd)."""
     from itertools import islice
 
-    from streaming import MDSWriter
-
-    from bumblefast.prep.encode import Encoded, Encoder, EncodeSettings, PretrainChunk
-    from bumblefast.prep.pack import BFDPacker, PretrainPacker
+    from bumblefast.prep.encode import Encoder, EncodeSettings
     from bumblefast.prep.records import RecordError, dpo_pair, pretrain_text, sft_messages
     from bumblefast.prep.run import CHUNK_CHARS, CHUNK_RECORDS, _chunks
     from bumblefast.prep.split import iter_share
-    from bumblefast.shards.schema import columns, token_dtype
 
-    clock, T = time.process_time, {}
-    share = [(str(corpus), 0, None)]
-    c = clock()
-    settings = EncodeSettings(
-        stage,
-        tok_dir,
-        prep_seq_len(stage, seq_len),  # rows of seq_len (the packer's)
-        "text",
-        "truncate" if stage == "pretrain" else "drop",
-        tokenizer_backend=backend,
-    )
-    enc = Encoder(settings, list(islice(iter_share(share), 64)))
-    T["start-up"] = clock() - c
-    c = clock()
-    lines = list(iter_share(share))
-    T["read"] = clock() - c
-    c = clock()
-    recs = [line.parse() for _, line in lines]
-    T["parse"] = clock() - c
+    T, share = _Phases(), [(str(corpus), 0, None)]
+    overlong = "truncate" if stage == "pretrain" else "drop"
+    settings = EncodeSettings(stage, tok_dir, prep_seq_len(stage, seq_len), "text", overlong, tokenizer_backend=backend)
+    enc = T("start-up", lambda: Encoder(settings, list(islice(iter_share(share), 64))))  # rows of seq_len
+    lines = T("read", lambda: list(iter_share(share)))
+    recs = T("parse", lambda: [line.parse() for _, line in lines])
     check = {"pretrain": pretrain_text, "sft": sft_messages, "dpo": dpo_pair}[stage]
 
     def valid(r):
@@ -477,29 +461,36 @@ def stage_profile(tok_dir: str, corpus: Path, stage: str, backend: str, seq_len:
         except RecordError:  # skipped by prep too
             return None
 
-    c = clock()
-    items = [x for x in map(valid, recs) if x is not None]
-    T["validate"] = clock() - c
-    c = clock()
+    items = T("validate", lambda: [x for x in map(valid, recs) if x is not None])
     if stage == "pretrain":
-        texts = items
+        texts = T("render", lambda: items)
     elif stage == "sft":
-        texts = [enc.render_with_spans(m, tools)[0] for m, tools in items]
+        texts = T("render", lambda: [enc.render_with_spans(m, tools)[0] for m, tools in items])
     else:
-        texts = [enc.render_with_spans(p + [x], tools)[0] for p, ch, rj, tools in items for x in (ch, rj)]
-    T["render"] = clock() - c
-    per = 1 if stage != "dpo" else 2
-    c = clock()
-    for i in range(0, len(texts), CHUNK_RECORDS * per):
-        batch = texts[i : i + CHUNK_RECORDS * per]
-        enc.bulk.encode_flat(batch) if stage == "pretrain" else enc.bulk.encode_with_starts(batch)
-    T["tokenize"] = clock() - c
-    c = clock()
-    results = [enc.encode_chunk(ch) for ch in _chunks(iter(lines), CHUNK_RECORDS, CHUNK_CHARS)]
-    worker_total = clock() - c
-    T["glue"] = max(worker_total - sum(T[k] for k in ("parse", "validate", "render", "tokenize")), 0.0)
-    c = clock()
+        both = lambda: [enc.render_with_spans(p + [x], tools)[0] for p, ch, rj, tools in items for x in (ch, rj)]  # noqa: E731
+        texts = T("render", both)
+    n = CHUNK_RECORDS * (1 if stage != "dpo" else 2)
+    encode = enc.bulk.encode_flat if stage == "pretrain" else enc.bulk.encode_with_starts
+    T("tokenize", lambda: [encode(texts[i : i + n]) for i in range(0, len(texts), n)])
+    results = T("glue", lambda: [enc.encode_chunk(ch) for ch in _chunks(iter(lines), CHUNK_RECORDS, CHUNK_CHARS)])
+    T["glue"] = max(T["glue"] - sum(T[k] for k in ("parse", "validate", "render", "tokenize")), 0.0)
     shared = stage == "dpo" and enc.s.share_prompt  # the layout prep writes by default
+    rows = T("pack", _pack, stage, seq_len, shared, results)
+    T("write", _write, rows, stage, len(enc.hf), shared, tmp / f"profile_{stage}_{backend}")
+    return {
+        "stage": stage,
+        "backend": enc.backend.name,
+        "records": len(lines),
+        "tokens": sum(len(r["input_ids"]) for r in rows),
+        "cpu_seconds": {k: round(v, 4) for k, v in T.items()},
+        "total": round(sum(T.values()), 4),
+    }
+
+
+def _pack(stage: str, seq_len: int, shared: bool, results: list) -> list:
+    from bumblefast.prep.encode import Encoded, PretrainChunk
+    from bumblefast.prep.pack import BFDPacker, PretrainPacker
+
     packer = PretrainPacker(seq_len) if stage == "pretrain" else BFDPacker(seq_len, 10000, shared)
     rows = []
     for res in results:
@@ -510,33 +501,22 @@ def stage_profile(tok_dir: str, corpus: Path, stage: str, backend: str, seq_len:
                 if isinstance(r, Encoded):
                     rows += packer.add(r.segments, r.prompt_len)
     rows += packer.finish()
-    T["pack"] = clock() - c
-    vocab = len(enc.hf)
+    return rows
+
+
+def _write(rows: list, stage: str, vocab: int, shared: bool, out: Path) -> None:
+    from streaming import MDSWriter
+
+    from bumblefast.shards.schema import columns, token_dtype
+
     dtype = token_dtype(vocab)
-    c = clock()
+    cols = columns(stage, vocab, shared_prompt=shared)
     w = MDSWriter(
-        out=str(tmp / f"profile_{stage}_{backend}"),
-        columns=columns(stage, vocab, shared_prompt=shared),
-        compression="zstd",
-        hashes=["sha1", "xxh64"],
-        size_limit="64mb",
-        exist_ok=True,
+        out=str(out), columns=cols, compression="zstd", hashes=["sha1", "xxh64"], size_limit="64mb", exist_ok=True
     )
     for row in rows:
-        row = dict(row)
-        row["input_ids"] = row["input_ids"].astype(dtype)
-        w.write(row)
+        w.write({**row, "input_ids": row["input_ids"].astype(dtype)})
     w.finish()
-    T["write"] = clock() - c
-    tokens = sum(len(r["input_ids"]) for r in rows)
-    return {
-        "stage": stage,
-        "backend": enc.backend.name,
-        "records": len(lines),
-        "tokens": tokens,
-        "cpu_seconds": {k: round(v, 4) for k, v in T.items()},
-        "total": round(sum(T.values()), 4),
-    }
 
 
 SIZES = {  # corpus chars per stage, BPE vocab, timing rounds
@@ -633,6 +613,24 @@ def bench(size: str, workdir: Path) -> dict:
             s.close()
 
 
+LABEL = {
+    "old": "old prep (before backends)",
+    "hf": "prep, hf backend",
+    "fastokens": "prep, fastokens",
+    "fastokens_2w": "prep, fastokens, 2 workers",
+}
+VS_OLD = (("fastokens", "CPU-s"), ("fastokens", "wall"), ("hf", "CPU-s"))  # per stage, 1 worker, vs the old prep
+VS = (  # pretrain: (comparison, ours, baseline, CPU-s?)
+    ("prep fastokens vs HF raw encode (1 core, CPU-s)", "pretrain_fastokens", "raw_hf", True),
+    ("prep fastokens vs HF raw encode (1 core, wall)", "pretrain_fastokens", "raw_hf", False),
+    ("prep fastokens 2 workers vs 1 (wall)", "pretrain_fastokens_2w", "pretrain_fastokens", False),
+    ("prep fastokens vs datasets.map per record, padded (wall)", "pretrain_fastokens", "naive_per_record", False),
+    ("prep fastokens vs datasets.map batched, padded (wall)", "pretrain_fastokens", "naive_batched", False),
+    ("prep fastokens vs datasets.map + group_texts, unpadded (wall)", "pretrain_fastokens", "naive_group_texts", False),
+    ("prep hf backend vs datasets.map + group_texts, unpadded (wall)", "pretrain_hf", "naive_group_texts", False),
+)
+
+
 def _bench(size, z, tmp, tok_files, load, old_src, servers, notes) -> dict:
     """bench()'s body, run while the prep servers are up."""
     from bumblefast import benchlib as BL
@@ -649,136 +647,21 @@ def _bench(size, z, tmp, tok_files, load, old_src, servers, notes) -> dict:
     corpora = {
         st: build_corpus(tmp, st, z[f"{k}_chars"]) for st, k in (("pretrain", "doc"), ("sft", "sft"), ("dpo", "dpo"))
     }
-    doc_texts = [json.loads(line)["text"] for line in corpora["pretrain"].open(encoding="utf-8")]
     for server in servers.values():
         server.run([])  # returns once its imports are done
-
-    runs: dict[str, list] = {}
-    for _ in range(z["rounds"]):  # interleaved: a busy moment hits every side alike
-        for b in ("hf", "fastokens"):
-            runs.setdefault(f"raw_{b}", []).append(bench_raw(tok_dir, doc_texts, b))
-        for st, corpus in corpora.items():
-            for name, (w, backend) in variants.items():
-                if st != "pretrain" and w > 1:
-                    continue
-                runs.setdefault(f"{st}_{name}", []).append(
-                    bench_prep(
-                        tok_dir,
-                        corpus,
-                        tmp / f"{st}_{name}",
-                        st,
-                        w,
-                        seq_len,
-                        backend,
-                        servers["old" if backend is None else "new"],
-                    )
-                )
-        for mode in NAIVE:
-            runs.setdefault(f"naive_{mode}", []).append(bench_naive(tok_dir, corpora["pretrain"], seq_len, mode, tmp))
-        runs.setdefault("nodes", []).append(
-            bench_nodes(tok_dir, corpora["pretrain"], tmp / "nodes", seq_len, servers["new"])
-        )
-    for st in corpora:  # same ids -> same shards, whatever the backend or worker count
-        # (not the old pipeline: it wrote one shard sequence where today's prep writes one per task,
-        # under tasks/tNNNNNN/, and its dpo cut differs: a pair over seq_len in all, today a sequence
-        # over the per-sequence cutoff)
-        fps = {r["fingerprint"] for k, v in runs.items() if k.startswith(st + "_") and k != f"{st}_old" for r in v}
-        if len(fps) != 1:
-            raise RuntimeError(f"{st}: prep variants wrote different shards: {fps}")
+    runs = _rounds(z["rounds"], tok_dir, corpora, variants, servers, seq_len, tmp)
     profiles = [stage_profile(tok_dir, corpora[st], st, b, seq_len, tmp) for st in corpora for b in ("hf", "fastokens")]
-
     ntok = runs["raw_hf"][0]["tokens"]  # the text's tokens (HF raw encode): the work for every side
-    label = {
-        "old": "old prep (before backends)",
-        "hf": "prep, hf backend",
-        "fastokens": "prep, fastokens",
-        "fastokens_2w": "prep, fastokens, 2 workers",
-    }
-    m = {
-        "raw_hf": rate("HF tokenizers encode_batch_fast, 1 core", ntok, runs["raw_hf"]),
-        "raw_fastokens": rate("fastokens encode_batch_flat, 1 core", ntok, runs["raw_fastokens"]),
-        **{f"naive_{k}": rate(v, ntok, runs[f"naive_{k}"]) for k, v in NAIVE.items()},
-    }
-    mc = {"raw_hf": rate("HF tokenizers encode_batch_fast, 1 core", ntok, runs["raw_hf"], cpu=True)}
-    for st in corpora:
-        work = runs[f"{st}_hf"][0]["tokens"]  # chat stages: prep's own token count (same for all variants)
-        for name in variants:
-            if f"{st}_{name}" in runs:
-                w = ntok if st == "pretrain" else work
-                m[f"{st}_{name}"] = rate(f"{st}: {label[name]}", w, runs[f"{st}_{name}"])
-                mc[f"{st}_{name}"] = rate(f"{st}: {label[name]}", w, runs[f"{st}_{name}"], cpu=True)
+    m, mc = _rates(runs, corpora, variants, ntok)
     ratios = []
-    for st in corpora:
-        if "old" in variants:
-            ratios.append(
-                compare(f"{st}: prep fastokens vs old prep (1 worker, CPU-s)", mc[f"{st}_fastokens"], mc[f"{st}_old"])
-            )
-            ratios.append(
-                compare(f"{st}: prep fastokens vs old prep (1 worker, wall)", m[f"{st}_fastokens"], m[f"{st}_old"])
-            )
-            ratios.append(
-                compare(f"{st}: prep hf backend vs old prep (1 worker, CPU-s)", mc[f"{st}_hf"], mc[f"{st}_old"])
-            )
-    ratios += [
-        compare("pretrain: prep fastokens vs HF raw encode (1 core, CPU-s)", mc["pretrain_fastokens"], mc["raw_hf"]),
-        compare("pretrain: prep fastokens vs HF raw encode (1 core, wall)", m["pretrain_fastokens"], m["raw_hf"]),
-        compare("pretrain: prep fastokens 2 workers vs 1 (wall)", m["pretrain_fastokens_2w"], m["pretrain_fastokens"]),
-        compare(
-            "pretrain: prep fastokens vs datasets.map per record, padded (wall)",
-            m["pretrain_fastokens"],
-            m["naive_per_record"],
-        ),
-        compare(
-            "pretrain: prep fastokens vs datasets.map batched, padded (wall)",
-            m["pretrain_fastokens"],
-            m["naive_batched"],
-        ),
-        compare(
-            "pretrain: prep fastokens vs datasets.map + group_texts, unpadded (wall)",
-            m["pretrain_fastokens"],
-            m["naive_group_texts"],
-        ),
-        compare(
-            "pretrain: prep hf backend vs datasets.map + group_texts, unpadded (wall)",
-            m["pretrain_hf"],
-            m["naive_group_texts"],
-        ),
-    ]
-    packing = []
-    if SHARED.is_dir():
-        packing.append(bench_packing(tok_dir, "sft", [SHARED / "alpaca_zh_demo.json"], tmp / "sft_a", seq_len))
-        packing.append(bench_packing(tok_dir, "dpo", [SHARED / "dpo_zh_demo.json"], tmp / "dpo_a", seq_len))
-    packing.append(
-        bench_packing(tok_dir, "sft", [DEMO / "sft_alpaca.json", DEMO / "sft_sharegpt.json"], tmp / "sft_d", seq_len)
-    )
-    packing.append(bench_packing(tok_dir, "dpo", [DEMO / "dpo.json"], tmp / "dpo_d", seq_len))
-    for p in packing:
-        files, unshared = ", ".join(p["files"]), " (pairs unshared on both sides)" if p["stage"] == "dpo" else ""
-        ratios.append(
-            BL.ratio(
-                f"packing {p['stage']} ({files}) vs pad-to-longest x4{unshared}",
-                BL.fraction("packed rows", p["real_tokens"], p["packed_capacity"]),
-                BL.fraction("pad to longest, batch 4", p["real_tokens"], p["padded_capacity"]),
-            )
-        )
-        if "shared_prompt" in p:  # tokens computed per pair: the pairs' unshared tokens per row token
-            ratios.append(
-                BL.ratio(
-                    f"dpo ({files}): pair tokens per computed token, shared-prompt packed rows vs pad-to-longest x4",
-                    BL.fraction("shared-prompt packed rows", p["real_tokens"], p["shared_prompt"]["packed_capacity"]),
-                    BL.fraction("pad to longest, batch 4 (unshared)", p["real_tokens"], p["padded_capacity"]),
-                )
-            )
-    read = bench_read(tmp / "pretrain_fastokens")
-
-    nodes = runs["nodes"]
-    node_rates = [p["tokens"] / p["seconds"] for n in nodes for p in n["parts"]]
-    node_rate = statistics.median(min(p["tokens"] / p["seconds"] for p in n["parts"]) for n in nodes)  # slowest node
-    last = nodes[-1]
-    shard_tokens = last["merged_tokens"] / max(last["merged_shards"], 1)
-    projection = project_nodes(
-        node_rate, statistics.median(n["merge_seconds"] for n in nodes) / max(last["merged_shards"], 1), shard_tokens
-    )
+    for st in corpora if "old" in variants else ():
+        for v, clock in VS_OLD:
+            by = mc if clock == "CPU-s" else m
+            name = f"{st}: prep {LABEL[v].removeprefix('prep, ')} vs old prep (1 worker, {clock})"
+            ratios.append(compare(name, by[f"{st}_{v}"], by[f"{st}_old"]))
+    ratios += [compare(f"pretrain: {name}", (mc if cpu else m)[o], (mc if cpu else m)[b]) for name, o, b, cpu in VS]
+    packing = _packing(tok_dir, tmp, seq_len)
+    ratios += [r for p in packing for r in packing_ratios(p)]
     results = {
         "seq_len": seq_len,
         "vocab": z["vocab"],
@@ -792,16 +675,109 @@ def _bench(size, z, tmp, tok_files, load, old_src, servers, notes) -> dict:
         "measured": m,
         "measured_cpu": mc,
         "stage_profile": profiles,
-        "nodes": {
-            "measured": nodes,
-            "per_node_tokens_per_s": node_rates,
-            "projection_1b_tokens_from_measured_rate": projection,
-        },
+        "nodes": _nodes(runs["nodes"]),
         "packing": packing,
-        "streaming_read": read,
+        "streaming_read": bench_read(tmp / "pretrain_fastokens"),
     }
     points = [BL.point(v["label"], v["value"]) for k, v in m.items() if k.startswith(("raw", "pretrain", "naive"))]
     return {"config": {"size": size, **z, "seq_len": seq_len}, "results": results, "ratios": ratios, "points": points}
+
+
+def _rounds(rounds: int, tok_dir, corpora: dict, variants: dict, servers: dict, seq_len: int, tmp: Path) -> dict:
+    """Every measurement once per round (in the same order: a busy moment hits every side
+    alike); then a check that every variant wrote the same shards."""
+    doc_texts = [json.loads(line)["text"] for line in corpora["pretrain"].open(encoding="utf-8")]
+    runs: dict[str, list] = {}
+    for _ in range(rounds):
+        for b in ("hf", "fastokens"):
+            runs.setdefault(f"raw_{b}", []).append(bench_raw(tok_dir, doc_texts, b))
+        for st, corpus in corpora.items():
+            for name, (w, backend) in variants.items():
+                if st != "pretrain" and w > 1:
+                    continue
+                server = servers["old" if backend is None else "new"]
+                run = bench_prep(tok_dir, corpus, tmp / f"{st}_{name}", st, w, seq_len, backend, server)
+                runs.setdefault(f"{st}_{name}", []).append(run)
+        for mode in NAIVE:
+            runs.setdefault(f"naive_{mode}", []).append(bench_naive(tok_dir, corpora["pretrain"], seq_len, mode, tmp))
+        nodes = bench_nodes(tok_dir, corpora["pretrain"], tmp / "nodes", seq_len, servers["new"])
+        runs.setdefault("nodes", []).append(nodes)
+    for st in corpora:  # same ids -> same shards, whatever the backend or worker count
+        # (not the old pipeline: it wrote one shard sequence where today's prep writes one per task,
+        # under tasks/tNNNNNN/, and its dpo cut differs: a pair over seq_len in all, today a sequence
+        # over the per-sequence cutoff)
+        fps = {r["fingerprint"] for k, v in runs.items() if k.startswith(st + "_") and k != f"{st}_old" for r in v}
+        if len(fps) != 1:
+            raise RuntimeError(f"{st}: prep variants wrote different shards: {fps}")
+    return runs
+
+
+def _rates(runs: dict, corpora: dict, variants: dict, ntok: int) -> tuple[dict, dict]:
+    """Per measurement: its tokens/s (wall) and tokens/CPU-s over the rounds."""
+    m = {
+        "raw_hf": rate("HF tokenizers encode_batch_fast, 1 core", ntok, runs["raw_hf"]),
+        "raw_fastokens": rate("fastokens encode_batch_flat, 1 core", ntok, runs["raw_fastokens"]),
+        **{f"naive_{k}": rate(v, ntok, runs[f"naive_{k}"]) for k, v in NAIVE.items()},
+    }
+    mc = {"raw_hf": rate("HF tokenizers encode_batch_fast, 1 core", ntok, runs["raw_hf"], cpu=True)}
+    for st in corpora:
+        work = runs[f"{st}_hf"][0]["tokens"]  # chat stages: prep's own token count (same for all variants)
+        for name in variants:
+            if f"{st}_{name}" in runs:
+                w = ntok if st == "pretrain" else work
+                m[f"{st}_{name}"] = rate(f"{st}: {LABEL[name]}", w, runs[f"{st}_{name}"])
+                mc[f"{st}_{name}"] = rate(f"{st}: {LABEL[name]}", w, runs[f"{st}_{name}"], cpu=True)
+    return m, mc
+
+
+def _packing(tok_dir: str, tmp: Path, seq_len: int) -> list[dict]:
+    files = [
+        ("sft", [DEMO / "sft_alpaca.json", DEMO / "sft_sharegpt.json"], "sft_d"),
+        ("dpo", [DEMO / "dpo.json"], "dpo_d"),
+    ]
+    if SHARED.is_dir():
+        files = [
+            ("sft", [SHARED / "alpaca_zh_demo.json"], "sft_a"),
+            ("dpo", [SHARED / "dpo_zh_demo.json"], "dpo_a"),
+            *files,
+        ]
+    return [bench_packing(tok_dir, st, fs, tmp / out, seq_len) for st, fs, out in files]
+
+
+def packing_ratios(p: dict) -> list[dict]:
+    from bumblefast import benchlib as BL
+
+    files, unshared = ", ".join(p["files"]), " (pairs unshared on both sides)" if p["stage"] == "dpo" else ""
+    padded = BL.fraction("pad to longest, batch 4", p["real_tokens"], p["padded_capacity"])
+    out = [
+        compare(
+            f"packing {p['stage']} ({files}) vs pad-to-longest x4{unshared}",
+            BL.fraction("packed rows", p["real_tokens"], p["packed_capacity"]),
+            padded,
+        )
+    ]
+    if "shared_prompt" in p:  # tokens computed per pair: the pairs' unshared tokens per row token
+        out.append(
+            compare(
+                f"dpo ({files}): pair tokens per computed token, shared-prompt packed rows vs pad-to-longest x4",
+                BL.fraction("shared-prompt packed rows", p["real_tokens"], p["shared_prompt"]["packed_capacity"]),
+                {**padded, "label": "pad to longest, batch 4 (unshared)"},
+            )
+        )
+    return out
+
+
+def _nodes(nodes: list[dict]) -> dict:
+    """The node runs, and the PROJECTION to 1B tokens from the slowest node's median rate."""
+    node_rate = median_range(min(p["tokens"] / p["seconds"] for p in n["parts"]) for n in nodes)[0]
+    last = nodes[-1]
+    shard_tokens = last["merged_tokens"] / max(last["merged_shards"], 1)
+    merge = median_range(n["merge_seconds"] for n in nodes)[0] / max(last["merged_shards"], 1)
+    return {
+        "measured": nodes,
+        "per_node_tokens_per_s": [p["tokens"] / p["seconds"] for n in nodes for p in n["parts"]],
+        "projection_1b_tokens_from_measured_rate": project_nodes(node_rate, merge, shard_tokens),
+    }
 
 
 def to_markdown(section: dict, host: str, day: str) -> str:
@@ -825,14 +801,7 @@ def to_markdown(section: dict, host: str, day: str) -> str:
         c = r["measured_cpu"].get(k)
         cpu = "" if c is None else f"{c['value']:,.0f}{rng(c)}"
         md.append(f"| {x['label']} | {x['value']:,.0f}{rng(x)} | {cpu} |")
-    md += ["", "| ratio | ours | baseline | ratio |", "|---|---:|---:|---:|"]
-    for x in section["ratios"]:
-        o, b = x["ours"], x["baseline"]
-        noise = f" ({x['verdict']})" if "verdict" in x else ""
-        md.append(
-            f"| {x['name']} | {o['value']:,.3f} {o['unit']} | {b['value']:,.3f} {b['unit']} "
-            f"| {x['value']:.2f}x{noise} |"
-        )
+    md += ["", *ratio_lines(section["ratios"], "{:,.3f}")]
     md += ["", "per-stage profile (CPU-seconds, one process):", ""]
     keys = list(r["stage_profile"][0]["cpu_seconds"])
     md += [
@@ -872,15 +841,5 @@ def to_markdown(section: dict, host: str, day: str) -> str:
     return "\n".join(md) + "\n"
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    p.add_argument("--size", default="cpu", choices=sorted(SIZES))
-    args = p.parse_args(argv)
-    from bumblefast.benchlib import run_standalone
-
-    return run_standalone("prep", bench, to_markdown, args.size, args.out)
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli("prep", __doc__, bench, to_markdown, SIZES))

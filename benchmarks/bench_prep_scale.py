@@ -37,11 +37,12 @@ import re
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from harness import median_range
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -227,8 +228,7 @@ def stage_profile(tasks: list[dict]) -> dict:
 
 
 def summarize(runs: list[dict], key: str = "wall_s") -> dict:
-    vals = [r[key] for r in runs]
-    return {"median": round(statistics.median(vals), 3), "min": round(min(vals), 3), "max": round(max(vals), 3)}
+    return dict(zip(("median", "min", "max"), (round(v, 3) for v in median_range(r[key] for r in runs))))
 
 
 # ---- the phases -------------------------------------------------------------------------------
@@ -289,7 +289,7 @@ def phase_startup(a, work: Path, tok: str, sents: list[str], tpc: float) -> dict
         "runs": runs,
         "wall_s": summarize(runs),
         "cpu_s": summarize(runs, "cpu_s"),
-        "phases_in_process_median_s": {k: round(statistics.median(p.get(k, 0.0) for p in profiles), 3) for k in keys},
+        "phases_in_process_median_s": {k: round(median_range(p.get(k, 0.0) for p in profiles)[0], 3) for k in keys},
         "target_wall_s": 3.0,
     }
 
@@ -323,8 +323,8 @@ def phase_scale(a, work: Path, tok: str, sents, tpc) -> list[dict]:
                     "tokens": runs[0]["tokens"],
                     "wall_s": summarize(runs),
                     "cpu_s": summarize(runs, "cpu_s"),
-                    "tokens_per_s": round(runs[0]["tokens"] / statistics.median(r["wall_s"] for r in runs)),
-                    "tokens_per_cpu_s": round(runs[0]["tokens"] / statistics.median(r["cpu_s"] for r in runs)),
+                    "tokens_per_s": round(runs[0]["tokens"] / median_range(r["wall_s"] for r in runs)[0]),
+                    "tokens_per_cpu_s": round(runs[0]["tokens"] / median_range(r["cpu_s"] for r in runs)[0]),
                     "identical_across_workers": None,
                     "runs": runs,
                 }

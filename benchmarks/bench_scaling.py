@@ -46,18 +46,18 @@ the 2-vs-1 ratios are omitted). Writes `<out>/bench_scaling_<host>_<date>.json` 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+
+from harness import child_env, cli, launch_train, median_range, ratio_lines
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "datasets" / "demo"
@@ -95,12 +95,6 @@ STAGES = (2, 3)
 RUN_TIMEOUT_S = 900
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def busy_cores(seconds: float = 1.0) -> float | None:
     """Cores kept busy by other work over `seconds` (from /proc/stat; None off Linux)."""
 
@@ -115,13 +109,6 @@ def busy_cores(seconds: float = 1.0) -> float | None:
     except (OSError, ValueError, IndexError):
         return None
     return (os.cpu_count() or 1) * (1 - (i1 - i0) / max(t1 - t0, 1))
-
-
-def child_env() -> dict:
-    """One thread per process; DeepSpeed's compiled ops in the checkout's cache."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
-    return env
 
 
 def prepare_data(workdir: Path, z: dict) -> tuple[Path, Path, dict]:
@@ -155,19 +142,6 @@ def prepare_data(workdir: Path, z: dict) -> tuple[Path, Path, dict]:
 
 
 def train_cmd(out: Path, shards: Path, tok: Path, z: dict, zero: int, nproc: int) -> list[str]:
-    launcher = [sys.executable, "-m", "bumblefast"]
-    if nproc > 1:
-        launcher = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            str(nproc),
-            "--master_port",
-            str(free_port()),
-            "-m",
-            "bumblefast",
-        ]
     args = {
         "stage": "pretrain",
         "model_name_or_path": ROOT / "configs" / "models" / z["preset"],
@@ -190,7 +164,7 @@ def train_cmd(out: Path, shards: Path, tok: Path, z: dict, zero: int, nproc: int
         "kernels": z["kernels"],
         "deepspeed_config_path": DS / f"ds_z{zero}.json",
     }
-    return launcher + ["train"] + [x for k, v in args.items() for x in (f"--{k}", str(v))]
+    return launch_train(args, nproc)
 
 
 def run_timed(cmd: list[str], timeout: float = RUN_TIMEOUT_S) -> dict:
@@ -251,16 +225,16 @@ def steady_state(records: list[dict], capacity: int, warmup: int) -> dict:
         raise RuntimeError(f"no steps after the {warmup} warm-up steps: {[s['step'] for s in steps]}")
     tokens, seconds = sum(s["tokens"] for s in timed), sum(s["seconds"] for s in timed)
     mfus = [(s["mfu"], s["seconds"]) for s in timed if s["mfu"] is not None]
-    step_ms = sorted(1e3 * s["seconds"] for s in timed)
+    step_ms = median_range(1e3 * s["seconds"] for s in timed)
     return {
         "timed_steps": len(timed),
         "tokens": tokens,
         "seconds": seconds,
         "tokens_per_s": tokens / seconds,
         "mfu": sum(m * s for m, s in mfus) / sum(s for _, s in mfus) if len(mfus) == len(timed) else None,
-        "step_ms_median": step_ms[len(step_ms) // 2],
-        "step_ms_min": step_ms[0],
-        "step_ms_max": step_ms[-1],
+        "step_ms_median": step_ms[0],
+        "step_ms_min": step_ms[1],
+        "step_ms_max": step_ms[2],
         "warmup_step_ms": [round(1e3 * s["seconds"], 1) for s in steps if s["step"] <= warmup],
     }
 
@@ -377,12 +351,7 @@ def to_markdown(section: dict, host: str, day: str) -> str:
             f"{x['step_ms_max']:.0f}) | {x['startup_s']:.1f} | {x['loop_s']:.1f} | {x['export_teardown_s']:.1f} | "
             f"{x['wall_s']:.1f} | {x['first_loss']:.3f} -> {x['final_loss']:.3f} |"
         )
-    md += ["", "| ratio | ours | baseline | ratio |", "|---|---:|---:|---:|"]
-    for x in section["ratios"]:
-        o, b = x["ours"], x["baseline"]
-        md.append(
-            f"| {x['name']} | {o['value']:,.0f} {o['unit']} | {b['value']:,.0f} {b['unit']} | {x['value']:.2f}x |"
-        )
+    md += ["", *ratio_lines(section["ratios"], note="")]
     if r["scaling_efficiency"]:
         md += [
             "",
@@ -393,15 +362,5 @@ def to_markdown(section: dict, host: str, day: str) -> str:
     return "\n".join(md) + "\n"
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    p.add_argument("--size", default="cpu", choices=sorted(SIZES))
-    args = p.parse_args(argv)
-    from bumblefast.benchlib import run_standalone
-
-    return run_standalone("scaling", bench, to_markdown, args.size, args.out)
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli("scaling", __doc__, bench, to_markdown, SIZES))

@@ -29,17 +29,16 @@ Writes `<out>/bench_serve_<host>_<date>.json` and `.md` (`_min` appended for siz
 
 from __future__ import annotations
 
-import argparse
 import http.client
 import json
 import os
-import socket
-import statistics
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+
+from harness import cli, compare, free_port, interleave, median_range, ratio_lines
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -78,12 +77,6 @@ def build_model(workdir: Path) -> Path:
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(tok_dir).save_pretrained(out)
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:
@@ -185,10 +178,46 @@ def drive(port: int, clients: int, per_client: int, max_tokens: int) -> tuple[in
     return clients * per_client, sum(tokens), seconds
 
 
+def serve_rounds(model: Path, configs: dict[str, int], cfg: dict, workdir: Path) -> dict[str, list[dict]]:
+    """Every server started (all before the first round, idle while another is measured), then
+    `rounds` interleaved rounds: per server label, each round's requests/s measurement."""
+    from bumblefast.benchlib import measured
+
+    clients = cfg["clients"]
+    servers = {label: Server(model, mb, clients * 2, workdir / f"serve_{mb}.log") for label, mb in configs.items()}
+    try:
+        for s in servers.values():
+            s.wait_ready()
+        for s in servers.values():  # warm-up: first-call costs (allocator, lazy init) stay out of the rounds
+            drive(s.port, 2, 1, cfg["max_tokens"])
+
+        def run(label: str, r: int) -> dict:
+            n, toks, secs = drive(servers[label].port, clients, cfg["per_client"], cfg["max_tokens"])
+            return measured(label, n, secs, unit="requests/s", tokens=toks, round=r)
+
+        return dict(zip(configs, interleave(list(configs), cfg["rounds"], run)))
+    finally:
+        for s in servers.values():
+            s.close()
+
+
+ROUND_KEYS, ROUND_OF = ("requests", "tokens", "seconds", "requests_per_s"), ("work", "tokens", "seconds", "value")
+
+
+def median_run(label: str, runs: list[dict]) -> dict:
+    """The rounds as one measurement: the median round's rate and the min-max, so a ratio
+    carries its spread and verdict (each round serves the same requests)."""
+    from bumblefast.benchlib import rounds
+
+    (n,) = {m["work"] for m in runs}
+    tokens = median_range(m["tokens"] for m in runs)[0]
+    return rounds(label, n, [m["seconds"] for m in runs], unit="requests/s", tokens=tokens)
+
+
 def bench(size: str, workdir: Path) -> dict:
     import torch
 
-    from bumblefast.benchlib import measured, point, ratio, rounds
+    from bumblefast.benchlib import point
 
     cfg = SIZES[size]
     clients = cfg["clients"]
@@ -197,80 +226,38 @@ def bench(size: str, workdir: Path) -> dict:
     if clients > 8:
         configs[f"batched (--max_batch {clients})"] = clients
     load_start = os.getloadavg()[0]
-    servers = {label: Server(model, mb, clients * 2, workdir / f"serve_{mb}.log") for label, mb in configs.items()}
-    try:
-        for s in servers.values():
-            s.wait_ready()
-        # warm-up: first-call costs (allocator, lazy init) stay out of the rounds
-        for s in servers.values():
-            drive(s.port, 2, 1, cfg["max_tokens"])
-        runs: dict[str, list[dict]] = {label: [] for label in configs}
-        labels = list(configs)
-        for r in range(cfg["rounds"]):
-            for label in labels[r % len(labels) :] + labels[: r % len(labels)]:
-                n, toks, secs = drive(servers[label].port, clients, cfg["per_client"], cfg["max_tokens"])
-                runs[label].append(measured(label, n, secs, unit="requests/s", tokens=toks, round=r))
-    finally:
-        for s in servers.values():
-            s.close()
+    runs = serve_rounds(model, configs, cfg, workdir)
     load_end = os.getloadavg()[0]
-
-    def median_run(label: str) -> dict:
-        """The rounds as one measurement: the median round's rate and the min-max, so a ratio
-        carries its spread and verdict (each round serves the same requests)."""
-        (n,) = {m["work"] for m in runs[label]}
-        tokens = statistics.median(m["tokens"] for m in runs[label])
-        return rounds(label, n, [m["seconds"] for m in runs[label]], unit="requests/s", tokens=tokens)
-
-    med = {label: median_run(label) for label in configs}
-    base = labels[0]
+    med = {label: median_run(label, runs[label]) for label in configs}
+    labels = list(configs)
     ratios = [
-        ratio(
+        compare(
             f"requests/s, {clients} clients x {cfg['max_tokens']} tokens: {label} vs one at a time",
             med[label],
-            med[base],
+            med[labels[0]],
         )
         for label in reversed(labels[1:])
     ]
-    points = [point(f"serve {label}", m["tokens"] / m["seconds"]) for label, m in med.items()]
     cpus = os.cpu_count() or 1
     notes = [
         f"load average {load_start:.1f} at start, {load_end:.1f} at end on {cpus} CPUs"
         + (": measured under load (a shared machine)" if max(load_start, load_end) > cpus else "")
     ]
     results = {
-        "rounds": {
-            label: [
-                {
-                    "requests": m["work"],
-                    "tokens": m["tokens"],
-                    "seconds": m["seconds"],
-                    "requests_per_s": m["value"],
-                }
-                for m in runs[label]
-            ]
-            for label in configs
-        },
+        "rounds": {label: [dict(zip(ROUND_KEYS, (m[k] for k in ROUND_OF))) for m in runs[label]] for label in configs},
         "median_requests_per_s": {label: med[label]["value"] for label in configs},
-        "min_max_requests_per_s": {
-            label: [min(m["value"] for m in runs[label]), max(m["value"] for m in runs[label])] for label in configs
-        },
+        "min_max_requests_per_s": {label: list(median_range(m["value"] for m in runs[label])[1:]) for label in configs},
         "load_average_at_start": load_start,
         "load_average_at_end": load_end,
         "notes": notes,
     }
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    config = {"size": size, **cfg, "device": device, "model": "bumblebee-tiny (random weights)"}
     return {
-        "config": {
-            "size": size,
-            **cfg,
-            "device": device,
-            "model": "bumblebee-tiny (random weights)",
-            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-        },
+        "config": {**config, "omp_num_threads": os.environ.get("OMP_NUM_THREADS")},
         "results": results,
         "ratios": ratios,
-        "points": points,
+        "points": [point(f"serve {label}", m["tokens"] / m["seconds"]) for label, m in med.items()],
     }
 
 
@@ -288,24 +275,9 @@ def to_markdown(section: dict, host: str, day: str) -> str:
     for label, v in r["median_requests_per_s"].items():
         lo, hi = r["min_max_requests_per_s"][label]
         md.append(f"| {label} | {v:.2f} | {lo:.2f}-{hi:.2f} |")
-    md += ["", "| ratio | ours | baseline | ratio |", "|---|---:|---:|---:|"]
-    for x in section["ratios"]:
-        verdict = f" ({x['verdict']})" if "verdict" in x else ""
-        md.append(
-            f"| {x['name']} | {x['ours']['value']:.2f} | {x['baseline']['value']:.2f} | {x['value']:.2f}x{verdict} |"
-        )
+    md += ["", *ratio_lines(section["ratios"], "{:.2f}", unit=False)]
     return "\n".join(md) + "\n"
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    p.add_argument("--size", default="cpu", choices=sorted(SIZES))
-    args = p.parse_args(argv)
-    from bumblefast.benchlib import run_standalone
-
-    return run_standalone("serve", bench, to_markdown, args.size, args.out)
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli("serve", __doc__, bench, to_markdown, SIZES))

@@ -30,17 +30,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import harness as H
 import torch
-
-ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared" / "data"
-DEMO = ROOT / "datasets" / "demo"
+from harness import DEMO, SHARED, interleave, median_range, model_config, objective_step, prepare, run_prep, sync
 
 
 def conversation_pairs(src: Path, out: Path, min_turns: int = 4, max_turns: int = 1 << 30) -> Path:
@@ -81,22 +78,12 @@ def _side(cfg, shards: Path, device, dtype, lora_rank: int = 16):
     torch.manual_seed(0)
     model = Bumblebee(cfg).init_weights().to(device)
     model = apply_lora(model, DPOConfig(finetuning_type="lora", lora_rank=lora_rank, lora_alpha=2 * lora_rank))
-    batches = [
-        {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
-        for b in build_loader(str(shards), batch_size=1, shuffle=False)
-    ]
+    batches = [b.to(device) for b in build_loader(str(shards), batch_size=1, shuffle=False)]
     live = DPOObjective(model, PrefLossConfig(), "adapter")
     for b in batches:  # what `bumblefast precompute-ref` stores, made untimed
-        b["ref_logps"] = live.reference_logps(b)
+        b.ref_logps = live.reference_logps(b)
     obj = DPOObjective(model, PrefLossConfig(), "precomputed")
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-
-    def step(b):
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            loss, _ = obj(b)
-        (loss / obj.count(b)).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    step = objective_step(model, obj, device, dtype)
 
     return step, batches
 
@@ -104,93 +91,72 @@ def _side(cfg, shards: Path, device, dtype, lora_rank: int = 16):
 def _epoch(step, batches, device) -> tuple[float, float]:
     """(wall seconds, CPU seconds of this process) of one epoch. On a shared CPU machine the
     CPU seconds (one thread) measure the work; wall time also counts waiting for a core."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync(device)
     t0, c0 = time.perf_counter(), time.process_time()
     for b in batches:
         step(b)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync(device)
     return time.perf_counter() - t0, time.process_time() - c0
 
 
-def bench_data_set(name: str, data: Path, seq_len: int, workdir: Path, args, device, dtype, preset: str) -> dict:
-    from bench_train import model_config, prepare
-    from transformers import AutoTokenizer
-
-    from bumblefast.config import PrepConfig
-    from bumblefast.prep.run import run_prep
-    from bumblefast.shards.manifest import read_manifest
-
+def same_pairs(data: Path, workdir: Path, args) -> tuple[Path, Path, Path]:
+    """The pairs prepped unshared; then the pairs it kept, prepped again with a shared prompt
+    (the shared layout admits pairs whose two copies would not fit a row: keep the same pairs).
+    Returns (tokenizer, unshared shards, shared shards)."""
     records = json.loads(data.read_text(encoding="utf-8"))
     if args.pairs:  # a fixed subset keeps the CPU run short
         records = records[: args.pairs]
     subset = workdir / f"subset_{data.stem}.jsonl"  # one record a line: errors.jsonl names the line
     subset.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    tok_dir, plain = prepare(subset, "dpo", seq_len, workdir, args.vocab, share_prompt=False)
-    # the shared layout admits pairs whose two copies would not fit a row: keep the same pairs
+    tok_dir, plain = prepare(subset, "dpo", args.seq_len, workdir, args.vocab, share_prompt=False)
     skipped = {
         int(json.loads(line)["where"].rsplit(":", 1)[1])
         for line in (plain / "errors.jsonl").read_text(encoding="utf-8").splitlines()
         if line.strip()
     }
     same = workdir / f"same_pairs_{data.stem}.jsonl"
-    same.write_text(
-        "".join(json.dumps(r, ensure_ascii=False) + "\n" for k, r in enumerate(records, 1) if k not in skipped),
-        encoding="utf-8",
-    )
-    shared = workdir / "dpo_shared"
-    run_prep(
-        PrepConfig(
-            stage="dpo",
-            input=[str(same)],
-            tokenizer_name_or_path=str(tok_dir),
-            seq_len=seq_len,
-            output_dir=str(shared),
-            share_prompt=True,
-        ),
-        progress=False,
-    )
+    kept = "".join(json.dumps(r, ensure_ascii=False) + "\n" for k, r in enumerate(records, 1) if k not in skipped)
+    same.write_text(kept, encoding="utf-8")
+    return tok_dir, plain, run_prep(same, "dpo", args.seq_len, tok_dir, workdir / "dpo_shared", share_prompt=True)
+
+
+def bench_data_set(name: str, data: Path, seq_len: int, workdir: Path, args, device, dtype, preset: str) -> dict:
+    from transformers import AutoTokenizer
+
+    from bumblefast import benchlib as BL
+    from bumblefast.shards.manifest import read_manifest
+
+    tok_dir, plain, shared = same_pairs(data, workdir, argparse.Namespace(**{**vars(args), "seq_len": seq_len}))
     manifests = {"unshared": read_manifest(str(plain)), "shared prompt": read_manifest(str(shared))}
     cfg = model_config(preset, len(AutoTokenizer.from_pretrained(tok_dir)))
-    sides = {
-        "unshared": _side(cfg, plain, device, dtype),
-        "shared prompt": _side(cfg, shared, device, dtype),
-    }
+    sides = {"unshared": _side(cfg, plain, device, dtype), "shared prompt": _side(cfg, shared, device, dtype)}
     for step, batches in sides.values():  # warm-up: one step each, untimed
         step(batches[0])
-    seconds: dict[str, list[float]] = {k: [] for k in sides}
-    cpu_seconds: dict[str, list[float]] = {k: [] for k in sides}
-    for r in range(args.rounds):
-        order = list(sides) if r % 2 == 0 else list(sides)[::-1]
-        for key in order:
-            wall, cpu = _epoch(*sides[key], device)
-            seconds[key].append(wall)
-            cpu_seconds[key].append(cpu)
+    # rounds alternating which side goes first
+    timed = dict(zip(sides, interleave(list(sides), args.rounds, lambda key, r: _epoch(*sides[key], device))))
+    seconds = {k: [wall for wall, _ in v] for k, v in timed.items()}
+    cpu_seconds = {k: [cpu for _, cpu in v] for k, v in timed.items()}
     n_pairs = manifests["unshared"]["records"]["written"]
     assert n_pairs == manifests["shared prompt"]["records"]["written"], "the two layouts hold different pairs"
     rows = []
     clock = "cpu" if device.type == "cpu" else "wall"
     for key, m in manifests.items():
-        rates = [n_pairs / s for s in (cpu_seconds if clock == "cpu" else seconds)[key]]
+        med, lo, hi = median_range(n_pairs / s for s in (cpu_seconds if clock == "cpu" else seconds)[key])
         rows.append(
             {
                 "name": f"ours, {key}",
                 "rows": m["rows"],
                 "tokens_per_pair": m["tokens"]["real"] / n_pairs,
-                "pairs_per_sec_median": statistics.median(rates),
-                "pairs_per_sec_min": min(rates),
-                "pairs_per_sec_max": max(rates),
+                "pairs_per_sec_median": med,
+                "pairs_per_sec_min": lo,
+                "pairs_per_sec_max": hi,
                 "wall_seconds": seconds[key],
                 "cpu_seconds": cpu_seconds[key],
-                "pairs_per_wall_sec_median": statistics.median(n_pairs / s for s in seconds[key]),
+                "pairs_per_wall_sec_median": median_range(n_pairs / s for s in seconds[key])[0],
             }
         )
     base, ours = rows
-    overlap = (
-        ours["pairs_per_sec_min"] <= base["pairs_per_sec_max"]
-        and base["pairs_per_sec_min"] <= ours["pairs_per_sec_max"]
-    )
+    rate = {k: BL.rounds(k, n_pairs, (cpu_seconds if clock == "cpu" else seconds)[k], "pairs/s") for k in sides}
     return {
         "data": name,
         "pairs": n_pairs,
@@ -202,7 +168,8 @@ def bench_data_set(name: str, data: Path, seq_len: int, workdir: Path, args, dev
         "skipped": manifests["unshared"]["records"]["skipped_by_reason"],
         "results": rows,
         "speedup_median": ours["pairs_per_sec_median"] / base["pairs_per_sec_median"],
-        "within_noise": overlap,
+        # benchlib's verdict: within noise when the rounds' ranges overlap
+        "within_noise": H.compare(name, rate["shared prompt"], rate["unshared"])["verdict"] == "within noise",
         "load_average": list(os.getloadavg()),
     }
 
@@ -259,9 +226,6 @@ def shared_prompt_lines(results: list[dict]) -> list[str]:
 
 
 def main() -> int:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_train import device_setup
-
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default=None)
     p.add_argument("--seq_len", type=int, default=1024)
@@ -275,9 +239,9 @@ def main() -> int:
         help="the shared sample data (dpo_zh_demo.json, duolun_train.json)",
     )
     p.add_argument("--only", default="", help="comma list: run the data sets whose name contains one")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--out", default=str(H.RESULTS))
     args = p.parse_args()
-    device, dtype, preset, _ = device_setup(args.preset)
+    device, dtype, preset, _ = H.device_setup(args.preset)
     if device.type == "cpu":
         torch.set_num_threads(1)  # CPU-seconds of one thread measure the work (no spin-waiting siblings)
     results = bench_shared_prompt(args, device, dtype, preset)

@@ -20,7 +20,7 @@ What is measured, on pretrain shards built here:
   streaming threads took the idle second core and slowed it, see `pin_to_core`);
 - 1 rank: `build_loader(shards, batch_size=8, seed=0)` in a fresh process (started as each
   of the 2 ranks is, so only the world size differs), every micro-batch
-  collated (the trainer's input); tokens = sum of batch["num_tokens"]. The loader's
+  collated (the trainer's input); tokens = sum of batch.num_tokens. The loader's
   construction is timed separately and is not in the rate;
 - 2 ranks on one node: two fresh processes (forked together) with the
   variables streaming reads for its world (RANK, WORLD_SIZE=2, LOCAL_RANK, LOCAL_WORLD_SIZE=2)
@@ -49,19 +49,17 @@ Writes `<out>/bench_stream_<host>_<date>.json` and `.md` (`_min` appended for si
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime
 import gc
 import json
 import os
-import socket
 import sys
 import threading
 import time
 from pathlib import Path
 
-from bumblefast.benchserver import BenchServer
+from harness import BenchServer, cli, free_port, interleave, ratio_lines
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -84,6 +82,12 @@ SIZES["gpu"] = SIZES["cpu"]  # the loader runs on the host CPU wherever it runs
 
 # the trainer's need: one GPU training the 1.5B preset
 NEED = dict(device="NVIDIA H200", preset="bumblebee-1.5b", seq_len=4096, mfu=0.5)
+
+
+HEADROOM = (
+    "one {device} training {preset} at seq_len {seq_len} and {mfu:.0%} MFU consumes {n:,.0f} tokens/s; each reading "
+    "rank (one per GPU) reads headroom times that (2 ranks: the aggregate / 2, both ranks on this machine)"
+)
 
 
 def source_file() -> Path:
@@ -200,8 +204,8 @@ def read_epochs(shards: str, epochs: int, barrier=None) -> dict:
         for b in loader:
             if first is None:
                 first = time.perf_counter() - t
-            tokens += int(b["num_tokens"])
-            ids += b["sample_ids"].tolist()
+            tokens += b.num_tokens
+            ids += b.sample_ids.tolist()
             batches += 1
         seconds = time.perf_counter() - t
         out.append(
@@ -246,12 +250,6 @@ def summarize(per_rank: list[dict], epoch: int) -> dict:
         "rank_seconds": [e["seconds"] for e in eps],
         "construct_seconds": max(r["construct_seconds"] for r in per_rank),
     }
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rank_env(rank: int, world: int, port: int) -> dict:
@@ -474,10 +472,30 @@ def ceiling_note(r1: dict, r2: dict, ratio: float, ceiling: float) -> str:
     return f"{head}. Above the ceiling: {why}."
 
 
-def bench(size: str, workdir: Path) -> dict:
-    """`bumblefast bench stream`: the section described in bumblefast/benchlib.py."""
+def stream_rounds(shards: Path, tmp: Path, rounds: int) -> dict:
+    """1 rank and 2 ranks in interleaved rounds (order alternating: a busy moment hits both
+    alike), each a run of EPOCHS epochs; per world size, each round's epochs (and 2 ranks' start-up)."""
     import shutil
 
+    server = RankServer(tmp / "rank_server.log")  # started after prep: nothing else shares the cores
+
+    def run(world: int, k: int):
+        # each run: a fresh copy of prep's output (same first-read decompression) read by fresh
+        # processes (the 1 rank too: the same start, only the world size differs)
+        copy = fresh_copy(shards, tmp / f"run{k}_{world}")
+        out = read_n_ranks(copy, EPOCHS, tmp / f"rank_logs_{k}_{world}", server, world)
+        shutil.rmtree(copy, ignore_errors=True)
+        return out
+
+    try:
+        one, two = interleave([1, 2], rounds, run)
+    finally:
+        server.close()
+    return {"1": [e for e, _ in one], "2": [e for e, _ in two], "startup": [st for _, st in two]}
+
+
+def bench(size: str, workdir: Path) -> dict:
+    """`bumblefast bench stream`: the section described in bumblefast/benchlib.py."""
     from bumblefast import benchlib as BL
     from bumblefast.tokenizer import train_tokenizer
 
@@ -496,21 +514,7 @@ def bench(size: str, workdir: Path) -> dict:
     shards = tmp / "shards"  # never read: each run reads its own copy
     prepped = prep(tok_dir, tmp / "corpus.jsonl", shards, z["seq_len"])
 
-    runs: dict[str, list] = {"1": [], "2": [], "startup": []}
-    server = RankServer(tmp / "rank_server.log")  # started after prep: nothing else shares the cores
-    try:
-        for k in range(z["rounds"]):  # interleaved, order alternating: a busy moment hits both alike
-            for world in (1, 2) if k % 2 == 0 else (2, 1):
-                # each run: a fresh copy of prep's output (same first-read decompression) read by
-                # fresh processes (the 1 rank too: the same start, only the world size differs)
-                run = fresh_copy(shards, tmp / f"run{k}_{world}")
-                epochs, startup = read_n_ranks(run, EPOCHS, tmp / f"rank_logs_{k}_{world}", server, world)
-                runs[str(world)].append(epochs)
-                if world == 2:
-                    runs["startup"].append(startup)
-                shutil.rmtree(run, ignore_errors=True)
-    finally:
-        server.close()
+    runs = stream_rounds(shards, tmp, z["rounds"])
     load_end = os.getloadavg()[0]
     # epoch 0 reads the shards as prep wrote them (streaming decompresses each on first use):
     # what a training run's first epoch costs; epoch 1 reads the shards already decompressed
@@ -526,15 +530,6 @@ def bench(size: str, workdir: Path) -> dict:
     )
     need = trainer_need()
     n = need["need_tokens_per_s_per_gpu"]
-    headroom = {
-        "1 rank": r1["per_rank_tokens_per_s"] / n,
-        "2 ranks": r2["per_rank_tokens_per_s"] / n,
-    }
-    explanation = (
-        f"one {NEED['device']} training {NEED['preset']} at seq_len {NEED['seq_len']} and "
-        f"{NEED['mfu']:.0%} MFU consumes {n:,.0f} tokens/s; each reading rank (one per GPU) "
-        "reads headroom times that (2 ranks: the aggregate / 2, both ranks on this machine)"
-    )
     results = {
         "source": str(src),
         "notes": notes,
@@ -551,8 +546,8 @@ def bench(size: str, workdir: Path) -> dict:
         "rows_read_exactly_once": True,  # check_rows raised otherwise (every epoch, every run)
         "trainer_need": need,
         "need_tokens_per_s_per_gpu": n,
-        "headroom_per_rank": headroom,
-        "headroom_explanation": explanation,
+        "headroom_per_rank": {"1 rank": r1["per_rank_tokens_per_s"] / n, "2 ranks": r2["per_rank_tokens_per_s"] / n},
+        "headroom_explanation": HEADROOM.format(n=n, **NEED),
     }
     config = {
         "size": size,
@@ -585,14 +580,7 @@ def to_markdown(section: dict, host: str, day: str) -> str:
         "",
     ]
     md += [f"note: {n}" for n in r["notes"]]
-    md += ["| ratio | ours | baseline | ratio |", "|---|---:|---:|---:|"]
-    for x in section["ratios"]:
-        o, b = x["ours"], x["baseline"]
-        caveat = f" ({x['caveat']})" if x.get("caveat") else ""
-        md.append(
-            f"| {x['name']} | {o['value']:,.0f} {o['unit']} | {b['value']:,.0f} {b['unit']} "
-            f"| {x['value']:.2f}x{caveat} |"
-        )
+    md += ratio_lines(section["ratios"], note="caveat")
     md += [
         "",
         "| configuration | epoch | s | tokens/s median (min-max) | per rank tokens/s | per-rank ceiling "
@@ -622,18 +610,7 @@ def to_markdown(section: dict, host: str, day: str) -> str:
     return "\n".join(md) + "\n"
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    p.add_argument("--size", default="cpu", choices=sorted(SIZES))
-    p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # the rank server
-    args = p.parse_args(argv)
-    if args.serve:
-        return serve_main()
-    from bumblefast.benchlib import run_standalone
-
-    return run_standalone("stream", bench, to_markdown, args.size, args.out)
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(
+        cli("stream", __doc__, bench, to_markdown, SIZES, hidden={"serve": serve_main})
+    )  # --serve: the rank server

@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from harness import launch_train, median_range  # noqa: E402 - bumblefast from ROOT when not installed
 
 
 def prepare(work: Path) -> None:
@@ -39,32 +39,21 @@ def prepare(work: Path) -> None:
 def run_case(work: Path, threads: int, steps: int, tag: str) -> float:
     out = work / f"run_{tag}"
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
-    cmd = [
-        sys.executable,
-        "-m",
-        "bumblefast",
-        "train",
-        "--yaml_config",
-        str(ROOT / "configs/demo/pretrain.yaml"),
-        "--tokenizer_name_or_path",
-        str(work / "tokenizer"),
-        "--dataset_path",
-        str(work / "shards/pretrain"),
-        "--output_dir",
-        str(out),
-        "--max_steps",
-        str(steps),
-        "--logging_steps",
-        "5",
-        "--save_steps",
-        "100000",
-        "--save_last",
-        "false",
-    ]
+    args = {
+        "yaml_config": ROOT / "configs/demo/pretrain.yaml",
+        "tokenizer_name_or_path": work / "tokenizer",
+        "dataset_path": work / "shards/pretrain",
+        "output_dir": out,
+        "max_steps": steps,
+        "logging_steps": 5,
+        "save_steps": 100000,
+        "save_last": "false",
+    }
+    cmd = launch_train(args)
     subprocess.run(cmd, check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     history = json.loads((out / "training_metrics.json").read_text())
     speeds = [r["tokens_per_sec"] for r in history[1:]] or [history[-1]["tokens_per_sec"]]
-    return statistics.median(speeds)
+    return median_range(speeds)[0]
 
 
 def busy() -> subprocess.Popen:
@@ -92,7 +81,7 @@ def main() -> None:
                         rival.kill()
                         rival.wait()
                 print(f"round {r + 1}: {label}: {speeds[label][-1]:.0f} tok/s", flush=True)
-    rows = {k: {"median": statistics.median(v), "min": min(v), "max": max(v), "rounds": v} for k, v in speeds.items()}
+    rows = {k: dict(zip(("median", "min", "max"), median_range(v)), rounds=v) for k, v in speeds.items()}
     print("\n| case | tokens/s median | min-max |\n|---|---|---|")
     for k, v in rows.items():
         print(f"| {k} | {v['median']:.0f} | {v['min']:.0f}-{v['max']:.0f} |")

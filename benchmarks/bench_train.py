@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import functools
 import importlib.util
 import json
@@ -54,50 +55,35 @@ import time
 from datetime import date
 from pathlib import Path
 
+import harness as H
 import torch
+from harness import (
+    DEMO,
+    ROOT,
+    SHARED,
+    Side,
+    autocast,
+    combined,
+    device_setup,
+    interleave,
+    model_config,
+    objective_step,
+    prepare,
+    ref_side,
+    side,
+    sync,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared" / "data"
 # the same files copied into the checkout (`make gpu-wheels`), so a GPU run, which gets the
 # checkout alone, benches the same data as the CPU runs
 BENCHDATA = ROOT / ".benchdata"
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")  # ours (DPOConfig's default) and the TRL peer
-DEMO = ROOT / "datasets" / "demo"
 # stage -> (real sample file in ../shared/data, the project's own demo file as fallback)
 DATA = {
     "sft": ("alpaca_zh_demo.json", "sft_alpaca.json"),
     "pretrain": ("pretrain_zh_demo.json", "pretrain.json"),
     "dpo": ("dpo_zh_demo.json", "dpo.json"),
 }
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def prepare(data: Path, stage: str, seq_len: int, workdir: Path, vocab: int, share_prompt: bool = False):
-    """Tokenizer trained on the data + the stage's shards; returns (tokenizer dir, shard dir).
-    dpo: the unshared [prompt+chosen][prompt+rejected] layout unless share_prompt."""
-    from bumblefast.config import PrepConfig
-    from bumblefast.prep.run import run_prep
-    from bumblefast.tokenizer import train_tokenizer
-
-    tok_dir = workdir / "tokenizer"
-    train_tokenizer([data], vocab, tok_dir)
-    shards = workdir / stage
-    run_prep(
-        PrepConfig(
-            stage=stage,
-            input=[str(data)],
-            tokenizer_name_or_path=str(tok_dir),
-            seq_len=seq_len,
-            output_dir=str(shards),
-            share_prompt=share_prompt,
-        ),
-        progress=False,
-    )
-    return tok_dir, shards
 
 
 def unpack_rows(shards: Path, row_ids: list[int]) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
@@ -115,30 +101,17 @@ def unpack_rows(shards: Path, row_ids: list[int]) -> list[list[tuple[torch.Tenso
     return rows
 
 
-def model_config(preset: str, vocab: int):
-    from transformers import AutoConfig
-
-    cfg = AutoConfig.from_pretrained(ROOT / "configs" / "models" / preset)
-    if preset.endswith("tiny"):
-        cfg.vocab_size = max(cfg.vocab_size, -(-vocab // 64) * 64)
-    return cfg
-
-
-def load_batches(shards: Path, rows_per_batch: int, n: int, device) -> list[dict]:
+def load_batches(shards: Path, rows_per_batch: int, n: int, device) -> list:
     """The first n micro-batches of shuffled rows (a representative sample: best-fit-decreasing
     puts the longest samples in the first rows)."""
     from bumblefast.shards.reader import build_loader
 
     batches = []
     for b in build_loader(str(shards), batch_size=rows_per_batch, shuffle=True, seed=0):
-        batches.append({k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()})
+        batches.append(b.to(device))
         if len(batches) == n:
             break
     return batches
-
-
-def autocast(device, dtype):
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
 def profile_steps(step, batches: list[dict], device, top: int = 15) -> dict:
@@ -187,50 +160,6 @@ def profile_lines(title: str, prof: dict, top: int = 10) -> list[str]:
     return lines
 
 
-def interleave(sides: list[dict], rounds: int, device) -> None:
-    """Each side: one untimed warm-up step, then `rounds` rounds; in each round every side runs
-    all of its batches once, the sides in an order rotated per round (a busy moment or a cache
-    effect hits each side alike). Fills side["round_seconds"]."""
-    for side in sides:
-        side["step"](side["batches"][0])
-        side["round_seconds"] = []
-    sync(device)
-    for r in range(rounds):
-        for side in sides[r % len(sides) :] + sides[: r % len(sides)]:
-            t0 = time.perf_counter()
-            for b in side["batches"]:
-                side["step"](b)
-            sync(device)
-            side["round_seconds"].append(time.perf_counter() - t0)
-
-
-def side(
-    name: str,
-    step,
-    batches: list,
-    real: int,
-    computed: int,
-    doc_lens: list[int],
-    pairs: int | None = None,
-    work: dict | None = None,
-    **extra,
-) -> dict:
-    """One configuration to time: its step, its batches (one round = all of them) and the work
-    one round does (real tokens, tokens computed, pairs for DPO; ``work``: what its FLOPs are
-    counted from, flops.row_flops: the document lengths plus the row's own LoRA rank,
-    reference and shared-prompt kv_prefix; a full training step by default)."""
-    return {
-        "name": name,
-        "step": step,
-        "batches": batches,
-        "real_tokens": real,
-        "computed_tokens": computed,
-        "pairs": pairs,
-        "work": {"doc_lens": doc_lens, **(work or {})},
-        **extra,
-    }
-
-
 def build_ours(cfg, device):
     """Our model built on the device (meta, then to_empty + init there from a seeded generator
     on the device): a 1.5B fp32 random fill takes ~5-30 s single-threaded on a CPU and well
@@ -275,7 +204,7 @@ def ours_side(
     reference: str | None = None,
     lora_rank: int = 16,
     layout: str = "",
-) -> dict:
+) -> Side:
     """Our model + the stage's objective on packed micro-batches (a plain AdamW step). DPO with
     reference "precomputed": the side also carries `ref_step`, our reference scoring of a batch
     (what `bumblefast precompute-ref` runs), timed as its own side."""
@@ -285,26 +214,19 @@ def ours_side(
     from bumblefast.train.pref_losses import PrefLossConfig
 
     model = init.ours()
-    batches = [dict(b) for b in batches]
+    batches = [b.replace() for b in batches]  # our own copies: ref_step writes ref_logps
     extra = {}
     if stage == "dpo":
         torch.manual_seed(0)  # the same adapter init on every side
-        model = apply_lora(
-            model,
-            DPOConfig(
-                finetuning_type="lora",
-                lora_rank=lora_rank,
-                lora_alpha=2 * lora_rank,
-                lora_target_modules=list(LORA_TARGETS),
-            ),
-        )
+        lora = dict(lora_rank=lora_rank, lora_alpha=2 * lora_rank, lora_target_modules=list(LORA_TARGETS))
+        model = apply_lora(model, DPOConfig(finetuning_type="lora", **lora))
         obj = DPOObjective(model, PrefLossConfig(), "adapter")
         if reference == "precomputed":
             scorer = obj
 
             def ref_step(b):
                 with autocast(device, dtype):
-                    b["ref_logps"] = scorer.reference_logps(b)
+                    b.ref_logps = scorer.reference_logps(b)
 
             for b in batches:
                 ref_step(b)
@@ -312,39 +234,18 @@ def ours_side(
             obj = DPOObjective(model, PrefLossConfig(), "precomputed")
     else:
         obj = LMObjective(model)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    step = objective_step(model, obj, device, dtype)
 
-    def step(b):
-        with autocast(device, dtype):
-            loss, _ = obj(b)
-        (loss / obj.count(b)).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    tokens = sum(int(b["num_tokens"]) for b in batches)
-    prefix = [int(p) for b in batches for p in b["kv_prefix"].tolist()] if "kv_prefix" in batches[0] else None
+    tokens = sum(b.num_tokens for b in batches)
+    prefix = [p for b in batches for p in b.kv_prefix.tolist()] if batches[0].kv_prefix is not None else None
     inner = model.get_base_model() if stage == "dpo" else model
     attn = inner.resolved_attn(device, dtype)  # the backend a forward in this compute dtype runs
-    name = (
-        f"bumblefast packed ({attn} attention)"
-        if stage != "dpo"
-        else f"bumblefast packed{layout}, {reference} reference"
-    )
-    return side(
-        name,
-        step,
-        batches,
-        tokens,
-        tokens,
-        [n for b in batches for n in torch.diff(b["cu_seqlens"]).tolist()],
-        sum(DPOObjective.count(b) for b in batches) if stage == "dpo" else None,
-        work=dict(lora_rank=lora_rank, lora_targets=LORA_TARGETS, reference=reference, kv_prefix=prefix)
-        if stage == "dpo"
-        else None,
-        attn=attn,
-        kernels=dict(inner.ops(device).backends),
-        **extra,
-    )
+    dpo = stage == "dpo"
+    name = f"bumblefast packed{layout}, {reference} reference" if dpo else f"bumblefast packed ({attn} attention)"
+    work = dict(lora_rank=lora_rank, lora_targets=LORA_TARGETS, reference=reference, kv_prefix=prefix) if dpo else None
+    pairs = sum(DPOObjective.count(b) for b in batches) if dpo else None
+    facts = dict(attn=attn, kernels=dict(inner.ops(device).backends), **extra)
+    return side(name, step, batches, tokens, tokens, [n for b in batches for n in b.doc_lens], pairs, work, **facts)
 
 
 def _first_line(e: Exception) -> str:
@@ -468,17 +369,14 @@ def flattened_batches(sample_groups, device) -> list[dict]:
     return out
 
 
-def hf_label(name: str, liger: bool, device) -> str:
-    """A transformers/TRL side's name with what it runs: its attention and Liger."""
-    return f"{name} ({hf_attention(device.type)[0]}" + (" + Liger)" if liger else ")")
-
-
-def hf_extra(liger: bool, liger_why: str, device) -> dict:
+def hf_named(name: str, liger: bool, liger_why: str, device) -> tuple[str, dict]:
+    """A transformers/TRL side's name with what it runs (its attention and Liger), and those facts."""
     impl, why = hf_attention(device.type)
-    return dict(liger=liger, liger_why=liger_why, attn=impl, attn_why=why)
+    label = f"{name} ({impl}" + (" + Liger)" if liger else ")")
+    return label, dict(liger=liger, liger_why=liger_why, attn=impl, attn_why=why)
 
 
-def hf_side(name: str, init: Initial, batches: list[dict], device, dtype) -> dict:
+def hf_side(name: str, init: Initial, batches: list[dict], device, dtype) -> Side:
     """transformers' Qwen2 (+ Liger on CUDA) on HF-style batches: input_ids, labels and either
     attention_mask (padded/blocks) or position_ids (packed, document-separated)."""
     model, liger, liger_why = init.hf()
@@ -492,15 +390,9 @@ def hf_side(name: str, init: Initial, batches: list[dict], device, dtype) -> dic
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return side(
-        hf_label(name, liger, device),
-        step,
-        batches,
-        sum(b["real"] for b in batches),
-        sum(b["padded"] for b in batches),
-        [n for b in batches for n in b["lens"]],
-        **hf_extra(liger, liger_why, device),
-    )
+    label, facts = hf_named(name, liger, liger_why, device)
+    real, padded = sum(b["real"] for b in batches), sum(b["padded"] for b in batches)
+    return side(label, step, batches, real, padded, [n for b in batches for n in b["lens"]], **facts)
 
 
 # The GPU machine has no TRL (benchmarks/gpu/run.sh installs only what the trainer needs): there
@@ -523,7 +415,7 @@ def trl_args(config_cls, device, dtype, out: str, **kw):
     )
 
 
-def trl_sft_side(init: Initial, samples, seq_len: int, device, dtype, tok, workdir: Path) -> dict:
+def trl_sft_side(init: Initial, samples, seq_len: int, device, dtype, tok, workdir: Path) -> Side:
     """TRL's SFTTrainer as its docs recommend for speed: packing=True with best-fit-decreasing
     (padding-free rows with per-document position_ids), completion-only loss, on the same
     tokenized samples (input_ids + completion_mask); timed: its training_step (TRL's loss with
@@ -563,33 +455,12 @@ def trl_sft_side(init: Initial, samples, seq_len: int, device, dtype, tok, workd
     )
     if sum(lens) != real or real != sum(len(x) for x, _ in samples):
         raise RuntimeError(f"TRL SFT packed {real} tokens, the samples hold {sum(len(x) for x, _ in samples)}")
-    return side(
-        hf_label("TRL SFTTrainer, packing=bfd + padding_free", liger, device),
-        step,
-        batches,
-        real,
-        real,
-        lens,
-        **hf_extra(liger, liger_why, device),
-    )
+    label, facts = hf_named("TRL SFTTrainer, packing=bfd + padding_free", liger, liger_why, device)
+    return side(label, step, batches, real, real, lens, **facts)
 
 
-def trl_dpo_sides(
-    init: Initial, pair_batches: list[list], device, dtype, tok, workdir: Path, lora_rank: int = 16
-) -> list[dict]:
-    """TRL's DPOTrainer (its collator: [chosen; rejected] padded, its fused-LM-head log-probs and
-    loss; peft LoRA, the reference = the adapter disabled) on the same pairs, in the same
-    micro-batches as ours: live reference (precompute_ref_log_probs=False) and precomputed
-    (precompute_ref_log_probs=True; its reference pass, compute_ref_log_probs over the batches,
-    is timed as its own side `ref_step`). Tokenization is skipped: the pairs are already tokens."""
-    from peft import LoraConfig
-    from trl import DPOConfig, DPOTrainer
-
-    from datasets import Dataset
-
-    class PreTokenized(DPOTrainer):
-        def _prepare_dataset(self, dataset, *args, **kwargs):
-            return dataset
+def trl_pairs(pair_batches: list[list]) -> list[list[dict]]:
+    """Our pairs (ids, loss mask of chosen and rejected) as TRL's pre-tokenized examples."""
 
     def split(x, m):  # (ids, loss mask) of one segment -> its prompt and completion
         first = int(m.nonzero()[0]) if m.any() else len(x)
@@ -602,70 +473,71 @@ def trl_dpo_sides(
             (p, ch), (_, rj) = split(c, cm), split(r, rm)
             group.append({"prompt_ids": p, "chosen_ids": ch, "rejected_ids": rj})
         groups.append(group)
-    out = []
-    for pre in (False, True):
-        model, liger, liger_why = init.hf()
-        torch.manual_seed(0)  # the same adapter init as ours
-        args = trl_args(
-            DPOConfig, device, dtype, str(workdir / f"trl_dpo_{pre}"), max_length=None, precompute_ref_log_probs=pre
-        )
-        ds = Dataset.from_list([e for g in groups for e in g])
-        trainer = PreTokenized(
-            model=model,
-            args=args,
-            train_dataset=ds,
-            processing_class=tok,
-            peft_config=LoraConfig(
-                r=lora_rank,
-                lora_alpha=2 * lora_rank,
-                lora_dropout=0.0,
-                target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-            ),
-        )
-        trainer.current_gradient_accumulation_steps = 1
-        batches = [trainer._prepare_inputs(trainer.data_collator([dict(e) for e in g])) for g in groups]
-        extra = {}
-        if pre:
+    return groups
 
-            def ref_step(b, trainer=trainer):
-                b["ref_chosen_logps"], b["ref_rejected_logps"] = trainer.compute_ref_log_probs(trainer.model, b)
 
-            for b in batches:
-                ref_step(b)
-            extra["ref_step"] = ref_step
-        opt = torch.optim.AdamW([p for p in trainer.model.parameters() if p.requires_grad], lr=1e-4)
+def trl_dpo_sides(
+    init: Initial, pair_batches: list[list], device, dtype, tok, workdir: Path, lora_rank: int = 16
+) -> list[Side]:
+    """TRL's DPOTrainer (its collator: [chosen; rejected] padded, its fused-LM-head log-probs and
+    loss; peft LoRA, the reference = the adapter disabled) on the same pairs, in the same
+    micro-batches as ours: live reference (precompute_ref_log_probs=False) and precomputed
+    (precompute_ref_log_probs=True; its reference pass, compute_ref_log_probs over the batches,
+    is timed as its own side `ref_step`). Tokenization is skipped: the pairs are already tokens."""
+    groups = trl_pairs(pair_batches)
+    return [trl_dpo_side(init, groups, pre, device, dtype, tok, workdir, lora_rank) for pre in (False, True)]
 
-        def step(b, trainer=trainer, opt=opt):
-            trainer.training_step(trainer.model, b)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
 
-        real = sum(int(b["attention_mask"].sum()) for b in batches)
-        computed = sum(int(b["input_ids"].numel()) for b in batches)
-        lens = [int(n) for b in batches for n in b["attention_mask"].sum(1).tolist()]
-        name = "TRL DPOTrainer, " + ("precompute_ref_log_probs=True" if pre else "live reference")
-        out.append(
-            side(
-                hf_label(name, liger, device),
-                step,
-                batches,
-                real,
-                computed,
-                lens,
-                sum(len(g) for g in groups),
-                work=dict(
-                    lora_rank=lora_rank, lora_targets=LORA_TARGETS, reference="precomputed" if pre else "adapter"
-                ),
-                **hf_extra(liger, liger_why, device),
-                **extra,
-            )
-        )
-    return out
+def trl_dpo_side(init: Initial, groups: list[list[dict]], pre: bool, device, dtype, tok, workdir, lora_rank) -> Side:
+    from peft import LoraConfig
+    from trl import DPOConfig, DPOTrainer
+
+    from datasets import Dataset
+
+    class PreTokenized(DPOTrainer):
+        def _prepare_dataset(self, dataset, *args, **kwargs):
+            return dataset
+
+    model, liger, liger_why = init.hf()
+    torch.manual_seed(0)  # the same adapter init as ours
+    args = trl_args(
+        DPOConfig, device, dtype, str(workdir / f"trl_dpo_{pre}"), max_length=None, precompute_ref_log_probs=pre
+    )
+    lora = LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0, target_modules=list(LORA_TARGETS))
+    ds = Dataset.from_list([e for g in groups for e in g])
+    trainer = PreTokenized(model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=lora)
+    trainer.current_gradient_accumulation_steps = 1
+    batches = [trainer._prepare_inputs(trainer.data_collator([dict(e) for e in g])) for g in groups]
+    extra = {}
+    if pre:
+
+        def ref_step(b):
+            b["ref_chosen_logps"], b["ref_rejected_logps"] = trainer.compute_ref_log_probs(trainer.model, b)
+
+        for b in batches:
+            ref_step(b)
+        extra["ref_step"] = ref_step
+    opt = torch.optim.AdamW([p for p in trainer.model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step(b):
+        trainer.training_step(trainer.model, b)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    name = "TRL DPOTrainer, " + ("precompute_ref_log_probs=True" if pre else "live reference")
+    label, facts = hf_named(name, liger, liger_why, device)
+    real, computed = (
+        sum(int(b["attention_mask"].sum()) for b in batches),
+        sum(int(b["input_ids"].numel()) for b in batches),
+    )
+    lens = [int(n) for b in batches for n in b["attention_mask"].sum(1).tolist()]
+    work = dict(lora_rank=lora_rank, lora_targets=LORA_TARGETS, reference="precomputed" if pre else "adapter")
+    return side(label, step, batches, real, computed, lens, sum(len(g) for g in groups), work, **facts, **extra)
 
 
 def samples_of(shards: Path, batches: list[dict]) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
     """Per micro-batch, the samples inside its rows (as prep tokenized them)."""
-    return [[s for row in unpack_rows(shards, b["sample_ids"].tolist()) for s in row] for b in batches]
+    return [[s for row in unpack_rows(shards, b.sample_ids.tolist()) for s in row] for b in batches]
 
 
 def shared_prompt_batches(groups: list[list], seq_len: int, device) -> list[dict]:
@@ -689,274 +561,248 @@ def shared_prompt_batches(groups: list[list], seq_len: int, device) -> list[dict
             row["prompt_lens"].append(p)
         row = {k: np.concatenate(v) if k in ("input_ids", "loss_mask") else np.asarray(v) for k, v in row.items()}
         b = collate_rows([{**row, "sample_id": 0}], "dpo", seq_len)
-        out.append({k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()})
+        out.append(b.to(device))
     return out
 
 
-def summarize(sd: dict, cfg, peak: float | None) -> dict:
+def summarize(sd: Side, cfg, peak: float | None) -> dict:
     """One table row: median of the rounds with the min-max range (real tokens/s; pairs/s for DPO)."""
     from bumblefast import benchlib as BL
     from bumblefast import flops
 
-    secs = sd["round_seconds"]
-    tok = BL.rounds(sd["name"], sd["real_tokens"], secs)
+    secs = sd.round_seconds
+    tok = BL.rounds(sd.name, sd.real_tokens, secs)
     out = {
-        "name": sd["name"],
+        "name": sd.name,
         "rounds": len(secs),
-        "steps_per_round": len(sd["batches"]),
+        "steps_per_round": len(sd.batches),
         "round_seconds": secs,
         "seconds": tok["seconds"],
-        "real_tokens": sd["real_tokens"],
-        "computed_tokens": sd["computed_tokens"],
+        "real_tokens": sd.real_tokens,
+        "computed_tokens": sd.computed_tokens,
         "real_tokens_per_sec": tok["value"],
         "real_tokens_per_sec_range": tok["range"],
-        "real_token_fraction": sd["real_tokens"] / sd["computed_tokens"],
+        "real_token_fraction": sd.real_tokens / sd.computed_tokens,
     }
-    if sd.get("pairs"):
-        pairs = BL.rounds(sd["name"], sd["pairs"], secs, "pairs/s")
-        out.update(pairs=sd["pairs"], pairs_per_sec=pairs["value"], pairs_per_sec_range=pairs["range"])
+    if sd.pairs:
+        pairs = BL.rounds(sd.name, sd.pairs, secs, "pairs/s")
+        out.update(pairs=sd.pairs, pairs_per_sec=pairs["value"], pairs_per_sec_range=pairs["range"])
     for key in ("attn", "attn_why", "liger", "liger_why"):
-        if sd.get(key) not in (None, ""):
-            out[key] = sd[key]
+        if sd.facts.get(key) not in (None, ""):
+            out[key] = sd.facts[key]
     # FLOPs by what this row computes (its own LoRA, reference, kv_prefix; scoring: a forward)
-    out["flops_per_round"] = flops.row_flops(cfg, sd["work"])
+    out["flops_per_round"] = flops.row_flops(cfg, sd.work)
     if peak:
         out["mfu"] = out["flops_per_round"] / tok["seconds"] / (peak * 1e12)
     return out
 
 
-def combined(name: str, first: dict, then: dict) -> dict:
-    """A side whose round is `first`'s round followed by `then`'s (reference scoring + policy
-    steps over the same pairs: the end-to-end view of a precomputed reference); its FLOPs are
-    both parts' (divided by both parts' time)."""
-    return {
-        **then,
-        "name": name,
-        "round_seconds": [a + b for a, b in zip(first["round_seconds"], then["round_seconds"])],
-        "work": {"parts": [first["work"], then["work"]]},
-    }
-
-
-def ref_side(name: str, policy: dict) -> dict:
-    """The reference scoring of a precomputed-reference side, timed over the same batches: one
-    forward of the base model per batch (no LoRA training, no backward)."""
-    w = policy["work"]
-    return {
-        **policy,
-        "name": name,
-        "step": policy["ref_step"],
-        "work": {"doc_lens": w["doc_lens"], "kv_prefix": w.get("kv_prefix"), "forward_only": True},
-    }
-
-
-# (stage, baseline name prefix) -> the ratio ours must reach (issue 13; CPU, tiny preset, 2 cores)
+# comparison id -> the ratio ours must reach (issue 13; CPU, tiny preset, 2 cores); each comparison names its id
 TARGETS = {
-    ("sft", "transformers packed"): 1.4,
-    ("sft", "TRL SFTTrainer"): 1.4,
-    ("dpo", "policy step only"): 1.5,
-    ("dpo", "end to end, TRL DPOTrainer, live"): 1.5,
-    # issue 16: where prompts are >= 40% of pair tokens (dpo_zh_demo: 42%)
-    ("dpo", "shared prompt, policy step only"): 1.3,
+    "sft/transformers_packed": 1.4,
+    "sft/trl_sft": 1.4,
+    "dpo/policy_vs_trl": 1.5,
+    "dpo/end_to_end_vs_trl_live": 1.5,
+    "dpo/shared_prompt_policy": 1.3,  # issue 16: where prompts are >= 40% of pair tokens (dpo_zh_demo: 42%)
 }
 
 
-def compare(stage: str, view: str, ours: dict, base: dict, key: str) -> dict:
+def measurement(row: dict, key: str) -> dict:
+    """A summary row's rounds as benchlib's measurement (pairs/s or real tokens/s)."""
+    from bumblefast import benchlib as BL
+
+    unit, work = ("pairs/s", "pairs") if key == "pairs_per_sec" else ("tokens/s", "real_tokens")
+    return BL.rounds(row["name"], row[work], row["round_seconds"], unit)
+
+
+def compare(stage: str, view: str, ours: dict, base: dict, key: str, target: str | None = None) -> dict:
     """Ours vs one baseline: median ratio, both ranges and the verdict (overlap = within noise)."""
-    lo_o, hi_o = ours[key + "_range"]
-    lo_b, hi_b = base[key + "_range"]
-    ratio = ours[key] / base[key]
-    verdict = "faster" if lo_o > hi_b else ("slower" if hi_o < lo_b else "within noise")
-    if min(len(ours["round_seconds"]), len(base["round_seconds"])) < 2:
-        verdict = "single round"
-    name = f"{view}{', ' if view else ''}{base['name']}"
-    target = next((t for (st, pre), t in TARGETS.items() if st == stage and name.startswith(pre)), None)
+    r = H.compare(view, measurement(ours, key), measurement(base, key))
+    goal = TARGETS[target] if target else None
     return {
         "stage": stage,
         "view": view,
         "ours": ours["name"],
         "baseline": base["name"],
         "key": key,
-        "ratio": ratio,
-        "verdict": verdict,
-        "target": target,
-        "target_met": None if target is None else bool(ratio >= target),
+        "ratio": r["value"],
+        "verdict": r["verdict"],
+        "target": goal,
+        "target_met": None if goal is None else bool(r["value"] >= goal),
     }
 
 
-def run_stage(stage: str, args, device, dtype, preset: str, peak) -> dict:
+def stage_data(stage: str, s: Settings) -> Path:
+    real, fallback = DATA[stage]
+    if s.data and stage == s.stage:
+        return Path(s.data)
+    return next((d / real for d in (BENCHDATA, SHARED) if (d / real).is_file()), DEMO / fallback)
+
+
+def stage_batches(stage: str, shards: Path, s: Settings, device) -> list:
+    """The micro-batches every side runs once per round; DPO: enough that each side times >=
+    min_pairs pairs over its rounds."""
+    from bumblefast.train.objectives import DPOObjective
+
+    steps = s.steps or (2 if s.quick else (8 if device.type == "cuda" else 4))
+    if stage != "dpo":
+        return load_batches(shards, s.rows, steps, device)
+    batches, pairs = [], 0
+    for b in load_batches(shards, s.rows, 10**6, device):
+        if len(batches) >= steps and pairs * s.rounds >= s.min_pairs:
+            break
+        batches.append(b)
+        pairs += DPOObjective.count(b)
+    return batches
+
+
+def sample_groups(stage: str, shards: Path, batches: list) -> list:
+    """Per micro-batch, its samples (input_ids, loss mask); pretrain: its documents."""
+    if stage != "pretrain":
+        return samples_of(shards, batches)
+    cuts = lambda b: zip(b.cu_seqlens[:-1].tolist(), b.cu_seqlens[1:].tolist())  # noqa: E731
+    return [[(b.input_ids[a:e], torch.ones(e - a, dtype=torch.long)) for a, e in cuts(b)] for b in batches]
+
+
+def run_stage(stage: str, s: Settings, device, dtype, preset: str, peak) -> dict:
     from transformers import AutoTokenizer
 
     from bumblefast import flops
 
-    real, fallback = DATA[stage]
-    data = (
-        Path(args.data)
-        if args.data and stage == args.stage
-        else next((d / real for d in (BENCHDATA, SHARED) if (d / real).is_file()), DEMO / fallback)
-    )
-    seq_len = 256 if args.quick else args.seq_len
-    steps = args.steps or (2 if args.quick else (8 if device.type == "cuda" else 4))
-    rounds = args.rounds
+    data, seq_len = stage_data(stage, s), 256 if s.quick else s.seq_len
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        tok_dir, shards = prepare(data, stage, seq_len, Path(tmp), args.vocab)
+        tok_dir, shards = prepare(data, stage, seq_len, Path(tmp), s.vocab)
         tok = AutoTokenizer.from_pretrained(tok_dir)
         cfg = model_config(preset, len(tok))
-        from bumblefast.train.objectives import DPOObjective
-
-        if stage == "dpo":  # enough micro-batches that each side times >= min_pairs pairs over its rounds
-            pool = load_batches(shards, args.rows, 10**6, device)
-            batches, pairs = [], 0
-            for b in pool:
-                if len(batches) >= steps and pairs * rounds >= args.min_pairs:
-                    break
-                batches.append(b)
-                pairs += DPOObjective.count(b)
-        else:
-            batches = load_batches(shards, args.rows, steps, device)
+        batches = stage_batches(stage, shards, s, device)
         print(
-            f"[{stage}] data {data.name}: {len(batches)} micro-batches of {args.rows} row(s) <= {seq_len} tokens "
-            f"per round, {rounds} rounds; preset {preset} ({flops.param_count(cfg) / 1e6:.1f}M params), {device}, "
+            f"[{stage}] data {data.name}: {len(batches)} micro-batches of {s.rows} row(s) <= {seq_len} tokens "
+            f"per round, {s.rounds} rounds; preset {preset} ({flops.param_count(cfg) / 1e6:.1f}M params), {device}, "
             f"{dtype}; prep {time.perf_counter() - t0:.1f}s",
             flush=True,
         )
-        groups = (
-            samples_of(shards, batches)
-            if stage != "pretrain"
-            else [
-                [
-                    (b["input_ids"][a:e], torch.ones(e - a, dtype=torch.long))
-                    for a, e in zip(b["cu_seqlens"][:-1].tolist(), b["cu_seqlens"][1:].tolist())
-                ]
-                for b in batches
-            ]
-        )
-        work = Path(tmp)
-        init = Initial(cfg, device)
+        groups, init = sample_groups(stage, shards, batches), Initial(cfg, device)
         if stage == "dpo":
-            live = ours_side(init, batches, device, dtype, "dpo", "adapter")
-            pre = ours_side(init, batches, device, dtype, "dpo", "precomputed")
-            pairs = [[(g[i], g[i + 1]) for i in range(0, len(g), 2)] for g in groups]
-            ours_ref = ref_side("bumblefast reference scoring", pre)
-            # the same pairs with each prompt computed once (issue 16): policy step and scoring
-            shared = ours_side(
-                init,
-                shared_prompt_batches(groups, seq_len, device),
-                device,
-                dtype,
-                "dpo",
-                "precomputed",
-                layout=", shared prompt",
-            )
-            shared_ref = ref_side("bumblefast reference scoring, shared prompt", shared)
-            if dtype == torch.float32:  # like for like: the same pairs give the same log-probs
-                for a, b in zip(pre["batches"], shared["batches"], strict=True):
-                    torch.testing.assert_close(b["ref_logps"], a["ref_logps"], rtol=1e-4, atol=1e-3)
-            sides = [pre, shared, live, ours_ref, shared_ref]
-            if HAVE_TRL:
-                trl_live, trl_pre = trl_dpo_sides(init, pairs, device, dtype, tok, work)
-                trl_ref = ref_side("TRL DPOTrainer reference scoring (compute_ref_log_probs)", trl_pre)
-                sides = [pre, shared, trl_pre, live, trl_live, ours_ref, shared_ref, trl_ref]
+            sides, role = dpo_sides(init, groups, batches, seq_len, device, dtype, tok, Path(tmp))
         else:
-            ours = ours_side(init, batches, device, dtype, stage)
-            packed = hf_side(
-                "transformers packed, position_ids (DataCollatorWithFlattening)",
-                init,
-                flattened_batches(groups, device),
-                device,
-                dtype,
-            )
-            sides = [ours, packed]
-            if stage == "sft":
-                samples = [s for g in groups for s in g]
-                if HAVE_TRL:
-                    sides.append(trl_sft_side(init, samples, seq_len, device, dtype, tok, work))
-                order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(0)).tolist()
-                sides.append(
-                    hf_side(
-                        f"transformers padded x{args.baseline_batch} (BumbleCore)",
-                        init,
-                        padded_batches([samples[i] for i in order], args.baseline_batch, tok.pad_token_id, device),
-                        device,
-                        dtype,
-                    )
-                )
-            else:  # HF's group_texts blocks = the same rows, no document masking
-                blocks = []
-                for b in batches:
-                    ids = b["input_ids"].view(-1, seq_len)
-                    blocks.append(
-                        {
-                            "input_ids": ids,
-                            "attention_mask": torch.ones_like(ids),
-                            "labels": ids,
-                            "real": ids.numel(),
-                            "padded": ids.numel(),
-                            "lens": [seq_len] * ids.shape[0],
-                        }
-                    )
-                sides.append(hf_side("transformers blocks (cross-document attention)", init, blocks, device, dtype))
+            sides = lm_sides(stage, init, groups, batches, seq_len, s.baseline_batch, device, dtype, tok, Path(tmp))
         del init  # the pristine copies: every side holds its own
-        interleave(sides, rounds, device)
+        interleave(sides, s.rounds, device=device)
         for sd in sides:
-            print(f"  {sd['name']}: rounds {', '.join(f'{x:.2f}' for x in sd['round_seconds'])} s", flush=True)
+            print(f"  {sd.name}: rounds {', '.join(f'{x:.2f}' for x in sd.round_seconds)} s", flush=True)
         rows = [summarize(sd, cfg, peak) for sd in sides]
-        comparisons = []
         if stage == "dpo":
-            by = {r["name"]: r for r in rows}
-            e2e_o = summarize(combined("bumblefast precomputed reference, scoring + policy", ours_ref, pre), cfg, peak)
-            e2e_s = summarize(
-                combined("bumblefast shared prompt, precomputed reference, scoring + policy", shared_ref, shared),
-                cfg,
-                peak,
-            )
-            shared_rows = [by[shared["name"]], e2e_s, by[shared_ref["name"]]]
-            comparisons = [
-                compare("dpo", "shared prompt, policy step only", by[shared["name"]], by[pre["name"]], "pairs_per_sec"),
-                compare("dpo", "shared prompt, end to end", e2e_s, e2e_o, "pairs_per_sec"),
-            ]
-        if stage == "dpo" and not HAVE_TRL:  # ours only: no peer to compare with
-            rows = [by[pre["name"]], e2e_o, by[live["name"]], by[ours_ref["name"]], *shared_rows]
-        elif stage == "dpo":
-            ref_o, ref_t = by[ours_ref["name"]], by[trl_ref["name"]]
-            e2e_t = summarize(
-                combined("TRL DPOTrainer precompute_ref_log_probs=True, scoring + policy", trl_ref, trl_pre), cfg, peak
-            )
-            rows = [
-                by[pre["name"]],
-                by[trl_pre["name"]],
-                e2e_o,
-                e2e_t,
-                by[live["name"]],
-                by[trl_live["name"]],
-                ref_o,
-                ref_t,
-                *shared_rows,
-            ]
-            comparisons += [
-                compare("dpo", "policy step only", by[shared["name"]], by[trl_pre["name"]], "pairs_per_sec"),
-                compare("dpo", "end to end", e2e_s, by[trl_live["name"]], "pairs_per_sec"),
-                compare("dpo", "policy step only", by[pre["name"]], by[trl_pre["name"]], "pairs_per_sec"),
-                compare("dpo", "end to end", e2e_o, by[trl_live["name"]], "pairs_per_sec"),
-                compare("dpo", "end to end", e2e_o, e2e_t, "pairs_per_sec"),
-                compare("dpo", "end to end", by[live["name"]], by[trl_live["name"]], "pairs_per_sec"),
-                compare("dpo", "reference scoring", ref_o, ref_t, "pairs_per_sec"),
-            ]
+            rows, comparisons = dpo_rows(rows, role, cfg, peak)
         else:
-            comparisons = [compare(stage, "", rows[0], r, "real_tokens_per_sec") for r in rows[1:]]
-            if getattr(args, "profile", False):  # every side: a missed target needs the peer's profile too
+            comparisons = [
+                compare(stage, "", rows[0], r, "real_tokens_per_sec", sd.target) for r, sd in zip(rows[1:], sides[1:])
+            ]
+            if s.profile:  # every side: a missed target needs the peer's profile too
                 for row, sd in zip(rows, sides, strict=True):
-                    row["profile"] = profile_steps(sd["step"], sd["batches"][-2:], device)
+                    row["profile"] = profile_steps(sd.step, sd.batches[-2:], device)
     return {
         "stage": stage,
         "data": data.name,
         "seq_len": seq_len,
-        "rounds": rounds,
+        "rounds": s.rounds,
         "results": rows,
         "comparisons": comparisons,
-        "attention": sides[0].get("attn") if stage != "dpo" else None,
+        "attention": sides[0].facts.get("attn") if stage != "dpo" else None,
         "peers_not_run": [] if HAVE_TRL else ["TRL (not installed)"],
     }
+
+
+def lm_sides(stage, init, groups, batches, seq_len: int, baseline_batch: int, device, dtype, tok, work) -> list[Side]:
+    """pretrain/sft: ours, transformers packed (position_ids), then pretrain: transformers on
+    blocks; sft: TRL's SFTTrainer and transformers padded (BumbleCore's micro-batches)."""
+    ours = ours_side(init, batches, device, dtype, stage)
+    name = "transformers packed, position_ids (DataCollatorWithFlattening)"
+    packed = hf_side(name, init, flattened_batches(groups, device), device, dtype)
+    if stage == "pretrain":  # HF's group_texts blocks = the same rows, no document masking
+        blocks = hf_side(
+            "transformers blocks (cross-document attention)", init, blocks_of(batches, seq_len), device, dtype
+        )
+        return [ours, packed, blocks]
+    sides = [ours, packed.with_(target="sft/transformers_packed")]
+    samples = [x for g in groups for x in g]
+    if HAVE_TRL:
+        sides.append(trl_sft_side(init, samples, seq_len, device, dtype, tok, work).with_(target="sft/trl_sft"))
+    order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(0)).tolist()
+    padded = padded_batches([samples[i] for i in order], baseline_batch, tok.pad_token_id, device)
+    sides.append(hf_side(f"transformers padded x{baseline_batch} (BumbleCore)", init, padded, device, dtype))
+    return sides
+
+
+def blocks_of(batches: list, seq_len: int) -> list[dict]:
+    """Our packed rows as HF blocks of seq_len: causal attention across documents."""
+    out = []
+    for b in batches:
+        ids = b.input_ids.view(-1, seq_len)
+        n = ids.numel()
+        out.append(
+            dict(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                labels=ids,
+                real=n,
+                padded=n,
+                lens=[seq_len] * ids.shape[0],
+            )
+        )
+    return out
+
+
+def dpo_sides(init, groups, batches, seq_len: int, device, dtype, tok, work) -> tuple[list[Side], dict]:
+    """Ours (precomputed and live reference, shared prompt) and TRL's, with the reference
+    scoring of each precomputed side as its own side; (sides in timing order, side per role)."""
+    live = ours_side(init, batches, device, dtype, "dpo", "adapter")
+    pre = ours_side(init, batches, device, dtype, "dpo", "precomputed")
+    pairs = [[(g[i], g[i + 1]) for i in range(0, len(g), 2)] for g in groups]
+    # the same pairs with each prompt computed once (issue 16): policy step and scoring
+    shared_batches = shared_prompt_batches(groups, seq_len, device)
+    shared = ours_side(init, shared_batches, device, dtype, "dpo", "precomputed", layout=", shared prompt")
+    role = dict(pre=pre, shared=shared, live=live, ours_ref=ref_side("bumblefast reference scoring", pre))
+    role["shared_ref"] = ref_side("bumblefast reference scoring, shared prompt", shared)
+    if dtype == torch.float32:  # like for like: the same pairs give the same log-probs
+        for a, b in zip(pre.batches, shared.batches, strict=True):
+            torch.testing.assert_close(b.ref_logps, a.ref_logps, rtol=1e-4, atol=1e-3)
+    if not HAVE_TRL:
+        return [role[k] for k in ("pre", "shared", "live", "ours_ref", "shared_ref")], role
+    role["trl_live"], role["trl_pre"] = trl_dpo_sides(init, pairs, device, dtype, tok, work)
+    role["trl_ref"] = ref_side("TRL DPOTrainer reference scoring (compute_ref_log_probs)", role["trl_pre"])
+    order = ("pre", "shared", "trl_pre", "live", "trl_live", "ours_ref", "shared_ref", "trl_ref")
+    return [role[k] for k in order], role
+
+
+def dpo_rows(rows: list[dict], role: dict, cfg, peak) -> tuple[list[dict], list[dict]]:
+    """DPO's rows (policy steps, end to end = scoring + policy, live reference, scoring) and its
+    comparisons, pairs/s."""
+    by = {r["name"]: r for r in rows}
+    row = lambda k: by[role[k].name]  # noqa: E731
+    both = lambda name, scoring, policy: summarize(combined(name, role[scoring], role[policy]), cfg, peak)  # noqa: E731
+    e2e_o = both("bumblefast precomputed reference, scoring + policy", "ours_ref", "pre")
+    e2e_s = both("bumblefast shared prompt, precomputed reference, scoring + policy", "shared_ref", "shared")
+    shared_rows, key = [row("shared"), e2e_s, row("shared_ref")], "pairs_per_sec"
+    comparisons = [
+        compare("dpo", "shared prompt, policy step only", row("shared"), row("pre"), key, "dpo/shared_prompt_policy"),
+        compare("dpo", "shared prompt, end to end", e2e_s, e2e_o, key),
+    ]
+    if "trl_pre" not in role:  # ours only: no peer to compare with
+        return [row("pre"), e2e_o, row("live"), row("ours_ref"), *shared_rows], comparisons
+    e2e_t = both("TRL DPOTrainer precompute_ref_log_probs=True, scoring + policy", "trl_ref", "trl_pre")
+    trl_pre, trl_live, e2e_vs_live = row("trl_pre"), row("trl_live"), "dpo/end_to_end_vs_trl_live"
+    comparisons += [
+        compare("dpo", "policy step only", row("shared"), trl_pre, key, "dpo/policy_vs_trl"),
+        compare("dpo", "end to end", e2e_s, trl_live, key, e2e_vs_live),
+        compare("dpo", "policy step only", row("pre"), trl_pre, key, "dpo/policy_vs_trl"),
+        compare("dpo", "end to end", e2e_o, trl_live, key, e2e_vs_live),
+        compare("dpo", "end to end", e2e_o, e2e_t, key),
+        compare("dpo", "end to end", row("live"), trl_live, key, e2e_vs_live),
+        compare("dpo", "reference scoring", row("ours_ref"), row("trl_ref"), key),
+    ]
+    rows = [row("pre"), trl_pre, e2e_o, e2e_t, row("live"), trl_live, row("ours_ref"), row("trl_ref"), *shared_rows]
+    return rows, comparisons
 
 
 def versions() -> dict:
@@ -1010,30 +856,32 @@ def table(stages: list[dict], title: str) -> list[str]:
     return lines
 
 
-SIZES = {  # per size: the arguments of one run_stage call (steps = micro-batches per round)
-    "min": dict(quick=True, rounds=2, min_pairs=0),
+@dataclasses.dataclass
+class Settings:
+    """One run's settings: the command line's flags (see main), or a size's (SIZES)."""
+
+    stage: str = "sft"
+    data: str | None = None
+    preset: str | None = None
+    seq_len: int = 2048
+    rows: int = 1
+    baseline_batch: int = 4
+    steps: int | None = None
+    rounds: int = 5
+    min_pairs: int = 64
+    vocab: int = 8192
+    quick: bool = False
+    profile: bool = False
+    peak_tflops: float | None = None
+
+
+SIZES = {  # per size: the settings of `bumblefast bench train` (steps = micro-batches per round)
+    "min": Settings(stage="all", quick=True, rounds=2, min_pairs=0),
     # cpu: 2 micro-batches per side and round (>= ~1 s per round per side on the 2-core machine),
     # dpo >= 64 pairs per side over the rounds (7 micro-batches; the peer-benchmark issue's floor)
-    "cpu": dict(quick=False, seq_len=1024, steps=2, rounds=5, min_pairs=64),
-    "gpu": dict(quick=False, seq_len=4096, steps=8, rounds=5, min_pairs=64, preset="bumblebee-1.5b", profile=True),
+    "cpu": Settings(stage="all", seq_len=1024, steps=2, rounds=5, min_pairs=64),
+    "gpu": Settings(stage="all", seq_len=4096, steps=8, rounds=5, min_pairs=64, preset="bumblebee-1.5b", profile=True),
 }
-
-
-def device_setup(preset: str | None, peak_tflops: float | None = None):
-    from bumblefast import flops
-
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    dtype = torch.bfloat16 if cuda else torch.float32
-    preset = preset or ("bumblebee-1.5b" if cuda else "bumblebee-tiny")
-    peak = flops.peak_tflops(torch.cuda.get_device_name(device), peak_tflops) if cuda else None
-    if cuda and peak is None:
-        print(
-            f"MFU not reported: no dense bf16 peak for {torch.cuda.get_device_name(device)!r} in "
-            "flops.PEAK_TFLOPS_BF16 (pass --peak_tflops; each row's flops_per_round is in the JSON)",
-            flush=True,
-        )
-    return device, dtype, preset, peak
 
 
 def bench(size: str, workdir: Path) -> dict:
@@ -1041,49 +889,28 @@ def bench(size: str, workdir: Path) -> dict:
     vs each peer in real tokens/s (dpo: pairs/s), median of interleaved rounds with min-max."""
     from bumblefast import benchlib as BL
 
-    z = dict(SIZES[size])
-    args = argparse.Namespace(
-        stage="all",
-        data=None,
-        preset=z.pop("preset", None),
-        seq_len=z.get("seq_len", 2048),
-        rows=1,
-        baseline_batch=4,
-        steps=z.get("steps"),
-        rounds=z["rounds"],
-        min_pairs=z["min_pairs"],
-        vocab=8192,
-        quick=z["quick"],
-        profile=z.get("profile", False),
-    )
-    device, dtype, preset, peak = device_setup(args.preset)
-    stages = [run_stage(st, args, device, dtype, preset, peak) for st in ("pretrain", "sft", "dpo")]
+    s = SIZES[size]
+    device, dtype, preset, peak = device_setup(s.preset)
+    stages = [run_stage(st, s, device, dtype, preset, peak) for st in ("pretrain", "sft", "dpo")]
     ratios, points = [], []
     for st in stages:
         by = {r["name"]: r for r in st["results"]}
-        for r in st["results"]:
-            points.append(BL.point(f"{st['stage']}: {r['name']}", r["real_tokens_per_sec"], r.get("mfu")))
+        points += [
+            BL.point(f"{st['stage']}: {r['name']}", r["real_tokens_per_sec"], r.get("mfu")) for r in st["results"]
+        ]
         for c in st["comparisons"]:
-            unit, work = ("pairs/s", "pairs") if c["key"] == "pairs_per_sec" else ("tokens/s", "real_tokens")
             o, b = by[c["ours"]], by[c["baseline"]]
-            view = f"{c['view']}: " if c["view"] else ""
-            name = f"{st['stage']} (seq {st['seq_len']}) {view}{o['name']} vs {b['name']} ({unit})"
-            ratios.append(
-                BL.ratio(
-                    name,
-                    BL.rounds(o["name"], o[work], o["round_seconds"], unit),
-                    BL.rounds(b["name"], b[work], b["round_seconds"], unit),
-                )
+            unit, view = (
+                ("pairs/s" if c["key"] == "pairs_per_sec" else "tokens/s"),
+                f"{c['view']}: " if c["view"] else "",
             )
+            name = f"{st['stage']} (seq {st['seq_len']}) {view}{o['name']} vs {b['name']} ({unit})"
+            ratios.append(H.compare(name, measurement(o, c["key"]), measurement(b, c["key"])))
             ratios[-1].update(target=c["target"], stage=st["stage"], view=c["view"])
             if b["real_token_fraction"] < 0.999 and c["key"] != "pairs_per_sec":
-                ratios.append(
-                    BL.ratio(
-                        f"{st['stage']} (seq {st['seq_len']}) {o['name']} vs {b['name']} (real-token fraction)",
-                        BL.fraction(o["name"], o["real_tokens"], o["computed_tokens"]),
-                        BL.fraction(b["name"], b["real_tokens"], b["computed_tokens"]),
-                    )
-                )
+                fraction = lambda r: BL.fraction(r["name"], r["real_tokens"], r["computed_tokens"])  # noqa: E731
+                name = f"{st['stage']} (seq {st['seq_len']}) {o['name']} vs {b['name']} (real-token fraction)"
+                ratios.append(H.compare(name, fraction(o), fraction(b)))
     config = {
         "size": size,
         "preset": preset,
@@ -1091,11 +918,11 @@ def bench(size: str, workdir: Path) -> dict:
         "dtype": str(dtype).removeprefix("torch."),
         "peak_tflops": peak,
         "versions": versions(),
-        **{k: v for k, v in vars(args).items() if k != "data"},
+        **{k: v for k, v in dataclasses.asdict(s).items() if k not in ("data", "peak_tflops")},
     }
     notes = [] if peak else ["MFU is reported on CUDA only (no meaningful peak for a CPU)"]
     if size == "min":
-        notes.append(f"size min: {args.rounds} rounds of {2} micro-batches (a smoke run, not a measurement)")
+        notes.append(f"size min: {s.rounds} rounds of {2} micro-batches (a smoke run, not a measurement)")
     return {
         "config": config,
         "results": {"stages": stages, "notes": notes, "versions": config["versions"]},
@@ -1124,7 +951,7 @@ def write_report(report: dict, stem: Path) -> str:
     return text
 
 
-def main() -> int:
+def parse_args(argv=None) -> tuple[Settings, Path]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--stage", default="sft", choices=("sft", "pretrain", "dpo", "all"))
     p.add_argument("--data", default=None, help="input file for --stage (default: ../shared/data sample, else demo)")
@@ -1137,16 +964,20 @@ def main() -> int:
     p.add_argument("--min_pairs", type=int, default=64, help="dpo: pairs each side times over all its rounds")
     p.add_argument("--vocab", type=int, default=8192, help="size of the tokenizer trained on the data")
     p.add_argument("--peak_tflops", type=float, default=None, help="dense bf16 peak for MFU (default: by GPU name)")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--out", default=str(H.RESULTS))
     p.add_argument("--quick", action="store_true", help="tiny sizes for CI")
     p.add_argument(
         "--profile", action="store_true", help="torch.profiler summary of 2 steps of each side (pretrain/sft)"
     )
-    args = p.parse_args()
+    args = vars(p.parse_args(argv))
+    return Settings(**{k: v for k, v in args.items() if k != "out"}), Path(args["out"])
 
-    device, dtype, preset, peak = device_setup(args.preset, args.peak_tflops)
+
+def main(argv=None) -> int:
+    s, out = parse_args(argv)
+    device, dtype, preset, peak = device_setup(s.preset, s.peak_tflops)
     cuda = device.type == "cuda"
-    stages = ["pretrain", "sft", "dpo"] if args.stage == "all" else [args.stage]
+    stages = ["pretrain", "sft", "dpo"] if s.stage == "all" else [s.stage]
     report = {
         "benchmark": "train",
         "date": date.today().isoformat(),
@@ -1158,7 +989,6 @@ def main() -> int:
         "versions": versions(),
         "stages": [],
     }
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"bench_train_{platform.node()}_{report['date']}"
 
@@ -1168,17 +998,17 @@ def main() -> int:
     signal.signal(signal.SIGTERM, stop)
     for stage in stages:  # each stage's results on disk as soon as it ends (a timeout keeps them)
         try:
-            report["stages"].append(run_stage(stage, args, device, dtype, preset, peak))
+            report["stages"].append(run_stage(stage, s, device, dtype, preset, peak))
         except SystemExit:
             report["interrupted"] = f"SIGTERM during stage {stage}: its results and later stages' are missing"
             print(report["interrupted"], flush=True)
             write_report(report, stem)
             raise
         write_report(report, stem)
-    if args.stage == "dpo":  # its own epochs and rounds: not part of `--stage all`'s budget
+    if s.stage == "dpo":  # its own epochs and rounds: not part of `--stage all`'s budget
         from bench_shared_prompt import bench_shared_prompt
 
-        report["shared_prompt"] = bench_shared_prompt(args, device, dtype, preset)
+        report["shared_prompt"] = bench_shared_prompt(s, device, dtype, preset)
     print("\n" + write_report(report, stem))
     print(f"wrote {stem}.json and .md")
     return 0

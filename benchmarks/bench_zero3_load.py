@@ -26,33 +26,25 @@ Writes `<out>/bench_zero3_load_<host>_<date>.json` and `.md` (`_<size>` for size
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import socket
-import statistics
 import subprocess
 import sys
 from pathlib import Path
 
+from harness import child_env, cli, interleave, launcher, median_range
+
 ROOT = Path(__file__).resolve().parent.parent
+SHAPE = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+)
 SIZES = {  # Qwen2 shapes; the vocab is Qwen2's order of magnitude (its embedding is the largest tensor)
-    "min": dict(
-        hidden_size=256,
-        intermediate_size=704,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=16384,
-    ),
-    "cpu": dict(
-        hidden_size=1024,
-        intermediate_size=2816,
-        num_hidden_layers=12,
-        num_attention_heads=16,
-        num_key_value_heads=4,
-        vocab_size=32768,
-    ),
+    "min": dict(zip(SHAPE, (256, 704, 4, 4, 2, 16384))),
+    "cpu": dict(zip(SHAPE, (1024, 2816, 12, 16, 4, 32768))),
 }
 MODES = ("full", "partitioned")
 
@@ -109,12 +101,6 @@ def worker(mode: str, model_dir: str, result: str) -> None:
         Path(result).write_text(json.dumps(rows))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def save_model(size: str, out: Path) -> float:
     """A seeded random model of this size in HF format; returns its fp32 size in MB."""
     import torch
@@ -134,23 +120,8 @@ def save_model(size: str, out: Path) -> float:
 
 def launch(mode: str, model_dir: Path, work: Path, nproc: int) -> list[dict]:
     result = work / f"{mode}.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        str(nproc),
-        "--master_port",
-        str(_free_port()),
-        __file__,
-        "--worker",
-        mode,
-        str(model_dir),
-        str(result),
-    ]
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    cmd = launcher([__file__, "--worker", mode, str(model_dir), str(result)], nproc)
+    res = subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=1200)
     if res.returncode != 0:
         raise RuntimeError(f"{mode} failed:\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}")
     return json.loads(result.read_text())
@@ -159,20 +130,14 @@ def launch(mode: str, model_dir: Path, work: Path, nproc: int) -> list[dict]:
 def bench(size: str, work: Path, rounds: int = 2, nproc: int = 2) -> dict:
     model_dir = work / "model"
     model_mb = save_model(size, model_dir)
-    runs = {mode: [] for mode in MODES}
-    for _ in range(rounds):
-        for mode in MODES:  # interleaved
-            runs[mode].append(launch(mode, model_dir, work, nproc))
+    run = lambda mode, r: launch(mode, model_dir, work, nproc)  # noqa: E731
+    runs = dict(zip(MODES, interleave(list(MODES), rounds, run, rotate=False)))  # full, partitioned, full, ...
     summary = {}
     for mode in MODES:
         for rank in range(nproc):
             for key in ("load_peak_mb", "engine_peak_mb"):
-                vals = [r[rank][key] for r in runs[mode]]
-                summary[f"{mode}/rank{rank}/{key}"] = {
-                    "median": statistics.median(vals),
-                    "min": min(vals),
-                    "max": max(vals),
-                }
+                med, lo, hi = median_range(r[rank][key] for r in runs[mode])
+                summary[f"{mode}/rank{rank}/{key}"] = {"median": med, "min": lo, "max": hi}
     return {
         "size": size,
         "world": nproc,
@@ -205,25 +170,7 @@ def to_markdown(section: dict, host: str, day: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> int:
-    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        worker(*sys.argv[2:5])
-        return 0
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size", choices=sorted(SIZES), default="cpu")
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    args = ap.parse_args()
-    from bumblefast.benchlib import run_standalone
-
-    return run_standalone(
-        "zero3_load",
-        lambda size, work: bench(size, work, args.rounds),
-        to_markdown,
-        args.size,
-        args.out,
-    )
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    if sys.argv[1:2] == ["--worker"]:  # one rank, under torch.distributed.run
+        sys.exit(worker(*sys.argv[2:5]) or 0)
+    sys.exit(cli("zero3_load", __doc__, bench, to_markdown, SIZES, rounds=2))

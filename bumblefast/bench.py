@@ -1,10 +1,10 @@
 """`bumblefast bench [prep|stream|kernels|train|scaling|all]`: the benchmark suite, one report.
 
 Runs the scripts in the checkout's `benchmarks/` folder (each exposes `bench(size, workdir)`,
-see bumblefast/benchlib.py for the format) at sizes for the machine it is on (CPU: tiny preset
-and small data; CUDA: the 1.5B preset), checks every section, and writes
-`<out>/<date>-<host>.json`, `.md` and `.png` (tokens/s and MFU per configuration; a run of
-some sections: `<date>-<host>-<section>.json`).
+see bumblefast/benchlib.py for the format, benchmarks/harness.py for how they measure) at sizes
+for the machine it is on (CPU: tiny preset and small data; CUDA: the 1.5B preset), checks
+every section, and writes `<out>/<date>-<host>.json`, `.md` and `.png` (tokens/s and MFU per
+configuration; a run of some sections: `<date>-<host>-<section>.json`).
 Every claim in the report is a ratio of two figures measured side by side in this run.
 """
 
@@ -49,6 +49,8 @@ def benchmarks_dir() -> Path:
 
 def load_script(name: str) -> ModuleType:
     path = benchmarks_dir() / SCRIPTS[name]
+    if str(path.parent) not in sys.path:  # the scripts import benchmarks/harness.py
+        sys.path.insert(0, str(path.parent))
     spec = importlib.util.spec_from_file_location(f"bumblefast_bench_{name}", path)
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)

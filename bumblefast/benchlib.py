@@ -1,4 +1,5 @@
-"""The one home of the benchmark report format (`bumblefast bench` and benchmarks/*.py).
+"""The one home of the benchmark report format (`bumblefast bench` and benchmarks/*.py; the
+scripts time and compare through benchmarks/harness.py).
 
 Every figure is a *measurement*: work done and the seconds it took, measured in this run
 (`value` = work / seconds), a peak memory in MB, or a fraction (part / whole). Every claim is a *ratio* of two
@@ -31,17 +32,25 @@ def measured(label: str, work: float, seconds: float, unit: str = "tokens/s", **
     return {"label": label, "work": work, "seconds": seconds, "value": work / seconds, "unit": unit, **extra}
 
 
+def median_range(values) -> tuple[float, float, float]:
+    """(median, min, max) of some values: the one median of the benchmarks (of an even count,
+    the mean of the two middle values)."""
+    v = sorted(values)
+    if not v:
+        raise ValueError("median_range: no values")
+    mid = len(v) // 2
+    return (v[mid] if len(v) % 2 else (v[mid - 1] + v[mid]) / 2), v[0], v[-1]
+
+
 def rounds(label: str, work: float, round_seconds: list[float], unit: str = "tokens/s", **extra: Any) -> dict:
     """A rate timed in several rounds of the same `work` each: `value` is the median round's rate
     (work / median seconds), `range` the slowest and fastest rounds' rates, so a reader can see
     the spread and a ratio can say whether it stands out of the noise."""
-    secs = sorted(round_seconds)
-    if not secs:
+    if not round_seconds:
         raise ValueError(f"{label}: no rounds timed")
-    mid = len(secs) // 2
-    median = secs[mid] if len(secs) % 2 else (secs[mid - 1] + secs[mid]) / 2
+    median, fastest, slowest = median_range(round_seconds)
     return measured(
-        label, work, median, unit, range=[work / secs[-1], work / secs[0]], round_seconds=list(round_seconds), **extra
+        label, work, median, unit, range=[work / slowest, work / fastest], round_seconds=list(round_seconds), **extra
     )
 
 
@@ -128,7 +137,8 @@ def check_ratio(r: dict) -> list[str]:
 
 def timed_section(name: str, bench, size: str) -> dict:
     """`bench(size, workdir)` in a fresh temporary folder (removed after), with its wall
-    `seconds` added: how both `bumblefast bench` and a script run alone call a benchmark."""
+    `seconds` added: how both `bumblefast bench` and a script run alone (benchmarks/harness.py)
+    call a benchmark."""
     import shutil
     import tempfile
     import time
@@ -142,26 +152,3 @@ def timed_section(name: str, bench, size: str) -> dict:
         shutil.rmtree(work, ignore_errors=True)
     section["seconds"] = time.perf_counter() - t
     return section
-
-
-def run_standalone(name: str, bench, to_markdown, size: str, out_dir: str) -> int:
-    """A script run on its own: its section, then `<out>/bench_<name>_<host>_<date>
-    [_<size>].json` and `.md` (the markdown also printed)."""
-    import datetime
-    import json
-    import platform
-    import socket
-    from pathlib import Path
-
-    section = timed_section(name, bench, size)
-    day, host = datetime.date.today().isoformat(), socket.gethostname()
-    text = to_markdown(section, host, day)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"bench_{name}_{host}_{day}{'' if size == 'cpu' else '_' + size}"
-    meta = {"date": day, "host": host, "python": platform.python_version()}
-    stem.with_suffix(".json").write_text(json.dumps({**meta, **section}, indent=2, default=str) + "\n")
-    stem.with_suffix(".md").write_text(text)
-    print(text)
-    print(f"written: {stem}.json, .md ({section['seconds']:.1f}s)")
-    return 0

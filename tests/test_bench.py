@@ -263,3 +263,53 @@ def test_prep_scale_table_states_each_target_and_catches_a_hand_edit(tmp_path):
     assert edited != block
     readme.write_text(text.replace(block, edited))
     assert publish(None, check=True, root=tmp_path) == ["README.md"]
+
+
+# ---------------------------------------------------------------- benchmarks/harness.py
+
+
+def _harness():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import harness
+
+    return harness
+
+
+def test_interleave_rotates_the_order_each_round():
+    """Every side runs once per round, the order rotated per round (rotate=False: the same order)."""
+    H = _harness()
+    seen = []
+    out = H.interleave(["a", "b", "c"], 4, lambda s, r: seen.append(s) or f"{s}{r}")
+    assert seen == list("abcbcacababc")
+    assert out == [["a0", "a1", "a2", "a3"], ["b0", "b1", "b2", "b3"], ["c0", "c1", "c2", "c3"]]
+    seen.clear()
+    H.interleave(["a", "b"], 2, lambda s, r: seen.append(s), rotate=False)
+    assert seen == list("abab")
+
+
+def test_interleave_times_sides_after_a_warm_up_step():
+    H = _harness()
+    calls = []
+    sides = [H.side(n, lambda b, n=n: calls.append((n, b)), [1, 2], 10, 10, [10]) for n in ("x", "y")]
+    H.interleave(sides, 2)
+    assert calls == [("x", 1), ("y", 1), ("x", 1), ("x", 2), ("y", 1), ("y", 2), ("y", 1), ("y", 2), ("x", 1), ("x", 2)]
+    assert all(len(s.round_seconds) == 2 and s["round_seconds"] is s.round_seconds for s in sides)
+
+
+def test_compare_is_within_noise_when_the_ranges_overlap():
+    H = _harness()
+    base = BL.rounds("base", 100, [1.0, 1.1, 1.2])
+    close = H.compare("x", BL.rounds("ours", 100, [0.95, 1.05, 1.15]), base, target=1.5)
+    assert close["verdict"] == "within noise" and close["target"] == 1.5
+    assert H.compare("y", BL.rounds("ours", 100, [0.5, 0.55, 0.6]), base)["verdict"] == "faster"
+    assert "target" not in H.compare("y", BL.rounds("ours", 100, [0.5, 0.55, 0.6]), base)
+    assert H.median_range([3.0, 1.0, 2.0, 10.0]) == (2.5, 1.0, 10.0)
+
+
+def test_launch_train_runs_torchrun_for_more_than_one_process():
+    H = _harness()
+    one = H.launch_train({"stage": "pretrain", "max_steps": 3})
+    assert one == [sys.executable, "-m", "bumblefast", "train", "--stage", "pretrain", "--max_steps", "3"]
+    two = H.launch_train({"stage": "pretrain"}, nproc=2)
+    assert two[1:5] == ["-m", "torch.distributed.run", "--nproc_per_node", "2"] and two[5] == "--master_port"
+    assert two[7:] == ["-m", "bumblefast", "train", "--stage", "pretrain"]

@@ -1,0 +1,336 @@
+"""The measurement core of benchmarks/*.py: what every script times and compares the same way.
+
+- `Side`: one configuration to time (its step, its batches, the work one round does);
+- `interleave`: rounds in which every side runs once, in an order rotated per round (a busy
+  moment or a cache effect hits each side alike);
+- `compare`: ours vs a baseline, benchlib's ratio (its verdict: "within noise" when the two
+  rounds' min-max ranges overlap) with the target it must reach, when it has one;
+- `free_port`, `child_env`, `launcher` / `launch_train`: the processes the scripts start;
+- `BenchServer`: a child that imports once and forks each timed run (bench_prep, bench_stream);
+- the shared fixtures of bench_train and bench_shared_prompt (`prepare`, `model_config`, ...);
+- `cli`: a script run on its own (`python benchmarks/bench_X.py --size ... --out ...`).
+
+The report format (measured, rounds, ratio, verdict, check_section) is bumblefast/benchlib.py's:
+`bumblefast bench` checks every section with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bumblefast.benchlib import median_range, ratio, timed_section
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+SHARED = ROOT.parent / "shared" / "data"
+DEMO = ROOT / "datasets" / "demo"
+
+__all__ = ["median_range"]  # re-exported: the one median with its range (benchlib's)
+
+
+@dataclasses.dataclass
+class Side:
+    """One configuration to time: its step, its batches (one round = all of them) and the work
+    one round does (real tokens, tokens computed, pairs for DPO; ``work``: what its FLOPs are
+    counted from, flops.row_flops: the document lengths plus the row's own LoRA rank,
+    reference and shared-prompt kv_prefix). ``facts``: what the report says of it (attention,
+    Liger, kernels) and helpers (``ref_step``); ``target``: the id of its target, if any."""
+
+    name: str
+    step: Callable | None
+    batches: list
+    real_tokens: int = 0
+    computed_tokens: int = 0
+    pairs: int | None = None
+    work: dict = dataclasses.field(default_factory=dict)
+    facts: dict = dataclasses.field(default_factory=dict)
+    round_seconds: list = dataclasses.field(default_factory=list)
+    target: str | None = None
+
+    # read and written as the dict it replaced (tests/test_flops.py does)
+    def __getitem__(self, key: str) -> Any:
+        return getattr(self, key) if key in _SIDE_FIELDS else self.facts[key]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        if key in _SIDE_FIELDS:
+            setattr(self, key, value)
+        else:
+            self.facts[key] = value
+
+    def with_(self, **changes: Any) -> Side:
+        return dataclasses.replace(self, **changes)
+
+
+_SIDE_FIELDS = {f.name for f in dataclasses.fields(Side)}
+
+
+def side(name, step, batches, real, computed, doc_lens, pairs=None, work=None, target=None, **facts) -> Side:
+    """A Side whose FLOPs are a full training step over ``doc_lens`` (plus ``work``'s extras)."""
+    return Side(name, step, batches, real, computed, pairs, {"doc_lens": doc_lens, **(work or {})}, facts, [], target)
+
+
+def ref_side(name: str, policy: Side) -> Side:
+    """The reference scoring of a precomputed-reference side, timed over the same batches: one
+    forward of the base model per batch (no LoRA training, no backward)."""
+    w = policy.work
+    work = {"doc_lens": w["doc_lens"], "kv_prefix": w.get("kv_prefix"), "forward_only": True}
+    return policy.with_(name=name, step=policy.facts["ref_step"], work=work, target=None)
+
+
+def combined(name: str, first: Side, then: Side) -> Side:
+    """A side whose round is `first`'s round followed by `then`'s (reference scoring + policy
+    steps over the same pairs: the end-to-end view of a precomputed reference); its FLOPs are
+    both parts' (divided by both parts' time)."""
+    secs = [a + b for a, b in zip(first.round_seconds, then.round_seconds)]
+    return then.with_(name=name, round_seconds=secs, work={"parts": [first.work, then.work]}, target=None)
+
+
+def sync(device) -> None:
+    if device is not None and device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def interleave(sides: list, rounds: int, run: Callable | None = None, device=None, rotate: bool = True) -> list:
+    """`rounds` rounds; in each, every side runs once, in an order rotated per round (`rotate`
+    False: the same order every round). `run(side, r)` returns what a round of that side
+    measured; returns one list per side (in `sides`' order). Without `run` (Side objects):
+    one untimed warm-up step each, then a round = all of a side's batches through its step,
+    its seconds appended to side.round_seconds."""
+    if run is None:
+        for s in sides:
+            s.step(s.batches[0])
+            s.round_seconds = []
+        sync(device)
+        run = lambda s, r: s.round_seconds.append(_time_round(s, device)) or s.round_seconds[-1]  # noqa: E731
+    out: list[list] = [[] for _ in sides]
+    for r in range(rounds):
+        k = r % len(sides) if rotate else 0
+        for i in list(range(k, len(sides))) + list(range(k)):
+            out[i].append(run(sides[i], r))
+    return out
+
+
+def _time_round(s: Side, device) -> float:
+    t0 = time.perf_counter()
+    for b in s.batches:
+        s.step(b)
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def compare(name: str, ours: dict, base: dict, target: float | None = None, **extra: Any) -> dict:
+    """Ours vs one baseline (two measurements of this run): benchlib's ratio, its verdict
+    ("within noise" when the rounds' min-max ranges overlap) and the target it must reach."""
+    out = ratio(name, ours, base)
+    if target is not None:
+        out["target"] = target
+    out.update(extra)
+    return out
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env(**extra: str) -> dict:
+    """A child process's environment: one thread, unbuffered output, DeepSpeed's compiled ops
+    in the checkout's cache; `extra` set on top."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
+    return {**env, **extra}
+
+
+def launcher(target: list[str], nproc: int = 1) -> list[str]:
+    """`python TARGET...` (nproc 1), or torch.distributed.run with nproc processes on a free port."""
+    if nproc <= 1:
+        return [sys.executable, *target]
+    run = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port())]
+    return [sys.executable, *run, *target]
+
+
+def launch_train(args: dict, nproc: int = 1) -> list[str]:
+    """The command of `python -m bumblefast train --KEY VALUE ...` (torchrun for nproc > 1)."""
+    return launcher(["-m", "bumblefast", "train"], nproc) + [x for k, v in args.items() for x in (f"--{k}", str(v))]
+
+
+class BenchServer:
+    """A child process that imports what the timed runs need once, then answers each JSON
+    request written to its stdin with one JSON line on stdout, prefixed by `tag` (other output
+    is ignored); it forks the timed runs itself, so each starts fresh without paying the
+    imports. Its stderr goes to `log`, whose tail is in the error when it dies."""
+
+    def __init__(self, cmd: list[str], *, env: dict[str, str], log: Path, tag: str, name: str, cwd: str | None = None):
+        self.log, self.tag, self.name = log, tag, name
+        self._err = log.open("w")
+        pipe = subprocess.PIPE
+        self.proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdin=pipe, stdout=pipe, stderr=self._err, text=True)
+
+    def request(self, obj: Any) -> Any:
+        """Send one request; the server's tagged answer."""
+        self.proc.stdin.write(json.dumps(obj) + "\n")
+        self.proc.stdin.flush()
+        for line in self.proc.stdout:
+            if line.startswith(self.tag):
+                return json.loads(line[len(self.tag) :])
+        raise RuntimeError(f"{self.name} exited ({self.proc.wait()}):\n{self.log.read_text()[-3000:]}")
+
+    def close(self) -> None:
+        """End of input: the server exits (killed after 30 s)."""
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._err.close()
+
+
+# ---------------------------------------------------------------- bench_train and bench_shared_prompt's fixtures
+
+
+def prepare(data: Path, stage: str, seq_len: int, workdir: Path, vocab: int, share_prompt: bool = False):
+    """Tokenizer trained on the data + the stage's shards; returns (tokenizer dir, shard dir).
+    dpo: the unshared [prompt+chosen][prompt+rejected] layout unless share_prompt."""
+    from bumblefast.tokenizer import train_tokenizer
+
+    tok_dir = workdir / "tokenizer"
+    train_tokenizer([data], vocab, tok_dir)
+    return tok_dir, run_prep(data, stage, seq_len, tok_dir, workdir / stage, share_prompt)
+
+
+def run_prep(data: Path, stage: str, seq_len: int, tok_dir: Path, out: Path, share_prompt: bool = False) -> Path:
+    """`bumblefast prep` in process: the stage's shards of `data` in `out`."""
+    from bumblefast.config import PrepConfig
+    from bumblefast.prep.run import run_prep as prep
+
+    cfg = PrepConfig(
+        stage=stage,
+        input=[str(data)],
+        tokenizer_name_or_path=str(tok_dir),
+        seq_len=seq_len,
+        output_dir=str(out),
+        share_prompt=share_prompt,
+    )
+    prep(cfg, progress=False)
+    return out
+
+
+def model_config(preset: str, vocab: int):
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(ROOT / "configs" / "models" / preset)
+    if preset.endswith("tiny"):
+        cfg.vocab_size = max(cfg.vocab_size, -(-vocab // 64) * 64)
+    return cfg
+
+
+def autocast(device, dtype):
+    import torch
+
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def objective_step(model, obj, device, dtype):
+    """The step of one of our sides: the objective's loss (under autocast for a low-precision
+    dtype) over its global count, backward, AdamW (lr 1e-4) over the trainable parameters."""
+    import torch
+
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step(b):
+        with autocast(device, dtype):
+            loss, _ = obj(b)
+        (loss / obj.count(b)).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def device_setup(preset: str | None, peak_tflops: float | None = None):
+    """(device, compute dtype, preset, dense bf16 peak TFLOPs or None): CUDA, bf16 and the 1.5B
+    preset when there is a GPU, else CPU, fp32 and the tiny preset."""
+    import torch
+
+    from bumblefast import flops
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    preset = preset or ("bumblebee-1.5b" if cuda else "bumblebee-tiny")
+    peak = flops.peak_tflops(torch.cuda.get_device_name(device), peak_tflops) if cuda else None
+    if cuda and peak is None:
+        print(
+            f"MFU not reported: no dense bf16 peak for {torch.cuda.get_device_name(device)!r} in "
+            "flops.PEAK_TFLOPS_BF16 (pass --peak_tflops; each row's flops_per_round is in the JSON)",
+            flush=True,
+        )
+    return device, dtype, preset, peak
+
+
+# ---------------------------------------------------------------- a script run on its own
+
+
+def run_standalone(name: str, bench, to_markdown, size: str, out_dir: str) -> int:
+    """A script run on its own: its section, then `<out>/bench_<name>_<host>_<date>
+    [_<size>].json` and `.md` (the markdown also printed)."""
+    import datetime
+    import platform
+
+    section = timed_section(name, bench, size)
+    day, host = datetime.date.today().isoformat(), socket.gethostname()
+    text = to_markdown(section, host, day)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"bench_{name}_{host}_{day}{'' if size == 'cpu' else '_' + size}"
+    meta = {"date": day, "host": host, "python": platform.python_version()}
+    stem.with_suffix(".json").write_text(json.dumps({**meta, **section}, indent=2, default=str) + "\n")
+    stem.with_suffix(".md").write_text(text)
+    print(text)
+    print(f"written: {stem}.json, .md ({section['seconds']:.1f}s)")
+    return 0
+
+
+def ratio_lines(ratios: list[dict], fmt: str = "{:,.0f}", unit: bool = True, note: str = "verdict") -> list[str]:
+    """A standalone report's table of ratios: ours, the baseline (their values as `fmt`, with
+    their unit) and the ratio, with the ratio's `note` (its verdict or caveat) when it has one."""
+    value = lambda m: fmt.format(m["value"]) + (f" {m['unit']}" if unit else "")  # noqa: E731
+    lines = ["| ratio | ours | baseline | ratio |", "|---|---:|---:|---:|"]
+    for x in ratios:
+        extra = f" ({x[note]})" if x.get(note) else ""
+        lines.append(f"| {x['name']} | {value(x['ours'])} | {value(x['baseline'])} | {x['value']:.2f}x{extra} |")
+    return lines
+
+
+def cli(name: str, doc: str, bench, to_markdown, sizes, argv=None, hidden: dict | None = None, **options) -> int:
+    """`python benchmarks/bench_<name>.py [--size S] [--out DIR]`: run_standalone. `hidden`:
+    a flag -> the function it runs instead (a script's own child processes: `--serve`);
+    `options`: more flags, flag -> its default (an int), passed to `bench` by name."""
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
+    p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--size", default="cpu", choices=sorted(sizes))
+    for flag in hidden or {}:
+        p.add_argument(f"--{flag}", action="store_true", help=argparse.SUPPRESS)
+    for flag, default in options.items():
+        p.add_argument(f"--{flag}", type=type(default), default=default)
+    args = p.parse_args(argv)
+    for flag, fn in (hidden or {}).items():
+        if getattr(args, flag):
+            return fn()
+    kw = {flag: getattr(args, flag) for flag in options}
+    return run_standalone(name, lambda size, work: bench(size, work, **kw), to_markdown, args.size, args.out)
