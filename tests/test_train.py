@@ -487,6 +487,8 @@ def test_continue_pretrain_and_lora_sft_from_a_checkpoint(data, tmp_path, one_ra
         )
     )
     assert (lora / "adapter_config.json").is_file() and not (lora / "model.safetensors").exists()
+    targets = json.loads((lora / "adapter_config.json").read_text())["target_modules"]
+    assert targets == sorted(targets) and len(targets) > 1  # peft's set, in an order not hash-seeded
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 

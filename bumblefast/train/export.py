@@ -6,6 +6,7 @@ generation_config.json."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -20,6 +21,15 @@ def _strip(state: dict, prefix: str = "model.") -> dict:
     return {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in state.items()}
 
 
+def _sort_target_modules(path: Path) -> None:
+    """peft keeps target_modules as a set and writes it in hash order, which changes with each
+    process's string-hash seed: sorted, the same run writes the same bytes."""
+    config = json.loads(path.read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def export_model(engine, objective, tokenizer, cfg: TrainConfig, zero3: bool, out: Path) -> None:
     model = objective.model
     dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
@@ -30,6 +40,7 @@ def export_model(engine, objective, tokenizer, cfg: TrainConfig, zero3: bool, ou
         with deepspeed.zero.GatheredParameters(params, enabled=zero3):
             if D.is_main():
                 model.save_pretrained(str(out))  # PeftModel: adapter only
+                _sort_target_modules(out / "adapter_config.json")
     else:
         if zero3:
             state = engine._zero3_consolidated_16bit_state_dict()  # None on ranks > 0
