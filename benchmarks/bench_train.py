@@ -175,9 +175,13 @@ class Initial:
     all sides start from the same weights and the stage pays one init, not one per side: ours
     (build_ours) and transformers' Qwen2ForCausalLM with ours' weights loaded (the same names)."""
 
-    def __init__(self, cfg, device):
-        self.cfg, self.device = cfg, device
+    def __init__(self, cfg, device, optimizer: str = "adamw"):
+        self.cfg, self.device, self.optimizer_name = cfg, device, optimizer
         self._ours = self._hf = None
+
+    def optimizer(self, params):
+        """Every side's optimizer (harness.make_optimizer: AdamW, or SGD where AdamW does not fit)."""
+        return H.make_optimizer(params, self.optimizer_name)
 
     def _base(self):
         if self._ours is None:
@@ -234,7 +238,7 @@ def ours_side(
             obj = DPOObjective(model, PrefLossConfig(), "precomputed")
     else:
         obj = LMObjective(model)
-    step = objective_step(model, obj, device, dtype)
+    step = objective_step(model, obj, device, dtype, init.optimizer_name)
 
     tokens = sum(b.num_tokens for b in batches)
     prefix = [p for b in batches for p in b.kv_prefix.tolist()] if batches[0].kv_prefix is not None else None
@@ -380,7 +384,7 @@ def hf_side(name: str, init: Initial, batches: list[dict], device, dtype) -> Sid
     """transformers' Qwen2 (+ Liger on CUDA) on HF-style batches: input_ids, labels and either
     attention_mask (padded/blocks) or position_ids (packed, document-separated)."""
     model, liger, liger_why = init.hf()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = init.optimizer(model.parameters())
     keys = ("input_ids", "attention_mask", "position_ids", "labels")
 
     def step(b):
@@ -440,7 +444,7 @@ def trl_sft_side(init: Initial, samples, seq_len: int, device, dtype, tok, workd
     trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
     trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train(); training_step reads it
     batches = list(trainer.get_train_dataloader())
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = init.optimizer(model.parameters())
 
     def step(b):
         trainer.training_step(trainer.model, b)
@@ -517,7 +521,7 @@ def trl_dpo_side(init: Initial, groups: list[list[dict]], pre: bool, device, dty
         for b in batches:
             ref_step(b)
         extra["ref_step"] = ref_step
-    opt = torch.optim.AdamW([p for p in trainer.model.parameters() if p.requires_grad], lr=1e-4)
+    opt = init.optimizer(trainer.model.parameters())
 
     def step(b):
         trainer.training_step(trainer.model, b)
@@ -565,8 +569,9 @@ def shared_prompt_batches(groups: list[list], seq_len: int, device) -> list[dict
     return out
 
 
-def summarize(sd: Side, cfg, peak: float | None) -> dict:
-    """One table row: median of the rounds with the min-max range (real tokens/s; pairs/s for DPO)."""
+def summarize(sd: Side, cfg, peak: float | None, gemm: float | None = None) -> dict:
+    """One table row: median of the rounds with the min-max range (real tokens/s; pairs/s for DPO);
+    `gemm`: the machine's GFLOP/s at the model's matmul shapes (CPU), the row's share of it."""
     from bumblefast import benchlib as BL
     from bumblefast import flops
 
@@ -587,13 +592,15 @@ def summarize(sd: Side, cfg, peak: float | None) -> dict:
     if sd.pairs:
         pairs = BL.rounds(sd.name, sd.pairs, secs, "pairs/s")
         out.update(pairs=sd.pairs, pairs_per_sec=pairs["value"], pairs_per_sec_range=pairs["range"])
-    for key in ("attn", "attn_why", "liger", "liger_why"):
+    for key in ("attn", "attn_why", "liger", "liger_why", "step_peak_mb"):
         if sd.facts.get(key) not in (None, ""):
             out[key] = sd.facts[key]
     # FLOPs by what this row computes (its own LoRA, reference, kv_prefix; scoring: a forward)
     out["flops_per_round"] = flops.row_flops(cfg, sd.work)
     if peak:
         out["mfu"] = out["flops_per_round"] / tok["seconds"] / (peak * 1e12)
+    if gemm:
+        out["gemm_fraction"] = out["flops_per_round"] / tok["seconds"] / (gemm * 1e9)
     return out
 
 
@@ -672,7 +679,7 @@ def run_stage(stage: str, s: Settings, device, dtype, preset: str, peak) -> dict
     data, seq_len = stage_data(stage, s), 256 if s.quick else s.seq_len
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        tok_dir, shards = prepare(data, stage, seq_len, Path(tmp), s.vocab)
+        tok_dir, shards = prepare(data, stage, seq_len, Path(tmp), s.vocab, tokenizer=s.tokenizer)
         tok = AutoTokenizer.from_pretrained(tok_dir)
         cfg = model_config(preset, len(tok))
         batches = stage_batches(stage, shards, s, device)
@@ -682,18 +689,24 @@ def run_stage(stage: str, s: Settings, device, dtype, preset: str, peak) -> dict
             f"{dtype}; prep {time.perf_counter() - t0:.1f}s",
             flush=True,
         )
-        groups, init = sample_groups(stage, shards, batches), Initial(cfg, device)
+        groups, init = sample_groups(stage, shards, batches), Initial(cfg, device, s.optimizer)
         if stage == "dpo":
             sides, role = dpo_sides(init, groups, batches, seq_len, device, dtype, tok, Path(tmp))
         else:
             sides = lm_sides(stage, init, groups, batches, seq_len, s.baseline_batch, device, dtype, tok, Path(tmp))
         del init  # the pristine copies: every side holds its own
-        interleave(sides, s.rounds, device=device)
+        # CPU: the machine's own ceiling at this model's shapes, timed in the same rounds (CUDA: MFU)
+        ceiling = [H.gemm_side(H.model_gemm_shapes(cfg, seq_len * s.rows), device, dtype)] if s.gemm else []
+        interleave(sides + ceiling, s.rounds, device=device, memory=s.memory)
+        gemm = H.gemm_gflops(ceiling[0]) if ceiling else None
+        if gemm:
+            print(f"  GEMM at the model's shapes: {gemm['gflops']:.1f} GFLOP/s", flush=True)
         for sd in sides:
             print(f"  {sd.name}: rounds {', '.join(f'{x:.2f}' for x in sd.round_seconds)} s", flush=True)
-        rows = [summarize(sd, cfg, peak) for sd in sides]
+        rate = gemm["gflops"] if gemm else None
+        rows = [summarize(sd, cfg, peak, rate) for sd in sides]
         if stage == "dpo":
-            rows, comparisons = dpo_rows(rows, role, cfg, peak)
+            rows, comparisons = dpo_rows(rows, role, cfg, peak, rate)
         else:
             comparisons = [
                 compare(stage, "", rows[0], r, "real_tokens_per_sec", sd.target) for r, sd in zip(rows[1:], sides[1:])
@@ -709,6 +722,8 @@ def run_stage(stage: str, s: Settings, device, dtype, preset: str, peak) -> dict
         "results": rows,
         "comparisons": comparisons,
         "attention": sides[0].facts.get("attn") if stage != "dpo" else None,
+        "optimizer": s.optimizer,
+        "gemm": gemm,
         "peers_not_run": [] if HAVE_TRL else ["TRL (not installed)"],
     }
 
@@ -775,12 +790,12 @@ def dpo_sides(init, groups, batches, seq_len: int, device, dtype, tok, work) -> 
     return [role[k] for k in order], role
 
 
-def dpo_rows(rows: list[dict], role: dict, cfg, peak) -> tuple[list[dict], list[dict]]:
+def dpo_rows(rows: list[dict], role: dict, cfg, peak, gemm=None) -> tuple[list[dict], list[dict]]:
     """DPO's rows (policy steps, end to end = scoring + policy, live reference, scoring) and its
     comparisons, pairs/s."""
     by = {r["name"]: r for r in rows}
     row = lambda k: by[role[k].name]  # noqa: E731
-    both = lambda name, scoring, policy: summarize(combined(name, role[scoring], role[policy]), cfg, peak)  # noqa: E731
+    both = lambda name, scoring, policy: summarize(combined(name, role[scoring], role[policy]), cfg, peak, gemm)  # noqa: E731
     e2e_o = both("bumblefast precomputed reference, scoring + policy", "ours_ref", "pre")
     e2e_s = both("bumblefast shared prompt, precomputed reference, scoring + policy", "shared_ref", "shared")
     shared_rows, key = [row("shared"), e2e_s, row("shared_ref")], "pairs_per_sec"
@@ -819,12 +834,13 @@ def versions() -> dict:
 
 def table(stages: list[dict], title: str) -> list[str]:
     """Markdown: every configuration (median, min-max over rounds) and every comparison."""
+    memory = any("step_peak_mb" in r for st in stages for r in st["results"])
     lines = [
         title,
         "",
         "| stage | configuration | real tokens/s median (min-max) | pairs/s median (min-max) "
-        "| real-token fraction | MFU |",
-        "|---|---|---|---|---|---|",
+        "| real-token fraction | MFU (CPU: share of its GEMM rate) |" + (" step peak memory |" if memory else ""),
+        "|---|---|---|---|---|---|" + ("---|" if memory else ""),
     ]
     for st in stages:
         for r in st["results"]:
@@ -835,10 +851,13 @@ def table(stages: list[dict], title: str) -> list[str]:
                 else "-"
             )
             mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "n/a (CPU)"
+            if "gemm_fraction" in r:
+                mfu = f"{100 * r['gemm_fraction']:.0f}% of {st['gemm']['gflops']:.0f} GFLOP/s"
+            mem = (f" {r['step_peak_mb']:,.0f} MB |" if "step_peak_mb" in r else " - |") if memory else ""
             lines.append(
                 f"| {st['stage']} (seq {st['seq_len']}, {st['rounds']} rounds) | {r['name']} | "
                 f"{r['real_tokens_per_sec']:,.0f} ({lo:,.0f}-{hi:,.0f}) | {pairs} | "
-                f"{r['real_token_fraction']:.3f} | {mfu} |"
+                f"{r['real_token_fraction']:.3f} | {mfu} |{mem}"
             )
     lines += [
         "",
@@ -873,7 +892,14 @@ class Settings:
     quick: bool = False
     profile: bool = False
     peak_tflops: float | None = None
+    stages: tuple = ("pretrain", "sft", "dpo")  # for stage "all"
+    tokenizer: str | None = None  # a tokenizer folder instead of one of `vocab` tokens trained on the data
+    optimizer: str = "adamw"  # harness.OPTIMIZERS
+    memory: bool = False  # each side's step peak memory (harness.PeakMemory)
+    gemm: bool = False  # CPU: each row's share of the machine's GEMM rate at the model's shapes
 
+
+QWEN2_TOKENIZER = H.ROOT.parent / "shared" / "tokenizers" / "qwen2"  # 151k, Qwen2-compatible
 
 SIZES = {  # per size: the settings of `bumblefast bench train` (steps = micro-batches per round)
     "min": Settings(stage="all", quick=True, rounds=2, min_pairs=0),
@@ -881,6 +907,21 @@ SIZES = {  # per size: the settings of `bumblefast bench train` (steps = micro-b
     # dpo >= 64 pairs per side over the rounds (7 micro-batches; the peer-benchmark issue's floor)
     "cpu": Settings(stage="all", seq_len=1024, steps=2, rounds=5, min_pairs=64),
     "gpu": Settings(stage="all", seq_len=4096, steps=8, rounds=5, min_pairs=64, preset="bumblebee-1.5b", profile=True),
+    # real (issue 29): the 0.5B shape at the real 151,936-row vocabulary, SFT and DPO; plain SGD
+    # on every side, since 4-5 sides' AdamW states (2 x 494M fp32 values each) do not fit in 24 GB
+    "real": Settings(
+        stage="all",
+        stages=("sft", "dpo"),
+        seq_len=1024,
+        steps=2,
+        rounds=3,
+        min_pairs=0,
+        preset="bumblebee-0.5b",
+        tokenizer=str(QWEN2_TOKENIZER),
+        optimizer="sgd",
+        memory=True,
+        gemm=True,
+    ),
 }
 
 
@@ -890,8 +931,10 @@ def bench(size: str, workdir: Path) -> dict:
     from bumblefast import benchlib as BL
 
     s = SIZES[size]
+    if s.tokenizer and not Path(s.tokenizer).is_dir():
+        raise FileNotFoundError(f"bench train --size {size}: tokenizer {s.tokenizer} not found")
     device, dtype, preset, peak = device_setup(s.preset)
-    stages = [run_stage(st, s, device, dtype, preset, peak) for st in ("pretrain", "sft", "dpo")]
+    stages = [run_stage(st, s, device, dtype, preset, peak) for st in s.stages]
     ratios, points = [], []
     for st in stages:
         by = {r["name"]: r for r in st["results"]}
@@ -969,6 +1012,10 @@ def parse_args(argv=None) -> tuple[Settings, Path]:
     p.add_argument(
         "--profile", action="store_true", help="torch.profiler summary of 2 steps of each side (pretrain/sft)"
     )
+    p.add_argument("--tokenizer", default=None, help="a tokenizer folder (default: train one of --vocab tokens)")
+    p.add_argument("--optimizer", default="adamw", choices=H.OPTIMIZERS, help="every side's optimizer")
+    p.add_argument("--memory", action="store_true", help="each side's step peak memory")
+    p.add_argument("--gemm", action="store_true", help="CPU: rows as a share of the GEMM rate at the model's shapes")
     args = vars(p.parse_args(argv))
     return Settings(**{k: v for k, v in args.items() if k != "out"}), Path(args["out"])
 

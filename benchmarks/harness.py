@@ -17,6 +17,7 @@ The report format (measured, rounds, ratio, verdict, check_section) is bumblefas
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -57,21 +58,8 @@ class Side:
     round_seconds: list = dataclasses.field(default_factory=list)
     target: str | None = None
 
-    # read and written as the dict it replaced (tests/test_flops.py does)
-    def __getitem__(self, key: str) -> Any:
-        return getattr(self, key) if key in _SIDE_FIELDS else self.facts[key]
-
-    def __setitem__(self, key: str, value: Any) -> None:
-        if key in _SIDE_FIELDS:
-            setattr(self, key, value)
-        else:
-            self.facts[key] = value
-
     def with_(self, **changes: Any) -> Side:
         return dataclasses.replace(self, **changes)
-
-
-_SIDE_FIELDS = {f.name for f in dataclasses.fields(Side)}
 
 
 def side(name, step, batches, real, computed, doc_lens, pairs=None, work=None, target=None, **facts) -> Side:
@@ -102,15 +90,21 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def interleave(sides: list, rounds: int, run: Callable | None = None, device=None, rotate: bool = True) -> list:
+def interleave(
+    sides: list, rounds: int, run: Callable | None = None, device=None, rotate: bool = True, memory: bool = False
+) -> list:
     """`rounds` rounds; in each, every side runs once, in an order rotated per round (`rotate`
     False: the same order every round). `run(side, r)` returns what a round of that side
     measured; returns one list per side (in `sides`' order). Without `run` (Side objects):
-    one untimed warm-up step each, then a round = all of a side's batches through its step,
-    its seconds appended to side.round_seconds."""
+    one untimed warm-up step each (`memory`: its peak memory above the step's start, in
+    side.facts["step_peak_mb"], see PeakMemory), then a round = all of a side's batches through
+    its step, its seconds appended to side.round_seconds."""
     if run is None:
         for s in sides:
-            s.step(s.batches[0])
+            with PeakMemory(device) if memory else contextlib.nullcontext() as peak:
+                s.step(s.batches[0])
+            if memory:
+                s.facts["step_peak_mb"] = peak.mb
             s.round_seconds = []
         sync(device)
         run = lambda s, r: s.round_seconds.append(_time_round(s, device)) or s.round_seconds[-1]  # noqa: E731
@@ -120,6 +114,107 @@ def interleave(sides: list, rounds: int, run: Callable | None = None, device=Non
         for i in list(range(k, len(sides))) + list(range(k)):
             out[i].append(run(sides[i], r))
     return out
+
+
+class PeakMemory:
+    """Peak memory of a block above its start, in MB: on CUDA max_memory_allocated (reset at
+    the start); on CPU the process's resident set sampled every ms by a thread (RSS includes
+    allocator caching: what the machine must hold, not only live tensors)."""
+
+    def __init__(self, device=None):
+        self.cuda = device is not None and device.type == "cuda"
+        self.mb = 0.0
+
+    def __enter__(self):
+        import threading
+
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._start = torch.cuda.memory_allocated()
+            return self
+        _trim()  # memory an earlier side freed goes back to the OS, so this side's growth shows in RSS
+        self._start = self._peak = _rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(0.001):
+            self._peak = max(self._peak, _rss())
+
+    def __exit__(self, *exc):
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.mb = (torch.cuda.max_memory_allocated() - self._start) / 2**20
+            return False
+        self._stop.set()
+        self._thread.join()
+        self.mb = (max(self._peak, _rss()) - self._start) / 2**20
+        return False
+
+
+def _trim() -> None:
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: RSS may then hide growth into freed memory
+        pass
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def gemm_side(shapes: list[tuple[int, int, int]], device, dtype, reps: int = 2) -> Side:
+    """The machine's matmul rate at a model's own GEMM shapes ([m, k] @ [k, n], `reps` times each
+    per round) as a side timed in the same interleaved rounds as the training sides, so the
+    ceiling is measured under the same conditions; gemm_gflops(side) reads it. On CPU the
+    ceiling a step's useful FLOPs are held against (on CUDA: MFU, the peak)."""
+    import torch
+
+    mats = [
+        (torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype))
+        for m, k, n in shapes
+    ]
+
+    def step(_):
+        for _ in range(reps):
+            for a, b in mats:
+                a @ b
+
+    flops = 2 * reps * sum(m * k * n for m, k, n in shapes)
+    return Side("GEMM at the model's shapes", step, [0], work={"flops": flops}, facts={"shapes": shapes})
+
+
+def gemm_gflops(side: Side) -> dict:
+    """A gemm_side's median rate over its rounds (and range), GFLOP/s."""
+    med, lo, hi = median_range(side.round_seconds)
+    f = side.work["flops"] / 1e9
+    return {"gflops": f / med, "range": [f / hi, f / lo], "shapes": [list(x) for x in side.facts["shapes"]]}
+
+
+def model_gemm_shapes(cfg, tokens: int) -> list[tuple[int, int, int]]:
+    """The forward matmuls of one decoder layer and the LM head for `tokens` rows (q/k/v/o, gate/up/down)."""
+    h, heads = cfg.hidden_size, cfg.num_attention_heads
+    d = getattr(cfg, "head_dim", None) or h // heads
+    kv = cfg.num_key_value_heads * d
+    inter = cfg.intermediate_size
+    return [
+        (tokens, h, heads * d),
+        (tokens, h, kv),
+        (tokens, heads * d, h),
+        (tokens, h, inter),
+        (tokens, inter, h),
+        (tokens, h, min(cfg.vocab_size, 32768)),  # an LM-head chunk
+    ]
 
 
 def _time_round(s: Side, device) -> float:
@@ -203,13 +298,17 @@ class BenchServer:
 # ---------------------------------------------------------------- bench_train and bench_shared_prompt's fixtures
 
 
-def prepare(data: Path, stage: str, seq_len: int, workdir: Path, vocab: int, share_prompt: bool = False):
-    """Tokenizer trained on the data + the stage's shards; returns (tokenizer dir, shard dir).
-    dpo: the unshared [prompt+chosen][prompt+rejected] layout unless share_prompt."""
+def prepare(
+    data: Path, stage: str, seq_len: int, workdir: Path, vocab: int, share_prompt: bool = False, tokenizer=None
+):
+    """Tokenizer (`tokenizer`, a folder, or one of `vocab` tokens trained on the data) + the
+    stage's shards; returns (tokenizer dir, shard dir). dpo: the unshared
+    [prompt+chosen][prompt+rejected] layout unless share_prompt."""
     from bumblefast.tokenizer import train_tokenizer
 
-    tok_dir = workdir / "tokenizer"
-    train_tokenizer([data], vocab, tok_dir)
+    tok_dir = Path(tokenizer) if tokenizer else workdir / "tokenizer"
+    if not tokenizer:
+        train_tokenizer([data], vocab, tok_dir)
     return tok_dir, run_prep(data, stage, seq_len, tok_dir, workdir / stage, share_prompt)
 
 
@@ -245,12 +344,24 @@ def autocast(device, dtype):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
-def objective_step(model, obj, device, dtype):
-    """The step of one of our sides: the objective's loss (under autocast for a low-precision
-    dtype) over its global count, backward, AdamW (lr 1e-4) over the trainable parameters."""
+OPTIMIZERS = ("adamw", "sgd")
+
+
+def make_optimizer(params, name: str = "adamw"):
+    """Every side's optimizer, lr 1e-4: AdamW as users run it, or plain SGD where the sides'
+    AdamW states do not fit in memory together (the 0.5B preset on a 24 GB CPU machine)."""
     import torch
 
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    params = [p for p in params if p.requires_grad]
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
+    return torch.optim.AdamW(params, lr=1e-4) if name == "adamw" else torch.optim.SGD(params, lr=1e-4)
+
+
+def objective_step(model, obj, device, dtype, optimizer: str = "adamw"):
+    """The step of one of our sides: the objective's loss (under autocast for a low-precision
+    dtype) over its global count, backward, the optimizer step over the trainable parameters."""
+    opt = make_optimizer(model.parameters(), optimizer)
 
     def step(b):
         with autocast(device, dtype):

@@ -190,6 +190,8 @@ def cli_main(args) -> int:
         raise UserError(f"bench {args.what}: unexpected arguments {args.results} (only `bench report` takes files)")
     which = list(SECTIONS) if args.what == "all" else [args.what]
     size = args.size or default_size()  # argparse checked --size against benchlib.SIZES
+    if size == "real" and which != ["train"]:
+        raise UserError("--size real is the train section's (the 0.5B shape): `bumblefast bench train --size real`")
     report = run(which, size, progress=not args.no_progress)
     paths = write(report, Path(args.out))
     print(to_markdown(report))

@@ -21,7 +21,7 @@ import math
 from typing import Any
 
 SCHEMA = "bumblefast.bench/1"
-SIZES = ("min", "cpu", "gpu")
+SIZES = ("min", "cpu", "gpu", "real")  # real: the train section only (the 0.5B shape on CPU)
 SECTIONS = ("prep", "stream", "kernels", "train", "scaling", "serve")
 
 

@@ -293,7 +293,7 @@ def test_interleave_times_sides_after_a_warm_up_step():
     sides = [H.side(n, lambda b, n=n: calls.append((n, b)), [1, 2], 10, 10, [10]) for n in ("x", "y")]
     H.interleave(sides, 2)
     assert calls == [("x", 1), ("y", 1), ("x", 1), ("x", 2), ("y", 1), ("y", 2), ("y", 1), ("y", 2), ("x", 1), ("x", 2)]
-    assert all(len(s.round_seconds) == 2 and s["round_seconds"] is s.round_seconds for s in sides)
+    assert all(len(s.round_seconds) == 2 for s in sides)
 
 
 def test_compare_is_within_noise_when_the_ranges_overlap():
@@ -313,3 +313,52 @@ def test_launch_train_runs_torchrun_for_more_than_one_process():
     two = H.launch_train({"stage": "pretrain"}, nproc=2)
     assert two[1:5] == ["-m", "torch.distributed.run", "--nproc_per_node", "2"] and two[5] == "--master_port"
     assert two[7:] == ["-m", "bumblefast", "train", "--stage", "pretrain"]
+
+
+def test_peak_memory_sees_a_step_that_allocates_and_frees():
+    """CPU: a 256 MB buffer allocated and freed inside the block shows as its peak (RSS sampled
+    by a thread), not as what is left at its end."""
+    import torch
+
+    H = _harness()
+    with H.PeakMemory(torch.device("cpu")) as peak:
+        x = torch.ones(64 * 2**20)  # 256 MB of fp32, touched
+        del x
+    assert 0.9 * 256 < peak.mb < 256 + 64
+
+
+def test_gemm_side_rate_is_its_flops_over_the_median_round():
+    import torch
+
+    H = _harness()
+    g = H.gemm_side([(64, 32, 16), (8, 8, 8)], torch.device("cpu"), torch.float32, reps=3)
+    assert g.work["flops"] == 2 * 3 * (64 * 32 * 16 + 8 * 8 * 8)
+    H.interleave([g], 3)
+    g.round_seconds = [4.0, 1.0, 2.0]  # the rate is read from the rounds, whatever ran them
+    rate = H.gemm_gflops(g)
+    assert rate["gflops"] == pytest.approx(g.work["flops"] / 2.0 / 1e9)
+    assert rate["range"] == pytest.approx([g.work["flops"] / 4.0 / 1e9, g.work["flops"] / 1e9])
+
+
+def test_optimizer_is_adamw_or_sgd_over_trainable_parameters():
+    import torch
+
+    H = _harness()
+    frozen, trained = torch.nn.Parameter(torch.ones(2), requires_grad=False), torch.nn.Parameter(torch.ones(2))
+    opt = H.make_optimizer([frozen, trained], "sgd")
+    assert isinstance(opt, torch.optim.SGD) and opt.param_groups[0]["params"] == [trained]
+    assert isinstance(H.make_optimizer([trained]), torch.optim.AdamW)
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        H.make_optimizer([trained], "lion")
+
+
+def test_size_real_is_the_train_sections_only():
+    from bumblefast.cli import main
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_train
+
+    real = bench_train.SIZES["real"]
+    assert real.preset == "bumblebee-0.5b" and real.stages == ("sft", "dpo") and real.rounds >= 3
+    assert real.optimizer == "sgd" and real.memory and real.gemm
+    assert main(["bench", "prep", "--size", "real"]) == 1  # a UserError: names the train section

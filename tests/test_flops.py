@@ -184,9 +184,9 @@ def _dpo_rows(cfg, docs, targets, rank=4):
         work=dict(lora_rank=rank, lora_targets=targets, reference="precomputed"),
         ref_step=None,
     )
-    policy["round_seconds"] = [1.0]
+    policy.round_seconds = [1.0]
     scoring = B.ref_side("scoring", policy)
-    scoring["round_seconds"] = [1.0]
+    scoring.round_seconds = [1.0]
     return policy, scoring, B.combined("scoring + policy", scoring, policy)
 
 
@@ -200,8 +200,8 @@ def test_reference_scoring_row_counts_one_forward(counted_attention):
     batch = batch_of(docs, cfg.vocab_size, dpo=True)
     got = _count_fn(lambda: DPOObjective(model, PrefLossConfig(), "adapter").reference_logps(batch))
     policy, scoring, _ = _dpo_rows(cfg, docs, targets)
-    assert got == flops.row_flops(cfg, scoring["work"]) == flops.forward_flops(cfg, docs)
-    assert flops.row_flops(cfg, scoring["work"]) < flops.row_flops(cfg, policy["work"]) / 2
+    assert got == flops.row_flops(cfg, scoring.work) == flops.forward_flops(cfg, docs)
+    assert flops.row_flops(cfg, scoring.work) < flops.row_flops(cfg, policy.work) / 2
 
 
 def test_combined_row_counts_scoring_plus_policy(counted_attention):
@@ -215,11 +215,9 @@ def test_combined_row_counts_scoring_plus_policy(counted_attention):
     policy_flops = counted(DPOObjective(model, PrefLossConfig(), "precomputed"), batch)
     recompute = 2 * cfg.vocab_size * cfg.hidden_size * sum(docs)  # the log-prob kernel's, not counted
     policy, scoring, both = _dpo_rows(cfg, docs, targets)
-    assert scoring_flops + policy_flops == flops.row_flops(cfg, both["work"]) + recompute
-    assert both["round_seconds"] == [2.0]
-    assert flops.row_flops(cfg, both["work"]) == flops.row_flops(cfg, scoring["work"]) + flops.row_flops(
-        cfg, policy["work"]
-    )
+    assert scoring_flops + policy_flops == flops.row_flops(cfg, both.work) + recompute
+    assert both.round_seconds == [2.0]
+    assert flops.row_flops(cfg, both.work) == flops.row_flops(cfg, scoring.work) + flops.row_flops(cfg, policy.work)
 
 
 def test_rows_keep_their_shared_prompt_prefix():
@@ -238,10 +236,10 @@ def test_rows_keep_their_shared_prompt_prefix():
         work=dict(lora_rank=4, lora_targets=("q_proj",), reference="precomputed", kv_prefix=prefix),
         ref_step=None,
     )
-    with_prefix = flops.row_flops(cfg, policy["work"])
+    with_prefix = flops.row_flops(cfg, policy.work)
     assert with_prefix == flops.step_flops(
         cfg, docs, lora_rank=4, lora_targets=("q_proj",), reference="precomputed", kv_prefix=prefix
     )
     assert with_prefix > flops.step_flops(cfg, docs, lora_rank=4, lora_targets=("q_proj",), reference="precomputed")
     scoring = B.ref_side("scoring", policy)
-    assert flops.row_flops(cfg, scoring["work"]) == flops.forward_flops(cfg, docs, prefix)
+    assert flops.row_flops(cfg, scoring.work) == flops.forward_flops(cfg, docs, prefix)
