@@ -238,42 +238,27 @@ class Generation:
             self.finish(200, outcome)
 
 
-def create_app(
-    model_path: str | Path,
-    max_tokens_cap: int = 1024,
-    max_body_bytes: int = 1 << 20,
-    model_name: str | None = None,
-    api_key: str | None = None,
-    max_batch: int = 8,
-    max_queue: int = 16,
-    request_timeout: float = 300.0,
-):
-    from contextlib import asynccontextmanager
+class Server:
+    """What the routes share: the model (Chat) and its Batcher, the limits, the API key, and the
+    recent request times behind Retry-After. create_app wires its methods to FastAPI."""
 
-    from fastapi import FastAPI, Request
-    from fastapi.responses import HTMLResponse, StreamingResponse
+    def __init__(
+        self, *, model_path, max_tokens_cap, max_body_bytes, model_name, api_key, max_batch, max_queue, timeout
+    ):
+        from bumblefast.chat import Batcher, Chat
 
-    from bumblefast.chat import Batcher, Chat, QueueFull
+        self.chat = Chat(model_path)
+        self.batcher = Batcher(self.chat, max_batch=max_batch, max_queue=max_queue)
+        self.name = model_name or Path(model_path).resolve().name
+        self.key = api_key.encode() if api_key else None
+        self.max_tokens_cap, self.max_body_bytes, self.timeout = max_tokens_cap, max_body_bytes, timeout
+        self.recent: list[float] = []  # seconds of the last completed requests, for Retry-After
 
-    chat = Chat(model_path)
-    batcher = Batcher(chat, max_batch=max_batch, max_queue=max_queue)
-    name = model_name or Path(model_path).resolve().name
-    key = api_key.encode() if api_key else None
-    recent: list[float] = []  # seconds of the last completed requests, for Retry-After
-
-    @asynccontextmanager
-    async def lifespan(app):
-        yield
-        batcher.close()
-
-    app = FastAPI(title="bumblefast serve", lifespan=lifespan)
-    app.state.batcher = batcher
-
-    def done(rid: str, status: int, outcome: str, t0: float, prompt: int = 0, completion: int = 0) -> None:
+    def done(self, rid: str, status: int, outcome: str, t0: float, prompt: int = 0, completion: int = 0) -> None:
         seconds = time.perf_counter() - t0
         if status == 200 and outcome in ("stop", "length"):
-            recent.append(seconds)
-            del recent[:-32]
+            self.recent.append(seconds)
+            del self.recent[:-32]
         log.info(
             "%s status=%d outcome=%s prompt_tokens=%d completion_tokens=%d seconds=%.3f",
             rid,
@@ -284,13 +269,13 @@ def create_app(
             seconds,
         )
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        if request.url.path.startswith("/v1/") and key is not None:
+    def refuse(self, request):
+        """The error response for a request the API key or the body limit refuses, else None."""
+        if request.url.path.startswith("/v1/") and self.key is not None:
             given = request.headers.get("authorization", "")
             scheme, _, token = given.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key):
-                done(f"req-{uuid.uuid4().hex[:12]}", 401, "unauthorized", time.perf_counter())
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.key):
+                self.done(f"req-{uuid.uuid4().hex[:12]}", 401, "unauthorized", time.perf_counter())
                 message = (
                     "Incorrect API key provided."
                     if given
@@ -298,44 +283,35 @@ def create_app(
                 )
                 return error(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
         size = request.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > max_body_bytes:
-            return error(413, f"request body of {size} bytes is over the limit of {max_body_bytes}")
-        return await call_next(request)
+        if size is not None and size.isdigit() and int(size) > self.max_body_bytes:
+            return error(413, f"request body of {size} bytes is over the limit of {self.max_body_bytes}")
+        return None
 
-    @app.get("/health")
-    async def health():
-        return {"status": "ok", "model": name, **batcher.load()}
+    async def completions(self, request):
+        from fastapi.responses import StreamingResponse
 
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "bumblefast"}]}
+        from bumblefast.chat import QueueFull
 
-    @app.get("/", response_class=HTMLResponse)
-    async def page():
-        return PAGE.read_text(encoding="utf-8").replace("{{MODEL}}", name)
-
-    @app.post("/v1/chat/completions")
-    async def completions(request: Request):
         t0 = time.perf_counter()
         rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-        req = parse_request(await request.body(), max_body_bytes, max_tokens_cap)
+        req = parse_request(await request.body(), self.max_body_bytes, self.max_tokens_cap)
         if not isinstance(req, ChatRequest):
-            done(rid, req.status_code, "bad_request", t0)
+            self.done(rid, req.status_code, "bad_request", t0)
             return req
-        ids = chat._input_ids("", [m.model_dump() for m in req.messages])[0].tolist()
-        sampling = chat.sampling(
-            min(req.max_completion_tokens or req.max_tokens or 256, max_tokens_cap),
+        ids = self.chat._input_ids("", [m.model_dump() for m in req.messages])[0].tolist()
+        sampling = self.chat.sampling(
+            min(req.max_completion_tokens or req.max_tokens or 256, self.max_tokens_cap),
             req.temperature,
             req.top_p,
             req.stops(),
             req.seed,
         )
-        gen = Generation(ids, sampling, request, rid, name, t0, request_timeout, done)
+        gen = Generation(ids, sampling, request, rid, self.name, t0, self.timeout, self.done)
         try:
-            batcher.submit(gen.job)
+            self.batcher.submit(gen.job)
         except QueueFull as e:
-            wait = max(1, math.ceil(sum(recent) / len(recent))) if recent else 1
-            done(rid, 429, "queue_full", t0, len(ids))
+            wait = max(1, math.ceil(sum(self.recent) / len(self.recent))) if self.recent else 1
+            self.done(rid, 429, "queue_full", t0, len(ids))
             return error(
                 429,
                 f"server busy: {e}; retry after {wait} s",
@@ -354,6 +330,62 @@ def create_app(
             gen.finish(503, value)
             return error(503, f"the request could not be served: {value}", kind="server_error")
         return StreamingResponse(gen.stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def create_app(
+    model_path: str | Path,
+    max_tokens_cap: int = 1024,
+    max_body_bytes: int = 1 << 20,
+    model_name: str | None = None,
+    api_key: str | None = None,
+    max_batch: int = 8,
+    max_queue: int = 16,
+    request_timeout: float = 300.0,
+):
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI, Request
+    from fastapi.responses import HTMLResponse
+
+    srv = Server(
+        model_path=model_path,
+        max_tokens_cap=max_tokens_cap,
+        max_body_bytes=max_body_bytes,
+        model_name=model_name,
+        api_key=api_key,
+        max_batch=max_batch,
+        max_queue=max_queue,
+        timeout=request_timeout,
+    )
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        srv.batcher.close()
+
+    app = FastAPI(title="bumblefast serve", lifespan=lifespan)
+    app.state.batcher = srv.batcher
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        refused = srv.refuse(request)
+        return refused if refused is not None else await call_next(request)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": srv.name, **srv.batcher.load()}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": srv.name, "object": "model", "created": 0, "owned_by": "bumblefast"}]}
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page():
+        return PAGE.read_text(encoding="utf-8").replace("{{MODEL}}", srv.name)
+
+    @app.post("/v1/chat/completions")
+    async def completions(request: Request):
+        return await srv.completions(request)
 
     return app
 
