@@ -236,6 +236,8 @@ def steady_state(records: list[dict], capacity: int, warmup: int) -> dict:
         "step_ms_min": step_ms[1],
         "step_ms_max": step_ms[2],
         "warmup_step_ms": [round(1e3 * s["seconds"], 1) for s in steps if s["step"] <= warmup],
+        "step_seconds": [s["seconds"] for s in timed],
+        "step_tokens_per_s": [s["tokens"] / s["seconds"] for s in timed],
     }
 
 
@@ -254,6 +256,18 @@ def bench_run(workdir: Path, shards: Path, tok: Path, z: dict, zero: int, nproc:
         "final_loss": records[-1]["loss"],
         "steps": len(records),
     }
+
+
+def measurement(run: dict) -> dict:
+    """A run's steady-state rate (its timed steps' tokens over their seconds), with the slowest
+    and fastest step's rate as its range: the timed steps are its rounds, so a ratio of two
+    runs carries their spread and a "within noise" verdict (benchlib.verdict)."""
+    from bumblefast import benchlib as BL
+
+    rates = run["step_tokens_per_s"]
+    return BL.measured(
+        label(run), run["tokens"], run["seconds"], range=[min(rates), max(rates)], round_seconds=run["step_seconds"]
+    )
 
 
 def label(run: dict) -> str:
@@ -293,7 +307,7 @@ def bench(size: str, workdir: Path) -> dict:
         if busy is not None and busy > 0.3:
             notes.append(f"{busy:.1f} cores busy with other work at the {when}: runs may be slowed")
 
-    m = {(r["zero"], r["processes"]): BL.measured(label(r), r["tokens"], r["seconds"]) for r in runs}
+    m = {(r["zero"], r["processes"]): measurement(r) for r in runs}
     ratios, efficiency = [], {}
     if 2 in nprocs:
         for zero in STAGES:
@@ -351,7 +365,7 @@ def to_markdown(section: dict, host: str, day: str) -> str:
             f"{x['step_ms_max']:.0f}) | {x['startup_s']:.1f} | {x['loop_s']:.1f} | {x['export_teardown_s']:.1f} | "
             f"{x['wall_s']:.1f} | {x['first_loss']:.3f} -> {x['final_loss']:.3f} |"
         )
-    md += ["", *ratio_lines(section["ratios"], note="")]
+    md += ["", *ratio_lines(section["ratios"])]  # each with its verdict over the timed steps
     if r["scaling_efficiency"]:
         md += [
             "",

@@ -362,3 +362,23 @@ def test_size_real_is_the_train_sections_only():
     assert real.preset == "bumblebee-0.5b" and real.stages == ("sft", "dpo") and real.rounds >= 3
     assert real.optimizer == "sgd" and real.memory and real.gemm
     assert main(["bench", "prep", "--size", "real"]) == 1  # a UserError: names the train section
+
+
+def test_scaling_ratios_carry_the_timed_steps_spread_and_a_verdict():
+    """bench_scaling: a run's timed steps are its rounds, so 2 processes vs 1 says "within noise"
+    when the step rates overlap and "faster" only when they do not."""
+    from bumblefast import benchlib as BL
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_scaling as S
+
+    def run(processes, step_seconds, tokens_per_step=1000):
+        steps = [{"step": i + 3, "tokens_per_sec": tokens_per_step / t} for i, t in enumerate(step_seconds)]
+        records = [{"step": 1, "tokens_per_sec": 1.0}, {"step": 2, "tokens_per_sec": 1.0}, *steps]
+        return {"zero": 2, "processes": processes, **S.steady_state(records, tokens_per_step, warmup=2)}
+
+    one = S.measurement(run(1, [1.0, 1.1, 0.9]))
+    assert one["range"] == pytest.approx([1000 / 1.1, 1000 / 0.9]) and one["value"] == pytest.approx(1000)
+    assert BL.ratio("2 vs 1", S.measurement(run(2, [0.5, 0.55, 0.45], 2000)), one)["verdict"] == "faster"
+    assert BL.ratio("2 vs 1", S.measurement(run(2, [1.0, 0.8, 1.2])), one)["verdict"] == "within noise"
+    assert BL.check_ratio(BL.ratio("2 vs 1", S.measurement(run(2, [1.0, 0.8, 1.2])), one)) == []
