@@ -321,12 +321,11 @@ SIZES = {  # tokens per case, shapes
 
 
 def bench(size: str, workdir: Path) -> dict:
-    """`bumblefast bench kernels`: the section described in bumblefast/benchlib.py. Ratios:
+    """`bumblefast bench kernels`: the section described in benchmarks/benchlib.py. Ratios:
     peak memory of the materialising reference / ours for the fused-linear ops, and time of
     every other impl vs the reference (and vs Liger on CUDA) where both ran the same pass."""
+    import benchlib as BL
     import torch
-
-    from bumblefast import benchlib as BL
 
     device = "cuda" if size == "gpu" and torch.cuda.is_available() else "cpu"
     z = SIZES[size]

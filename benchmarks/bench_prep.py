@@ -259,7 +259,7 @@ def bench_prep(
 
 def rate(label: str, work: float, rounds: list[dict], cpu: bool = False) -> dict:
     """A rate over the rounds (median round, the slowest and fastest rounds' rates)."""
-    from bumblefast import benchlib as BL
+    import benchlib as BL
 
     key = "cpu_seconds" if cpu else "seconds"
     return BL.rounds(label, work, [r[key] for r in rounds], "tokens/cpu-s" if cpu else "tokens/s")
@@ -593,7 +593,7 @@ def project_nodes(
 
 
 def bench(size: str, workdir: Path) -> dict:
-    """`bumblefast bench prep`: the section described in bumblefast/benchlib.py."""
+    """`bumblefast bench prep`: the section described in benchmarks/benchlib.py."""
 
     z = SIZES[size]
     tmp = Path(workdir)
@@ -633,7 +633,8 @@ VS = (  # pretrain: (comparison, ours, baseline, CPU-s?)
 
 def _bench(size, z, tmp, tok_files, load, old_src, servers, notes) -> dict:
     """bench()'s body, run while the prep servers are up."""
-    from bumblefast import benchlib as BL
+    import benchlib as BL
+
     from bumblefast.tokenizer import train_tokenizer
 
     tok_dir = str(tmp / "tok")
@@ -745,7 +746,7 @@ def _packing(tok_dir: str, tmp: Path, seq_len: int) -> list[dict]:
 
 
 def packing_ratios(p: dict) -> list[dict]:
-    from bumblefast import benchlib as BL
+    import benchlib as BL
 
     files, unshared = ", ".join(p["files"]), " (pairs unshared on both sides)" if p["stage"] == "dpo" else ""
     padded = BL.fraction("pad to longest, batch 4", p["real_tokens"], p["padded_capacity"])

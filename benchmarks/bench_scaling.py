@@ -262,7 +262,7 @@ def measurement(run: dict) -> dict:
     """A run's steady-state rate (its timed steps' tokens over their seconds), with the slowest
     and fastest step's rate as its range: the timed steps are its rounds, so a ratio of two
     runs carries their spread and a "within noise" verdict (benchlib.verdict)."""
-    from bumblefast import benchlib as BL
+    import benchlib as BL
 
     rates = run["step_tokens_per_s"]
     return BL.measured(
@@ -281,8 +281,8 @@ def visible_gpus() -> int:
 
 
 def bench(size: str, workdir: Path) -> dict:
-    """`bumblefast bench scaling`: the section described in bumblefast/benchlib.py."""
-    from bumblefast import benchlib as BL
+    """`bumblefast bench scaling`: the section described in benchmarks/benchlib.py."""
+    import benchlib as BL
 
     z = SIZES[size]
     workdir = Path(workdir)

@@ -181,7 +181,7 @@ def drive(port: int, clients: int, per_client: int, max_tokens: int) -> tuple[in
 def serve_rounds(model: Path, configs: dict[str, int], cfg: dict, workdir: Path) -> dict[str, list[dict]]:
     """Every server started (all before the first round, idle while another is measured), then
     `rounds` interleaved rounds: per server label, each round's requests/s measurement."""
-    from bumblefast.benchlib import measured
+    from benchlib import measured
 
     clients = cfg["clients"]
     servers = {label: Server(model, mb, clients * 2, workdir / f"serve_{mb}.log") for label, mb in configs.items()}
@@ -207,7 +207,7 @@ ROUND_KEYS, ROUND_OF = ("requests", "tokens", "seconds", "requests_per_s"), ("wo
 def median_run(label: str, runs: list[dict]) -> dict:
     """The rounds as one measurement: the median round's rate and the min-max, so a ratio
     carries its spread and verdict (each round serves the same requests)."""
-    from bumblefast.benchlib import rounds
+    from benchlib import rounds
 
     (n,) = {m["work"] for m in runs}
     tokens = median_range(m["tokens"] for m in runs)[0]
@@ -216,8 +216,7 @@ def median_run(label: str, runs: list[dict]) -> dict:
 
 def bench(size: str, workdir: Path) -> dict:
     import torch
-
-    from bumblefast.benchlib import point
+    from benchlib import point
 
     cfg = SIZES[size]
     clients = cfg["clients"]

@@ -121,9 +121,9 @@ def same_pairs(data: Path, workdir: Path, args) -> tuple[Path, Path, Path]:
 
 
 def bench_data_set(name: str, data: Path, seq_len: int, workdir: Path, args, device, dtype, preset: str) -> dict:
+    import benchlib as BL
     from transformers import AutoTokenizer
 
-    from bumblefast import benchlib as BL
     from bumblefast.shards.manifest import read_manifest
 
     tok_dir, plain, shared = same_pairs(data, workdir, argparse.Namespace(**{**vars(args), "seq_len": seq_len}))

@@ -495,8 +495,9 @@ def stream_rounds(shards: Path, tmp: Path, rounds: int) -> dict:
 
 
 def bench(size: str, workdir: Path) -> dict:
-    """`bumblefast bench stream`: the section described in bumblefast/benchlib.py."""
-    from bumblefast import benchlib as BL
+    """`bumblefast bench stream`: the section described in benchmarks/benchlib.py."""
+    import benchlib as BL
+
     from bumblefast.tokenizer import train_tokenizer
 
     z = SIZES[size]

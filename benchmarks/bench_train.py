@@ -572,7 +572,8 @@ def shared_prompt_batches(groups: list[list], seq_len: int, device) -> list[dict
 def summarize(sd: Side, cfg, peak: float | None, gemm: float | None = None) -> dict:
     """One table row: median of the rounds with the min-max range (real tokens/s; pairs/s for DPO);
     `gemm`: the machine's GFLOP/s at the model's matmul shapes (CPU), the row's share of it."""
-    from bumblefast import benchlib as BL
+    import benchlib as BL
+
     from bumblefast import flops
 
     secs = sd.round_seconds
@@ -616,7 +617,7 @@ TARGETS = {
 
 def measurement(row: dict, key: str) -> dict:
     """A summary row's rounds as benchlib's measurement (pairs/s or real tokens/s)."""
-    from bumblefast import benchlib as BL
+    import benchlib as BL
 
     unit, work = ("pairs/s", "pairs") if key == "pairs_per_sec" else ("tokens/s", "real_tokens")
     return BL.rounds(row["name"], row[work], row["round_seconds"], unit)
@@ -926,9 +927,9 @@ SIZES = {  # per size: the settings of `bumblefast bench train` (steps = micro-b
 
 
 def bench(size: str, workdir: Path) -> dict:
-    """`bumblefast bench train`: the section described in bumblefast/benchlib.py. Per stage, ours
+    """`bumblefast bench train`: the section described in benchmarks/benchlib.py. Per stage, ours
     vs each peer in real tokens/s (dpo: pairs/s), median of interleaved rounds with min-max."""
-    from bumblefast import benchlib as BL
+    import benchlib as BL
 
     s = SIZES[size]
     if s.tokenizer and not Path(s.tokenizer).is_dir():

@@ -10,7 +10,7 @@
 - the shared fixtures of bench_train and bench_shared_prompt (`prepare`, `model_config`, ...);
 - `cli`: a script run on its own (`python benchmarks/bench_X.py --size ... --out ...`).
 
-The report format (measured, rounds, ratio, verdict, check_section) is bumblefast/benchlib.py's:
+The report format (measured, rounds, ratio, verdict, check_section) is benchmarks/benchlib.py's:
 `bumblefast bench` checks every section with it.
 """
 
@@ -29,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bumblefast.benchlib import median_range, ratio, timed_section
+from benchlib import median_range, ratio, timed_section
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"

@@ -11,7 +11,8 @@ import sys
 import pytest
 from helpers import ROOT, subprocess_env
 
-from bumblefast import benchlib as BL
+sys.path.insert(0, str(ROOT / "benchmarks"))  # the benchmark modules import each other by name
+import benchlib as BL  # noqa: E402
 
 
 def _section() -> dict:
@@ -102,7 +103,7 @@ def test_bench_all_min_writes_a_checked_report(tmp_path):
 def test_published_tables_match_committed_results():
     """README.md and docs/performance.md hold exactly the table their marker's results JSON
     generates (`bumblefast bench report` writes them; edit the run, not the table)."""
-    from bumblefast.benchreport import PUBLISHED, publish
+    from benchreport import PUBLISHED, publish
 
     assert publish(None, check=True) == [], (
         f"stale benchmark tables in {PUBLISHED}: run `bumblefast bench report` and commit the result"
@@ -113,7 +114,7 @@ def _copy_published(root):
     """The published files and every results JSON their markers name, copied under `root`."""
     import shutil
 
-    from bumblefast.benchreport import BLOCK, PUBLISHED, TABLE_BLOCK
+    from benchreport import BLOCK, PUBLISHED, TABLE_BLOCK
 
     names = set(PUBLISHED)
     for rel in PUBLISHED:
@@ -130,7 +131,7 @@ def test_report_check_catches_a_hand_edited_number(tmp_path):
     makes --check report the file; regenerating fixes it and then --check is clean."""
     import re
 
-    from bumblefast.benchreport import BLOCK, PUBLISHED, publish
+    from benchreport import BLOCK, PUBLISHED, publish
 
     source = BLOCK.search((ROOT / "README.md").read_text()).group(1)
     _copy_published(tmp_path)
@@ -163,7 +164,7 @@ def test_report_of_several_runs_takes_each_section_from_the_latest(tmp_path):
     """`bench report ALL.json PREP.json`: the prep rows come from the later (prep-only) run, the
     other sections from the whole run, and the header names both runs."""
 
-    from bumblefast.benchreport import BLOCK, PUBLISHED, publish
+    from benchreport import BLOCK, PUBLISHED, publish
 
     source = BLOCK.search((ROOT / "README.md").read_text()).group(1).split(",")[0]
     _copy_published(tmp_path)
@@ -187,7 +188,7 @@ def test_report_of_several_runs_takes_each_section_from_the_latest(tmp_path):
 
 def test_report_names_verdict_and_target():
     """Rounds give a verdict (ranges overlap -> within noise) and a target is marked met/MISSED."""
-    from bumblefast.benchreport import _claim
+    from benchreport import _claim
 
     ours = BL.rounds("ours", 100, [1.0, 1.1, 0.9, 1.2, 1.0])
     base = BL.rounds("base", 100, [1.05, 1.0, 1.3, 1.1, 0.95])
@@ -240,7 +241,7 @@ def test_prep_scale_table_states_each_target_and_catches_a_hand_edit(tmp_path):
     own targets, 2 workers vs 1 with its range, and a hand-edited wall time is caught by --check."""
     import re
 
-    from bumblefast.benchreport import prep_scale_table, publish
+    from benchreport import prep_scale_table, publish
 
     base = {"date": "d", "host": "h", "cpus": 2, "tokenizer": "/x/qwen2", "load_at_start": [0.5], "load_at_end": [0.6]}
     wall = lambda med, lo, hi: {"median": med, "min": lo, "max": hi}  # noqa: E731
@@ -367,7 +368,7 @@ def test_size_real_is_the_train_sections_only():
 def test_scaling_ratios_carry_the_timed_steps_spread_and_a_verdict():
     """bench_scaling: a run's timed steps are its rounds, so 2 processes vs 1 says "within noise"
     when the step rates overlap and "faster" only when they do not."""
-    from bumblefast import benchlib as BL
+    import benchlib as BL
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import bench_scaling as S

@@ -26,7 +26,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from bumblefast.benchlib import SECTIONS
+from benchlib import SECTIONS
+
 from bumblefast.config import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
