@@ -114,7 +114,7 @@ class Generation:
     it (start, delta, done) and its deadline; answers as one JSON body or as SSE chunks.
     `on_done(rid, status, outcome, t0, prompt, completion)` logs the request's end."""
 
-    def __init__(self, ids, sampling, request, rid: str, model: str, t0: float, timeout: float, on_done):
+    def __init__(self, *, ids, sampling, request, rid: str, model: str, t0: float, timeout: float, on_done):
         from bumblefast.chat import Job
 
         self.loop, self.events = asyncio.get_running_loop(), asyncio.Queue()
@@ -306,7 +306,16 @@ class Server:
             req.stops(),
             req.seed,
         )
-        gen = Generation(ids, sampling, request, rid, self.name, t0, self.timeout, self.done)
+        gen = Generation(
+            ids=ids,
+            sampling=sampling,
+            request=request,
+            rid=rid,
+            model=self.name,
+            t0=t0,
+            timeout=self.timeout,
+            on_done=self.done,
+        )
         try:
             self.batcher.submit(gen.job)
         except QueueFull as e:

@@ -179,19 +179,29 @@ def _plan(cfg: PrepConfig, progress: bool | None) -> _Plan:
     vocab = len(encoder.hf)
     dtype, cols = token_dtype(vocab), columns(cfg.stage, vocab, shared_prompt=shared)
     ctx = TaskContext(
-        TaskStore(cfg.output_dir),
-        cfg.stage,
-        row_len(cfg.stage, cfg.seq_len),  # dpo: a pair of two sequences at the cutoff fits a row
-        cfg.pack_window,
-        shared,
-        cfg.on_error,
-        dtype,
-        cols,
-        cfg.compression,
-        cfg.shard_size_limit,
+        store=TaskStore(cfg.output_dir),
+        stage=cfg.stage,
+        seq_len=row_len(cfg.stage, cfg.seq_len),  # dpo: a pair of two sequences at the cutoff fits a row
+        pack_window=cfg.pack_window,
+        shared=shared,
+        on_error=cfg.on_error,
+        dtype=dtype,
+        columns=cols,
+        compression=cfg.compression,
+        shard_size_limit=cfg.shard_size_limit,
     )
     doc = _plan_doc(cfg, files, specs, tasks, encoder, cols, dtype)
-    return _Plan(cfg, files, specs, tasks, mine, settings, encoder, ctx, doc)
+    return _Plan(
+        cfg=cfg,
+        files=files,
+        specs=specs,
+        tasks=tasks,
+        mine=mine,
+        settings=settings,
+        encoder=encoder,
+        ctx=ctx,
+        doc=doc,
+    )
 
 
 def _plan_doc(cfg, files, specs, tasks, encoder, cols, dtype) -> dict[str, Any]:

@@ -30,7 +30,7 @@ def _sort_target_modules(path: Path) -> None:
         path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def export_model(engine, objective, tokenizer, cfg: TrainConfig, zero3: bool, out: Path) -> None:
+def export_model(engine, objective, tokenizer, cfg: TrainConfig, *, zero3: bool, out: Path) -> None:
     model = objective.model
     dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
     if cfg.finetuning_type == "lora":

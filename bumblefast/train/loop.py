@@ -104,7 +104,7 @@ class Run:
         return self.out / "checkpoints"
 
 
-@dataclass
+@dataclass(kw_only=True)
 class StepStats:
     """The step's values after its one device read; all but `local_bad` are global."""
 
@@ -314,7 +314,16 @@ def read_stats(counts: torch.Tensor, keys: list[str], sums: torch.Tensor, finite
     if not device_norm:
         norm = [None if grad_norm is None else float(grad_norm)]
     flags = [v > 0 for v in local_bad]
-    return StepStats(n_global, tokens, capacity, step_flops, averages, int(n_bad[0]), flags, norm[0])
+    return StepStats(
+        n_global=n_global,
+        tokens=tokens,
+        capacity=capacity,
+        flops=step_flops,
+        averages=averages,
+        n_bad=int(n_bad[0]),
+        local_bad=flags,
+        grad_norm=norm[0],
+    )
 
 
 def train_step(run: Run, micro_batches: list[PackedBatch]) -> dict:
@@ -392,7 +401,7 @@ def finish(run: Run) -> Path:
     run.logger.close()
     if run.last_saved is None and run.cfg.save_last:
         save(run)
-    export_model(run.engine, run.objective, run.tokenizer, run.cfg, run.engine_info.zero3, run.out)
+    export_model(run.engine, run.objective, run.tokenizer, run.cfg, zero3=run.engine_info.zero3, out=run.out)
     log(f"done: {run.step} steps; model in {run.out}")
     return run.out
 

@@ -75,13 +75,19 @@ def precompute_ref(
     manifest = None
     if rank == 0:
         manifest = _write(
-            ds, scores, src, dataset_path, output_dir, model_name_or_path, model_fingerprint(model_name_or_path)
+            ds,
+            scores,
+            src,
+            dataset_path=dataset_path,
+            output_dir=output_dir,
+            model_path=model_name_or_path,
+            model_fp=model_fingerprint(model_name_or_path),
         )
     D.barrier()
     return manifest
 
 
-def _write(ds, scores, src: Manifest, dataset_path, output_dir, model_path, model_fp) -> dict:
+def _write(ds, scores, src: Manifest, *, dataset_path, output_dir, model_path, model_fp) -> dict:
     """Rows in their original order plus ref_logps; staged, then renamed into place."""
     import numpy as np
     from streaming import MDSWriter
