@@ -188,15 +188,21 @@ class Initial:
             self._ours = build_ours(self.cfg, self.device)
         return self._ours
 
-    def ours(self):
-        return copy.deepcopy(self._base())
+    def ours(self, share_weights: bool = False):
+        """A copy of our model; `share_weights`: its parameters are the pristine ones (LoRA sides,
+        whose base weights stay frozen: one copy of a 0.5B base in memory, not one per side)."""
+        return _copy(self._base(), share_weights)
 
-    def hf(self):
-        """(model, liger applied?, why not) for a transformers side."""
+    def hf(self, share_weights: bool = False):
+        """(model, liger applied?, why not) for a transformers side (`share_weights` as in ours)."""
         if self._hf is None:
             self._hf = hf_model(self.cfg, self.device, self._base().state_dict())
         model, liger, why = self._hf
-        return copy.deepcopy(model), liger, why
+        return _copy(model, share_weights), liger, why
+
+
+def _copy(model, share_weights: bool):
+    return copy.deepcopy(model, {id(p): p for p in model.parameters()} if share_weights else None)
 
 
 def ours_side(
@@ -217,7 +223,7 @@ def ours_side(
     from bumblefast.train.objectives import DPOObjective, LMObjective
     from bumblefast.train.pref_losses import PrefLossConfig
 
-    model = init.ours()
+    model = init.ours(share_weights=stage == "dpo")  # dpo sides are LoRA: the base stays frozen
     batches = [b.replace() for b in batches]  # our own copies: ref_step writes ref_logps
     extra = {}
     if stage == "dpo":
@@ -502,7 +508,7 @@ def trl_dpo_side(init: Initial, groups: list[list[dict]], pre: bool, device, dty
         def _prepare_dataset(self, dataset, *args, **kwargs):
             return dataset
 
-    model, liger, liger_why = init.hf()
+    model, liger, liger_why = init.hf(share_weights=True)  # LoRA: the base stays frozen
     torch.manual_seed(0)  # the same adapter init as ours
     args = trl_args(
         DPOConfig, device, dtype, str(workdir / f"trl_dpo_{pre}"), max_length=None, precompute_ref_log_probs=pre
