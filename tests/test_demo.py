@@ -1,18 +1,16 @@
 """The README's first command end to end: `bumblefast demo` on the bundled data, as a user
 runs it (tokenizer, prep, pretrain, SFT, DPO with LoRA, merge, chat, plots): every stage's
-outputs exist and the held-out numbers move the way every measured run moved (docs/LOG.md,
-2026-12-02): SFT teaches the answers, DPO keeps them and widens the held-out margin, the
-answer NLL falls at SFT.
+outputs exist and the held-out numbers meet issue 30's targets with the slack the measured
+runs support (docs/LOG.md, "Issue 30: the demo over seeds and threads"): SFT teaches the
+answers, DPO keeps them and lifts the preferences, the answer NLL falls at SFT, the held-out
+margin rises at DPO, the closing chat answers its held-out question.
 
-The bounds are what the four measured runs of SFT at lr 5e-4 support (held-out answers
-pretrain -> SFT -> DPO: 5 SFT epochs (the recipe), seeds 0 and 1: 0% -> 100% -> 100% both;
-3 epochs, seeds 0 and 1: 0% -> 81% -> 100% and 0% -> 51% -> 62%; preferences 57% -> 100% ->
-100% twice, 57% -> 94% -> 100%, 57% -> 72% -> 77%), looser than issue 30's targets (SFT >= 80%,
-DPO preferences >= 90%), which the recipe met on its two runs: two runs, one pretraining seed,
-1 thread only, are too few to assert them without slack (docs/LOG.md, 2026-12-02).
+The bounds come from the recipe's seeds x threads table in docs/LOG.md (untied tiny model, SFT
+lr 1e-3 x 10 epochs), not from one machine's run; where a target (SFT answers >= 80%) did not
+hold on every measured run, the bound is the lowest measured value less a few questions, and
+the comment says so.
 Run with `--threads 2`: the test has the 2 cores to itself, where 2 intra-op threads train
-1.6x faster than the default 1 (benchmarks/bench_threads.py). About 8 minutes on 2 idle CPU
-cores (estimated from the loaded runs' tokens/s): the longest test, marked slow."""
+1.6x faster than the default 1 (benchmarks/bench_threads.py). The longest test, marked slow."""
 
 from __future__ import annotations
 
@@ -44,18 +42,22 @@ def test_demo_end_to_end(tmp_path):
 
     summary = json.loads((out / "summary.json").read_text())
     pre, sft, dpo = summary["pretrain"], summary["sft"], summary["dpo"]
-    # Held-out questions (never asked in SFT or DPO): 37 questions, 120 pairs.
+    # Held-out questions (never asked in SFT or DPO): 37 questions, 120 pairs. Measured ranges
+    # over the table's runs are in the comments (docs/LOG.md, issue 30).
     assert pre["answer_accuracy"] < 0.2  # pretraining has no chat format (0% in every run)
-    assert sft["answer_accuracy"] >= pre["answer_accuracy"] + 0.3  # measured +100 (twice), +81, +51 points
-    assert dpo["answer_accuracy"] >= sft["answer_accuracy"] - 0.03 - 1e-9  # 0, 0, +19, +11: one question of slack
-    assert dpo["preference_accuracy"] >= max(0.7, sft["preference_accuracy"] - 0.03)  # 100%, 100%, 100%, 77%
-    # continuous measures: the reference answers' NLL falls at SFT (4.70 -> 0.02-1.05), and DPO
-    # widens the held-out margin over SFT's (+1.77, +1.55, +4.12, +2.75 nats) with a positive
-    # implicit reward margin (0.89, 0.78, 2.06, 1.38)
-    assert sft["answer_nll"] < pre["answer_nll"]
+    # target >= 80%; measured 76-100%: one seed (1) leaves SFT's plateau late and ends at 76%
+    assert sft["answer_accuracy"] >= 0.7
+    assert dpo["answer_accuracy"] >= sft["answer_accuracy"] - 0.03 - 1e-9  # target; measured 0 to +10 points
+    assert dpo["preference_accuracy"] >= 0.9  # target; measured 97-100%
+    if sft["preference_accuracy"] < 0.85:  # target: DPO adds >= 10 points where SFT left room (SFT 92-100%)
+        assert dpo["preference_accuracy"] >= sft["preference_accuracy"] + 0.1 - 1e-9
+    # continuous measures: the reference answers' NLL falls at SFT (4.8-5.7 -> 0.00-0.49), and DPO
+    # widens the held-out margin over SFT's (+1.0 to +1.7 nats) with a positive implicit reward
+    # margin (0.52-0.87, 85-92% of pairs above 0)
+    assert sft["answer_nll"] < min(1.0, pre["answer_nll"] / 4)
     assert dpo["preference_margin"] > sft["preference_margin"] + 0.5 and dpo["reward_margin"] > 0.3
-    assert dpo["accuracy"] > 0.75  # DPO separates its own training pairs (0.92-1.00 over its last 5 logs)
-    assert summary["chat"]["answer"]  # the closing chat answered (right in 3 of the 4 runs)
+    assert dpo["accuracy"] > 0.75  # DPO separates its own training pairs (0.82-0.94 over its last 5 logs)
+    assert summary["chat"]["correct"], summary["chat"]  # "Complete: 0 + 2 = " -> "2" (right in every run)
 
     for stage in ("pretrain", "sft", "dpo"):
         assert (out / stage / "plots" / "loss.png").is_file()
