@@ -290,6 +290,7 @@ def test_deadline_gives_504_and_drops_the_generation(live, gate, caplog):
     assert "request_timeout of 3 s" in e.value.body["message"]
     gate.allow(1)  # one step: the timed-out job is dropped, nothing else runs
     wait_for(lambda: live["batcher"].load() == {"running": 0, "waiting": 0}, 10)
+    wait_for(lambda: gate.permits == 0, 10)  # that step has run: it is not left to take the next test's permit
     assert any("status=504 outcome=timeout" in r.getMessage() for r in caplog.records)
 
 
