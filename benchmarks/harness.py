@@ -31,6 +31,8 @@ from typing import Any
 
 from benchlib import median_range, ratio, timed_section
 
+from bumblefast.train.distributed import free_port  # noqa: F401 (the scripts take it from here)
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 SHARED = ROOT.parent / "shared" / "data"
@@ -233,12 +235,6 @@ def compare(name: str, ours: dict, base: dict, target: float | None = None, **ex
         out["target"] = target
     out.update(extra)
     return out
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def child_env(**extra: str) -> dict:

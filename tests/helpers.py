@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from pathlib import Path
 
 import torch
+
+from bumblefast.train.distributed import free_port  # noqa: F401 (the tests' one home for it)
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "datasets" / "demo"
@@ -40,12 +41,6 @@ def train_command(stage: str, *extra: str, nproc: int = 1, hooks: bool = False, 
         launcher += ["--master_port", port, *entry]
     args = [x for k, v in {**TRAIN_DEFAULTS, **flags}.items() for x in (f"--{k}", str(v))]
     return [*launcher, "train", "--stage", stage, *args, *extra]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def prep(tok, out: Path, stage: str, inputs=(), seq_len: int = 256, **kw) -> dict:
