@@ -22,7 +22,13 @@ ran at 1024). --seq_len is the dpo cutoff per sequence (rows of twice it, since 
 results recorded before then had rows of --seq_len): truncation is the same in both layouts.
 
   python benchmarks/bench_shared_prompt.py               # CPU, tiny preset
+  python benchmarks/bench_shared_prompt.py --only short-prompt --append   # one more run, same file
   python benchmarks/bench_train.py --stage dpo           # also runs this after the dpo rows
+
+The result file, benchmarks/results/bench_shared_prompt_<host>_<date>.json (`--json` names
+another), holds a list of runs, each with its command, host, times, load and data sets; a run
+replaces the file, and with `--append` joins the runs already in it (a data set measured again
+takes the later run's figures in the tables: benchreport.shared_prompt_sets).
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
+import socket
 import sys
 import tempfile
 import time
@@ -225,6 +233,18 @@ def shared_prompt_lines(results: list[dict]) -> list[str]:
     return lines
 
 
+def record(path: Path, run: dict, append: bool) -> dict:
+    """The result file's content with `run` in it: `run` alone, or (`append`) after the runs the
+    file already holds. Refuses to append to a file of the earlier one-run format (no `runs`)."""
+    result = {"benchmark": "shared_prompt", "runs": []}
+    if append and path.is_file():
+        result = json.loads(path.read_text())
+        if "runs" not in result:
+            raise SystemExit(f"{path}: not a multi-run result (no 'runs'); run without --append to start one")
+    result["runs"].append(run)
+    return result
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default=None)
@@ -239,32 +259,41 @@ def main() -> int:
         help="the shared sample data (dpo_zh_demo.json, duolun_train.json)",
     )
     p.add_argument("--only", default="", help="comma list: run the data sets whose name contains one")
-    p.add_argument("--out", default=str(H.RESULTS))
+    p.add_argument("--out", default=str(H.RESULTS), help="folder of the default result file")
+    p.add_argument("--json", default=None, help="the result file (default: OUT/bench_shared_prompt_<host>_<date>.json)")
+    p.add_argument("--append", action="store_true", help="add this run to the result file's runs instead of replacing")
     args = p.parse_args()
     device, dtype, preset, _ = H.device_setup(args.preset)
     if device.type == "cpu":
         torch.set_num_threads(1)  # CPU-seconds of one thread measure the work (no spin-waiting siblings)
+    utc = lambda: time.strftime("%H:%M UTC", time.gmtime())  # noqa: E731
+    started, load_start = utc(), list(os.getloadavg())
     results = bench_shared_prompt(args, device, dtype, preset)
-    table = "\n".join(shared_prompt_lines(results))
+    run = {
+        "command": shlex.join(["python", "benchmarks/bench_shared_prompt.py", *sys.argv[1:]]),
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),
+        "host": socket.gethostname(),
+        "cpus": os.cpu_count(),
+        "started": started,
+        "ended": utc(),
+        "load_average_at_start": load_start,
+        "load_average_at_end": list(os.getloadavg()),
+        "device": str(device),
+        "preset": preset,
+        "dtype": str(dtype),
+        "threads": torch.get_num_threads(),
+        "data_sets": results,
+    }
+    path = Path(args.json or Path(args.out) / f"bench_shared_prompt_{run['host']}_{run['date']}.json")
+    result = record(path, run, args.append)
+    from benchreport import shared_prompt_sets
+
+    table = "\n".join(shared_prompt_lines(shared_prompt_sets(result)))  # every run's sets, the latest of each
     print(table)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"bench_shared_prompt_{time.strftime('%Y-%m-%d')}"
-    stem.with_suffix(".json").write_text(
-        json.dumps(
-            {
-                "device": str(device),
-                "preset": preset,
-                "dtype": str(dtype),
-                "threads": torch.get_num_threads(),
-                "data_sets": results,
-            },
-            indent=2,
-        )
-        + "\n"
-    )
-    stem.with_suffix(".md").write_text(table + "\n")
-    print(f"wrote {stem}.json and .md")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    path.with_suffix(".md").write_text(table + "\n")
+    print(f"wrote {path} and its .md ({len(result['runs'])} run(s))")
     return 0
 
 

@@ -111,16 +111,15 @@ def test_published_tables_match_committed_results():
 
 
 def _copy_published(root):
-    """The published files and every results JSON their markers name, copied under `root`."""
+    """The published files and every results JSON their markers (tables, inline values) name,
+    copied under `root`."""
     import shutil
 
-    from benchreport import BLOCK, PUBLISHED, TABLE_BLOCK
+    from benchreport import PUBLISHED, sources
 
     names = set(PUBLISHED)
     for rel in PUBLISHED:
-        text = (ROOT / rel).read_text()
-        names |= {src for m in BLOCK.finditer(text) for src in m.group(1).split(",")}
-        names |= {m.group(2) for m in TABLE_BLOCK.finditer(text)}
+        names |= sources((ROOT / rel).read_text())
     for rel in names:
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / rel, root / rel)
@@ -234,6 +233,51 @@ def test_long_history_pairs_keep_the_whole_history_as_prompt(tmp_path):
     short = json.loads(sets[2][1].read_text(encoding="utf-8"))
     only = {"conversations": [turn("human", "short")], "chosen": turn("gpt", "x"), "rejected": turn("gpt", "x")}
     assert short == [only]  # one two-turn conversation: its "next" is itself
+
+
+def _shared_prompt_set(data: str, speedup: float, prompt: float = 0.5, noise: bool = False) -> dict:
+    rate = lambda name, r, tokens: {  # noqa: E731
+        "name": name, "rows": 4, "tokens_per_pair": tokens,
+        "pairs_per_sec_median": r, "pairs_per_sec_min": r * 0.9, "pairs_per_sec_max": r * 1.1,
+    }  # fmt: skip
+    return {
+        "data": data, "seq_len": 1024, "pairs": 8, "prompt_fraction": prompt, "clock": "cpu", "load_average": [0.5],
+        "truncated": {"unshared": 2, "shared prompt": 1}, "within_noise": noise, "speedup_median": speedup,
+        "results": [rate("ours, unshared", 1.0, 600.0), rate("ours, shared prompt", speedup, 400.0)],
+    }  # fmt: skip
+
+
+def test_shared_prompt_result_holds_runs_and_the_table_takes_each_set_from_the_latest(tmp_path):
+    """bench_shared_prompt.py writes a list of runs (`--append` adds one); the published table
+    reads every run's sets, a set measured again from the later run, and holds each set to its
+    target (>= 1.3x at a prompt share >= 40%, else no slower) with its share of the token bound."""
+    import bench_shared_prompt as B
+    from benchreport import shared_prompt_sets, shared_prompt_table
+
+    meta = {"command": "python benchmarks/bench_shared_prompt.py", "date": "2099-01-01", "host": "h", "cpus": 2,
+            "started": "10:00 UTC", "ended": "10:30 UTC", "load_average_at_start": [0.4], "load_average_at_end": [0.6],
+            "device": "cpu", "preset": "bumblebee-tiny", "dtype": "torch.float32", "threads": 1}  # fmt: skip
+    path = tmp_path / "bench_shared_prompt_h_2099-01-01.json"
+    first = {**meta, "data_sets": [_shared_prompt_set("a", 1.2), _shared_prompt_set("b", 1.0, 0.1, noise=True)]}
+    result = B.record(path, first, append=True)  # no file yet: a file of one run
+    assert [r["data_sets"][0]["data"] for r in result["runs"]] == ["a"]
+    path.write_text(json.dumps(result))
+    second = {**meta, "command": meta["command"] + " --only a", "started": "11:00 UTC", "data_sets": [
+        _shared_prompt_set("a", 1.4)]}  # fmt: skip
+    result = B.record(path, second, append=True)
+    assert len(result["runs"]) == 2 and B.record(path, second, append=False)["runs"] == [second]
+    assert [(d["data"], d["speedup_median"]) for d in shared_prompt_sets(result)] == [("a", 1.4), ("b", 1.0)]
+    text = shared_prompt_table(result, "s.json")
+    assert (
+        "run 1: `python benchmarks/bench_shared_prompt.py` on h" in text and "run 2: `" in text and "--only a`" in text
+    )
+    row_a, row_b = (line for line in text.splitlines() if line.startswith(("| a ", "| b ")))
+    assert "| 1.40x | 93% | >= 1.3x: met |" in row_a and "| 2 -> 1 |" in row_a  # bound 600/400 = 1.5x
+    assert "| 1.00x, within noise | 67% | not slower: met |" in row_b
+    legacy = tmp_path / "legacy.json"
+    legacy.write_text(json.dumps({"data_sets": []}))
+    with pytest.raises(SystemExit, match="not a multi-run result"):
+        B.record(legacy, second, append=True)
 
 
 def test_prep_scale_table_states_each_target_and_catches_a_hand_edit(tmp_path):
