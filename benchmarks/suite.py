@@ -12,10 +12,12 @@ Every claim in the report is a ratio of two figures measured side by side in thi
 from __future__ import annotations
 
 import datetime
+import faulthandler
 import importlib.util
 import json
 import os
 import platform
+import signal
 import socket
 import sys
 import time
@@ -154,7 +156,8 @@ def write(report: dict[str, Any], out_dir: Path) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     # a run of some sections is named for them, so it cannot overwrite a whole run of that day
     names = "" if tuple(report["sections"]) == SECTIONS else "-" + "-".join(report["sections"])
-    stem = out_dir / f"{report['date']}-{report['host']}{names}{'' if report['size'] != 'min' else '-min'}"
+    size = "" if report["size"] in ("cpu", "gpu") else f"-{report['size']}"  # min/real never overwrite a cpu run
+    stem = out_dir / f"{report['date']}-{report['host']}{names}{size}"
     paths = {"json": stem.with_suffix(".json"), "md": stem.with_suffix(".md"), "png": stem.with_suffix(".png")}
     paths["json"].write_text(json.dumps(report, indent=2, default=str) + "\n")
     paths["md"].write_text(to_markdown(report))
@@ -182,6 +185,7 @@ def cli_main(args) -> int:
     size = args.size or default_size()  # argparse checked --size against SIZES
     if size == "real" and which != ["train"]:
         raise UserError("--size real is the train section's (the 0.5B shape): `bumblefast bench train --size real`")
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID`: where a long run is
     report = run(which, size, progress=not args.no_progress)
     paths = write(report, Path(args.out))
     print(to_markdown(report))

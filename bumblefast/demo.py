@@ -122,15 +122,24 @@ def _evaluate(model_dir: Path, run_dir: Path, steps: int, reference: dict | None
     """Held-out numbers of a stage's model; `reference`: the model DPO started from (its
     held-out margins give DPO's implicit rewards). Written to run_dir/heldout.json, where
     `bumblefast plot` puts them on the curves at the stage's last step."""
-    from bumblefast.evaluate import answer_accuracy, load_records, preference_accuracy, reward_margins
+    from bumblefast.evaluate import (
+        answer_accuracy,
+        completion_accuracy,
+        load_records,
+        preference_accuracy,
+        reward_margins,
+    )
 
     qa = answer_accuracy(model_dir, load_records(DEMO_DATA / "sft_test.json"))
+    text = completion_accuracy(model_dir, sums())
     pref = preference_accuracy(model_dir, load_records(DEMO_DATA / "dpo_test.json"))
     result = {
         "answer_accuracy": qa["accuracy"],
         "answer_nll": qa["answer_nll"],
         "preference_accuracy": pref["preference_accuracy"],
         "preference_margin": pref["mean_margin"],
+        "sum_accuracy": text["accuracy"],
+        "sum_nll": text["nll"],
         "example": qa["examples"][0] if qa["examples"] else None,
     }
     if reference is not None:
@@ -138,6 +147,15 @@ def _evaluate(model_dir: Path, run_dir: Path, steps: int, reference: dict | None
         result.update(reward_margins(pref, reference, beta))
     (run_dir / "heldout.json").write_text(json.dumps({"step": steps, **result}, indent=2, ensure_ascii=False))
     return {**result, "_margins": pref["margins"]}
+
+
+# sums(): every fact in pretraining's own format, "a + b = " -> "c": whether a stage's model knows the sums
+# (the demo's pretraining often does not, and SFT then learns them from its examples; docs/LOG.md)
+def sums() -> list[tuple[str, str]]:
+    import runpy
+
+    n = runpy.run_path(str(ROOT / "datasets" / "make_demo.py"))["MAX_OPERAND"]
+    return [(f"{a} + {b} = ", str(a + b)) for a in range(n + 1) for b in range(n + 1)]
 
 
 RESULTS: dict[str, dict] = {}
@@ -257,6 +275,7 @@ def stage_table() -> str:
         "final loss",
         "answers",
         "answer NLL",
+        "sums (text)",
         "preferences",
         "pref. margin",
         "reward margin (acc.)",
@@ -269,6 +288,7 @@ def stage_table() -> str:
             f"{r['loss']:.3f}",
             f"{r['answer_accuracy']:.0%}",
             f"{r['answer_nll']:.3f}",
+            f"{r['sum_accuracy']:.0%}",
             f"{r['preference_accuracy']:.0%}",
             f"{r['preference_margin']:.2f}",
             f"{r['reward_margin']:.2f} ({r['reward_accuracy']:.0%})" if "reward_margin" in r else "-",
@@ -279,6 +299,14 @@ def stage_table() -> str:
     return "\n".join("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows)
 
 
+def _cpu_seconds() -> float:
+    """CPU time of this process and its finished children (the training runs)."""
+    import resource
+
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def run_demo(out: str | Path = "demo_out", seed: int = 0, threads: int = DEFAULT_THREADS) -> int:
     """The whole recipe; `seed` seeds prep's packing and each stage's init/shuffle, `threads`
     is each training process's intra-op thread count (DEFAULT_THREADS says why)."""
@@ -286,26 +314,35 @@ def run_demo(out: str | Path = "demo_out", seed: int = 0, threads: int = DEFAULT
     out.mkdir(parents=True, exist_ok=True)
     SETTINGS.update(seed=seed, threads=threads)
     torch_threads(threads)
-    rows = []
+    rows, t_start, cpu_start = [], time.perf_counter(), _cpu_seconds()
     for name, fn in STEPS:
         t0 = time.perf_counter()
         print(f"==> {name}", flush=True)
         result = fn(out, seed)
-        rows.append((name, f"{time.perf_counter() - t0:.1f}s", result))
+        rows.append((name, time.perf_counter() - t0, result))
         print(f"    {result}", flush=True)
-    widths = [max(len(r[i]) for r in rows + [("step", "time", "result")]) for i in range(3)]
+    table = [("step", "time", "result")] + [(name, f"{t:.1f}s", result) for name, t, result in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(3)]
     print("\nsummary")
-    for row in [("step", "time", "result")] + rows:
+    for row in table:
         print("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)))
     if RESULTS:
         print(
             "\nstages, on held-out questions (never asked in SFT or DPO): answers right and the answer's"
             "\nNLL per token; preferences right and the mean log-prob margin chosen - rejected (nats);"
-            "\nDPO's implicit reward margin beta * (margin - SFT's margin) and the pairs where it is > 0"
+            "\nDPO's implicit reward margin beta * (margin - SFT's margin) and the pairs where it is > 0;"
+            '\nsums (text): the 25 facts completed in pretraining\'s own format, "a + b = " -> the sum'
         )
         print(stage_table())
-        (out / "summary.json").write_text(json.dumps({**RESULTS, "chat": CHAT}, indent=2, ensure_ascii=False))
-    print(f"\noutputs in {out.resolve()}")
+    run = {
+        "seed": seed,
+        "threads": threads,
+        "wall_s": time.perf_counter() - t_start,
+        "cpu_s": _cpu_seconds() - cpu_start,
+        "step_seconds": {name: t for name, t, _ in rows},
+    }
+    (out / "summary.json").write_text(json.dumps({**RESULTS, "chat": CHAT, "run": run}, indent=2, ensure_ascii=False))
+    print(f"\n{run['wall_s']:.0f} s ({run['cpu_s']:.0f} CPU-s); outputs in {out.resolve()}")
     return 0
 
 

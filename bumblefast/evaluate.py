@@ -10,6 +10,9 @@
   does not); `exact_match` is also reported, and `answer_nll`: the mean per-token NLL of the
   reference replies' tokens (without the closing `<|im_end|>`, which a pretrained model has
   never seen), a measure that moves smoothly where the accuracy flips question by question.
+- `completion_accuracy`: plain-text prompts (no chat template) completed greedily by the next
+  tokens, and the mean NLL of the expected tokens: what pretraining itself learnt, in its own
+  format (the demo asks it the sums "a + b = ").
 - `preference_accuracy`: fraction of preference pairs whose chosen reply gets a higher
   summed log-prob than the rejected one under the model, the mean margin and each pair's.
 - `reward_margins`: DPO's implicit reward margin beta * (policy margin - reference margin)
@@ -115,6 +118,25 @@ def answer_accuracy(model_path: str | Path, records: list[dict], max_new_tokens:
         "n": len(records),
         "examples": examples,
     }
+
+
+@torch.no_grad()
+def completion_accuracy(model_path: str | Path, items: list[tuple[str, str]]) -> dict:
+    """(prompt, expected) pairs: right when the greedy next tokens are the expected ones, and
+    the mean per-token NLL of the expected tokens after the prompt."""
+    tok, model = _load(model_path)
+    right, nll, n_tokens = 0, 0.0, 0
+    for prompt, expected in items:
+        p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        full = tok(prompt + expected, add_special_tokens=False)["input_ids"]
+        if full[: len(p_ids)] != p_ids:  # the boundary merged: the expected text on its own
+            full = p_ids + tok(expected, add_special_tokens=False)["input_ids"]
+        e_ids = full[len(p_ids) :]
+        logits = model(torch.tensor([p_ids + e_ids]), use_cache=False).logits[0, len(p_ids) - 1 : -1].float()
+        logp = torch.log_softmax(logits, -1).gather(1, torch.tensor(e_ids)[:, None])
+        right += bool((logits.argmax(-1) == torch.tensor(e_ids)).all())
+        nll, n_tokens = nll - float(logp.sum()), n_tokens + len(e_ids)
+    return {"accuracy": right / max(len(items), 1), "nll": nll / max(n_tokens, 1), "n": len(items)}
 
 
 def _reply_logp(model, tok, prompt_msgs: list[dict], reply: str, with_count: bool = False, end: str = "<|im_end|>"):

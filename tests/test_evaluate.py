@@ -152,3 +152,33 @@ def test_reward_margins_are_dpo_implicit_rewards():
     assert got["reward_accuracy"] == pytest.approx(1 / 3)
     with pytest.raises(ValueError, match="different pairs"):
         reward_margins({"margins": [1.0]}, {"margins": [1.0, 2.0]}, beta=0.1)
+
+
+def test_completion_accuracy_against_generate_and_hf_loss(model_dir):
+    """Plain-text completion: right iff greedy `generate` continues with the expected tokens;
+    the NLL is transformers' own loss with the prompt masked out."""
+    from bumblefast.evaluate import completion_accuracy
+
+    model, tok = hf(model_dir)
+    enc = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+
+    def greedy(prompt: str, n: int) -> list[int]:
+        ids = torch.tensor([enc(prompt)])
+        out = model.generate(input_ids=ids, max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id)
+        return out[0, ids.shape[1] :].tolist()
+
+    first = "3 + 4 = "
+    items = [(first, tok.decode(greedy(first, 2))), ("1 + 1 = ", "2"), ("The sum of 2 and 2 is ", "4")]
+    got = completion_accuracy(model_dir, items)
+    total, count, right = 0.0, 0, 0
+    for p, e in items:
+        ids, n_p = enc(p + e), len(enc(p))
+        right += greedy(p, len(ids) - n_p) == ids[n_p:]
+        labels = torch.tensor([ids])
+        labels[0, :n_p] = -100
+        with torch.no_grad():
+            loss = model(torch.tensor([ids]), labels=labels, use_cache=False).loss
+        total, count = total + float(loss) * (len(ids) - n_p), count + len(ids) - n_p
+    assert right >= 1  # the first item is the model's own continuation
+    assert got["n"] == 3 and got["accuracy"] == pytest.approx(right / 3)
+    assert got["nll"] == pytest.approx(total / count, rel=1e-5)
