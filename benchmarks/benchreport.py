@@ -335,7 +335,94 @@ def prep_scale_table(run: dict[str, Any], source: str) -> str:
     return "\n".join(lines)
 
 
+# the real-shape table's comparisons: (what, stage, ours, baseline, unit key, target id in bench_train.TARGETS)
+REAL_ROWS = [
+    ("SFT step", "sft", "bumblefast packed", "transformers packed, position_ids", "real_tokens_per_sec",
+     "sft/transformers_packed"),
+    ("SFT step", "sft", "bumblefast packed", "TRL SFTTrainer, packing=bfd + padding_free", "real_tokens_per_sec",
+     "sft/trl_sft"),
+    ("SFT step", "sft", "bumblefast packed", "transformers padded x4 (BumbleCore)", "real_tokens_per_sec", None),
+    ("DPO policy step", "dpo", "bumblefast packed, precomputed reference",
+     "TRL DPOTrainer, precompute_ref_log_probs=True", "pairs_per_sec", "dpo/policy_vs_trl"),
+    ("DPO policy step", "dpo", "bumblefast packed, shared prompt, precomputed reference",
+     "TRL DPOTrainer, precompute_ref_log_probs=True", "pairs_per_sec", "dpo/shared_policy_vs_trl"),
+    ("DPO end to end", "dpo", "bumblefast precomputed reference, scoring + policy",
+     "TRL DPOTrainer precompute_ref_log_probs=True, scoring + policy", "pairs_per_sec", None),
+    ("DPO live reference", "dpo", "bumblefast packed, adapter reference", "TRL DPOTrainer, live reference",
+     "pairs_per_sec", None),
+    ("DPO reference scoring", "dpo", "bumblefast reference scoring",
+     "TRL DPOTrainer reference scoring (compute_ref_log_probs)", "pairs_per_sec", None),
+]  # fmt: skip
+
+
+def _row(run: dict, stage: str, name: str) -> dict:
+    """A bench_train row by its side's name (a run may append the attention, e.g. " (sdpa)")."""
+    st = next(x for x in run["sections"]["train"]["results"]["stages"] if x["stage"] == stage)
+    return next(r for r in st["results"] if r["name"] == name or r["name"].startswith(name + " ("))
+
+
+def _ratio(run: dict, stage: str, ours: str, base: str, key: str) -> dict:
+    from bench_train import measurement
+    from harness import compare
+
+    return compare("", measurement(_row(run, stage, ours), key), measurement(_row(run, stage, base), key))
+
+
+def train_real_table(runs: list[dict], source: str) -> str:
+    """`bench train --size real` (the 0.5B shape) against issue 29's targets, and each ratio beside
+    the tiny preset's in an earlier `bench all` run (the second file): how the ratios move with
+    scale. Ratios are recomputed from each row's rounds (median, min-max, within noise)."""
+    from bench_train import REAL_GEMM_TARGET, REAL_MEMORY_TARGET, TARGETS
+
+    real, tiny = runs
+    cfg = real["sections"]["train"]["config"]
+    stages = {st["stage"]: st for st in real["sections"]["train"]["results"]["stages"]}
+    tiny_cfg = tiny["sections"]["train"]["config"]
+    lines = [
+        f"`bench train --size real` on {real['host']} ({real['date']}, {real['device']}, {real['cpu_count']} CPUs, "
+        f"torch {real['torch']}): {cfg['preset']}, {cfg['dtype']}, seq {cfg['seq_len']}, {cfg['rounds']} interleaved "
+        f"rounds of {cfg['steps']} micro-batches per side, optimizer {cfg['optimizer']} on every side; tiny preset "
+        f"from the {tiny['date']} `bench all` ({tiny_cfg['preset'] or 'the default tiny preset'}, optimizer {tiny_cfg.get('optimizer', 'adamw')}). "
+        f"`{source}`:",
+        "",
+        "| comparison | ours vs baseline | 0.5B ratio (range) | verdict | target | tiny preset ratio |",
+        "|---|---|---:|---|---|---:|",
+    ]
+    for what, stage, ours, base, key, target in REAL_ROWS:
+        r, t = _ratio(real, stage, ours, base, key), _ratio(tiny, stage, ours, base, key)
+        goal = TARGETS["real"].get(target) if target else None
+        met = "" if goal is None else f">= {goal}x: {'met' if r['value'] >= goal else 'MISSED'}"
+        (o_lo, o_hi), (b_lo, b_hi) = r["ours"]["range"], r["baseline"]["range"]
+        lo, hi = o_lo / b_hi, o_hi / b_lo
+        unit = "tokens/s" if key == "real_tokens_per_sec" else "pairs/s"
+        lines.append(
+            f"| {what} ({unit}) | {ours} vs {base} | {r['value']:.2f}x ({lo:.2f}-{hi:.2f}) | {r['verdict']} | "
+            f"{met or '-'} | {t['value']:.2f}x |"
+        )
+    lines += ["", "| stage | side | step peak memory MB | share of the GEMM rate |", "|---|---|---:|---:|"]
+    for stage, st in stages.items():
+        for r in st["results"]:
+            if "step_peak_mb" in r:
+                lines.append(f"| {stage} | {r['name']} | {r['step_peak_mb']:,.0f} | {r['gemm_fraction']:.0%} |")
+    ours, hf = _row(real, "sft", "bumblefast packed"), _row(real, "sft", "transformers packed, position_ids")
+    mem = ours["step_peak_mb"] / hf["step_peak_mb"]
+    lines += [
+        "",
+        f"- SFT step peak memory, ours / transformers packed: {mem:.2f} (target <= {REAL_MEMORY_TARGET}: "
+        f"{'met' if mem <= REAL_MEMORY_TARGET else 'MISSED'}).",
+    ]
+    for stage, name in (("sft", "bumblefast packed"), ("dpo", "bumblefast packed, precomputed reference")):
+        g, frac = stages[stage]["gemm"], _row(real, stage, name)["gemm_fraction"]
+        lines.append(
+            f"- {stage} step ({name}): {frac:.0%} of the machine's GEMM rate at the model's shapes, "
+            f"{g['gflops']:.0f} GFLOP/s ({g['range'][0]:.0f}-{g['range'][1]:.0f}) timed in the same rounds "
+            f"(target >= {REAL_GEMM_TARGET:.0%}: {'met' if frac >= REAL_GEMM_TARGET else 'MISSED'})."
+        )
+    return "\n".join(lines)
+
+
 TABLES = {
+    "train_real": train_real_table,
     "serve": serve_table,
     "shared_prompt": shared_prompt_table,
     "prep_scale": prep_scale_table,
@@ -424,7 +511,8 @@ def render(text: str, root: Path = ROOT, path: str = "") -> str:
         kind, source = m.group(1), m.group(2)
         if kind not in TABLES:
             raise UserError(f"{where(m)}: bench-table kind {kind!r} unknown (known: {', '.join(TABLES)})")
-        body = TABLES[kind](load(source, "bench-table", m), source)
+        runs = [load(one, "bench-table", m) for one in source.split(",")]  # several: the kind compares runs
+        body = TABLES[kind](runs if len(runs) > 1 else runs[0], source)
         return f"{TABLE_BEGIN.format(kind=kind, source=source)}\n{body}\n{TABLE_END}"
 
     def fill_value(m: re.Match) -> str:
