@@ -734,9 +734,11 @@ def run_stage(stage: str, s: Settings, device, dtype, preset: str, peak) -> dict
                 compare(stage, "", rows[0], r, "real_tokens_per_sec", sd.target, goals)
                 for r, sd in zip(rows[1:], sides[1:])
             ]
-            if s.profile:  # every side: a missed target needs the peer's profile too
-                for row, sd in zip(rows, sides, strict=True):
-                    row["profile"] = profile_steps(sd.step, sd.batches[-2:], device)
+        if s.profile:  # every side (dpo: the policy steps): a missed target needs the peer's profile too
+            by = {r["name"]: r for r in rows}
+            policy = [role[k] for k in ("pre", "shared", "trl_pre") if k in role] if stage == "dpo" else sides
+            for sd in policy:
+                by[sd.name]["profile"] = profile_steps(sd.step, sd.batches[-2:], device)
     return {
         "stage": stage,
         "data": data.name,
@@ -1036,7 +1038,7 @@ def parse_args(argv=None) -> tuple[Settings, Path]:
     p.add_argument("--out", default=str(H.RESULTS))
     p.add_argument("--quick", action="store_true", help="tiny sizes for CI")
     p.add_argument(
-        "--profile", action="store_true", help="torch.profiler summary of 2 steps of each side (pretrain/sft)"
+        "--profile", action="store_true", help="torch.profiler summary of 2 steps of each side (dpo: policy steps)"
     )
     p.add_argument("--tokenizer", default=None, help="a tokenizer folder (default: train one of --vocab tokens)")
     p.add_argument("--optimizer", default="adamw", choices=H.OPTIMIZERS, help="every side's optimizer")

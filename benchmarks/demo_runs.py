@@ -25,6 +25,8 @@ import time
 from datetime import date
 from pathlib import Path
 
+import harness as H
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 TIME_LIMIT_S = 600  # the demo's run after install, on 2 idle cores
@@ -135,16 +137,6 @@ def table(result: dict, source: str) -> str:
     return "\n".join(lines)
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{os.cpu_count()} x {line.split(':', 1)[1].strip()}"
-    except OSError:
-        pass
-    return f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}"
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated seeds")
@@ -159,7 +151,7 @@ def main(argv=None) -> int:
     else:
         path = Path(args.out) / f"demo_runs_{platform.node()}_{date.today().isoformat()}.json"
         result = {"benchmark": "demo_runs", "date": date.today().isoformat(), "host": platform.node(), "runs": []}
-        result["cpu"] = cpu_name()
+        result["cpu"] = f"{os.cpu_count()} x {H.cpu_model()}"
     done = {(r["run"]["seed"], r["run"]["threads"]) for r in result["runs"]}
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="demo-runs-") as work:

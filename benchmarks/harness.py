@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import platform
 import socket
 import subprocess
 import sys
@@ -235,6 +236,17 @@ def compare(name: str, ours: dict, base: dict, target: float | None = None, **ex
         out["target"] = target
     out.update(extra)
     return out
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo): the same host name has been an AMD EPYC and an Intel Xeon VM."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def child_env(**extra: str) -> dict:

@@ -26,6 +26,7 @@ from types import ModuleType
 from typing import Any
 
 from benchlib import SCHEMA, SECTIONS, check_section, timed_section
+from harness import cpu_model
 
 from bumblefast.config import UserError
 
@@ -64,6 +65,7 @@ def machine() -> dict[str, Any]:
     return {
         "host": socket.gethostname(),
         "cpu_count": os.cpu_count(),
+        "cpu": cpu_model(),  # the same host name has been an AMD EPYC and an Intel Xeon VM
         "device": torch.cuda.get_device_name(0) if cuda else "cpu",
         "torch": torch.__version__,
         "python": platform.python_version(),
