@@ -104,6 +104,11 @@ def _stack(report: dict[str, Any]) -> str:
     return ", ".join(f"{k} {v}" for k, v in versions.items() if v) or f"torch {report.get('torch')}"
 
 
+def _cpu(report: dict[str, Any]) -> str:
+    """ " (the CPU's model)" where the report recorded it (since 2026-12-02)."""
+    return f" ({report['cpu']})" if report.get("cpu") else ""
+
+
 def _run(report: dict[str, Any], source: str) -> str:
     """The command and machine of a report, as its header says them."""
     what = "all" if set(report["sections"]) == set(SECTIONS) else " ".join(report["sections"])
@@ -115,7 +120,7 @@ def _run(report: dict[str, Any], source: str) -> str:
         load = "".join(f"load average {one(a):.1f} at start, {one(b):.1f} at end; " for a, b in got)
     return (
         f"`bumblefast bench {what} --size {report['size']}` on {report['host']} ({report['date']}, "
-        f"{report['cpu_count']} CPUs, {report['device']}; {_stack(report)}; {load}"
+        f"{report['cpu_count']} CPUs{_cpu(report)}, {report['device']}; {_stack(report)}; {load}"
         f"{report.get('seconds', 0) / 60:.0f} min; `{source}`)"
     )
 
@@ -379,10 +384,12 @@ def train_real_table(runs: list[dict], source: str) -> str:
     stages = {st["stage"]: st for st in real["sections"]["train"]["results"]["stages"]}
     tiny_cfg = tiny["sections"]["train"]["config"]
     lines = [
-        f"`bench train --size real` on {real['host']} ({real['date']}, {real['device']}, {real['cpu_count']} CPUs, "
+        f"`bench train --size real` on {real['host']} ({real['date']}, {real['device']}, {real['cpu_count']} CPUs"
+        f"{_cpu(real)}, "
         f"torch {real['torch']}): {cfg['preset']}, {cfg['dtype']}, seq {cfg['seq_len']}, {cfg['rounds']} interleaved "
         f"rounds of {cfg['steps']} micro-batches per side, optimizer {cfg['optimizer']} on every side; tiny preset "
-        f"from the {tiny['date']} `bench all` ({tiny_cfg['preset'] or 'the default tiny preset'}, optimizer {tiny_cfg.get('optimizer', 'adamw')}). "
+        f"from the {tiny['date']} `bench all` ({tiny_cfg['preset'] or 'the default tiny preset'}, "
+        f"optimizer {tiny_cfg.get('optimizer', 'adamw')}). "
         f"`{source}`:",
         "",
         "| comparison | ours vs baseline | 0.5B ratio (range) | verdict | target | tiny preset ratio |",
@@ -421,7 +428,14 @@ def train_real_table(runs: list[dict], source: str) -> str:
     return "\n".join(lines)
 
 
+def demo_runs_table(run: dict[str, Any], source: str) -> str:
+    from demo_runs import table as demo_table  # the script's own table (its .md is the same)
+
+    return demo_table(run, source)
+
+
 TABLES = {
+    "demo_runs": demo_runs_table,
     "train_real": train_real_table,
     "serve": serve_table,
     "shared_prompt": shared_prompt_table,
