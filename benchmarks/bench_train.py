@@ -948,6 +948,7 @@ SIZES = {  # per size: the settings of `bumblefast bench train` (steps = micro-b
         optimizer="sgd",
         memory=True,
         gemm=True,
+        profile=True,  # after the rounds: the profile a missed share of the GEMM rate needs
         targets="real",
     ),
 }

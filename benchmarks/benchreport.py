@@ -425,6 +425,21 @@ def train_real_table(runs: list[dict], source: str) -> str:
             f"{g['gflops']:.0f} GFLOP/s ({g['range'][0]:.0f}-{g['range'][1]:.0f}) timed in the same rounds "
             f"(target >= {REAL_GEMM_TARGET:.0%}: {'met' if frac >= REAL_GEMM_TARGET else 'MISSED'})."
         )
+    profiled = [(stage, r) for stage, st in stages.items() for r in st["results"] if r.get("profile")]
+    if profiled:  # where a share or a ratio is missed: where each side's step time goes
+        lines += [
+            "",
+            "Where the step time goes (torch.profiler, self CPU time over the sides' last 2 steps):",
+            "",
+            "| stage | side | matmul | attention | top ops (share of self time) |",
+            "|---|---|---:|---:|---|",
+        ]
+        for stage, r in profiled:
+            prof = r["profile"]
+            top = ", ".join(f"`{o['op']}` {o['share']:.0%}" for o in prof["top_ops"][:4])
+            lines.append(
+                f"| {stage} | {r['name']} | {prof['share_matmul']:.0%} | {prof['share_attention']:.0%} | {top} |"
+            )
     return "\n".join(lines)
 
 

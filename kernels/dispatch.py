@@ -18,8 +18,9 @@ Liger works in place where it can: its rope rotates q/k in place and its cross_e
 writes the gradient into the logits; pass clones if the inputs are needed afterwards.
 
 ``reference`` mode is plain PyTorch and runs anywhere; its fused-linear ops are the chunked
-PyTorch implementations (at most one chunk of the ``[T, V]`` logits, ~256 MiB on CPU); the
-materialising baselines live in :mod:`bumblefast.kernels.reference`.
+PyTorch implementations (at most one chunk of the ``[T, V]`` logits, ~256 MiB on CPU), its
+rms_norm and swiglu the autograd Functions of :mod:`.lean` (same forward, one activation
+fewer kept for backward); the composed baselines live in :mod:`bumblefast.kernels.reference`.
 
 ``auto`` falls back (CUDA: Liger -> own Triton -> reference; CPU: reference). An explicitly
 requested ``liger`` or ``triton`` that cannot run on the device raises ``RuntimeError``. On
@@ -50,7 +51,7 @@ import torch
 
 from bumblefast.labels import IGNORE_INDEX
 
-from . import fused_linear, reference
+from . import fused_linear, lean, reference
 from ._triton_utils import interpreting, triton_can_run
 
 MODES = ("auto", "liger", "triton", "reference")
@@ -176,9 +177,9 @@ OPS = (  # the op table's names, in the order benchmarks report them
 
 def _reference_table() -> dict:
     return dict(
-        rms_norm=reference.rms_norm,
+        rms_norm=lean.rms_norm,
         rope=reference.rope,
-        swiglu=reference.swiglu,
+        swiglu=lean.swiglu,
         cross_entropy=reference.cross_entropy,
         fused_linear_cross_entropy=_ref_flce,
         fused_linear_logprob=_ref_logprob,

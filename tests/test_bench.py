@@ -405,7 +405,7 @@ def test_size_real_is_the_train_sections_only():
 
     real = bench_train.SIZES["real"]
     assert real.preset == "bumblebee-0.5b" and real.stages == ("sft", "dpo") and real.rounds >= 3
-    assert real.optimizer == "sgd" and real.memory and real.gemm
+    assert real.optimizer == "sgd" and real.memory and real.gemm and real.profile
     assert main(["bench", "prep", "--size", "real"]) == 1  # a UserError: names the train section
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from bumblefast import kernels
-from bumblefast.kernels import fused_linear, get_ops
+from bumblefast.kernels import fused_linear, get_ops, lean
 from bumblefast.kernels import reference as R
 
 INTERP = os.environ.get("TRITON_INTERPRET") == "1"
@@ -57,6 +57,74 @@ def test_reference_rope_and_norm_match_transformers():
     with torch.no_grad():
         norm.weight.normal_()
     torch.testing.assert_close(R.rms_norm(x, norm.weight, 1e-6), norm(x), atol=1e-6, rtol=1e-6)
+
+
+LEAN_TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+
+
+def _grads(fn, *xs, dy):
+    xs = [x.detach().clone().requires_grad_(True) for x in xs]
+    y = fn(*xs)
+    y.backward(dy)
+    return y, [x.grad for x in xs]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lean_rms_norm_and_swiglu_match_autograd_through_the_reference(dtype):
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 9, 48, generator=g).to(dtype)
+    w = (1 + 0.3 * torch.randn(48, generator=g)).to(dtype)
+    dy = torch.randn(2, 9, 48, generator=g).to(dtype)
+    y_lean, g_lean = _grads(lambda a, b: lean.rms_norm(a, b, 1e-6), x, w, dy=dy)
+    y_ref, g_ref = _grads(lambda a, b: R.rms_norm(a, b, 1e-6), x, w, dy=dy)
+    torch.testing.assert_close(y_lean, y_ref, atol=0, rtol=0)  # the same forward ops
+    for a, b in zip(g_lean, g_ref):
+        torch.testing.assert_close(a, b, **LEAN_TOL[dtype])
+    gate, up = (3 * torch.randn(9, 40, generator=g)).to(dtype), torch.randn(9, 40, generator=g).to(dtype)
+    dy = torch.randn(9, 40, generator=g).to(dtype)
+    y_lean, g_lean = _grads(lean.swiglu, gate, up, dy=dy)
+    y_ref, g_ref = _grads(R.swiglu, gate, up, dy=dy)
+    torch.testing.assert_close(y_lean, y_ref, atol=0, rtol=0)
+    for a, b in zip(g_lean, g_ref):
+        torch.testing.assert_close(a, b, **LEAN_TOL[dtype])
+
+
+def test_lean_ops_gradcheck_and_frozen_weight():
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(5, 12, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(12, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: lean.rms_norm(a, b, 1e-6), (x, w))
+    up = torch.randn(5, 12, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lean.swiglu, (x, up))
+    frozen = w.detach()  # LoRA: the norm's weight takes no gradient, the input does
+    lean.rms_norm(x, frozen, 1e-6).sum().backward()
+    assert x.grad is not None and frozen.grad is None
+
+
+def _saved_bytes(fn, *xs) -> int:
+    """Bytes autograd keeps for backward of fn(*xs), counting each storage once."""
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*xs)
+    return sum(seen.values())
+
+
+def test_lean_ops_keep_one_activation_fewer_for_backward():
+    x = torch.randn(64, 96, requires_grad=True)
+    w = torch.ones(96, requires_grad=True)
+    row, rstd = x.numel() * 4, 64 * 4
+    assert _saved_bytes(lambda a, b: R.rms_norm(a, b, 1e-6), x, w) >= 2 * row
+    assert _saved_bytes(lambda a, b: lean.rms_norm(a, b, 1e-6), x, w) == row + w.numel() * 4 + rstd
+    gate, up = torch.randn(64, 96, requires_grad=True), torch.randn(64, 96, requires_grad=True)
+    assert _saved_bytes(R.swiglu, gate, up) == 3 * row
+    assert _saved_bytes(lean.swiglu, gate, up) == 2 * row
+    assert get_ops("reference", "cpu").rms_norm is lean.rms_norm
+    assert get_ops("auto", "cpu").swiglu is lean.swiglu
 
 
 def _inputs(T=23, H=16, V=70, seed=0, dtype=torch.float32):
