@@ -511,7 +511,7 @@ def format_value(value: Any, spec: str) -> str:
 def sources(text: str) -> set[str]:
     """The results files (relative to the checkout) that `text`'s markers name."""
     names = {src for m in BLOCK.finditer(text) for src in m.group(1).split(",")}
-    names |= {m.group(2) for m in TABLE_BLOCK.finditer(text)}
+    names |= {src for m in TABLE_BLOCK.finditer(text) for src in m.group(2).split(",")}  # a table may name two
     return names | {f"{RESULTS}/{m.group(1)}" for m in VALUE.finditer(text)}
 
 

@@ -307,21 +307,11 @@ def test_sft_loss_is_on_assistant_tokens_only(data, tmp_path, demo_tokenizer_dir
 
 
 def test_non_finite_loss_stops_with_sample_ids_and_checkpoint(data, tmp_path, one_rank):
+    # The loss made NaN at step 4 (lr 1e4 no longer overflows: the closed-form RMSNorm backward
+    # of kernels/lean.py keeps the saturated model's loss finite, 6.46)
     out = tmp_path / "nan"
-    cmd = train_cmd(
-        out,
-        data["pretrain"],
-        data["tok"],
-        "--max_steps",
-        "6",
-        "--learning_rate",
-        "1e4",
-        "--max_grad_norm",
-        "0",
-        "--max_skipped_steps",
-        "0",
-    )
-    res = run_here(cmd, rc=3)
+    cmd = train_cmd(out, data["pretrain"], data["tok"], "--max_steps", "6", "--max_skipped_steps", "0")
+    res = run_here(cmd, callbacks=[InjectNaN({(4, 0)})], rc=3)
     assert "non-finite" in res.stderr and "sample ids" in res.stderr
     assert "last good state saved in" in res.stderr
     assert (out / "checkpoints" / "latest").is_file()
