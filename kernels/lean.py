@@ -6,8 +6,9 @@ normalised fp32 rows ``[T, H]`` beside the input (and an fp32 copy of a bf16 inp
 keeps ``silu(gate)`` ``[T, I]`` beside ``gate`` and ``up``. These Functions keep only the inputs
 (and RMSNorm's per-row ``rstd``) and recompute the rest in backward, as Liger's kernels do: at
 the 0.5B shape (24 layers, hidden 896, intermediate 4,864) that is ~26 MiB per layer per 1,024
-tokens in fp32. The forward runs the same ops as :mod:`.reference` (same numerics); backward
-is the closed form, computed in fp32 (fp64 for fp64 inputs) and cast to the input's dtype.
+tokens in fp32. The forward runs the same ops as :mod:`.reference` (same numerics; an fp64
+input alone stays fp64 where the reference rounds it to fp32); backward is the closed form,
+computed in fp32 (fp64 for fp64 inputs) and cast to the input's dtype.
 Tested against autograd through :mod:`.reference` and by gradcheck in
 tests/test_kernels_dispatch.py.
 """
