@@ -390,7 +390,8 @@ def train_real_table(runs: list[dict], source: str) -> str:
         f"rounds of {cfg['steps']} micro-batches per side, optimizer {cfg['optimizer']} on every side; tiny preset "
         f"from the {tiny['date']} `bench all` ({tiny_cfg['preset'] or 'the default tiny preset'}, "
         f"optimizer {tiny_cfg.get('optimizer', 'adamw')}). "
-        f"`{source}`:",
+        + (f"Host memory: {real['malloc']} for every side (process-wide). " if real.get("malloc") else "")
+        + f"`{source}`:",
         "",
         "| comparison | ours vs baseline | 0.5B ratio (range) | verdict | target | tiny preset ratio |",
         "|---|---|---:|---|---|---:|",

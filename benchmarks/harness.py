@@ -393,6 +393,10 @@ def device_setup(preset: str | None, peak_tflops: float | None = None):
     dtype = torch.bfloat16 if cuda else torch.float32
     preset = preset or ("bumblebee-1.5b" if cuda else "bumblebee-tiny")
     peak = flops.peak_tflops(torch.cuda.get_device_name(device), peak_tflops) if cuda else None
+    if not cuda:  # as `bumblefast train` does on CPU; process-wide, so every side of a run gets it
+        from bumblefast.cpu_memory import keep_freed_memory
+
+        print(keep_freed_memory(), flush=True)
     if cuda and peak is None:
         print(
             f"MFU not reported: no dense bf16 peak for {torch.cuda.get_device_name(device)!r} in "

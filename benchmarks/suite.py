@@ -61,8 +61,11 @@ def default_size() -> str:
 def machine() -> dict[str, Any]:
     import torch
 
+    from bumblefast.cpu_memory import keep_freed_memory
+
     cuda = torch.cuda.is_available()
     return {
+        "malloc": None if cuda else keep_freed_memory(),  # as `bumblefast train` sets it on CPU
         "host": socket.gethostname(),
         "cpu_count": os.cpu_count(),
         "cpu": cpu_model(),  # the same host name has been an AMD EPYC and an Intel Xeon VM

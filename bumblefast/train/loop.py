@@ -34,6 +34,7 @@ import torch
 
 from bumblefast import flops
 from bumblefast.config import TrainConfig, UserError, to_dict, trackers
+from bumblefast.cpu_memory import keep_freed_memory
 from bumblefast.modelinfo import read_model_config
 from bumblefast.shards.collate import PackedBatch
 from bumblefast.tokenizer import load_tokenizer
@@ -139,6 +140,8 @@ def seed_everything(seed: int) -> None:
 def setup(cfg: TrainConfig, callbacks: list[Callback] | tuple = ()) -> Run:
     """Process group, tokenizer, shards, model, DeepSpeed engine, then resume if asked."""
     device = D.init()
+    if device.type == "cpu":
+        log(keep_freed_memory())
     seed_everything(cfg.seed)
     out = Path(cfg.output_dir)
     if D.is_main():
