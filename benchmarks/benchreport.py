@@ -121,7 +121,9 @@ def _run(report: dict[str, Any], source: str) -> str:
     return (
         f"`bumblefast bench {what} --size {report['size']}` on {report['host']} ({report['date']}, "
         f"{report['cpu_count']} CPUs{_cpu(report)}, {report['device']}; {_stack(report)}; {load}"
-        f"{report.get('seconds', 0) / 60:.0f} min; `{source}`)"
+        f"{report.get('seconds', 0) / 60:.0f} min; "
+        + (f"host memory: {report['malloc']}, every side; " if report.get("malloc") else "")
+        + f"`{source}`)"
     )
 
 
