@@ -7,8 +7,9 @@ top above 128 KiB, so every step faults the same pages in again, each zeroed by 
 the 0.5B shape (4 of its layers, 1,024 tokens) ~520k minor faults per step (2 GB), and the step
 7-11% slower than with the memory kept (docs/LOG.md, issue 29). With mmap and trimming off,
 freed blocks are reused, as PyTorch's CUDA caching allocator does on the GPU and as the
-jemalloc/tcmalloc that PyTorch's CPU tuning guide recommends do. The resident set then stays
-near the step's peak between steps; `malloc_trim` (benchmarks' PeakMemory) still returns it.
+jemalloc/tcmalloc that PyTorch's CPU tuning guide recommends do. The price: the resident set
+keeps the heap's high-water mark between steps, above glibc's own peak when row lengths vary
+(docs/LOG.md); `malloc_trim` (benchmarks' PeakMemory) still returns it.
 
 Process-wide and glibc only. Left alone when the user chose: any MALLOC_* variable,
 GLIBC_TUNABLES naming malloc, or an allocator in LD_PRELOAD; BUMBLEFAST_KEEP_FREED_MEMORY=0
