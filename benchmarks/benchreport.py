@@ -109,6 +109,12 @@ def _cpu(report: dict[str, Any]) -> str:
     return f" ({report['cpu']})" if report.get("cpu") else ""
 
 
+def _malloc(report: dict[str, Any]) -> str:
+    """The host allocator setting a report recorded (since 2026-12-03): process-wide, so every
+    side of the run had it."""
+    return f"host memory: {report['malloc']} for every side; " if report.get("malloc") else ""
+
+
 def _run(report: dict[str, Any], source: str) -> str:
     """The command and machine of a report, as its header says them."""
     what = "all" if set(report["sections"]) == set(SECTIONS) else " ".join(report["sections"])
@@ -121,9 +127,7 @@ def _run(report: dict[str, Any], source: str) -> str:
     return (
         f"`bumblefast bench {what} --size {report['size']}` on {report['host']} ({report['date']}, "
         f"{report['cpu_count']} CPUs{_cpu(report)}, {report['device']}; {_stack(report)}; {load}"
-        f"{report.get('seconds', 0) / 60:.0f} min; "
-        + (f"host memory: {report['malloc']}, every side; " if report.get("malloc") else "")
-        + f"`{source}`)"
+        f"{report.get('seconds', 0) / 60:.0f} min; {_malloc(report)}`{source}`)"
     )
 
 
@@ -391,9 +395,8 @@ def train_real_table(runs: list[dict], source: str) -> str:
         f"torch {real['torch']}): {cfg['preset']}, {cfg['dtype']}, seq {cfg['seq_len']}, {cfg['rounds']} interleaved "
         f"rounds of {cfg['steps']} micro-batches per side, optimizer {cfg['optimizer']} on every side; tiny preset "
         f"from the {tiny['date']} `bench all` ({tiny_cfg['preset'] or 'the default tiny preset'}, "
-        f"optimizer {tiny_cfg.get('optimizer', 'adamw')}). "
-        + (f"Host memory: {real['malloc']} for every side (process-wide). " if real.get("malloc") else "")
-        + f"`{source}`:",
+        f"optimizer {tiny_cfg.get('optimizer', 'adamw')}). {_malloc(real)}"
+        f"`{source}`:",
         "",
         "| comparison | ours vs baseline | 0.5B ratio (range) | verdict | target | tiny preset ratio |",
         "|---|---|---:|---|---|---:|",

@@ -138,7 +138,11 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self._start = torch.cuda.memory_allocated()
             return self
-        _trim()  # memory an earlier side freed goes back to the OS, so this side's growth shows in RSS
+        # memory an earlier side freed goes back to the OS, so this side's growth shows in RSS
+        # (without glibc it may hide in freed memory)
+        from bumblefast.cpu_memory import return_freed_memory
+
+        return_freed_memory()
         self._start = self._peak = _rss()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -160,15 +164,6 @@ class PeakMemory:
         self._thread.join()
         self.mb = (max(self._peak, _rss()) - self._start) / 2**20
         return False
-
-
-def _trim() -> None:
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: RSS may then hide growth into freed memory
-        pass
 
 
 def _rss() -> int:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 
 M_TRIM_THRESHOLD = -1
@@ -42,6 +43,27 @@ def user_choice(env: dict | os._Environ = os.environ) -> str | None:
     return None
 
 
+@functools.cache
+def _libc():
+    """glibc, or None where there is none (musl, macOS: nothing to tune)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+    if not (hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim")):
+        return None
+    libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    return libc
+
+
+def return_freed_memory() -> None:
+    """Hand the heap's free memory back to the OS now (malloc_trim), kept or not; a no-op
+    without glibc. Benchmarks call it before measuring a side's resident-set growth."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
 def keep_freed_memory() -> str:
     """Turn glibc's mmap and heap trimming off for this process (once); returns what it did,
     for the run's log line."""
@@ -52,13 +74,10 @@ def keep_freed_memory() -> str:
     if why:
         _state = f"malloc left as the user set it ({why})"
         return _state
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError) as e:  # not glibc (musl, macOS): nothing to tune
-        _state = f"malloc unchanged (no glibc mallopt: {e})"
+    libc = _libc()
+    if libc is None:
+        _state = "malloc unchanged (no glibc mallopt)"
         return _state
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    ok = mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1
+    ok = libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1
     _state = "freed memory kept in the process (glibc mmap and trim off)" if ok else "malloc unchanged (refused)"
     return _state

@@ -37,7 +37,8 @@ PAGES_32MB = 32 * 2**20 // os.sysconf("SC_PAGE_SIZE")
 
 
 def _probe(mode: str, **env) -> dict:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "LD_PRELOAD"}
+    ours = ("LD_PRELOAD", "GLIBC_TUNABLES", "BUMBLEFAST_KEEP_FREED_MEMORY")  # what user_choice reads
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k not in ours}
     out = subprocess.run(
         [sys.executable, "-c", PROBE, mode], env={**clean, **env}, capture_output=True, text=True, check=True
     )
