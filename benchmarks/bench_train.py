@@ -78,6 +78,7 @@ from harness import (
 # checkout alone, benches the same data as the CPU runs
 BENCHDATA = ROOT / ".benchdata"
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")  # ours (DPOConfig's default) and the TRL peer
+LORA_DROPOUT = 0.0  # every side (peft's default; ours ships 0.1, which would give our side alone the masks)
 # stage -> (real sample file in ../shared/data, the project's own demo file as fallback)
 DATA = {
     "sft": ("alpaca_zh_demo.json", "sft_alpaca.json"),
@@ -228,7 +229,12 @@ def ours_side(
     extra = {}
     if stage == "dpo":
         torch.manual_seed(0)  # the same adapter init on every side
-        lora = dict(lora_rank=lora_rank, lora_alpha=2 * lora_rank, lora_target_modules=list(LORA_TARGETS))
+        lora = dict(
+            lora_rank=lora_rank,
+            lora_alpha=2 * lora_rank,
+            lora_dropout=LORA_DROPOUT,
+            lora_target_modules=list(LORA_TARGETS),
+        )
         model = apply_lora(model, DPOConfig(finetuning_type="lora", **lora))
         obj = DPOObjective(model, PrefLossConfig(), "adapter")
         if reference == "precomputed":
@@ -252,7 +258,17 @@ def ours_side(
     attn = inner.resolved_attn(device, dtype)  # the backend a forward in this compute dtype runs
     dpo = stage == "dpo"
     name = f"bumblefast packed{layout}, {reference} reference" if dpo else f"bumblefast packed ({attn} attention)"
-    work = dict(lora_rank=lora_rank, lora_targets=LORA_TARGETS, reference=reference, kv_prefix=prefix) if dpo else None
+    work = (
+        dict(
+            lora_rank=lora_rank,
+            lora_targets=LORA_TARGETS,
+            lora_dropout=LORA_DROPOUT,
+            reference=reference,
+            kv_prefix=prefix,
+        )
+        if dpo
+        else None
+    )
     pairs = sum(DPOObjective.count(b) for b in batches) if dpo else None
     facts = dict(attn=attn, kernels=dict(inner.ops(device).backends), **extra)
     return side(name, step, batches, tokens, tokens, [n for b in batches for n in b.doc_lens], pairs, work, **facts)
@@ -513,7 +529,9 @@ def trl_dpo_side(init: Initial, groups: list[list[dict]], pre: bool, device, dty
     args = trl_args(
         DPOConfig, device, dtype, str(workdir / f"trl_dpo_{pre}"), max_length=None, precompute_ref_log_probs=pre
     )
-    lora = LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0, target_modules=list(LORA_TARGETS))
+    lora = LoraConfig(
+        r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=LORA_DROPOUT, target_modules=list(LORA_TARGETS)
+    )
     ds = Dataset.from_list([e for g in groups for e in g])
     trainer = PreTokenized(model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=lora)
     trainer.current_gradient_accumulation_steps = 1
@@ -541,7 +559,12 @@ def trl_dpo_side(init: Initial, groups: list[list[dict]], pre: bool, device, dty
         sum(int(b["input_ids"].numel()) for b in batches),
     )
     lens = [int(n) for b in batches for n in b["attention_mask"].sum(1).tolist()]
-    work = dict(lora_rank=lora_rank, lora_targets=LORA_TARGETS, reference="precomputed" if pre else "adapter")
+    work = dict(
+        lora_rank=lora_rank,
+        lora_targets=LORA_TARGETS,
+        lora_dropout=LORA_DROPOUT,
+        reference="precomputed" if pre else "adapter",
+    )
     return side(label, step, batches, real, computed, lens, sum(len(g) for g in groups), work, **facts, **extra)
 
 

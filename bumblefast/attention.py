@@ -264,7 +264,12 @@ def _buckets_2d(docs: list) -> list:
 
 
 def _sdpa(q, k, v, **kw):
-    """SDPA on ``[B, H, L, D]`` with GQA (k/v heads repeated when needed)."""
+    """SDPA on ``[B, H, L, D]`` with GQA. On CPU, SDPA takes the k/v heads as they are
+    (``enable_gqa``: the flash kernel keeps k/v for backward at ``n_kv`` heads, 1/7 of the
+    repeated copies at the 0.5B shape); elsewhere they are repeated, because CUDA's
+    memory-efficient kernel has no GQA and would fall back to the math path."""
+    if k.shape[1] != q.shape[1] and q.device.type == "cpu":
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kw)
     if k.shape[1] != q.shape[1]:
         rep = q.shape[1] // k.shape[1]
         k = k.repeat_interleave(rep, dim=1)

@@ -31,7 +31,7 @@ from torch.utils.checkpoint import checkpoint
 
 from bumblefast.attention import ATTENTION, BACKENDS, PackedPlan, compute_dtype, resolve_backend
 from bumblefast.config import UserError
-from bumblefast.kernels import get_ops
+from bumblefast.kernels import get_ops, lean
 from bumblefast.kernels.dispatch import MODES
 from bumblefast.kernels.modules import RMSNorm
 from bumblefast.labels import IGNORE_INDEX
@@ -240,20 +240,35 @@ class Attention(nn.Module):
         return self.o_proj(o.reshape(t, self.n_heads * self.head_dim))
 
 
+class DownProj(nn.Linear):
+    """The MLP's down projection. ``down_proj(gate, up)`` applies SwiGLU and the projection as one
+    :func:`kernels.lean.swiglu_linear`, which recomputes ``silu(gate) * up`` in backward instead of
+    keeping it. It stays a module (ZeRO-3 gathers its weight in its hooks) and an ``nn.Linear``
+    (same state-dict key; peft wraps it as any linear)."""
+
+    def forward(self, x, up=None):
+        return super().forward(x) if up is None else lean.swiglu_linear(x, up, self.weight, self.bias)
+
+
 class MLP(nn.Module):
-    """SwiGLU from the `kernels` dispatch."""
+    """SwiGLU from the `kernels` dispatch; where that is the lean CPU path, fused with down_proj."""
 
     def __init__(self, config, arch: Arch, kernels: str = "auto"):
         super().__init__()
         h, i = config.hidden_size, config.intermediate_size
         self.gate_proj = nn.Linear(h, i, bias=arch.mlp_bias)
         self.up_proj = nn.Linear(h, i, bias=arch.mlp_bias)
-        self.down_proj = nn.Linear(i, h, bias=arch.mlp_bias)
+        self.down_proj = DownProj(i, h, bias=arch.mlp_bias)
         self.kernels = kernels
 
     def forward(self, x):
-        act = get_ops(self.kernels, x.device).swiglu(self.gate_proj(x), self.up_proj(x))
-        return self.down_proj(act)
+        swiglu = get_ops(self.kernels, x.device).swiglu
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        # fused only unwrapped (a peft LoRA layer adds its own path on the product) and without
+        # autocast (the Function runs its matmuls in the inputs' dtype)
+        if swiglu is lean.swiglu and type(self.down_proj) is DownProj and not torch.is_autocast_enabled(x.device.type):
+            return self.down_proj(gate, up)
+        return self.down_proj(swiglu(gate, up))
 
 
 class DecoderLayer(nn.Module):

@@ -1,4 +1,5 @@
-"""RMSNorm and SwiGLU as plain-PyTorch autograd Functions that save less for backward.
+"""RMSNorm and SwiGLU (alone and with the MLP's down projection) as plain-PyTorch autograd
+Functions that save less for backward.
 
 The op table's CPU path (``reference`` and ``auto`` off CUDA). Composed from PyTorch ops, as in
 :mod:`.reference`, autograd keeps one extra activation per op for backward: RMSNorm keeps its
@@ -6,7 +7,10 @@ normalised fp32 rows ``[T, H]`` beside the input (and an fp32 copy of a bf16 inp
 keeps ``silu(gate)`` ``[T, I]`` beside ``gate`` and ``up``. These Functions keep only the inputs
 (and RMSNorm's per-row ``rstd``) and recompute the rest in backward, as Liger's kernels do: at
 the 0.5B shape (24 layers, hidden 896, intermediate 4,864) that is ~26 MiB per layer per 1,024
-tokens in fp32. The forward runs the same ops as :mod:`.reference` (same numerics; an fp64
+tokens in fp32. :class:`SwiGLULinearFunction` also takes the down projection: a linear keeps
+its input ``silu(gate) * up`` ``[T, I]`` for the weight gradient, this Function recomputes it
+from ``gate`` and ``up`` (one elementwise product in backward; 19 MiB per layer per 1,024 tokens
+at the 0.5B shape). The forward runs the same ops as :mod:`.reference` (same numerics; an fp64
 input alone stays fp64 where the reference rounds it to fp32); backward is the closed form,
 computed in fp32 (fp64 for fp64 inputs) and cast to the input's dtype.
 Tested against autograd through :mod:`.reference` and by gradcheck in
@@ -16,6 +20,7 @@ tests/test_kernels_dispatch.py.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -68,9 +73,48 @@ class SwiGLUFunction(torch.autograd.Function):
         return d_gate, d_up
 
 
+class SwiGLULinearFunction(torch.autograd.Function):
+    """``linear(silu(gate) * up, weight, bias)`` keeping only ``gate``, ``up`` and the weight;
+    the product the linear would keep is recomputed for the weight gradient. No autocast: the
+    caller (``MLP``) takes this path only when autocast is off."""
+
+    @staticmethod
+    def forward(ctx, gate, up, weight, bias):
+        ctx.save_for_backward(gate, up, weight)
+        ctx.has_bias = bias is not None
+        return F.linear(F.silu(gate) * up, weight, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        gate, up, weight = ctx.saved_tensors
+        need_gate, need_up, need_w, need_b = ctx.needs_input_grad
+        acc = _acc(gate.dtype)
+        silu = F.silu(gate)  # as the forward computed it, so the product below is the forward's
+        rows = dy.reshape(-1, dy.shape[-1])
+        dw = db = d_gate = d_up = None
+        if need_w:
+            h = silu * up
+            dw = rows.t().mm(h.reshape(-1, h.shape[-1])).to(weight.dtype)
+            del h
+        if ctx.has_bias and need_b:
+            db = rows.sum(0)
+        if need_gate or need_up:
+            dh = dy.matmul(weight).to(acc)
+            d_up = (dh * silu.to(acc)).to(up.dtype) if need_up else None
+            if need_gate:
+                g = gate.to(acc)
+                s = torch.sigmoid(g)
+                d_gate = (dh * up.to(acc) * s * (1 + g * (1 - s))).to(gate.dtype)
+        return d_gate, d_up, dw, db
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return RMSNormFunction.apply(x, weight, eps)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return SwiGLUFunction.apply(gate, up)
+
+
+def swiglu_linear(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    return SwiGLULinearFunction.apply(gate, up, weight, bias)

@@ -101,6 +101,37 @@ def test_lean_ops_gradcheck_and_frozen_weight():
     assert x.grad is not None and frozen.grad is None
 
 
+def _swiglu_down_reference(gate, up, w, b):
+    return torch.nn.functional.linear(R.swiglu(gate, up), w, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_lean_swiglu_linear_matches_autograd_through_the_reference(dtype, bias):
+    g = torch.Generator().manual_seed(9)
+    gate, up = (3 * torch.randn(2, 9, 40, generator=g)).to(dtype), torch.randn(2, 9, 40, generator=g).to(dtype)
+    w = (0.2 * torch.randn(24, 40, generator=g)).to(dtype)
+    b = torch.randn(24, generator=g).to(dtype) if bias else None
+    dy = torch.randn(2, 9, 24, generator=g).to(dtype)
+    xs = (gate, up, w) + ((b,) if bias else ())
+    y_lean, g_lean = _grads(lambda *a: lean.swiglu_linear(*a), *xs, dy=dy)
+    y_ref, g_ref = _grads(lambda *a: _swiglu_down_reference(*a, *([] if bias else [None])), *xs, dy=dy)
+    torch.testing.assert_close(y_lean, y_ref, atol=0, rtol=0)  # the same forward ops
+    for a, r in zip(g_lean, g_ref):
+        torch.testing.assert_close(a, r, **LEAN_TOL[dtype])
+
+
+def test_lean_swiglu_linear_gradcheck_and_frozen_weight():
+    g = torch.Generator().manual_seed(10)
+    gate, up = (torch.randn(5, 12, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    w = torch.randn(7, 12, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(7, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lean.swiglu_linear, (gate, up, w, b))
+    frozen = w.detach()  # LoRA elsewhere: the projection takes no gradient, its inputs do
+    lean.swiglu_linear(gate, up, frozen).sum().backward()
+    assert gate.grad is not None and up.grad is not None and frozen.grad is None
+
+
 def _saved_bytes(fn, *xs) -> int:
     """Bytes autograd keeps for backward of fn(*xs), counting each storage once."""
     seen = {}
@@ -123,6 +154,11 @@ def test_lean_ops_keep_one_activation_fewer_for_backward():
     gate, up = torch.randn(64, 96, requires_grad=True), torch.randn(64, 96, requires_grad=True)
     assert _saved_bytes(R.swiglu, gate, up) == 3 * row
     assert _saved_bytes(lean.swiglu, gate, up) == 2 * row
+    w_down = torch.randn(32, 96, requires_grad=True)  # the down projection keeps its input too; fused, not
+    assert _saved_bytes(lambda a, b, c: torch.nn.functional.linear(lean.swiglu(a, b), c), gate, up, w_down) == (
+        3 * row + w_down.numel() * 4
+    )
+    assert _saved_bytes(lean.swiglu_linear, gate, up, w_down) == 2 * row + w_down.numel() * 4
     assert get_ops("reference", "cpu").rms_norm is lean.rms_norm
     assert get_ops("auto", "cpu").swiglu is lean.swiglu
 
