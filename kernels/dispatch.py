@@ -20,7 +20,8 @@ writes the gradient into the logits; pass clones if the inputs are needed afterw
 ``reference`` mode is plain PyTorch and runs anywhere; its fused-linear ops are the chunked
 PyTorch implementations (at most one chunk of the ``[T, V]`` logits, ~256 MiB on CPU), its
 rms_norm and swiglu the autograd Functions of :mod:`.lean` (same forward, one activation
-fewer kept for backward); the composed baselines live in :mod:`bumblefast.kernels.reference`.
+fewer kept for backward; with the lean swiglu the model's MLP also fuses it into down_proj,
+:func:`.lean.swiglu_linear`); the composed baselines live in :mod:`bumblefast.kernels.reference`.
 
 ``auto`` falls back (CUDA: Liger -> own Triton -> reference; CPU: reference). An explicitly
 requested ``liger`` or ``triton`` that cannot run on the device raises ``RuntimeError``. On

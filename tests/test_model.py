@@ -144,6 +144,40 @@ def test_logits_and_grads_match_hf(case):
         torch.testing.assert_close(p.grad, hf_params[name].grad, atol=1e-4, rtol=1e-4, msg=name)
 
 
+def test_fused_down_proj_and_peft_lora_on_it_match_hf():
+    """On CPU the MLP runs SwiGLU + down_proj as one Function (kernels/lean.py) while down_proj
+    is our DownProj; once peft wraps down_proj it takes the plain path, so the adapter's term on
+    the SwiGLU product is applied. Logits and adapter gradients equal transformers' + peft's."""
+    from peft import LoraConfig, get_peft_model
+
+    from bumblefast.model import DownProj
+
+    model = make_model(tiny_config())
+    hf = hf_from(model)
+    assert type(model.model.layers[0].mlp.down_proj) is DownProj  # the fused path (test_logits_and_grads_match_hf)
+    lora = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["gate_proj", "up_proj", "down_proj"])
+    ours, theirs = get_peft_model(model, LoraConfig(**lora)), get_peft_model(hf, LoraConfig(**lora))
+    assert type(model.model.layers[0].mlp.down_proj) is not DownProj
+    g = torch.Generator().manual_seed(11)
+    theirs_params = dict(theirs.named_parameters())
+    with torch.no_grad():  # non-zero B on both: the adapters change the output
+        for name, p in ours.named_parameters():
+            if "lora_" in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+                theirs_params[name].copy_(p)
+    ids = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(3))
+    a, b = ours(ids), theirs(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL)
+    with torch.no_grad(), ours.disable_adapter():
+        assert not torch.allclose(ours(ids), a, atol=1e-3)
+    probe = torch.randn_like(a)
+    (a * probe).sum().backward()
+    (b * probe).sum().backward()
+    for name, p in ours.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, theirs_params[name].grad, atol=1e-4, rtol=1e-4, msg=name)
+
+
 @pytest.mark.parametrize(
     "case,backend", [(c, "sdpa") for c in FAMILY_CASES] + [("qwen2", "sdpa_mask"), ("qwen3", "sdpa_mask")]
 )
