@@ -79,6 +79,13 @@ from harness import (
 BENCHDATA = ROOT / ".benchdata"
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")  # ours (DPOConfig's default) and the TRL peer
 LORA_DROPOUT = 0.0  # every side (peft's default; ours ships 0.1, which would give our side alone the masks)
+
+
+def lora_work(lora_rank: int, reference: str | None, **kw) -> dict:
+    """A DPO side's `work`: the one LoRA configuration every side runs, and its reference."""
+    return dict(lora_rank=lora_rank, lora_targets=LORA_TARGETS, lora_dropout=LORA_DROPOUT, reference=reference, **kw)
+
+
 # stage -> (real sample file in ../shared/data, the project's own demo file as fallback)
 DATA = {
     "sft": ("alpaca_zh_demo.json", "sft_alpaca.json"),
@@ -258,17 +265,7 @@ def ours_side(
     attn = inner.resolved_attn(device, dtype)  # the backend a forward in this compute dtype runs
     dpo = stage == "dpo"
     name = f"bumblefast packed{layout}, {reference} reference" if dpo else f"bumblefast packed ({attn} attention)"
-    work = (
-        dict(
-            lora_rank=lora_rank,
-            lora_targets=LORA_TARGETS,
-            lora_dropout=LORA_DROPOUT,
-            reference=reference,
-            kv_prefix=prefix,
-        )
-        if dpo
-        else None
-    )
+    work = lora_work(lora_rank, reference, kv_prefix=prefix) if dpo else None
     pairs = sum(DPOObjective.count(b) for b in batches) if dpo else None
     facts = dict(attn=attn, kernels=dict(inner.ops(device).backends), **extra)
     return side(name, step, batches, tokens, tokens, [n for b in batches for n in b.doc_lens], pairs, work, **facts)
@@ -559,12 +556,7 @@ def trl_dpo_side(init: Initial, groups: list[list[dict]], pre: bool, device, dty
         sum(int(b["input_ids"].numel()) for b in batches),
     )
     lens = [int(n) for b in batches for n in b["attention_mask"].sum(1).tolist()]
-    work = dict(
-        lora_rank=lora_rank,
-        lora_targets=LORA_TARGETS,
-        lora_dropout=LORA_DROPOUT,
-        reference="precomputed" if pre else "adapter",
-    )
+    work = lora_work(lora_rank, "precomputed" if pre else "adapter")
     return side(label, step, batches, real, computed, lens, sum(len(g) for g in groups), work, **facts, **extra)
 
 

@@ -268,9 +268,9 @@ def _sdpa(q, k, v, **kw):
     (``enable_gqa``: the flash kernel keeps k/v for backward at ``n_kv`` heads, 1/7 of the
     repeated copies at the 0.5B shape); elsewhere they are repeated, because CUDA's
     memory-efficient kernel has no GQA and would fall back to the math path."""
-    if k.shape[1] != q.shape[1] and q.device.type == "cpu":
-        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kw)
     if k.shape[1] != q.shape[1]:
+        if q.device.type == "cpu":
+            return F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kw)
         rep = q.shape[1] // k.shape[1]
         k = k.repeat_interleave(rep, dim=1)
         v = v.repeat_interleave(rep, dim=1)

@@ -64,13 +64,19 @@ class SwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         gate, up = ctx.saved_tensors
-        acc = _acc(gate.dtype)
-        g, dyf = gate.to(acc), dy.to(acc)
-        s = torch.sigmoid(g)
-        silu = g * s
-        d_up = (dyf * silu).to(up.dtype) if ctx.needs_input_grad[1] else None
-        d_gate = (dyf * up.to(acc) * s * (1 + g * (1 - s))).to(gate.dtype) if ctx.needs_input_grad[0] else None
-        return d_gate, d_up
+        return _swiglu_grads(gate, up, dy, *ctx.needs_input_grad)
+
+
+def _swiglu_grads(gate, up, dy, need_gate: bool, need_up: bool, silu=None):
+    """``(d_gate, d_up)`` of ``silu(gate) * up`` for the gradient ``dy`` of the product, computed
+    in fp32 or wider; ``silu``: the activation where the caller has it (else ``gate * sigmoid``)."""
+    acc = _acc(gate.dtype)
+    g, dyf = gate.to(acc), dy.to(acc)
+    s = torch.sigmoid(g)
+    silu = g * s if silu is None else silu.to(acc)
+    d_up = (dyf * silu).to(up.dtype) if need_up else None
+    d_gate = (dyf * up.to(acc) * s * (1 + g * (1 - s))).to(gate.dtype) if need_gate else None
+    return d_gate, d_up
 
 
 class SwiGLULinearFunction(torch.autograd.Function):
@@ -88,7 +94,6 @@ class SwiGLULinearFunction(torch.autograd.Function):
     def backward(ctx, dy):
         gate, up, weight = ctx.saved_tensors
         need_gate, need_up, need_w, need_b = ctx.needs_input_grad
-        acc = _acc(gate.dtype)
         silu = F.silu(gate)  # as the forward computed it, so the product below is the forward's
         rows = dy.reshape(-1, dy.shape[-1])
         dw = db = d_gate = d_up = None
@@ -99,12 +104,7 @@ class SwiGLULinearFunction(torch.autograd.Function):
         if ctx.has_bias and need_b:
             db = rows.sum(0)
         if need_gate or need_up:
-            dh = dy.matmul(weight).to(acc)
-            d_up = (dh * silu.to(acc)).to(up.dtype) if need_up else None
-            if need_gate:
-                g = gate.to(acc)
-                s = torch.sigmoid(g)
-                d_gate = (dh * up.to(acc) * s * (1 + g * (1 - s))).to(gate.dtype)
+            d_gate, d_up = _swiglu_grads(gate, up, dy.matmul(weight), need_gate, need_up, silu)
         return d_gate, d_up, dw, db
 
 
