@@ -10,8 +10,12 @@ gradients are needed) overwritten in place by their gradient, which is folded in
   (the Liger trick) and scaled in place by the incoming scalar gradient in backward, so the
   LM head costs 3 matmuls, as unfused.
 - ``fused_linear_logprob`` (``[n_segments]`` output, the quantity DPO needs): the per-segment
-  upstream gradient is unknown in forward, so the forward keeps only the inputs and the
-  backward recomputes each chunk's logits (4 matmuls instead of 3, memory still O(chunk*V)).
+  upstream gradient is unknown in forward, but it is one scalar per row. With a frozen weight
+  (LoRA, BumbleCore's DPO) the forward computes ``d logp / d hidden`` per row (2 matmuls, as
+  unfused) and backward scales each row by its segment's gradient. With a trained weight the
+  weight gradient sums rows of different segments, so the forward keeps only the inputs and
+  the backward recomputes each chunk's logits (4 matmuls instead of 3, memory still
+  O(chunk*V)).
 
 Autocast. A custom Function is not autocast: its forward sees the caller's dtypes (fp32
 weights under bf16 autocast) and its backward runs under whatever autocast state the thread
@@ -60,17 +64,18 @@ def default_chunk_size(n_tokens: int, hidden: int, vocab: int, device_type: str 
     return max(1, min(rows, next_pow2(n)))
 
 
-def ce_rows_torch(logits, labels, grad_out=None, scale=None, ignore_index=IGNORE_INDEX):
+def ce_rows_torch(logits, labels, grad_out=None, scale=None, ignore_index=IGNORE_INDEX, scratch=False):
     """PyTorch twin of ``triton_cross_entropy.ce_rows``: per-row loss in fp32 (0 on ignored
     rows); optionally writes ``scale[row] * (softmax - onehot)`` into ``grad_out``.
     Works in place on one fp32 ``[rows, V]`` buffer (the logits themselves when they are
-    fp32 and ``grad_out is logits``)."""
+    fp32 and ``grad_out is logits``, or when the caller passes ``scratch``: a temporary it
+    will not read again, so no ``[rows, V]`` copy is made)."""
     valid = labels != ignore_index
     safe = torch.where(valid, labels, torch.zeros_like(labels))
     target = logits.gather(1, safe[:, None]).squeeze(1).float()
     write = grad_out is not None
     x = logits.float()
-    if x is logits and not (write and grad_out is logits):
+    if x is logits and not (write and grad_out is logits) and not scratch:
         x = x.clone()  # never modify the caller's logits unless they are the grad buffer
     m = x.amax(dim=-1, keepdim=True)
     p = x.sub_(m).exp_()
@@ -109,13 +114,15 @@ def compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return torch.promote_types(hidden.dtype, weight.dtype)
 
 
-def _grad_weight_buffer(weight: torch.Tensor) -> torch.Tensor:
-    return torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-
-
-def _accumulate_grad_weight(grad_w, dlogits, h):
-    """``grad_w += dlogits.T @ h`` into the fp32 buffer ``grad_w`` (module docstring)."""
+def _accumulate_grad_weight(grad_w, dlogits, h, weight):
+    """``grad_w += dlogits.T @ h`` into the fp32 buffer ``grad_w`` (module docstring); returns
+    the buffer. ``grad_w`` None: the first chunk, whose fp32 product is the buffer itself (no
+    ``[V, H]`` zero-fill, on CPU ~0.1-1 s a step at a 152k vocabulary)."""
     a = dlogits.t()
+    if grad_w is None:
+        if a.dtype == torch.float32:
+            return a @ h
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
     if grad_w.dtype == a.dtype:
         grad_w.addmm_(a, h)
     elif (
@@ -127,6 +134,7 @@ def _accumulate_grad_weight(grad_w, dlogits, h):
         torch.addmm(grad_w, a, h, out_dtype=torch.float32, out=grad_w)
     else:
         grad_w.add_(a @ h)
+    return grad_w
 
 
 class ChunkedLinearCrossEntropyFunction(torch.autograd.Function):
@@ -154,20 +162,22 @@ class ChunkedLinearCrossEntropyFunction(torch.autograd.Function):
         n_tok = h_all.shape[0]
         chunk = chunk_size or default_chunk_size(n_tok, hidden.shape[1], weight.shape[0], hidden.device.type)
         grad_kept = torch.empty((n_tok, hidden.shape[1]), dtype=hidden.dtype, device=hidden.device) if need_h else None
-        grad_w = _grad_weight_buffer(weight) if need_w else None
+        grad_w = None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for s in range(0, n_tok, chunk):
             h = h_all[s : s + chunk]
             y = y_all[s : s + chunk]
             logits = h @ w.t()
             write = need_h or need_w
-            total += step(logits, y, grad_out=logits if write else None, ignore_index=ignore_index).sum()
+            total += step(logits, y, grad_out=logits if write else None, ignore_index=ignore_index, scratch=True).sum()
             if need_h:
                 grad_kept[s : s + chunk] = logits @ w
             if need_w:
-                _accumulate_grad_weight(grad_w, logits, h)
+                grad_w = _accumulate_grad_weight(grad_w, logits, h, weight)
         if need_w:
-            grad_w = grad_w.to(weight.dtype)
+            grad_w = (grad_w if grad_w is not None else torch.zeros(weight.shape, device=weight.device)).to(
+                weight.dtype
+            )
         grad_h = grad_kept
         if need_h and not all_rows:
             grad_h = torch.zeros_like(hidden).index_copy_(0, keep, grad_kept)
@@ -215,12 +225,19 @@ class ChunkedLinearLogprobFunction(torch.autograd.Function):
         chunk = chunk_size or default_chunk_size(n_tok, hidden.shape[1], weight.shape[0], hidden.device.type)
         out = torch.zeros(n_segments, dtype=torch.float32, device=hidden.device)
         w = weight.to(cd)
+        # a frozen weight: d(-logp)/d hidden per kept row now; backward only scales the rows
+        eager = ctx.needs_input_grad[0] and not ctx.needs_input_grad[1]
+        grad_k = torch.empty(hidden_k.shape, dtype=hidden.dtype, device=hidden.device) if eager else None
         for s in range(0, n_tok, chunk):
             logits = hidden_k[s : s + chunk] @ w.t()
-            loss = step(logits, labels_k[s : s + chunk], ignore_index=ignore_index)
+            y = labels_k[s : s + chunk]
+            loss = step(logits, y, grad_out=logits if eager else None, ignore_index=ignore_index, scratch=True)
             out.index_add_(0, segment_k[s : s + chunk], -loss)
-        ctx.save_for_backward(hidden_k, weight, labels_k, segment_k, keep)
-        ctx.n_rows, ctx.hidden_dtype = hidden.shape[0], hidden.dtype
+            if eager:
+                grad_k[s : s + chunk] = logits @ w
+        # eager: the rows' gradients replace the inputs (the same [kept, H] bytes)
+        ctx.save_for_backward(grad_k if eager else hidden_k, weight, labels_k, segment_k, keep)
+        ctx.n_rows, ctx.hidden_dtype, ctx.eager = hidden.shape[0], hidden.dtype, eager
         ctx.cfg = (ignore_index, chunk, impl, cd)
         return out
 
@@ -232,15 +249,17 @@ class ChunkedLinearLogprobFunction(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, g):
-        hidden, weight, labels, segment_ids, keep = ctx.saved_tensors  # the kept rows only, in cd
+        saved, weight, labels, segment_ids, keep = ctx.saved_tensors  # the kept rows only
         ignore_index, chunk, impl, cd = ctx.cfg
-        step = _step(impl)
-        w = weight.to(cd)
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         # d logp / d logits = onehot - softmax = -(softmax - onehot), times the segment's grad
         row_scale = (-g.float())[segment_ids].contiguous()
+        if ctx.eager:  # saved = d(-logp)/d hidden per row: scale each by its segment's gradient
+            grad_h = ChunkedLinearLogprobFunction._scatter_rows(ctx, saved * row_scale[:, None].to(saved.dtype))
+            return grad_h, None, None, None, None, None, None, None
+        hidden, step, w = saved, _step(impl), weight.to(cd)
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty(hidden.shape, dtype=ctx.hidden_dtype, device=hidden.device) if need_h else None
-        grad_w = _grad_weight_buffer(weight) if need_w else None
+        grad_w = None
         for s in range(0, hidden.shape[0], chunk):
             h = hidden[s : s + chunk]
             logits = h @ w.t()
@@ -254,14 +273,21 @@ class ChunkedLinearLogprobFunction(torch.autograd.Function):
             if need_h:
                 grad_h[s : s + chunk] = logits @ w
             if need_w:
-                _accumulate_grad_weight(grad_w, logits, h)
+                grad_w = _accumulate_grad_weight(grad_w, logits, h, weight)
         if need_h:
-            grad_h = torch.zeros((ctx.n_rows, hidden.shape[1]), dtype=grad_h.dtype, device=hidden.device).index_copy_(
-                0, keep, grad_h
-            )
+            grad_h = ChunkedLinearLogprobFunction._scatter_rows(ctx, grad_h)
         if need_w:
-            grad_w = grad_w.to(weight.dtype)
+            grad_w = (grad_w if grad_w is not None else torch.zeros(weight.shape, device=weight.device)).to(
+                weight.dtype
+            )
         return grad_h, grad_w, None, None, None, None, None, None
+
+    @staticmethod
+    def _scatter_rows(ctx, grad_kept):
+        """The kept rows' gradients into a zero ``[rows, H]`` tensor (rows without a target: 0)."""
+        _, _, _, _, keep = ctx.saved_tensors
+        out = torch.zeros((ctx.n_rows, grad_kept.shape[1]), dtype=ctx.hidden_dtype, device=grad_kept.device)
+        return out.index_copy_(0, keep, grad_kept.to(ctx.hidden_dtype))
 
 
 def fused_linear_cross_entropy(

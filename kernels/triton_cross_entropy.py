@@ -70,9 +70,12 @@ def ce_rows(
     grad_out: torch.Tensor | None = None,
     scale: torch.Tensor | None = None,
     ignore_index: int = IGNORE_INDEX,
+    scratch: bool = False,
 ) -> torch.Tensor:
     """Per-row loss (fp32, 0 on ignored rows); if ``grad_out`` is given, also write
-    ``scale[row] * (softmax - onehot)`` into it (``grad_out`` may alias ``logits``)."""
+    ``scale[row] * (softmax - onehot)`` into it (``grad_out`` may alias ``logits``).
+    ``scratch``: the torch twin's flag; this kernel never writes ``logits`` unless they are
+    ``grad_out``."""
     n_rows, n_cols = logits.shape
     assert logits.stride(1) == 1, "logits rows must be contiguous"
     loss = torch.empty(n_rows, dtype=torch.float32, device=logits.device)

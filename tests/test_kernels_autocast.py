@@ -70,6 +70,24 @@ OPS = {
 
 
 @pytest.mark.parametrize("device,impl", PATHS)
+def test_logprob_with_a_frozen_weight_makes_its_gradients_in_the_forward(device, impl):
+    """LoRA's frozen LM head: the rows' gradients are made in the bf16 forward (2 matmuls per
+    chunk) and backward runs no matmul; the hidden gradient matches the fp32 reference."""
+    fused, ref = OPS["fused_linear_logprob"]
+    h, w, y, seg = _inputs(device=device)
+    h1 = h.clone().requires_grad_()
+    with MatmulDtypes() as fwd, torch.autocast(device, dtype=torch.bfloat16):
+        out = fused(h1, w, y, seg, 8, impl)
+    with MatmulDtypes() as bwd:
+        out.backward()
+    assert set(fwd.seen) == {(torch.bfloat16, torch.bfloat16)} and bwd.seen == []
+    h2 = h.clone().requires_grad_()
+    ref(h2, w, y, seg).backward()
+    assert h1.grad.dtype == torch.float32
+    _close_bf16(h1.grad, h2.grad)
+
+
+@pytest.mark.parametrize("device,impl", PATHS)
 @pytest.mark.parametrize("op", sorted(OPS))
 @pytest.mark.parametrize("chunk", [8, None])
 def test_backward_runs_in_the_forwards_compute_dtype(op, chunk, device, impl):

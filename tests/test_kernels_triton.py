@@ -175,16 +175,19 @@ def test_fused_linear_cross_entropy(ops, dtype, chunk, reduction):
 @in_process
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("chunk", [4, None])
-def test_fused_linear_logprob(ops, dtype, chunk):
+@pytest.mark.parametrize("frozen_weight", [False, True])  # True: the rows' gradients made in forward
+def test_fused_linear_logprob(ops, dtype, chunk, frozen_weight):
     h0, w0, y = _lm_inputs(dtype, seed=5)
     seg = torch.tensor([0] * 4 + [1] * 6 + [3] * 3, device=DEVICE)  # segment 2 is empty
-    h, w, hr, wr = _leaf(h0, dtype), _leaf(w0, dtype), _leaf(h0, dtype), _leaf(w0, dtype)
+    h, hr = _leaf(h0, dtype), _leaf(h0, dtype)
+    w, wr = (w0.to(DEVICE, dtype), w0.to(DEVICE, dtype)) if frozen_weight else (_leaf(w0, dtype), _leaf(w0, dtype))
     lp = ops.fused_linear_logprob(h, w, y, seg, 4, chunk_size=chunk)
     lr = R.fused_linear_logprob(hr, wr, y, seg, 4)
     assert lp.shape == (4,) and lp.dtype == torch.float32 and lp[2] == 0
     _close(lp, lr, LOSS_TOL[dtype], "logprob fwd")
     go = torch.tensor([1.0, -0.5, 2.0, 0.3], device=DEVICE)
-    for a, b, n in zip(_grads(lp, (h, w), go), _grads(lr, (hr, wr), go), ("dh", "dw")):
+    ins, ref_ins = ((h,), (hr,)) if frozen_weight else ((h, w), (hr, wr))
+    for a, b, n in zip(_grads(lp, ins, go), _grads(lr, ref_ins, go), ("dh", "dw")):
         _close(a, b, LOSS_TOL[dtype], f"logprob {n}")
 
 
