@@ -11,9 +11,14 @@ plus the LM head, once even when tied; LoRA adapters are matmul weights too):
 - a live DPO reference (adapter disabled, or a frozen copy): one more forward of the base
   model; a precomputed reference: 0.
 
-So full training is 6 * N_matmul per token. Causal attention from the actual document lengths:
-a document of s tokens costs 2 * L * d_attn * s * (s + 1) forward (QK^T and AV, 2 * 2 * d_attn
-per visited key, each query visiting (s + 1) / 2 keys on average) and twice that backward.
+So full training is 6 * N_matmul per token. The LM head's share counts only the rows with a
+target (``head_tokens``; None: every row): a row no loss reads needs no logits, as a pair of
+tokens in different documents needs no attention score; our fused heads skip such rows (the
+prompt of an SFT or DPO sample), a peer that computes them does work no loss reads.
+
+Causal attention from the actual document lengths: a document of s tokens costs
+2 * L * d_attn * s * (s + 1) forward (QK^T and AV, 2 * 2 * d_attn per visited key, each query
+visiting (s + 1) / 2 keys on average) and twice that backward.
 Cross-document pairs are never counted because they are never computed.
 """
 
@@ -114,11 +119,25 @@ def train_flops(cfg: Any, doc_lens: Iterable[int], kv_prefix: Iterable[int] | No
 LIVE_REFERENCES = ("adapter", "copy")
 
 
-def forward_flops(cfg: Any, doc_lens: Iterable[int], kv_prefix: Iterable[int] | None = None) -> float:
+def forward_flops(
+    cfg: Any, doc_lens: Iterable[int], kv_prefix: Iterable[int] | None = None, head_tokens: int | None = None
+) -> float:
     """One forward of the base model, no backward: what reference scoring computes (the LoRA
     adapter disabled, or a frozen copy), and what a live reference adds to a DPO step."""
     doc_lens = list(doc_lens)
-    return 2.0 * matmul_params(cfg) * sum(doc_lens) + attention_flops(cfg, doc_lens, kv_prefix) / 3
+    total = 2.0 * matmul_params(cfg) * sum(doc_lens) + attention_flops(cfg, doc_lens, kv_prefix) / 3
+    return total - 2.0 * _head_rows_skipped(cfg, doc_lens, head_tokens)
+
+
+def _head_rows_skipped(cfg: Any, doc_lens: list, head_tokens: int | None) -> float:
+    """LM-head weights times the rows without a target (0 when head_tokens is None)."""
+    if head_tokens is None:
+        return 0.0
+    tokens = sum(doc_lens)
+    if not 0 <= head_tokens <= tokens:
+        raise ValueError(f"head_tokens must be between 0 and the {tokens} tokens, got {head_tokens}")
+    h, *_, vocab = _dims(cfg)
+    return float(vocab * h * (tokens - head_tokens))
 
 
 def row_flops(cfg: Any, work: Mapping[str, Any]) -> float:
@@ -129,7 +148,7 @@ def row_flops(cfg: Any, work: Mapping[str, Any]) -> float:
     if "parts" in work:
         return sum(row_flops(cfg, part) for part in work["parts"])
     if work.get("forward_only"):
-        return forward_flops(cfg, work["doc_lens"], work.get("kv_prefix"))
+        return forward_flops(cfg, work["doc_lens"], work.get("kv_prefix"), work.get("head_tokens"))
     lora = work.get("lora_rank") or 0
     return step_flops(
         cfg,
@@ -138,6 +157,7 @@ def row_flops(cfg: Any, work: Mapping[str, Any]) -> float:
         lora_targets=work.get("lora_targets", ()) if lora else (),
         reference=work.get("reference"),
         kv_prefix=work.get("kv_prefix"),
+        head_tokens=work.get("head_tokens"),
     )
 
 
@@ -162,18 +182,21 @@ def step_flops(
     lora_targets: Iterable[str] = (),
     reference: str | None = None,
     kv_prefix: Iterable[int] | None = None,
+    head_tokens: int | None = None,
 ) -> float:
     """FLOPs of one training pass over these documents, counted by what is computed (module
     docstring): full training (``lora_rank=0``) or LoRA on ``lora_targets``; ``reference`` is
     the DPO reference (``adapter``/``copy``: a live forward, ``precomputed``/None: none);
-    ``kv_prefix``: shared-prompt keys each document also attends (attention_flops)."""
+    ``kv_prefix``: shared-prompt keys each document also attends (attention_flops);
+    ``head_tokens``: the rows with a target, where the LM head is needed (None: all)."""
     doc_lens = list(doc_lens)
     tokens = sum(doc_lens)
     h, layers, *_, vocab = _dims(cfg)
     attn_fwd = attention_flops(cfg, doc_lens, kv_prefix) / 3
     base = matmul_params(cfg)
+    skipped = _head_rows_skipped(cfg, doc_lens, head_tokens)
     if not lora_rank:
-        total = 6.0 * base * tokens + 3 * attn_fwd
+        total = 6.0 * base * tokens + 3 * attn_fwd - 6.0 * skipped
     else:
         shapes = _linear_shapes(cfg)
         targets = set(lora_targets)
@@ -209,9 +232,10 @@ def step_flops(
             + 2.0 * (base + adapters - no_input_grad) * tokens
             + 2 * attn_fwd * attn_layers / layers
             + 2.0 * adapters * tokens
+            - 4.0 * skipped  # the frozen head's forward and input gradient
         )  # weight gradients: the adapters only
     if reference in LIVE_REFERENCES:
-        total += forward_flops(cfg, doc_lens, kv_prefix)
+        total += forward_flops(cfg, doc_lens, kv_prefix, head_tokens)
     elif reference not in (None, "none", "precomputed"):
         raise ValueError(f"reference must be one of {LIVE_REFERENCES}, 'precomputed' or None, got {reference!r}")
     return total

@@ -112,13 +112,48 @@ def test_dpo_step_counts_the_reference_forward_only_when_live(counted_attention,
     obj = DPOObjective(model, PrefLossConfig(), reference)
     got = counted(obj, batch_of(docs, cfg.vocab_size, dpo=True))
     want = flops.step_flops(cfg, docs, lora_rank=4, lora_targets=targets, reference=reference)
-    # the per-segment log-prob kernel recomputes the policy's logits in backward (memory for
-    # compute, like activation checkpointing): hardware FLOPs that MFU does not count
-    recompute = 2 * cfg.vocab_size * cfg.hidden_size * sum(docs)
-    assert got == want + recompute
+    # the LM head is frozen under LoRA: the per-segment log-prob kernel computes the rows'
+    # gradients in its forward and recomputes no logits, so the counter sees exactly the count
+    assert got == want
     live = flops.step_flops(cfg, docs, lora_rank=4, lora_targets=targets, reference="adapter")
     pre = flops.step_flops(cfg, docs, lora_rank=4, lora_targets=targets, reference="precomputed")
     assert live - pre == 2 * flops.matmul_params(cfg) * sum(docs) + flops.attention_flops(cfg, docs) / 3
+
+
+def test_full_dpo_recomputes_the_logits_of_its_trained_head(counted_attention):
+    """A trained LM head (full DPO): the weight gradient sums rows of different segments, so the
+    kernel keeps the inputs and recomputes each chunk's logits in backward: hardware FLOPs
+    (memory for compute, like activation checkpointing) that MFU does not count."""
+    cfg = tiny_config()
+    docs = [1] * 20
+    got = counted(
+        DPOObjective(make_model(cfg), PrefLossConfig(), "precomputed"), batch_of(docs, cfg.vocab_size, dpo=True)
+    )
+    recompute = 2 * cfg.vocab_size * cfg.hidden_size * sum(docs)
+    assert got == flops.step_flops(cfg, docs, reference="precomputed") + recompute
+
+
+@pytest.mark.parametrize("stage", ["sft", "lora_sft", "dpo"])
+def test_lm_head_counts_only_the_rows_with_a_target(counted_attention, stage):
+    """Rows without a target (an SFT/DPO prompt) need no logits: our fused heads skip them and
+    step_flops(head_tokens=) leaves them out, to the FLOP: the counter agrees."""
+    cfg = tiny_config()
+    docs = [1] * 24
+    batch = batch_of(docs, cfg.vocab_size, dpo=stage == "dpo")
+    masked = torch.arange(sum(docs)) % 3 == 0  # a third of the rows without a target
+    batch = batch.replace(labels=batch.labels.masked_fill(masked, -100), num_target_tokens=int((~masked).sum()))
+    targets = ("q_proj", "v_proj")
+    lora = dict(lora_rank=4, lora_targets=targets) if stage != "sft" else {}
+    model = lora_model(cfg, targets) if lora else make_model(cfg)
+    obj = DPOObjective(model, PrefLossConfig(), "precomputed") if stage == "dpo" else LMObjective(model)
+    got = counted(obj, batch)
+    kw = dict(reference="precomputed") if stage == "dpo" else {}
+    want = flops.step_flops(cfg, docs, head_tokens=batch.num_target_tokens, **lora, **kw)
+    assert got == want
+    skipped = flops.step_flops(cfg, docs, **lora, **kw) - want
+    assert skipped == (4 if lora else 6) * cfg.vocab_size * cfg.hidden_size * int(masked.sum())
+    with pytest.raises(ValueError, match="head_tokens must be between"):
+        flops.step_flops(cfg, docs, head_tokens=sum(docs) + 1)
 
 
 def test_matmul_part_with_long_documents():
@@ -213,9 +248,8 @@ def test_combined_row_counts_scoring_plus_policy(counted_attention):
     batch = batch_of(docs, cfg.vocab_size, dpo=True)
     scoring_flops = _count_fn(lambda: DPOObjective(model, PrefLossConfig(), "adapter").reference_logps(batch))
     policy_flops = counted(DPOObjective(model, PrefLossConfig(), "precomputed"), batch)
-    recompute = 2 * cfg.vocab_size * cfg.hidden_size * sum(docs)  # the log-prob kernel's, not counted
     policy, scoring, both = _dpo_rows(cfg, docs, targets)
-    assert scoring_flops + policy_flops == flops.row_flops(cfg, both.work) + recompute
+    assert scoring_flops + policy_flops == flops.row_flops(cfg, both.work)
     assert both.round_seconds == [2.0]
     assert flops.row_flops(cfg, both.work) == flops.row_flops(cfg, scoring.work) + flops.row_flops(cfg, policy.work)
 

@@ -273,7 +273,9 @@ def host_facts(run: Run, micro_batches: list[PackedBatch]) -> tuple[list[float],
         tokens += b.num_tokens
         capacity += b.row_capacity
         prefix = b.kv_prefix.tolist() if b.kv_prefix is not None else None
-        step_flops += flops.step_flops(run.model_config, b.doc_lens, kv_prefix=prefix, **flop_kw)
+        step_flops += flops.step_flops(
+            run.model_config, b.doc_lens, kv_prefix=prefix, head_tokens=b.num_target_tokens, **flop_kw
+        )
     return [count, tokens, capacity, step_flops], [b.sample_ids.tolist() for b in micro_batches]
 
 
