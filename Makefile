@@ -44,9 +44,15 @@ OLD_PINS_TESTS ?= tests/test_model.py tests/test_prep.py tests/test_shards.py te
 # model, prep and shards tests cover) to keep its run well inside its time
 OLD_PINS_ARGS ?=
 
-$(OLD_VENV)/.installed: pyproject.toml
+# Layered on the main venv: a .pth puts its site-packages after the old venv's own, so pip
+# installs here only what the old pins change (transformers, numpy, tokenizers, huggingface_hub,
+# streaming's cloud SDKs) and reuses the rest (torch alone is ~4 GB): ~1 min less per CI run.
+# pip leaves the main venv's copies alone (outside this environment); this venv's win on import.
+$(OLD_VENV)/.installed: pyproject.toml $(VENV)/.installed
+	rm -rf $(OLD_VENV)
 	$(PYTHON) -m venv $(OLD_VENV)
-	$(OLD_PY) -m pip install -q -U pip setuptools wheel
+	$(OLD_PY) -c 'import site, sys; open(site.getsitepackages()[0] + "/_main_venv.pth", "w").write(sys.argv[1] + "\n")' \
+	  "$$($(PY) -c 'import site; print(site.getsitepackages()[0])')"
 	$(OLD_PY) -m pip install -e '.[dev,old-pins]'
 	$(OLD_PY) -m pip check
 	$(OLD_PY) -c 'import transformers, numpy; v = transformers.__version__; assert v.startswith("4."), v; print("old pins: transformers", v, "numpy", numpy.__version__)'
