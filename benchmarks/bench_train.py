@@ -265,7 +265,8 @@ def ours_side(
     attn = inner.resolved_attn(device, dtype)  # the backend a forward in this compute dtype runs
     dpo = stage == "dpo"
     name = f"bumblefast packed{layout}, {reference} reference" if dpo else f"bumblefast packed ({attn} attention)"
-    work = lora_work(lora_rank, reference, kv_prefix=prefix) if dpo else None
+    work = lora_work(lora_rank, reference, kv_prefix=prefix) if dpo else {}
+    work["head_tokens"] = sum(b.num_target_tokens for b in batches)  # the rows the LM head must compute
     pairs = sum(DPOObjective.count(b) for b in batches) if dpo else None
     facts = dict(attn=attn, kernels=dict(inner.ops(device).backends), **extra)
     return side(name, step, batches, tokens, tokens, [n for b in batches for n in b.doc_lens], pairs, work, **facts)
@@ -728,10 +729,15 @@ def run_stage(stage: str, s: Settings, device, dtype, preset: str, peak) -> dict
         )
         groups, init = sample_groups(stage, shards, batches), Initial(cfg, device, s.optimizer)
         if stage == "dpo":
-            sides, role = dpo_sides(init, groups, batches, seq_len, device, dtype, tok, Path(tmp))
+            sides, role = dpo_sides(init, groups, batches, seq_len, device, dtype, tok, Path(tmp), s.peers)
         else:
-            sides = lm_sides(stage, init, groups, batches, seq_len, s.baseline_batch, device, dtype, tok, Path(tmp))
+            work = (stage, init, groups, batches, seq_len, s.baseline_batch, device, dtype, tok, Path(tmp))
+            sides = lm_sides(*work, peers=s.peers)
         del init  # the pristine copies: every side holds its own
+        # the peers' rows: the same samples, so the same rows with a target (flops.step_flops)
+        head = sum(b.num_target_tokens for b in batches)
+        for sd in sides:
+            sd.work.setdefault("head_tokens", head)
         # CPU: the machine's own ceiling at this model's shapes, timed in the same rounds (CUDA: MFU)
         ceiling = [H.gemm_side(H.model_gemm_shapes(cfg, seq_len * s.rows), device, dtype)] if s.gemm else []
         interleave(sides + ceiling, s.rounds, device=device, memory=s.memory)
@@ -764,14 +770,18 @@ def run_stage(stage: str, s: Settings, device, dtype, preset: str, peak) -> dict
         "attention": sides[0].facts.get("attn") if stage != "dpo" else None,
         "optimizer": s.optimizer,
         "gemm": gemm,
-        "peers_not_run": [] if HAVE_TRL else ["TRL (not installed)"],
+        "peers_not_run": ["TRL (not installed)"] if s.peers and not HAVE_TRL else [] if s.peers else ["every peer"],
     }
 
 
-def lm_sides(stage, init, groups, batches, seq_len: int, baseline_batch: int, device, dtype, tok, work) -> list[Side]:
+def lm_sides(
+    stage, init, groups, batches, seq_len: int, baseline_batch: int, device, dtype, tok, work, peers=True
+) -> list[Side]:
     """pretrain/sft: ours, transformers packed (position_ids), then pretrain: transformers on
     blocks; sft: TRL's SFTTrainer and transformers padded (BumbleCore's micro-batches)."""
     ours = ours_side(init, batches, device, dtype, stage)
+    if not peers:
+        return [ours]
     name = "transformers packed, position_ids (DataCollatorWithFlattening)"
     packed = hf_side(name, init, flattened_batches(groups, device), device, dtype)
     if stage == "pretrain":  # HF's group_texts blocks = the same rows, no document masking
@@ -808,7 +818,7 @@ def blocks_of(batches: list, seq_len: int) -> list[dict]:
     return out
 
 
-def dpo_sides(init, groups, batches, seq_len: int, device, dtype, tok, work) -> tuple[list[Side], dict]:
+def dpo_sides(init, groups, batches, seq_len: int, device, dtype, tok, work, peers=True) -> tuple[list[Side], dict]:
     """Ours (precomputed and live reference, shared prompt) and TRL's, with the reference
     scoring of each precomputed side as its own side; (sides in timing order, side per role)."""
     live = ours_side(init, batches, device, dtype, "dpo", "adapter")
@@ -822,7 +832,7 @@ def dpo_sides(init, groups, batches, seq_len: int, device, dtype, tok, work) -> 
     if dtype == torch.float32:  # like for like: the same pairs give the same log-probs
         for a, b in zip(pre.batches, shared.batches, strict=True):
             torch.testing.assert_close(b.ref_logps, a.ref_logps, rtol=1e-4, atol=1e-3)
-    if not HAVE_TRL:
+    if not (HAVE_TRL and peers):
         return [role[k] for k in ("pre", "shared", "live", "ours_ref", "shared_ref")], role
     role["trl_live"], role["trl_pre"] = trl_dpo_sides(init, pairs, device, dtype, tok, work)
     role["trl_ref"] = ref_side("TRL DPOTrainer reference scoring (compute_ref_log_probs)", role["trl_pre"])
@@ -938,6 +948,7 @@ class Settings:
     optimizer: str = "adamw"  # harness.OPTIMIZERS
     memory: bool = False  # each side's step peak memory (harness.PeakMemory)
     gemm: bool = False  # CPU: each row's share of the machine's GEMM rate at the model's shapes
+    peers: bool = True  # False: our sides only (real-ours: our step under the trainer's own allocator)
     targets: str = "tiny"  # which of TARGETS the comparisons are held to
 
 
@@ -967,6 +978,10 @@ SIZES = {  # per size: the settings of `bumblefast bench train` (steps = micro-b
         targets="real",
     ),
 }
+# real-ours (issue 29): our sides alone at the real shape, in a process of their own, so the freed
+# host memory is kept as `bumblefast train` keeps it (bumblefast/cpu_memory.py) without giving the
+# peers' sides a heap they do not run with; the share of the GEMM rate of our step as users run it
+SIZES["real-ours"] = dataclasses.replace(SIZES["real"], peers=False)
 
 
 def bench(size: str, workdir: Path) -> dict:

@@ -383,7 +383,7 @@ def train_real_table(runs: list[dict], source: str) -> str:
     """`bench train --size real` (the 0.5B shape) against issue 29's targets, and each ratio beside
     the tiny preset's in an earlier `bench all` run (the second file): how the ratios move with
     scale. Ratios are recomputed from each row's rounds (median, min-max, within noise)."""
-    from bench_train import REAL_GEMM_TARGET, REAL_MEMORY_TARGET, TARGETS
+    from bench_train import REAL_MEMORY_TARGET, TARGETS
 
     real, tiny = runs
     cfg = real["sections"]["train"]["config"]
@@ -412,11 +412,7 @@ def train_real_table(runs: list[dict], source: str) -> str:
             f"| {what} ({unit}) | {ours} vs {base} | {r['value']:.2f}x ({lo:.2f}-{hi:.2f}) | {r['verdict']} | "
             f"{met or '-'} | {t['value']:.2f}x |"
         )
-    lines += ["", "| stage | side | step peak memory MB | share of the GEMM rate |", "|---|---|---:|---:|"]
-    for stage, st in stages.items():
-        for r in st["results"]:
-            if "step_peak_mb" in r:
-                lines.append(f"| {stage} | {r['name']} | {r['step_peak_mb']:,.0f} | {r['gemm_fraction']:.0%} |")
+    lines += _gemm_lines(stages)
     ours, hf = _row(real, "sft", "bumblefast packed"), _row(real, "sft", "transformers packed, position_ids")
     mem = ours["step_peak_mb"] / hf["step_peak_mb"]
     lines += [
@@ -424,29 +420,66 @@ def train_real_table(runs: list[dict], source: str) -> str:
         f"- SFT step peak memory, ours / transformers packed: {mem:.2f} (target <= {REAL_MEMORY_TARGET}: "
         f"{'met' if mem <= REAL_MEMORY_TARGET else 'MISSED'}).",
     ]
+    return "\n".join(lines + _gemm_targets(real, stages) + _profile_lines(stages))
+
+
+def _gemm_lines(stages: dict) -> list[str]:
+    """Each measured side's step peak memory and share of the GEMM rate."""
+    lines = ["", "| stage | side | step peak memory MB | share of the GEMM rate |", "|---|---|---:|---:|"]
+    for stage, st in stages.items():
+        for r in st["results"]:
+            if "step_peak_mb" in r:
+                lines.append(f"| {stage} | {r['name']} | {r['step_peak_mb']:,.0f} | {r['gemm_fraction']:.0%} |")
+    return lines
+
+
+def _gemm_targets(run: dict, stages: dict) -> list[str]:
+    """Issue 29's GEMM-rate target, for our SFT and DPO policy steps."""
+    from bench_train import REAL_GEMM_TARGET
+
+    lines = []
     for stage, name in (("sft", "bumblefast packed"), ("dpo", "bumblefast packed, precomputed reference")):
-        g, frac = stages[stage]["gemm"], _row(real, stage, name)["gemm_fraction"]
+        g, frac = stages[stage]["gemm"], _row(run, stage, name)["gemm_fraction"]
         lines.append(
             f"- {stage} step ({name}): {frac:.0%} of the machine's GEMM rate at the model's shapes, "
             f"{g['gflops']:.0f} GFLOP/s ({g['range'][0]:.0f}-{g['range'][1]:.0f}) timed in the same rounds "
             f"(target >= {REAL_GEMM_TARGET:.0%}: {'met' if frac >= REAL_GEMM_TARGET else 'MISSED'})."
         )
+    return lines
+
+
+def _profile_lines(stages: dict) -> list[str]:
+    """Where each profiled side's step time goes (a missed share or ratio needs it)."""
     profiled = [(stage, r) for stage, st in stages.items() for r in st["results"] if r.get("profile")]
-    if profiled:  # where a share or a ratio is missed: where each side's step time goes
-        lines += [
-            "",
-            "Where the step time goes (torch.profiler, self CPU time over the sides' last 2 steps):",
-            "",
-            "| stage | side | matmul | attention | top ops (share of self time) |",
-            "|---|---|---:|---:|---|",
-        ]
-        for stage, r in profiled:
-            prof = r["profile"]
-            top = ", ".join(f"`{o['op']}` {o['share']:.0%}" for o in prof["top_ops"][:4])
-            lines.append(
-                f"| {stage} | {r['name']} | {prof['share_matmul']:.0%} | {prof['share_attention']:.0%} | {top} |"
-            )
-    return "\n".join(lines)
+    if not profiled:
+        return []
+    lines = [
+        "",
+        "Where the step time goes (torch.profiler, self CPU time over the sides' last 2 steps):",
+        "",
+        "| stage | side | matmul | attention | top ops (share of self time) |",
+        "|---|---|---:|---:|---|",
+    ]
+    for stage, r in profiled:
+        prof = r["profile"]
+        top = ", ".join(f"`{o['op']}` {o['share']:.0%}" for o in prof["top_ops"][:4])
+        lines.append(f"| {stage} | {r['name']} | {prof['share_matmul']:.0%} | {prof['share_attention']:.0%} | {top} |")
+    return lines
+
+
+def train_ours_table(run: dict, source: str) -> str:
+    """`bench train --size real-ours`: our sides alone at the 0.5B shape, in their own process,
+    with the freed host memory kept as `bumblefast train` keeps it (no peer shares the heap):
+    our steps' share of the GEMM rate as a user runs them (issue 29's target)."""
+    cfg = run["sections"]["train"]["config"]
+    stages = {st["stage"]: st for st in run["sections"]["train"]["results"]["stages"]}
+    lines = [
+        f"`bench train --size real-ours` on {run['host']} ({run['date']}, {run['device']}, {run['cpu_count']} CPUs"
+        f"{_cpu(run)}, torch {run['torch']}): our sides only, {cfg['preset']}, {cfg['dtype']}, seq {cfg['seq_len']}, "
+        f"{cfg['rounds']} interleaved rounds of {cfg['steps']} micro-batches per side, optimizer {cfg['optimizer']}; "
+        f"{_malloc(run).replace(' for every side', '')}`{source}`:",
+    ]
+    return "\n".join(lines + _gemm_lines(stages) + [""] + _gemm_targets(run, stages) + _profile_lines(stages))
 
 
 def demo_runs_table(run: dict[str, Any], source: str) -> str:
@@ -458,6 +491,7 @@ def demo_runs_table(run: dict[str, Any], source: str) -> str:
 TABLES = {
     "demo_runs": demo_runs_table,
     "train_real": train_real_table,
+    "train_ours": train_ours_table,
     "serve": serve_table,
     "shared_prompt": shared_prompt_table,
     "prep_scale": prep_scale_table,

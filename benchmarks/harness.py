@@ -74,7 +74,8 @@ def ref_side(name: str, policy: Side) -> Side:
     """The reference scoring of a precomputed-reference side, timed over the same batches: one
     forward of the base model per batch (no LoRA training, no backward)."""
     w = policy.work
-    work = {"doc_lens": w["doc_lens"], "kv_prefix": w.get("kv_prefix"), "forward_only": True}
+    work = {"doc_lens": w["doc_lens"], "kv_prefix": w.get("kv_prefix"), "head_tokens": w.get("head_tokens")}
+    work["forward_only"] = True
     return policy.with_(name=name, step=policy.facts["ref_step"], work=work, target=None)
 
 

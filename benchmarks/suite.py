@@ -188,7 +188,7 @@ def cli_main(args) -> int:
         raise UserError(f"bench {args.what}: unexpected arguments {args.results} (only `bench report` takes files)")
     which = list(SECTIONS) if args.what == "all" else [args.what]
     size = args.size or default_size()  # argparse checked --size against SIZES
-    if size == "real" and which != ["train"]:
+    if size.startswith("real") and which != ["train"]:
         raise UserError("--size real is the train section's (the 0.5B shape): `bumblefast bench train --size real`")
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID`: where a long run is
     report = run(which, size, progress=not args.no_progress)

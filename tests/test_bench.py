@@ -4,6 +4,7 @@ smoke run of the whole suite at minimum sizes."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import subprocess
 import sys
@@ -408,6 +409,10 @@ def test_size_real_is_the_train_sections_only():
     assert real.preset == "bumblebee-0.5b" and real.stages == ("sft", "dpo") and real.rounds >= 3
     assert real.optimizer == "sgd" and real.memory and real.gemm and real.profile
     assert main(["bench", "prep", "--size", "real"]) == 1  # a UserError: names the train section
+    # real-ours: the same run with our sides only (their own process, the trainer's allocator)
+    ours = bench_train.SIZES["real-ours"]
+    assert not ours.peers and dataclasses.replace(ours, peers=True) == real
+    assert main(["bench", "prep", "--size", "real-ours"]) == 1
 
 
 def test_scaling_ratios_carry_the_timed_steps_spread_and_a_verdict():
