@@ -731,8 +731,8 @@ def run_stage(stage: str, s: Settings, device, dtype, preset: str, peak) -> dict
         if stage == "dpo":
             sides, role = dpo_sides(init, groups, batches, seq_len, device, dtype, tok, Path(tmp), s.peers)
         else:
-            work = (stage, init, groups, batches, seq_len, s.baseline_batch, device, dtype, tok, Path(tmp))
-            sides = lm_sides(*work, peers=s.peers)
+            args = (stage, init, groups, batches, seq_len, s.baseline_batch, device, dtype, tok, Path(tmp))
+            sides = lm_sides(*args, peers=s.peers)
         del init  # the pristine copies: every side holds its own
         # the peers' rows: the same samples, so the same rows with a target (flops.step_flops)
         head = sum(b.num_target_tokens for b in batches)

@@ -316,6 +316,8 @@ def fused_linear_logprob(
     impl="torch",
 ):
     """Summed target log-probs per segment ``[n_segments]`` (fp32) without materialising logits."""
+    if not torch.is_grad_enabled():  # no backward will come: skip the frozen-weight eager gradients
+        hidden, weight = hidden.detach(), weight.detach()
     return ChunkedLinearLogprobFunction.apply(
         hidden, weight, labels, segment_ids, int(n_segments), ignore_index, chunk_size, impl
     )

@@ -229,6 +229,22 @@ def test_chunked_logprob_matches_reference(chunk, frozen_weight):
         torch.testing.assert_close(w1.grad, w2.grad, **TOL)
 
 
+def test_logprob_under_no_grad_makes_no_gradients(monkeypatch):
+    """Scoring (no_grad) with inputs that require grad: the forward computes the log-probs only
+    (no eager row gradients for the backward that cannot come) and equals the grad-mode value."""
+    h, w, y = _inputs(seed=4)
+    seg = torch.repeat_interleave(torch.arange(5), torch.tensor([4, 6, 0, 9, 4]))
+    h.requires_grad_()
+    want = fused_linear.fused_linear_logprob(h, w, y, seg, 5, chunk_size=7).detach()
+    mms = []
+    real_mm = torch.Tensor.__matmul__
+    monkeypatch.setattr(torch.Tensor, "__matmul__", lambda a, b: mms.append(1) or real_mm(a, b))
+    with torch.no_grad():
+        got = fused_linear.fused_linear_logprob(h, w, y, seg, 5, chunk_size=7)
+    assert len(mms) == -(-int((y != -100).sum()) // 7)  # one logits matmul per chunk, nothing else
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_dispatch_reference_ops_equal_reference_functions():
     ops = get_ops("reference", "cpu")
     h, w, y = _inputs(seed=4)
