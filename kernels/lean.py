@@ -77,10 +77,11 @@ def _swiglu_grads(gate, up, dy, need_gate: bool, need_up: bool, silu=None):
     if need_up:
         d_up = (dyf * (g * s if silu is None else silu.to(acc))).to(up.dtype)
     d_gate = None
-    if need_gate:  # dy * up * s * (1 + g * (1 - s)) in place in one buffer: on CPU a fresh [T, I]
-        # block often faults its pages in (docs/LOG.md, issue 29), ~4 fewer per layer backward
-        d_gate = torch.sub(1, s).mul_(g).add_(1).mul_(s).mul_(dyf).mul_(up)
-        d_gate = d_gate.to(gate.dtype)
+    if need_gate:  # dy * up * s * (1 + g * (1 - s)) in two buffers, each product the one the
+        # plain expression forms (bit-identical): on CPU a fresh [T, I] block often faults its pages
+        # in (docs/LOG.md, issue 29), and the plain expression allocates six
+        t = torch.sub(1, s).mul_(g).add_(1)
+        d_gate = (dyf * up.to(acc)).mul_(s).mul_(t).to(gate.dtype)
     return d_gate, d_up
 
 

@@ -229,6 +229,20 @@ def test_chunked_logprob_matches_reference(chunk, frozen_weight):
         torch.testing.assert_close(w1.grad, w2.grad, **TOL)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lean_swiglu_grads_are_the_plain_expression_bit_for_bit(dtype):
+    """The in-place SwiGLU gradient forms the plain expression's products in its order: training
+    trajectories (the demo's, fp32 on CPU) do not move by a bit."""
+    from bumblefast.kernels import lean
+
+    g, u, dy = (torch.randn(64, 96, generator=torch.Generator().manual_seed(i)).to(dtype) for i in range(3))
+    d_gate, d_up = lean._swiglu_grads(g, u, dy, True, True)
+    gf, uf, dyf = g.float(), u.float(), dy.float()
+    s = torch.sigmoid(gf)
+    assert torch.equal(d_gate, (dyf * uf * s * (1 + gf * (1 - s))).to(dtype))
+    assert torch.equal(d_up, (dyf * (gf * s)).to(dtype))
+
+
 def test_logprob_under_no_grad_makes_no_gradients(monkeypatch):
     """Scoring (no_grad) with inputs that require grad: the forward computes the log-probs only
     (no eager row gradients for the backward that cannot come) and equals the grad-mode value."""
