@@ -770,8 +770,15 @@ def run_stage(stage: str, s: Settings, device, dtype, preset: str, peak) -> dict
         "attention": sides[0].facts.get("attn") if stage != "dpo" else None,
         "optimizer": s.optimizer,
         "gemm": gemm,
-        "peers_not_run": ["TRL (not installed)"] if s.peers and not HAVE_TRL else [] if s.peers else ["every peer"],
+        "peers_not_run": peers_not_run(s.peers),
     }
+
+
+def peers_not_run(peers: bool) -> list[str]:
+    """The peers a stage left out, and why (the report names them)."""
+    if not peers:
+        return ["every peer"]
+    return [] if HAVE_TRL else ["TRL (not installed)"]
 
 
 def lm_sides(

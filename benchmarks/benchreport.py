@@ -109,10 +109,12 @@ def _cpu(report: dict[str, Any]) -> str:
     return f" ({report['cpu']})" if report.get("cpu") else ""
 
 
-def _malloc(report: dict[str, Any]) -> str:
+def _malloc(report: dict[str, Any], every_side: bool = True) -> str:
     """The host allocator setting a report recorded (since 2026-12-03): process-wide, so every
-    side of the run had it."""
-    return f"host memory: {report['malloc']} for every side; " if report.get("malloc") else ""
+    side of the run had it (`every_side` False: a run of our sides only says just the setting)."""
+    if not report.get("malloc"):
+        return ""
+    return f"host memory: {report['malloc']}{' for every side' if every_side else ''}; "
 
 
 def _run(report: dict[str, Any], source: str) -> str:
@@ -477,7 +479,7 @@ def train_ours_table(run: dict, source: str) -> str:
         f"`bench train --size real-ours` on {run['host']} ({run['date']}, {run['device']}, {run['cpu_count']} CPUs"
         f"{_cpu(run)}, torch {run['torch']}): our sides only, {cfg['preset']}, {cfg['dtype']}, seq {cfg['seq_len']}, "
         f"{cfg['rounds']} interleaved rounds of {cfg['steps']} micro-batches per side, optimizer {cfg['optimizer']}; "
-        f"{_malloc(run).replace(' for every side', '')}`{source}`:",
+        f"{_malloc(run, every_side=False)}`{source}`:",
     ]
     return "\n".join(lines + _gemm_lines(stages) + [""] + _gemm_targets(run, stages) + _profile_lines(stages))
 

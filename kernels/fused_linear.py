@@ -137,6 +137,19 @@ def _accumulate_grad_weight(grad_w, dlogits, h, weight):
     return grad_w
 
 
+def _finish_grad_weight(grad_w, weight):
+    """The accumulated fp32 weight gradient in the weight's dtype (zeros when no row had a target)."""
+    if grad_w is None:
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+    return grad_w.to(weight.dtype)
+
+
+def _scatter_rows(grad_kept, keep, n_rows: int, dtype):
+    """The kept rows' gradients into a zero ``[n_rows, H]`` tensor (rows without a target: 0)."""
+    out = torch.zeros((n_rows, grad_kept.shape[1]), dtype=dtype, device=grad_kept.device)
+    return out.index_copy_(0, keep, grad_kept.to(dtype))
+
+
 class ChunkedLinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, reduction, ignore_index, chunk_size, impl):
@@ -175,12 +188,10 @@ class ChunkedLinearCrossEntropyFunction(torch.autograd.Function):
             if need_w:
                 grad_w = _accumulate_grad_weight(grad_w, logits, h, weight)
         if need_w:
-            grad_w = (grad_w if grad_w is not None else torch.zeros(weight.shape, device=weight.device)).to(
-                weight.dtype
-            )
+            grad_w = _finish_grad_weight(grad_w, weight)
         grad_h = grad_kept
         if need_h and not all_rows:
-            grad_h = torch.zeros_like(hidden).index_copy_(0, keep, grad_kept)
+            grad_h = _scatter_rows(grad_kept, keep, hidden.shape[0], hidden.dtype)
         n_valid = torch.tensor(n_tok, device=hidden.device)
         if reduction == "mean":
             total = total / n_valid
@@ -254,7 +265,7 @@ class ChunkedLinearLogprobFunction(torch.autograd.Function):
         # d logp / d logits = onehot - softmax = -(softmax - onehot), times the segment's grad
         row_scale = (-g.float())[segment_ids].contiguous()
         if ctx.eager:  # saved = d(-logp)/d hidden per row: scale each by its segment's gradient
-            grad_h = ChunkedLinearLogprobFunction._scatter_rows(ctx, saved * row_scale[:, None].to(saved.dtype))
+            grad_h = _scatter_rows(saved * row_scale[:, None].to(saved.dtype), keep, ctx.n_rows, ctx.hidden_dtype)
             return grad_h, None, None, None, None, None, None, None
         hidden, step, w = saved, _step(impl), weight.to(cd)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -275,19 +286,10 @@ class ChunkedLinearLogprobFunction(torch.autograd.Function):
             if need_w:
                 grad_w = _accumulate_grad_weight(grad_w, logits, h, weight)
         if need_h:
-            grad_h = ChunkedLinearLogprobFunction._scatter_rows(ctx, grad_h)
+            grad_h = _scatter_rows(grad_h, keep, ctx.n_rows, ctx.hidden_dtype)
         if need_w:
-            grad_w = (grad_w if grad_w is not None else torch.zeros(weight.shape, device=weight.device)).to(
-                weight.dtype
-            )
+            grad_w = _finish_grad_weight(grad_w, weight)
         return grad_h, grad_w, None, None, None, None, None, None
-
-    @staticmethod
-    def _scatter_rows(ctx, grad_kept):
-        """The kept rows' gradients into a zero ``[rows, H]`` tensor (rows without a target: 0)."""
-        _, _, _, _, keep = ctx.saved_tensors
-        out = torch.zeros((ctx.n_rows, grad_kept.shape[1]), dtype=ctx.hidden_dtype, device=grad_kept.device)
-        return out.index_copy_(0, keep, grad_kept.to(ctx.hidden_dtype))
 
 
 def fused_linear_cross_entropy(

@@ -106,7 +106,7 @@ class SwiGLULinearFunction(torch.autograd.Function):
         if need_w:
             h = silu * up
             dw = rows.t().mm(h.reshape(-1, h.shape[-1])).to(weight.dtype)
-            del h  # freed before the input gradients allocate theirs: the block is reused
+            del h  # freed before the input gradients allocate theirs
         if ctx.has_bias and need_b:
             db = rows.sum(0)
         if need_gate or need_up:
