@@ -77,9 +77,9 @@ def _swiglu_grads(gate, up, dy, need_gate: bool, need_up: bool, silu=None):
     if need_up:
         d_up = (dyf * (g * s if silu is None else silu.to(acc))).to(up.dtype)
     d_gate = None
-    if need_gate:  # dy * up * s * (1 + g * (1 - s)) in two buffers, each product the one the
-        # plain expression forms (bit-identical): on CPU a fresh [T, I] block often faults its pages
-        # in (docs/LOG.md, issue 29), and the plain expression allocates six
+    if need_gate:  # dy * up * s * (1 + g * (1 - s)) in two [T, I] buffers instead of the plain
+        # expression's six, each product the one it forms (bit-identical: the demo's fp32
+        # trajectory follows the rounding, docs/LOG.md issue 29)
         t = torch.sub(1, s).mul_(g).add_(1)
         d_gate = (dyf * up.to(acc)).mul_(s).mul_(t).to(gate.dtype)
     return d_gate, d_up
