@@ -56,6 +56,7 @@ from datetime import date
 from pathlib import Path
 
 import harness as H
+import stepprofile
 import torch
 from harness import (
     DEMO,
@@ -71,7 +72,6 @@ from harness import (
     prepare,
     ref_side,
     side,
-    sync,
 )
 
 # the same files copied into the checkout (`make gpu-wheels`), so a GPU run, which gets the
@@ -122,37 +122,6 @@ def load_batches(shards: Path, rows_per_batch: int, n: int, device) -> list:
     return batches
 
 
-def profile_steps(step, batches: list[dict], device, top: int = 15) -> dict:
-    """torch.profiler over a few steps: where the time goes (what holds MFU back). Ops by self
-    time on the device (CPU when there is none), with the share of matmuls and attention."""
-    from torch.profiler import ProfilerActivity, profile
-
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=acts) as prof:
-        for b in batches:
-            step(b)
-        sync(device)
-    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    events = [e for e in prof.key_averages() if getattr(e, key, 0) > 0]
-    total = sum(getattr(e, key) for e in events) or 1.0
-
-    def share(*needles: str) -> float:
-        return sum(getattr(e, key) for e in events if any(n in e.key.lower() for n in needles)) / total
-
-    events.sort(key=lambda e: getattr(e, key), reverse=True)
-    return {
-        "steps": len(batches),
-        "time_basis": key,
-        "total_ms": total / 1e3,
-        "share_matmul": share("mm", "gemm", "linear", "matmul", "cutlass", "sm90_xmma", "nvjet"),
-        "share_attention": share("flash", "attention", "sdpa", "fmha"),
-        "top_ops": [
-            {"op": e.key, "self_ms": getattr(e, key) / 1e3, "share": getattr(e, key) / total, "calls": e.count}
-            for e in events[:top]
-        ],
-    }
-
-
 def profile_lines(title: str, prof: dict, top: int = 10) -> list[str]:
     lines = [
         "",
@@ -163,7 +132,8 @@ def profile_lines(title: str, prof: dict, top: int = 10) -> list[str]:
         "|---|---:|---:|---:|",
     ]
     lines += [
-        f"| `{o['op'][:60]}` | {o['self_ms']:.1f} | {o['share']:.1%} | {o['calls']} |" for o in prof["top_ops"][:top]
+        f"| `{o['op'][:60]}` | {o['self_ms']:.1f} | {o['share']:.1%} | {o.get('calls', '')} |"
+        for o in prof["top_ops"][:top]
     ]
     return lines
 
@@ -759,7 +729,7 @@ def run_stage(stage: str, s: Settings, device, dtype, preset: str, peak) -> dict
             by = {r["name"]: r for r in rows}
             policy = [role[k] for k in ("pre", "shared", "trl_pre") if k in role] if stage == "dpo" else sides
             for sd in policy:
-                by[sd.name]["profile"] = profile_steps(sd.step, sd.batches[-2:], device)
+                by[sd.name]["profile"] = stepprofile.profile_steps(sd.step, sd.batches[-2:], device)
     return {
         "stage": stage,
         "data": data.name,
@@ -1076,7 +1046,9 @@ def parse_args(argv=None) -> tuple[Settings, Path]:
     p.add_argument("--out", default=str(H.RESULTS))
     p.add_argument("--quick", action="store_true", help="tiny sizes for CI")
     p.add_argument(
-        "--profile", action="store_true", help="torch.profiler summary of 2 steps of each side (dpo: policy steps)"
+        "--profile",
+        action="store_true",
+        help="where 2 steps of each side spend their time (dpo: policy steps; stepprofile)",
     )
     p.add_argument("--tokenizer", default=None, help="a tokenizer folder (default: train one of --vocab tokens)")
     p.add_argument("--optimizer", default="adamw", choices=H.OPTIMIZERS, help="every side's optimizer")

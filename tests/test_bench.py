@@ -433,3 +433,57 @@ def test_scaling_ratios_carry_the_timed_steps_spread_and_a_verdict():
     assert BL.ratio("2 vs 1", S.measurement(run(2, [0.5, 0.55, 0.45], 2000)), one)["verdict"] == "faster"
     assert BL.ratio("2 vs 1", S.measurement(run(2, [1.0, 0.8, 1.2])), one)["verdict"] == "within noise"
     assert BL.check_ratio(BL.ratio("2 vs 1", S.measurement(run(2, [1.0, 0.8, 1.2])), one)) == []
+
+
+PERF_REPORT = """\
+# Samples: 3K of event 'cpu-clock:pppH'
+#
+# Overhead       Samples  Shared Object        Symbol
+# ........  ............  ...................  ......
+#
+    80.00%          2400  libtorch_cpu.so      [.] mkl_blas_def_sgemm_kernel_0_zen
+     5.00%           150  libtorch_cpu.so      [.] mkl_blas_def_sgemm_scopy_down16_bdz
+     6.00%           180  libtorch_cpu.so      [.] callback_fn<at::native::AVX2::Loop2d<at::native::mul_kernel(...)> >
+     3.00%            90  libtorch_cpu.so      [.] at::native::cpu_flash_attention_backward<float>()
+     4.00%           120  libgomp.so.1         [.] 0x000000000001e02a
+     2.00%            60  [kernel.kallsyms]    [k] clear_page_erms
+"""
+
+
+def test_perf_summary_groups_samples_by_function_family():
+    import stepprofile
+
+    prof = stepprofile.perf_summary(PERF_REPORT, steps=2)
+    ops = {o["op"]: o for o in prof["top_ops"]}
+    assert prof["steps"] == 2 and prof["time_basis"].startswith("perf")
+    # the GEMM kernel and its packing copies are one family; 2,550 samples at PERF_HZ
+    assert ops["sgemm (MKL)"]["self_ms"] == pytest.approx(2550 * 1e3 / stepprofile.PERF_HZ)
+    assert set(ops) == {
+        "sgemm (MKL)",
+        "mul_kernel",
+        "flash attention (CPU)",
+        "OpenMP (barrier waits)",
+        "kernel (page faults, scheduling)",
+    }
+    assert prof["share_matmul"] == pytest.approx(0.85)
+    assert prof["share_attention"] == pytest.approx(0.03)
+    assert [o["op"] for o in prof["top_ops"]][:2] == ["sgemm (MKL)", "mul_kernel"]
+    assert sum(o["share"] for o in prof["top_ops"]) == pytest.approx(1.0)
+
+
+def test_step_profile_of_a_matmul_loop_is_mostly_matmul():
+    """perf where it can attach to this process (the CPU path the benchmarks publish), else the
+    torch.profiler fallback: either way a step of large matmuls is mostly matmul."""
+    import stepprofile
+    import torch
+
+    a, b = torch.randn(512, 512), torch.randn(512, 512)
+
+    def step(_):
+        for _ in range(400):
+            a @ b
+
+    prof = stepprofile.profile_steps(step, [0, 0], torch.device("cpu"))
+    assert prof["steps"] == 2
+    assert prof["time_basis"].startswith(("perf", "torch.profiler"))
+    assert prof["share_matmul"] > 0.5, prof["top_ops"][:3]
