@@ -172,24 +172,30 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def gemm_side(shapes: list[tuple[int, int, int]], device, dtype, reps: int = 2) -> Side:
-    """The machine's matmul rate at a model's own GEMM shapes ([m, k] @ [k, n], `reps` times each
-    per round) as a side timed in the same interleaved rounds as the training sides, so the
-    ceiling is measured under the same conditions; gemm_gflops(side) reads it. On CPU the
-    ceiling a step's useful FLOPs are held against (on CUDA: MFU, the peak)."""
+def gemm_side(shapes: list[tuple[int, int, int, int]], device, dtype, reps: int = 1) -> Side:
+    """The machine's matmul rate at a model's own GEMMs, as a side timed in the same interleaved
+    rounds as the training sides, so the ceiling is measured under the same conditions;
+    gemm_gflops(side) reads it. Each (m, k, n, count) is a linear layer's [m, k] input and [n, k]
+    weight, run `count` times per rep in all three layouts of its training step: the forward
+    x @ W.t(), the input gradient g @ W and the weight gradient g.t() @ x, so the ceiling is the
+    rate of the GEMM mix a step runs (model_gemm_shapes). On CPU the ceiling a step's useful
+    FLOPs are held against (on CUDA: MFU, the peak)."""
     import torch
 
-    mats = [
-        (torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype))
-        for m, k, n in shapes
-    ]
+    def randn(*size):
+        return torch.randn(*size, device=device, dtype=dtype)
+
+    mats = [(randn(m, k), randn(n, k), randn(m, n), count) for m, k, n, count in shapes]
 
     def step(_):
         for _ in range(reps):
-            for a, b in mats:
-                a @ b
+            for x, w, g, count in mats:
+                for _ in range(count):
+                    x @ w.t()
+                    g @ w
+                    g.t() @ x
 
-    flops = 2 * reps * sum(m * k * n for m, k, n in shapes)
+    flops = 2 * 3 * reps * sum(m * k * n * count for m, k, n, count in shapes)
     return Side("GEMM at the model's shapes", step, [0], work={"flops": flops}, facts={"shapes": shapes})
 
 
@@ -200,19 +206,24 @@ def gemm_gflops(side: Side) -> dict:
     return {"gflops": f / med, "range": [f / hi, f / lo], "shapes": [list(x) for x in side.facts["shapes"]]}
 
 
-def model_gemm_shapes(cfg, tokens: int) -> list[tuple[int, int, int]]:
-    """The forward matmuls of one decoder layer and the LM head for `tokens` rows (q/k/v/o, gate/up/down)."""
-    h, heads = cfg.hidden_size, cfg.num_attention_heads
+def model_gemm_shapes(cfg, tokens: int) -> list[tuple[int, int, int, int]]:
+    """The linear layers of a step over `tokens` rows as (m, k, n, count): per decoder layer
+    q, k + v, o, gate + up, down, and the LM head in the CPU fused head's chunks of the full
+    vocabulary (kernels.fused_linear.default_chunk_size)."""
+    from bumblefast.kernels.fused_linear import default_chunk_size
+
+    h, heads, layers = cfg.hidden_size, cfg.num_attention_heads, cfg.num_hidden_layers
     d = getattr(cfg, "head_dim", None) or h // heads
     kv = cfg.num_key_value_heads * d
     inter = cfg.intermediate_size
+    chunk = min(tokens, default_chunk_size(tokens, h, cfg.vocab_size, "cpu"))
     return [
-        (tokens, h, heads * d),
-        (tokens, h, kv),
-        (tokens, heads * d, h),
-        (tokens, h, inter),
-        (tokens, inter, h),
-        (tokens, h, min(cfg.vocab_size, 32768)),  # an LM-head chunk
+        (tokens, h, heads * d, layers),
+        (tokens, h, kv, 2 * layers),
+        (tokens, heads * d, h, layers),
+        (tokens, h, inter, 2 * layers),
+        (tokens, inter, h, layers),
+        (chunk, h, cfg.vocab_size, -(-tokens // chunk)),
     ]
 
 

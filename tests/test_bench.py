@@ -378,13 +378,32 @@ def test_gemm_side_rate_is_its_flops_over_the_median_round():
     import torch
 
     H = _harness()
-    g = H.gemm_side([(64, 32, 16), (8, 8, 8)], torch.device("cpu"), torch.float32, reps=3)
-    assert g.work["flops"] == 2 * 3 * (64 * 32 * 16 + 8 * 8 * 8)
+    g = H.gemm_side([(64, 32, 16, 2), (8, 8, 8, 1)], torch.device("cpu"), torch.float32, reps=3)
+    # each linear in its three layouts (forward, input and weight gradient), `count` times a rep
+    assert g.work["flops"] == 2 * 3 * 3 * (64 * 32 * 16 * 2 + 8 * 8 * 8)
     H.interleave([g], 3)
     g.round_seconds = [4.0, 1.0, 2.0]  # the rate is read from the rounds, whatever ran them
     rate = H.gemm_gflops(g)
     assert rate["gflops"] == pytest.approx(g.work["flops"] / 2.0 / 1e9)
     assert rate["range"] == pytest.approx([g.work["flops"] / 4.0 / 1e9, g.work["flops"] / 1e9])
+
+
+def test_model_gemm_shapes_are_the_step_linears_and_its_head_chunks():
+    from bumblefast import flops
+    from bumblefast.kernels.fused_linear import default_chunk_size
+
+    H = _harness()
+    cfg = H.model_config("bumblebee-0.5b", 151936)
+    shapes = H.model_gemm_shapes(cfg, 1024)
+    chunk = default_chunk_size(1024, cfg.hidden_size, cfg.vocab_size, "cpu")
+    assert shapes[-1] == (chunk, cfg.hidden_size, cfg.vocab_size, 1024 // chunk)
+    # the layers' multiply-adds are the non-embedding linear parameters times the tokens
+    layer_macs = sum(m * k * n * c for m, k, n, c in shapes[:-1])
+    linear = flops.param_count(cfg) - cfg.vocab_size * cfg.hidden_size  # tied head: counted once
+    kv = cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
+    # per layer two RMSNorm weights and the q, k, v biases; the final norm
+    norms_biases = cfg.num_hidden_layers * (2 * cfg.hidden_size + cfg.hidden_size + 2 * kv) + cfg.hidden_size
+    assert layer_macs == 1024 * (linear - norms_biases)
 
 
 def test_optimizer_is_adamw_or_sgd_over_trainable_parameters():
