@@ -455,9 +455,12 @@ def _profile_lines(stages: dict) -> list[str]:
     profiled = [(stage, r) for stage, st in stages.items() for r in st["results"] if r.get("profile")]
     if not profiled:
         return []
+    from stepprofile import describe
+
+    bases = {r["profile"]["time_basis"] for _, r in profiled}
     lines = [
         "",
-        f"Where the step time goes ({_profile_basis(profiled)} over the sides' last 2 steps):",
+        f"Where the step time goes ({'; '.join(sorted(describe(b) for b in bases))} over the sides' last 2 steps):",
         "",
         "| stage | side | matmul | attention | top ops (share of the profiled time) |",
         "|---|---|---:|---:|---|",
@@ -467,19 +470,6 @@ def _profile_lines(stages: dict) -> list[str]:
         top = ", ".join(f"`{o['op']}` {o['share']:.0%}" for o in prof["top_ops"][:4])
         lines.append(f"| {stage} | {r['name']} | {prof['share_matmul']:.0%} | {prof['share_attention']:.0%} | {top} |")
     return lines
-
-
-def _profile_basis(profiled: list) -> str:
-    """What the profiles measured (stepprofile.py): perf's CPU samples or torch.profiler's self time."""
-    bases = sorted({r["profile"]["time_basis"] for _, r in profiled})
-    return "; ".join(
-        "perf's CPU samples by function, the GEMMs inside CPU flash attention counted as matmul"
-        if b.startswith("perf")
-        else "torch.profiler, self CPU time"
-        if b.endswith("self_cpu_time_total")
-        else f"torch.profiler, {b}"
-        for b in bases
-    )
 
 
 def train_ours_table(run: dict, source: str) -> str:

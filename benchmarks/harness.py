@@ -207,24 +207,16 @@ def gemm_gflops(side: Side) -> dict:
 
 
 def model_gemm_shapes(cfg, tokens: int) -> list[tuple[int, int, int, int]]:
-    """The linear layers of a step over `tokens` rows as (m, k, n, count): per decoder layer
-    q, k + v, o, gate + up, down, and the LM head in the CPU fused head's chunks of the full
-    vocabulary (kernels.fused_linear.default_chunk_size)."""
+    """The linear layers of a step over `tokens` rows as (m, k, n, count): each decoder-layer
+    linear of flops.linear_shapes once per layer, and the LM head in the CPU fused head's chunks
+    of the full vocabulary (kernels.fused_linear.default_chunk_size)."""
+    from bumblefast import flops
     from bumblefast.kernels.fused_linear import default_chunk_size
 
-    h, heads, layers = cfg.hidden_size, cfg.num_attention_heads, cfg.num_hidden_layers
-    d = getattr(cfg, "head_dim", None) or h // heads
-    kv = cfg.num_key_value_heads * d
-    inter = cfg.intermediate_size
-    chunk = min(tokens, default_chunk_size(tokens, h, cfg.vocab_size, "cpu"))
-    return [
-        (tokens, h, heads * d, layers),
-        (tokens, h, kv, 2 * layers),
-        (tokens, heads * d, h, layers),
-        (tokens, h, inter, 2 * layers),
-        (tokens, inter, h, layers),
-        (chunk, h, cfg.vocab_size, -(-tokens // chunk)),
-    ]
+    h, layers, vocab = cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size
+    chunk = min(tokens, default_chunk_size(tokens, h, vocab, "cpu"))
+    linears = [(tokens, i, o, layers) for i, o in flops.linear_shapes(cfg).values()]
+    return linears + [(chunk, h, vocab, -(-tokens // chunk))]
 
 
 def _time_round(s: Side, device) -> float:

@@ -55,7 +55,7 @@ def perf_steps(step, batches: list, top: int = 15) -> dict | None:
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "perf.data"
         cmd = ["perf", "record", "-F", str(PERF_HZ), "-p", str(os.getpid()), "-o", str(data)]
-        rec = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        rec = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(1.0)  # attached by then (perf has no ready signal)
         if rec.poll() is not None:
             return None  # e.g. perf_event_paranoid forbids it
@@ -99,6 +99,15 @@ def short_name(dso: str, kind: str, sym: str) -> str:
     if dso.startswith("libpython"):
         return "Python"
     return f"other in {dso}"
+
+
+def describe(basis: str) -> str:
+    """A profile's `time_basis` in words, for the reports (older results say `self_cpu_time_total`)."""
+    if basis.startswith("perf"):
+        return "perf's CPU samples by function, the GEMMs inside CPU flash attention counted as matmul"
+    if basis.endswith("self_cpu_time_total"):
+        return "torch.profiler, self CPU time"
+    return f"torch.profiler, {basis}"
 
 
 def summary(ops: list[tuple], steps: int, basis: str, top: int, calls: bool = False) -> dict:

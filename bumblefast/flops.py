@@ -97,7 +97,7 @@ def matmul_params(cfg: Any) -> int:
     """Weights each token is multiplied by: every layer's weight matrices and the LM head (not
     the embedding lookup, biases or norms, which add or scale)."""
     h, layers, *_, vocab = _dims(cfg)
-    return layers * sum(i * o for i, o in _linear_shapes(cfg).values()) + vocab * h
+    return layers * sum(i * o for i, o in linear_shapes(cfg).values()) + vocab * h
 
 
 def attention_flops(cfg: Any, doc_lens: Iterable[int], kv_prefix: Iterable[int] | None = None) -> float:
@@ -161,7 +161,7 @@ def row_flops(cfg: Any, work: Mapping[str, Any]) -> float:
     )
 
 
-def _linear_shapes(cfg: Any) -> dict[str, tuple[int, int]]:
+def linear_shapes(cfg: Any) -> dict[str, tuple[int, int]]:
     """(in, out) features of each decoder-layer linear, by its module name."""
     h, _, n_heads, kv, hd, inter, _ = _dims(cfg)
     return {
@@ -198,7 +198,7 @@ def step_flops(
     if not lora_rank:
         total = 6.0 * base * tokens + 3 * attn_fwd - 6.0 * skipped
     else:
-        shapes = _linear_shapes(cfg)
+        shapes = linear_shapes(cfg)
         targets = set(lora_targets)
         unknown = targets - set(shapes)
         if unknown:
