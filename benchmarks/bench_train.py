@@ -47,6 +47,7 @@ import dataclasses
 import functools
 import importlib.util
 import json
+import os
 import platform
 import signal
 import sys
@@ -54,6 +55,7 @@ import tempfile
 import time
 from datetime import date
 from pathlib import Path
+from typing import Any
 
 import harness as H
 import stepprofile
@@ -679,69 +681,216 @@ def sample_groups(stage: str, shards: Path, batches: list) -> list:
     return [[(b.input_ids[a:e], torch.ones(e - a, dtype=torch.long)) for a, e in cuts(b)] for b in batches]
 
 
-def run_stage(stage: str, s: Settings, device, dtype, preset: str, peak) -> dict:
+PARTIES = ("ours", "peers")
+# each stage's sides in timing order, by role (lm_sides, dpo_sides); the peers' roles
+ORDER = {
+    "pretrain": ("ours", "packed", "blocks"),
+    "sft": ("ours", "packed", "trl", "padded"),
+    "dpo": ("pre", "shared", "trl_pre", "live", "trl_live", "ours_ref", "shared_ref", "trl_ref"),
+}
+PEER_ROLES = {"packed", "blocks", "trl", "padded", "trl_pre", "trl_live", "trl_ref"}
+GEMM = "gemm"  # the ceiling's role: ours' party times it (the machine's rate, under our allocator)
+
+
+@dataclasses.dataclass
+class Stage:
+    """A stage's sides by role (built here, or a worker's as proxies) and its GEMM ceiling."""
+
+    stage: str
+    data: str
+    seq_len: int
+    cfg: Any
+    role: dict
+    ceiling: list
+
+    @property
+    def sides(self) -> list[Side]:
+        return [self.role[k] for k in ORDER[self.stage] if k in self.role]
+
+    def profiled(self) -> list[Side]:
+        """The sides whose steps are profiled (dpo: the policy steps)."""
+        keys = ("pre", "shared", "trl_pre") if self.stage == "dpo" else ORDER[self.stage]
+        return [self.role[k] for k in keys if k in self.role]
+
+
+def parties(s: Settings) -> tuple[str, ...]:
+    return PARTIES if s.peers else ("ours",)
+
+
+def build_stage(stage: str, s: Settings, device, dtype, preset: str, workdir: Path, parts=PARTIES) -> Stage:
+    """The stage's data (prepped in `workdir`), its model config and the sides of `parts`."""
     from transformers import AutoTokenizer
 
     from bumblefast import flops
 
     data, seq_len = stage_data(stage, s), 256 if s.quick else s.seq_len
+    t0 = time.perf_counter()
+    tok_dir, shards = prepare(data, stage, seq_len, workdir, s.vocab, tokenizer=s.tokenizer)
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    cfg = model_config(preset, len(tok))
+    batches = stage_batches(stage, shards, s, device)
+    print(
+        f"[{stage}] data {data.name}: {len(batches)} micro-batches of {s.rows} row(s) <= {seq_len} tokens "
+        f"per round, {s.rounds} rounds; preset {preset} ({flops.param_count(cfg) / 1e6:.1f}M params), {device}, "
+        f"{dtype}; {'/'.join(parts)}; prep {time.perf_counter() - t0:.1f}s",
+        flush=True,
+    )
+    groups, init = sample_groups(stage, shards, batches), Initial(cfg, device, s.optimizer)
+    if stage == "dpo":
+        role = dpo_sides(init, groups, batches, seq_len, device, dtype, tok, workdir, parts)
+    else:
+        role = lm_sides(stage, init, groups, batches, seq_len, s.baseline_batch, device, dtype, tok, workdir, parts)
+    del init  # the pristine copies: every side holds its own
+    # the peers' rows: the same samples, so the same rows with a target (flops.step_flops)
+    head = sum(b.num_target_tokens for b in batches)
+    for sd in role.values():
+        sd.work.setdefault("head_tokens", head)
+    # CPU: the machine's own ceiling at this model's shapes, timed in the same rounds (CUDA: MFU)
+    gemm = s.gemm and "ours" in parts
+    ceiling = [H.gemm_side(H.model_gemm_shapes(cfg, seq_len * s.rows), device, dtype)] if gemm else []
+    return Stage(stage, data.name, seq_len, cfg, role, ceiling)
+
+
+def run_stage(stage: str, s: Settings, device, dtype, preset: str, peak) -> dict:
+    """A stage's sides built and timed in this process (every side under this process's
+    allocator), or with `s.split` on CPU each party in a process of its own (split_stage)."""
+    if s.split and device.type == "cpu":
+        return split_stage(stage, s, device, dtype, preset, peak)
     with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
-        tok_dir, shards = prepare(data, stage, seq_len, Path(tmp), s.vocab, tokenizer=s.tokenizer)
-        tok = AutoTokenizer.from_pretrained(tok_dir)
-        cfg = model_config(preset, len(tok))
-        batches = stage_batches(stage, shards, s, device)
-        print(
-            f"[{stage}] data {data.name}: {len(batches)} micro-batches of {s.rows} row(s) <= {seq_len} tokens "
-            f"per round, {s.rounds} rounds; preset {preset} ({flops.param_count(cfg) / 1e6:.1f}M params), {device}, "
-            f"{dtype}; prep {time.perf_counter() - t0:.1f}s",
-            flush=True,
-        )
-        groups, init = sample_groups(stage, shards, batches), Initial(cfg, device, s.optimizer)
-        if stage == "dpo":
-            sides, role = dpo_sides(init, groups, batches, seq_len, device, dtype, tok, Path(tmp), s.peers)
-        else:
-            args = (stage, init, groups, batches, seq_len, s.baseline_batch, device, dtype, tok, Path(tmp))
-            sides = lm_sides(*args, peers=s.peers)
-        del init  # the pristine copies: every side holds its own
-        # the peers' rows: the same samples, so the same rows with a target (flops.step_flops)
-        head = sum(b.num_target_tokens for b in batches)
-        for sd in sides:
-            sd.work.setdefault("head_tokens", head)
-        # CPU: the machine's own ceiling at this model's shapes, timed in the same rounds (CUDA: MFU)
-        ceiling = [H.gemm_side(H.model_gemm_shapes(cfg, seq_len * s.rows), device, dtype)] if s.gemm else []
-        interleave(sides + ceiling, s.rounds, device=device, memory=s.memory)
-        gemm = H.gemm_gflops(ceiling[0]) if ceiling else None
-        if gemm:
-            print(f"  GEMM at the model's shapes: {gemm['gflops']:.1f} GFLOP/s", flush=True)
-        for sd in sides:
-            print(f"  {sd.name}: rounds {', '.join(f'{x:.2f}' for x in sd.round_seconds)} s", flush=True)
-        rate, goals = (gemm["gflops"] if gemm else None), TARGETS[s.targets]
-        rows = [summarize(sd, cfg, peak, rate) for sd in sides]
-        if stage == "dpo":
-            rows, comparisons = dpo_rows(rows, role, cfg, peak, rate, goals)
-        else:
-            comparisons = [
-                compare(stage, "", rows[0], r, "real_tokens_per_sec", sd.target, goals)
-                for r, sd in zip(rows[1:], sides[1:])
-            ]
-        if s.profile:  # every side (dpo: the policy steps): a missed target needs the peer's profile too
-            by = {r["name"]: r for r in rows}
-            policy = [role[k] for k in ("pre", "shared", "trl_pre") if k in role] if stage == "dpo" else sides
-            for sd in policy:
-                by[sd.name]["profile"] = stepprofile.profile_steps(sd.step, sd.batches[-2:], device)
-    return {
-        "stage": stage,
-        "data": data.name,
-        "seq_len": seq_len,
+        st = build_stage(stage, s, device, dtype, preset, Path(tmp), parties(s))
+        interleave(st.sides + st.ceiling, s.rounds, device=device, memory=s.memory)
+        prof = lambda sd: stepprofile.profile_steps(sd.step, sd.batches[-2:], device)  # noqa: E731
+        profiles = {sd.name: prof(sd) for sd in st.profiled()} if s.profile else {}
+        return stage_result(st, s, peak, profiles)
+
+
+def stage_result(st: Stage, s: Settings, peak, profiles: dict, processes: dict | None = None) -> dict:
+    """The stage's rows (each side's rounds summarized), comparisons and profiles (by side name)."""
+    gemm = H.gemm_gflops(st.ceiling[0]) if st.ceiling else None
+    if gemm:
+        print(f"  GEMM at the model's shapes: {gemm['gflops']:.1f} GFLOP/s", flush=True)
+    sides = st.sides
+    for sd in sides:
+        print(f"  {sd.name}: rounds {', '.join(f'{x:.2f}' for x in sd.round_seconds)} s", flush=True)
+    rate, goals = (gemm["gflops"] if gemm else None), TARGETS[s.targets]
+    rows = [summarize(sd, st.cfg, peak, rate) for sd in sides]
+    if st.stage == "dpo":
+        rows, comparisons = dpo_rows(rows, st.role, st.cfg, peak, rate, goals)
+    else:
+        comparisons = [
+            compare(st.stage, "", rows[0], r, "real_tokens_per_sec", sd.target, goals)
+            for r, sd in zip(rows[1:], sides[1:])
+        ]
+    by = {r["name"]: r for r in rows}
+    for name, prof in profiles.items():  # every side (dpo: the policy steps): a missed target needs the peer's too
+        by[name]["profile"] = prof
+    out = {
+        "stage": st.stage,
+        "data": st.data,
+        "seq_len": st.seq_len,
         "rounds": s.rounds,
         "results": rows,
         "comparisons": comparisons,
-        "attention": sides[0].facts.get("attn") if stage != "dpo" else None,
+        "attention": sides[0].facts.get("attn") if st.stage != "dpo" else None,
         "optimizer": s.optimizer,
         "gemm": gemm,
         "peers_not_run": peers_not_run(s.peers),
     }
+    if processes:
+        out["processes"] = processes
+    return out
+
+
+# ---------------------------------------------------------------- each party in its own process
+
+WORKER_TAG = "@@bench_train "
+
+
+def split_stage(stage: str, s: Settings, device, dtype, preset: str, peak) -> dict:
+    """The stage with each party's sides built and stepped in a worker process of its own
+    (`python bench_train.py --worker`), so each runs under its own host allocator: ours as
+    `bumblefast train` sets it (freed memory kept), the peers' as `s.split` says ("glibc": the
+    default their users run; "kept": ours, given to them too). One process cannot do this
+    (glibc's dynamic mmap threshold cannot be restored once set), and one heap for every side
+    is near this machine's 24 GB at the 0.5B shape. The timing is the same as run_stage's: the
+    warm-up steps, then interleaved rounds, each round one request to the side's worker."""
+    workers: dict[str, H.BenchServer] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            proxies, meta = {}, {}
+            for party in parties(s):  # built one after the other: their set-ups peak apart
+                env = dict(os.environ, PYTHONUNBUFFERED="1")
+                if party == "peers" and s.split == "glibc":
+                    env["BUMBLEFAST_KEEP_FREED_MEMORY"] = "0"
+                cmd = [sys.executable, str(Path(__file__).resolve()), "--worker"]
+                log = Path(tmp) / f"{party}.log"
+                w = workers[party] = H.BenchServer(cmd, env=env, log=log, tag=WORKER_TAG, name=party, echo=True)
+                meta[party] = w.request({"stage": stage, "settings": dataclasses.asdict(s), "party": party})
+                for key, d in meta[party]["sides"].items():
+                    proxies[key] = Side(**{**d, "batches": [None] * d["batches"]}, step=None)
+                    proxies[key].facts["worker"] = party
+            key_of = {sd.name: k for k, sd in proxies.items()}
+            ceiling = [proxies.pop(GEMM)] if GEMM in proxies else []
+            cfg = model_config(preset, meta[parties(s)[0]]["vocab"])
+            st = Stage(stage, meta["ours"]["data"], meta["ours"]["seq_len"], cfg, proxies, ceiling)
+
+            def ask(sd: Side, op: str):
+                return workers[sd.facts["worker"]].request({"op": op, "role": key_of[sd.name]})
+
+            for sd in st.sides + st.ceiling:
+                sd.facts.update(ask(sd, "warm"))
+            interleave(st.sides + st.ceiling, s.rounds, run=lambda sd, r: sd.round_seconds.append(ask(sd, "round")))
+            profiles = {sd.name: ask(sd, "profile") for sd in st.profiled()} if s.profile else {}
+        finally:
+            for w in workers.values():
+                w.close()
+    processes = {p: {"pid": m["pid"], "malloc": m["malloc"]} for p, m in meta.items()}
+    return stage_result(st, s, peak, profiles, processes)
+
+
+def worker() -> int:
+    """split_stage's child: builds one party's sides of a stage (its first request), then
+    answers "warm" (the warm-up step, with its peak memory), "round" (seconds) and "profile"
+    for a side by role, one tagged JSON line each, until its input ends."""
+    from bumblefast.cpu_memory import keep_freed_memory
+
+    def answer(obj) -> None:
+        print(WORKER_TAG + json.dumps(obj), flush=True)
+
+    first = json.loads(sys.stdin.readline())
+    settings = first["settings"]
+    s = Settings(**{**settings, "stages": tuple(settings["stages"])})
+    device, dtype, preset, _ = device_setup(s.preset)
+    with tempfile.TemporaryDirectory() as tmp:
+        st = build_stage(first["stage"], s, device, dtype, preset, Path(tmp), (first["party"],))
+        sides = {**st.role, **({GEMM: st.ceiling[0]} if st.ceiling else {})}
+        plain = lambda facts: {k: v for k, v in facts.items() if not callable(v)}  # noqa: E731
+        described = {
+            k: dict(
+                name=sd.name,
+                batches=len(sd.batches),
+                real_tokens=sd.real_tokens,
+                computed_tokens=sd.computed_tokens,
+                pairs=sd.pairs,
+                work=sd.work,
+                facts=plain(sd.facts),
+                target=sd.target,
+            )
+            for k, sd in sides.items()
+        }
+        info = dict(data=st.data, seq_len=st.seq_len, vocab=st.cfg.vocab_size, pid=os.getpid())
+        answer({"sides": described, "malloc": keep_freed_memory(), **info})
+        for line in sys.stdin:
+            req = json.loads(line)
+            sd = sides[req["role"]]
+            if req["op"] == "warm":
+                H.warm_up(sd, device, s.memory)
+                answer({"step_peak_mb": sd.facts["step_peak_mb"]} if s.memory else {})
+            elif req["op"] == "round":
+                answer(H.time_round(sd, device))
+            else:
+                answer(stepprofile.profile_steps(sd.step, sd.batches[-2:], device))
+    return 0
 
 
 def peers_not_run(peers: bool) -> list[str]:
@@ -752,28 +901,28 @@ def peers_not_run(peers: bool) -> list[str]:
 
 
 def lm_sides(
-    stage, init, groups, batches, seq_len: int, baseline_batch: int, device, dtype, tok, work, peers=True
-) -> list[Side]:
-    """pretrain/sft: ours, transformers packed (position_ids), then pretrain: transformers on
-    blocks; sft: TRL's SFTTrainer and transformers padded (BumbleCore's micro-batches)."""
-    ours = ours_side(init, batches, device, dtype, stage)
-    if not peers:
-        return [ours]
+    stage, init, groups, batches, seq_len: int, baseline_batch: int, device, dtype, tok, work, parties=PARTIES
+) -> dict[str, Side]:
+    """pretrain/sft, by role: ours, transformers packed (position_ids), then pretrain: transformers
+    on blocks; sft: TRL's SFTTrainer and transformers padded (BumbleCore's micro-batches).
+    `parties`: whose sides to build (ours, the peers' or both)."""
+    role = {"ours": ours_side(init, batches, device, dtype, stage)} if "ours" in parties else {}
+    if "peers" not in parties:
+        return role
     name = "transformers packed, position_ids (DataCollatorWithFlattening)"
-    packed = hf_side(name, init, flattened_batches(groups, device), device, dtype)
+    role["packed"] = hf_side(name, init, flattened_batches(groups, device), device, dtype)
     if stage == "pretrain":  # HF's group_texts blocks = the same rows, no document masking
-        blocks = hf_side(
-            "transformers blocks (cross-document attention)", init, blocks_of(batches, seq_len), device, dtype
-        )
-        return [ours, packed, blocks]
-    sides = [ours, packed.with_(target="sft/transformers_packed")]
+        name = "transformers blocks (cross-document attention)"
+        role["blocks"] = hf_side(name, init, blocks_of(batches, seq_len), device, dtype)
+        return role
+    role["packed"] = role["packed"].with_(target="sft/transformers_packed")
     samples = [x for g in groups for x in g]
     if HAVE_TRL:
-        sides.append(trl_sft_side(init, samples, seq_len, device, dtype, tok, work).with_(target="sft/trl_sft"))
+        role["trl"] = trl_sft_side(init, samples, seq_len, device, dtype, tok, work).with_(target="sft/trl_sft")
     order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(0)).tolist()
     padded = padded_batches([samples[i] for i in order], baseline_batch, tok.pad_token_id, device)
-    sides.append(hf_side(f"transformers padded x{baseline_batch} (BumbleCore)", init, padded, device, dtype))
-    return sides
+    role["padded"] = hf_side(f"transformers padded x{baseline_batch} (BumbleCore)", init, padded, device, dtype)
+    return role
 
 
 def blocks_of(batches: list, seq_len: int) -> list[dict]:
@@ -795,26 +944,26 @@ def blocks_of(batches: list, seq_len: int) -> list[dict]:
     return out
 
 
-def dpo_sides(init, groups, batches, seq_len: int, device, dtype, tok, work, peers=True) -> tuple[list[Side], dict]:
-    """Ours (precomputed and live reference, shared prompt) and TRL's, with the reference
-    scoring of each precomputed side as its own side; (sides in timing order, side per role)."""
-    live = ours_side(init, batches, device, dtype, "dpo", "adapter")
-    pre = ours_side(init, batches, device, dtype, "dpo", "precomputed")
-    pairs = [[(g[i], g[i + 1]) for i in range(0, len(g), 2)] for g in groups]
-    # the same pairs with each prompt computed once (issue 16): policy step and scoring
-    shared_batches = shared_prompt_batches(groups, seq_len, device)
-    shared = ours_side(init, shared_batches, device, dtype, "dpo", "precomputed", layout=", shared prompt")
-    role = dict(pre=pre, shared=shared, live=live, ours_ref=ref_side("bumblefast reference scoring", pre))
-    role["shared_ref"] = ref_side("bumblefast reference scoring, shared prompt", shared)
-    if dtype == torch.float32:  # like for like: the same pairs give the same log-probs
-        for a, b in zip(pre.batches, shared.batches, strict=True):
-            torch.testing.assert_close(b.ref_logps, a.ref_logps, rtol=1e-4, atol=1e-3)
-    if not (HAVE_TRL and peers):
-        return [role[k] for k in ("pre", "shared", "live", "ours_ref", "shared_ref")], role
-    role["trl_live"], role["trl_pre"] = trl_dpo_sides(init, pairs, device, dtype, tok, work)
-    role["trl_ref"] = ref_side("TRL DPOTrainer reference scoring (compute_ref_log_probs)", role["trl_pre"])
-    order = ("pre", "shared", "trl_pre", "live", "trl_live", "ours_ref", "shared_ref", "trl_ref")
-    return [role[k] for k in order], role
+def dpo_sides(init, groups, batches, seq_len: int, device, dtype, tok, work, parties=PARTIES) -> dict[str, Side]:
+    """By role: ours (precomputed and live reference, shared prompt) and TRL's, with the
+    reference scoring of each precomputed side as its own side (`parties` as in lm_sides)."""
+    role = {}
+    if "ours" in parties:
+        role["live"] = ours_side(init, batches, device, dtype, "dpo", "adapter")
+        role["pre"] = pre = ours_side(init, batches, device, dtype, "dpo", "precomputed")
+        # the same pairs with each prompt computed once (issue 16): policy step and scoring
+        shared_batches = shared_prompt_batches(groups, seq_len, device)
+        shared = ours_side(init, shared_batches, device, dtype, "dpo", "precomputed", layout=", shared prompt")
+        role["shared"], role["ours_ref"] = shared, ref_side("bumblefast reference scoring", pre)
+        role["shared_ref"] = ref_side("bumblefast reference scoring, shared prompt", shared)
+        if dtype == torch.float32:  # like for like: the same pairs give the same log-probs
+            for a, b in zip(pre.batches, shared.batches, strict=True):
+                torch.testing.assert_close(b.ref_logps, a.ref_logps, rtol=1e-4, atol=1e-3)
+    if HAVE_TRL and "peers" in parties:
+        pairs = [[(g[i], g[i + 1]) for i in range(0, len(g), 2)] for g in groups]
+        role["trl_live"], role["trl_pre"] = trl_dpo_sides(init, pairs, device, dtype, tok, work)
+        role["trl_ref"] = ref_side("TRL DPOTrainer reference scoring (compute_ref_log_probs)", role["trl_pre"])
+    return role
 
 
 def dpo_rows(rows: list[dict], role: dict, cfg, peak, gemm=None, goals=None) -> tuple[list[dict], list[dict]]:
@@ -927,6 +1076,9 @@ class Settings:
     gemm: bool = False  # CPU: each row's share of the machine's GEMM rate at the model's shapes
     peers: bool = True  # False: our sides only (real-ours: our step under the trainer's own allocator)
     targets: str = "tiny"  # which of TARGETS the comparisons are held to
+    # CPU: None, every side in this process under its allocator; "glibc" / "kept": each party in
+    # a process of its own (split_stage), ours keeping freed memory, the peers' glibc's default / kept
+    split: str | None = None
 
 
 QWEN2_TOKENIZER = H.ROOT.parent / "shared" / "tokenizers" / "qwen2"  # 151k, Qwen2-compatible
@@ -959,6 +1111,10 @@ SIZES = {  # per size: the settings of `bumblefast bench train` (steps = micro-b
 # host memory is kept as `bumblefast train` keeps it (bumblefast/cpu_memory.py) without giving the
 # peers' sides a heap they do not run with; the share of the GEMM rate of our step as users run it
 SIZES["real-ours"] = dataclasses.replace(SIZES["real"], peers=False)
+# real-split / real-split-kept: every side at the real shape, each party in its own process (split_stage):
+# each under its users' host allocator (ours kept, the peers' glibc's default), or every side's kept
+SIZES["real-split"] = dataclasses.replace(SIZES["real"], split="glibc")
+SIZES["real-split-kept"] = dataclasses.replace(SIZES["real"], split="kept")
 
 
 def bench(size: str, workdir: Path) -> dict:
@@ -1100,4 +1256,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(worker() if sys.argv[1:] == ["--worker"] else main())

@@ -76,7 +76,9 @@ def ref_side(name: str, policy: Side) -> Side:
     w = policy.work
     work = {"doc_lens": w["doc_lens"], "kv_prefix": w.get("kv_prefix"), "head_tokens": w.get("head_tokens")}
     work["forward_only"] = True
-    return policy.with_(name=name, step=policy.facts["ref_step"], work=work, target=None)
+    # facts copied: its warm-up's step_peak_mb is its own, not written into the policy side's
+    facts = dict(policy.facts)
+    return policy.with_(name=name, step=policy.facts["ref_step"], work=work, facts=facts, target=None)
 
 
 def combined(name: str, first: Side, then: Side) -> Side:
@@ -105,19 +107,25 @@ def interleave(
     its step, its seconds appended to side.round_seconds."""
     if run is None:
         for s in sides:
-            with PeakMemory(device) if memory else contextlib.nullcontext() as peak:
-                s.step(s.batches[0])
-            if memory:
-                s.facts["step_peak_mb"] = peak.mb
-            s.round_seconds = []
+            warm_up(s, device, memory)
         sync(device)
-        run = lambda s, r: s.round_seconds.append(_time_round(s, device)) or s.round_seconds[-1]  # noqa: E731
+        run = lambda s, r: s.round_seconds.append(time_round(s, device)) or s.round_seconds[-1]  # noqa: E731
     out: list[list] = [[] for _ in sides]
     for r in range(rounds):
         k = r % len(sides) if rotate else 0
         for i in list(range(k, len(sides))) + list(range(k)):
             out[i].append(run(sides[i], r))
     return out
+
+
+def warm_up(s: Side, device=None, memory: bool = False) -> None:
+    """A side's untimed warm-up step (its first batch); `memory`: that step's peak memory above
+    its start in s.facts["step_peak_mb"] (PeakMemory). Clears the side's rounds."""
+    with PeakMemory(device) if memory else contextlib.nullcontext() as peak:
+        s.step(s.batches[0])
+    if memory:
+        s.facts["step_peak_mb"] = peak.mb
+    s.round_seconds = []
 
 
 class PeakMemory:
@@ -219,7 +227,8 @@ def model_gemm_shapes(cfg, tokens: int) -> list[tuple[int, int, int, int]]:
     return linears + [(chunk, h, vocab, -(-tokens // chunk))]
 
 
-def _time_round(s: Side, device) -> float:
+def time_round(s: Side, device) -> float:
+    """Seconds of one round: all of a side's batches through its step."""
     t0 = time.perf_counter()
     for b in s.batches:
         s.step(b)
@@ -272,11 +281,14 @@ def launch_train(args: dict, nproc: int = 1) -> list[str]:
 class BenchServer:
     """A child process that imports what the timed runs need once, then answers each JSON
     request written to its stdin with one JSON line on stdout, prefixed by `tag` (other output
-    is ignored); it forks the timed runs itself, so each starts fresh without paying the
-    imports. Its stderr goes to `log`, whose tail is in the error when it dies."""
+    is ignored, or printed here with `echo`); bench_prep and bench_stream's children fork the
+    timed runs themselves, so each starts fresh without paying the imports. Its stderr goes to
+    `log`, whose tail is in the error when it dies."""
 
-    def __init__(self, cmd: list[str], *, env: dict[str, str], log: Path, tag: str, name: str, cwd: str | None = None):
-        self.log, self.tag, self.name = log, tag, name
+    def __init__(
+        self, cmd: list[str], *, env: dict[str, str], log: Path, tag: str, name: str, cwd=None, echo: bool = False
+    ):
+        self.log, self.tag, self.name, self.echo = log, tag, name, echo
         self._err = log.open("w")
         pipe = subprocess.PIPE
         self.proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdin=pipe, stdout=pipe, stderr=self._err, text=True)
@@ -288,6 +300,8 @@ class BenchServer:
         for line in self.proc.stdout:
             if line.startswith(self.tag):
                 return json.loads(line[len(self.tag) :])
+            if self.echo:
+                print(line, end="", flush=True)
         raise RuntimeError(f"{self.name} exited ({self.proc.wait()}):\n{self.log.read_text()[-3000:]}")
 
     def close(self) -> None:

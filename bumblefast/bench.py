@@ -13,7 +13,7 @@ from pathlib import Path
 from bumblefast.config import UserError
 
 SECTIONS = ("prep", "stream", "kernels", "train", "scaling", "serve")
-SIZES = ("min", "cpu", "gpu", "real", "real-ours")  # real*: the train section only (the 0.5B shape on CPU)
+SIZES = ("min", "cpu", "gpu", "real", "real-ours", "real-split", "real-split-kept")  # real*: the train section only
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
