@@ -834,7 +834,16 @@ def split_stage(stage: str, s: Settings, device, dtype, preset: str, peak) -> di
             cfg = model_config(preset, meta[parties(s)[0]]["vocab"])
             st = Stage(stage, meta["ours"]["data"], meta["ours"]["seq_len"], cfg, proxies, ceiling)
 
+            trims = dict.fromkeys(workers, 0)
+
             def ask(sd: Side, op: str):
+                # the idle workers hand their free heap back when this step might not fit beside
+                # them (its warm-up's peak unknown yet, or above what the machine has free)
+                need = sd.facts.get("step_peak_mb")
+                if op == "warm" or need is None or available_mb() < 1.25 * need + 1024:
+                    for party in workers.keys() - {sd.facts["worker"]}:
+                        workers[party].request({"op": "trim"})
+                        trims[party] += op != "warm"
                 return workers[sd.facts["worker"]].request({"op": op, "role": key_of[sd.name]})
 
             for sd in st.sides + st.ceiling:
@@ -844,15 +853,23 @@ def split_stage(stage: str, s: Settings, device, dtype, preset: str, peak) -> di
         finally:
             for w in workers.values():
                 w.close()
-    processes = {p: {"pid": m["pid"], "malloc": m["malloc"]} for p, m in meta.items()}
+    processes = {p: {"pid": m["pid"], "malloc": m["malloc"], "trims_between_rounds": trims[p]} for p, m in meta.items()}
     return stage_result(st, s, peak, profiles, processes)
+
+
+def available_mb() -> float:
+    """The machine's available memory (/proc/meminfo MemAvailable), MB."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 1024
+    return float("inf")
 
 
 def worker() -> int:
     """split_stage's child: builds one party's sides of a stage (its first request), then
     answers "warm" (the warm-up step, with its peak memory), "round" (seconds) and "profile"
     for a side by role, one tagged JSON line each, until its input ends."""
-    from bumblefast.cpu_memory import keep_freed_memory
+    from bumblefast.cpu_memory import keep_freed_memory, return_freed_memory
 
     def answer(obj) -> None:
         print(WORKER_TAG + json.dumps(obj), flush=True)
@@ -882,6 +899,10 @@ def worker() -> int:
         answer({"sides": described, "malloc": keep_freed_memory(), **info})
         for line in sys.stdin:
             req = json.loads(line)
+            if req["op"] == "trim":  # the parent's: another worker's step needs the memory
+                return_freed_memory()
+                answer({})
+                continue
             sd = sides[req["role"]]
             if req["op"] == "warm":
                 H.warm_up(sd, device, s.memory)

@@ -117,6 +117,17 @@ def _malloc(report: dict[str, Any], every_side: bool = True) -> str:
     return f"host memory: {report['malloc']}{' for every side' if every_side else ''}; "
 
 
+def _processes(report: dict[str, Any], stages: dict) -> str:
+    """Where a train run's sides ran: one process (one allocator for every side, _malloc), or
+    each party in its own (`--size real-split*`: the host memory each party's process had)."""
+    split = [st["processes"] for st in stages.values() if st.get("processes")]
+    if not split:
+        return _malloc(report)
+    (procs, *_) = split
+    each = "; ".join(f"{party}: {p['malloc']}" for party, p in procs.items())
+    return f"each party in a process of its own, host memory {each}; "
+
+
 def _run(report: dict[str, Any], source: str) -> str:
     """The command and machine of a report, as its header says them."""
     what = "all" if set(report["sections"]) == set(SECTIONS) else " ".join(report["sections"])
@@ -392,12 +403,12 @@ def train_real_table(runs: list[dict], source: str) -> str:
     stages = {st["stage"]: st for st in real["sections"]["train"]["results"]["stages"]}
     tiny_cfg = tiny["sections"]["train"]["config"]
     lines = [
-        f"`bench train --size real` on {real['host']} ({real['date']}, {real['device']}, {real['cpu_count']} CPUs"
-        f"{_cpu(real)}, "
+        f"`bench train --size {real['size']}` on {real['host']} ({real['date']}, {real['device']}, "
+        f"{real['cpu_count']} CPUs{_cpu(real)}, "
         f"torch {real['torch']}): {cfg['preset']}, {cfg['dtype']}, seq {cfg['seq_len']}, {cfg['rounds']} interleaved "
         f"rounds of {cfg['steps']} micro-batches per side, optimizer {cfg['optimizer']} on every side; tiny preset "
         f"from the {tiny['date']} `bench all` ({tiny_cfg['preset'] or 'the default tiny preset'}, "
-        f"optimizer {tiny_cfg.get('optimizer', 'adamw')}). {_malloc(real)}"
+        f"optimizer {tiny_cfg.get('optimizer', 'adamw')}). {_processes(real, stages)}"
         f"`{source}`:",
         "",
         "| comparison | ours vs baseline | 0.5B ratio (range) | verdict | target | tiny preset ratio |",

@@ -434,6 +434,49 @@ def test_size_real_is_the_train_sections_only():
     assert main(["bench", "prep", "--size", "real-ours"]) == 1
 
 
+def test_split_stage_gives_each_party_its_own_process_and_allocator():
+    """`--size real-split`'s machinery at the tiny preset (DPO: every role, the reference
+    scoring and the end-to-end rows): each party's sides built and stepped in a worker process
+    of its own, ours keeping freed memory as `bumblefast train` does, the peers' with glibc's
+    default; the rows, their work and the comparisons are those of the one-process run."""
+    import os
+
+    import bench_train as B
+    import torch
+
+    s = dataclasses.replace(B.SIZES["min"], stages=("dpo",), split="glibc", memory=True, gemm=True, profile=True)
+    cpu = torch.device("cpu")
+    split = B.run_stage("dpo", s, cpu, torch.float32, "bumblebee-tiny", None)
+    one = B.run_stage(
+        "dpo", dataclasses.replace(s, split=None, profile=False), cpu, torch.float32, "bumblebee-tiny", None
+    )
+    procs = split["processes"]
+    assert set(procs) == {"ours", "peers"} and len({p["pid"] for p in procs.values()} | {os.getpid()}) == 3
+    assert "BUMBLEFAST_KEEP_FREED_MEMORY=0" in procs["peers"]["malloc"]
+    assert procs["ours"]["malloc"] != procs["peers"]["malloc"]
+    assert "processes" not in one
+    same = ("name", "real_tokens", "computed_tokens", "pairs", "steps_per_round", "flops_per_round")
+    assert [{k: r.get(k) for k in same} for r in split["results"]] == [
+        {k: r.get(k) for k in same} for r in one["results"]
+    ]
+    key = lambda c: (c["view"], c["ours"], c["baseline"], c["target_id"])  # noqa: E731
+    assert [key(c) for c in split["comparisons"]] == [key(c) for c in one["comparisons"]]
+    by = {r["name"]: r for r in split["results"]}
+    assert all(r["rounds"] == s.rounds and r["step_peak_mb"] > 0 for r in split["results"])
+    policy = ["bumblefast packed, precomputed reference", "bumblefast packed, shared prompt, precomputed reference"]
+    assert all(by[n]["profile"]["top_ops"] for n in policy)
+    assert split["gemm"]["gflops"] > 0
+
+
+def test_reference_scoring_side_keeps_its_own_facts():
+    """ref_side's warm-up writes its own step_peak_mb, not its policy side's."""
+    H = _harness()
+    policy = H.side("policy", lambda b: None, [1], 1, 1, [1], ref_step=lambda b: None)
+    ref = H.ref_side("scoring", policy)
+    H.warm_up(ref, memory=True)
+    assert "step_peak_mb" in ref.facts and "step_peak_mb" not in policy.facts
+
+
 def test_scaling_ratios_carry_the_timed_steps_spread_and_a_verdict():
     """bench_scaling: a run's timed steps are its rounds, so 2 processes vs 1 says "within noise"
     when the step rates overlap and "faster" only when they do not."""
