@@ -34,6 +34,12 @@ stage builds its models once on the device and copies them for every side (Initi
 side starts from the same weights. MFU per row by what that row computes (flops.row_flops).
 CPU: tiny preset with a tokenizer trained on the data; CUDA: the 1.5B preset.
 
+Every side runs in this process, so under one host allocator, unless a size splits the parties
+(`--size real-split`, `real-split-kept`; split_stage): then our sides run in one worker process,
+with freed memory kept as `bumblefast train` keeps it, and the peers' in another, with glibc's
+default as their users run it (or kept too); each worker builds its own models from the same seed
+(the same weights), and the rounds are interleaved across the two workers as above.
+
   python benchmarks/bench_train.py                       # ../shared/data/alpaca_zh_demo.json
   python benchmarks/bench_train.py --stage all --quick   # CI-sized smoke run
   python benchmarks/bench_train.py --preset bumblebee-1.5b --seq_len 4096   # on a GPU
@@ -682,13 +688,12 @@ def sample_groups(stage: str, shards: Path, batches: list) -> list:
 
 
 PARTIES = ("ours", "peers")
-# each stage's sides in timing order, by role (lm_sides, dpo_sides); the peers' roles
+# each stage's sides in timing order, by role (lm_sides, dpo_sides)
 ORDER = {
     "pretrain": ("ours", "packed", "blocks"),
     "sft": ("ours", "packed", "trl", "padded"),
     "dpo": ("pre", "shared", "trl_pre", "live", "trl_live", "ours_ref", "shared_ref", "trl_ref"),
 }
-PEER_ROLES = {"packed", "blocks", "trl", "padded", "trl_pre", "trl_live", "trl_ref"}
 GEMM = "gemm"  # the ceiling's role: ours' party times it (the machine's rate, under our allocator)
 
 

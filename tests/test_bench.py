@@ -432,6 +432,12 @@ def test_size_real_is_the_train_sections_only():
     ours = bench_train.SIZES["real-ours"]
     assert not ours.peers and dataclasses.replace(ours, peers=True) == real
     assert main(["bench", "prep", "--size", "real-ours"]) == 1
+    # real-split(-kept): the same run, each party in its own process (split_stage)
+    for name, heap in (("real-split", "glibc"), ("real-split-kept", "kept")):
+        assert (
+            bench_train.SIZES[name].split == heap and dataclasses.replace(bench_train.SIZES[name], split=None) == real
+        )
+        assert main(["bench", "prep", "--size", name]) == 1
 
 
 def test_split_stage_gives_each_party_its_own_process_and_allocator():
