@@ -818,7 +818,9 @@ def split_stage(stage: str, s: Settings, device, dtype, preset: str, peak) -> di
     default their users run; "kept": ours, given to them too). One process cannot do this
     (glibc's dynamic mmap threshold cannot be restored once set), and one heap for every side
     is near this machine's 24 GB at the 0.5B shape. The timing is the same as run_stage's: the
-    warm-up steps, then interleaved rounds, each round one request to the side's worker."""
+    warm-up steps, then interleaved rounds, each round one request to the side's worker. A worker
+    whose heap was handed back to make room for another's step runs one untimed step before its
+    next round (`rewarm`), so no party's round pays the page faults the harness caused."""
     workers: dict[str, H.BenchServer] = {}
     with tempfile.TemporaryDirectory() as tmp:
         try:
@@ -839,17 +841,22 @@ def split_stage(stage: str, s: Settings, device, dtype, preset: str, peak) -> di
             cfg = model_config(preset, meta[parties(s)[0]]["vocab"])
             st = Stage(stage, meta["ours"]["data"], meta["ours"]["seq_len"], cfg, proxies, ceiling)
 
-            trims = dict.fromkeys(workers, 0)
+            trims, rewarms, cold = dict.fromkeys(workers, 0), dict.fromkeys(workers, 0), set()
 
             def ask(sd: Side, op: str):
                 # the idle workers hand their free heap back when this step might not fit beside
                 # them (its warm-up's peak unknown yet, or above what the machine has free)
-                need = sd.facts.get("step_peak_mb")
+                own, need = sd.facts["worker"], sd.facts.get("step_peak_mb")
                 if op == "warm" or need is None or available_mb() < 1.25 * need + 1024:
-                    for party in workers.keys() - {sd.facts["worker"]}:
+                    for party in workers.keys() - {own}:
                         workers[party].request({"op": "trim"})
                         trims[party] += op != "warm"
-                return workers[sd.facts["worker"]].request({"op": op, "role": key_of[sd.name]})
+                        cold.add(party)
+                if op == "round" and own in cold:  # a handed-back heap is faulted in untimed, as
+                    workers[own].request({"op": "rewarm", "role": key_of[sd.name]})  # in a warm-up
+                    rewarms[own] += 1
+                cold.discard(own)
+                return workers[own].request({"op": op, "role": key_of[sd.name]})
 
             for sd in st.sides + st.ceiling:
                 sd.facts.update(ask(sd, "warm"))
@@ -858,7 +865,10 @@ def split_stage(stage: str, s: Settings, device, dtype, preset: str, peak) -> di
         finally:
             for w in workers.values():
                 w.close()
-    processes = {p: {"pid": m["pid"], "malloc": m["malloc"], "trims_between_rounds": trims[p]} for p, m in meta.items()}
+    processes = {
+        p: {"pid": m["pid"], "malloc": m["malloc"], "trims_between_rounds": trims[p], "rewarm_steps": rewarms[p]}
+        for p, m in meta.items()
+    }
     return stage_result(st, s, peak, profiles, processes)
 
 
@@ -872,8 +882,8 @@ def available_mb() -> float:
 
 def worker() -> int:
     """split_stage's child: builds one party's sides of a stage (its first request), then
-    answers "warm" (the warm-up step, with its peak memory), "round" (seconds) and "profile"
-    for a side by role, one tagged JSON line each, until its input ends."""
+    answers "warm" (the warm-up step, with its peak memory), "rewarm" (an untimed step), "round"
+    (seconds), "profile" for a side by role, and "trim", one tagged JSON line each, until its input ends."""
     from bumblefast.cpu_memory import keep_freed_memory, return_freed_memory
 
     def answer(obj) -> None:
@@ -912,6 +922,9 @@ def worker() -> int:
             if req["op"] == "warm":
                 H.warm_up(sd, device, s.memory)
                 answer({"step_peak_mb": sd.facts["step_peak_mb"]} if s.memory else {})
+            elif req["op"] == "rewarm":  # its heap was handed back since its last step: untimed
+                sd.step(sd.batches[0])
+                answer({})
             elif req["op"] == "round":
                 answer(H.time_round(sd, device))
             else:

@@ -440,7 +440,7 @@ def test_size_real_is_the_train_sections_only():
         assert main(["bench", "prep", "--size", name]) == 1
 
 
-def test_split_stage_gives_each_party_its_own_process_and_allocator():
+def test_split_stage_gives_each_party_its_own_process_and_allocator(monkeypatch):
     """`--size real-split`'s machinery at the tiny preset (DPO: every role, the reference
     scoring and the end-to-end rows): each party's sides built and stepped in a worker process
     of its own, ours keeping freed memory as `bumblefast train` does, the peers' with glibc's
@@ -452,6 +452,7 @@ def test_split_stage_gives_each_party_its_own_process_and_allocator():
 
     s = dataclasses.replace(B.SIZES["min"], stages=("dpo",), split="glibc", memory=True, gemm=True, profile=True)
     cpu = torch.device("cpu")
+    monkeypatch.setattr(B, "available_mb", lambda: 0.0)  # the parent's guard: no step fits beside another
     split = B.run_stage("dpo", s, cpu, torch.float32, "bumblebee-tiny", None)
     one = B.run_stage(
         "dpo", dataclasses.replace(s, split=None, profile=False), cpu, torch.float32, "bumblebee-tiny", None
@@ -460,6 +461,9 @@ def test_split_stage_gives_each_party_its_own_process_and_allocator():
     assert set(procs) == {"ours", "peers"} and len({p["pid"] for p in procs.values()} | {os.getpid()}) == 3
     assert "BUMBLEFAST_KEEP_FREED_MEMORY=0" in procs["peers"]["malloc"]
     assert procs["ours"]["malloc"] != procs["peers"]["malloc"]
+    # memory short before every step: each round hands the other worker's heap back, and that
+    # worker's next round is preceded by an untimed step (its round never pays the trim's faults)
+    assert all(p["trims_between_rounds"] >= 1 and p["rewarm_steps"] >= 1 for p in procs.values())
     assert "processes" not in one
     same = ("name", "real_tokens", "computed_tokens", "pairs", "steps_per_round", "flops_per_round")
     assert [{k: r.get(k) for k in same} for r in split["results"]] == [
@@ -555,3 +559,16 @@ def test_step_profile_of_a_matmul_loop_is_mostly_matmul():
     assert prof["steps"] == 2
     assert prof["time_basis"].startswith(("perf", "torch.profiler"))
     assert prof["share_matmul"] > 0.5, prof["top_ops"][:3]
+
+
+def test_split_header_says_where_each_party_ran_and_its_untimed_steps():
+    """The real-split table's header: each party's host memory, and (results since session 12)
+    how many rounds an untimed step preceded because the party's heap had been handed back."""
+    import benchreport as R
+
+    procs = {"ours": {"malloc": "kept"}, "peers": {"malloc": "glibc default"}}
+    old = R._processes({}, {"sft": {"processes": procs}})
+    assert old == "each party in a process of its own, host memory ours: kept; peers: glibc default; "
+    procs["ours"]["rewarm_steps"], procs["peers"]["rewarm_steps"] = 3, 1
+    new = R._processes({}, {"sft": {"processes": procs}})
+    assert new.startswith(old[:-2]) and "(ours 3, peers 1)" in new
