@@ -1165,7 +1165,21 @@ def bench(size: str, workdir: Path) -> dict:
     if s.tokenizer and not Path(s.tokenizer).is_dir():
         raise FileNotFoundError(f"bench train --size {size}: tokenizer {s.tokenizer} not found")
     device, dtype, preset, peak = device_setup(s.preset)
-    stages = [run_stage(st, s, device, dtype, preset, peak) for st in s.stages]
+    stages = []
+    for stage in s.stages:  # a later stage's failure keeps the finished ones (suite writes them)
+        try:
+            stages.append(run_stage(stage, s, device, dtype, preset, peak))
+        except (Exception, KeyboardInterrupt) as e:
+            if not stages:
+                raise
+            raise BL.Interrupted(e, section(stages, s, size, device, dtype, preset, peak)) from e
+    return section(stages, s, size, device, dtype, preset, peak)
+
+
+def section(stages: list[dict], s: Settings, size: str, device, dtype, preset: str, peak) -> dict:
+    """The train section of these stages' results: their ratios, points, config and notes."""
+    import benchlib as BL
+
     ratios, points = [], []
     for st in stages:
         by = {r["name"]: r for r in st["results"]}

@@ -135,6 +135,16 @@ def check_ratio(r: dict) -> list[str]:
     return problems
 
 
+class Interrupted(Exception):
+    """A section that failed part-way, carrying what it finished (`partial`: a section dict, e.g.
+    the train stages done before a later one failed), so the suite can write it instead of losing
+    a long run's finished work."""
+
+    def __init__(self, cause: BaseException, partial: dict):
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.partial = partial
+
+
 def timed_section(name: str, bench, size: str) -> dict:
     """`bench(size, workdir)` in a fresh temporary folder (removed after), with its wall
     `seconds` added: how both `bumblefast bench` and a script run alone (benchmarks/harness.py)

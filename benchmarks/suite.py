@@ -25,7 +25,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from benchlib import SCHEMA, SECTIONS, check_section, timed_section
+from benchlib import SCHEMA, SECTIONS, Interrupted, check_section, timed_section
 from harness import cpu_model
 
 from bumblefast.config import UserError
@@ -76,8 +76,18 @@ def machine() -> dict[str, Any]:
     }
 
 
+class Unfinished(Exception):
+    """A run stopped by a failing section; `report` holds the sections finished before it (and
+    the failing one's finished part, when it had one), for cli_main to write."""
+
+    def __init__(self, name: str, cause: BaseException, report: dict[str, Any]):
+        super().__init__(f"bench {name} failed ({type(cause).__name__}: {cause})")
+        self.report = report
+
+
 def run(sections: list[str], size: str, progress: bool = True) -> dict[str, Any]:
-    """Run the sections; returns the report (checked: every ratio recomputes)."""
+    """Run the sections; returns the report (checked: every ratio recomputes). A failing section
+    raises Unfinished with the report of what was finished."""
     from tqdm import tqdm
 
     report: dict[str, Any] = {
@@ -91,7 +101,15 @@ def run(sections: list[str], size: str, progress: bool = True) -> dict[str, Any]
     bar = tqdm(sections, desc="bench", unit="section", disable=not progress, file=sys.stderr)
     for name in bar:
         bar.set_postfix_str(name)
-        section = timed_section(name, load_script(name).bench, size)
+        try:
+            section = timed_section(name, load_script(name).bench, size)
+        except (Exception, KeyboardInterrupt) as e:  # Ctrl-C too: a long run's finished part is kept
+            if isinstance(e, Interrupted):
+                report["sections"][name] = e.partial
+            cause = str(e) if isinstance(e, Interrupted) else f"{type(e).__name__}: {e}"
+            report["interrupted"] = f"section {name}: {cause}"
+            report["seconds"] = time.perf_counter() - t_all
+            raise Unfinished(name, e, report) from e
         problems = check_section(name, section)
         if problems:
             raise RuntimeError(f"bench {name}: malformed section:\n  " + "\n  ".join(problems))
@@ -102,6 +120,7 @@ def run(sections: list[str], size: str, progress: bool = True) -> dict[str, Any]
 
 
 def to_markdown(report: dict[str, Any]) -> str:
+    stopped = [f"**Interrupted** ({report['interrupted']}): only what finished before it is here.", ""]
     lines = [
         f"# bumblefast bench: {report['device']} on {report['host']} ({report['date']}, size {report['size']})",
         "",
@@ -109,6 +128,7 @@ def to_markdown(report: dict[str, Any]) -> str:
         f"{report['seconds']:.0f} s in all. Each ratio: ours / baseline for rates and fractions, "
         "baseline / ours for memory (how many times better), both measured in this run.",
         "",
+        *(stopped if "interrupted" in report else []),
         "| section | comparison | ours | baseline | ratio |",
         "|---|---|---:|---:|---:|",
     ]
@@ -157,12 +177,12 @@ def plot(report: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def write(report: dict[str, Any], out_dir: Path) -> dict[str, Path]:
+def write(report: dict[str, Any], out_dir: Path, suffix: str = "") -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     # a run of some sections is named for them, so it cannot overwrite a whole run of that day
     names = "" if tuple(report["sections"]) == SECTIONS else "-" + "-".join(report["sections"])
     size = "" if report["size"] in ("cpu", "gpu") else f"-{report['size']}"  # min/real never overwrite a cpu run
-    stem = out_dir / f"{report['date']}-{report['host']}{names}{size}"
+    stem = out_dir / f"{report['date']}-{report['host']}{names}{size}{suffix}"
     paths = {"json": stem.with_suffix(".json"), "md": stem.with_suffix(".md"), "png": stem.with_suffix(".png")}
     paths["json"].write_text(json.dumps(report, indent=2, default=str) + "\n")
     paths["md"].write_text(to_markdown(report))
@@ -191,7 +211,12 @@ def cli_main(args) -> int:
     if size.startswith("real") and which != ["train"]:
         raise UserError("--size real is the train section's (the 0.5B shape): `bumblefast bench train --size real`")
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID`: where a long run is
-    report = run(which, size, progress=not args.no_progress)
+    try:
+        report = run(which, size, progress=not args.no_progress)
+    except Unfinished as e:  # what finished is written, named apart, never as a whole run
+        paths = write(e.report, Path(args.out), suffix="-interrupted")
+        print(f"{e}; the finished part is in {paths['json']}", file=sys.stderr)
+        raise
     paths = write(report, Path(args.out))
     print(to_markdown(report))
     print("wrote " + ", ".join(str(p) for p in paths.values()))

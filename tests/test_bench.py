@@ -572,3 +572,62 @@ def test_split_header_says_where_each_party_ran_and_its_untimed_steps():
     procs["ours"]["rewarm_steps"], procs["peers"]["rewarm_steps"] = 3, 1
     new = R._processes({}, {"sft": {"processes": procs}})
     assert new.startswith(old[:-2]) and "(ours 3, peers 1)" in new
+
+
+def _section(label: str) -> dict:
+    """A well-formed section of one measured ratio (benchlib's format)."""
+    ours, base = BL.measured(f"{label} ours", 20.0, 1.0), BL.measured(f"{label} base", 10.0, 1.0)
+    return {"config": {}, "results": {}, "ratios": [BL.ratio(label, ours, base)], "points": [BL.point(label, 20.0)]}
+
+
+def test_a_failing_section_keeps_what_finished(tmp_path, monkeypatch):
+    """A long run that fails part-way (the DPO stage of a 60-minute `--size real-split`) writes
+    the sections finished before it and the failing section's finished part, named apart from a
+    whole run's report, and still fails."""
+    import types
+
+    import suite
+
+    def failing(size, work):
+        raise BL.Interrupted(MemoryError("the dpo stage ran out of memory"), _section("sft"))
+
+    scripts = {"prep": lambda size, work: _section("prep"), "train": failing}
+    monkeypatch.setattr(suite, "load_script", lambda name: types.SimpleNamespace(bench=scripts[name]))
+    with pytest.raises(suite.Unfinished) as e:
+        suite.run(["prep", "train"], "min", progress=False)
+    report = e.value.report
+    assert [r["name"] for sec in report["sections"].values() for r in sec["ratios"]] == ["prep", "sft"]
+    assert "section train" in report["interrupted"] and "out of memory" in report["interrupted"]
+    args = types.SimpleNamespace(what="train", results=[], size="min", out=str(tmp_path), no_progress=True)
+    with pytest.raises(suite.Unfinished):
+        suite.cli_main(args)
+    (js,) = tmp_path.glob("*-train-min-interrupted.json")
+    assert json.loads(js.read_text())["sections"]["train"]["ratios"][0]["name"] == "sft"
+    assert "Interrupted" in js.with_suffix(".md").read_text()
+    # a section that fails before finishing anything is lost as before, with its own error
+    scripts["train"] = lambda size, work: (_ for _ in ()).throw(ValueError("bad data"))
+    with pytest.raises(suite.Unfinished) as e:
+        suite.run(["train"], "min", progress=False)
+    assert e.value.report["sections"] == {} and "ValueError: bad data" in e.value.report["interrupted"]
+
+
+def test_train_section_hands_back_its_finished_stages_when_a_later_one_fails(tmp_path, monkeypatch):
+    """bench_train.bench: a failure in a later stage raises benchlib.Interrupted carrying the
+    section of the stages done; a failure in the first stage is raised as it is."""
+    import bench_train as B
+
+    done = {"stage": "pretrain", "seq_len": 8, "results": [], "comparisons": []}
+
+    def run_stage(stage, *a):
+        if stage == "sft":
+            raise MemoryError("sft: out of memory")
+        return done
+
+    monkeypatch.setattr(B, "run_stage", run_stage)
+    with pytest.raises(BL.Interrupted) as e:
+        B.bench("min", tmp_path)
+    assert e.value.partial["results"]["stages"] == [done] and "out of memory" in str(e.value)
+    assert BL.check_section("train", e.value.partial) == []
+    monkeypatch.setattr(B, "run_stage", lambda stage, *a: (_ for _ in ()).throw(MemoryError("first")))
+    with pytest.raises(MemoryError, match="first"):
+        B.bench("min", tmp_path)
