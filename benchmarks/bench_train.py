@@ -820,7 +820,7 @@ def split_stage(stage: str, s: Settings, device, dtype, preset: str, peak) -> di
     is near this machine's 24 GB at the 0.5B shape. The timing is the same as run_stage's: the
     warm-up steps, then interleaved rounds, each round one request to the side's worker. A worker
     whose heap was handed back to make room for another's step runs one untimed step before its
-    next round (`rewarm`), so no party's round pays the page faults the harness caused."""
+    next round or profile (`rewarm`), so neither pays the page faults the harness caused."""
     workers: dict[str, H.BenchServer] = {}
     with tempfile.TemporaryDirectory() as tmp:
         try:
@@ -852,8 +852,8 @@ def split_stage(stage: str, s: Settings, device, dtype, preset: str, peak) -> di
                         workers[party].request({"op": "trim"})
                         trims[party] += op != "warm"
                         cold.add(party)
-                if op == "round" and own in cold:  # a handed-back heap is faulted in untimed, as
-                    workers[own].request({"op": "rewarm", "role": key_of[sd.name]})  # in a warm-up
+                if op != "warm" and own in cold:  # a handed-back heap is faulted in untimed (as
+                    workers[own].request({"op": "rewarm", "role": key_of[sd.name]})  # a warm-up)
                     rewarms[own] += 1
                 cold.discard(own)
                 return workers[own].request({"op": op, "role": key_of[sd.name]})

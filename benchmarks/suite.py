@@ -120,7 +120,11 @@ def run(sections: list[str], size: str, progress: bool = True) -> dict[str, Any]
 
 
 def to_markdown(report: dict[str, Any]) -> str:
-    stopped = [f"**Interrupted** ({report['interrupted']}): only what finished before it is here.", ""]
+    stopped = (
+        [f"**Interrupted** ({report['interrupted']}): only what finished is here.", ""]
+        if "interrupted" in report
+        else []
+    )
     lines = [
         f"# bumblefast bench: {report['device']} on {report['host']} ({report['date']}, size {report['size']})",
         "",
@@ -128,7 +132,7 @@ def to_markdown(report: dict[str, Any]) -> str:
         f"{report['seconds']:.0f} s in all. Each ratio: ours / baseline for rates and fractions, "
         "baseline / ours for memory (how many times better), both measured in this run.",
         "",
-        *(stopped if "interrupted" in report else []),
+        *stopped,
         "| section | comparison | ours | baseline | ratio |",
         "|---|---|---:|---:|---:|",
     ]
