@@ -574,7 +574,7 @@ def test_split_header_says_where_each_party_ran_and_its_untimed_steps():
     assert new.startswith(old[:-2]) and "(ours 3, peers 1)" in new
 
 
-def _section(label: str) -> dict:
+def _one_ratio_section(label: str) -> dict:
     """A well-formed section of one measured ratio (benchlib's format)."""
     ours, base = BL.measured(f"{label} ours", 20.0, 1.0), BL.measured(f"{label} base", 10.0, 1.0)
     return {"config": {}, "results": {}, "ratios": [BL.ratio(label, ours, base)], "points": [BL.point(label, 20.0)]}
@@ -589,9 +589,9 @@ def test_a_failing_section_keeps_what_finished(tmp_path, monkeypatch):
     import suite
 
     def failing(size, work):
-        raise BL.Interrupted(MemoryError("the dpo stage ran out of memory"), _section("sft"))
+        raise BL.Interrupted(MemoryError("the dpo stage ran out of memory"), _one_ratio_section("sft"))
 
-    scripts = {"prep": lambda size, work: _section("prep"), "train": failing}
+    scripts = {"prep": lambda size, work: _one_ratio_section("prep"), "train": failing}
     monkeypatch.setattr(suite, "load_script", lambda name: types.SimpleNamespace(bench=scripts[name]))
     with pytest.raises(suite.Unfinished) as e:
         suite.run(["prep", "train"], "min", progress=False)
