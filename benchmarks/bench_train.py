@@ -923,7 +923,7 @@ def worker() -> int:
                 H.warm_up(sd, device, s.memory)
                 answer({"step_peak_mb": sd.facts["step_peak_mb"]} if s.memory else {})
             elif req["op"] == "rewarm":  # its heap was handed back since its last step: untimed
-                sd.step(sd.batches[0])
+                H.warm_up(sd, device)
                 answer({})
             elif req["op"] == "round":
                 answer(H.time_round(sd, device))

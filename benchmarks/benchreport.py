@@ -128,7 +128,7 @@ def _processes(report: dict[str, Any], stages: dict) -> str:
     rewarm = ""
     if any("rewarm_steps" in p for p in procs.values()):  # since 2026-12-07 (session 12)
         n = ", ".join(f"{party} {p['rewarm_steps']}" for party, p in procs.items())
-        rewarm = f"; an untimed step before a round whose worker's heap had been handed back ({n})"
+        rewarm = f"; an untimed step before a round or profile whose worker's heap had been handed back ({n})"
     return f"each party in a process of its own, host memory {each}{rewarm}; "
 
 

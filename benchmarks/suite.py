@@ -78,10 +78,11 @@ def machine() -> dict[str, Any]:
 
 class Unfinished(Exception):
     """A run stopped by a failing section; `report` holds the sections finished before it (and
-    the failing one's finished part, when it had one), for cli_main to write."""
+    the failing one's finished part, when it had one) and says why under `interrupted`, for
+    cli_main to write."""
 
-    def __init__(self, name: str, cause: BaseException, report: dict[str, Any]):
-        super().__init__(f"bench {name} failed ({type(cause).__name__}: {cause})")
+    def __init__(self, report: dict[str, Any]):
+        super().__init__(f"bench {report['interrupted']}")
         self.report = report
 
 
@@ -104,12 +105,13 @@ def run(sections: list[str], size: str, progress: bool = True) -> dict[str, Any]
         try:
             section = timed_section(name, load_script(name).bench, size)
         except (Exception, KeyboardInterrupt) as e:  # Ctrl-C too: a long run's finished part is kept
-            if isinstance(e, Interrupted):
-                report["sections"][name] = e.partial
-            cause = str(e) if isinstance(e, Interrupted) else f"{type(e).__name__}: {e}"
+            if isinstance(e, Interrupted):  # its message names the cause's type already
+                report["sections"][name], cause = e.partial, str(e)
+            else:
+                cause = f"{type(e).__name__}: {e}"
             report["interrupted"] = f"section {name}: {cause}"
             report["seconds"] = time.perf_counter() - t_all
-            raise Unfinished(name, e, report) from e
+            raise Unfinished(report) from e
         problems = check_section(name, section)
         if problems:
             raise RuntimeError(f"bench {name}: malformed section:\n  " + "\n  ".join(problems))

@@ -563,7 +563,8 @@ def test_step_profile_of_a_matmul_loop_is_mostly_matmul():
 
 def test_split_header_says_where_each_party_ran_and_its_untimed_steps():
     """The real-split table's header: each party's host memory, and (results since session 12)
-    how many rounds an untimed step preceded because the party's heap had been handed back."""
+    how many rounds or profiles an untimed step preceded because the party's heap had been
+    handed back."""
     import benchreport as R
 
     procs = {"ours": {"malloc": "kept"}, "peers": {"malloc": "glibc default"}}
