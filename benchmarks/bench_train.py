@@ -569,9 +569,10 @@ def shared_prompt_batches(groups: list[list], seq_len: int, device) -> list[dict
     return out
 
 
-def summarize(sd: Side, cfg, peak: float | None, gemm: float | None = None) -> dict:
+def summarize(sd: Side, cfg, peak: float | None, gemm: list[Side] | None = None) -> dict:
     """One table row: median of the rounds with the min-max range (real tokens/s; pairs/s for DPO);
-    `gemm`: the machine's GFLOP/s at the model's matmul shapes (CPU), the row's share of it."""
+    `gemm`: the GEMM ceiling's sides (harness.gemm_sides, CPU): the row's share of the machine's
+    rate at the model's matmul shapes, in the row's own mix of layouts (flops.row_layout_shares)."""
     import benchlib as BL
 
     from bumblefast import flops
@@ -600,8 +601,10 @@ def summarize(sd: Side, cfg, peak: float | None, gemm: float | None = None) -> d
     out["flops_per_round"] = flops.row_flops(cfg, sd.work)
     if peak:
         out["mfu"] = out["flops_per_round"] / tok["seconds"] / (peak * 1e12)
-    if gemm:
-        out["gemm_fraction"] = out["flops_per_round"] / tok["seconds"] / (gemm * 1e9)
+    if gemm:  # the ceiling of this row's own GEMM mix (a forward only, a frozen base, a full step)
+        ceiling = H.gemm_rate(gemm, flops.row_layout_shares(cfg, sd.work))
+        out["gemm_gflops"], out["gemm_gflops_range"] = ceiling["gflops"], ceiling["range"]
+        out["gemm_fraction"] = out["flops_per_round"] / tok["seconds"] / (ceiling["gflops"] * 1e9)
     return out
 
 
@@ -694,7 +697,7 @@ ORDER = {
     "sft": ("ours", "packed", "trl", "padded"),
     "dpo": ("pre", "shared", "trl_pre", "live", "trl_live", "ours_ref", "shared_ref", "trl_ref"),
 }
-GEMM = "gemm"  # the ceiling's role: ours' party times it (the machine's rate, under our allocator)
+GEMM = "gemm/"  # the ceiling's roles, one per layout: ours' party times them (under our allocator)
 
 
 @dataclasses.dataclass
@@ -752,7 +755,7 @@ def build_stage(stage: str, s: Settings, device, dtype, preset: str, workdir: Pa
         sd.work.setdefault("head_tokens", head)
     # CPU: the machine's own ceiling at this model's shapes, timed in the same rounds (CUDA: MFU)
     gemm = s.gemm and "ours" in parts
-    ceiling = [H.gemm_side(H.model_gemm_shapes(cfg, seq_len * s.rows), device, dtype)] if gemm else []
+    ceiling = H.gemm_sides(H.model_gemm_shapes(cfg, seq_len * s.rows), device, dtype) if gemm else []
     return Stage(stage, data.name, seq_len, cfg, role, ceiling)
 
 
@@ -771,13 +774,14 @@ def run_stage(stage: str, s: Settings, device, dtype, preset: str, peak) -> dict
 
 def stage_result(st: Stage, s: Settings, peak, profiles: dict, processes: dict | None = None) -> dict:
     """The stage's rows (each side's rounds summarized), comparisons and profiles (by side name)."""
-    gemm = H.gemm_gflops(st.ceiling[0]) if st.ceiling else None
+    gemm = H.gemm_summary(st.ceiling) if st.ceiling else None
     if gemm:
-        print(f"  GEMM at the model's shapes: {gemm['gflops']:.1f} GFLOP/s", flush=True)
+        each = ", ".join(f"{k} {v['gflops']:.1f}" for k, v in gemm["layouts"].items())
+        print(f"  GEMM at the model's shapes: {gemm['gflops']:.1f} GFLOP/s ({each})", flush=True)
     sides = st.sides
     for sd in sides:
         print(f"  {sd.name}: rounds {', '.join(f'{x:.2f}' for x in sd.round_seconds)} s", flush=True)
-    rate, goals = (gemm["gflops"] if gemm else None), TARGETS[s.targets]
+    rate, goals = (st.ceiling or None), TARGETS[s.targets]
     rows = [summarize(sd, st.cfg, peak, rate) for sd in sides]
     if st.stage == "dpo":
         rows, comparisons = dpo_rows(rows, st.role, st.cfg, peak, rate, goals)
@@ -837,7 +841,7 @@ def split_stage(stage: str, s: Settings, device, dtype, preset: str, peak) -> di
                     proxies[key] = Side(**{**d, "batches": [None] * d["batches"]}, step=None)
                     proxies[key].facts["worker"] = party
             key_of = {sd.name: k for k, sd in proxies.items()}
-            ceiling = [proxies.pop(GEMM)] if GEMM in proxies else []
+            ceiling = [proxies.pop(k) for k in list(proxies) if k.startswith(GEMM)]
             cfg = model_config(preset, meta[parties(s)[0]]["vocab"])
             st = Stage(stage, meta["ours"]["data"], meta["ours"]["seq_len"], cfg, proxies, ceiling)
 
@@ -895,7 +899,7 @@ def worker() -> int:
     device, dtype, preset, _ = device_setup(s.preset)
     with tempfile.TemporaryDirectory() as tmp:
         st = build_stage(first["stage"], s, device, dtype, preset, Path(tmp), (first["party"],))
-        sides = {**st.role, **({GEMM: st.ceiling[0]} if st.ceiling else {})}
+        sides = {**st.role, **{GEMM + sd.work["layout"]: sd for sd in st.ceiling}}
         plain = lambda facts: {k: v for k, v in facts.items() if not callable(v)}  # noqa: E731
         described = {
             k: dict(
@@ -1068,7 +1072,7 @@ def table(stages: list[dict], title: str) -> list[str]:
             )
             mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "n/a (CPU)"
             if "gemm_fraction" in r:
-                mfu = f"{100 * r['gemm_fraction']:.0f}% of {st['gemm']['gflops']:.0f} GFLOP/s"
+                mfu = f"{100 * r['gemm_fraction']:.0f}% of {r['gemm_gflops']:.0f} GFLOP/s"
             mem = (f" {r['step_peak_mb']:,.0f} MB |" if "step_peak_mb" in r else " - |") if memory else ""
             lines.append(
                 f"| {st['stage']} (seq {st['seq_len']}, {st['rounds']} rounds) | {r['name']} | "

@@ -28,7 +28,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from benchlib import median_range, ratio, timed_section
 
@@ -180,41 +180,87 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def gemm_side(shapes: list[tuple[int, int, int, int]], device, dtype, reps: int = 1) -> Side:
-    """The machine's matmul rate at a model's own GEMMs, as a side timed in the same interleaved
-    rounds as the training sides, so the ceiling is measured under the same conditions;
-    gemm_gflops(side) reads it. Each (m, k, n, count) is a linear layer's [m, k] input and [n, k]
-    weight, run `count` times per rep in all three layouts of its training step: the forward
-    x @ W.t(), the input gradient g @ W and the weight gradient g.t() @ x, so the ceiling is the
-    rate of the GEMM mix a step runs (model_gemm_shapes). On CPU the ceiling a step's useful
+GEMM_LAYOUTS = ("forward", "input_grad", "weight_grad")  # a linear layer's three GEMMs in a step
+
+
+class Gemm(NamedTuple):
+    """A linear layer's GEMMs in a step: its [m, k] input and [n, k] weight, `count` times;
+    `head`: the LM head's chunk, whose logits the fused head computes in its own layout."""
+
+    m: int
+    k: int
+    n: int
+    count: int
+    head: bool = False
+
+
+def gemm_sides(shapes: list[Gemm], device, dtype, reps: int = 1) -> list[Side]:
+    """The machine's matmul rate at a model's own GEMMs, as one side per layout (GEMM_LAYOUTS:
+    the forward x @ W.t(), the input gradient g @ W, the weight gradient g.t() @ x) timed in the
+    same interleaved rounds as the training sides, so the ceiling is measured under the same
+    conditions; gemm_rate reads the mix a row runs (a forward only, a frozen base's forward and
+    input gradient, or all three). The head's chunk runs in the fused head's own layout
+    (kernels.fused_linear.chunk_logits; its gradient has the logits' strides), so the ceiling is
+    the product our step computes, not a slower layout of it. On CPU the ceiling a step's useful
     FLOPs are held against (on CUDA: MFU, the peak)."""
     import torch
+
+    from bumblefast.kernels.fused_linear import chunk_logits
 
     def randn(*size):
         return torch.randn(*size, device=device, dtype=dtype)
 
-    mats = [(randn(m, k), randn(n, k), randn(m, n), count) for m, k, n, count in shapes]
+    mats = []
+    for s in shapes:
+        x, w = randn(s.m, s.k), randn(s.n, s.k)
+        g = torch.randn_like(chunk_logits(x, w, "torch")) if s.head else randn(s.m, s.n)
+        mats.append((x, w, g, s.count, s.head))
+    products = {
+        "forward": lambda x, w, g, head: chunk_logits(x, w, "torch") if head else x @ w.t(),
+        "input_grad": lambda x, w, g, head: g @ w,
+        "weight_grad": lambda x, w, g, head: g.t() @ x,
+    }
+    flops = 2 * reps * sum(s.m * s.k * s.n * s.count for s in shapes)
 
-    def step(_):
-        for _ in range(reps):
-            for x, w, g, count in mats:
-                for _ in range(count):
-                    x @ w.t()
-                    g @ w
-                    g.t() @ x
+    def side_of(layout: str) -> Side:
+        product = products[layout]
 
-    flops = 2 * 3 * reps * sum(m * k * n * count for m, k, n, count in shapes)
-    return Side("GEMM at the model's shapes", step, [0], work={"flops": flops}, facts={"shapes": shapes})
+        def step(_):
+            for _ in range(reps):
+                for x, w, g, count, head in mats:
+                    for _ in range(count):
+                        product(x, w, g, head)
 
+        facts = {"shapes": [list(s) for s in shapes]}
+        return Side(
+            f"GEMM at the model's shapes, {layout}", step, [0], work={"flops": flops, "layout": layout}, facts=facts
+        )
 
-def gemm_gflops(side: Side) -> dict:
-    """A gemm_side's median rate over its rounds (and range), GFLOP/s."""
-    med, lo, hi = median_range(side.round_seconds)
-    f = side.work["flops"] / 1e9
-    return {"gflops": f / med, "range": [f / hi, f / lo], "shapes": [list(x) for x in side.facts["shapes"]]}
+    return [side_of(layout) for layout in GEMM_LAYOUTS]
 
 
-def model_gemm_shapes(cfg, tokens: int) -> list[tuple[int, int, int, int]]:
+def gemm_rate(sides: list[Side], shares: dict[str, float]) -> dict:
+    """GFLOP/s of the GEMM mix that puts `shares` of its FLOPs in each layout (a row's mix,
+    layout -> fraction), from gemm_sides' rounds: per round the harmonic mix of the layouts'
+    rates, then its median and range over the rounds."""
+    by = {sd.work["layout"]: sd for sd in sides}
+    per_round = [
+        1 / sum(share * by[layout].round_seconds[i] / by[layout].work["flops"] for layout, share in shares.items())
+        for i in range(len(sides[0].round_seconds))
+    ]
+    med, lo, hi = median_range(per_round)
+    return {"gflops": med / 1e9, "range": [lo / 1e9, hi / 1e9]}
+
+
+def gemm_summary(sides: list[Side]) -> dict:
+    """The ceiling as the report keeps it: a full training step's mix (every layout alike),
+    each layout's own rate, and the shapes."""
+    every = gemm_rate(sides, dict.fromkeys(GEMM_LAYOUTS, 1 / len(GEMM_LAYOUTS)))
+    layouts = {sd.work["layout"]: gemm_rate(sides, {sd.work["layout"]: 1.0}) for sd in sides}
+    return {**every, "layouts": layouts, "shapes": sides[0].facts["shapes"]}
+
+
+def model_gemm_shapes(cfg, tokens: int) -> list[Gemm]:
     """The linear layers of a step over `tokens` rows as (m, k, n, count): each decoder-layer
     linear of flops.linear_shapes once per layer, and the LM head in the CPU fused head's chunks
     of the full vocabulary (kernels.fused_linear.default_chunk_size)."""
@@ -223,8 +269,8 @@ def model_gemm_shapes(cfg, tokens: int) -> list[tuple[int, int, int, int]]:
 
     h, layers, vocab = cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size
     chunk = min(tokens, default_chunk_size(tokens, h, vocab, "cpu"))
-    linears = [(tokens, i, o, layers) for i, o in flops.linear_shapes(cfg).values()]
-    return linears + [(chunk, h, vocab, -(-tokens // chunk))]
+    linears = [Gemm(tokens, i, o, layers) for i, o in flops.linear_shapes(cfg).values()]
+    return linears + [Gemm(chunk, h, vocab, -(-tokens // chunk), head=True)]
 
 
 def time_round(s: Side, device) -> float:

@@ -161,6 +161,31 @@ def row_flops(cfg: Any, work: Mapping[str, Any]) -> float:
     )
 
 
+def row_layout_shares(cfg: Any, work: Mapping[str, Any]) -> dict[str, float]:
+    """The fraction of a row's FLOPs (row_flops) in each GEMM layout a step runs: its forwards
+    (a scoring pass, a live reference's, the step's own) in ``forward``; the rest is backward, in
+    ``input_grad`` over a frozen base (LoRA: only the rank-r adapters have weight gradients), and
+    split alike between ``input_grad`` and ``weight_grad`` in full training. What a row's GEMM
+    ceiling is mixed from (benchmarks/harness.gemm_rate); parts: each by its FLOPs."""
+    total = row_flops(cfg, work)
+    if "parts" in work:
+        shares: dict[str, float] = {}
+        for part in work["parts"]:
+            weight = row_flops(cfg, part) / total
+            for layout, share in row_layout_shares(cfg, part).items():
+                shares[layout] = shares.get(layout, 0.0) + weight * share
+        return shares
+    if work.get("forward_only"):
+        return {"forward": 1.0}
+    fwd = forward_flops(cfg, work["doc_lens"], work.get("kv_prefix"), work.get("head_tokens"))
+    if work.get("reference") in LIVE_REFERENCES:
+        fwd *= 2
+    back = 1.0 - fwd / total
+    if work.get("lora_rank"):
+        return {"forward": fwd / total, "input_grad": back}
+    return {"forward": fwd / total, "input_grad": back / 2, "weight_grad": back / 2}
+
+
 def linear_shapes(cfg: Any) -> dict[str, tuple[int, int]]:
     """(in, out) features of each decoder-layer linear, by its module name."""
     h, _, n_heads, kv, hd, inter, _ = _dims(cfg)

@@ -92,13 +92,14 @@ def ce_rows_torch(logits, labels, grad_out=None, scale=None, ignore_index=IGNORE
     return loss
 
 
-def _logits(h, w, impl: str):
+def chunk_logits(h, w, impl: str):
     """A chunk's logits ``h @ w.T`` ``[rows, V]``. On CPU computed as ``(w @ h.T).T``, a
     column-major view of the same values: MKL runs the tall ``[V, H] @ [H, rows]`` product faster
     than the wide one (256 rows at vocab 152k, 2-core AMD EPYC: 382 vs 504 ms, 7 rounds, ranges
     apart), while the per-row loss, its in-place gradient and the gradient matmuls read the view
     at about the same speed (docs/LOG.md, issue 29). CUDA, and the Triton row kernel anywhere,
-    keep the row-major product (the kernel reads contiguous rows)."""
+    keep the row-major product (the kernel reads contiguous rows). The benchmarks' GEMM ceiling
+    times the head in this layout too (benchmarks/harness.gemm_sides)."""
     return (w @ h.t()).t() if impl == "torch" and h.device.type == "cpu" else h @ w.t()
 
 
@@ -190,7 +191,7 @@ class ChunkedLinearCrossEntropyFunction(torch.autograd.Function):
         for s in range(0, n_tok, chunk):
             h = h_all[s : s + chunk]
             y = y_all[s : s + chunk]
-            logits = _logits(h, w, impl)
+            logits = chunk_logits(h, w, impl)
             write = need_h or need_w
             total += step(logits, y, grad_out=logits if write else None, ignore_index=ignore_index, scratch=True).sum()
             if need_h:
@@ -250,7 +251,7 @@ class ChunkedLinearLogprobFunction(torch.autograd.Function):
         eager = ctx.needs_input_grad[0] and not ctx.needs_input_grad[1]
         grad_k = torch.empty(hidden_k.shape, dtype=hidden.dtype, device=hidden.device) if eager else None
         for s in range(0, n_tok, chunk):
-            logits = _logits(hidden_k[s : s + chunk], w, impl)
+            logits = chunk_logits(hidden_k[s : s + chunk], w, impl)
             y = labels_k[s : s + chunk]
             loss = step(logits, y, grad_out=logits if eager else None, ignore_index=ignore_index, scratch=True)
             out.index_add_(0, segment_k[s : s + chunk], -loss)
@@ -283,7 +284,7 @@ class ChunkedLinearLogprobFunction(torch.autograd.Function):
         grad_w = None
         for s in range(0, hidden.shape[0], chunk):
             h = hidden[s : s + chunk]
-            logits = _logits(h, w, impl)
+            logits = chunk_logits(h, w, impl)
             step(
                 logits,
                 labels[s : s + chunk],

@@ -374,18 +374,42 @@ def test_peak_memory_sees_a_step_that_allocates_and_frees():
     assert 0.9 * 256 < peak.mb < 256 + 64
 
 
-def test_gemm_side_rate_is_its_flops_over_the_median_round():
+def test_gemm_sides_time_each_layout_and_a_row_reads_its_own_mix():
     import torch
 
     H = _harness()
-    g = H.gemm_side([(64, 32, 16, 2), (8, 8, 8, 1)], torch.device("cpu"), torch.float32, reps=3)
-    # each linear in its three layouts (forward, input and weight gradient), `count` times a rep
-    assert g.work["flops"] == 2 * 3 * 3 * (64 * 32 * 16 * 2 + 8 * 8 * 8)
-    H.interleave([g], 3)
-    g.round_seconds = [4.0, 1.0, 2.0]  # the rate is read from the rounds, whatever ran them
-    rate = H.gemm_gflops(g)
-    assert rate["gflops"] == pytest.approx(g.work["flops"] / 2.0 / 1e9)
-    assert rate["range"] == pytest.approx([g.work["flops"] / 4.0 / 1e9, g.work["flops"] / 1e9])
+    shapes = [H.Gemm(64, 32, 16, 2), H.Gemm(8, 8, 24, 1, head=True)]
+    sides = H.gemm_sides(shapes, torch.device("cpu"), torch.float32, reps=3)
+    assert [sd.work["layout"] for sd in sides] == list(H.GEMM_LAYOUTS)
+    # each side: every linear in its one layout, `count` times a rep
+    assert all(sd.work["flops"] == 2 * 3 * (64 * 32 * 16 * 2 + 8 * 8 * 24) for sd in sides)
+    H.interleave(sides, 3)
+    assert all(len(sd.round_seconds) == 3 for sd in sides)
+    for sd, secs in zip(sides, ([4.0, 1.0, 2.0], [2.0, 2.0, 2.0], [1.0, 3.0, 5.0])):
+        sd.round_seconds = secs  # the rates are read from the rounds, whatever ran them
+    f = sides[0].work["flops"]
+    fwd = H.gemm_rate(sides, {"forward": 1.0})
+    assert fwd["gflops"] == pytest.approx(f / 2.0 / 1e9)
+    assert fwd["range"] == pytest.approx([f / 4.0 / 1e9, f / 1e9])
+    # a mix: per round, the FLOPs over the time its shares take at each layout's rate
+    half = H.gemm_rate(sides, {"forward": 0.5, "input_grad": 0.5})
+    assert half["gflops"] == pytest.approx(f / (0.5 * 2.0 + 0.5 * 2.0) / 1e9)  # round 3's 2 s + 2 s
+    every = H.gemm_summary(sides)
+    per_round = sorted(3 * f / (a + b + c) for a, b, c in zip(*(sd.round_seconds for sd in sides)))
+    assert every["gflops"] == pytest.approx(per_round[1] / 1e9)
+    assert every["layouts"]["weight_grad"]["gflops"] == pytest.approx(f / 3.0 / 1e9)
+
+
+def test_gemm_ceiling_head_is_the_fused_heads_product():
+    """The head's chunk in the ceiling is the product the fused head computes (its layout), of
+    the same values as x @ W.t()."""
+    import torch
+
+    from bumblefast.kernels.fused_linear import chunk_logits
+
+    x, w = torch.randn(16, 8), torch.randn(40, 8)
+    torch.testing.assert_close(chunk_logits(x, w, "torch"), x @ w.t(), rtol=1e-5, atol=1e-5)
+    assert chunk_logits(x, w, "torch").stride() == (1, 16)  # CPU: the column-major view
 
 
 def test_model_gemm_shapes_are_the_step_linears_and_its_head_chunks():
@@ -396,9 +420,10 @@ def test_model_gemm_shapes_are_the_step_linears_and_its_head_chunks():
     cfg = H.model_config("bumblebee-0.5b", 151936)
     shapes = H.model_gemm_shapes(cfg, 1024)
     chunk = default_chunk_size(1024, cfg.hidden_size, cfg.vocab_size, "cpu")
-    assert shapes[-1] == (chunk, cfg.hidden_size, cfg.vocab_size, 1024 // chunk)
+    assert shapes[-1] == (chunk, cfg.hidden_size, cfg.vocab_size, 1024 // chunk, True)
+    assert not any(s.head for s in shapes[:-1])
     # the layers' multiply-adds are the non-embedding linear parameters times the tokens
-    layer_macs = sum(m * k * n * c for m, k, n, c in shapes[:-1])
+    layer_macs = sum(s.m * s.k * s.n * s.count for s in shapes[:-1])
     linear = flops.param_count(cfg) - cfg.vocab_size * cfg.hidden_size  # tied head: counted once
     kv = cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
     # per layer two RMSNorm weights and the q, k, v biases; the final norm
@@ -475,7 +500,8 @@ def test_split_stage_gives_each_party_its_own_process_and_allocator(monkeypatch)
     assert all(r["rounds"] == s.rounds and r["step_peak_mb"] > 0 for r in split["results"])
     policy = ["bumblefast packed, precomputed reference", "bumblefast packed, shared prompt, precomputed reference"]
     assert all(by[n]["profile"]["top_ops"] for n in policy)
-    assert split["gemm"]["gflops"] > 0
+    assert split["gemm"]["gflops"] > 0 and set(split["gemm"]["layouts"]) == {"forward", "input_grad", "weight_grad"}
+    assert all(r["gemm_fraction"] > 0 and r["gemm_gflops"] > 0 for r in split["results"])
 
 
 def test_reference_scoring_side_keeps_its_own_facts():

@@ -277,3 +277,23 @@ def test_rows_keep_their_shared_prompt_prefix():
     assert with_prefix > flops.step_flops(cfg, docs, lora_rank=4, lora_targets=("q_proj",), reference="precomputed")
     scoring = B.ref_side("scoring", policy)
     assert flops.row_flops(cfg, scoring.work) == flops.forward_flops(cfg, docs, prefix)
+
+
+def test_row_layout_shares_put_forwards_in_forward_and_a_frozen_base_has_no_weight_gradient():
+    """A row's GEMM ceiling mix (benchmarks/harness.gemm_rate): a full step is a third of its
+    FLOPs in each layout (forward 2x, backward 4x the weights' multiply-adds), scoring only
+    forwards, a LoRA step its forwards (a live reference's too) and the rest input gradients."""
+    cfg = tiny_config()
+    docs, targets = [9, 4, 7, 3], ("q_proj", "k_proj", "v_proj", "o_proj")
+    full = flops.row_layout_shares(cfg, {"doc_lens": docs})
+    assert full == pytest.approx({"forward": 1 / 3, "input_grad": 1 / 3, "weight_grad": 1 / 3})
+    policy, scoring, both = _dpo_rows(cfg, docs, targets)
+    assert flops.row_layout_shares(cfg, scoring.work) == {"forward": 1.0}
+    fwd, total = flops.forward_flops(cfg, docs), flops.row_flops(cfg, policy.work)
+    lora = flops.row_layout_shares(cfg, policy.work)
+    assert lora == pytest.approx({"forward": fwd / total, "input_grad": 1 - fwd / total})
+    live = dict(policy.work, reference="adapter")
+    assert flops.row_layout_shares(cfg, live)["forward"] == pytest.approx(2 * fwd / flops.row_flops(cfg, live))
+    mixed = flops.row_layout_shares(cfg, both.work)  # scoring then policy: each part by its FLOPs
+    assert mixed["forward"] == pytest.approx(2 * fwd / (fwd + total))
+    assert sum(mixed.values()) == pytest.approx(1.0)
