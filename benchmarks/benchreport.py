@@ -460,7 +460,7 @@ def _gemm_targets(run: dict, stages: dict) -> list[str]:
         row = _row(run, stage, name)
         frac, own = row["gemm_fraction"], "gemm_gflops" in row  # since 2026-12-07: the row's own mix
         g = {"gflops": row["gemm_gflops"], "range": row["gemm_gflops_range"]} if own else stages[stage]["gemm"]
-        mix = " in the step's own mix of GEMM layouts" if own else ""
+        mix = " in the step's own mix of GEMM layouts" if own else " (one ceiling mix for every row)"
         lines.append(
             f"- {stage} step ({name}): {frac:.1%} of the machine's GEMM rate at the model's shapes{mix}, "
             f"{g['gflops']:.0f} GFLOP/s ({g['range'][0]:.0f}-{g['range'][1]:.0f}) timed in the same rounds "
