@@ -59,13 +59,6 @@ SHARED = ROOT.parent / "shared" / "data"
 OLD_PIPELINE_REF = "ca1edf1"  # main just before the tokenizer backends (issue 18): "today's prep"
 
 
-def texts_of(path: Path) -> list[str]:
-    """Every string of a json file (for the pretrain corpus)."""
-    from bumblefast.tokenizer import iter_texts
-
-    return list(iter_texts(path))
-
-
 def _records(names: list[str], demo: list[str]) -> list[dict]:
     files = [SHARED / n for n in names] if SHARED.is_dir() else [DEMO / n for n in demo]
     return [r for f in files for r in json.loads(f.read_text(encoding="utf-8"))]
