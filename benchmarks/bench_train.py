@@ -781,10 +781,10 @@ def stage_result(st: Stage, s: Settings, peak, profiles: dict, processes: dict |
     sides = st.sides
     for sd in sides:
         print(f"  {sd.name}: rounds {', '.join(f'{x:.2f}' for x in sd.round_seconds)} s", flush=True)
-    rate, goals = (st.ceiling or None), TARGETS[s.targets]
-    rows = [summarize(sd, st.cfg, peak, rate) for sd in sides]
+    ceiling, goals = (st.ceiling or None), TARGETS[s.targets]
+    rows = [summarize(sd, st.cfg, peak, ceiling) for sd in sides]
     if st.stage == "dpo":
-        rows, comparisons = dpo_rows(rows, st.role, st.cfg, peak, rate, goals)
+        rows, comparisons = dpo_rows(rows, st.role, st.cfg, peak, ceiling, goals)
     else:
         comparisons = [
             compare(st.stage, "", rows[0], r, "real_tokens_per_sec", sd.target, goals)

@@ -167,6 +167,8 @@ def row_layout_shares(cfg: Any, work: Mapping[str, Any]) -> dict[str, float]:
     ``input_grad`` over a frozen base (LoRA: only the rank-r adapters have weight gradients), and
     split alike between ``input_grad`` and ``weight_grad`` in full training. What a row's GEMM
     ceiling is mixed from (benchmarks/harness.gemm_rate); parts: each by its FLOPs."""
+    if work.get("forward_only"):
+        return {"forward": 1.0}
     total = row_flops(cfg, work)
     if "parts" in work:
         shares: dict[str, float] = {}
@@ -175,8 +177,6 @@ def row_layout_shares(cfg: Any, work: Mapping[str, Any]) -> dict[str, float]:
             for layout, share in row_layout_shares(cfg, part).items():
                 shares[layout] = shares.get(layout, 0.0) + weight * share
         return shares
-    if work.get("forward_only"):
-        return {"forward": 1.0}
     fwd = forward_flops(cfg, work["doc_lens"], work.get("kv_prefix"), work.get("head_tokens"))
     if work.get("reference") in LIVE_REFERENCES:
         fwd *= 2
