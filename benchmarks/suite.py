@@ -58,14 +58,22 @@ def default_size() -> str:
     return "gpu" if torch.cuda.is_available() else "cpu"
 
 
-def machine() -> dict[str, Any]:
+def keep_memory_as_train_does() -> str | None:
+    """Sets this process's allocator as `bumblefast train` does on CPU (keeps freed memory);
+    returns what it did, for the report. None on CUDA, where the train command leaves it."""
     import torch
 
     from bumblefast.cpu_memory import keep_freed_memory
 
+    return None if torch.cuda.is_available() else keep_freed_memory()
+
+
+def machine() -> dict[str, Any]:
+    """What the report says of the machine; reads only."""
+    import torch
+
     cuda = torch.cuda.is_available()
     return {
-        "malloc": None if cuda else keep_freed_memory(),  # as `bumblefast train` sets it on CPU
         "host": socket.gethostname(),
         "cpu_count": os.cpu_count(),
         "cpu": cpu_model(),  # the same host name has been an AMD EPYC and an Intel Xeon VM
@@ -95,6 +103,7 @@ def run(sections: list[str], size: str, progress: bool = True) -> dict[str, Any]
         "schema": SCHEMA,
         "date": datetime.date.today().isoformat(),
         "size": size,
+        "malloc": keep_memory_as_train_does(),
         **machine(),
         "sections": {},
     }

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from bumblefast.shards.manifest import Manifest
-from bumblefast.shards.schema import SEGMENT_COLUMN, is_remote
+from bumblefast.shards.schema import SEGMENT_COLUMN
 
 GREEN, RESET = "\x1b[32m", "\x1b[0m"
 
@@ -45,8 +45,7 @@ def per_file_table(manifest: Manifest) -> list[str]:
 
 def inspect_output(path: str, rows: int = 2, tokenizer: str | None = None, color: bool | None = None) -> str:
     """The text `prep inspect` prints: manifest JSON + `rows` decoded rows."""
-    from streaming import StreamingDataset
-
+    from bumblefast.shards.reader import ShardDataset
     from bumblefast.tokenizer import load_tokenizer
 
     manifest = Manifest.read(path)
@@ -58,12 +57,7 @@ def inspect_output(path: str, rows: int = 2, tokenizer: str | None = None, color
     except (FileNotFoundError, ValueError) as e:
         lines.append(f"(cannot decode rows: {e}; pass --tokenizer)")
         return "\n".join(lines)
-    if is_remote(path):
-        import tempfile
-
-        ds = StreamingDataset(remote=path, local=tempfile.mkdtemp(prefix="bf-inspect-"), batch_size=1)
-    else:
-        ds = StreamingDataset(local=path, batch_size=1)
+    ds = ShardDataset(path, batch_size=1)
     seg_key = SEGMENT_COLUMN[manifest.stage]
     for r in range(min(rows, ds.num_samples)):
         row: dict[str, Any] = ds[r]

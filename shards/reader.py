@@ -16,13 +16,19 @@ lacks (batch size, shuffle settings, the manifest's fingerprint) so a resume tha
 change the order fails with a clear error instead of silently training on other samples.
 
 Local data is opened with `local=` only; remote data (s3://...) needs a cache folder unique to
-the dataset object (`cache_dir`, default a fresh temporary folder).
+the dataset object (`cache_dir`, default a fresh temporary folder). Datasets created at the
+same moment on one machine (two trainings started together) take turns registering streaming's
+shared-memory prefix, which streaming itself does not make atomic.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
+import os
 import tempfile
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,14 +40,35 @@ from bumblefast.shards.streaming_install import missing_streaming
 
 try:
     from streaming import StreamingDataLoader, StreamingDataset
+    from streaming.base.world import World
 except ModuleNotFoundError as e:  # installed --no-deps, so a plain `pip install bumblefast` lacks it
     raise missing_streaming(e) from e
 
 STATE_VERSION = 1
+PREFIX_LOCK = Path(tempfile.gettempdir()) / "bumblefast-streaming-prefix.lock"
 
 
 class ResumeError(ValueError):
     """A loader state that cannot resume this loader (the sample order would change)."""
+
+
+@contextlib.contextmanager
+def one_registration_at_a_time():
+    """Held by each node's local leader while its dataset is created. Streaming's leader looks
+    for the first free shared-memory prefix, then creates it: two datasets created at once on
+    one machine can pick the same prefix, and the second fails with `FileExistsError:
+    '/000310_locals'` (4 processes started together: 13 of 32 failed, docs/LOG.md). A
+    machine-wide file lock makes the look-and-create one process at a time; the other ranks
+    of the leader's own run only look its prefix up, so they do not take it."""
+    if not World.detect().is_local_leader:
+        yield
+        return
+    fd = os.open(PREFIX_LOCK, os.O_RDONLY | os.O_CREAT, 0o666)  # read-only: another user's file locks too
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock (so does the process's death)
 
 
 class ShardDataset(StreamingDataset):
@@ -49,10 +76,11 @@ class ShardDataset(StreamingDataset):
 
     def __init__(self, path: str, *, cache_dir: str | None = None, **kwargs: Any):
         if is_remote(path):
-            local = cache_dir or tempfile.mkdtemp(prefix="bf-shards-")
-            super().__init__(remote=path, local=local, **kwargs)
+            kwargs.update(remote=path, local=cache_dir or tempfile.mkdtemp(prefix="bf-shards-"))
         else:
-            super().__init__(local=path, **kwargs)
+            kwargs.update(local=path)
+        with one_registration_at_a_time():
+            super().__init__(**kwargs)
 
     def get_item(self, sample_id: int, retry: int = 7) -> Any:
         obj = super().get_item(sample_id, retry)

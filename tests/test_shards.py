@@ -205,6 +205,41 @@ def test_resume_mismatch_is_a_clear_error(sft_dir):
         other.load_state_dict({"epoch": 0})
 
 
+def _read_at_once(barrier, path: str, trials: int, results) -> None:
+    """One of several processes that create a loader at the same moment, `trials` times."""
+    rows = []
+    try:
+        for _ in range(trials):
+            barrier.wait(timeout=120)
+            loader = build_loader(path, batch_size=2, seed=1)
+            rows.append(sum(int(b.sample_ids.numel()) for b in loader))
+            loader.close()
+        results.put(rows)
+    except Exception as e:
+        barrier.abort()  # the others stop waiting for this one
+        results.put(f"{type(e).__name__}: {e}")
+
+
+def test_loaders_created_at_the_same_moment(sft_dir, tmp_path):
+    """Streaming's prefix pick-and-create is not atomic: 4 processes creating datasets together
+    failed 13 of 32 times with FileExistsError before the machine-wide lock (docs/LOG.md)."""
+    import multiprocessing
+    import shutil
+
+    n, trials = 4, 4
+    expected = build_loader(sft_dir, batch_size=2, seed=1).dataset.num_samples
+    paths = [shutil.copytree(sft_dir, tmp_path / f"copy{i}") for i in range(n)]  # one local per dataset
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(n), ctx.Queue()
+    procs = [ctx.Process(target=_read_at_once, args=(barrier, str(p), trials, results)) for p in paths]
+    for p in procs:
+        p.start()
+    got = [results.get(timeout=300) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    assert got == [[expected] * trials] * n
+
+
 # ---- remote: write to S3 (moto server on 127.0.0.1) and stream back ----------------------------
 @pytest.fixture
 def s3(monkeypatch):
