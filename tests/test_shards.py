@@ -227,7 +227,9 @@ def test_loaders_created_at_the_same_moment(sft_dir, tmp_path):
     import shutil
 
     n, trials = 4, 4
-    expected = build_loader(sft_dir, batch_size=2, seed=1).dataset.num_samples
+    reference = build_loader(sft_dir, batch_size=2, seed=1)
+    expected = reference.dataset.num_samples
+    reference.close()
     paths = [shutil.copytree(sft_dir, tmp_path / f"copy{i}") for i in range(n)]  # one local per dataset
     ctx = multiprocessing.get_context("spawn")
     barrier, results = ctx.Barrier(n), ctx.Queue()
