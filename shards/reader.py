@@ -63,12 +63,29 @@ def one_registration_at_a_time():
     if not World.detect().is_local_leader:
         yield
         return
-    fd = os.open(PREFIX_LOCK, os.O_RDONLY | os.O_CREAT, 0o666)  # read-only: another user's file locks too
+    fd = _prefix_lock_fd()
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)  # releases the lock (so does the process's death)
+
+
+def _prefix_lock_fd() -> int:
+    """The machine's lock file, opened read-only (flock needs no more, so another user's file
+    serves). Made readable by all whatever the umask; opened without O_CREAT when it exists, since
+    Linux's protected_regular refuses O_CREAT on another user's file in /tmp. A user who still
+    cannot open it takes a lock file of their own: their runs then take turns among themselves."""
+    try:
+        try:
+            return os.open(PREFIX_LOCK, os.O_RDONLY)
+        except FileNotFoundError:
+            fd = os.open(PREFIX_LOCK, os.O_RDONLY | os.O_CREAT, 0o666)
+    except PermissionError:  # another user's, unreadable to us or created by them meanwhile
+        return os.open(f"{PREFIX_LOCK}.{os.getuid()}", os.O_RDONLY | os.O_CREAT, 0o600)
+    with contextlib.suppress(PermissionError):  # only its owner may, and only the owner needs to
+        os.fchmod(fd, 0o666)
+    return fd
 
 
 class ShardDataset(StreamingDataset):

@@ -242,6 +242,35 @@ def test_loaders_created_at_the_same_moment(sft_dir, tmp_path):
     assert got == [[expected] * trials] * n
 
 
+def test_prefix_lock_is_readable_by_all_and_falls_back_per_user(tmp_path, monkeypatch):
+    """The lock file serves every user (created readable whatever the umask); a user who cannot
+    open it (another user's, or refused by protected_regular) locks a file of their own."""
+    import stat
+
+    from bumblefast.shards import reader
+
+    monkeypatch.setattr(reader, "PREFIX_LOCK", tmp_path / "prefix.lock")
+    old_umask = os.umask(0o077)
+    try:
+        os.close(reader._prefix_lock_fd())
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE((tmp_path / "prefix.lock").stat().st_mode) == 0o666
+    real_open = os.open
+
+    def refused(path, *args, **kw):
+        if str(path) == str(tmp_path / "prefix.lock"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kw)
+
+    monkeypatch.setattr(os, "open", refused)
+    fd = reader._prefix_lock_fd()
+    try:
+        assert os.readlink(f"/proc/self/fd/{fd}") == f"{tmp_path / 'prefix.lock'}.{os.getuid()}"
+    finally:
+        os.close(fd)
+
+
 # ---- remote: write to S3 (moto server on 127.0.0.1) and stream back ----------------------------
 @pytest.fixture
 def s3(monkeypatch):
